@@ -1,0 +1,84 @@
+//! Counter indexes: one list of global counters and one list of drop reasons, shared by the
+//! datapath (which increments them) and userspace (which names them in metrics and logs).
+
+macro_rules! indexed_names {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $label:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in index order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+            /// How many values there are.
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// The stable, lower-case label used in metrics and logs.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+
+            /// The index of this value.
+            pub const fn index(self) -> u32 {
+                self as u32
+            }
+        }
+    };
+}
+
+indexed_names! {
+    /// Global per-CPU counters (slots `0..GlobalStat::COUNT` of `GLOBAL_STATS`).
+    GlobalStat {
+        /// Packets the XDP program saw.
+        XdpPackets = "xdp_packets",
+        /// Packets the TC program saw.
+        TcPackets = "tc_packets",
+        /// Packets handed to the kernel unchanged (not for the gateway).
+        Passed = "passed",
+    }
+}
+
+indexed_names! {
+    /// Why the datapath dropped a packet (slots `GlobalStat::COUNT + reason` of `GLOBAL_STATS`).
+    DropReason {
+        /// A header ended before its declared length.
+        Truncated = "truncated",
+    }
+}
+
+impl DropReason {
+    /// The slot of this reason in the `GLOBAL_STATS` array.
+    pub const fn slot(self) -> u32 {
+        GlobalStat::COUNT + self as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_match_their_position_and_labels_are_unique() {
+        for (i, s) in GlobalStat::ALL.iter().enumerate() {
+            assert_eq!(s.index() as usize, i);
+        }
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index() as usize, i);
+            assert_eq!(r.slot(), GlobalStat::COUNT + i as u32);
+        }
+        let labels = GlobalStat::ALL
+            .iter()
+            .map(|s| s.label())
+            .chain(DropReason::ALL.iter().map(|r| r.label()));
+        for (i, a) in labels.clone().enumerate() {
+            for b in labels.clone().skip(i + 1) {
+                assert_ne!(a, b);
+            }
+        }
+    }
+}

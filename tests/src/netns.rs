@@ -1,0 +1,517 @@
+//! Namespace test harness: hosts in network namespaces joined by veth pairs, with documentation
+//! addresses, routes, forwarding and neighbour entries, helpers to run code and processes inside
+//! a namespace, and RAII teardown on every path (a panic included). Used by the end-to-end
+//! tests, the demo and the benchmarks.
+//!
+//! Names are `gwt<pid>x<n>-<role>`, unique per process and per topology, so tests run in
+//! parallel. A process killed before its guards ran (SIGKILL, Ctrl-C of `cargo test`) leaves
+//! namespaces behind: [`sweep_stale`] removes those whose pid is gone, and every new topology
+//! calls it first.
+
+use std::{
+    ffi::OsStr,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{CloneFlags, setns},
+};
+
+/// The prefix of every namespace this harness creates.
+pub const PREFIX: &str = "gwt";
+/// Where per-topology bpffs directories are mounted.
+pub const RUN_DIR: &str = "/run/gateway-tests";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command to completion and panics with its output if it fails.
+#[track_caller]
+pub fn cmd<I, S>(program: &str, args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let output = Command::new(program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {:?} failed ({}): {}{}",
+        args,
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `ip ARGS`, panicking on failure.
+#[track_caller]
+pub fn ip(args: &str) -> String {
+    cmd("ip", args.split_whitespace())
+}
+
+/// A network namespace, deleted (with every process still inside it) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace `name` with its loopback up.
+    #[track_caller]
+    pub fn new(name: &str) -> Self {
+        ip(&format!("netns add {name}"));
+        let ns = Netns {
+            name: name.to_owned(),
+        };
+        ns.ip("link set lo up");
+        ns
+    }
+
+    /// Takes ownership of an existing namespace (deleted on drop).
+    pub fn adopt(name: &str) -> Self {
+        Netns {
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS`.
+    #[track_caller]
+    pub fn ip(&self, args: &str) -> String {
+        ip(&format!("-n {} {args}", self.name))
+    }
+
+    /// Sets a sysctl inside the namespace.
+    #[track_caller]
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.exec_ok(&["sysctl", "-qw", &format!("{key}={value}")]);
+    }
+
+    /// Runs a command inside the namespace to completion, panicking if it fails.
+    #[track_caller]
+    pub fn exec_ok(&self, argv: &[&str]) -> String {
+        cmd("ip", ["netns", "exec", &self.name].iter().chain(argv))
+    }
+
+    /// A command that runs inside the namespace (`ip netns exec NAME program`).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Starts a process inside the namespace; it is killed when the guard drops (and, if the
+    /// guard leaks, when the namespace is deleted).
+    #[track_caller]
+    pub fn spawn(&self, mut command: Command) -> ChildGuard {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {command:?} in {}: {e}", self.name));
+        ChildGuard { child: Some(child) }
+    }
+
+    /// Runs `f` on a thread that has joined this namespace and returns its result. Sockets
+    /// created there stay in this namespace whatever thread uses them afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_thread(f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// Starts a thread that has joined this namespace.
+    pub fn spawn_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = Path::new("/run/netns").join(&self.name);
+        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        thread::spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+            drop(file);
+            f()
+        })
+    }
+
+    /// The pids of the processes inside the namespace.
+    pub fn pids(&self) -> Vec<i32> {
+        ns_pids(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        delete_netns(&self.name);
+    }
+}
+
+fn ns_pids(name: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Kills every process inside namespace `name`, then deletes it. Never panics (it runs in
+/// `Drop`, possibly while unwinding).
+pub fn delete_netns(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids = ns_pids(name);
+        if pids.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        for pid in pids {
+            // SAFETY: kill(2) with a plain pid and signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A child process killed and reaped on drop.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
+    /// The child, e.g. to take its stdout.
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child")
+    }
+
+    /// Waits up to `timeout` for the child to exit by itself; returns its output on success and
+    /// panics otherwise (the child is killed on timeout).
+    #[track_caller]
+    pub fn wait_with_timeout(mut self, timeout: Duration) -> std::process::Output {
+        let deadline = Instant::now() + timeout;
+        let mut child = self.child.take().expect("child");
+        loop {
+            match child.try_wait().expect("try_wait") {
+                Some(_) => return child.wait_with_output().expect("wait"),
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let out = child.wait_with_output().expect("wait");
+                    panic!(
+                        "process did not exit within {timeout:?}: {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                None => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // `ip netns exec` execs the program: the pid is the program's own.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A private bpffs mounted on a directory of its own, unmounted and removed on drop (which
+/// frees everything pinned in it).
+#[derive(Debug)]
+pub struct Bpffs {
+    path: PathBuf,
+}
+
+impl Bpffs {
+    #[track_caller]
+    pub fn new(name: &str) -> Self {
+        let path = Path::new(RUN_DIR).join(name);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        mount(
+            Some("bpf"),
+            &path,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount -t bpf {}: {e}", path.display()));
+        Bpffs { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        remove_bpffs(&self.path);
+    }
+}
+
+fn remove_bpffs(path: &Path) {
+    let _ = umount2(path, MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(path);
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// The pid embedded in a harness name `gwt<pid>x...`.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('x').next()?.parse().ok()
+}
+
+/// Removes namespaces and bpffs directories left by harness users whose process is gone.
+/// Returns what it removed.
+pub fn sweep_stale() -> Vec<String> {
+    let mut removed = Vec::new();
+    let listing = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
+        if owner_pid(name).is_some_and(|pid| !pid_alive(pid)) {
+            delete_netns(name);
+            removed.push(name.to_owned());
+        }
+    }
+    if let Ok(entries) = fs::read_dir(RUN_DIR) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owner_pid(&name).is_some_and(|pid| !pid_alive(pid)) {
+                remove_bpffs(&entry.path());
+                removed.push(entry.path().display().to_string());
+            }
+        }
+    }
+    removed
+}
+
+/// A unique name prefix for one topology of this process: `gwt<pid>x<n>`.
+pub fn unique_prefix() -> String {
+    format!(
+        "{PREFIX}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A host of a topology: its namespace and its one interface's addresses.
+#[derive(Debug)]
+pub struct Host {
+    pub ns: Netns,
+    /// The host's interface toward the gateway (`eth0`).
+    pub iface: &'static str,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The gateway's side of the link: interface name (in the gateway namespace), address, MAC.
+    pub gw_iface: String,
+    pub gw_ip: Ipv4Addr,
+    pub gw_mac: [u8; 6],
+}
+
+impl std::ops::Deref for Host {
+    type Target = Netns;
+    fn deref(&self) -> &Netns {
+        &self.ns
+    }
+}
+
+/// client ── gateway ── backend i (one veth pair per backend).
+///
+/// | what | address |
+/// |---|---|
+/// | client `eth0` / gateway `client0` | 192.0.2.2/24 / 192.0.2.1/24 |
+/// | public address (gateway `lo`) | 203.0.113.10/32 |
+/// | SNAT address (gateway `lo`) | 198.51.100.253/32 |
+/// | backend i `eth0` / gateway `b<i>` | 198.51.100.(4i+2)/30 / 198.51.100.(4i+1)/30 |
+///
+/// Client and backends route everything through the gateway, which forwards; there is no route
+/// out of the namespaces. Neighbour entries are permanent on both sides of every link. Fields
+/// drop in declaration order: the bpffs goes first, then the hosts, then the gateway.
+#[derive(Debug)]
+pub struct Topology {
+    pub bpffs: Bpffs,
+    pub client: Host,
+    pub backends: Vec<Host>,
+    pub gateway: Netns,
+    pub public_ip: Ipv4Addr,
+    pub snat_ip: Ipv4Addr,
+    prefix: String,
+}
+
+impl Topology {
+    /// The public address clients connect to.
+    pub const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+    /// The gateway's source address toward backends.
+    pub const SNAT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 253);
+    /// The client's address.
+    pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+    /// Builds a topology with `backends` backends (at most 60).
+    #[track_caller]
+    pub fn new(backends: usize) -> Self {
+        assert!(backends <= 60, "at most 60 backends");
+        sweep_stale();
+        let prefix = unique_prefix();
+        // Created first so that a failure below tears it down too.
+        let bpffs = Bpffs::new(&prefix);
+        let gateway = Netns::new(&format!("{prefix}-gw"));
+        let client_ns = Netns::new(&format!("{prefix}-client"));
+        let client = link(
+            &gateway,
+            client_ns,
+            "client0",
+            (Ipv4Addr::new(192, 0, 2, 1), 24),
+            Ipv4Addr::new(192, 0, 2, 2),
+            [0x02, 0, 0, 0, 0, 0x01],
+            [0x02, 0, 0, 0, 0, 0x02],
+        );
+        let backends = (0..backends)
+            .map(|i| {
+                let ns = Netns::new(&format!("{prefix}-b{i}"));
+                let base = 4 * i as u8;
+                link(
+                    &gateway,
+                    ns,
+                    &format!("b{i}"),
+                    (Ipv4Addr::new(198, 51, 100, base + 1), 30),
+                    Ipv4Addr::new(198, 51, 100, base + 2),
+                    [0x02, 0, 0, 0, 0x10 + i as u8, 0x01],
+                    [0x02, 0, 0, 0, 0x10 + i as u8, 0x02],
+                )
+            })
+            .collect();
+        gateway.ip(&format!("addr add {}/32 dev lo", Self::PUBLIC_IP));
+        gateway.ip(&format!("addr add {}/32 dev lo", Self::SNAT_IP));
+        gateway.sysctl("net.ipv4.ip_forward", "1");
+        Topology {
+            bpffs,
+            client,
+            backends,
+            gateway,
+            public_ip: Self::PUBLIC_IP,
+            snat_ip: Self::SNAT_IP,
+            prefix,
+        }
+    }
+
+    /// The unique prefix of this topology's names.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The gateway's interfaces (toward the client, then toward each backend).
+    pub fn gateway_ifaces(&self) -> Vec<String> {
+        std::iter::once(&self.client)
+            .chain(&self.backends)
+            .map(|h| h.gw_iface.clone())
+            .collect()
+    }
+
+    /// Every namespace name of this topology.
+    pub fn netns_names(&self) -> Vec<String> {
+        std::iter::once(self.gateway.name())
+            .chain(std::iter::once(self.client.name()))
+            .chain(self.backends.iter().map(|b| b.name()))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// What native XDP redirect between veths needs: checksum offload off on every sending
+    /// side (else CHECKSUM_PARTIAL packets arrive corrupted) and GRO on (NAPI) on every
+    /// receiving side.
+    #[track_caller]
+    pub fn xdp_offloads(&self) {
+        for host in std::iter::once(&self.client).chain(&self.backends) {
+            for (ns, dev) in [(&host.ns, host.iface), (&self.gateway, host.gw_iface.as_str())] {
+                ns.exec_ok(&["ethtool", "-K", dev, "tx", "off", "gro", "on"]);
+            }
+        }
+    }
+}
+
+fn mac_str(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// Joins `host_ns` (interface `eth0`) to the gateway (interface `gw_iface`) with a veth pair,
+/// addresses, a default route on the host via the gateway and permanent neighbour entries.
+#[track_caller]
+fn link(
+    gateway: &Netns,
+    host_ns: Netns,
+    gw_iface: &str,
+    (gw_ip, plen): (Ipv4Addr, u8),
+    host_ip: Ipv4Addr,
+    gw_mac: [u8; 6],
+    host_mac: [u8; 6],
+) -> Host {
+    let iface = "eth0";
+    // Created directly inside the two namespaces: nothing touches the machine's own.
+    gateway.ip(&format!(
+        "link add {gw_iface} address {} type veth peer name {iface} netns {} address {}",
+        mac_str(gw_mac),
+        host_ns.name(),
+        mac_str(host_mac)
+    ));
+    gateway.ip(&format!("addr add {gw_ip}/{plen} dev {gw_iface}"));
+    gateway.ip(&format!("link set {gw_iface} up"));
+    host_ns.ip(&format!("addr add {host_ip}/{plen} dev {iface}"));
+    host_ns.ip(&format!("link set {iface} up"));
+    host_ns.ip(&format!("route add default via {gw_ip} dev {iface}"));
+    gateway.ip(&format!(
+        "neigh replace {host_ip} lladdr {} dev {gw_iface} nud permanent",
+        mac_str(host_mac)
+    ));
+    host_ns.ip(&format!(
+        "neigh replace {gw_ip} lladdr {} dev {iface} nud permanent",
+        mac_str(gw_mac)
+    ));
+    Host {
+        ns: host_ns,
+        iface,
+        ip: host_ip,
+        mac: host_mac,
+        gw_iface: gw_iface.to_owned(),
+        gw_ip,
+        gw_mac,
+    }
+}
+
+/// Whether a namespace of that name exists.
+pub fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}

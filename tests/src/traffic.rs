@@ -1,0 +1,177 @@
+//! Real TCP traffic for the tests, the demo and the benchmarks: a server that says who it is
+//! and echoes, and a bounded client. Every loop here is bounded in count and time.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+/// How long any single socket operation may block.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP server inside a namespace: to each connection it first sends its name and a newline,
+/// then echoes everything back until the peer closes. Stopped on drop.
+pub struct EchoServer {
+    pub addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Starts listening on `addr` inside `ns` (bound before this returns) and serves at most
+    /// `max_conns` connections, for at most `lifetime`.
+    #[track_caller]
+    pub fn start(ns: &Netns, addr: SocketAddrV4, name: &str, lifetime: Duration) -> Self {
+        let listener = ns.run(move || TcpListener::bind(addr));
+        let listener =
+            listener.unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let name = format!("{name}\n").into_bytes();
+        let thread = {
+            let stop = stop.clone();
+            let accepted = accepted.clone();
+            thread::spawn(move || {
+                let deadline = Instant::now() + lifetime;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            let name = name.clone();
+                            thread::spawn(move || serve(conn, &name, deadline));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        EchoServer {
+            addr,
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many connections it accepted.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut conn: TcpStream, name: &[u8], deadline: Instant) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+    if conn.write_all(name).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < deadline {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = conn.shutdown(Shutdown::Write);
+}
+
+/// A connection to an [`EchoServer`] (possibly through the gateway).
+pub struct EchoClient {
+    reader: BufReader<TcpStream>,
+    /// The name the server announced.
+    pub server: String,
+}
+
+impl EchoClient {
+    /// Connects from a socket created inside `ns` and reads the server's name.
+    pub fn connect(ns: &Netns, to: SocketAddr) -> std::io::Result<Self> {
+        let stream = ns.run(move || TcpStream::connect_timeout(&to, IO_TIMEOUT))?;
+        Self::from_stream(stream)
+    }
+
+    /// Wraps a connected stream and reads the server's name.
+    pub fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        let mut reader = BufReader::new(stream);
+        let mut server = String::new();
+        reader.read_line(&mut server)?;
+        if !server.ends_with('\n') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed before saying its name",
+            ));
+        }
+        server.pop();
+        Ok(EchoClient { reader, server })
+    }
+
+    /// Sends `data` and reads it back, concurrently (so large payloads do not deadlock on
+    /// full socket buffers); returns an error if the echo differs.
+    pub fn echo(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let mut writer = self.reader.get_ref().try_clone()?;
+        let echoed = thread::scope(|s| {
+            let sender = s.spawn(|| writer.write_all(data));
+            let mut echoed = vec![0u8; data.len()];
+            let read = self.reader.read_exact(&mut echoed);
+            let sent = sender.join().expect("sender thread");
+            sent.and(read).map(|()| echoed)
+        })?;
+        if echoed != data {
+            let at = echoed.iter().zip(data).position(|(a, b)| a != b);
+            return Err(std::io::Error::other(format!(
+                "echo differs from what was sent (first difference at byte {at:?})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The local address of the connection.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.reader.get_ref().local_addr().expect("local_addr")
+    }
+}
+
+/// A deterministic payload of `len` bytes (a simple LCG, so corruption shows anywhere).
+pub fn payload(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (x >> 16) as u8
+        })
+        .collect()
+}
+
+/// `ip:port` as a socket address.
+pub fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
