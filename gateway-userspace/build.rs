@@ -17,9 +17,15 @@ fn main() -> anyhow::Result<()> {
     let ebpf = package("gateway-ebpf")?;
     // The datapath also changes when the shared types do.
     let common = package("gateway-common")?;
-    let common_dir = common.manifest_path.parent().context("gateway-common has no directory")?;
+    let common_dir = common
+        .manifest_path
+        .parent()
+        .context("gateway-common has no directory")?;
     println!("cargo:rerun-if-changed={common_dir}");
-    let root_dir = ebpf.manifest_path.parent().context("gateway-ebpf has no directory")?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .context("gateway-ebpf has no directory")?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

@@ -199,9 +199,7 @@ impl Datapath {
         let link: FdLink = match mode {
             AttachMode::Xdp => {
                 let program = self.xdp()?;
-                let id = program
-                    .attach(iface, XdpMode::Driver)
-                    .map_err(attach_err)?;
+                let id = program.attach(iface, XdpMode::Driver).map_err(attach_err)?;
                 let link = program.take_link(id).map_err(attach_err)?;
                 FdLink::try_from(link).map_err(|_| not_pinnable())?
             }

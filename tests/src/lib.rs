@@ -1,7 +1,9 @@
 //! Test support for the gateway: the namespace harness, real TCP traffic and (for the datapath
 //! tests) packet building. The tests themselves live in `tests/tests/`; they need root.
 
+pub mod bench;
 pub mod netns;
+pub mod packet;
 pub mod traffic;
 
 /// Panics with a clear message unless running as root (the tests of this crate need it).

@@ -12,9 +12,13 @@ use std::{
     ffi::OsStr,
     fs,
     net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -22,6 +26,7 @@ use std::{
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
     sched::{CloneFlags, setns},
+    sys::signal::{SigSet, Signal},
 };
 
 /// The prefix of every namespace this harness creates.
@@ -30,6 +35,60 @@ pub const PREFIX: &str = "gwt";
 pub const RUN_DIR: &str = "/run/gateway-tests";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// What this process created and has not torn down yet, for [`teardown_on_signals`].
+static LIVE: Mutex<Vec<Resource>> = Mutex::new(Vec::new());
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Resource {
+    Netns(String),
+    Bpffs(PathBuf),
+}
+
+fn register(r: Resource) {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+}
+
+fn unregister(r: &Resource) {
+    LIVE.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|x| x != r);
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP tear down everything this process created (namespaces with
+/// their processes, bpffs mounts) and exit with 130. Call it first in `main`, before any thread
+/// starts: it blocks those signals in the calling thread (threads and children inherit the
+/// mask; [`Netns::command`] unblocks them for children) and waits for them on a thread of its
+/// own.
+pub fn teardown_on_signals() {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    set.thread_block().expect("block signals");
+    thread::spawn(move || {
+        let sig = set.wait().expect("sigwait");
+        eprintln!("\n{sig}: tearing the sandbox down");
+        teardown_all();
+        std::process::exit(130);
+    });
+}
+
+/// Deletes every namespace and bpffs this process created and still holds.
+pub fn teardown_all() {
+    let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|p| p.into_inner()));
+    // Namespaces first (their processes and links), then the bpffs mounts (the pins).
+    for r in &live {
+        if let Resource::Netns(name) = r {
+            delete_netns(name);
+        }
+    }
+    for r in &live {
+        if let Resource::Bpffs(path) = r {
+            remove_bpffs(path);
+        }
+    }
+}
 
 /// Runs a command to completion and panics with its output if it fails.
 #[track_caller]
@@ -72,15 +131,14 @@ impl Netns {
     #[track_caller]
     pub fn new(name: &str) -> Self {
         ip(&format!("netns add {name}"));
-        let ns = Netns {
-            name: name.to_owned(),
-        };
+        let ns = Netns::adopt(name);
         ns.ip("link set lo up");
         ns
     }
 
     /// Takes ownership of an existing namespace (deleted on drop).
     pub fn adopt(name: &str) -> Self {
+        register(Resource::Netns(name.to_owned()));
         Netns {
             name: name.to_owned(),
         }
@@ -96,10 +154,14 @@ impl Netns {
         ip(&format!("-n {} {args}", self.name))
     }
 
-    /// Sets a sysctl inside the namespace.
+    /// Sets a sysctl inside the namespace (`net.ipv4.ip_forward`, ...).
     #[track_caller]
     pub fn sysctl(&self, key: &str, value: &str) {
-        self.exec_ok(&["sysctl", "-qw", &format!("{key}={value}")]);
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        let value = value.to_owned();
+        let written = self
+            .run(move || fs::write(&path, value).map_err(|e| format!("{}: {e}", path.display())));
+        written.unwrap_or_else(|e| panic!("sysctl in {}: {e}", self.name));
     }
 
     /// Runs a command inside the namespace to completion, panicking if it fails.
@@ -108,10 +170,20 @@ impl Netns {
         cmd("ip", ["netns", "exec", &self.name].iter().chain(argv))
     }
 
-    /// A command that runs inside the namespace (`ip netns exec NAME program`).
+    /// A command that runs inside the namespace (`ip netns exec NAME program`), with every
+    /// signal unblocked (see [`teardown_on_signals`]).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
+        // SAFETY: only async-signal-safe calls (sigprocmask) between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                SigSet::all()
+                    .thread_unblock()
+                    .map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
         c
     }
 
@@ -157,6 +229,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         delete_netns(&self.name);
+        unregister(&Resource::Netns(self.name.clone()));
     }
 }
 
@@ -264,6 +337,7 @@ impl Bpffs {
             None::<&str>,
         )
         .unwrap_or_else(|e| panic!("mount -t bpf {}: {e}", path.display()));
+        register(Resource::Bpffs(path.clone()));
         Bpffs { path }
     }
 
@@ -275,6 +349,7 @@ impl Bpffs {
 impl Drop for Bpffs {
     fn drop(&mut self) {
         remove_bpffs(&self.path);
+        unregister(&Resource::Bpffs(self.path.clone()));
     }
 }
 
@@ -456,7 +531,10 @@ impl Topology {
     #[track_caller]
     pub fn xdp_offloads(&self) {
         for host in std::iter::once(&self.client).chain(&self.backends) {
-            for (ns, dev) in [(&host.ns, host.iface), (&self.gateway, host.gw_iface.as_str())] {
+            for (ns, dev) in [
+                (&host.ns, host.iface),
+                (&self.gateway, host.gw_iface.as_str()),
+            ] {
                 ns.exec_ok(&["ethtool", "-K", dev, "tx", "off", "gro", "on"]);
             }
         }

@@ -32,8 +32,7 @@ impl EchoServer {
     #[track_caller]
     pub fn start(ns: &Netns, addr: SocketAddrV4, name: &str, lifetime: Duration) -> Self {
         let listener = ns.run(move || TcpListener::bind(addr));
-        let listener =
-            listener.unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
+        let listener = listener.unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));

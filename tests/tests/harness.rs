@@ -45,7 +45,8 @@ fn a_panic_inside_the_harness_tears_everything_down() {
         let iface = topo.client.gw_iface.clone();
         let datapath = topo.gateway.run(move || {
             let mut d = Datapath::load().expect("load");
-            d.attach(&iface, AttachMode::Tc, Some(&pin_dir)).expect("attach");
+            d.attach(&iface, AttachMode::Tc, Some(&pin_dir))
+                .expect("attach");
             d
         });
         let pin = datapath.attachments()[0].pin_path().unwrap().to_owned();
@@ -88,7 +89,11 @@ fn a_panic_inside_the_harness_tears_everything_down() {
     while link_exists(seen.link_id) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(!link_exists(seen.link_id), "link {} survived the panic", seen.link_id);
+    assert!(
+        !link_exists(seen.link_id),
+        "link {} survived the panic",
+        seen.link_id
+    );
 }
 
 /// Whether the kernel still has the bpf_link `id`.

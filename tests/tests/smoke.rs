@@ -51,9 +51,10 @@ fn smoke(mode: AttachMode) {
         AttachMode::Xdp => GlobalStat::XdpPackets,
         AttachMode::Tc => GlobalStat::TcPackets,
     };
-    // 1 MiB each way is hundreds of segments; each crosses two gateway interfaces.
+    // Handshake, data each way (GRO may merge segments into 64 KiB ones), acks and FINs, on
+    // both of the gateway's interfaces: at least a few dozen packets.
     let seen = after.get(stat) - before.get(stat);
-    assert!(seen >= 100, "the {mode} program saw only {seen} packets");
+    assert!(seen >= 20, "the {mode} program saw only {seen} packets");
 }
 
 #[test]

@@ -1,1 +1,106 @@
-fn main() {}
+//! `cargo xtask`: runs things. `setup` installs what is missing; `run`, `demo`, `test` and
+//! `bench` call it first, so each works as the first command on a fresh machine. The eBPF object
+//! is not built here: `gateway-userspace/build.rs` builds it with aya-build.
+
+mod setup;
+mod test;
+
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Set up, run, demo, test and benchmark the gateway"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install every missing prerequisite (skips what is present).
+    Setup,
+    /// Build and run `gateway daemon ARGS` as root.
+    Run {
+        /// Arguments for `gateway daemon`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the gateway in a namespace sandbox with real backends and show it balancing.
+    Demo,
+    /// Formatting, clippy, unit, datapath and end-to-end tests, with one summary.
+    Test,
+    /// Benchmarks (`cargo xtask bench datapath`, ...).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Task::Setup => setup::setup(),
+        Task::Run { args } => setup::setup().and_then(|()| {
+            let mut full = vec!["daemon".to_owned()];
+            full.extend(args);
+            cargo_run_as_root("gateway-userspace", "gateway", false, &full)
+        }),
+        Task::Demo => setup::setup().and_then(|()| {
+            cargo_run_as_root("gateway-tests", "gateway-sandbox", false, &["demo".into()])
+        }),
+        Task::Test => setup::setup().and_then(|()| test::test()),
+        Task::Bench { args } => setup::setup().and_then(|()| {
+            let mut full = vec!["bench".to_owned()];
+            full.extend(args);
+            cargo_run_as_root("gateway-tests", "gateway-sandbox", true, &full)
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `cargo run -p PACKAGE --bin BIN -- ARGS`, through `sudo -E` when not root.
+fn cargo_run_as_root(
+    package: &str,
+    bin: &str,
+    release: bool,
+    args: &[String],
+) -> anyhow::Result<()> {
+    let mut cmd = Command::new(env_cargo());
+    cmd.args(["run", "--quiet", "--package", package, "--bin", bin]);
+    if release {
+        cmd.arg("--release");
+    }
+    if !is_root() {
+        eprintln!("xtask: {bin} needs root (network namespaces, BPF): running it through sudo");
+        cmd.args(["--config", "target.'cfg(all())'.runner='sudo -E'"]);
+    }
+    cmd.arg("--").args(args);
+    let status = cmd.status()?;
+    anyhow::ensure!(
+        status.success(),
+        "{bin} {} failed ({status})",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// The cargo that runs us.
+pub fn env_cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
