@@ -6,7 +6,9 @@
 //! whenever a layout does.
 #![no_std]
 
+pub mod hash;
 pub mod maps;
 pub mod stats;
 
+pub use hash::flow_hash4;
 pub use stats::{DropReason, GlobalStat};

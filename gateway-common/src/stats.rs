@@ -40,14 +40,47 @@ indexed_names! {
         TcPackets = "tc_packets",
         /// Packets handed to the kernel unchanged (not for the gateway).
         Passed = "passed",
+        /// Packets translated client → backend.
+        Forwarded = "forwarded",
+        /// Packets translated backend → client.
+        Reversed = "reversed",
+        /// Flows created (SYNs that got a backend and an SNAT port).
+        FlowsCreated = "flows_created",
+        /// SNAT port probes that hit a port in use (and were retried).
+        SnatCollisions = "snat_collisions",
+        /// Next-hop lookups (`bpf_fib_lookup`) done.
+        FibLookups = "fib_lookups",
+        /// Packets handed to the kernel to resolve a missing neighbour (XDP fallback) or
+        /// redirected with `bpf_redirect_neigh` (TC).
+        NeighFallbacks = "neigh_fallbacks",
+        /// IPv4 fragments to a gateway address (dropped: see `DropReason::Fragment`).
+        Fragments = "fragments",
     }
 }
 
 indexed_names! {
     /// Why the datapath dropped a packet (slots `GlobalStat::COUNT + reason` of `GLOBAL_STATS`).
     DropReason {
-        /// A header ended before its declared length.
+        /// An Ethernet, IPv4 or TCP header ended before its declared length.
         Truncated = "truncated",
+        /// An IPv4 header with a bad version, `ihl` < 5 or a total length that does not fit.
+        BadHeader = "bad_header",
+        /// A non-SYN TCP packet for a gateway service without a flow.
+        NoFlow = "no_flow",
+        /// A packet to a SNAT port without a flow (a reply to nothing we track).
+        NoReplyFlow = "no_reply_flow",
+        /// A SYN for an app with no backend accepting new connections.
+        NoBackend = "no_backend",
+        /// No free SNAT port after the bounded number of probes.
+        SnatExhausted = "snat_exhausted",
+        /// The conntrack pair could not be inserted (full, or a race lost).
+        ConntrackInsert = "conntrack_insert",
+        /// A fragment to a gateway address: the gateway does not reassemble (policy).
+        Fragment = "fragment",
+        /// No route to the backend or client (`bpf_fib_lookup` failed).
+        NoRoute = "no_route",
+        /// The datapath is not configured (no SNAT address).
+        NotConfigured = "not_configured",
     }
 }
 

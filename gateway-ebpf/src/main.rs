@@ -1,34 +1,94 @@
-//! The gateway's datapath. This file holds only the maps and thin program wrappers; each
-//! wrapper returns what its `try_*` function gives.
+//! The gateway's datapath. This file holds only the maps and the thin program wrappers; each
+//! wrapper returns what its `try_*` function gives, and counts every drop by its reason.
+//!
+//! A packet goes: `parse` (is it TCP to a gateway address?) → `flow` (conntrack lookup, reply
+//! direction first; a SYN to a service creates a flow through `nat` and `lb`) → `nexthop`
+//! (cached FIB result) → rewrite with `csum` → redirect (`xdp` or `tc`); `stats` counts.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, xdp_action::XDP_DROP},
     macros::{classifier, map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
-use gateway_common::{GlobalStat, maps::GLOBAL_STATS_LEN};
+use gateway_common::maps::{
+    AddrKind, Backend4, CONNTRACK_DEFAULT, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_ADDRS,
+    MAX_APPS, MAX_BACKENDS, MAX_SERVICES, MaglevTable, Service, ServiceKey4, TrafficStats,
+};
 
+mod conntrack;
+mod csum;
+mod flow;
+mod lb;
+mod nat;
+mod nexthop;
+mod parse;
 mod stats;
+mod tc;
+mod xdp;
 
-/// Global per-CPU counters and drop reasons (`gateway_common::maps::GLOBAL_STATS`).
+// Names: `gateway_common::maps` (checked against this object by the userspace tests).
+
 #[map(name = "gw_global_v1")]
 static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
+#[map(name = "gw_config_v1")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "gw_addrs4_v1")]
+static ADDRS: HashMap<u32, AddrKind> = HashMap::with_max_entries(MAX_ADDRS, 0);
+
+#[map(name = "gw_svc4_v1")]
+static SERVICES: HashMap<ServiceKey4, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "gw_maglev_v1")]
+static MAGLEV: HashMap<u32, MaglevTable> = HashMap::with_max_entries(MAX_APPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "gw_be4_v1")]
+static BACKENDS: Array<Backend4> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "gw_ct4_v1")]
+static CONNTRACK: LruHashMap<FlowKey4, Flow> = LruHashMap::with_max_entries(CONNTRACK_DEFAULT, 0);
+
+#[map(name = "gw_app_stats_v1")]
+static APP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_APPS, 0);
+
+#[map(name = "gw_be_stats_v1")]
+static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Next hops are trusted this long when the configuration does not say (1 s).
+const NEXTHOP_MAX_AGE_DEFAULT_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn nexthop_max_age() -> u64 {
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.nexthop_max_age_ns != 0 => cfg.nexthop_max_age_ns,
+        _ => NEXTHOP_MAX_AGE_DEFAULT_NS,
+    }
+}
+
 #[xdp]
-pub fn gateway_xdp(_ctx: XdpContext) -> u32 {
-    stats::count(&GLOBAL, GlobalStat::XdpPackets.index());
-    stats::count(&GLOBAL, GlobalStat::Passed.index());
-    xdp_action::XDP_PASS
+pub fn gateway_xdp(ctx: XdpContext) -> u32 {
+    match xdp::try_gateway_xdp(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::drop(reason);
+            XDP_DROP
+        }
+    }
 }
 
 #[classifier]
-pub fn gateway_tc(_ctx: TcContext) -> i32 {
-    stats::count(&GLOBAL, GlobalStat::TcPackets.index());
-    stats::count(&GLOBAL, GlobalStat::Passed.index());
-    TC_ACT_OK
+pub fn gateway_tc(ctx: TcContext) -> i32 {
+    match tc::try_gateway_tc(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::drop(reason);
+            TC_ACT_SHOT
+        }
+    }
 }
 
 #[cfg(not(test))]

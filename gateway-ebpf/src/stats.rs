@@ -1,12 +1,71 @@
-//! Per-CPU counters.
+//! Per-CPU counters: global ones, drop reasons, and traffic per app and per backend.
 
-use aya_ebpf::maps::PerCpuArray;
+use gateway_common::{
+    DropReason, GlobalStat,
+    maps::{DIR_FORWARD, Flow, TrafficStats},
+};
 
-/// Adds one to slot `index` of a per-CPU counter array.
+use crate::{APP_STATS, BACKEND_STATS, GLOBAL};
+
 #[inline(always)]
-pub fn count(map: &PerCpuArray<u64>, index: u32) {
-    if let Some(slot) = map.get_ptr_mut(index) {
-        // SAFETY: the pointer comes from the map and is this CPU's own slot.
-        unsafe { *slot += 1 };
+fn add(index: u32, n: u64) {
+    if let Some(slot) = GLOBAL.get_ptr_mut(index) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        unsafe { *slot += n };
+    }
+}
+
+/// Counts one event of `stat`.
+#[inline(always)]
+pub fn global(stat: GlobalStat) {
+    add(stat.index(), 1);
+}
+
+/// Counts a drop for `reason`.
+#[inline(always)]
+pub fn drop(reason: DropReason) {
+    add(reason.slot(), 1);
+}
+
+/// Counts a translated packet of `flow` (`bytes` of L3) for its app and backend.
+#[inline(always)]
+pub fn traffic(flow: &Flow, bytes: u64) {
+    let forward = flow.direction == DIR_FORWARD;
+    global(if forward {
+        GlobalStat::Forwarded
+    } else {
+        GlobalStat::Reversed
+    });
+    if let Some(s) = APP_STATS.get_ptr_mut(flow.app_id) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        count_packet(unsafe { &mut *s }, forward, bytes);
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(flow.backend_id) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        count_packet(unsafe { &mut *s }, forward, bytes);
+    }
+}
+
+#[inline(always)]
+fn count_packet(s: &mut TrafficStats, forward: bool, bytes: u64) {
+    if forward {
+        s.packets_in += 1;
+        s.bytes_in += bytes;
+    } else {
+        s.packets_out += 1;
+        s.bytes_out += bytes;
+    }
+}
+
+/// Counts a new flow for its app and backend.
+#[inline(always)]
+pub fn new_flow(app_id: u32, backend_id: u32) {
+    if let Some(s) = APP_STATS.get_ptr_mut(app_id) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        unsafe { (*s).new_flows += 1 };
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        unsafe { (*s).new_flows += 1 };
     }
 }

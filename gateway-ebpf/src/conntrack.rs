@@ -1,0 +1,127 @@
+//! Conntrack: one global LRU table holding, per connection, a forward entry (client → public,
+//! keyed as it arrives) and a reverse entry (backend → SNAT). Look up the reply direction
+//! first (it is the only kind of entry keyed by a SNAT address), then the forward one.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use gateway_common::{
+    DropReason,
+    maps::{
+        DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_ESTABLISHED,
+        TCP_FIN_FORWARD, TCP_FIN_REVERSE, TCP_RST, TCP_SYN, TCP_SYN_ACK,
+    },
+};
+
+use crate::{
+    CONNTRACK,
+    parse::{TCP_ACK, TCP_FIN, TCP_RST as F_RST, TCP_SYN as F_SYN, TcpPacket},
+};
+
+/// The key of the other entry of a connection: the rewritten tuple, reversed. The same
+/// formula works both ways because each entry stores the rewritten addresses.
+#[inline(always)]
+pub fn peer_key(flow: &Flow) -> FlowKey4 {
+    FlowKey4 {
+        src_ip: flow.nat_dst_ip,
+        dst_ip: flow.nat_src_ip,
+        src_port: flow.nat_dst_port,
+        dst_port: flow.nat_src_port,
+        proto: crate::parse::IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// The entry of `key`, if any.
+#[inline(always)]
+pub fn lookup(key: &FlowKey4) -> Option<*mut Flow> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
+/// Whether a connection is over (RST, or FIN both ways): a new SYN on its tuple starts afresh.
+#[inline(always)]
+pub fn is_closed(state: u8) -> bool {
+    state & TCP_RST != 0
+        || state & (TCP_FIN_FORWARD | TCP_FIN_REVERSE) == (TCP_FIN_FORWARD | TCP_FIN_REVERSE)
+}
+
+/// Removes both entries of the connection `flow` belongs to (`key` is `flow`'s own key).
+#[inline(always)]
+pub fn remove_pair(key: &FlowKey4, flow: &Flow) {
+    let _ = CONNTRACK.remove(&peer_key(flow));
+    let _ = CONNTRACK.remove(key);
+}
+
+/// Inserts the pair `(forward_key → forward, reverse_key → reverse)` with `BPF_NOEXIST`. The
+/// reverse entry goes first: its failure with EEXIST means "this SNAT port is taken", which the
+/// caller retries with another port. If the forward insert then fails, the reverse one is
+/// rolled back.
+#[inline(always)]
+pub fn insert_reverse(key: &FlowKey4, reverse: &Flow) -> Result<bool, DropReason> {
+    match CONNTRACK.insert(key, reverse, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(true),
+        Err(e) if e == -EEXIST => Ok(false),
+        Err(_) => Err(DropReason::ConntrackInsert),
+    }
+}
+
+/// Second half of the pair (see [`insert_reverse`]).
+#[inline(always)]
+pub fn insert_forward(
+    key: &FlowKey4,
+    forward: &Flow,
+    reverse_key: &FlowKey4,
+) -> Result<(), DropReason> {
+    if CONNTRACK
+        .insert(key, forward, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        let _ = CONNTRACK.remove(reverse_key);
+        return Err(DropReason::ConntrackInsert);
+    }
+    Ok(())
+}
+
+const EEXIST: i32 = 17;
+
+/// Updates the TCP state bits and last-seen time of `flow` for a packet with `flags`; a state
+/// change that the other direction must know (SYN-ACK, established, FIN, RST) is written to the
+/// peer entry too. Only changes are written.
+#[inline(always)]
+pub fn track(flow: &mut Flow, pkt: &TcpPacket, now: u64) {
+    let f = pkt.flags;
+    let mut set = 0u8;
+    if f & F_RST != 0 {
+        set |= TCP_RST;
+    }
+    if f & TCP_FIN != 0 {
+        set |= if flow.direction == DIR_FORWARD {
+            TCP_FIN_FORWARD
+        } else {
+            TCP_FIN_REVERSE
+        };
+    }
+    if flow.direction == DIR_REVERSE && f & (F_SYN | TCP_ACK) == (F_SYN | TCP_ACK) {
+        set |= TCP_SYN_ACK;
+    }
+    if flow.direction == DIR_FORWARD
+        && f & (F_SYN | TCP_ACK) == TCP_ACK
+        && flow.state & TCP_SYN_ACK != 0
+    {
+        set |= TCP_ESTABLISHED;
+    }
+    if f & F_SYN != 0 && flow.direction == DIR_FORWARD {
+        set |= TCP_SYN;
+    }
+    let new = flow.state | set;
+    if new != flow.state {
+        flow.state = new;
+        if let Some(peer) = lookup(&peer_key(flow)) {
+            // SAFETY: a conntrack value pointer from the map; only state bits are or-ed in.
+            unsafe { (*peer).state |= set };
+        }
+    }
+    if now.wrapping_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        flow.last_seen_ns = now;
+    }
+    flow.packets += 1;
+    flow.bytes += u64::from(pkt.l3_len);
+}

@@ -1,0 +1,149 @@
+//! The per-packet decision shared by both attach modes: is the packet ours, which flow is it,
+//! does a SYN create one. The attach-mode code then rewrites and forwards.
+
+use gateway_common::{
+    DropReason,
+    maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, ServiceKey4},
+};
+
+use crate::{
+    ADDRS, CONFIG, SERVICES, conntrack, nat,
+    parse::{Bounds, Parsed, TCP_ACK, TCP_SYN, TcpPacket, parse},
+};
+
+/// What to do with a packet.
+pub enum Action {
+    /// Hand it to the kernel unchanged.
+    Pass,
+    /// Translate it with this conntrack entry (state and counters already updated).
+    Translate { pkt: TcpPacket, flow: *mut Flow },
+}
+
+/// Classifies the packet in `b` and finds (or creates) its flow.
+#[inline(always)]
+pub fn decide(b: &Bounds, now: u64) -> Result<Action, DropReason> {
+    let parsed = parse(b, |dst| {
+        // SAFETY: a value of the map, read once.
+        ADDRS.get_ptr(dst).map_or(0, |k| unsafe { (*k).bits })
+    })?;
+    let Parsed::Tcp(pkt) = parsed else {
+        return Ok(Action::Pass);
+    };
+    let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Replies first: only reverse entries are keyed by a SNAT address.
+    if let Some(flow) = conntrack::lookup(&pkt.key) {
+        // SAFETY: a conntrack value pointer; this CPU updates it in place.
+        let f = unsafe { &mut *flow };
+        if !(syn_only
+            && f.direction == gateway_common::maps::DIR_FORWARD
+            && conntrack::is_closed(f.state))
+        {
+            conntrack::track(f, &pkt, now);
+            return Ok(Action::Translate { pkt, flow });
+        }
+        // The tuple of a finished connection is reused by a new SYN: start afresh.
+        conntrack::remove_pair(&pkt.key, f);
+    }
+    if pkt.addr_kind & ADDR_PUBLIC != 0 {
+        let svc = ServiceKey4 {
+            ip: pkt.key.dst_ip,
+            port: pkt.key.dst_port,
+            proto: pkt.key.proto,
+            _pad: 0,
+        };
+        if let Some(service) = SERVICES.get_ptr(svc) {
+            if !syn_only {
+                return Err(DropReason::NoFlow);
+            }
+            let cfg = CONFIG.get(0).ok_or(DropReason::NotConfigured)?;
+            // SAFETY: a value of the map, read once.
+            let app_id = unsafe { (*service).app_id };
+            let flow = nat::create(&pkt.key, app_id, cfg, now)?;
+            // SAFETY: a conntrack value pointer, just inserted.
+            conntrack::track(unsafe { &mut *flow }, &pkt, now);
+            return Ok(Action::Translate { pkt, flow });
+        }
+    }
+    if pkt.addr_kind & ADDR_SNAT != 0
+        && let Some(cfg) = CONFIG.get(0)
+    {
+        let port = u16::from_be(pkt.key.dst_port);
+        if (cfg.snat_port_min..=cfg.snat_port_max).contains(&port) {
+            return Err(DropReason::NoReplyFlow);
+        }
+    }
+    Ok(Action::Pass)
+}
+
+/// The new addresses and ports of a translated packet, and the checksum differences they make.
+pub struct Rewrite {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Difference of the addresses (IPv4 header and TCP pseudo-header).
+    pub addr_diff: u32,
+    /// Difference of the ports (TCP header only).
+    pub port_diff: u32,
+}
+
+impl Rewrite {
+    #[inline(always)]
+    pub fn new(pkt: &TcpPacket, flow: &Flow) -> Self {
+        use crate::csum::{diff16, diff32};
+        let k = &pkt.key;
+        Rewrite {
+            src_ip: flow.nat_src_ip,
+            dst_ip: flow.nat_dst_ip,
+            src_port: flow.nat_src_port,
+            dst_port: flow.nat_dst_port,
+            addr_diff: diff32(
+                diff32(0, k.src_ip, flow.nat_src_ip),
+                k.dst_ip,
+                flow.nat_dst_ip,
+            ),
+            port_diff: diff16(
+                diff16(0, k.src_port, flow.nat_src_port),
+                k.dst_port,
+                flow.nat_dst_port,
+            ),
+        }
+    }
+
+    /// Writes addresses, ports, the IPv4 checksum and the MACs into the packet. The TCP
+    /// checksum is left to the caller (it differs between XDP and TC).
+    ///
+    /// # Safety
+    /// `b` must describe the current packet, whose headers were parsed at `pkt`'s offsets.
+    #[inline(always)]
+    pub unsafe fn write_headers(
+        &self,
+        b: &Bounds,
+        pkt: &TcpPacket,
+        smac: &[u8; 6],
+        dmac: &[u8; 6],
+    ) -> Result<(), DropReason> {
+        let eth = b.ptr_at::<[u8; 12]>(0).ok_or(DropReason::Truncated)?;
+        let ip = b
+            .ptr_at::<[u8; crate::parse::IPV4_MIN_LEN]>(pkt.l3_off)
+            .ok_or(DropReason::Truncated)?;
+        let tcp = b
+            .ptr_at::<[u8; 4]>(pkt.l4_off)
+            .ok_or(DropReason::Truncated)?;
+        // SAFETY: the pointers were bounds-checked above; byte arrays have no alignment.
+        unsafe {
+            let eth = &mut *eth;
+            eth[0..6].copy_from_slice(dmac);
+            eth[6..12].copy_from_slice(smac);
+            let ip = &mut *ip;
+            let check = u16::from_ne_bytes([ip[10], ip[11]]);
+            ip[10..12].copy_from_slice(&crate::csum::apply(check, self.addr_diff).to_ne_bytes());
+            ip[12..16].copy_from_slice(&self.src_ip.to_ne_bytes());
+            ip[16..20].copy_from_slice(&self.dst_ip.to_ne_bytes());
+            let tcp = &mut *tcp;
+            tcp[0..2].copy_from_slice(&self.src_port.to_ne_bytes());
+            tcp[2..4].copy_from_slice(&self.dst_port.to_ne_bytes());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,44 @@
+//! Backend choice at the SYN: the app's Maglev table (computed in userspace) indexed by the
+//! flow hash that userspace also knows (`gateway_common::flow_hash4`).
+
+use gateway_common::{
+    DropReason, flow_hash4,
+    maps::{BACKEND_ACCEPTING, Backend4, FlowKey4, MAGLEV_SIZE},
+};
+
+use crate::{BACKENDS, MAGLEV};
+
+/// How many consecutive slots are tried when the hashed slot's backend stopped accepting
+/// (draining or unhealthy) before userspace rebuilt the table without it.
+const PROBES: u32 = 4;
+
+/// The backend for a new flow of `app_id`: its id and address.
+#[inline(always)]
+pub fn choose(app_id: u32, key: &FlowKey4) -> Result<(u32, Backend4), DropReason> {
+    let table = MAGLEV.get_ptr(app_id).ok_or(DropReason::NoBackend)?;
+    let start = flow_hash4(key.src_ip, key.dst_ip, key.src_port, key.dst_port) % MAGLEV_SIZE;
+    for i in 0..PROBES {
+        let mut slot = start + i;
+        if slot >= MAGLEV_SIZE {
+            slot -= MAGLEV_SIZE;
+        }
+        // Verifier workaround: LLVM proves `slot < MAGLEV_SIZE` from the modulo and drops the
+        // bounds check, but the verifier cannot follow its multiply-based modulo. A volatile
+        // read hides the proof, so the check below stays.
+        // SAFETY: reading a local.
+        let slot = unsafe { core::ptr::read_volatile(&slot) };
+        // SAFETY: a value pointer from the map; read-only.
+        let Some(&id) = (unsafe { (*table).slots.get(slot as usize) }) else {
+            break;
+        };
+        if id == 0 {
+            break;
+        }
+        if let Some(backend) = BACKENDS.get(id)
+            && backend.flags & BACKEND_ACCEPTING != 0
+        {
+            return Ok((id, *backend));
+        }
+    }
+    Err(DropReason::NoBackend)
+}

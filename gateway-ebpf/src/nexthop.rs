@@ -1,0 +1,81 @@
+//! Where a translated packet goes: resolved with `bpf_fib_lookup` when a flow first needs it
+//! and cached in the flow, so established packets do not pay a FIB lookup; re-resolved after
+//! the configured age so route and neighbour changes are picked up.
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    cty::c_void,
+    helpers::bpf_fib_lookup as fib_lookup,
+};
+use gateway_common::{GlobalStat, maps::Flow};
+
+use crate::stats;
+
+const AF_INET: u8 = 2;
+
+/// The outcome of resolving a flow's next hop.
+pub enum NextHop {
+    /// Send out of `ifindex` with the MACs cached in the flow.
+    Ready { ifindex: u32 },
+    /// The route is known but the neighbour is not: `ifindex` and the next hop's address
+    /// (network order) for `bpf_redirect_neigh`, or the kernel, to resolve.
+    NoNeigh { ifindex: u32, nexthop: u32 },
+    /// No route.
+    Unreachable,
+}
+
+/// Resolves (or reuses) the next hop of `flow`, whose rewritten destination is
+/// `flow.nat_dst_ip`. `ctx` is the program's context, `ingress_ifindex` where the packet came in.
+#[inline(always)]
+pub fn resolve(
+    ctx: *mut c_void,
+    ingress_ifindex: u32,
+    flow: &mut Flow,
+    now: u64,
+    max_age_ns: u64,
+) -> NextHop {
+    if flow.nexthop_ns != 0 && now.wrapping_sub(flow.nexthop_ns) < max_age_ns {
+        return NextHop::Ready {
+            ifindex: flow.nexthop_ifindex,
+        };
+    }
+    stats::global(GlobalStat::FibLookups);
+    // SAFETY: a plain-old-data struct of the kernel's ABI; all zeroes is valid.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = crate::parse::IPPROTO_TCP;
+    params.sport = flow.nat_src_port;
+    params.dport = flow.nat_dst_port;
+    // tot_len stays 0: no MTU check here (it would fail on GSO packets).
+    params.ifindex = ingress_ifindex;
+    params.__bindgen_anon_3.ipv4_src = flow.nat_src_ip;
+    params.__bindgen_anon_4.ipv4_dst = flow.nat_dst_ip;
+    // SAFETY: `params` is a valid bpf_fib_lookup of the size given.
+    let ret = unsafe {
+        fib_lookup(
+            ctx,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if ret == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        flow.nexthop_ifindex = params.ifindex;
+        flow.nexthop_smac = params.smac;
+        flow.nexthop_dmac = params.dmac;
+        flow.nexthop_ns = now;
+        NextHop::Ready {
+            ifindex: params.ifindex,
+        }
+    } else if ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        // SAFETY: the kernel filled the IPv4 next hop (the gateway of the route, or the
+        // destination itself when on-link).
+        let nexthop = unsafe { params.__bindgen_anon_4.ipv4_dst };
+        NextHop::NoNeigh {
+            ifindex: params.ifindex,
+            nexthop,
+        }
+    } else {
+        NextHop::Unreachable
+    }
+}
