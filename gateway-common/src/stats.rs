@@ -53,8 +53,6 @@ indexed_names! {
         /// Packets handed to the kernel to resolve a missing neighbour (XDP fallback) or
         /// redirected with `bpf_redirect_neigh` (TC).
         NeighFallbacks = "neigh_fallbacks",
-        /// IPv4 fragments to a gateway address (dropped: see `DropReason::Fragment`).
-        Fragments = "fragments",
     }
 }
 

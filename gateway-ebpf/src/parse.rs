@@ -92,10 +92,6 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
     if b.data + l3_off + ihl > b.data_end {
         return Err(DropReason::Truncated);
     }
-    let l3_len = u16::from_be_bytes([ip[2], ip[3]]);
-    if usize::from(l3_len) < ihl || usize::from(l3_len) > b.data_end - b.data - l3_off {
-        return Err(DropReason::BadHeader);
-    }
     // Fragments: more-fragments set or a non-zero offset. Policy: not reassembled, dropped.
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
     if frag & 0x3fff != 0 {
@@ -107,7 +103,11 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
     let l4_off = l3_off + ihl;
     let tcp: [u8; TCP_MIN_LEN] = b.read(l4_off).ok_or(DropReason::Truncated)?;
     let doff = usize::from(tcp[12] >> 4) * 4;
-    if doff < TCP_MIN_LEN || usize::from(l3_len) < ihl + doff {
+    let l3_len = u16::from_be_bytes([ip[2], ip[3]]);
+    if doff < TCP_MIN_LEN
+        || usize::from(l3_len) < ihl + doff
+        || usize::from(l3_len) > b.data_end - b.data - l3_off
+    {
         return Err(DropReason::BadHeader);
     }
     Ok(Parsed::Tcp(TcpPacket {

@@ -43,8 +43,9 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: a conntrack value pointer; this CPU updates it in place.
     let flow = unsafe { &mut *flow };
     let skb = ctx.skb.skb;
+    // At TC ingress, the skb's device is the one it arrived on.
     // SAFETY: the context pointer the kernel gave this program.
-    let ingress = unsafe { (*skb).ingress_ifindex };
+    let ingress = unsafe { (*skb).ifindex };
     let hop = nexthop::resolve(
         skb as *mut c_void,
         ingress,

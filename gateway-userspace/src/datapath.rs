@@ -5,11 +5,14 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
+use std::net::{Ipv4Addr, SocketAddrV4};
+
 use aya::{
-    Ebpf, EbpfError,
-    maps::{MapError, PerCpuArray},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     pin::PinError,
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -17,7 +20,15 @@ use aya::{
         tc::TcAttachOptions,
     },
 };
-use gateway_common::{DropReason, GlobalStat, maps};
+use gateway_common::{
+    DropReason, GlobalStat,
+    maps::{
+        self, ADDR_PUBLIC, ADDR_SNAT, AddrKind, BACKEND_ACCEPTING, Backend4, Config, Flow,
+        FlowKey4, MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
+    },
+};
+
+use crate::maglev;
 
 /// Name of the XDP program in the eBPF object.
 pub const XDP_PROGRAM: &str = "gateway_xdp";
@@ -116,6 +127,89 @@ pub enum DatapathError {
     },
     #[error("the {mode} link of {iface} cannot be pinned (not a bpf_link)")]
     NotPinnable { mode: AttachMode, iface: String },
+    #[error("{what} {id} is out of range (1..{max})")]
+    IdOutOfRange {
+        what: &'static str,
+        id: u32,
+        max: u32,
+    },
+    #[error("the SNAT port range {min}-{max} is empty")]
+    EmptyPortRange { min: u16, max: u16 },
+}
+
+/// Options for loading the datapath.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Conntrack entries (a connection takes two).
+    pub conntrack_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            conntrack_capacity: maps::CONNTRACK_DEFAULT,
+        }
+    }
+}
+
+/// Idle timeouts for conntrack garbage collection.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// A flow whose handshake did not complete.
+    pub handshake: Duration,
+    /// An established flow.
+    pub established: Duration,
+    /// A flow after RST, or FIN both ways: short, so SNAT ports recycle.
+    pub closed: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(30),
+            // As IPVS: long enough for idle SSH-like sessions.
+            established: Duration::from_secs(900),
+            closed: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The current time on the datapath's clock (`bpf_ktime_get_ns`: CLOCK_MONOTONIC), in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// An IPv4 address as the maps store it (network order).
+pub fn ip_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// A map's IPv4 address (network order) back to an address.
+pub fn ip_of(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+/// A port as the maps store it (network order).
+pub fn port_key(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// The other entry of a connection (same formula both ways).
+pub fn peer_key(flow: &Flow) -> FlowKey4 {
+    FlowKey4 {
+        src_ip: flow.nat_dst_ip,
+        dst_ip: flow.nat_src_ip,
+        src_port: flow.nat_dst_port,
+        dst_port: flow.nat_src_port,
+        proto: 6,
+        _pad: [0; 3],
+    }
 }
 
 /// One attachment: the interface, the mode and the link (pinned or owned by this process).
@@ -150,16 +244,53 @@ impl Attachment {
     }
 }
 
-/// The loaded datapath.
+/// The typed maps.
+struct Maps {
+    global: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
+    addrs: HashMap<MapData, u32, AddrKind>,
+    services: HashMap<MapData, ServiceKey4, Service>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    backends: Array<MapData, Backend4>,
+    conntrack: HashMap<MapData, FlowKey4, Flow>,
+    app_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// The loaded datapath: its programs, attachments and maps. The one owner of the maps:
+/// everything else asks it.
 pub struct Datapath {
     ebpf: Ebpf,
+    maps: Maps,
     attachments: Vec<Attachment>,
 }
 
 impl Datapath {
     /// Loads the embedded eBPF object and both of its programs into the kernel.
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(crate::EBPF_OBJECT).map_err(DatapathError::Load)?;
+        Self::load_with(&LoadOptions::default())
+    }
+
+    /// Loads with `options`.
+    pub fn load_with(options: &LoadOptions) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::CONNTRACK4, options.conntrack_capacity)
+            .load(crate::EBPF_OBJECT)
+            .map_err(DatapathError::Load)?;
         for mode in AttachMode::ALL {
             let name = mode.program_name();
             let program = ebpf
@@ -171,8 +302,20 @@ impl Datapath {
             };
             loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
+        let maps = Maps {
+            global: take(&mut ebpf, maps::GLOBAL_STATS)?,
+            config: take(&mut ebpf, maps::CONFIG)?,
+            addrs: take(&mut ebpf, maps::ADDRS4)?,
+            services: take(&mut ebpf, maps::SERVICES4)?,
+            maglev: take(&mut ebpf, maps::MAGLEV)?,
+            backends: take(&mut ebpf, maps::BACKENDS4)?,
+            conntrack: take(&mut ebpf, maps::CONNTRACK4)?,
+            app_stats: take(&mut ebpf, maps::APP_STATS)?,
+            backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
+        };
         Ok(Self {
             ebpf,
+            maps,
             attachments: Vec::new(),
         })
     }
@@ -276,22 +419,229 @@ impl Datapath {
 
     /// The global counters, summed over CPUs.
     pub fn global_stats(&self) -> Result<GlobalStats, DatapathError> {
-        let name = maps::GLOBAL_STATS;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DatapathError::MissingMap { name })?;
-        let array = PerCpuArray::<_, u64>::try_from(map)
-            .map_err(|source| DatapathError::Map { name, source })?;
+        let err = map_err(maps::GLOBAL_STATS);
         let mut slots = vec![0u64; maps::GLOBAL_STATS_LEN as usize];
         for (i, slot) in slots.iter_mut().enumerate() {
-            let per_cpu = array
+            *slot = self
+                .maps
+                .global
                 .get(&(i as u32), 0)
-                .map_err(|source| DatapathError::Map { name, source })?;
-            *slot = per_cpu.iter().sum();
+                .map_err(&err)?
+                .iter()
+                .sum();
         }
         Ok(GlobalStats { slots })
     }
+
+    /// Sets the SNAT address and source port range for new flows.
+    pub fn configure(
+        &mut self,
+        snat_ip: Ipv4Addr,
+        ports: std::ops::RangeInclusive<u16>,
+        nexthop_max_age: Duration,
+    ) -> Result<(), DatapathError> {
+        let (min, max) = (*ports.start(), *ports.end());
+        if min > max || min == 0 {
+            return Err(DatapathError::EmptyPortRange { min, max });
+        }
+        let config = Config {
+            snat_ip: ip_key(snat_ip),
+            snat_port_min: min,
+            snat_port_max: max,
+            nexthop_max_age_ns: nexthop_max_age.as_nanos() as u64,
+        };
+        self.maps
+            .config
+            .set(0, config, 0)
+            .map_err(map_err(maps::CONFIG))?;
+        self.add_address(snat_ip, ADDR_SNAT)
+    }
+
+    /// Declares `ip` as one of the gateway's addresses (`ADDR_PUBLIC` and/or `ADDR_SNAT` bits,
+    /// added to what it already is).
+    pub fn add_address(&mut self, ip: Ipv4Addr, kind: u32) -> Result<(), DatapathError> {
+        let err = map_err(maps::ADDRS4);
+        let key = ip_key(ip);
+        let old = match self.maps.addrs.get(&key, 0) {
+            Ok(k) => k.bits,
+            Err(MapError::KeyNotFound) => 0,
+            Err(e) => return Err(err(e)),
+        };
+        self.maps
+            .addrs
+            .insert(key, AddrKind { bits: old | kind }, 0)
+            .map_err(err)
+    }
+
+    /// Sets backend `id` (1..MAX_BACKENDS) to `addr`; `accepting` says whether new flows may
+    /// choose it.
+    pub fn set_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddrV4,
+        accepting: bool,
+    ) -> Result<(), DatapathError> {
+        check_id("backend", id, maps::MAX_BACKENDS)?;
+        let value = Backend4 {
+            ip: ip_key(*addr.ip()),
+            port: port_key(addr.port()),
+            _pad: 0,
+            flags: if accepting { BACKEND_ACCEPTING } else { 0 },
+        };
+        self.maps
+            .backends
+            .set(id, value, 0)
+            .map_err(map_err(maps::BACKENDS4))
+    }
+
+    /// Backend `id` as the datapath has it.
+    pub fn backend(&self, id: u32) -> Result<Backend4, DatapathError> {
+        self.maps
+            .backends
+            .get(&id, 0)
+            .map_err(map_err(maps::BACKENDS4))
+    }
+
+    /// Writes app `app_id`'s Maglev table over `backends` (the ones that accept new flows) in
+    /// one map update. An empty list makes every new flow of the app fail with `no_backend`.
+    pub fn set_app_backends(
+        &mut self,
+        app_id: u32,
+        backends: &[maglev::Entry],
+    ) -> Result<(), DatapathError> {
+        check_id("app", app_id, maps::MAX_APPS)?;
+        let slots = maglev::table(backends);
+        let mut table = MaglevTable {
+            slots: [0; MAGLEV_SIZE as usize],
+        };
+        table.slots.copy_from_slice(&slots);
+        self.maps
+            .maglev
+            .insert(app_id, table, 0)
+            .map_err(map_err(maps::MAGLEV))
+    }
+
+    /// App `app_id`'s Maglev table, if it has one.
+    pub fn app_table(&self, app_id: u32) -> Result<Option<Vec<u32>>, DatapathError> {
+        match self.maps.maglev.get(&app_id, 0) {
+            Ok(t) => Ok(Some(t.slots.to_vec())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::MAGLEV)(e)),
+        }
+    }
+
+    /// Routes TCP to `public` to app `app_id` (and declares the address public).
+    pub fn set_service(&mut self, public: SocketAddrV4, app_id: u32) -> Result<(), DatapathError> {
+        check_id("app", app_id, maps::MAX_APPS)?;
+        self.add_address(*public.ip(), ADDR_PUBLIC)?;
+        self.maps
+            .services
+            .insert(service_key(public), Service { app_id }, 0)
+            .map_err(map_err(maps::SERVICES4))
+    }
+
+    /// Stops routing `public` (its flows are left to end or expire).
+    pub fn remove_service(&mut self, public: SocketAddrV4) -> Result<(), DatapathError> {
+        match self.maps.services.remove(&service_key(public)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::SERVICES4)(e)),
+        }
+    }
+
+    /// Traffic of app `app_id`, summed over CPUs.
+    pub fn app_stats(&self, app_id: u32) -> Result<TrafficStats, DatapathError> {
+        sum_stats(&self.maps.app_stats, app_id, maps::APP_STATS)
+    }
+
+    /// Traffic of backend `id`, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, DatapathError> {
+        sum_stats(&self.maps.backend_stats, id, maps::BACKEND_STATS)
+    }
+
+    /// Every conntrack entry.
+    pub fn flows(&self) -> Result<Vec<(FlowKey4, Flow)>, DatapathError> {
+        self.maps
+            .conntrack
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(maps::CONNTRACK4))
+    }
+
+    /// Inserts a conntrack entry as it is (tests and benchmarks fill the table this way).
+    pub fn insert_flow(&mut self, key: FlowKey4, flow: Flow) -> Result<(), DatapathError> {
+        self.maps
+            .conntrack
+            .insert(key, flow, 0)
+            .map_err(map_err(maps::CONNTRACK4))
+    }
+
+    /// The entry of `key`, if any.
+    pub fn flow(&self, key: &FlowKey4) -> Result<Option<Flow>, DatapathError> {
+        match self.maps.conntrack.get(key, 0) {
+            Ok(f) => Ok(Some(f)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::CONNTRACK4)(e)),
+        }
+    }
+
+    /// Removes flows idle for longer than their state's timeout, both entries of each; returns
+    /// how many entries it removed.
+    pub fn gc(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<usize, DatapathError> {
+        let mut removed = 0;
+        for (key, flow) in self.flows()? {
+            let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
+            let limit = if is_closed(flow.state) {
+                timeouts.closed
+            } else if flow.state & maps::TCP_ESTABLISHED != 0 {
+                timeouts.established
+            } else {
+                timeouts.handshake
+            };
+            if idle > limit {
+                for k in [key, peer_key(&flow)] {
+                    if self.maps.conntrack.remove(&k).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether a connection is over (RST, or FIN both ways).
+pub fn is_closed(state: u8) -> bool {
+    let fins = maps::TCP_FIN_FORWARD | maps::TCP_FIN_REVERSE;
+    state & maps::TCP_RST != 0 || state & fins == fins
+}
+
+fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> {
+    if id == 0 || id >= max {
+        return Err(DatapathError::IdOutOfRange { what, id, max });
+    }
+    Ok(())
+}
+
+fn service_key(public: SocketAddrV4) -> ServiceKey4 {
+    ServiceKey4 {
+        ip: ip_key(*public.ip()),
+        port: port_key(public.port()),
+        proto: 6,
+        _pad: 0,
+    }
+}
+
+fn sum_stats(
+    map: &PerCpuArray<MapData, TrafficStats>,
+    index: u32,
+    name: &'static str,
+) -> Result<TrafficStats, DatapathError> {
+    let values: PerCpuValues<TrafficStats> = map.get(&index, 0).map_err(map_err(name))?;
+    let mut total = TrafficStats::default();
+    for v in values.iter() {
+        total.add(v);
+    }
+    Ok(total)
 }
 
 /// The global counters, summed over CPUs.

@@ -1,0 +1,140 @@
+//! BPF_PROG_TEST_RUN fixture: the datapath loaded and configured as on a gateway, run on
+//! crafted frames from a thread inside the gateway's namespace (so `bpf_fib_lookup` sees its
+//! routes and neighbours).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use gateway::{
+    datapath::{AttachMode, Datapath, LoadOptions},
+    maglev,
+};
+use gateway_common::{flow_hash4, maps::MAGLEV_SIZE};
+
+use crate::netns::Topology;
+
+/// What the program decided, whatever the attach mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    Redirect,
+    Other(u32),
+}
+
+impl Verdict {
+    pub fn of(mode: AttachMode, ret: u32) -> Self {
+        match (mode, ret) {
+            (AttachMode::Xdp, 2) | (AttachMode::Tc, 0) => Verdict::Pass,
+            (AttachMode::Xdp, 1) | (AttachMode::Tc, 2) => Verdict::Drop,
+            (AttachMode::Xdp, 4) | (AttachMode::Tc, 7) => Verdict::Redirect,
+            (_, other) => Verdict::Other(other),
+        }
+    }
+}
+
+/// The service every fixture has: app 1 on `PUBLIC:20000`, backends 1..=3 (`b0..b2:8080`).
+pub const APP: u32 = 1;
+pub const SERVICE_PORT: u16 = 20_000;
+pub const BACKEND_PORT: u16 = 8080;
+pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=49_999;
+
+/// A loaded datapath with app 1 configured over the topology's backends.
+pub struct Fixture {
+    pub dp: Datapath,
+    pub mode: AttachMode,
+    pub backends: Vec<maglev::Entry>,
+}
+
+impl Fixture {
+    /// Loads the datapath (conntrack of `capacity` entries) and configures app 1 with the
+    /// topology's backends. Call from a thread inside the gateway namespace.
+    pub fn new(mode: AttachMode, backend_ips: &[Ipv4Addr], capacity: u32) -> Self {
+        let mut dp = Datapath::load_with(&LoadOptions {
+            conntrack_capacity: capacity,
+        })
+        .expect("load the datapath");
+        dp.configure(
+            Topology::SNAT_IP,
+            SNAT_PORTS,
+            std::time::Duration::from_secs(60),
+        )
+        .expect("configure");
+        let backends: Vec<maglev::Entry> = backend_ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| maglev::Entry {
+                id: i as u32 + 1,
+                addr: SocketAddrV4::new(*ip, BACKEND_PORT),
+                weight: 1,
+            })
+            .collect();
+        for b in &backends {
+            dp.set_backend(b.id, b.addr, true).expect("backend");
+        }
+        dp.set_app_backends(APP, &backends).expect("maglev");
+        dp.set_service(Self::service(), APP).expect("service");
+        Fixture { dp, mode, backends }
+    }
+
+    /// The public endpoint of app 1.
+    pub fn service() -> SocketAddrV4 {
+        SocketAddrV4::new(Topology::PUBLIC_IP, SERVICE_PORT)
+    }
+
+    /// Runs the program of this fixture's mode once on `frame`.
+    pub fn run(&mut self, frame: &[u8]) -> (Verdict, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 512];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let result = match self.mode {
+            AttachMode::Xdp => self.dp.xdp().expect("xdp").test_run(opts),
+            AttachMode::Tc => self.dp.tc().expect("tc").test_run(opts),
+        }
+        .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()));
+        out.truncate(result.data_size_out as usize);
+        (Verdict::of(self.mode, result.return_value), out)
+    }
+
+    /// Average ns per run over `repeat` runs of `frame`.
+    pub fn time(&mut self, frame: &[u8], repeat: u32) -> f64 {
+        let mut out = vec![0u8; frame.len() + 512];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        let result = match self.mode {
+            AttachMode::Xdp => self.dp.xdp().expect("xdp").test_run(opts),
+            AttachMode::Tc => self.dp.tc().expect("tc").test_run(opts),
+        }
+        .expect("test_run");
+        result.duration.as_nanos() as f64
+    }
+
+    /// The backend userspace expects app 1 to give the client tuple `client → public`,
+    /// computed from userspace's own Maglev table and the shared flow hash.
+    pub fn expected_backend(&self, client: SocketAddrV4, public: SocketAddrV4) -> maglev::Entry {
+        let table = self
+            .dp
+            .app_table(APP)
+            .expect("table")
+            .expect("app 1 has a table");
+        let h = flow_hash4(
+            u32::from_ne_bytes(client.ip().octets()),
+            u32::from_ne_bytes(public.ip().octets()),
+            client.port().to_be(),
+            public.port().to_be(),
+        );
+        let id = table[(h % MAGLEV_SIZE) as usize];
+        *self
+            .backends
+            .iter()
+            .find(|b| b.id == id)
+            .expect("a known backend")
+    }
+}
