@@ -14,11 +14,13 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// The packet's bounds: `data..data_end`.
+/// The packet's directly accessible bytes, `data..data_end`, and its whole length (larger
+/// for an skb whose payload sits in pages).
 #[derive(Clone, Copy)]
 pub struct Bounds {
     pub data: usize,
     pub data_end: usize,
+    pub len: usize,
 }
 
 impl Bounds {
@@ -106,7 +108,7 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
     let l3_len = u16::from_be_bytes([ip[2], ip[3]]);
     if doff < TCP_MIN_LEN
         || usize::from(l3_len) < ihl + doff
-        || usize::from(l3_len) > b.data_end - b.data - l3_off
+        || usize::from(l3_len) > b.len - l3_off
     {
         return Err(DropReason::BadHeader);
     }

@@ -33,6 +33,7 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     let b = Bounds {
         data: ctx.data(),
         data_end: ctx.data_end(),
+        len: ctx.len() as usize,
     };
     // SAFETY: helper without arguments.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };

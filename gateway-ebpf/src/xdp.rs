@@ -25,6 +25,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     let b = Bounds {
         data: ctx.data(),
         data_end: ctx.data_end(),
+        len: ctx.data_end() - ctx.data(),
     };
     // SAFETY: helper without arguments.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };

@@ -320,11 +320,25 @@ impl Datapath {
         })
     }
 
-    /// Attaches the program of `mode` to `iface` (in the calling thread's network namespace).
-    /// XDP is attached in native (driver) mode; TC at ingress through tcx. With `pin_dir` (a
-    /// directory on a bpffs), the link is pinned there and outlives this process: it is
+    /// Attaches the datapath to `iface` (in the calling thread's network namespace) in `mode`.
+    /// TC attaches at ingress through tcx. XDP attaches in native (driver) mode *and* attaches
+    /// the TC program too: XDP hands it what it cannot finish (a next hop whose neighbour is
+    /// not resolved yet), and TC's `bpf_redirect_neigh` resolves it. With `pin_dir` (a
+    /// directory on a bpffs), links are pinned there and outlive this process: each is
     /// detached by removing its pin.
     pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        pin_dir: Option<&Path>,
+    ) -> Result<(), DatapathError> {
+        if mode == AttachMode::Xdp {
+            self.attach_one(iface, AttachMode::Xdp, pin_dir)?;
+        }
+        self.attach_one(iface, AttachMode::Tc, pin_dir)
+    }
+
+    fn attach_one(
         &mut self,
         iface: &str,
         mode: AttachMode,
@@ -519,6 +533,26 @@ impl Datapath {
             .maglev
             .insert(app_id, table, 0)
             .map_err(map_err(maps::MAGLEV))
+    }
+
+    /// The backend id the datapath would give a new flow `client → public` of app `app_id`
+    /// (the shared flow hash over the app's current table), if the app has a table.
+    pub fn predict_backend(
+        &self,
+        app_id: u32,
+        client: SocketAddrV4,
+        public: SocketAddrV4,
+    ) -> Result<Option<u32>, DatapathError> {
+        let Some(table) = self.app_table(app_id)? else {
+            return Ok(None);
+        };
+        let h = gateway_common::flow_hash4(
+            ip_key(*client.ip()),
+            ip_key(*public.ip()),
+            port_key(client.port()),
+            port_key(public.port()),
+        );
+        Ok(Some(table[(h % MAGLEV_SIZE) as usize]).filter(|&id| id != 0))
     }
 
     /// App `app_id`'s Maglev table, if it has one.

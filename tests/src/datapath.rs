@@ -9,7 +9,6 @@ use gateway::{
     datapath::{AttachMode, Datapath, LoadOptions},
     maglev,
 };
-use gateway_common::{flow_hash4, maps::MAGLEV_SIZE};
 
 use crate::netns::Topology;
 
@@ -119,18 +118,11 @@ impl Fixture {
     /// The backend userspace expects app 1 to give the client tuple `client → public`,
     /// computed from userspace's own Maglev table and the shared flow hash.
     pub fn expected_backend(&self, client: SocketAddrV4, public: SocketAddrV4) -> maglev::Entry {
-        let table = self
+        let id = self
             .dp
-            .app_table(APP)
+            .predict_backend(APP, client, public)
             .expect("table")
-            .expect("app 1 has a table");
-        let h = flow_hash4(
-            u32::from_ne_bytes(client.ip().octets()),
-            u32::from_ne_bytes(public.ip().octets()),
-            client.port().to_be(),
-            public.port().to_be(),
-        );
-        let id = table[(h % MAGLEV_SIZE) as usize];
+            .expect("app 1 has backends");
         *self
             .backends
             .iter()

@@ -115,6 +115,28 @@ impl EchoClient {
         Self::from_stream(stream)
     }
 
+    /// Connects from `from` (a bound source address and port) inside `ns`.
+    pub fn connect_from(ns: &Netns, from: SocketAddr, to: SocketAddr) -> std::io::Result<Self> {
+        let stream = ns.run(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&from.into())?;
+            s.connect_timeout(&to.into(), IO_TIMEOUT)?;
+            Ok::<_, std::io::Error>(TcpStream::from(s))
+        })?;
+        Self::from_stream(stream)
+    }
+
+    /// Opens `n` connections at once from inside `ns` (all open before any is used).
+    pub fn connect_many(ns: &Netns, to: SocketAddr, n: usize) -> std::io::Result<Vec<Self>> {
+        let streams = ns.run(move || {
+            (0..n)
+                .map(|_| TcpStream::connect_timeout(&to, IO_TIMEOUT))
+                .collect::<std::io::Result<Vec<_>>>()
+        })?;
+        streams.into_iter().map(Self::from_stream).collect()
+    }
+
     /// Wraps a connected stream and reads the server's name.
     pub fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
