@@ -15,13 +15,18 @@ use crate::{
 pub enum Action {
     /// Hand it to the kernel unchanged.
     Pass,
-    /// Translate it with this conntrack entry (state and counters already updated).
-    Translate { pkt: TcpPacket, flow: *mut Flow },
+    /// Translate it with this conntrack entry (state and counters already updated); `now` is
+    /// the time the decision was made (ns).
+    Translate {
+        pkt: TcpPacket,
+        flow: *mut Flow,
+        now: u64,
+    },
 }
 
 /// Classifies the packet in `b` and finds (or creates) its flow.
 #[inline(always)]
-pub fn decide(b: &Bounds, now: u64) -> Result<Action, DropReason> {
+pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
     let parsed = parse(b, |dst| {
         // SAFETY: a value of the map, read once.
         ADDRS.get_ptr(dst).map_or(0, |k| unsafe { (*k).bits })
@@ -29,6 +34,9 @@ pub fn decide(b: &Bounds, now: u64) -> Result<Action, DropReason> {
     let Parsed::Tcp(pkt) = parsed else {
         return Ok(Action::Pass);
     };
+    // Only packets of ours pay for the clock.
+    // SAFETY: helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // Replies first: only reverse entries are keyed by a SNAT address.
     if let Some(flow) = conntrack::lookup(&pkt.key) {
@@ -39,7 +47,7 @@ pub fn decide(b: &Bounds, now: u64) -> Result<Action, DropReason> {
             && conntrack::is_closed(f.state))
         {
             conntrack::track(f, &pkt, now);
-            return Ok(Action::Translate { pkt, flow });
+            return Ok(Action::Translate { pkt, flow, now });
         }
         // The tuple of a finished connection is reused by a new SYN: start afresh.
         conntrack::remove_pair(&pkt.key, f);
@@ -61,7 +69,7 @@ pub fn decide(b: &Bounds, now: u64) -> Result<Action, DropReason> {
             let flow = nat::create(&pkt.key, app_id, cfg, now)?;
             // SAFETY: a conntrack value pointer, just inserted.
             conntrack::track(unsafe { &mut *flow }, &pkt, now);
-            return Ok(Action::Translate { pkt, flow });
+            return Ok(Action::Translate { pkt, flow, now });
         }
     }
     if pkt.addr_kind & ADDR_SNAT != 0

@@ -35,9 +35,7 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         data_end: ctx.data_end(),
         len: ctx.len() as usize,
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let Action::Translate { pkt, flow } = flow::decide(&b, now)? else {
+    let Action::Translate { pkt, flow, now } = flow::decide(&b)? else {
         stats::global(GlobalStat::Passed);
         return Ok(TC_ACT_OK);
     };

@@ -27,9 +27,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         data_end: ctx.data_end(),
         len: ctx.data_end() - ctx.data(),
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let Action::Translate { pkt, flow } = flow::decide(&b, now)? else {
+    let Action::Translate { pkt, flow, now } = flow::decide(&b)? else {
         stats::global(GlobalStat::Passed);
         return Ok(XDP_PASS);
     };

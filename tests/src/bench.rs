@@ -1,53 +1,277 @@
-//! Benchmarks (`cargo xtask bench ...`). Results are ratios and figures from one run; nothing
-//! here asserts a time.
+//! Benchmarks (`cargo xtask bench ...`). Figures and ratios from one run; nothing here asserts
+//! a time.
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use gateway::datapath::{AttachMode, Datapath};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
 
-use crate::packet::{Frame, flags};
+use aya::{
+    EbpfLoader,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
+use gateway::datapath::{AttachMode, ip_key, monotonic_ns, port_key};
+use gateway_common::maps::{
+    self, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, TCP_ESTABLISHED, TCP_SYN, TCP_SYN_ACK,
+};
 
-const REPEAT: u32 = 1_000_000;
+use crate::{
+    datapath::Fixture,
+    netns::Topology,
+    packet::{Frame, flags},
+};
+
+const REPEAT: u32 = 2_000_000;
+const SYNS: u16 = 20_000;
 
 pub fn run(args: &[&str]) {
     crate::require_root();
     match args {
-        [] | ["datapath"] => datapath(),
+        [] | ["datapath"] => datapath(&[1_000, 100_000, 1_000_000]),
+        ["datapath", "--quick"] => datapath(&[1_000]),
         other => {
-            eprintln!("unknown benchmark {other:?}: expected `datapath`");
+            eprintln!("unknown benchmark {other:?}: expected `datapath [--quick]`");
             std::process::exit(2);
         }
     }
 }
 
-/// ns/packet through BPF_PROG_TEST_RUN.
-fn datapath() {
-    let mut datapath = Datapath::load().expect("load");
-    let frame = Frame::tcp(
-        "192.0.2.2:40000".parse().unwrap(),
-        "198.51.100.2:80".parse().unwrap(),
-        flags::ACK,
-    )
-    .build();
-    println!("| program | case | ns/packet |\n|---|---|---|");
-    for mode in AttachMode::ALL {
-        let ns = run_ns(&mut datapath, mode, &frame, REPEAT);
-        println!("| {mode} | not for the gateway | {ns:.1} |");
+fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey4 {
+    FlowKey4 {
+        src_ip: ip_key(*src.ip()),
+        dst_ip: ip_key(*dst.ip()),
+        src_port: port_key(src.port()),
+        dst_port: port_key(dst.port()),
+        proto: 6,
+        _pad: [0; 3],
     }
 }
 
-/// Average ns per run of the program of `mode` on `frame`, `repeat` times.
-pub fn run_ns(datapath: &mut Datapath, mode: AttachMode, frame: &[u8], repeat: u32) -> f64 {
-    let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat,
-        ..TestRunOptions::new()
+/// A flow whose rewrite reproduces the packet that hit it, so with `repeat` every iteration
+/// takes the established path again, with all of its work (lookup, state, counters, rewrite,
+/// checksums, redirect to the cached next hop).
+fn identity_flow(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> (FlowKey4, Flow) {
+    let k = key(src, dst);
+    let now = monotonic_ns();
+    let flow = Flow {
+        nat_src_ip: k.src_ip,
+        nat_dst_ip: k.dst_ip,
+        nat_src_port: k.src_port,
+        nat_dst_port: k.dst_port,
+        app_id: crate::datapath::APP,
+        backend_id: 1,
+        direction,
+        state: TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED,
+        created_ns: now,
+        last_seen_ns: now,
+        nexthop_ns: now,
+        nexthop_ifindex: 1,
+        nexthop_smac: [2, 0, 0, 0, 0, 1],
+        nexthop_dmac: [2, 0, 0, 0, 0, 2],
+        ..Flow::default()
     };
-    let result = match mode {
-        AttachMode::Xdp => datapath.xdp().expect("xdp").test_run(opts),
-        AttachMode::Tc => datapath.tc().expect("tc").test_run(opts),
+    (k, flow)
+}
+
+/// Fills the conntrack table up to `flows` connections (two entries each) of unrelated tuples.
+fn fill(fx: &mut Fixture, from: u32, to: u32) {
+    for i in from..to {
+        let client = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 1024 + (i % 50_000) as u16);
+        let (k, f) = identity_flow(client, Fixture::service(), DIR_FORWARD);
+        fx.dp.insert_flow(k, f).expect("fill");
+        let backend = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 2), 8080);
+        let snat = SocketAddrV4::new(Topology::SNAT_IP, (i % 60_000) as u16);
+        let (k, f) = identity_flow(backend, snat, DIR_REVERSE);
+        let k = FlowKey4 {
+            src_ip: k.src_ip ^ (i << 8),
+            ..k
+        };
+        fx.dp.insert_flow(k, f).expect("fill");
     }
-    .expect("test_run");
-    result.duration.as_nanos() as f64
+}
+
+struct Empty {
+    xdp: aya::Ebpf,
+}
+
+impl Empty {
+    fn load() -> Self {
+        let mut xdp = EbpfLoader::new()
+            .map_max_entries(maps::CONNTRACK4, 1)
+            .load(gateway::EBPF_OBJECT)
+            .expect("load");
+        let p: &mut Xdp = xdp
+            .program_mut("bench_empty_xdp")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        p.load().unwrap();
+        let p: &mut SchedClassifier = xdp
+            .program_mut("bench_empty_tc")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        p.load().unwrap();
+        Empty { xdp }
+    }
+
+    fn time(&mut self, mode: AttachMode, frame: &[u8], repeat: u32) -> f64 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        let r = match mode {
+            AttachMode::Xdp => {
+                let p: &mut Xdp = self
+                    .xdp
+                    .program_mut("bench_empty_xdp")
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                p.test_run(opts)
+            }
+            AttachMode::Tc => {
+                let p: &mut SchedClassifier = self
+                    .xdp
+                    .program_mut("bench_empty_tc")
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                p.test_run(opts)
+            }
+        }
+        .expect("test_run");
+        r.duration.as_nanos() as f64
+    }
+}
+
+/// ns/packet through BPF_PROG_TEST_RUN, for each attach mode and conntrack size.
+fn datapath(sizes: &[u32]) {
+    let topo = Topology::new(3);
+    let sizes = sizes.to_vec();
+    let rows = topo.gateway.run(move || {
+        let backend_ips: Vec<Ipv4Addr> = (0..3)
+            .map(|i| Ipv4Addr::new(198, 51, 100, 4 * i + 2))
+            .collect();
+        let capacity = 2 * sizes.iter().max().unwrap() + 2 * u32::from(SYNS) * 2 + 1024;
+        let mut fx = Fixture::new(AttachMode::Xdp, &backend_ips, capacity);
+        let mut empty = Empty::load();
+        let svc = Fixture::service();
+        let client = SocketAddrV4::new(Topology::CLIENT_IP, 33_333);
+        let (kf, ff) = identity_flow(client, svc, DIR_FORWARD);
+        fx.dp.insert_flow(kf, ff).unwrap();
+        let backend = SocketAddrV4::new(backend_ips[0], 8080);
+        let snat = SocketAddrV4::new(Topology::SNAT_IP, 44_444);
+        let (kr, fr) = identity_flow(backend, snat, DIR_REVERSE);
+        fx.dp.insert_flow(kr, fr).unwrap();
+        let forward = Frame::tcp(client, svc, flags::ACK)
+            .payload(&[7; 64])
+            .build();
+        let reverse = Frame::tcp(backend, snat, flags::ACK)
+            .payload(&[7; 64])
+            .build();
+        let other = Frame::tcp(client, SocketAddrV4::new(backend_ips[1], 80), flags::ACK)
+            .payload(&[7; 64])
+            .build();
+
+        let mut rows: Vec<(String, AttachMode, u32, f64)> = Vec::new();
+        let mut filled = 0;
+        let mut syn_port = 1u16;
+        for &size in &sizes {
+            let start = Instant::now();
+            fill(&mut fx, filled, size);
+            filled = size;
+            eprintln!(
+                "conntrack filled to {size} flows in {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            for mode in AttachMode::ALL {
+                fx.mode = mode;
+                rows.push((
+                    "empty program".into(),
+                    mode,
+                    size,
+                    empty.time(mode, &other, REPEAT),
+                ));
+                rows.push((
+                    "not for the gateway".into(),
+                    mode,
+                    size,
+                    fx.time(&other, REPEAT),
+                ));
+                rows.push((
+                    "established, client → backend".into(),
+                    mode,
+                    size,
+                    fx.time(&forward, REPEAT),
+                ));
+                rows.push((
+                    "established, backend → client".into(),
+                    mode,
+                    size,
+                    fx.time(&reverse, REPEAT),
+                ));
+                // SYNs: one call per new tuple (repeat would find the flow the first made).
+                let mut total = 0.0;
+                let mut empty_total = 0.0;
+                for _ in 0..SYNS {
+                    let c = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 3), syn_port);
+                    syn_port = syn_port.wrapping_add(1).max(1);
+                    let syn = Frame::tcp(c, svc, flags::SYN).build();
+                    total += fx.time(&syn, 1);
+                    empty_total += empty.time(mode, &syn, 1);
+                }
+                rows.push(("SYN, new flow".into(), mode, size, total / f64::from(SYNS)));
+                rows.push((
+                    "empty program, one run per call".into(),
+                    mode,
+                    size,
+                    empty_total / f64::from(SYNS),
+                ));
+            }
+        }
+        rows
+    });
+    print_table(&rows);
+}
+
+fn print_table(rows: &[(String, AttachMode, u32, f64)]) {
+    let mut sizes: Vec<u32> = rows.iter().map(|r| r.2).collect();
+    sizes.dedup();
+    let mut header = "| case | mode |".to_owned();
+    let mut rule = "|---|---|".to_owned();
+    for s in &sizes {
+        header += &format!(" {} flows |", human(*s));
+        rule += "---:|";
+    }
+    println!("ns/packet (BPF_PROG_TEST_RUN), by conntrack size\n\n{header}\n{rule}");
+    let mut keys: Vec<(String, AttachMode)> = Vec::new();
+    for r in rows {
+        if !keys.iter().any(|k| k.0 == r.0 && k.1 == r.1) {
+            keys.push((r.0.clone(), r.1));
+        }
+    }
+    for (case, mode) in keys {
+        let mut line = format!("| {case} | {mode} |");
+        for s in &sizes {
+            let v = rows
+                .iter()
+                .find(|r| r.0 == case && r.1 == mode && r.2 == *s)
+                .map(|r| format!(" {:.0} |", r.3))
+                .unwrap_or_else(|| " |".into());
+            line += &v;
+        }
+        println!("{line}");
+    }
+}
+
+fn human(n: u32) -> String {
+    match n {
+        n if n >= 1_000_000 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
 }

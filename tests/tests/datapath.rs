@@ -661,3 +661,60 @@ fn every_map_of_the_object_is_named_in_gateway_common() {
     let dp = Datapath::load().expect("every map of gateway_common::maps exists in the object");
     drop(dp);
 }
+
+#[test]
+fn gc_reclaims_closed_and_idle_pairs_and_keeps_live_ones() {
+    use gateway::datapath::{Timeouts, monotonic_ns};
+    use gateway_common::maps::Flow;
+    require_root();
+    let mut dp = Datapath::load_with(&gateway::datapath::LoadOptions {
+        conntrack_capacity: 1024,
+    })
+    .unwrap();
+    let sec = 1_000_000_000u64;
+    // A "now" far enough from boot for every idle time below.
+    let now = monotonic_ns() + 10_000 * sec;
+    // (client port, state, idle seconds, expected to survive)
+    let cases = [
+        (1, TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED, 60, true),
+        (2, TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED, 1000, false),
+        (3, TCP_SYN | TCP_RST, 11, false),
+        (4, TCP_SYN | TCP_FIN_FORWARD | TCP_FIN_REVERSE, 11, false),
+        (5, TCP_SYN | TCP_FIN_FORWARD, 11, true),
+        (6, TCP_SYN, 31, false),
+        (7, TCP_SYN, 5, true),
+    ];
+    let svc = Fixture::service();
+    let backend = SocketAddrV4::new(backend_ip(0), BACKEND_PORT);
+    for (p, state, idle, _) in cases {
+        let c = client(p);
+        let snat = SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p);
+        let fwd = key(c, svc);
+        let rev = key(backend, snat);
+        let base = Flow {
+            state,
+            last_seen_ns: now - idle * sec,
+            ..Flow::default()
+        };
+        let to = |k: FlowKey4, dir| Flow {
+            nat_src_ip: k.dst_ip,
+            nat_dst_ip: k.src_ip,
+            nat_src_port: k.dst_port,
+            nat_dst_port: k.src_port,
+            direction: dir,
+            ..base
+        };
+        // Each entry rewrites to the reverse of the other's key.
+        dp.insert_flow(fwd, to(rev, DIR_FORWARD)).unwrap();
+        dp.insert_flow(rev, to(fwd, DIR_REVERSE)).unwrap();
+    }
+    let removed = dp.gc(now, &Timeouts::default()).unwrap();
+    assert_eq!(removed, 8, "4 pairs reclaimed");
+    for (p, _, _, survives) in cases {
+        let fwd = key(client(p), svc);
+        let rev = key(backend, SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p));
+        for k in [fwd, rev] {
+            assert_eq!(dp.flow(&k).unwrap().is_some(), survives, "client port {p}");
+        }
+    }
+}
