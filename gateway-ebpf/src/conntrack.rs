@@ -46,7 +46,7 @@ pub fn is_closed(state: u8) -> bool {
 /// Removes both entries of the connection `flow` belongs to (`key` is `flow`'s own key).
 #[inline(always)]
 pub fn remove_pair(key: &FlowKey4, flow: &Flow) {
-    let _ = CONNTRACK.remove(&peer_key(flow));
+    let _ = CONNTRACK.remove(peer_key(flow));
     let _ = CONNTRACK.remove(key);
 }
 

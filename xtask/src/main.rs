@@ -23,9 +23,9 @@ struct Args {
 enum Task {
     /// Install every missing prerequisite (skips what is present).
     Setup,
-    /// Build and run `gateway daemon ARGS` as root.
+    /// Build and run `gateway ARGS` as root (e.g. `cargo xtask run -- check`).
     Run {
-        /// Arguments for `gateway daemon`.
+        /// Arguments for `gateway`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -45,9 +45,8 @@ fn main() -> ExitCode {
     let result = match args.command {
         Task::Setup => setup::setup(),
         Task::Run { args } => setup::setup().and_then(|()| {
-            let mut full = vec!["daemon".to_owned()];
-            full.extend(args);
-            cargo_run_as_root("gateway-userspace", "gateway", false, &full)
+            // Until the daemon exists, this runs `gateway ARGS`; then it runs `gateway daemon ARGS`.
+            cargo_run_as_root("gateway-userspace", "gateway", false, &args)
         }),
         Task::Demo => setup::setup().and_then(|()| {
             cargo_run_as_root("gateway-tests", "gateway-sandbox", false, &["demo".into()])

@@ -3,8 +3,10 @@
 
 use std::{net::SocketAddrV4, process::ExitCode, time::Duration};
 
-use gateway::datapath::{AttachMode, Datapath};
-use gateway_common::GlobalStat;
+use gateway::{
+    datapath::{AttachMode, Datapath},
+    maglev,
+};
 use gateway_tests::{
     bench,
     netns::{self, Topology},
@@ -36,23 +38,21 @@ fn main() -> ExitCode {
 
 fn demo() {
     gateway_tests::require_root();
-    println!("building a sandbox: client -- gateway -- 3 backends, in network namespaces");
+    println!("sandbox: client -- gateway -- 3 backends, each in its own network namespace");
     let topo = Topology::new(3);
     let ifaces = topo.gateway_ifaces();
     let pin_dir = topo.bpffs.path().to_owned();
-    let datapath = topo.gateway.run(move || {
-        let mut d = Datapath::load().expect("load the datapath");
-        for iface in &ifaces {
-            d.attach(iface, AttachMode::Tc, Some(&pin_dir))
-                .expect("attach");
-        }
-        d
-    });
-    println!(
-        "datapath loaded and attached (tc) on {} in namespace {}",
-        topo.gateway_ifaces().join(", "),
-        topo.gateway.name()
-    );
+    let public = SocketAddrV4::new(Topology::PUBLIC_IP, 20_000);
+    let backends: Vec<maglev::Entry> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| maglev::Entry {
+            id: i as u32 + 1,
+            addr: SocketAddrV4::new(b.ip, 8080),
+            weight: 1,
+        })
+        .collect();
     let servers: Vec<_> = topo
         .backends
         .iter()
@@ -60,27 +60,84 @@ fn demo() {
         .map(|(i, b)| {
             EchoServer::start(
                 b,
-                SocketAddrV4::new(b.ip, 5000),
-                &format!("backend-{i}"),
-                Duration::from_secs(30),
+                SocketAddrV4::new(b.ip, 8080),
+                &format!("backend-{i} ({})", b.ip),
+                Duration::from_secs(120),
             )
         })
         .collect();
-    for b in &topo.backends {
-        let mut c = EchoClient::connect(&topo.client, sock(b.ip, 5000)).expect("connect");
-        c.echo(&payload(64 * 1024, 7)).expect("echo");
-        println!(
-            "client -> {}:5000 answered by {}: 64 KiB echoed byte-exact",
-            b.ip, c.server
-        );
-    }
-    let stats = datapath.global_stats().expect("stats");
+    let bs = backends.clone();
+    let mut datapath = topo.gateway.run(move || {
+        let mut d = Datapath::load().expect("load the datapath");
+        d.configure(Topology::SNAT_IP, 40_000..=59_999, Duration::from_secs(1))
+            .expect("configure");
+        for b in &bs {
+            d.set_backend(b.id, b.addr, true).expect("backend");
+        }
+        d.set_app_backends(1, &bs).expect("table");
+        d.set_service(public, 1).expect("service");
+        for iface in &ifaces {
+            d.attach(iface, AttachMode::Tc, Some(&pin_dir))
+                .expect("attach");
+        }
+        d
+    });
     println!(
-        "the tc program saw {} packets; load balancing comes with the datapath and control plane",
-        stats.get(GlobalStat::TcPackets)
+        "gateway: datapath attached (tc) on {}; app 1 is tcp://{public}, SNAT {} ports 40000-59999",
+        topo.gateway_ifaces().join(", "),
+        Topology::SNAT_IP
     );
-    drop(servers);
-    drop(datapath);
-    drop(topo);
+    let to = sock(*public.ip(), public.port());
+    let show = |title: &str, conns: &[EchoClient]| {
+        let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
+        for c in conns {
+            *by.entry(c.server.as_str()).or_default() += 1;
+        }
+        println!("{title}");
+        for (name, n) in by {
+            println!("  {name:<28} {n:>4}  {}", "#".repeat(n / 5));
+        }
+    };
+    let mut conns = EchoClient::connect_many(&topo.client, to, 300).expect("connect");
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.echo(&payload(1024, i as u32)).expect("echo");
+    }
+    show(
+        "300 connections from the client, each echoed 1 KiB through the gateway:",
+        &conns,
+    );
+    drop(conns);
+
+    let mut open = EchoClient::connect(&topo.client, to).expect("connect");
+    open.echo(b"hello").expect("echo");
+    let gone = backends
+        .iter()
+        .find(|b| open.server.contains(&b.addr.ip().to_string()))
+        .copied()
+        .expect("its backend");
+    let rest: Vec<_> = backends
+        .iter()
+        .copied()
+        .filter(|b| b.id != gone.id)
+        .collect();
+    datapath.set_app_backends(1, &rest).expect("table");
+    println!(
+        "\nremoved {} from the app while a connection to it is open",
+        gone.addr
+    );
+    let conns = EchoClient::connect_many(&topo.client, to, 100).expect("connect");
+    show("100 new connections:", &conns);
+    open.echo(&payload(1 << 20, 3))
+        .expect("the open connection still works");
+    println!(
+        "the open connection to {} still echoes (1 MiB, byte-exact)",
+        open.server
+    );
+    let stats = datapath.app_stats(1).expect("stats");
+    println!(
+        "\napp 1 counters: {} flows, {} packets in, {} packets out",
+        stats.new_flows, stats.packets_in, stats.packets_out
+    );
+    drop((conns, open, servers, datapath, topo));
     println!("sandbox torn down");
 }
