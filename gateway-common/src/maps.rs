@@ -209,6 +209,29 @@ pub struct Flow {
     pub bytes: u64,
 }
 
+impl Flow {
+    /// The key of the other entry of this connection: the rewritten tuple, reversed. The same
+    /// formula serves both directions because each entry stores the rewritten addresses.
+    #[inline(always)]
+    pub const fn peer_key(&self) -> FlowKey4 {
+        FlowKey4 {
+            src_ip: self.nat_dst_ip,
+            dst_ip: self.nat_src_ip,
+            src_port: self.nat_dst_port,
+            dst_port: self.nat_src_port,
+            proto: 6,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Whether a connection with `state` bits is over (RST, or FIN both ways).
+#[inline(always)]
+pub const fn is_closed(state: u8) -> bool {
+    let fins = TCP_FIN_FORWARD | TCP_FIN_REVERSE;
+    state & TCP_RST != 0 || state & fins == fins
+}
+
 /// `last_seen_ns` is refreshed at most this often, to keep established packets from writing
 /// the entry's cache line every time.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;

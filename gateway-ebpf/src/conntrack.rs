@@ -16,37 +16,16 @@ use crate::{
     parse::{TCP_ACK, TCP_FIN, TCP_RST as F_RST, TCP_SYN as F_SYN, TcpPacket},
 };
 
-/// The key of the other entry of a connection: the rewritten tuple, reversed. The same
-/// formula works both ways because each entry stores the rewritten addresses.
-#[inline(always)]
-pub fn peer_key(flow: &Flow) -> FlowKey4 {
-    FlowKey4 {
-        src_ip: flow.nat_dst_ip,
-        dst_ip: flow.nat_src_ip,
-        src_port: flow.nat_dst_port,
-        dst_port: flow.nat_src_port,
-        proto: crate::parse::IPPROTO_TCP,
-        _pad: [0; 3],
-    }
-}
-
 /// The entry of `key`, if any.
 #[inline(always)]
 pub fn lookup(key: &FlowKey4) -> Option<*mut Flow> {
     CONNTRACK.get_ptr_mut(key)
 }
 
-/// Whether a connection is over (RST, or FIN both ways): a new SYN on its tuple starts afresh.
-#[inline(always)]
-pub fn is_closed(state: u8) -> bool {
-    state & TCP_RST != 0
-        || state & (TCP_FIN_FORWARD | TCP_FIN_REVERSE) == (TCP_FIN_FORWARD | TCP_FIN_REVERSE)
-}
-
 /// Removes both entries of the connection `flow` belongs to (`key` is `flow`'s own key).
 #[inline(always)]
 pub fn remove_pair(key: &FlowKey4, flow: &Flow) {
-    let _ = CONNTRACK.remove(peer_key(flow));
+    let _ = CONNTRACK.remove(flow.peer_key());
     let _ = CONNTRACK.remove(key);
 }
 
@@ -114,7 +93,7 @@ pub fn track(flow: &mut Flow, pkt: &TcpPacket, now: u64) {
     let new = flow.state | set;
     if new != flow.state {
         flow.state = new;
-        if let Some(peer) = lookup(&peer_key(flow)) {
+        if let Some(peer) = lookup(&flow.peer_key()) {
             // SAFETY: a conntrack value pointer from the map; only state bits are or-ed in.
             unsafe { (*peer).state |= set };
         }

@@ -44,7 +44,7 @@ pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
         let f = unsafe { &mut *flow };
         if !(syn_only
             && f.direction == gateway_common::maps::DIR_FORWARD
-            && conntrack::is_closed(f.state))
+            && gateway_common::maps::is_closed(f.state))
         {
             conntrack::track(f, &pkt, now);
             return Ok(Action::Translate { pkt, flow, now });

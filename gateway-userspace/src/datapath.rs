@@ -200,13 +200,13 @@ pub fn port_key(port: u16) -> u16 {
     port.to_be()
 }
 
-/// The other entry of a connection (same formula both ways).
-pub fn peer_key(flow: &Flow) -> FlowKey4 {
+/// The conntrack key of a TCP packet `src → dst` as it arrives.
+pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey4 {
     FlowKey4 {
-        src_ip: flow.nat_dst_ip,
-        dst_ip: flow.nat_src_ip,
-        src_port: flow.nat_dst_port,
-        dst_port: flow.nat_src_port,
+        src_ip: ip_key(*src.ip()),
+        dst_ip: ip_key(*dst.ip()),
+        src_port: port_key(src.port()),
+        dst_port: port_key(dst.port()),
         proto: 6,
         _pad: [0; 3],
     }
@@ -546,12 +546,8 @@ impl Datapath {
         let Some(table) = self.app_table(app_id)? else {
             return Ok(None);
         };
-        let h = gateway_common::flow_hash4(
-            ip_key(*client.ip()),
-            ip_key(*public.ip()),
-            port_key(client.port()),
-            port_key(public.port()),
-        );
+        let k = flow_key(client, public);
+        let h = gateway_common::flow_hash4(k.src_ip, k.dst_ip, k.src_port, k.dst_port);
         Ok(Some(table[(h % MAGLEV_SIZE) as usize]).filter(|&id| id != 0))
     }
 
@@ -624,7 +620,7 @@ impl Datapath {
         let mut removed = 0;
         for (key, flow) in self.flows()? {
             let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
-            let limit = if is_closed(flow.state) {
+            let limit = if maps::is_closed(flow.state) {
                 timeouts.closed
             } else if flow.state & maps::TCP_ESTABLISHED != 0 {
                 timeouts.established
@@ -632,7 +628,7 @@ impl Datapath {
                 timeouts.handshake
             };
             if idle > limit {
-                for k in [key, peer_key(&flow)] {
+                for k in [key, flow.peer_key()] {
                     if self.maps.conntrack.remove(&k).is_ok() {
                         removed += 1;
                     }
@@ -641,12 +637,6 @@ impl Datapath {
         }
         Ok(removed)
     }
-}
-
-/// Whether a connection is over (RST, or FIN both ways).
-pub fn is_closed(state: u8) -> bool {
-    let fins = maps::TCP_FIN_FORWARD | maps::TCP_FIN_REVERSE;
-    state & maps::TCP_RST != 0 || state & fins == fins
 }
 
 fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> {

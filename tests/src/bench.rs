@@ -10,7 +10,7 @@ use aya::{
     EbpfLoader,
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
-use gateway::datapath::{AttachMode, ip_key, monotonic_ns, port_key};
+use gateway::datapath::{AttachMode, flow_key, monotonic_ns};
 use gateway_common::maps::{
     self, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, TCP_ESTABLISHED, TCP_SYN, TCP_SYN_ACK,
 };
@@ -36,22 +36,11 @@ pub fn run(args: &[&str]) {
     }
 }
 
-fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey4 {
-    FlowKey4 {
-        src_ip: ip_key(*src.ip()),
-        dst_ip: ip_key(*dst.ip()),
-        src_port: port_key(src.port()),
-        dst_port: port_key(dst.port()),
-        proto: 6,
-        _pad: [0; 3],
-    }
-}
-
 /// A flow whose rewrite reproduces the packet that hit it, so with `repeat` every iteration
 /// takes the established path again, with all of its work (lookup, state, counters, rewrite,
 /// checksums, redirect to the cached next hop).
 fn identity_flow(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> (FlowKey4, Flow) {
-    let k = key(src, dst);
+    let k = flow_key(src, dst);
     let now = monotonic_ns();
     let flow = Flow {
         nat_src_ip: k.src_ip,

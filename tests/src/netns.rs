@@ -503,6 +503,35 @@ impl Topology {
         }
     }
 
+    /// The backends as Maglev entries (ids 1.., weight 1), listening on `port`.
+    pub fn backend_entries(&self, port: u16) -> Vec<gateway::maglev::Entry> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| gateway::maglev::Entry {
+                id: i as u32 + 1,
+                addr: std::net::SocketAddrV4::new(b.ip, port),
+                weight: 1,
+            })
+            .collect()
+    }
+
+    /// An echo server on every backend at `port`, named `b<i>`, for at most `lifetime`.
+    pub fn echo_servers(&self, port: u16, lifetime: Duration) -> Vec<crate::traffic::EchoServer> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                crate::traffic::EchoServer::start(
+                    b,
+                    std::net::SocketAddrV4::new(b.ip, port),
+                    &format!("b{i}"),
+                    lifetime,
+                )
+            })
+            .collect()
+    }
+
     /// The unique prefix of this topology's names.
     pub fn prefix(&self) -> &str {
         &self.prefix

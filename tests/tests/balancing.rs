@@ -43,29 +43,8 @@ impl Gateway {
         }
         let ifaces = topo.gateway_ifaces();
         let pin = topo.bpffs.path().to_owned();
-        let backends: Vec<maglev::Entry> = topo
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| maglev::Entry {
-                id: i as u32 + 1,
-                addr: SocketAddrV4::new(b.ip, BACKEND_PORT),
-                weight: 1,
-            })
-            .collect();
-        let servers = topo
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                EchoServer::start(
-                    b,
-                    SocketAddrV4::new(b.ip, BACKEND_PORT),
-                    &format!("b{i}"),
-                    Duration::from_secs(120),
-                )
-            })
-            .collect();
+        let backends = topo.backend_entries(BACKEND_PORT);
+        let servers = topo.echo_servers(BACKEND_PORT, Duration::from_secs(120));
         let bs = backends.clone();
         let dp = topo.gateway.run(move || {
             let mut dp = Datapath::load_with(&LoadOptions::default()).expect("load");

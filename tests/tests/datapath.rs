@@ -6,7 +6,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use gateway::datapath::{AttachMode, Datapath, ip_key, port_key};
+use gateway::datapath::{AttachMode, Datapath, flow_key};
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
@@ -122,17 +122,6 @@ impl Table {
     }
 }
 
-fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey4 {
-    FlowKey4 {
-        src_ip: ip_key(*src.ip()),
-        dst_ip: ip_key(*dst.ip()),
-        src_port: port_key(src.port()),
-        dst_port: port_key(dst.port()),
-        proto: 6,
-        _pad: [0; 3],
-    }
-}
-
 fn from_client(src: SocketAddrV4, dst: SocketAddrV4, f: u8) -> Frame {
     Frame::tcp(src, dst, f).macs(CLIENT_MAC, GW_CLIENT_MAC)
 }
@@ -199,8 +188,8 @@ fn connection(t: &mut Table, cport: u16) -> (SocketAddrV4, usize, u16) {
         ))
         .unwrap();
     let snat = out.src;
-    let fwd = key(c, svc);
-    let rev = key(expected.addr, snat);
+    let fwd = flow_key(c, svc);
+    let rev = flow_key(expected.addr, snat);
     let f = t.fx.dp.flow(&fwd).unwrap().expect("forward entry");
     assert_eq!(
         (f.direction, f.backend_id, f.app_id),
@@ -302,7 +291,7 @@ fn table(mode: AttachMode) {
             0,
         ));
         assert_eq!(
-            t.state_of(key(backend, snat)) & TCP_FIN_FORWARD,
+            t.state_of(flow_key(backend, snat)) & TCP_FIN_FORWARD,
             TCP_FIN_FORWARD
         );
         t.row(translated(
@@ -315,7 +304,10 @@ fn table(mode: AttachMode) {
             },
             0,
         ));
-        assert_eq!(t.state_of(key(c, svc)) & TCP_FIN_REVERSE, TCP_FIN_REVERSE);
+        assert_eq!(
+            t.state_of(flow_key(c, svc)) & TCP_FIN_REVERSE,
+            TCP_FIN_REVERSE
+        );
         t.row(Row {
             entries: 0, // the old pair is replaced by a new one
             ..translated(
@@ -329,7 +321,7 @@ fn table(mode: AttachMode) {
                 0,
             )
         });
-        assert_eq!(t.state_of(key(c, svc)), TCP_SYN, "fresh state");
+        assert_eq!(t.state_of(flow_key(c, svc)), TCP_SYN, "fresh state");
 
         // RST.
         let (c2, bi2, snat_port2) = connection(&mut t, 40_002);
@@ -350,7 +342,7 @@ fn table(mode: AttachMode) {
             },
             0,
         ));
-        assert_eq!(t.state_of(key(c2, svc)) & TCP_RST, TCP_RST);
+        assert_eq!(t.state_of(flow_key(c2, svc)) & TCP_RST, TCP_RST);
 
         // Maglev: the datapath's choice is userspace's, over many tuples.
         for port in 41_000..41_024 {
@@ -530,7 +522,7 @@ fn table(mode: AttachMode) {
             )
         });
         assert!(out.is_none());
-        let f = t.fx.dp.flow(&key(c, svc)).unwrap().unwrap();
+        let f = t.fx.dp.flow(&flow_key(c, svc)).unwrap().unwrap();
         assert_ne!(
             f.backend_id, first_choice.id,
             "the draining backend was chosen"
@@ -689,8 +681,8 @@ fn gc_reclaims_closed_and_idle_pairs_and_keeps_live_ones() {
     for (p, state, idle, _) in cases {
         let c = client(p);
         let snat = SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p);
-        let fwd = key(c, svc);
-        let rev = key(backend, snat);
+        let fwd = flow_key(c, svc);
+        let rev = flow_key(backend, snat);
         let base = Flow {
             state,
             last_seen_ns: now - idle * sec,
@@ -711,8 +703,8 @@ fn gc_reclaims_closed_and_idle_pairs_and_keeps_live_ones() {
     let removed = dp.gc(now, &Timeouts::default()).unwrap();
     assert_eq!(removed, 8, "4 pairs reclaimed");
     for (p, _, _, survives) in cases {
-        let fwd = key(client(p), svc);
-        let rev = key(backend, SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p));
+        let fwd = flow_key(client(p), svc);
+        let rev = flow_key(backend, SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p));
         for k in [fwd, rev] {
             assert_eq!(dp.flow(&k).unwrap().is_some(), survives, "client port {p}");
         }

@@ -3,14 +3,11 @@
 
 use std::{net::SocketAddrV4, process::ExitCode, time::Duration};
 
-use gateway::{
-    datapath::{AttachMode, Datapath},
-    maglev,
-};
+use gateway::datapath::{AttachMode, Datapath};
 use gateway_tests::{
     bench,
     netns::{self, Topology},
-    traffic::{EchoClient, EchoServer, payload, sock},
+    traffic::{EchoClient, payload, sock},
 };
 
 fn main() -> ExitCode {
@@ -38,34 +35,15 @@ fn main() -> ExitCode {
 
 fn demo() {
     gateway_tests::require_root();
-    println!("sandbox: client -- gateway -- 3 backends, each in its own network namespace");
+    println!(
+        "sandbox: client -- gateway -- backends b0, b1, b2, each in its own network namespace"
+    );
     let topo = Topology::new(3);
     let ifaces = topo.gateway_ifaces();
     let pin_dir = topo.bpffs.path().to_owned();
     let public = SocketAddrV4::new(Topology::PUBLIC_IP, 20_000);
-    let backends: Vec<maglev::Entry> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| maglev::Entry {
-            id: i as u32 + 1,
-            addr: SocketAddrV4::new(b.ip, 8080),
-            weight: 1,
-        })
-        .collect();
-    let servers: Vec<_> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            EchoServer::start(
-                b,
-                SocketAddrV4::new(b.ip, 8080),
-                &format!("backend-{i} ({})", b.ip),
-                Duration::from_secs(120),
-            )
-        })
-        .collect();
+    let backends = topo.backend_entries(8080);
+    let servers = topo.echo_servers(8080, Duration::from_secs(120));
     let bs = backends.clone();
     let mut datapath = topo.gateway.run(move || {
         let mut d = Datapath::load().expect("load the datapath");
@@ -95,7 +73,7 @@ fn demo() {
         }
         println!("{title}");
         for (name, n) in by {
-            println!("  {name:<28} {n:>4}  {}", "#".repeat(n / 5));
+            println!("  {name} {n:>4}  {}", "#".repeat(n / 5));
         }
     };
     let mut conns = EchoClient::connect_many(&topo.client, to, 300).expect("connect");
@@ -112,7 +90,7 @@ fn demo() {
     open.echo(b"hello").expect("echo");
     let gone = backends
         .iter()
-        .find(|b| open.server.contains(&b.addr.ip().to_string()))
+        .find(|b| open.server == format!("b{}", b.id - 1))
         .copied()
         .expect("its backend");
     let rest: Vec<_> = backends
@@ -122,8 +100,8 @@ fn demo() {
         .collect();
     datapath.set_app_backends(1, &rest).expect("table");
     println!(
-        "\nremoved {} from the app while a connection to it is open",
-        gone.addr
+        "\nremoved {} ({}) from the app while a connection to it is open",
+        open.server, gone.addr
     );
     let conns = EchoClient::connect_many(&topo.client, to, 100).expect("connect");
     show("100 new connections:", &conns);
