@@ -13,11 +13,8 @@ pub const GLOBAL_STATS: &str = "gw_global_v1";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
-/// Array with one [`Config`] at index 0.
-pub const CONFIG: &str = "gw_config_v1";
-/// Hash `u32` (an IPv4 address, network order) → [`AddrKind`] bits: the addresses the
-/// gateway answers for. A packet to any other address is not looked at further.
-pub const ADDRS4: &str = "gw_addrs4_v1";
+/// Array with one [`Config`] at index 0 (its lookups are inlined by the verifier).
+pub const CONFIG: &str = "gw_config_v2";
 /// Hash [`ServiceKey4`] → [`Service`]: `(public_ip, port)` → app.
 pub const SERVICES4: &str = "gw_svc4_v1";
 /// Hash `u32` app id → [`MaglevTable`]: the app's backend choice, computed in userspace.
@@ -36,7 +33,6 @@ pub const BACKEND_STATS: &str = "gw_be_stats_v1";
 pub const ALL: &[&str] = &[
     GLOBAL_STATS,
     CONFIG,
-    ADDRS4,
     SERVICES4,
     MAGLEV,
     BACKENDS4,
@@ -51,8 +47,9 @@ pub const MAX_APPS: u32 = 16_384;
 pub const MAX_BACKENDS: u32 = 65_536;
 /// How many services (public ip, port) the maps hold.
 pub const MAX_SERVICES: u32 = 16_384;
-/// How many gateway addresses (public and SNAT) the maps hold.
-pub const MAX_ADDRS: u32 = 256;
+/// How many gateway addresses (public and SNAT) the configuration holds. A front node has a
+/// handful; a short array in the config entry is cheaper per packet than a hash lookup.
+pub const MAX_ADDRS: usize = 8;
 /// Default conntrack capacity (entries; a connection takes two). Settable at load time.
 pub const CONNTRACK_DEFAULT: u32 = 1 << 20;
 
@@ -65,13 +62,6 @@ pub const MAGLEV_SIZE: u32 = 1021;
 pub const ADDR_PUBLIC: u32 = 1;
 /// [`AddrKind`] bit: a SNAT address (replies from backends come back there).
 pub const ADDR_SNAT: u32 = 2;
-
-/// What an address in [`ADDRS4`] is: [`ADDR_PUBLIC`] and/or [`ADDR_SNAT`] bits.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct AddrKind {
-    pub bits: u32,
-}
 
 /// The datapath's configuration (one entry of [`CONFIG`]).
 #[repr(C)]
@@ -86,6 +76,26 @@ pub struct Config {
     pub snat_port_max: u16,
     /// How long a cached next hop is trusted before it is looked up again (ns).
     pub nexthop_max_age_ns: u64,
+    /// The addresses the gateway answers for (network order; 0: free slot). A packet to any
+    /// other address is not looked at further.
+    pub addrs: [u32; MAX_ADDRS],
+    /// What each address of `addrs` is: [`ADDR_PUBLIC`] and/or [`ADDR_SNAT`] bits.
+    pub addr_kinds: [u32; MAX_ADDRS],
+}
+
+impl Config {
+    /// The kind bits of `ip` (network order), 0 when it is not a gateway address.
+    #[inline(always)]
+    pub fn addr_kind(&self, ip: u32) -> u32 {
+        let mut i = 0;
+        while i < MAX_ADDRS {
+            if self.addrs[i] == ip && ip != 0 {
+                return self.addr_kinds[i];
+            }
+            i += 1;
+        }
+        0
+    }
 }
 
 /// Key of [`SERVICES4`].
@@ -190,7 +200,7 @@ pub struct Flow {
     /// `TCP_*` bits.
     pub state: u8,
     pub _pad: [u8; 2],
-    /// When the flow was created (`bpf_ktime_get_ns`, CLOCK_MONOTONIC ns).
+    /// When the flow was created (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE ns).
     pub created_ns: u64,
     /// When a packet last went through this entry (ns, refreshed at most every
     /// [`LAST_SEEN_GRANULARITY_NS`]).
@@ -267,7 +277,6 @@ mod user {
     use super::*;
     // SAFETY: every type here is `#[repr(C)]`, integers only, with explicit padding (bytemuck's
     // `Pod` derive checks it at compile time).
-    unsafe impl aya::Pod for AddrKind {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ServiceKey4 {}
     unsafe impl aya::Pod for Service {}

@@ -7,7 +7,7 @@ use gateway_common::{
 };
 
 use crate::{
-    ADDRS, CONFIG, SERVICES, conntrack, nat,
+    CONFIG, SERVICES, conntrack, nat,
     parse::{Bounds, Parsed, TCP_ACK, TCP_SYN, TcpPacket, parse},
 };
 
@@ -27,16 +27,18 @@ pub enum Action {
 /// Classifies the packet in `b` and finds (or creates) its flow.
 #[inline(always)]
 pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
-    let parsed = parse(b, |dst| {
-        // SAFETY: a value of the map, read once.
-        ADDRS.get_ptr(dst).map_or(0, |k| unsafe { (*k).bits })
-    })?;
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(Action::Pass);
+    };
+    let parsed = parse(b, |dst| cfg.addr_kind(dst))?;
     let Parsed::Tcp(pkt) = parsed else {
         return Ok(Action::Pass);
     };
-    // Only packets of ours pay for the clock.
+    // Only packets of ours read the clock, and the coarse one (CLOCK_MONOTONIC_COARSE, a few
+    // ms of resolution): it serves idle times and next-hop ages, and costs a fraction of
+    // bpf_ktime_get_ns.
     // SAFETY: helper without arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
     let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // Replies first: only reverse entries are keyed by a SNAT address.
     if let Some(flow) = conntrack::lookup(&pkt.key) {
@@ -63,7 +65,6 @@ pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
             if !syn_only {
                 return Err(DropReason::NoFlow);
             }
-            let cfg = CONFIG.get(0).ok_or(DropReason::NotConfigured)?;
             // SAFETY: a value of the map, read once.
             let app_id = unsafe { (*service).app_id };
             let flow = nat::create(&pkt.key, app_id, cfg, now)?;
@@ -72,9 +73,7 @@ pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
             return Ok(Action::Translate { pkt, flow, now });
         }
     }
-    if pkt.addr_kind & ADDR_SNAT != 0
-        && let Some(cfg) = CONFIG.get(0)
-    {
+    if pkt.addr_kind & ADDR_SNAT != 0 {
         let port = u16::from_be(pkt.key.dst_port);
         if (cfg.snat_port_min..=cfg.snat_port_max).contains(&port) {
             return Err(DropReason::NoReplyFlow);

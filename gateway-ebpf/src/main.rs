@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use gateway_common::maps::{
-    AddrKind, Backend4, CONNTRACK_DEFAULT, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_ADDRS,
-    MAX_APPS, MAX_BACKENDS, MAX_SERVICES, MaglevTable, Service, ServiceKey4, TrafficStats,
+    Backend4, CONNTRACK_DEFAULT, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_APPS, MAX_BACKENDS,
+    MAX_SERVICES, MaglevTable, Service, ServiceKey4, TrafficStats,
 };
 
 mod conntrack;
@@ -34,11 +34,8 @@ mod xdp;
 #[map(name = "gw_global_v1")]
 static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
-#[map(name = "gw_config_v1")]
+#[map(name = "gw_config_v2")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-
-#[map(name = "gw_addrs4_v1")]
-static ADDRS: HashMap<u32, AddrKind> = HashMap::with_max_entries(MAX_ADDRS, 0);
 
 #[map(name = "gw_svc4_v1")]
 static SERVICES: HashMap<ServiceKey4, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);

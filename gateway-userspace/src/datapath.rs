@@ -23,8 +23,8 @@ use aya::{
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        self, ADDR_PUBLIC, ADDR_SNAT, AddrKind, BACKEND_ACCEPTING, Backend4, Config, Flow,
-        FlowKey4, MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
+        self, ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, Config, Flow, FlowKey4,
+        MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
     },
 };
 
@@ -133,6 +133,8 @@ pub enum DatapathError {
         id: u32,
         max: u32,
     },
+    #[error("the gateway answers for at most {max} addresses (public and SNAT)")]
+    TooManyAddresses { max: usize },
     #[error("the SNAT port range {min}-{max} is empty")]
     EmptyPortRange { min: u16, max: u16 },
 }
@@ -174,14 +176,15 @@ impl Default for Timeouts {
     }
 }
 
-/// The current time on the datapath's clock (`bpf_ktime_get_ns`: CLOCK_MONOTONIC), in ns.
+/// The current time on the datapath's clock (`bpf_ktime_get_coarse_ns`:
+/// CLOCK_MONOTONIC_COARSE), in ns.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -248,7 +251,6 @@ impl Attachment {
 struct Maps {
     global: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
-    addrs: HashMap<MapData, u32, AddrKind>,
     services: HashMap<MapData, ServiceKey4, Service>,
     maglev: HashMap<MapData, u32, MaglevTable>,
     backends: Array<MapData, Backend4>,
@@ -305,7 +307,6 @@ impl Datapath {
         let maps = Maps {
             global: take(&mut ebpf, maps::GLOBAL_STATS)?,
             config: take(&mut ebpf, maps::CONFIG)?,
-            addrs: take(&mut ebpf, maps::ADDRS4)?,
             services: take(&mut ebpf, maps::SERVICES4)?,
             maglev: take(&mut ebpf, maps::MAGLEV)?,
             backends: take(&mut ebpf, maps::BACKENDS4)?,
@@ -458,33 +459,42 @@ impl Datapath {
         if min > max || min == 0 {
             return Err(DatapathError::EmptyPortRange { min, max });
         }
-        let config = Config {
-            snat_ip: ip_key(snat_ip),
-            snat_port_min: min,
-            snat_port_max: max,
-            nexthop_max_age_ns: nexthop_max_age.as_nanos() as u64,
-        };
-        self.maps
-            .config
-            .set(0, config, 0)
-            .map_err(map_err(maps::CONFIG))?;
+        let mut config = self.config()?;
+        config.snat_ip = ip_key(snat_ip);
+        config.snat_port_min = min;
+        config.snat_port_max = max;
+        config.nexthop_max_age_ns = nexthop_max_age.as_nanos() as u64;
+        self.write_config(config)?;
         self.add_address(snat_ip, ADDR_SNAT)
     }
 
-    /// Declares `ip` as one of the gateway's addresses (`ADDR_PUBLIC` and/or `ADDR_SNAT` bits,
-    /// added to what it already is).
-    pub fn add_address(&mut self, ip: Ipv4Addr, kind: u32) -> Result<(), DatapathError> {
-        let err = map_err(maps::ADDRS4);
-        let key = ip_key(ip);
-        let old = match self.maps.addrs.get(&key, 0) {
-            Ok(k) => k.bits,
-            Err(MapError::KeyNotFound) => 0,
-            Err(e) => return Err(err(e)),
-        };
+    fn config(&self) -> Result<Config, DatapathError> {
+        self.maps.config.get(&0, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    fn write_config(&mut self, config: Config) -> Result<(), DatapathError> {
         self.maps
+            .config
+            .set(0, config, 0)
+            .map_err(map_err(maps::CONFIG))
+    }
+
+    /// Declares `ip` as one of the gateway's addresses (`ADDR_PUBLIC` and/or `ADDR_SNAT` bits,
+    /// added to what it already is). At most `MAX_ADDRS` addresses.
+    pub fn add_address(&mut self, ip: Ipv4Addr, kind: u32) -> Result<(), DatapathError> {
+        let mut config = self.config()?;
+        let key = ip_key(ip);
+        let slot = config
             .addrs
-            .insert(key, AddrKind { bits: old | kind }, 0)
-            .map_err(err)
+            .iter()
+            .position(|&a| a == key)
+            .or_else(|| config.addrs.iter().position(|&a| a == 0))
+            .ok_or(DatapathError::TooManyAddresses {
+                max: maps::MAX_ADDRS,
+            })?;
+        config.addrs[slot] = key;
+        config.addr_kinds[slot] |= kind;
+        self.write_config(config)
     }
 
     /// Sets backend `id` (1..MAX_BACKENDS) to `addr`; `accepting` says whether new flows may
