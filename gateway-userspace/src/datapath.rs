@@ -133,6 +133,15 @@ pub enum DatapathError {
         id: u32,
         max: u32,
     },
+    #[error(
+        "the map pinned at {path} has another layout (key, value sizes {found:?}, this build expects {expected:?}): it was left as it is; removing that pin starts afresh, and drops its state"
+    )]
+    PinnedLayout {
+        name: &'static str,
+        path: PathBuf,
+        expected: (usize, usize),
+        found: (usize, usize),
+    },
     #[error("the gateway answers for at most {max} addresses (public and SNAT)")]
     TooManyAddresses { max: usize },
     #[error("the SNAT port range {min}-{max} is empty")]
@@ -142,14 +151,20 @@ pub enum DatapathError {
 /// Options for loading the datapath.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Conntrack entries (a connection takes two).
+    /// Conntrack entries (a connection takes two). A reused pinned table keeps its own size.
     pub conntrack_capacity: u32,
+    /// A directory on a bpffs where every map is pinned under its name. Maps already pinned
+    /// there are reused (a restart keeps the conntrack and every setting); a pinned map whose
+    /// layout differs from this build's is refused with [`DatapathError::Map`], never
+    /// silently replaced. Map names carry a version that changes with their layout.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             conntrack_capacity: maps::CONNTRACK_DEFAULT,
+            pin_dir: None,
         }
     }
 }
@@ -247,6 +262,22 @@ impl Attachment {
     }
 }
 
+/// Every map's name with the key and value sizes this build gives it.
+const LAYOUTS: &[(&str, usize, usize); 8] = &[
+    (maps::GLOBAL_STATS, 4, size_of::<u64>()),
+    (maps::CONFIG, 4, size_of::<Config>()),
+    (
+        maps::SERVICES4,
+        size_of::<ServiceKey4>(),
+        size_of::<Service>(),
+    ),
+    (maps::MAGLEV, 4, size_of::<MaglevTable>()),
+    (maps::BACKENDS4, 4, size_of::<Backend4>()),
+    (maps::CONNTRACK4, size_of::<FlowKey4>(), size_of::<Flow>()),
+    (maps::APP_STATS, 4, size_of::<TrafficStats>()),
+    (maps::BACKEND_STATS, 4, size_of::<TrafficStats>()),
+];
+
 /// The typed maps.
 struct Maps {
     global: PerCpuArray<MapData, u64>,
@@ -279,6 +310,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     maps: Maps,
     attachments: Vec<Attachment>,
+    reused: Vec<&'static str>,
 }
 
 impl Datapath {
@@ -289,10 +321,44 @@ impl Datapath {
 
     /// Loads with `options`.
     pub fn load_with(options: &LoadOptions) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::CONNTRACK4, options.conntrack_capacity)
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::CONNTRACK4, options.conntrack_capacity);
+        let mut reused = Vec::new();
+        if let Some(dir) = &options.pin_dir {
+            for &(name, key_size, value_size) in LAYOUTS {
+                let path = dir.join(name);
+                if path.exists() {
+                    let info = aya::maps::MapInfo::from_pin(&path)
+                        .map_err(|source| DatapathError::Map { name, source })?;
+                    let found = (info.key_size() as usize, info.value_size() as usize);
+                    if found != (key_size, value_size) {
+                        return Err(DatapathError::PinnedLayout {
+                            name,
+                            path,
+                            expected: (key_size, value_size),
+                            found,
+                        });
+                    }
+                    reused.push(name);
+                }
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
+        let maps = Maps {
+            global: take(&mut ebpf, maps::GLOBAL_STATS)?,
+            config: take(&mut ebpf, maps::CONFIG)?,
+            services: take(&mut ebpf, maps::SERVICES4)?,
+            maglev: take(&mut ebpf, maps::MAGLEV)?,
+            backends: take(&mut ebpf, maps::BACKENDS4)?,
+            conntrack: take(&mut ebpf, maps::CONNTRACK4)?,
+            app_stats: take(&mut ebpf, maps::APP_STATS)?,
+            backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
+        };
+        // Programs after maps: a reused map of the wrong layout is reported by its name above,
+        // rather than as a verifier error here.
         for mode in AttachMode::ALL {
             let name = mode.program_name();
             let program = ebpf
@@ -304,21 +370,17 @@ impl Datapath {
             };
             loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
-        let maps = Maps {
-            global: take(&mut ebpf, maps::GLOBAL_STATS)?,
-            config: take(&mut ebpf, maps::CONFIG)?,
-            services: take(&mut ebpf, maps::SERVICES4)?,
-            maglev: take(&mut ebpf, maps::MAGLEV)?,
-            backends: take(&mut ebpf, maps::BACKENDS4)?,
-            conntrack: take(&mut ebpf, maps::CONNTRACK4)?,
-            app_stats: take(&mut ebpf, maps::APP_STATS)?,
-            backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
-        };
         Ok(Self {
             ebpf,
             maps,
             attachments: Vec::new(),
+            reused,
         })
+    }
+
+    /// The maps that were found pinned and reused at load.
+    pub fn reused_maps(&self) -> &[&'static str] {
+        &self.reused
     }
 
     /// Attaches the datapath to `iface` (in the calling thread's network namespace) in `mode`.
@@ -354,6 +416,10 @@ impl Datapath {
             mode,
             iface: iface.to_owned(),
         };
+        let pin_path = pin_dir.map(|dir| dir.join(format!("link_{mode}_{iface}")));
+        if let Some(path) = pin_path.as_ref().filter(|p| p.exists()) {
+            return self.replace_pinned(iface, mode, path);
+        }
         let link: FdLink = match mode {
             AttachMode::Xdp => {
                 let program = self.xdp()?;
@@ -381,10 +447,9 @@ impl Datapath {
                 source,
             })?
             .id();
-        let link = match pin_dir {
+        let link = match pin_path {
             None => Link::Owned(link),
-            Some(dir) => {
-                let path = dir.join(format!("link_{mode}_{iface}"));
+            Some(path) => {
                 let pinned = link.pin(&path).map_err(|source| DatapathError::Pin {
                     mode,
                     iface: iface.to_owned(),
@@ -399,6 +464,56 @@ impl Datapath {
             mode,
             link_id,
             link,
+        });
+        Ok(())
+    }
+
+    /// Puts this datapath's program of `mode` into the link pinned at `path` (left by an
+    /// earlier run): the kernel swaps programs atomically, so the interface is never without
+    /// one and no flow is dropped.
+    fn replace_pinned(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        path: &Path,
+    ) -> Result<(), DatapathError> {
+        let attach_err = |source| DatapathError::Attach {
+            mode,
+            iface: iface.to_owned(),
+            source,
+        };
+        let link_err = |source| DatapathError::LinkInfo {
+            iface: iface.to_owned(),
+            source,
+        };
+        let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
+        let fd_link = FdLink::from(pinned);
+        let link_id = fd_link.info().map_err(link_err)?.id();
+        match mode {
+            AttachMode::Xdp => {
+                let link = aya::programs::xdp::XdpLink::try_from(fd_link).map_err(link_err)?;
+                let program = self.xdp()?;
+                let id = program.attach_to_link(link).map_err(attach_err)?;
+                // The pin keeps the link; this process's fd may go.
+                drop(program.take_link(id).map_err(attach_err)?);
+            }
+            AttachMode::Tc => {
+                let link =
+                    aya::programs::tc::SchedClassifierLink::try_from(fd_link).map_err(link_err)?;
+                let program = self.tc()?;
+                let id = program.attach_to_link(link).map_err(attach_err)?;
+                drop(program.take_link(id).map_err(attach_err)?);
+            }
+        }
+        let link = PinnedLink::from_pin(path).map_err(link_err)?;
+        self.attachments.push(Attachment {
+            iface: iface.to_owned(),
+            mode,
+            link_id,
+            link: Link::Pinned {
+                link,
+                path: path.to_owned(),
+            },
         });
         Ok(())
     }
@@ -693,5 +808,24 @@ impl GlobalStats {
     /// How many packets were dropped for `reason`.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.slots[reason.slot() as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_map_has_a_checked_layout() {
+        let names: Vec<&str> = LAYOUTS.iter().map(|l| l.0).collect();
+        assert_eq!(names, maps::ALL);
+    }
+
+    #[test]
+    fn attach_modes_parse_and_print() {
+        for mode in AttachMode::ALL {
+            assert_eq!(mode.to_string().parse::<AttachMode>().unwrap(), mode);
+        }
+        assert!("bpf".parse::<AttachMode>().is_err());
     }
 }

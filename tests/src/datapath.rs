@@ -51,6 +51,7 @@ impl Fixture {
     pub fn new(mode: AttachMode, backend_ips: &[Ipv4Addr], capacity: u32) -> Self {
         let mut dp = Datapath::load_with(&LoadOptions {
             conntrack_capacity: capacity,
+            ..Default::default()
         })
         .expect("load the datapath");
         dp.configure(

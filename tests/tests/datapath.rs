@@ -661,6 +661,7 @@ fn gc_reclaims_closed_and_idle_pairs_and_keeps_live_ones() {
     require_root();
     let mut dp = Datapath::load_with(&gateway::datapath::LoadOptions {
         conntrack_capacity: 1024,
+        ..Default::default()
     })
     .unwrap();
     let sec = 1_000_000_000u64;
