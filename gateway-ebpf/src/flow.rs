@@ -21,8 +21,13 @@ pub enum Action {
         pkt: TcpPacket,
         flow: *mut Flow,
         now: u64,
+        /// How long the flow's cached next hop may be trusted (ns).
+        nexthop_max_age: u64,
     },
 }
+
+/// Next hops are trusted this long when the configuration does not say (1 s).
+const NEXTHOP_MAX_AGE_DEFAULT_NS: u64 = 1_000_000_000;
 
 /// Classifies the packet in `b` and finds (or creates) its flow.
 #[inline(always)]
@@ -39,6 +44,10 @@ pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
     // bpf_ktime_get_ns.
     // SAFETY: helper without arguments.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    let nexthop_max_age = match cfg.nexthop_max_age_ns {
+        0 => NEXTHOP_MAX_AGE_DEFAULT_NS,
+        age => age,
+    };
     let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // Replies first: only reverse entries are keyed by a SNAT address.
     if let Some(flow) = conntrack::lookup(&pkt.key) {
@@ -49,7 +58,12 @@ pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
             && gateway_common::maps::is_closed(f.state))
         {
             conntrack::track(f, &pkt, now);
-            return Ok(Action::Translate { pkt, flow, now });
+            return Ok(Action::Translate {
+                pkt,
+                flow,
+                now,
+                nexthop_max_age,
+            });
         }
         // The tuple of a finished connection is reused by a new SYN: start afresh.
         conntrack::remove_pair(&pkt.key, f);
@@ -70,7 +84,12 @@ pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
             let flow = nat::create(&pkt.key, app_id, cfg, now)?;
             // SAFETY: a conntrack value pointer, just inserted.
             conntrack::track(unsafe { &mut *flow }, &pkt, now);
-            return Ok(Action::Translate { pkt, flow, now });
+            return Ok(Action::Translate {
+                pkt,
+                flow,
+                now,
+                nexthop_max_age,
+            });
         }
     }
     if pkt.addr_kind & ADDR_SNAT != 0 {

@@ -55,17 +55,6 @@ static APP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_
 #[map(name = "gw_be_stats_v1")]
 static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-/// Next hops are trusted this long when the configuration does not say (1 s).
-const NEXTHOP_MAX_AGE_DEFAULT_NS: u64 = 1_000_000_000;
-
-#[inline(always)]
-fn nexthop_max_age() -> u64 {
-    match CONFIG.get(0) {
-        Some(cfg) if cfg.nexthop_max_age_ns != 0 => cfg.nexthop_max_age_ns,
-        _ => NEXTHOP_MAX_AGE_DEFAULT_NS,
-    }
-}
-
 #[xdp]
 pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     match xdp::try_gateway_xdp(&ctx) {

@@ -35,7 +35,13 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         data_end: ctx.data_end(),
         len: ctx.len() as usize,
     };
-    let Action::Translate { pkt, flow, now } = flow::decide(&b)? else {
+    let Action::Translate {
+        pkt,
+        flow,
+        now,
+        nexthop_max_age,
+    } = flow::decide(&b)?
+    else {
         stats::global(GlobalStat::Passed);
         return Ok(TC_ACT_OK);
     };
@@ -45,13 +51,7 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     // At TC ingress, the skb's device is the one it arrived on.
     // SAFETY: the context pointer the kernel gave this program.
     let ingress = unsafe { (*skb).ifindex };
-    let hop = nexthop::resolve(
-        skb as *mut c_void,
-        ingress,
-        flow,
-        now,
-        crate::nexthop_max_age(),
-    );
+    let hop = nexthop::resolve(skb as *mut c_void, ingress, flow, now, nexthop_max_age);
     let rw = Rewrite::new(&pkt, flow);
     // SAFETY: `b` is the current packet, parsed at `pkt`'s offsets, and unchanged since.
     unsafe { rw.write_headers(&b, &pkt, &flow.nexthop_smac, &flow.nexthop_dmac)? };

@@ -4,10 +4,7 @@
 //! `bpf_redirect_neigh` resolve the neighbour: a connection never hangs on a missing entry.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_REDIRECT},
-    cty::c_void,
-    helpers::bpf_redirect,
-    programs::XdpContext,
+    bindings::xdp_action::XDP_PASS, cty::c_void, helpers::bpf_redirect, programs::XdpContext,
 };
 use gateway_common::{DropReason, GlobalStat};
 
@@ -27,19 +24,24 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         data_end: ctx.data_end(),
         len: ctx.data_end() - ctx.data(),
     };
-    let Action::Translate { pkt, flow, now } = flow::decide(&b)? else {
+    let Action::Translate {
+        pkt,
+        flow,
+        now,
+        nexthop_max_age,
+    } = flow::decide(&b)?
+    else {
         stats::global(GlobalStat::Passed);
         return Ok(XDP_PASS);
     };
     // SAFETY: a conntrack value pointer; this CPU updates it in place.
     let flow = unsafe { &mut *flow };
-    let max_age = crate::nexthop_max_age();
     let ifindex = match nexthop::resolve(
         ctx.ctx as *mut c_void,
         ctx.ingress_ifindex() as u32,
         flow,
         now,
-        max_age,
+        nexthop_max_age,
     ) {
         NextHop::Ready { ifindex } => ifindex,
         NextHop::NoNeigh { .. } => {
@@ -60,12 +62,6 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         *check = csum::apply(old, rw.addr_diff + rw.port_diff).to_ne_bytes();
     }
     stats::traffic(flow, u64::from(pkt.l3_len));
-    // SAFETY: plain helper call.
-    let ret = unsafe { bpf_redirect(ifindex, 0) };
-    Ok(if ret == i64::from(XDP_REDIRECT) {
-        XDP_REDIRECT
-    } else {
-        // Verifier workaround: bpf_redirect's return is only known at run time.
-        ret as u32
-    })
+    // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
 }
