@@ -1,18 +1,77 @@
-//! The per-packet decision shared by both attach modes: is the packet ours, which flow is it,
-//! does a SYN create one. The attach-mode code then rewrites and forwards.
+//! The per-packet work shared by both attach modes: is the packet ours, which flow is it,
+//! does a SYN create one, where does it go next, and the header rewrite. The attach-mode code
+//! then finishes the TCP checksum its own way and forwards.
 
+use aya_ebpf::cty::c_void;
 use gateway_common::{
-    DropReason,
+    DropReason, GlobalStat,
     maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, ServiceKey4},
 };
 
 use crate::{
     CONFIG, SERVICES, conntrack, nat,
+    nexthop::{self, NextHop},
     parse::{Bounds, Parsed, TCP_ACK, TCP_SYN, TcpPacket, parse},
+    stats,
 };
 
+/// A packet of a flow of ours, with where it goes next.
+pub struct Translation<'a> {
+    pub pkt: TcpPacket,
+    /// Its conntrack entry (state and counters already updated).
+    pub flow: &'a mut Flow,
+    pub hop: NextHop,
+}
+
+impl Translation<'_> {
+    /// Writes the new addresses, ports, IPv4 checksum and the cached MACs into the packet, and
+    /// returns the rewrite, whose differences the caller applies to the TCP checksum.
+    ///
+    /// # Safety
+    /// `b` must describe the packet this translation was prepared from, unchanged since.
+    #[inline(always)]
+    pub unsafe fn write_headers(&self, b: &Bounds) -> Result<Rewrite, DropReason> {
+        let rw = Rewrite::new(&self.pkt, self.flow);
+        // SAFETY: the caller's promise.
+        unsafe {
+            rw.write_headers(
+                b,
+                &self.pkt,
+                &self.flow.nexthop_smac,
+                &self.flow.nexthop_dmac,
+            )?
+        };
+        Ok(rw)
+    }
+}
+
+/// What both attach modes do first: decide, and for a packet of ours resolve its next hop.
+/// `None`: hand the packet to the kernel unchanged (counted as passed). `ctx` is the program's
+/// context, `ingress_ifindex` the interface the packet came in on.
+#[inline(always)]
+pub fn prepare<'a>(
+    b: &Bounds,
+    ctx: *mut c_void,
+    ingress_ifindex: u32,
+) -> Result<Option<Translation<'a>>, DropReason> {
+    let Action::Translate {
+        pkt,
+        flow,
+        now,
+        nexthop_max_age,
+    } = decide(b)?
+    else {
+        stats::global(GlobalStat::Passed);
+        return Ok(None);
+    };
+    // SAFETY: a conntrack value pointer; this CPU updates it in place.
+    let flow = unsafe { &mut *flow };
+    let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now, nexthop_max_age);
+    Ok(Some(Translation { pkt, flow, hop }))
+}
+
 /// What to do with a packet.
-pub enum Action {
+enum Action {
     /// Hand it to the kernel unchanged.
     Pass,
     /// Translate it with this conntrack entry (state and counters already updated); `now` is
@@ -31,7 +90,7 @@ const NEXTHOP_MAX_AGE_DEFAULT_NS: u64 = 1_000_000_000;
 
 /// Classifies the packet in `b` and finds (or creates) its flow.
 #[inline(always)]
-pub fn decide(b: &Bounds) -> Result<Action, DropReason> {
+fn decide(b: &Bounds) -> Result<Action, DropReason> {
     let Some(cfg) = CONFIG.get(0) else {
         return Ok(Action::Pass);
     };
@@ -115,7 +174,7 @@ pub struct Rewrite {
 
 impl Rewrite {
     #[inline(always)]
-    pub fn new(pkt: &TcpPacket, flow: &Flow) -> Self {
+    fn new(pkt: &TcpPacket, flow: &Flow) -> Self {
         use crate::csum::{diff16, diff32};
         let k = &pkt.key;
         Rewrite {
@@ -142,7 +201,7 @@ impl Rewrite {
     /// # Safety
     /// `b` must describe the current packet, whose headers were parsed at `pkt`'s offsets.
     #[inline(always)]
-    pub unsafe fn write_headers(
+    unsafe fn write_headers(
         &self,
         b: &Bounds,
         pkt: &TcpPacket,

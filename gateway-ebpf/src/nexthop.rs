@@ -14,6 +14,7 @@ use crate::stats;
 const AF_INET: u8 = 2;
 
 /// The outcome of resolving a flow's next hop.
+#[derive(Clone, Copy)]
 pub enum NextHop {
     /// Send out of `ifindex` with the MACs cached in the flow.
     Ready { ifindex: u32 },

@@ -11,8 +11,8 @@ use aya_ebpf::{
 use gateway_common::{DropReason, GlobalStat};
 
 use crate::{
-    flow::{self, Action, Rewrite},
-    nexthop::{self, NextHop},
+    flow,
+    nexthop::NextHop,
     parse::{Bounds, ETH_LEN},
     stats,
 };
@@ -33,28 +33,18 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     let b = Bounds {
         data: ctx.data(),
         data_end: ctx.data_end(),
-        len: ctx.len() as usize,
+        len: len as usize,
     };
-    let Action::Translate {
-        pkt,
-        flow,
-        now,
-        nexthop_max_age,
-    } = flow::decide(&b)?
-    else {
-        stats::global(GlobalStat::Passed);
-        return Ok(TC_ACT_OK);
-    };
-    // SAFETY: a conntrack value pointer; this CPU updates it in place.
-    let flow = unsafe { &mut *flow };
     let skb = ctx.skb.skb;
     // At TC ingress, the skb's device is the one it arrived on.
     // SAFETY: the context pointer the kernel gave this program.
     let ingress = unsafe { (*skb).ifindex };
-    let hop = nexthop::resolve(skb as *mut c_void, ingress, flow, now, nexthop_max_age);
-    let rw = Rewrite::new(&pkt, flow);
-    // SAFETY: `b` is the current packet, parsed at `pkt`'s offsets, and unchanged since.
-    unsafe { rw.write_headers(&b, &pkt, &flow.nexthop_smac, &flow.nexthop_dmac)? };
+    let Some(t) = flow::prepare(&b, skb as *mut c_void, ingress)? else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
+    let rw = unsafe { t.write_headers(&b)? };
+    let pkt = &t.pkt;
     let check_off = (pkt.l4_off + 16) as u32;
     // SAFETY: helper calls on this program's skb; they re-validate the offset.
     let ok = unsafe {
@@ -70,9 +60,9 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     if !ok {
         return Err(DropReason::Truncated);
     }
-    stats::traffic(flow, u64::from(pkt.l3_len));
+    stats::traffic(t.flow, u64::from(pkt.l3_len));
     // SAFETY: plain helper calls.
-    let ret = match hop {
+    let ret = match t.hop {
         NextHop::Ready { ifindex } => unsafe { bpf_redirect(ifindex, 0) },
         NextHop::NoNeigh { ifindex, nexthop } => {
             stats::global(GlobalStat::NeighFallbacks);

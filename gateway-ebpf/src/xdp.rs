@@ -8,13 +8,7 @@ use aya_ebpf::{
 };
 use gateway_common::{DropReason, GlobalStat};
 
-use crate::{
-    csum,
-    flow::{self, Action, Rewrite},
-    nexthop::{self, NextHop},
-    parse::Bounds,
-    stats,
-};
+use crate::{csum, flow, nexthop::NextHop, parse::Bounds, stats};
 
 #[inline(always)]
 pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
@@ -24,25 +18,10 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         data_end: ctx.data_end(),
         len: ctx.data_end() - ctx.data(),
     };
-    let Action::Translate {
-        pkt,
-        flow,
-        now,
-        nexthop_max_age,
-    } = flow::decide(&b)?
-    else {
-        stats::global(GlobalStat::Passed);
+    let Some(t) = flow::prepare(&b, ctx.ctx as *mut c_void, ctx.ingress_ifindex() as u32)? else {
         return Ok(XDP_PASS);
     };
-    // SAFETY: a conntrack value pointer; this CPU updates it in place.
-    let flow = unsafe { &mut *flow };
-    let ifindex = match nexthop::resolve(
-        ctx.ctx as *mut c_void,
-        ctx.ingress_ifindex() as u32,
-        flow,
-        now,
-        nexthop_max_age,
-    ) {
+    let ifindex = match t.hop {
         NextHop::Ready { ifindex } => ifindex,
         NextHop::NoNeigh { .. } => {
             stats::global(GlobalStat::NeighFallbacks);
@@ -50,9 +29,9 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         }
         NextHop::Unreachable => return Err(DropReason::NoRoute),
     };
-    let rw = Rewrite::new(&pkt, flow);
-    // SAFETY: `b` is the current packet, parsed at `pkt`'s offsets, and unchanged since.
-    unsafe { rw.write_headers(&b, &pkt, &flow.nexthop_smac, &flow.nexthop_dmac)? };
+    // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
+    let rw = unsafe { t.write_headers(&b)? };
+    let pkt = &t.pkt;
     let check = b
         .ptr_at::<[u8; 2]>(pkt.l4_off + 16)
         .ok_or(DropReason::Truncated)?;
@@ -61,7 +40,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         let old = u16::from_ne_bytes(*check);
         *check = csum::apply(old, rw.addr_diff + rw.port_diff).to_ne_bytes();
     }
-    stats::traffic(flow, u64::from(pkt.l3_len));
+    stats::traffic(t.flow, u64::from(pkt.l3_len));
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
 }

@@ -208,11 +208,6 @@ pub fn ip_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-/// A map's IPv4 address (network order) back to an address.
-pub fn ip_of(key: u32) -> Ipv4Addr {
-    Ipv4Addr::from(key.to_ne_bytes())
-}
-
 /// A port as the maps store it (network order).
 pub fn port_key(port: u16) -> u16 {
     port.to_be()
@@ -630,14 +625,6 @@ impl Datapath {
         self.maps
             .backends
             .set(id, value, 0)
-            .map_err(map_err(maps::BACKENDS4))
-    }
-
-    /// Backend `id` as the datapath has it.
-    pub fn backend(&self, id: u32) -> Result<Backend4, DatapathError> {
-        self.maps
-            .backends
-            .get(&id, 0)
             .map_err(map_err(maps::BACKENDS4))
     }
 

@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+    programs::{SchedClassifier, Xdp},
 };
 use gateway::datapath::{AttachMode, flow_key, monotonic_ns};
 use gateway_common::maps::{
@@ -16,7 +16,7 @@ use gateway_common::maps::{
 };
 
 use crate::{
-    datapath::Fixture,
+    datapath::{Fixture, Program, test_run},
     netns::Topology,
     packet::{Frame, flags},
 };
@@ -80,60 +80,48 @@ fn fill(fx: &mut Fixture, from: u32, to: u32) {
 }
 
 struct Empty {
-    xdp: aya::Ebpf,
+    ebpf: aya::Ebpf,
 }
 
 impl Empty {
     fn load() -> Self {
-        let mut xdp = EbpfLoader::new()
+        let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::CONNTRACK4, 1)
             .load(gateway::EBPF_OBJECT)
             .expect("load");
-        let p: &mut Xdp = xdp
+        let p: &mut Xdp = ebpf
             .program_mut("bench_empty_xdp")
             .unwrap()
             .try_into()
             .unwrap();
         p.load().unwrap();
-        let p: &mut SchedClassifier = xdp
+        let p: &mut SchedClassifier = ebpf
             .program_mut("bench_empty_tc")
             .unwrap()
             .try_into()
             .unwrap();
         p.load().unwrap();
-        Empty { xdp }
+        Empty { ebpf }
     }
 
     fn time(&mut self, mode: AttachMode, frame: &[u8], repeat: u32) -> f64 {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::new()
-        };
-        let r = match mode {
-            AttachMode::Xdp => {
-                let p: &mut Xdp = self
-                    .xdp
+        let program = match mode {
+            AttachMode::Xdp => Program::Xdp(
+                self.ebpf
                     .program_mut("bench_empty_xdp")
                     .unwrap()
                     .try_into()
-                    .unwrap();
-                p.test_run(opts)
-            }
-            AttachMode::Tc => {
-                let p: &mut SchedClassifier = self
-                    .xdp
+                    .unwrap(),
+            ),
+            AttachMode::Tc => Program::Tc(
+                self.ebpf
                     .program_mut("bench_empty_tc")
                     .unwrap()
                     .try_into()
-                    .unwrap();
-                p.test_run(opts)
-            }
-        }
-        .expect("test_run");
-        r.duration.as_nanos() as f64
+                    .unwrap(),
+            ),
+        };
+        test_run(program, frame, repeat).2
     }
 }
 

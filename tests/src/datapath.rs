@@ -4,13 +4,38 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use gateway::{
     datapath::{AttachMode, Datapath, LoadOptions},
     maglev,
 };
 
 use crate::netns::Topology;
+
+/// A loaded program of either attach mode.
+pub enum Program<'a> {
+    Xdp(&'a mut Xdp),
+    Tc(&'a mut SchedClassifier),
+}
+
+/// BPF_PROG_TEST_RUN of `program` on `frame`, `repeat` times: its return value, the output
+/// frame (of the last run) and the average ns per run.
+pub fn test_run(program: Program<'_>, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, f64) {
+    let mut out = vec![0u8; frame.len() + 512];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::new()
+    };
+    let result = match program {
+        Program::Xdp(p) => p.test_run(opts),
+        Program::Tc(p) => p.test_run(opts),
+    }
+    .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()));
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out, result.duration.as_nanos() as f64)
+}
 
 /// What the program decided, whatever the attach mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,36 +109,20 @@ impl Fixture {
 
     /// Runs the program of this fixture's mode once on `frame`.
     pub fn run(&mut self, frame: &[u8]) -> (Verdict, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 512];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::new()
-        };
-        let result = match self.mode {
-            AttachMode::Xdp => self.dp.xdp().expect("xdp").test_run(opts),
-            AttachMode::Tc => self.dp.tc().expect("tc").test_run(opts),
-        }
-        .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()));
-        out.truncate(result.data_size_out as usize);
-        (Verdict::of(self.mode, result.return_value), out)
+        let (ret, out, _) = test_run(self.program(), frame, 1);
+        (Verdict::of(self.mode, ret), out)
     }
 
     /// Average ns per run over `repeat` runs of `frame`.
     pub fn time(&mut self, frame: &[u8], repeat: u32) -> f64 {
-        let mut out = vec![0u8; frame.len() + 512];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::new()
-        };
-        let result = match self.mode {
-            AttachMode::Xdp => self.dp.xdp().expect("xdp").test_run(opts),
-            AttachMode::Tc => self.dp.tc().expect("tc").test_run(opts),
+        test_run(self.program(), frame, repeat).2
+    }
+
+    fn program(&mut self) -> Program<'_> {
+        match self.mode {
+            AttachMode::Xdp => Program::Xdp(self.dp.xdp().expect("xdp")),
+            AttachMode::Tc => Program::Tc(self.dp.tc().expect("tc")),
         }
-        .expect("test_run");
-        result.duration.as_nanos() as f64
     }
 
     /// The backend userspace expects app 1 to give the client tuple `client → public`,

@@ -219,11 +219,6 @@ impl Netns {
             f()
         })
     }
-
-    /// The pids of the processes inside the namespace.
-    pub fn pids(&self) -> Vec<i32> {
-        ns_pids(&self.name)
-    }
 }
 
 impl Drop for Netns {
@@ -276,34 +271,6 @@ pub struct ChildGuard {
 impl ChildGuard {
     pub fn id(&self) -> u32 {
         self.child.as_ref().expect("child").id()
-    }
-
-    /// The child, e.g. to take its stdout.
-    pub fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("child")
-    }
-
-    /// Waits up to `timeout` for the child to exit by itself; returns its output on success and
-    /// panics otherwise (the child is killed on timeout).
-    #[track_caller]
-    pub fn wait_with_timeout(mut self, timeout: Duration) -> std::process::Output {
-        let deadline = Instant::now() + timeout;
-        let mut child = self.child.take().expect("child");
-        loop {
-            match child.try_wait().expect("try_wait") {
-                Some(_) => return child.wait_with_output().expect("wait"),
-                None if Instant::now() > deadline => {
-                    let _ = child.kill();
-                    let out = child.wait_with_output().expect("wait");
-                    panic!(
-                        "process did not exit within {timeout:?}: {}{}",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                None => thread::sleep(Duration::from_millis(10)),
-            }
-        }
     }
 }
 
@@ -442,9 +409,6 @@ pub struct Topology {
     pub client: Host,
     pub backends: Vec<Host>,
     pub gateway: Netns,
-    pub public_ip: Ipv4Addr,
-    pub snat_ip: Ipv4Addr,
-    prefix: String,
 }
 
 impl Topology {
@@ -497,9 +461,6 @@ impl Topology {
             client,
             backends,
             gateway,
-            public_ip: Self::PUBLIC_IP,
-            snat_ip: Self::SNAT_IP,
-            prefix,
         }
     }
 
@@ -530,11 +491,6 @@ impl Topology {
                 )
             })
             .collect()
-    }
-
-    /// The unique prefix of this topology's names.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
     }
 
     /// The gateway's interfaces (toward the client, then toward each backend).

@@ -6,7 +6,7 @@ use std::{
     net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -22,30 +22,26 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct EchoServer {
     pub addr: SocketAddrV4,
     stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl EchoServer {
-    /// Starts listening on `addr` inside `ns` (bound before this returns) and serves at most
-    /// `max_conns` connections, for at most `lifetime`.
+    /// Starts listening on `addr` inside `ns` (bound before this returns) and serves for at
+    /// most `lifetime`.
     #[track_caller]
     pub fn start(ns: &Netns, addr: SocketAddrV4, name: &str, lifetime: Duration) -> Self {
         let listener = ns.run(move || TcpListener::bind(addr));
         let listener = listener.unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
         let name = format!("{name}\n").into_bytes();
         let thread = {
             let stop = stop.clone();
-            let accepted = accepted.clone();
             thread::spawn(move || {
                 let deadline = Instant::now() + lifetime;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     match listener.accept() {
                         Ok((conn, _)) => {
-                            accepted.fetch_add(1, Ordering::Relaxed);
                             let name = name.clone();
                             thread::spawn(move || serve(conn, &name, deadline));
                         }
@@ -60,14 +56,8 @@ impl EchoServer {
         EchoServer {
             addr,
             stop,
-            accepted,
             thread: Some(thread),
         }
-    }
-
-    /// How many connections it accepted.
-    pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
     }
 }
 
@@ -173,11 +163,6 @@ impl EchoClient {
             )));
         }
         Ok(())
-    }
-
-    /// The local address of the connection.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.reader.get_ref().local_addr().expect("local_addr")
     }
 }
 
