@@ -22,6 +22,9 @@ use gateway_tests::{
 const APP: u32 = 1;
 const PORT: u16 = 20_000;
 const BACKEND_PORT: u16 = 8080;
+/// Source ports the test binds itself: above the ephemeral range (32768-60999), so no socket
+/// the kernel gave a port to can hold one of them.
+const CHOSEN_PORTS: std::ops::Range<u16> = 61_000..63_000;
 
 struct Gateway {
     topo: Topology,
@@ -107,7 +110,7 @@ fn balancing(mode: AttachMode) {
     // Hairpin: backend 0 reaches the public endpoint, landing on itself and on another backend.
     let b0 = &gw.topo.backends[0];
     for want_self in [true, false] {
-        let port = (50_000..51_000)
+        let port = (CHOSEN_PORTS.start..CHOSEN_PORTS.start + 1000)
             .find(|&p| {
                 let id = gw
                     .dp
@@ -169,7 +172,7 @@ fn balancing(mode: AttachMode) {
         .ip(&format!("neigh del {} dev {}", b2.ip, b2.gw_iface));
     std::thread::sleep(Duration::from_millis(1100)); // cached next hops age out (1 s)
     let fallbacks = gw.stat(GlobalStat::NeighFallbacks);
-    let port = (51_000..52_000)
+    let port = (CHOSEN_PORTS.start + 1000..CHOSEN_PORTS.end)
         .find(|&p| {
             gw.dp
                 .lock()

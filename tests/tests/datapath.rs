@@ -520,16 +520,20 @@ fn table(mode: AttachMode) {
             f.backend_id, first_choice.id,
             "the draining backend was chosen"
         );
-        // Its existing flows keep going.
-        let (drain_c, drain_bi) = (client(40_002), bi2);
-        if t.fx.backends[drain_bi].id == first_choice.id {
-            t.row(translated(
-                "an existing flow of the draining backend still flows",
-                from_client(drain_c, svc, flags::ACK).build(),
-                nat_to_backend(drain_bi, BACKEND_PORT),
-                0,
-            ));
-        }
+        // Its existing flows keep going: one of the flows the Maglev rows made goes to it.
+        let (drain_c, drain_bi) = (41_000..41_024)
+            .map(client)
+            .find_map(|c| {
+                let b = t.fx.expected_backend(c, svc);
+                (b.id == first_choice.id).then(|| (c, backend_index(*b.addr.ip())))
+            })
+            .expect("a flow of the draining backend");
+        t.row(translated(
+            "an existing flow of the draining backend still flows",
+            from_client(drain_c, svc, flags::ACK).build(),
+            nat_to_backend(drain_bi, BACKEND_PORT),
+            0,
+        ));
         for b in t.fx.backends.clone() {
             t.fx.dp.set_backend(b.id, b.addr, false).unwrap();
         }
