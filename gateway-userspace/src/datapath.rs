@@ -36,7 +36,8 @@ pub const XDP_PROGRAM: &str = "gateway_xdp";
 pub const TC_PROGRAM: &str = "gateway_tc";
 
 /// How the datapath is attached to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native XDP (driver mode): for physical NICs.
     Xdp,
@@ -144,6 +145,8 @@ pub enum DatapathError {
     },
     #[error("the gateway answers for at most {max} addresses (public and SNAT)")]
     TooManyAddresses { max: usize },
+    #[error("counting the possible CPUs failed")]
+    Cpus(#[source] std::io::Error),
     #[error("the SNAT port range {min}-{max} is empty")]
     EmptyPortRange { min: u16, max: u16 },
 }
@@ -303,6 +306,7 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
 /// everything else asks it.
 pub struct Datapath {
     ebpf: Ebpf,
+    conntrack_capacity: u32,
     maps: Maps,
     attachments: Vec<Attachment>,
     reused: Vec<&'static str>,
@@ -365,8 +369,13 @@ impl Datapath {
             };
             loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
+        let conntrack_capacity = aya::maps::IterableMap::map(&maps.conntrack)
+            .info()
+            .map(|i| i.max_entries())
+            .unwrap_or(options.conntrack_capacity);
         Ok(Self {
             ebpf,
+            conntrack_capacity,
             maps,
             attachments: Vec::new(),
             reused,
@@ -411,7 +420,7 @@ impl Datapath {
             mode,
             iface: iface.to_owned(),
         };
-        let pin_path = pin_dir.map(|dir| dir.join(format!("link_{mode}_{iface}")));
+        let pin_path = pin_dir.map(|dir| dir.join(link_pin_name(iface, mode)));
         if let Some(path) = pin_path.as_ref().filter(|p| p.exists()) {
             return self.replace_pinned(iface, mode, path);
         }
@@ -690,6 +699,99 @@ impl Datapath {
         }
     }
 
+    /// Replaces the gateway's address list (public and SNAT bits) in one map update, so
+    /// that no packet sees an address missing while it changes.
+    pub fn set_addresses(&mut self, addrs: &[(Ipv4Addr, u32)]) -> Result<(), DatapathError> {
+        let mut config = self.config()?;
+        config.addrs = [0; maps::MAX_ADDRS];
+        config.addr_kinds = [0; maps::MAX_ADDRS];
+        for &(ip, kind) in addrs {
+            let key = ip_key(ip);
+            let slot = config
+                .addrs
+                .iter()
+                .position(|&a| a == key || a == 0)
+                .ok_or(DatapathError::TooManyAddresses {
+                    max: maps::MAX_ADDRS,
+                })?;
+            config.addrs[slot] = key;
+            config.addr_kinds[slot] |= kind;
+        }
+        self.write_config(config)
+    }
+
+    /// Every service: public address and app id.
+    pub fn services(&self) -> Result<Vec<(SocketAddrV4, u32)>, DatapathError> {
+        self.maps
+            .services
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    let ip = Ipv4Addr::from(k.ip.to_ne_bytes());
+                    (SocketAddrV4::new(ip, u16::from_be(k.port)), v.app_id)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(maps::SERVICES4))
+    }
+
+    /// The apps that have a Maglev table.
+    pub fn app_ids(&self) -> Result<Vec<u32>, DatapathError> {
+        self.maps
+            .maglev
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(maps::MAGLEV))
+    }
+
+    /// Removes app `app_id`'s Maglev table.
+    pub fn remove_app_table(&mut self, app_id: u32) -> Result<(), DatapathError> {
+        match self.maps.maglev.remove(&app_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::MAGLEV)(e)),
+        }
+    }
+
+    /// Zeroes app `app_id`'s counters (an id handed to a new app).
+    pub fn reset_app_stats(&mut self, app_id: u32) -> Result<(), DatapathError> {
+        reset_stats(&mut self.maps.app_stats, app_id, maps::APP_STATS)
+    }
+
+    /// Zeroes backend `id`'s counters (an id handed to a new backend).
+    pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), DatapathError> {
+        reset_stats(&mut self.maps.backend_stats, id, maps::BACKEND_STATS)
+    }
+
+    /// Removes both entries of every flow of app `app_id`; returns how many entries went.
+    pub fn remove_app_flows(&mut self, app_id: u32) -> Result<usize, DatapathError> {
+        let mut removed = 0;
+        for (key, flow) in self.flows()? {
+            if flow.app_id == app_id && self.maps.conntrack.remove(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Open connections (not closed; forward entries) per app id and per backend id, and the
+    /// number of conntrack entries in use. Walks the table.
+    pub fn connection_counts(&self) -> Result<ConnectionCounts, DatapathError> {
+        let mut counts = ConnectionCounts::default();
+        for (_, flow) in self.flows()? {
+            counts.entries += 1;
+            if flow.direction == maps::DIR_FORWARD && !maps::is_closed(flow.state) {
+                *counts.apps.entry(flow.app_id).or_default() += 1;
+                *counts.backends.entry(flow.backend_id).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The conntrack table's capacity (entries).
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.conntrack_capacity
+    }
+
     /// Traffic of app `app_id`, summed over CPUs.
     pub fn app_stats(&self, app_id: u32) -> Result<TrafficStats, DatapathError> {
         sum_stats(&self.maps.app_stats, app_id, maps::APP_STATS)
@@ -751,6 +853,55 @@ impl Datapath {
     }
 }
 
+/// The file name of the link pinned for `iface` in `mode`.
+fn link_pin_name(iface: &str, mode: AttachMode) -> String {
+    format!("link_{mode}_{iface}")
+}
+
+/// Removes the pinned links in `dir` other than those of `keep` (interfaces no longer
+/// configured, or attached in another mode now): each detaches when its pin goes.
+pub fn prune_links(dir: &Path, keep: &[(String, AttachMode)]) -> std::io::Result<Vec<String>> {
+    let keep: Vec<String> = keep
+        .iter()
+        .flat_map(|(iface, mode)| {
+            // XDP mode also attaches TC (see `Datapath::attach`).
+            let mut names = vec![link_pin_name(iface, AttachMode::Tc)];
+            if *mode == AttachMode::Xdp {
+                names.push(link_pin_name(iface, AttachMode::Xdp));
+            }
+            names
+        })
+        .collect();
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("link_") && !keep.contains(&name) {
+            std::fs::remove_file(dir.join(&name))?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes everything this datapath pinned in `dir`: the links first (which detaches the
+/// programs), then the maps (which drops every flow). Returns the names removed.
+pub fn remove_pins(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut removed = prune_links(dir, &[])?;
+    for name in maps::ALL {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => removed.push((*name).to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> {
     if id == 0 || id >= max {
         return Err(DatapathError::IdOutOfRange { what, id, max });
@@ -778,6 +929,26 @@ fn sum_stats(
         total.add(v);
     }
     Ok(total)
+}
+
+/// Open connections per app and backend id, from a walk of the conntrack table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    pub apps: std::collections::HashMap<u32, u64>,
+    pub backends: std::collections::HashMap<u32, u64>,
+    /// Conntrack entries in use (two per connection).
+    pub entries: u64,
+}
+
+fn reset_stats(
+    map: &mut PerCpuArray<MapData, TrafficStats>,
+    index: u32,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+    let zeros =
+        PerCpuValues::try_from(vec![TrafficStats::default(); cpus]).map_err(DatapathError::Cpus)?;
+    map.set(index, zeros, 0).map_err(map_err(name))
 }
 
 /// The global counters, summed over CPUs.

@@ -1,8 +1,13 @@
-//! The gateway's userspace: the loader that owns the datapath's programs and maps. The daemon,
-//! API and CLI build on it.
+//! The gateway's userspace: the loader that owns the datapath's programs and maps
+//! ([`datapath`]), the desired state ([`state`]), the daemon ([`daemon`]) and its API
+//! ([`api`]), used by the `gateway` binary's CLI.
 
+pub mod api;
+pub mod config;
+pub mod daemon;
 pub mod datapath;
 pub mod maglev;
+pub mod state;
 
 /// The eBPF object built from `gateway-ebpf` by `build.rs`, embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));

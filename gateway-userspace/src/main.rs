@@ -1,27 +1,110 @@
-//! `gateway`: the daemon and the CLI that talks to it.
+//! `gateway`: the daemon (`gateway daemon`) and the CLI that talks to it over its API socket.
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use gateway::{
+    api::{self, AppView, BackendView, Client, Status},
+    config::{self, DaemonArgs, Settings},
+};
+use hyper::Method;
+use serde_json::json;
 
 /// An eBPF full-NAT TCP load balancer.
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about)]
 struct Args {
+    /// The daemon's API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "GATEWAY_API_SOCKET",
+        default_value = config::DEFAULT_API_SOCKET,
+        value_name = "PATH"
+    )]
+    api_socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: attach the datapath and serve the API.
+    Daemon(Box<DaemonArgs>),
+    /// Apps: public endpoints `tcp://HOST:PORT`.
+    #[command(subcommand)]
+    App(AppCommand),
+    /// An app's backends (containers).
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Apps, ports, backends with their state, open connections.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the datapath and remove its pins (drops every connection); stops the daemon if
+    /// one is running.
+    Down {
+        /// Where the pins are, when no daemon answers.
+        #[arg(long, value_name = "DIR", default_value = config::DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
     /// Load the datapath into the kernel and report what it holds, without attaching it.
     Check,
+}
+
+#[derive(Debug, Subcommand)]
+enum AppCommand {
+    /// Create an app; prints its TCP_URL.
+    Create {
+        name: String,
+        /// This public port instead of the lowest free one.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// List the apps.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one app.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an app: frees its port; its connections end.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackendCommand {
+    /// Add a backend `IP:PORT` to an app.
+    Add {
+        app: String,
+        address: String,
+        /// Relative weight, 1 to 256.
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Remove a backend: no new connections; open ones go on.
+    Remove { app: String, address: String },
+    /// List an app's backends.
+    List {
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
+        Command::Daemon(daemon_args) => daemon(*daemon_args),
         Command::Check => check(),
+        Command::Down { bpffs } => down(&args.api_socket, &bpffs),
+        command => cli(&args.api_socket, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -32,8 +115,216 @@ fn main() -> ExitCode {
     }
 }
 
+fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let settings = Settings::resolve(args)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(gateway::daemon::run(settings))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
+    let client = Client::new(socket);
+    let rt = runtime()?;
+    let seg = api::segment;
+    rt.block_on(async {
+        match command {
+            Command::App(AppCommand::Create { name, port }) => {
+                let body = json!({ "name": name, "port": port });
+                let app: AppView = client.call(Method::POST, "/v1/apps", Some(body)).await?;
+                println!("{}", app.url);
+            }
+            Command::App(AppCommand::List { json }) => {
+                let apps: Vec<AppView> = client.call(Method::GET, "/v1/apps", None).await?;
+                if json {
+                    print_json(&apps)?;
+                } else {
+                    print_apps(&apps);
+                }
+            }
+            Command::App(AppCommand::Show { name, json }) => {
+                let path = format!("/v1/apps/{}", seg(&name));
+                let app: AppView = client.call(Method::GET, &path, None).await?;
+                if json {
+                    print_json(&app)?;
+                } else {
+                    println!(
+                        "app {}  {}  port {}  {} open connections",
+                        app.name, app.url, app.port, app.connections
+                    );
+                    print_backends(&app.backends, "  ");
+                }
+            }
+            Command::App(AppCommand::Delete { name }) => {
+                let path = format!("/v1/apps/{}", seg(&name));
+                let app: AppView = client.call(Method::DELETE, &path, None).await?;
+                println!("deleted app {}; port {} is free", app.name, app.port);
+            }
+            Command::Backend(BackendCommand::Add {
+                app,
+                address,
+                weight,
+            }) => {
+                let path = format!("/v1/apps/{}/backends", seg(&app));
+                let body = json!({ "address": address, "weight": weight });
+                let b: BackendView = client.call(Method::POST, &path, Some(body)).await?;
+                println!(
+                    "added backend {} (weight {}) to app {app}",
+                    b.address, b.weight
+                );
+            }
+            Command::Backend(BackendCommand::Remove { app, address }) => {
+                let path = format!("/v1/apps/{}/backends/{}", seg(&app), seg(&address));
+                let b: BackendView = client.call(Method::DELETE, &path, None).await?;
+                println!(
+                    "removed backend {} from app {app}; its {} open connections go on",
+                    b.address, b.connections
+                );
+            }
+            Command::Backend(BackendCommand::List { app, json }) => {
+                let path = format!("/v1/apps/{}/backends", seg(&app));
+                let backends: Vec<BackendView> = client.call(Method::GET, &path, None).await?;
+                if json {
+                    print_json(&backends)?;
+                } else {
+                    print_backends(&backends, "");
+                }
+            }
+            Command::Status { json } => {
+                let status: Status = client.call(Method::GET, "/v1/status", None).await?;
+                if json {
+                    print_json(&status)?;
+                } else {
+                    print_status(&status);
+                }
+            }
+            Command::Daemon(_) | Command::Check | Command::Down { .. } => unreachable!(),
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn print_apps(apps: &[AppView]) {
+    if apps.is_empty() {
+        println!("no apps");
+        return;
+    }
+    let w = apps.iter().map(|a| a.name.len()).max().unwrap_or(0).max(4);
+    println!(
+        "{:w$}  {:>5}  {:30}  {:>8}  {:>11}",
+        "NAME", "PORT", "URL", "BACKENDS", "CONNECTIONS"
+    );
+    for a in apps {
+        println!(
+            "{:w$}  {:>5}  {:30}  {:>8}  {:>11}",
+            a.name,
+            a.port,
+            a.url,
+            a.backends.len(),
+            a.connections
+        );
+    }
+}
+
+fn print_backends(backends: &[BackendView], indent: &str) {
+    if backends.is_empty() {
+        println!("{indent}no backends");
+        return;
+    }
+    println!(
+        "{indent}{:21}  {:>6}  {:8}  {:>11}",
+        "BACKEND", "WEIGHT", "STATE", "CONNECTIONS"
+    );
+    for b in backends {
+        println!(
+            "{indent}{:21}  {:>6}  {:8}  {:>11}",
+            b.address, b.weight, b.state, b.connections
+        );
+    }
+}
+
+fn print_status(s: &Status) {
+    let attached: Vec<String> = s
+        .attachments
+        .iter()
+        .map(|a| format!("{} ({})", a.iface, a.mode))
+        .collect();
+    println!(
+        "gateway {}  public {}  SNAT {}  app ports {}",
+        s.version, s.public_ip, s.snat_ip, s.port_range
+    );
+    println!("attached to {}", attached.join(", "));
+    println!(
+        "conntrack {} of {} entries ({} apps)",
+        s.conntrack_entries,
+        s.conntrack_capacity,
+        s.apps.len()
+    );
+    for a in &s.apps {
+        println!(
+            "\napp {}  {}  {} open connections",
+            a.name, a.url, a.connections
+        );
+        print_backends(&a.backends, "  ");
+    }
+}
+
+/// Asks a running daemon to detach and exit (waiting for it to be gone); with none, removes
+/// the pins itself.
+fn down(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let client = Client::new(socket);
+    match rt.block_on(client.call_raw(Method::POST, "/v1/down", None)) {
+        Ok(_) => {
+            // The daemon removes its socket as its last step.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while socket.exists() {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the daemon did not exit within 30 s"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            println!("the daemon detached the datapath and exited");
+        }
+        Err(api::ClientError::Connect { .. }) => {
+            let removed = gateway::daemon::remove_datapath(bpffs)?;
+            if removed.is_empty() {
+                println!("nothing to remove in {}", bpffs.display());
+            } else {
+                println!(
+                    "removed {} pins from {} (datapath detached)",
+                    removed.len(),
+                    bpffs.display()
+                );
+            }
+        }
+        Err(e) => return Err(e).context("asking the daemon to go down"),
+    }
+    Ok(())
+}
+
 fn check() -> anyhow::Result<()> {
-    use anyhow::Context as _;
     use gateway::datapath::{Datapath, TC_PROGRAM, XDP_PROGRAM};
     let datapath = Datapath::load()
         .context("loading the datapath (are you root, on Linux >= 6.6 with BTF?)")?;

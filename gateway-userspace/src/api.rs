@@ -1,0 +1,215 @@
+//! The API between the daemon and its clients: HTTP/1.1 with JSON bodies over a Unix socket,
+//! under `/v1`. The types here are its bodies; [`Client`] is the CLI's side.
+//!
+//! | method and path                          | body            | answer              |
+//! |------------------------------------------|-----------------|---------------------|
+//! | `GET /v1/status`                         |                 | [`Status`]          |
+//! | `GET /v1/apps`                           |                 | `[`[`AppView`]`]`   |
+//! | `POST /v1/apps`                          | [`CreateApp`]   | [`AppView`] (201)   |
+//! | `GET /v1/apps/{name}`                    |                 | [`AppView`]         |
+//! | `DELETE /v1/apps/{name}`                 |                 | [`AppView`]         |
+//! | `GET /v1/apps/{name}/backends`           |                 | `[`[`BackendView`]`]` |
+//! | `POST /v1/apps/{name}/backends`          | [`AddBackend`]  | [`BackendView`] (201) |
+//! | `DELETE /v1/apps/{name}/backends/{addr}` |                 | [`BackendView`]     |
+//! | `POST /v1/down`                          |                 | 202; the daemon detaches and exits |
+//!
+//! Errors are `{"error": "one line"}` with a 4xx/5xx status.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, StatusCode, body::Bytes};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::datapath::AttachMode;
+
+/// `POST /v1/apps`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    pub name: String,
+    /// A specific public port; the lowest free one of the range when absent.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// `POST /v1/apps/{name}/backends`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddBackend {
+    /// `IPv4:PORT`.
+    pub address: String,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// A backend as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub address: String,
+    pub weight: u32,
+    /// `active`: in the app's table, gets new connections.
+    pub state: String,
+    /// Open connections (handshaking or established) to it.
+    pub connections: u64,
+}
+
+/// An app as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppView {
+    pub name: String,
+    pub port: u16,
+    /// `tcp://HOST:PORT`.
+    pub url: String,
+    pub backends: Vec<BackendView>,
+    /// Open connections to the app.
+    pub connections: u64,
+}
+
+/// One attachment of the datapath.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentView {
+    pub iface: String,
+    pub mode: AttachMode,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub public_ip: String,
+    pub snat_ip: String,
+    pub port_range: String,
+    pub attachments: Vec<AttachmentView>,
+    pub apps: Vec<AppView>,
+    /// Conntrack entries in use (two per connection) and the table's capacity.
+    pub conntrack_entries: u64,
+    pub conntrack_capacity: u64,
+}
+
+/// An error body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A failed API call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the gateway daemon at {path}: {source} (is `gateway daemon` running? the socket is set by --api-socket or GATEWAY_API_SOCKET)"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to the gateway daemon failed: {0}")]
+    Http(String),
+    /// The daemon refused: its message.
+    #[error("{message}")]
+    Refused { status: u16, message: String },
+}
+
+/// The CLI's side of the API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Self {
+        Client {
+            socket: socket.to_owned(),
+        }
+    }
+
+    /// One request; the answer's body parsed as `T`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ClientError> {
+        let bytes = self.call_raw(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Http(format!("bad answer: {e}")))
+    }
+
+    /// One request; the answer's body as it is.
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Bytes, ClientError> {
+        let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http(&e))?;
+        let conn = tokio::spawn(conn);
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "gateway")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| http(&e))?;
+        let response = sender.send_request(request).await.map_err(|e| http(&e))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(&e))?
+            .to_bytes();
+        drop(sender);
+        let _ = conn.await;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let message = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| {
+                format!(
+                    "{} {}",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or("error")
+                )
+            });
+        Err(ClientError::Refused {
+            status: status.as_u16(),
+            message,
+        })
+    }
+}
+
+/// Percent-encodes one path segment (app names and addresses need none today; this keeps an
+/// odd input from changing the path).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The status an error body goes with.
+pub fn status_of(kind: crate::state::ErrorKind) -> StatusCode {
+    use crate::state::ErrorKind::*;
+    match kind {
+        Invalid => StatusCode::BAD_REQUEST,
+        NotFound => StatusCode::NOT_FOUND,
+        Conflict | Exhausted => StatusCode::CONFLICT,
+    }
+}

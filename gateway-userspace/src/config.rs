@@ -1,0 +1,380 @@
+//! The daemon's settings: a TOML file (`--config`) whose keys are the flags' names, overridden
+//! by the flags themselves, then checked once into [`Settings`].
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{datapath::AttachMode, state::PortRange};
+
+/// Public ports handed to apps when the configuration names none.
+pub const DEFAULT_PORT_RANGE: PortRange = PortRange::new(20000, 29999);
+/// Source ports the datapath allocates on the SNAT address: below Linux's ephemeral range
+/// (32768-60999), so they never collide with the node's own outgoing connections from that
+/// address, and outside the default public range.
+pub const DEFAULT_SNAT_PORTS: PortRange = PortRange::new(1024, 19999);
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gateway";
+pub const DEFAULT_API_SOCKET: &str = "/run/gateway/api.sock";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9717";
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/gateway";
+
+/// `gateway daemon`'s flags. Each overrides the config file's key of the same name.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct DaemonArgs {
+    /// A TOML file whose keys are these flags' names (e.g. `public-ip = "203.0.113.10"`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// An interface to attach to (repeat for several).
+    #[arg(long = "iface", value_name = "NAME")]
+    pub iface: Vec<String>,
+    /// Attach mode: `tc` (tcx) or `xdp` (native); default: tc on virtual interfaces, xdp on
+    /// physical NICs.
+    #[arg(long, value_name = "xdp|tc")]
+    pub attach: Option<AttachMode>,
+    /// The address clients connect to.
+    #[arg(long, value_name = "IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Host part of the apps' TCP_URL [default: the public IP].
+    #[arg(long, value_name = "NAME")]
+    pub public_host: Option<String>,
+    /// Source address of connections toward backends [default: the public IP].
+    #[arg(long, value_name = "IP")]
+    pub snat_ip: Option<Ipv4Addr>,
+    /// Public ports for apps [default: 20000-29999].
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub port_range: Option<PortRange>,
+    /// Source ports on the SNAT address toward backends [default: 1024-19999].
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub snat_ports: Option<PortRange>,
+    /// Where the state is persisted [default: /var/lib/gateway].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The API's Unix socket [default: /run/gateway/api.sock].
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Prometheus endpoint [default: 127.0.0.1:9717].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// bpffs directory for the pinned maps and links; mounted if it is not on a bpffs
+    /// [default: /sys/fs/bpf/gateway].
+    #[arg(long, value_name = "DIR")]
+    pub bpffs: Option<PathBuf>,
+    /// Conntrack entries (two per connection) [default: 1048576]. A reused table keeps its size.
+    #[arg(long, value_name = "N")]
+    pub conntrack_size: Option<u32>,
+    /// On exit, detach the programs and remove the pins (dropping every flow) instead of
+    /// leaving the datapath running for the next start [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub detach_on_exit: Option<bool>,
+}
+
+/// The config file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub iface: Option<Vec<String>>,
+    pub attach: Option<AttachMode>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_host: Option<String>,
+    pub snat_ip: Option<Ipv4Addr>,
+    pub port_range: Option<PortRange>,
+    pub snat_ports: Option<PortRange>,
+    pub state_dir: Option<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub bpffs: Option<PathBuf>,
+    pub conntrack_size: Option<u32>,
+    pub detach_on_exit: Option<bool>,
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the config file {path} failed: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// toml's message names the line and column.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl FileConfig {
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+}
+
+/// The daemon's checked settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub ifaces: Vec<String>,
+    /// `None`: chosen per interface.
+    pub attach: Option<AttachMode>,
+    pub public_ip: Ipv4Addr,
+    pub public_host: String,
+    pub snat_ip: Ipv4Addr,
+    pub port_range: PortRange,
+    pub snat_ports: PortRange,
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub bpffs: PathBuf,
+    pub conntrack_size: u32,
+    pub detach_on_exit: bool,
+}
+
+fn unicast(ip: Ipv4Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast())
+}
+
+impl Settings {
+    /// Flags over the file over the defaults.
+    pub fn resolve(args: DaemonArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::read(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    pub fn merge(args: DaemonArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let ifaces = if args.iface.is_empty() {
+            file.iface.unwrap_or_default()
+        } else {
+            args.iface
+        };
+        if ifaces.is_empty() {
+            return invalid(
+                "no interface to attach to: give --iface NAME (or `iface = [\"NAME\"]` in the config file)".into(),
+            );
+        }
+        if let Some(bad) = ifaces
+            .iter()
+            .find(|i| i.is_empty() || i.len() > 15 || i.contains('/'))
+        {
+            return invalid(format!("bad interface name {bad:?}"));
+        }
+        let Some(public_ip) = args.public_ip.or(file.public_ip) else {
+            return invalid(
+                "no public address: give --public-ip IP (or `public-ip = \"IP\"` in the config file)".into(),
+            );
+        };
+        if !unicast(public_ip) {
+            return invalid(format!(
+                "the public address {public_ip} is not a unicast address"
+            ));
+        }
+        let snat_ip = args.snat_ip.or(file.snat_ip).unwrap_or(public_ip);
+        if !unicast(snat_ip) {
+            return invalid(format!(
+                "the SNAT address {snat_ip} is not a unicast address"
+            ));
+        }
+        let port_range = args
+            .port_range
+            .or(file.port_range)
+            .unwrap_or(DEFAULT_PORT_RANGE);
+        let snat_ports = args
+            .snat_ports
+            .or(file.snat_ports)
+            .unwrap_or(DEFAULT_SNAT_PORTS);
+        if snat_ip == public_ip && snat_ports.overlaps(&port_range) {
+            return invalid(format!(
+                "the SNAT ports {snat_ports} overlap the public port range {port_range} on the same address {public_ip}: make them disjoint or use another --snat-ip"
+            ));
+        }
+        let public_host = args
+            .public_host
+            .or(file.public_host)
+            .unwrap_or_else(|| public_ip.to_string());
+        if public_host.is_empty() || public_host.contains(['/', ':', ' ']) {
+            return invalid(format!("bad public host name {public_host:?}"));
+        }
+        let conntrack_size = args
+            .conntrack_size
+            .or(file.conntrack_size)
+            .unwrap_or(gateway_common::maps::CONNTRACK_DEFAULT);
+        if conntrack_size < 1024 {
+            return invalid(format!(
+                "conntrack size {conntrack_size} is too small (at least 1024)"
+            ));
+        }
+        Ok(Settings {
+            ifaces,
+            attach: args.attach.or(file.attach),
+            public_ip,
+            public_host,
+            snat_ip,
+            port_range,
+            snat_ports,
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            api_socket: args
+                .api_socket
+                .or(file.api_socket)
+                .unwrap_or_else(|| DEFAULT_API_SOCKET.into()),
+            metrics_addr: args
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("default address")),
+            bpffs: args
+                .bpffs
+                .or(file.bpffs)
+                .unwrap_or_else(|| DEFAULT_BPFFS.into()),
+            conntrack_size,
+            detach_on_exit: args.detach_on_exit.or(file.detach_on_exit).unwrap_or(false),
+        })
+    }
+
+    /// The TCP_URL of an app on `port`.
+    pub fn url(&self, port: u16) -> String {
+        format!("tcp://{}:{port}", self.public_host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(Path::new("gateway.toml"), text)
+    }
+
+    fn args() -> DaemonArgs {
+        DaemonArgs {
+            iface: vec!["eth0".into()],
+            public_ip: Some("203.0.113.10".parse().unwrap()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let file = parse(
+            r#"
+            iface = ["eth0", "eth1"]
+            attach = "xdp"
+            public-ip = "203.0.113.10"
+            public-host = "tcp-1.example.com"
+            snat-ip = "198.51.100.253"
+            port-range = "30000-30999"
+            snat-ports = "2000-9999"
+            state-dir = "/tmp/s"
+            api-socket = "/tmp/a.sock"
+            metrics-addr = "127.0.0.1:9999"
+            bpffs = "/run/gw-bpf"
+            conntrack-size = 4096
+            detach-on-exit = true
+            "#,
+        )
+        .unwrap();
+        let s = Settings::merge(DaemonArgs::default(), file).unwrap();
+        assert_eq!(s.ifaces, ["eth0", "eth1"]);
+        assert_eq!(s.attach, Some(AttachMode::Xdp));
+        assert_eq!(s.port_range, PortRange::new(30000, 30999));
+        assert_eq!(s.snat_ports, PortRange::new(2000, 9999));
+        assert_eq!(s.url(30000), "tcp://tcp-1.example.com:30000");
+        assert_eq!(s.conntrack_size, 4096);
+        assert!(s.detach_on_exit);
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        for (text, wants) in [
+            ("public-ip = \"203.0.113.300\"", "line 1, column 13"),
+            ("\n\nbogus = 1", "line 3, column 1"),
+            ("attach = \"ebpf\"", "line 1"),
+            ("port-range = \"10-1\"", "line 1"),
+            ("iface = [", "line 1"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(wants) && err.contains("gateway.toml"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let file = parse("public-ip = \"203.0.113.99\"\nport-range = \"30000-30010\"").unwrap();
+        let s = Settings::merge(args(), file).unwrap();
+        assert_eq!(s.public_ip, "203.0.113.10".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(s.snat_ip, s.public_ip);
+        assert_eq!(s.public_host, "203.0.113.10");
+        assert_eq!(s.port_range, PortRange::new(30000, 30010));
+        assert_eq!(s.snat_ports, DEFAULT_SNAT_PORTS);
+        assert_eq!(s.api_socket, Path::new(DEFAULT_API_SOCKET));
+        assert_eq!(s.bpffs, Path::new(DEFAULT_BPFFS));
+        assert_eq!(s.attach, None);
+        assert!(!s.detach_on_exit);
+    }
+
+    #[test]
+    fn unusable_settings_are_refused() {
+        let cases: [(DaemonArgs, &str); 5] = [
+            (
+                DaemonArgs {
+                    iface: vec![],
+                    ..args()
+                },
+                "no interface",
+            ),
+            (
+                DaemonArgs {
+                    public_ip: None,
+                    ..args()
+                },
+                "no public address",
+            ),
+            (
+                DaemonArgs {
+                    public_ip: Some(Ipv4Addr::UNSPECIFIED),
+                    ..args()
+                },
+                "not a unicast",
+            ),
+            (
+                DaemonArgs {
+                    snat_ports: Some(PortRange::new(20000, 20001)),
+                    ..args()
+                },
+                "overlap",
+            ),
+            (
+                DaemonArgs {
+                    conntrack_size: Some(10),
+                    ..args()
+                },
+                "too small",
+            ),
+        ];
+        for (a, wants) in cases {
+            let err = Settings::merge(a, FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(wants), "{err}");
+        }
+    }
+}

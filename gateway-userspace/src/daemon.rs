@@ -1,0 +1,707 @@
+//! `gateway daemon`: loads the datapath (reusing what an earlier run pinned), restores the
+//! persisted state into it, attaches, and serves the API until SIGTERM/SIGINT or
+//! `POST /v1/down`. On a signal it leaves the datapath running, so established connections
+//! live through a restart; on `down` (or with `--detach-on-exit`) it removes programs and pins.
+
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path as UrlPath, State as Axum},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+};
+use gateway_common::maps::{ADDR_PUBLIC, ADDR_SNAT};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    api::{
+        AddBackend, AppView, AttachmentView, BackendView, CreateApp, ErrorBody, Status, status_of,
+    },
+    config::Settings,
+    datapath::{self, AttachMode, ConnectionCounts, Datapath, DatapathError, LoadOptions},
+    state::{self, App, State, StateError, StateFile, WEIGHT_DEFAULT},
+};
+
+/// How often expired flows are collected.
+const GC_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a cached next hop is resolved again.
+const NEXTHOP_MAX_AGE: Duration = Duration::from_secs(1);
+/// bpffs's magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How the daemon ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    Running,
+    /// Leave the datapath in the kernel (flows go on; the next start takes over).
+    Keep,
+    /// Detach the programs and remove the pins.
+    Detach,
+}
+
+/// The default attach mode of `iface`: XDP on a physical NIC (it has a device), TC elsewhere
+/// (veth, bridges, tunnels and other virtual interfaces, where native XDP is unreliable).
+pub fn default_mode(iface: &str) -> AttachMode {
+    if Path::new("/sys/class/net")
+        .join(iface)
+        .join("device")
+        .exists()
+    {
+        AttachMode::Xdp
+    } else {
+        AttachMode::Tc
+    }
+}
+
+fn on_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Makes `dir` a directory on a bpffs: as it is when it already is one; under its parent when
+/// the parent is a bpffs (mounting one on /sys/fs/bpf first when that is where it goes and
+/// nothing is mounted there, as under `ip netns exec`); else a bpffs mounted on `dir` itself.
+pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let mount = |at: &Path| {
+        nix::mount::mount(
+            Some("bpf"),
+            at,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting a bpffs on {}", at.display()))?;
+        info!(path = %at.display(), "mounted a bpffs");
+        anyhow::Ok(())
+    };
+    if dir.is_dir() && on_bpffs(dir) {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    match parent {
+        Some(p) if p.is_dir() && on_bpffs(p) => {}
+        Some(p) if p == Path::new("/sys/fs/bpf") && p.is_dir() => mount(p)?,
+        _ => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            return mount(dir);
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+/// `gateway down` when no daemon answers: removes the pins in `dir` (detaching the programs,
+/// dropping every flow), then the directory, unmounting it if it is a bpffs of its own.
+pub fn remove_datapath(dir: &Path) -> anyhow::Result<Vec<String>> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let removed = datapath::remove_pins(dir)
+        .with_context(|| format!("removing pins in {}", dir.display()))?;
+    let own_mount = dir.parent().is_some_and(|p| !on_bpffs(p)) && on_bpffs(dir);
+    if own_mount {
+        nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH)
+            .with_context(|| format!("unmounting {}", dir.display()))?;
+    }
+    // Left in place if something else is in it.
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
+}
+
+/// A refused or failed API call.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn internal(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut message = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message,
+        }
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        ApiError {
+            status: status_of(e.kind()),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<DatapathError> for ApiError {
+    fn from(e: DatapathError) -> Self {
+        ApiError::internal(&e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// The daemon's state: settings, desired state and its file, the datapath.
+struct Core {
+    settings: Settings,
+    state: State,
+    file: StateFile,
+    datapath: Datapath,
+    attachments: Vec<AttachmentView>,
+}
+
+impl Core {
+    fn public(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.settings.public_ip, port)
+    }
+
+    /// Programs the datapath from `old` to `new` for one app. `fresh`: ids new to the
+    /// datapath get zeroed counters (not on a restore, which keeps them).
+    fn program(
+        &mut self,
+        old: Option<&App>,
+        new: Option<&App>,
+        fresh: bool,
+    ) -> Result<(), DatapathError> {
+        let d = &mut self.datapath;
+        if let Some(new) = new {
+            let known = |id| old.is_some_and(|o: &App| o.backends.iter().any(|b| b.id == id));
+            if fresh && old.is_none() {
+                d.reset_app_stats(new.id)?;
+            }
+            for b in &new.backends {
+                if fresh && !known(b.id) {
+                    d.reset_backend_stats(b.id)?;
+                }
+                d.set_backend(b.id, b.addr, true)?;
+            }
+            // The table before the service, so that the first SYN finds it.
+            d.set_app_backends(new.id, &new.maglev_entries())?;
+            if old.is_none_or(|o| o.port != new.port) {
+                d.set_service(SocketAddrV4::new(self.settings.public_ip, new.port), new.id)?;
+            }
+        }
+        if let Some(old) = old {
+            let kept = |id| new.is_some_and(|n: &App| n.backends.iter().any(|b| b.id == id));
+            if new.is_none() {
+                d.remove_service(SocketAddrV4::new(self.settings.public_ip, old.port))?;
+                d.remove_app_table(old.id)?;
+                let removed = d.remove_app_flows(old.id)?;
+                info!(
+                    app.id = old.id,
+                    flows = removed / 2,
+                    "ended the app's connections"
+                );
+            }
+            for b in old.backends.iter().filter(|b| !kept(b.id)) {
+                // Out of the table already; its established flows go on.
+                d.set_backend(b.id, b.addr, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `next` the state, for the one app `name` it changed: the datapath first, then
+    /// the file; if either fails, the datapath is put back and nothing changed.
+    fn commit(&mut self, name: &str, next: State) -> Result<(), ApiError> {
+        let old = self.state.apps.get(name).cloned();
+        let new = next.apps.get(name).cloned();
+        let undo = |core: &mut Core| {
+            if let Err(e) = core.program(new.as_ref(), old.as_ref(), false) {
+                warn!(error = %e, app = name, "putting the datapath back failed");
+            }
+        };
+        if let Err(e) = self.program(old.as_ref(), new.as_ref(), true) {
+            undo(self);
+            return Err(e.into());
+        }
+        if let Err(e) = self.file.save(&next) {
+            undo(self);
+            return Err(ApiError::internal(&e));
+        }
+        self.state = next;
+        Ok(())
+    }
+
+    /// Brings the datapath in line with the persisted state at start: every app programmed,
+    /// services and tables of apps that no longer exist removed.
+    fn restore(&mut self) -> Result<(), DatapathError> {
+        let apps: Vec<App> = self.state.apps.values().cloned().collect();
+        for app in &apps {
+            self.program(None, Some(app), false)?;
+        }
+        for (public, id) in self.datapath.services()? {
+            let wanted = apps
+                .iter()
+                .any(|a| a.id == id && self.public(a.port) == public);
+            if !wanted {
+                self.datapath.remove_service(public)?;
+                info!(service = %public, "removed a service the state does not have");
+            }
+        }
+        for id in self.datapath.app_ids()? {
+            if !apps.iter().any(|a| a.id == id) {
+                self.datapath.remove_app_table(id)?;
+                self.datapath.remove_app_flows(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn app_view(&self, name: &str, app: &App, counts: &ConnectionCounts) -> AppView {
+        AppView {
+            name: name.to_owned(),
+            port: app.port,
+            url: self.settings.url(app.port),
+            backends: app
+                .backends
+                .iter()
+                .map(|b| backend_view(b, counts))
+                .collect(),
+            connections: counts.apps.get(&app.id).copied().unwrap_or(0),
+        }
+    }
+
+    fn counts(&self) -> Result<ConnectionCounts, ApiError> {
+        Ok(self.datapath.connection_counts()?)
+    }
+}
+
+fn backend_view(b: &state::Backend, counts: &ConnectionCounts) -> BackendView {
+    BackendView {
+        address: b.addr.to_string(),
+        weight: b.weight,
+        state: "active".to_owned(),
+        connections: counts.backends.get(&b.id).copied().unwrap_or(0),
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    core: Arc<Mutex<Core>>,
+    exit: watch::Sender<Exit>,
+}
+
+impl Shared {
+    /// Runs `f` on the core on a blocking thread (map walks are syscalls).
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Core) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let core = self.core.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut core)
+        })
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+    }
+}
+
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("bad request body: {e}"),
+    })
+}
+
+async fn get_status(Axum(s): Axum<Shared>) -> Result<Json<Status>, ApiError> {
+    s.with(|c| {
+        let counts = c.counts()?;
+        Ok(Json(Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            public_ip: c.settings.public_ip.to_string(),
+            snat_ip: c.settings.snat_ip.to_string(),
+            port_range: c.settings.port_range.to_string(),
+            attachments: c.attachments.clone(),
+            apps: c
+                .state
+                .apps
+                .iter()
+                .map(|(n, a)| c.app_view(n, a, &counts))
+                .collect(),
+            conntrack_entries: counts.entries,
+            conntrack_capacity: u64::from(c.datapath.conntrack_capacity()),
+        }))
+    })
+    .await
+}
+
+async fn list_apps(Axum(s): Axum<Shared>) -> Result<Json<Vec<AppView>>, ApiError> {
+    s.with(|c| {
+        let counts = c.counts()?;
+        Ok(Json(
+            c.state
+                .apps
+                .iter()
+                .map(|(n, a)| c.app_view(n, a, &counts))
+                .collect(),
+        ))
+    })
+    .await
+}
+
+async fn create_app(
+    Axum(s): Axum<Shared>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<AppView>), ApiError> {
+    let req: CreateApp = body(&bytes)?;
+    s.with(move |c| {
+        let mut next = c.state.clone();
+        let app = next
+            .create_app(&req.name, req.port, c.settings.port_range)?
+            .clone();
+        c.commit(&req.name, next)?;
+        info!(app = req.name, port = app.port, "app created");
+        let view = c.app_view(&req.name, &app, &ConnectionCounts::default());
+        Ok((StatusCode::CREATED, Json(view)))
+    })
+    .await
+}
+
+async fn show_app(
+    Axum(s): Axum<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<AppView>, ApiError> {
+    s.with(move |c| {
+        let app = c.state.app(&name)?.clone();
+        let counts = c.counts()?;
+        Ok(Json(c.app_view(&name, &app, &counts)))
+    })
+    .await
+}
+
+async fn delete_app(
+    Axum(s): Axum<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<AppView>, ApiError> {
+    s.with(move |c| {
+        let mut next = c.state.clone();
+        let app = next.delete_app(&name)?;
+        let view = c.app_view(&name, &app, &ConnectionCounts::default());
+        c.commit(&name, next)?;
+        info!(app = name, port = app.port, "app deleted, port freed");
+        Ok(Json(view))
+    })
+    .await
+}
+
+async fn list_backends(
+    Axum(s): Axum<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Vec<BackendView>>, ApiError> {
+    s.with(move |c| {
+        let app = c.state.app(&name)?.clone();
+        let counts = c.counts()?;
+        Ok(Json(
+            app.backends
+                .iter()
+                .map(|b| backend_view(b, &counts))
+                .collect(),
+        ))
+    })
+    .await
+}
+
+async fn add_backend(
+    Axum(s): Axum<Shared>,
+    UrlPath(name): UrlPath<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<BackendView>), ApiError> {
+    let req: AddBackend = body(&bytes)?;
+    s.with(move |c| {
+        // The app first, so that an unknown app is named as such whatever the address.
+        c.state.app(&name)?;
+        let addr = state::parse_backend(&req.address)?;
+        let mut next = c.state.clone();
+        let backend = next.add_backend(&name, addr, req.weight.unwrap_or(WEIGHT_DEFAULT))?;
+        c.commit(&name, next)?;
+        info!(app = name, backend = %addr, weight = backend.weight, "backend added");
+        Ok((
+            StatusCode::CREATED,
+            Json(backend_view(&backend, &ConnectionCounts::default())),
+        ))
+    })
+    .await
+}
+
+async fn remove_backend(
+    Axum(s): Axum<Shared>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> Result<Json<BackendView>, ApiError> {
+    s.with(move |c| {
+        c.state.app(&name)?;
+        let addr = state::parse_backend(&address)?;
+        let mut next = c.state.clone();
+        let backend = next.remove_backend(&name, addr)?;
+        c.commit(&name, next)?;
+        info!(app = name, backend = %addr, "backend removed; its open connections go on");
+        let counts = c.counts()?;
+        Ok(Json(backend_view(&backend, &counts)))
+    })
+    .await
+}
+
+async fn down(Axum(s): Axum<Shared>) -> StatusCode {
+    info!("asked to detach and exit");
+    s.exit.send_replace(Exit::Detach);
+    StatusCode::ACCEPTED
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such API path (this daemon serves /v1/...)".to_owned(),
+    }
+}
+
+fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/v1/status", get(get_status))
+        .route("/v1/apps", get(list_apps).post(create_app))
+        .route("/v1/apps/{name}", get(show_app).delete(delete_app))
+        .route(
+            "/v1/apps/{name}/backends",
+            get(list_backends).post(add_backend),
+        )
+        .route("/v1/apps/{name}/backends/{addr}", delete(remove_backend))
+        .route("/v1/down", post(down))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+/// Binds the API socket, root-only (0600). A socket left by a dead daemon is replaced; one a
+/// live daemon answers on is not.
+fn bind_api(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another gateway daemon is serving on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    listener.with_context(|| format!("binding the API socket {}", path.display()))
+}
+
+/// Locks `dir` (flock on the directory) for this process's life: one daemon per pin directory.
+fn lock_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let file = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            anyhow::bail!("another gateway daemon uses the pins in {}", dir.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", dir.display()))
+        }
+    }
+}
+
+/// Removes the socket file if it is still ours.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs the daemon until it is told to stop.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "gateway daemon starting"
+    );
+    let file = StateFile::open(&settings.state_dir)?;
+    let state = file.load()?;
+    info!(path = %file.path().display(), apps = state.apps.len(), "state loaded");
+
+    // Everything that can tell another daemon is running, before touching the datapath.
+    let listener = bind_api(&settings.api_socket)?;
+    let _socket = SocketFile(settings.api_socket.clone());
+    ensure_bpffs(&settings.bpffs)?;
+    let _bpffs_lock = lock_dir(&settings.bpffs)?;
+    let mut datapath = Datapath::load_with(&LoadOptions {
+        conntrack_capacity: settings.conntrack_size,
+        pin_dir: Some(settings.bpffs.clone()),
+    })
+    .context("loading the datapath")?;
+    if datapath.reused_maps().is_empty() {
+        info!(bpffs = %settings.bpffs.display(), "datapath loaded, maps pinned");
+    } else {
+        info!(
+            bpffs = %settings.bpffs.display(),
+            maps = datapath.reused_maps().len(),
+            "datapath loaded, pinned maps reused (connections and counters kept)"
+        );
+    }
+    datapath
+        .configure(
+            settings.snat_ip,
+            settings.snat_ports.low..=settings.snat_ports.high,
+            NEXTHOP_MAX_AGE,
+        )
+        .context("configuring the datapath")?;
+    datapath
+        .set_addresses(&[
+            (settings.public_ip, ADDR_PUBLIC),
+            (settings.snat_ip, ADDR_SNAT),
+        ])
+        .context("configuring the datapath")?;
+
+    let mut core = Core {
+        settings: settings.clone(),
+        state,
+        file,
+        datapath,
+        attachments: Vec::new(),
+    };
+    core.restore()
+        .context("restoring the state into the datapath")?;
+
+    let wanted: Vec<(String, AttachMode)> = settings
+        .ifaces
+        .iter()
+        .map(|i| {
+            (
+                i.clone(),
+                settings.attach.unwrap_or_else(|| default_mode(i)),
+            )
+        })
+        .collect();
+    for name in datapath::prune_links(&settings.bpffs, &wanted)? {
+        info!(link = name, "removed a link no longer configured");
+    }
+    for (iface, mode) in &wanted {
+        core.datapath
+            .attach(iface, *mode, Some(&settings.bpffs))
+            .with_context(|| format!("attaching to {iface}"))?;
+        let how = if settings.attach.is_some() {
+            "as configured"
+        } else {
+            "default for this interface"
+        };
+        info!(iface, %mode, how, "attached");
+        core.attachments.push(AttachmentView {
+            iface: iface.clone(),
+            mode: *mode,
+        });
+    }
+
+    let (exit, mut exit_rx) = watch::channel(Exit::Running);
+    let shared = Shared {
+        core: Arc::new(Mutex::new(core)),
+        exit,
+    };
+    info!(
+        socket = %settings.api_socket.display(),
+        public_ip = %settings.public_ip,
+        snat_ip = %settings.snat_ip,
+        ports = %settings.port_range,
+        "serving the API"
+    );
+
+    let gc = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GC_INTERVAL);
+            loop {
+                tick.tick().await;
+                let removed = shared
+                    .with(|c| {
+                        let now = datapath::monotonic_ns();
+                        Ok(c.datapath.gc(now, &datapath::Timeouts::default())?)
+                    })
+                    .await;
+                match removed {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(entries = n, "expired flows collected"),
+                    Err(e) => warn!(error = e.message, "conntrack garbage collection failed"),
+                }
+            }
+        })
+    };
+
+    let signals = {
+        let exit = shared.exit.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM"),
+                _ = int.recv() => info!("SIGINT"),
+            }
+            exit.send_if_modified(|e| {
+                if *e == Exit::Running {
+                    *e = Exit::Keep;
+                    true
+                } else {
+                    false
+                }
+            });
+        })
+    };
+
+    let server = axum::serve(listener, router(shared.clone())).with_graceful_shutdown({
+        let mut rx = exit_rx.clone();
+        async move {
+            let _ = rx.wait_for(|e| *e != Exit::Running).await;
+        }
+    });
+    server.await.context("serving the API")?;
+    gc.abort();
+    signals.abort();
+    let how = *exit_rx.borrow_and_update();
+    let detach = how == Exit::Detach || settings.detach_on_exit;
+    let core = shared.core.clone();
+    drop(shared);
+    if detach {
+        let removed = remove_datapath(&settings.bpffs)?;
+        drop(core);
+        info!(
+            pins = removed.len(),
+            "datapath detached and pins removed; exiting"
+        );
+    } else {
+        info!("exiting; the datapath stays attached and established connections go on");
+    }
+    Ok(())
+}
