@@ -504,16 +504,21 @@ fn bind_api(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    refuse_live_socket(path)?;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("another gateway daemon is serving on {}", path.display());
-        }
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = tokio::net::UnixListener::bind(path);
     nix::sys::stat::umask(old);
     listener.with_context(|| format!("binding the API socket {}", path.display()))
+}
+
+fn refuse_live_socket(path: &Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("another gateway daemon is serving on {}", path.display());
+    }
+    Ok(())
 }
 
 /// Locks `dir` (flock on the directory) for this process's life: one daemon per pin directory.
@@ -549,9 +554,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let state = file.load()?;
     info!(path = %file.path().display(), apps = state.apps.len(), "state loaded");
 
-    // Everything that can tell another daemon is running, before touching the datapath.
-    let listener = bind_api(&settings.api_socket)?;
-    let _socket = SocketFile(settings.api_socket.clone());
+    // Everything that can tell another daemon is running, before touching the datapath (the
+    // state directory's lock above, the socket, the pin directory's lock).
+    refuse_live_socket(&settings.api_socket)?;
     ensure_bpffs(&settings.bpffs)?;
     let _bpffs_lock = lock_dir(&settings.bpffs)?;
     let mut datapath = Datapath::load_with(&LoadOptions {
@@ -621,6 +626,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         });
     }
 
+    // Bound last: a client that can connect finds everything ready.
+    let listener = bind_api(&settings.api_socket)?;
+    let _socket = SocketFile(settings.api_socket.clone());
     let (exit, mut exit_rx) = watch::channel(Exit::Running);
     let shared = Shared {
         core: Arc::new(Mutex::new(core)),

@@ -275,7 +275,7 @@ fn print_status(s: &Status) {
     );
     println!("attached to {}", attached.join(", "));
     println!(
-        "conntrack {} of {} entries ({} apps)",
+        "conntrack: {} of {} entries in use; apps: {}",
         s.conntrack_entries,
         s.conntrack_capacity,
         s.apps.len()

@@ -42,7 +42,8 @@ static LIVE: Mutex<Vec<Resource>> = Mutex::new(Vec::new());
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Resource {
     Netns(String),
-    Bpffs(PathBuf),
+    /// A directory under RUN_DIR (a bpffs mount or plain).
+    Dir(PathBuf),
 }
 
 fn register(r: Resource) {
@@ -84,7 +85,7 @@ pub fn teardown_all() {
         }
     }
     for r in &live {
-        if let Resource::Bpffs(path) = r {
+        if let Resource::Dir(path) = r {
             remove_bpffs(path);
         }
     }
@@ -173,18 +174,7 @@ impl Netns {
     /// A command that runs inside the namespace (`ip netns exec NAME program`), with every
     /// signal unblocked (see [`teardown_on_signals`]).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        // SAFETY: only async-signal-safe calls (sigprocmask) between fork and exec.
-        unsafe {
-            c.pre_exec(|| {
-                SigSet::all()
-                    .thread_unblock()
-                    .map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
-        c
+        netns_command(&self.name, program)
     }
 
     /// Starts a process inside the namespace; it is killed when the guard drops (and, if the
@@ -219,6 +209,23 @@ impl Netns {
             f()
         })
     }
+}
+
+/// A command that runs inside namespace `name` (`ip netns exec NAME program`), with every
+/// signal unblocked (see [`teardown_on_signals`]).
+pub fn netns_command(name: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", name]).arg(program);
+    // SAFETY: only async-signal-safe calls (sigprocmask) between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            SigSet::all()
+                .thread_unblock()
+                .map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    c
 }
 
 impl Drop for Netns {
@@ -268,9 +275,39 @@ pub struct ChildGuard {
     child: Option<Child>,
 }
 
+impl From<Child> for ChildGuard {
+    fn from(child: Child) -> Self {
+        ChildGuard { child: Some(child) }
+    }
+}
+
 impl ChildGuard {
     pub fn id(&self) -> u32 {
         self.child.as_ref().expect("child").id()
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit (then SIGKILL).
+    pub fn terminate(mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) with our child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 }
 
@@ -304,7 +341,7 @@ impl Bpffs {
             None::<&str>,
         )
         .unwrap_or_else(|e| panic!("mount -t bpf {}: {e}", path.display()));
-        register(Resource::Bpffs(path.clone()));
+        register(Resource::Dir(path.clone()));
         Bpffs { path }
     }
 
@@ -316,13 +353,42 @@ impl Bpffs {
 impl Drop for Bpffs {
     fn drop(&mut self) {
         remove_bpffs(&self.path);
-        unregister(&Resource::Bpffs(self.path.clone()));
+        unregister(&Resource::Dir(self.path.clone()));
     }
 }
 
+/// Unmounts `path` if it is a mount point, then removes it with what is left in it.
 fn remove_bpffs(path: &Path) {
     let _ = umount2(path, MntFlags::MNT_DETACH);
-    let _ = fs::remove_dir(path);
+    let _ = fs::remove_dir_all(path);
+}
+
+/// A plain directory under [`RUN_DIR`] (state, sockets, logs), removed with its content on drop
+/// and by [`sweep_stale`] once its owner is gone.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    #[track_caller]
+    pub fn new(name: &str) -> Self {
+        let path = Path::new(RUN_DIR).join(name);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        register(Resource::Dir(path.clone()));
+        RunDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+        unregister(&Resource::Dir(self.path.clone()));
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {

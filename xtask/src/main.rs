@@ -23,9 +23,10 @@ struct Args {
 enum Task {
     /// Install every missing prerequisite (skips what is present).
     Setup,
-    /// Build and run `gateway ARGS` as root (e.g. `cargo xtask run -- check`).
+    /// Build and run `gateway daemon ARGS` as root (e.g. `cargo xtask run -- --iface eth0
+    /// --public-ip 203.0.113.10`).
     Run {
-        /// Arguments for `gateway`.
+        /// Arguments for `gateway daemon`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -45,10 +46,14 @@ fn main() -> ExitCode {
     let result = match args.command {
         Task::Setup => setup::setup(),
         Task::Run { args } => setup::setup().and_then(|()| {
-            // Until the daemon exists, this runs `gateway ARGS`; then it runs `gateway daemon ARGS`.
-            cargo_run_as_root("gateway-userspace", "gateway", false, &args)
+            let mut full = vec!["daemon".to_owned()];
+            full.extend(args);
+            cargo_run_as_root("gateway-userspace", "gateway", false, &full)
         }),
         Task::Demo => setup::setup().and_then(|()| {
+            // The demo runs the real daemon and CLI.
+            let status = build_gateway_command().status()?;
+            anyhow::ensure!(status.success(), "building gateway failed ({status})");
             cargo_run_as_root("gateway-tests", "gateway-sandbox", false, &["demo".into()])
         }),
         Task::Test => setup::setup().and_then(|()| test::test()),
@@ -89,6 +94,8 @@ fn cargo_run_as_root(
         eprintln!("xtask: {bin} needs root (network namespaces, BPF): running it through sudo");
         cmd.args(["--config", "target.'cfg(all())'.runner='sudo -E'"]);
     }
+    // The sandbox runs the real binary (see `Task::Demo`).
+    cmd.env("GATEWAY_BIN", gateway_bin());
     cmd.arg("--").args(args);
     let status = cmd.status()?;
     anyhow::ensure!(
@@ -97,6 +104,27 @@ fn cargo_run_as_root(
         args.join(" ")
     );
     Ok(())
+}
+
+/// `cargo build` of the `gateway` binary (debug), which the end-to-end tests and the demo run.
+pub fn build_gateway_command() -> Command {
+    let mut c = Command::new(env_cargo());
+    c.args([
+        "build",
+        "--package",
+        "gateway-userspace",
+        "--bin",
+        "gateway",
+    ]);
+    c
+}
+
+/// Where [`build_gateway_command`] puts the binary.
+pub fn gateway_bin() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug/gateway")
 }
 
 /// The cargo that runs us.

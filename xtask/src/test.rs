@@ -184,6 +184,13 @@ pub fn test() -> anyhow::Result<()> {
         ])),
         true,
     );
+    // The end-to-end tests run the real binary.
+    step(
+        "build gateway",
+        false,
+        Some(crate::build_gateway_command()),
+        false,
+    );
     let (datapath, e2e) = root_test_targets();
     let tests_base = ["test", "--package", "gateway-tests"];
     step(
@@ -198,6 +205,7 @@ pub fn test() -> anyhow::Result<()> {
         (!e2e.is_empty()).then(|| {
             let mut c = with_targets(&tests_base, &e2e);
             c.arg("--lib"); // the harness's own unit tests
+            c.env("GATEWAY_BIN", crate::gateway_bin());
             c
         }),
         true,

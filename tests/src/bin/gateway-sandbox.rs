@@ -1,11 +1,11 @@
 //! `gateway-sandbox`: the demo, the benchmarks and the leftover sweep, each in namespaces it
 //! creates and tears down on every path (Ctrl-C included). Run through `cargo xtask`.
 
-use std::{net::SocketAddrV4, process::ExitCode, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
-use gateway::datapath::{AttachMode, Datapath};
 use gateway_tests::{
     bench,
+    daemon::Daemon,
     netns::{self, Topology},
     traffic::{EchoClient, payload, sock},
 };
@@ -39,39 +39,45 @@ fn demo() {
         "sandbox: client -- gateway -- backends b0, b1, b2, each in its own network namespace"
     );
     let topo = Topology::new(3);
-    let ifaces = topo.gateway_ifaces();
-    let pin_dir = topo.bpffs.path().to_owned();
-    let public = SocketAddrV4::new(Topology::PUBLIC_IP, 20_000);
-    let backends = topo.backend_entries(8080);
-    let servers = topo.echo_servers(8080, Duration::from_secs(120));
-    let bs = backends.clone();
-    let mut datapath = topo.gateway.run(move || {
-        let mut d = Datapath::load().expect("load the datapath");
-        d.configure(Topology::SNAT_IP, 40_000..=59_999, Duration::from_secs(1))
-            .expect("configure");
-        for b in &bs {
-            d.set_backend(b.id, b.addr, true).expect("backend");
-        }
-        d.set_app_backends(1, &bs).expect("table");
-        d.set_service(public, 1).expect("service");
-        for iface in &ifaces {
-            d.attach(iface, AttachMode::Tc, Some(&pin_dir))
-                .expect("attach");
-        }
-        d
-    });
+    let servers = topo.echo_servers(8080, Duration::from_secs(300));
     println!(
-        "gateway: datapath attached (tc) on {}; app 1 is tcp://{public}, SNAT {} ports 40000-59999",
-        topo.gateway_ifaces().join(", "),
-        Topology::SNAT_IP
+        "backends: a TCP server on {} that says its name (b0, b1, b2), then echoes",
+        servers
+            .iter()
+            .map(|s| s.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    let to = sock(*public.ip(), public.port());
+    let daemon = Daemon::start(&topo, None, &[]);
+    println!(
+        "gateway: `gateway daemon` runs in the gateway namespace (public {}, SNAT {}), API on {}",
+        Topology::PUBLIC_IP,
+        Topology::SNAT_IP,
+        daemon.socket.display()
+    );
+    let cli = |args: &[&str]| {
+        println!("\n$ gateway {}", args.join(" "));
+        let out = daemon.ok(args);
+        print!("{out}");
+        out
+    };
+    let url = cli(&["app", "create", "web"]);
+    let port: u16 = url
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a TCP_URL");
+    for b in &topo.backends {
+        cli(&["backend", "add", "web", &format!("{}:8080", b.ip)]);
+    }
+    let to = sock(Topology::PUBLIC_IP, port);
     let show = |title: &str, conns: &[EchoClient]| {
         let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
         for c in conns {
             *by.entry(c.server.as_str()).or_default() += 1;
         }
-        println!("{title}");
+        println!("\n{title}");
         for (name, n) in by {
             println!("  {name} {n:>4}  {}", "#".repeat(n / 5));
         }
@@ -81,28 +87,29 @@ fn demo() {
         c.echo(&payload(1024, i as u32)).expect("echo");
     }
     show(
-        "300 connections from the client, each echoed 1 KiB through the gateway:",
+        &format!(
+            "300 connections from the client to {}, each echoed 1 KiB:",
+            url.trim()
+        ),
         &conns,
     );
+    cli(&["status"]);
     drop(conns);
 
     let mut open = EchoClient::connect(&topo.client, to).expect("connect");
     open.echo(b"hello").expect("echo");
-    let gone = backends
+    let gone = topo
+        .backends
         .iter()
-        .find(|b| open.server == format!("b{}", b.id - 1))
-        .copied()
+        .enumerate()
+        .find(|(i, _)| open.server == format!("b{i}"))
+        .map(|(_, b)| format!("{}:8080", b.ip))
         .expect("its backend");
-    let rest: Vec<_> = backends
-        .iter()
-        .copied()
-        .filter(|b| b.id != gone.id)
-        .collect();
-    datapath.set_app_backends(1, &rest).expect("table");
     println!(
-        "\nremoved {} ({}) from the app while a connection to it is open",
-        open.server, gone.addr
+        "\na connection to {} ({gone}) is open; removing that backend live:",
+        open.server
     );
+    cli(&["backend", "remove", "web", &gone]);
     let conns = EchoClient::connect_many(&topo.client, to, 100).expect("connect");
     show("100 new connections:", &conns);
     open.echo(&payload(1 << 20, 3))
@@ -111,11 +118,8 @@ fn demo() {
         "the open connection to {} still echoes (1 MiB, byte-exact)",
         open.server
     );
-    let stats = datapath.app_stats(1).expect("stats");
-    println!(
-        "\napp 1 counters: {} flows, {} packets in, {} packets out",
-        stats.new_flows, stats.packets_in, stats.packets_out
-    );
-    drop((conns, open, servers, datapath, topo));
-    println!("sandbox torn down");
+    drop((conns, open));
+    cli(&["backend", "list", "web"]);
+    drop((daemon, servers, topo));
+    println!("\nsandbox torn down");
 }

@@ -1,0 +1,205 @@
+//! The real `gateway` binary in a topology: the daemon in the gateway namespace, the CLI from
+//! the test (the API socket is a path, reachable from any namespace).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use gateway::datapath::AttachMode;
+
+use crate::netns::{ChildGuard, RunDir, Topology, netns_command, unique_prefix};
+
+/// How long the daemon may take to serve its API after it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `gateway` binary: `$GATEWAY_BIN`, else the workspace's debug build (which
+/// `cargo xtask test` builds before the tests).
+pub fn gateway_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("GATEWAY_BIN") {
+        return path.into();
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gateway");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p gateway-userspace` first (`cargo xtask test` does), or set GATEWAY_BIN",
+        path.display()
+    );
+    path
+}
+
+/// `gateway daemon` running in a topology's gateway namespace with its own state directory,
+/// API socket and pin directory (on the topology's bpffs). Killed on drop.
+pub struct Daemon {
+    child: Option<ChildGuard>,
+    /// State, socket and log live here.
+    pub dir: RunDir,
+    pub socket: PathBuf,
+    pub bpffs: PathBuf,
+    gateway_ns: String,
+    args: Vec<String>,
+    starts: u32,
+}
+
+impl Daemon {
+    /// The daemon arguments for `topo`: every gateway interface, the topology's public and
+    /// SNAT addresses, and `extra`.
+    pub fn args(topo: &Topology, mode: Option<AttachMode>, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--public-ip".into(),
+            Topology::PUBLIC_IP.to_string(),
+            "--snat-ip".into(),
+            Topology::SNAT_IP.to_string(),
+        ];
+        for iface in topo.gateway_ifaces() {
+            args.extend(["--iface".into(), iface]);
+        }
+        if let Some(mode) = mode {
+            args.extend(["--attach".into(), mode.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Starts the daemon in `topo`'s gateway namespace (in `mode`, or the default for veth)
+    /// and waits until its API answers.
+    #[track_caller]
+    pub fn start(topo: &Topology, mode: Option<AttachMode>, extra: &[&str]) -> Self {
+        let dir = RunDir::new(&format!("{}-daemon", unique_prefix()));
+        let mut daemon = Daemon {
+            child: None,
+            socket: dir.path().join("api.sock"),
+            bpffs: topo.bpffs.path().join("gateway"),
+            dir,
+            gateway_ns: topo.gateway.name().to_owned(),
+            args: Self::args(topo, mode, extra),
+            starts: 0,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("daemon-{}.log", self.starts))
+    }
+
+    /// What the daemon logged in its latest run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The full command line (`ip netns exec GW gateway daemon ...`), for a process the caller
+    /// runs itself.
+    pub fn command(&self, args: &[String]) -> Command {
+        let mut c = netns_command(&self.gateway_ns, gateway_bin());
+        c.arg("daemon").args(args).env("GATEWAY_LOG", "info");
+        c
+    }
+
+    /// The arguments it runs with, its own directories included.
+    pub fn own_args(&self) -> Vec<String> {
+        let mut args = self.args.clone();
+        args.extend([
+            "--state-dir".into(),
+            self.dir.path().join("state").display().to_string(),
+            "--api-socket".into(),
+            self.socket.display().to_string(),
+            "--bpffs".into(),
+            self.bpffs.display().to_string(),
+        ]);
+        args
+    }
+
+    #[track_caller]
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the daemon is running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let mut command = self.command(&self.own_args());
+        command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = command.spawn().expect("spawn the daemon");
+        let mut guard = ChildGuard::from(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = guard.exited() {
+                panic!("the daemon exited ({status}) at start:\n{}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not serve its API within {START_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(guard);
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean anything up.
+    pub fn kill9(&mut self) {
+        drop(self.child.take());
+    }
+
+    /// SIGTERM, and the exit status (None if it had to be killed after 10 s).
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.take()?.terminate(Duration::from_secs(10))
+    }
+
+    /// Starts it again after [`Daemon::kill9`] or [`Daemon::terminate`].
+    #[track_caller]
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    /// Runs the CLI (`gateway --api-socket SOCKET ARGS`).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(gateway_bin())
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the gateway CLI")
+    }
+
+    /// Runs the CLI, which must succeed; its stdout.
+    #[track_caller]
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "gateway {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Runs the CLI, which must fail with one line on stderr and nothing on stdout; that line.
+    #[track_caller]
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        let stderr = String::from_utf8(out.stderr).expect("utf-8");
+        assert!(
+            !out.status.success(),
+            "gateway {} succeeded: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(out.stdout.is_empty(), "stdout: {:?}", out.stdout);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        stderr
+    }
+
+    /// `gateway status --json`, parsed.
+    #[track_caller]
+    pub fn status(&self) -> gateway::api::Status {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
+    }
+}

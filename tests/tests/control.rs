@@ -1,0 +1,414 @@
+//! The control plane end to end: the real `gateway daemon` in a namespace topology, driven by
+//! the real CLI, with real TCP traffic.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    os::unix::fs::PermissionsExt as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use gateway::datapath::AttachMode;
+use gateway_tests::{
+    daemon::Daemon,
+    netns::Topology,
+    require_root,
+    traffic::{EchoClient, EchoServer, payload, sock},
+};
+
+const LIFETIME: Duration = Duration::from_secs(120);
+
+fn spread(conns: &[EchoClient]) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for c in conns {
+        *by.entry(c.server.clone()).or_default() += 1;
+    }
+    by
+}
+
+fn backend(topo: &Topology, i: usize, port: u16) -> String {
+    SocketAddrV4::new(topo.backends[i].ip, port).to_string()
+}
+
+#[test]
+fn apps_and_backends_through_the_cli_carry_traffic_and_stay_isolated() {
+    require_root();
+    let topo = Topology::new(3);
+    let _web = topo.echo_servers(8080, LIFETIME);
+    let b2 = &topo.backends[2];
+    let _db = EchoServer::start(b2, SocketAddrV4::new(b2.ip, 9090), "db-b2", LIFETIME);
+    let daemon = Daemon::start(&topo, None, &[]);
+
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the API socket is root-only");
+    let status = daemon.status();
+    assert!(
+        status.attachments.iter().all(|a| a.mode == AttachMode::Tc),
+        "veth gets tc by default: {:?}",
+        status.attachments
+    );
+
+    assert_eq!(
+        daemon.ok(&["app", "create", "web"]),
+        "tcp://203.0.113.10:20000\n"
+    );
+    for i in 0..3 {
+        daemon.ok(&["backend", "add", "web", &backend(&topo, i, 8080)]);
+    }
+    let web = sock(Topology::PUBLIC_IP, 20000);
+    let mut conns = EchoClient::connect_many(&topo.client, web, 150).unwrap();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.echo(&payload(2000, i as u32)).unwrap();
+    }
+    let by = spread(&conns);
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["b0", "b1", "b2"], "{by:?}");
+    assert!(
+        by.values().all(|&n| n >= 25),
+        "every backend gets a share: {by:?}"
+    );
+
+    // Open connections as the daemon counts them match what the client sees, per backend.
+    let status = daemon.status();
+    let app = &status.apps[0];
+    assert_eq!(app.connections, 150);
+    for (i, b) in app.backends.iter().enumerate() {
+        assert_eq!(b.address, backend(&topo, i, 8080));
+        assert_eq!(b.state, "active");
+        assert_eq!(b.connections as usize, by[&format!("b{i}")], "{b:?}");
+    }
+
+    // A second app on its own port reaches only its own backend.
+    assert_eq!(
+        daemon.ok(&["app", "create", "db", "--port", "20010"]),
+        "tcp://203.0.113.10:20010\n"
+    );
+    daemon.ok(&[
+        "backend",
+        "add",
+        "db",
+        &backend(&topo, 2, 9090),
+        "--weight",
+        "5",
+    ]);
+    let db = sock(Topology::PUBLIC_IP, 20010);
+    let db_conns = EchoClient::connect_many(&topo.client, db, 20).unwrap();
+    assert_eq!(
+        spread(&db_conns),
+        BTreeMap::from([("db-b2".to_owned(), 20)])
+    );
+    let shown: gateway::api::AppView =
+        serde_json::from_str(&daemon.ok(&["app", "show", "db", "--json"])).unwrap();
+    assert_eq!(
+        (shown.port, shown.connections, shown.backends[0].weight),
+        (20010, 20, 5)
+    );
+    drop(db_conns);
+
+    // Deleting an app ends its connections, stops its traffic and frees its port.
+    let mut open = EchoClient::connect(&topo.client, db).unwrap();
+    open.echo(b"before").unwrap();
+    assert!(
+        daemon
+            .ok(&["app", "delete", "db"])
+            .contains("port 20010 is free")
+    );
+    assert!(
+        open.echo(b"after").is_err(),
+        "the deleted app's connection ended"
+    );
+    assert!(
+        EchoClient::connect(&topo.client, db).is_err(),
+        "nothing answers on its port"
+    );
+    assert!(
+        daemon
+            .fails(&["app", "show", "db"])
+            .contains("no app named \"db\"")
+    );
+    // The other app never noticed.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.echo(&payload(100, i as u32)).unwrap();
+    }
+    assert_eq!(
+        daemon.ok(&["app", "create", "db2", "--port", "20010"]),
+        "tcp://203.0.113.10:20010\n",
+        "the port is free again"
+    );
+
+    // Removing a backend: new connections avoid it, open ones to it go on.
+    let victim = conns.iter().position(|c| c.server == "b1").unwrap();
+    daemon.ok(&["backend", "remove", "web", &backend(&topo, 1, 8080)]);
+    let list = daemon.ok(&["backend", "list", "web"]);
+    assert!(!list.contains(&backend(&topo, 1, 8080)), "{list}");
+    let fresh = EchoClient::connect_many(&topo.client, web, 60).unwrap();
+    assert!(!spread(&fresh).contains_key("b1"), "{:?}", spread(&fresh));
+    conns[victim].echo(&payload(100_000, 7)).unwrap();
+}
+
+#[test]
+fn invalid_input_is_refused_with_one_line_and_changes_nothing() {
+    require_root();
+    let topo = Topology::new(1);
+    let mut daemon = Daemon::start(&topo, None, &["--port-range", "20000-20001"]);
+    daemon.ok(&["app", "create", "web"]);
+    daemon.ok(&["backend", "add", "web", "198.51.100.2:8080"]);
+    let snapshot = daemon.ok(&["status", "--json"]);
+
+    let cases: &[(&[&str], &str)] = &[
+        (&["app", "create", "web"], "app \"web\" already exists"),
+        (&["app", "create", "Web"], "bad app name"),
+        (&["app", "create", "a_b"], "bad app name"),
+        (&["app", "create", &"a".repeat(64)], "bad app name"),
+        (
+            &["app", "create", "x", "--port", "20005"],
+            "outside the public port range 20000-20001",
+        ),
+        (
+            &["app", "create", "x", "--port", "20000"],
+            "already used by app \"web\"",
+        ),
+        (&["app", "create", "x", "--port", "0"], "port 0"),
+        (&["app", "show", "nope"], "no app named \"nope\""),
+        (&["app", "delete", "nope"], "no app named \"nope\""),
+        (&["backend", "list", "nope"], "no app named \"nope\""),
+        (
+            &["backend", "add", "nope", "198.51.100.2:8080"],
+            "no app named \"nope\"",
+        ),
+        (
+            &["backend", "add", "web", "198.51.100.2:8080"],
+            "already has backend",
+        ),
+        (
+            &["backend", "add", "web", "198.51.100.2"],
+            "bad backend address",
+        ),
+        (
+            &["backend", "add", "web", "backend:80"],
+            "bad backend address",
+        ),
+        (
+            &["backend", "add", "web", "[2001:db8::1]:80"],
+            "bad backend address",
+        ),
+        (
+            &["backend", "add", "web", "224.0.0.1:80"],
+            "not a unicast address",
+        ),
+        (
+            &["backend", "add", "web", "0.0.0.0:80"],
+            "not a unicast address",
+        ),
+        (
+            &["backend", "add", "web", "255.255.255.255:80"],
+            "not a unicast address",
+        ),
+        (&["backend", "add", "web", "198.51.100.6:0"], "port 0"),
+        (
+            &["backend", "add", "web", "198.51.100.6:80", "--weight", "0"],
+            "weight 0 is out of range",
+        ),
+        (
+            &[
+                "backend",
+                "add",
+                "web",
+                "198.51.100.6:80",
+                "--weight",
+                "257",
+            ],
+            "weight 257 is out of range",
+        ),
+        (
+            &["backend", "remove", "web", "198.51.100.6:80"],
+            "has no backend",
+        ),
+    ];
+    for (args, wants) in cases {
+        let err = daemon.fails(args);
+        assert!(err.contains(wants), "gateway {}: {err}", args.join(" "));
+        assert_eq!(daemon.ok(&["status", "--json"]), snapshot, "after {args:?}");
+    }
+
+    // The range runs out.
+    daemon.ok(&["app", "create", "x"]);
+    let snapshot = daemon.ok(&["status", "--json"]);
+    let err = daemon.fails(&["app", "create", "y"]);
+    assert!(
+        err.contains("every public port in 20000-20001 is taken"),
+        "{err}"
+    );
+    assert_eq!(daemon.ok(&["status", "--json"]), snapshot);
+
+    // Config file errors name the line and column; nothing starts.
+    let config = daemon.dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "public-ip = \"203.0.113.10\"\nport-range = 20000\n",
+    )
+    .unwrap();
+    let out = daemon
+        .command(&["--config".into(), config.display().to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.toml") && err.contains("line 2, column 14"),
+        "{err}"
+    );
+
+    // A corrupt state file stops the start with a clear error and is left as it is.
+    assert!(daemon.terminate().is_some_and(|s| s.success()));
+    let state = daemon.dir.path().join("state/state.json");
+    let good = std::fs::read(&state).unwrap();
+    std::fs::write(&state, b"{\"format\": 1, \"apps\": ").unwrap();
+    let out = daemon.command(&daemon.own_args()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is corrupt") && err.contains("left as it is"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        b"{\"format\": 1, \"apps\": "
+    );
+    std::fs::write(&state, good).unwrap();
+    daemon.restart();
+    assert_eq!(
+        daemon.ok(&["status", "--json"]),
+        snapshot,
+        "the state survived"
+    );
+}
+
+/// 20 connections exchanging data without pause while the daemon is killed with SIGKILL,
+/// started, stopped with SIGTERM and started again: every one survives, byte-exact.
+fn restart_keeps_connections(mode: AttachMode) {
+    require_root();
+    let topo = Topology::new(3);
+    if mode == AttachMode::Xdp {
+        topo.xdp_offloads();
+    }
+    let _servers = topo.echo_servers(8080, LIFETIME);
+    let mut daemon = Daemon::start(&topo, Some(mode), &[]);
+    daemon.ok(&["app", "create", "web"]);
+    for i in 0..3 {
+        daemon.ok(&["backend", "add", "web", &backend(&topo, i, 8080)]);
+    }
+    let before = daemon.status().apps;
+    let web = sock(Topology::PUBLIC_IP, 20000);
+    let conns = EchoClient::connect_many(&topo.client, web, 20).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds: Arc<Vec<AtomicU64>> = Arc::new((0..20).map(|_| AtomicU64::new(0)).collect());
+    let workers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            let (stop, rounds) = (stop.clone(), rounds.clone());
+            thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 1_000_000 {
+                    c.echo(&payload(8192, i as u32 * 7919 + n))?;
+                    n += 1;
+                    rounds[i].store(u64::from(n), Ordering::Relaxed);
+                }
+                Ok::<u32, std::io::Error>(n)
+            })
+        })
+        .collect();
+    let progress = || {
+        rounds
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    };
+    let all_moved = |since: &[u64]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if progress().iter().zip(since).all(|(now, then)| now > then) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    assert!(all_moved(&[0; 20]), "traffic flows");
+
+    daemon.kill9();
+    let at_kill = progress();
+    assert!(all_moved(&at_kill), "traffic flows while no daemon runs");
+    daemon.restart();
+    assert!(
+        daemon.log().contains("pinned maps reused"),
+        "{}",
+        daemon.log()
+    );
+    let status = daemon.status();
+    assert_eq!(status.apps.len(), 1);
+    assert_eq!(status.apps[0].connections, 20, "the conntrack was reused");
+    let strip = |apps: &[gateway::api::AppView]| {
+        apps.iter()
+            .map(|a| {
+                (
+                    a.name.clone(),
+                    a.url.clone(),
+                    a.backends
+                        .iter()
+                        .map(|b| b.address.clone())
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&status.apps), strip(&before), "the state survived");
+
+    assert!(
+        daemon.terminate().is_some_and(|s| s.success()),
+        "{}",
+        daemon.log()
+    );
+    let at_term = progress();
+    assert!(all_moved(&at_term), "traffic flows after SIGTERM");
+    daemon.restart();
+    let at_start = progress();
+    assert!(all_moved(&at_start), "traffic flows after the second start");
+
+    stop.store(true, Ordering::Relaxed);
+    for (i, w) in workers.into_iter().enumerate() {
+        let n = w
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert!(u64::from(n) > at_start[i], "connection {i}");
+    }
+    let fresh = EchoClient::connect_many(&topo.client, web, 20).unwrap();
+    assert_eq!(fresh.len(), 20);
+    drop(fresh);
+
+    // `gateway down` detaches everything: the pins go and nothing answers any more.
+    assert!(daemon.ok(&["down"]).contains("detached"));
+    assert!(!daemon.bpffs.exists(), "the pins are gone");
+    assert!(EchoClient::connect(&topo.client, web).is_err());
+}
+
+#[test]
+fn daemon_restart_keeps_connections_tc() {
+    restart_keeps_connections(AttachMode::Tc);
+}
+
+#[test]
+fn daemon_restart_keeps_connections_xdp() {
+    restart_keeps_connections(AttachMode::Xdp);
+}
