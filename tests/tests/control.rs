@@ -412,3 +412,30 @@ fn daemon_restart_keeps_connections_tc() {
 fn daemon_restart_keeps_connections_xdp() {
     restart_keeps_connections(AttachMode::Xdp);
 }
+
+#[test]
+fn detach_on_exit_removes_the_datapath_on_sigterm() {
+    require_root();
+    let topo = Topology::new(1);
+    let _servers = topo.echo_servers(8080, LIFETIME);
+    let mut daemon = Daemon::start(&topo, None, &["--detach-on-exit"]);
+    daemon.ok(&["app", "create", "web"]);
+    daemon.ok(&["backend", "add", "web", &backend(&topo, 0, 8080)]);
+    let web = sock(Topology::PUBLIC_IP, 20000);
+    EchoClient::connect(&topo.client, web).unwrap();
+    assert!(daemon.bpffs.exists());
+    assert!(
+        daemon.terminate().is_some_and(|s| s.success()),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        !daemon.bpffs.exists(),
+        "the pins are gone: {}",
+        daemon.log()
+    );
+    assert!(
+        EchoClient::connect(&topo.client, web).is_err(),
+        "nothing answers any more"
+    );
+}
