@@ -10,7 +10,8 @@
 //! | `DELETE /v1/apps/{name}`                 |                 | [`AppView`]         |
 //! | `GET /v1/apps/{name}/backends`           |                 | `[`[`BackendView`]`]` |
 //! | `POST /v1/apps/{name}/backends`          | [`AddBackend`]  | [`BackendView`] (201) |
-//! | `DELETE /v1/apps/{name}/backends/{addr}` |                 | [`BackendView`]     |
+//! | `DELETE /v1/apps/{name}/backends/{addr}[?now=true&drain_timeout_ms=N]` | | [`BackendView`] |
+//! | `POST /v1/apps/{name}/deploy`            | [`Deploy`]      | [`AppView`] once switched; 504 when aborted |
 //! | `POST /v1/down`                          |                 | 202; the daemon detaches and exits |
 //!
 //! Errors are `{"error": "one line"}` with a 4xx/5xx status.
@@ -32,6 +33,41 @@ pub struct CreateApp {
     /// A specific public port; the lowest free one of the range when absent.
     #[serde(default)]
     pub port: Option<u16>,
+    /// Health-check settings of its own (each falls back to the daemon's).
+    #[serde(default)]
+    pub health: crate::state::HealthOverrides,
+}
+
+/// `POST /v1/apps/{name}/deploy`: replace the app's backends with these.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deploy {
+    /// `IPv4:PORT` each.
+    pub backends: Vec<String>,
+    /// Weight of the new backends (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// How many new backends must be healthy to switch (default: all).
+    #[serde(default)]
+    pub quorum: Option<usize>,
+    /// How long to wait for them before aborting (default: the daemon's `--deploy-timeout`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// How long the replaced backends drain (default: the daemon's `--drain-timeout`).
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
+}
+
+/// Query of `DELETE /v1/apps/{name}/backends/{addr}`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveBackend {
+    /// Remove at once and end its connections, instead of draining.
+    #[serde(default)]
+    pub now: bool,
+    /// How long it drains (default: the daemon's `--drain-timeout`).
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 /// `POST /v1/apps/{name}/backends`.
@@ -49,8 +85,16 @@ pub struct AddBackend {
 pub struct BackendView {
     pub address: String,
     pub weight: u32,
-    /// `active`: in the app's table, gets new connections.
-    pub state: String,
+    /// `pending`, `active` (the only one that gets new connections), `unhealthy`, `draining`.
+    pub state: crate::state::BackendState,
+    /// When the state last changed (Unix time, ms).
+    pub since_ms: u64,
+    /// Draining: when its remaining connections are ended (Unix time, ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_until_ms: Option<u64>,
+    /// Held by a deploy that has not switched yet.
+    #[serde(default)]
+    pub held: bool,
     /// Open connections (handshaking or established) to it.
     pub connections: u64,
 }
@@ -211,5 +255,6 @@ pub fn status_of(kind: crate::state::ErrorKind) -> StatusCode {
         Invalid => StatusCode::BAD_REQUEST,
         NotFound => StatusCode::NOT_FOUND,
         Conflict | Exhausted => StatusCode::CONFLICT,
+        Timeout => StatusCode::GATEWAY_TIMEOUT,
     }
 }

@@ -4,11 +4,47 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
 
-use crate::{datapath::AttachMode, state::PortRange};
+use crate::{
+    datapath::AttachMode,
+    state::{HealthConfig, HealthOverrides, PortRange},
+};
+
+/// How long backends removed or replaced drain before their connections are ended.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a deploy waits for its new backends before it aborts.
+pub const DEFAULT_DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A duration written as humans do: `500ms`, `2s`, `5m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Dur(pub Duration);
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s)
+            .map(Dur)
+            .map_err(|e| format!("bad duration {s:?} ({e}): e.g. 500ms, 2s, 5m"))
+    }
+}
+
+impl TryFrom<String> for Dur {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl Dur {
+    pub fn ms(self) -> u64 {
+        self.0.as_millis().min(u128::from(u64::MAX)) as u64
+    }
+}
 
 /// Public ports handed to apps when the configuration names none.
 pub const DEFAULT_PORT_RANGE: PortRange = PortRange::new(20000, 29999);
@@ -69,6 +105,24 @@ pub struct DaemonArgs {
     /// leaving the datapath running for the next start [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub detach_on_exit: Option<bool>,
+    /// Time between two health checks of a backend [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub check_interval: Option<Dur>,
+    /// How long a health check's handshake may take [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub check_timeout: Option<Dur>,
+    /// Passed checks in a row that make a backend healthy [default: 2].
+    #[arg(long, value_name = "N")]
+    pub check_rise: Option<u32>,
+    /// Failed checks in a row that make a backend unhealthy [default: 2].
+    #[arg(long, value_name = "N")]
+    pub check_fall: Option<u32>,
+    /// How long removed or replaced backends keep their connections [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<Dur>,
+    /// How long a deploy waits for its new backends before it aborts [default: 1m].
+    #[arg(long, value_name = "DURATION")]
+    pub deploy_timeout: Option<Dur>,
 }
 
 /// The config file: the same keys as the flags.
@@ -88,6 +142,12 @@ pub struct FileConfig {
     pub bpffs: Option<PathBuf>,
     pub conntrack_size: Option<u32>,
     pub detach_on_exit: Option<bool>,
+    pub check_interval: Option<Dur>,
+    pub check_timeout: Option<Dur>,
+    pub check_rise: Option<u32>,
+    pub check_fall: Option<u32>,
+    pub drain_timeout: Option<Dur>,
+    pub deploy_timeout: Option<Dur>,
 }
 
 /// A configuration that cannot run.
@@ -139,6 +199,10 @@ pub struct Settings {
     pub bpffs: PathBuf,
     pub conntrack_size: u32,
     pub detach_on_exit: bool,
+    /// Health checks of apps that do not set their own.
+    pub health: HealthConfig,
+    pub drain_timeout: Duration,
+    pub deploy_timeout: Duration,
 }
 
 fn unicast(ip: Ipv4Addr) -> bool {
@@ -218,7 +282,25 @@ impl Settings {
                 "conntrack size {conntrack_size} is too small (at least 1024)"
             ));
         }
+        let overrides = HealthOverrides {
+            interval_ms: args.check_interval.or(file.check_interval).map(Dur::ms),
+            timeout_ms: args.check_timeout.or(file.check_timeout).map(Dur::ms),
+            rise: args.check_rise.or(file.check_rise),
+            fall: args.check_fall.or(file.check_fall),
+        };
+        if let Err(e) = HealthConfig::check(&overrides) {
+            return invalid(e.to_string());
+        }
         Ok(Settings {
+            health: HealthConfig::default().with(&overrides),
+            drain_timeout: args
+                .drain_timeout
+                .or(file.drain_timeout)
+                .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+            deploy_timeout: args
+                .deploy_timeout
+                .or(file.deploy_timeout)
+                .map_or(DEFAULT_DEPLOY_TIMEOUT, |d| d.0),
             ifaces,
             attach: args.attach.or(file.attach),
             public_ip,
@@ -286,6 +368,9 @@ mod tests {
             bpffs = "/run/gw-bpf"
             conntrack-size = 4096
             detach-on-exit = true
+            check-interval = "500ms"
+            check-fall = 3
+            drain-timeout = "30s"
             "#,
         )
         .unwrap();
@@ -297,6 +382,14 @@ mod tests {
         assert_eq!(s.url(30000), "tcp://tcp-1.example.com:30000");
         assert_eq!(s.conntrack_size, 4096);
         assert!(s.detach_on_exit);
+        let health = HealthConfig {
+            interval_ms: 500,
+            fall: 3,
+            ..HealthConfig::default()
+        };
+        assert_eq!(s.health, health);
+        assert_eq!(s.drain_timeout, Duration::from_secs(30));
+        assert_eq!(s.deploy_timeout, DEFAULT_DEPLOY_TIMEOUT);
     }
 
     #[test]
@@ -307,6 +400,7 @@ mod tests {
             ("attach = \"ebpf\"", "line 1"),
             ("port-range = \"10-1\"", "line 1"),
             ("iface = [", "line 1"),
+            ("\ncheck-interval = \"soon\"", "line 2"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(
@@ -333,7 +427,14 @@ mod tests {
 
     #[test]
     fn unusable_settings_are_refused() {
-        let cases: [(DaemonArgs, &str); 5] = [
+        let cases: [(DaemonArgs, &str); 6] = [
+            (
+                DaemonArgs {
+                    check_rise: Some(0),
+                    ..args()
+                },
+                "bad health-check setting",
+            ),
             (
                 DaemonArgs {
                     iface: vec![],

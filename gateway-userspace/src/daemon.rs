@@ -4,34 +4,49 @@
 //! live through a restart; on `down` (or with `--detach-on-exit`) it removes programs and pins.
 
 use std::{
+    collections::HashMap,
     net::SocketAddrV4,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path as UrlPath, State as Axum},
+    extract::{Path as UrlPath, Query, State as Axum},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{delete, get, post},
 };
 use gateway_common::maps::{ADDR_PUBLIC, ADDR_SNAT};
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
     api::{
-        AddBackend, AppView, AttachmentView, BackendView, CreateApp, ErrorBody, Status, status_of,
+        AddBackend, AppView, AttachmentView, BackendView, CreateApp, Deploy, ErrorBody,
+        RemoveBackend, Status, status_of,
     },
     config::Settings,
     datapath::{self, AttachMode, ConnectionCounts, Datapath, DatapathError, LoadOptions},
-    state::{self, App, State, StateError, StateFile, WEIGHT_DEFAULT},
+    health::{self, Report, Track},
+    state::{self, App, BackendState, HealthConfig, State, StateError, StateFile, WEIGHT_DEFAULT},
 };
+
+/// How often draining backends are looked at (their open connections counted).
+const DRAIN_TICK: Duration = Duration::from_millis(250);
+/// How often a deploy looks at its new backends' health.
+const DEPLOY_TICK: Duration = Duration::from_millis(50);
+
+/// The wall clock, in ms since the Unix epoch (what the state records).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// How often expired flows are collected.
 const GC_INTERVAL: Duration = Duration::from_secs(5);
@@ -169,13 +184,25 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The daemon's state: settings, desired state and its file, the datapath.
+/// One backend's running health check.
+struct Check {
+    addr: SocketAddrV4,
+    cfg: HealthConfig,
+    task: tokio::task::AbortHandle,
+}
+
+/// The daemon's state: settings, desired state and its file, the datapath, health checks.
 struct Core {
     settings: Settings,
     state: State,
     file: StateFile,
     datapath: Datapath,
     attachments: Vec<AttachmentView>,
+    /// Consecutive check results per backend id.
+    tracks: HashMap<u32, Track>,
+    checks: HashMap<u32, Check>,
+    reports: mpsc::UnboundedSender<Report>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Core {
@@ -201,12 +228,19 @@ impl Core {
                 if fresh && !known(b.id) {
                     d.reset_backend_stats(b.id)?;
                 }
+            }
+            // Backends joining first, then the table in one update, then those leaving: a
+            // SYN never meets a table whose backends all refuse it.
+            for b in new.backends.iter().filter(|b| b.state.accepting()) {
                 d.set_backend(b.id, b.addr, true)?;
             }
             // The table before the service, so that the first SYN finds it.
             d.set_app_backends(new.id, &new.maglev_entries())?;
             if old.is_none_or(|o| o.port != new.port) {
                 d.set_service(SocketAddrV4::new(self.settings.public_ip, new.port), new.id)?;
+            }
+            for b in new.backends.iter().filter(|b| !b.state.accepting()) {
+                d.set_backend(b.id, b.addr, false)?;
             }
         }
         if let Some(old) = old {
@@ -248,12 +282,132 @@ impl Core {
             return Err(ApiError::internal(&e));
         }
         self.state = next;
+        self.sync_checks();
+        Ok(())
+    }
+
+    /// The health-check settings of `app`.
+    fn health_of(&self, app: &App) -> HealthConfig {
+        self.settings.health.with(&app.health)
+    }
+
+    /// Runs one check task per backend that is not draining, with its app's settings.
+    fn sync_checks(&mut self) {
+        let mut want: HashMap<u32, (SocketAddrV4, HealthConfig)> = HashMap::new();
+        for app in self.state.apps.values() {
+            let cfg = self.health_of(app);
+            for b in &app.backends {
+                if b.state != BackendState::Draining {
+                    want.insert(b.id, (b.addr, cfg));
+                }
+            }
+        }
+        self.checks.retain(|id, c| {
+            let keep = want.get(id) == Some(&(c.addr, c.cfg));
+            if !keep {
+                c.task.abort();
+            }
+            keep
+        });
+        self.tracks.retain(|id, _| want.contains_key(id));
+        for (id, (addr, cfg)) in want {
+            if !self.checks.contains_key(&id) {
+                let task = self
+                    .runtime
+                    .spawn(health::check_loop(id, addr, cfg, self.reports.clone()))
+                    .abort_handle();
+                self.checks.insert(id, Check { addr, cfg, task });
+            }
+        }
+    }
+
+    /// Records one check's result and moves the backend's state when rise or fall is reached.
+    fn health_report(&mut self, r: Report) {
+        let Some((name, b)) = self.state.backend_by_id(r.backend_id) else {
+            return;
+        };
+        let (name, from, held, addr) = (name.to_owned(), b.state, b.held, b.addr);
+        let Ok(app) = self.state.app(&name) else {
+            return;
+        };
+        let cfg = self.health_of(app);
+        let track = self.tracks.entry(r.backend_id).or_default();
+        track.record(r.ok);
+        let Some(to) = track.transition(from, held, &cfg) else {
+            return;
+        };
+        let mut next = self.state.clone();
+        next.set_backend_state(r.backend_id, to, now_ms());
+        match self.commit(&name, next) {
+            Ok(()) if to == BackendState::Active => {
+                info!(app = name, backend = %addr, from = from.as_str(), to = to.as_str(), latency_ms = r.latency.as_millis() as u64, "backend healthy: it gets new connections");
+            }
+            Ok(()) => {
+                warn!(app = name, backend = %addr, from = from.as_str(), to = to.as_str(), failures = cfg.fall, "backend failed its health checks: no new connections");
+            }
+            Err(e) => {
+                warn!(app = name, backend = %addr, error = e.message, "backend state change failed")
+            }
+        }
+    }
+
+    /// Ends the drains that are over: a draining backend goes once it has no open connection,
+    /// or at its deadline, when its remaining connections are ended.
+    fn drain_tick(&mut self) -> Result<(), ApiError> {
+        let draining: Vec<(String, u32, SocketAddrV4, Option<u64>)> = self
+            .state
+            .apps
+            .iter()
+            .flat_map(|(name, app)| {
+                app.backends
+                    .iter()
+                    .filter(|b| b.state == BackendState::Draining)
+                    .map(|b| (name.clone(), b.id, b.addr, b.drain_until_ms))
+            })
+            .collect();
+        if draining.is_empty() {
+            return Ok(());
+        }
+        let counts = self.counts()?;
+        let now = now_ms();
+        for (name, id, addr, until) in draining {
+            let open = counts.backends.get(&id).copied().unwrap_or(0);
+            let expired = until.is_some_and(|u| now >= u);
+            if open > 0 && !expired {
+                continue;
+            }
+            let mut next = self.state.clone();
+            next.remove_backend(&name, addr)?;
+            self.commit(&name, next)?;
+            if open > 0 {
+                let ended = self.datapath.remove_backend_flows(id)? / 2;
+                warn!(app = name, backend = %addr, connections = ended, "drain timeout: the backend's remaining connections were ended; it is gone");
+            } else {
+                info!(app = name, backend = %addr, "backend drained: no connection left; it is gone");
+            }
+        }
         Ok(())
     }
 
     /// Brings the datapath in line with the persisted state at start: every app programmed,
     /// services and tables of apps that no longer exist removed.
-    fn restore(&mut self) -> Result<(), DatapathError> {
+    fn restore(&mut self) -> anyhow::Result<()> {
+        let interrupted: Vec<String> = self
+            .state
+            .apps
+            .iter()
+            .filter(|(_, a)| a.deploying())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in interrupted {
+            let held = self.state.abort_deploy(&name)?;
+            self.file.save(&self.state)?;
+            warn!(
+                app = name,
+                backends = held.len(),
+                "a deploy was interrupted by the restart: aborted, the old backends keep serving"
+            );
+        }
         let apps: Vec<App> = self.state.apps.values().cloned().collect();
         for app in &apps {
             self.program(None, Some(app), false)?;
@@ -299,7 +453,10 @@ fn backend_view(b: &state::Backend, counts: &ConnectionCounts) -> BackendView {
     BackendView {
         address: b.addr.to_string(),
         weight: b.weight,
-        state: "active".to_owned(),
+        state: b.state,
+        since_ms: b.since_ms,
+        drain_until_ms: b.drain_until_ms,
+        held: b.held,
         connections: counts.backends.get(&b.id).copied().unwrap_or(0),
     }
 }
@@ -377,7 +534,7 @@ async fn create_app(
     s.with(move |c| {
         let mut next = c.state.clone();
         let app = next
-            .create_app(&req.name, req.port, c.settings.port_range)?
+            .create_app_with(&req.name, req.port, c.settings.port_range, req.health)?
             .clone();
         c.commit(&req.name, next)?;
         info!(app = req.name, port = app.port, "app created");
@@ -442,9 +599,10 @@ async fn add_backend(
         c.state.app(&name)?;
         let addr = state::parse_backend(&req.address)?;
         let mut next = c.state.clone();
-        let backend = next.add_backend(&name, addr, req.weight.unwrap_or(WEIGHT_DEFAULT))?;
+        let weight = req.weight.unwrap_or(WEIGHT_DEFAULT);
+        let backend = next.add_backend_as(&name, addr, weight, BackendState::Pending, now_ms())?;
         c.commit(&name, next)?;
-        info!(app = name, backend = %addr, weight = backend.weight, "backend added");
+        info!(app = name, backend = %addr, weight, "backend added: pending until its health checks pass");
         Ok((
             StatusCode::CREATED,
             Json(backend_view(&backend, &ConnectionCounts::default())),
@@ -456,18 +614,124 @@ async fn add_backend(
 async fn remove_backend(
     Axum(s): Axum<Shared>,
     UrlPath((name, address)): UrlPath<(String, String)>,
+    Query(q): Query<RemoveBackend>,
 ) -> Result<Json<BackendView>, ApiError> {
     s.with(move |c| {
         c.state.app(&name)?;
         let addr = state::parse_backend(&address)?;
         let mut next = c.state.clone();
-        let backend = next.remove_backend(&name, addr)?;
-        c.commit(&name, next)?;
-        info!(app = name, backend = %addr, "backend removed; its open connections go on");
         let counts = c.counts()?;
+        if q.now {
+            let backend = next.remove_backend(&name, addr)?;
+            c.commit(&name, next)?;
+            let ended = c.datapath.remove_backend_flows(backend.id)? / 2;
+            info!(app = name, backend = %addr, connections = ended, "backend removed now; its connections were ended");
+            return Ok(Json(backend_view(&backend, &counts)));
+        }
+        let timeout = q.drain_timeout_ms.unwrap_or(c.settings.drain_timeout.as_millis() as u64);
+        let now = now_ms();
+        let backend = next.drain_backend(&name, addr, now, now + timeout)?;
+        c.commit(&name, next)?;
+        info!(app = name, backend = %addr, drain_timeout_ms = timeout, "backend draining: no new connections; open ones go on");
         Ok(Json(backend_view(&backend, &counts)))
     })
     .await
+}
+
+/// Replaces an app's backends: the new ones are added pending; once `quorum` of them are
+/// healthy the table switches to them in one update and the others drain. Answers once
+/// switched, or with 504 once the deploy timed out and was rolled back.
+async fn deploy(
+    Axum(s): Axum<Shared>,
+    UrlPath(name): UrlPath<String>,
+    bytes: Bytes,
+) -> Result<Json<AppView>, ApiError> {
+    let req: Deploy = body(&bytes)?;
+    let addrs = req
+        .backends
+        .iter()
+        .map(|a| state::parse_backend(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let weight = req.weight.unwrap_or(WEIGHT_DEFAULT);
+    state::check_weight(weight)?;
+    let (n, a) = (name.clone(), addrs.clone());
+    let (held, quorum, timeout, drain_ms) = s
+        .with(move |c| {
+            c.state.app(&n)?;
+            let mut next = c.state.clone();
+            let held: Vec<u32> = next
+                .begin_deploy(&n, &a, weight, now_ms())?
+                .iter()
+                .map(|b| b.id)
+                .collect();
+            let quorum = req.quorum.unwrap_or(held.len());
+            if quorum > held.len() || (quorum == 0 && !held.is_empty()) {
+                return Err(StateError::Quorum {
+                    quorum,
+                    new: held.len(),
+                }
+                .into());
+            }
+            c.commit(&n, next)?;
+            let timeout = req
+                .timeout_ms
+                .map_or(c.settings.deploy_timeout, Duration::from_millis);
+            let drain_ms = req
+                .drain_timeout_ms
+                .unwrap_or(c.settings.drain_timeout.as_millis() as u64);
+            info!(
+                app = n,
+                new = held.len(),
+                quorum,
+                "deploy started: new backends pending"
+            );
+            Ok((held, quorum, timeout, drain_ms))
+        })
+        .await?;
+    let start = tokio::time::Instant::now();
+    loop {
+        let (n, a, h) = (name.clone(), addrs.clone(), held.clone());
+        let done = s
+            .with(move |c| {
+                let cfg = c.health_of(c.state.app(&n)?);
+                let healthy: Vec<u32> = h
+                    .iter()
+                    .copied()
+                    .filter(|id| c.tracks.get(id).is_some_and(|t| t.risen(&cfg)))
+                    .collect();
+                let waited = start.elapsed();
+                if healthy.len() >= quorum {
+                    let mut next = c.state.clone();
+                    let now = now_ms();
+                    next.switch_deploy(&n, &a, &healthy, now, now + drain_ms)?;
+                    c.commit(&n, next)?;
+                    info!(app = n, healthy = healthy.len(), waited_ms = waited.as_millis() as u64, "deploy switched: new connections go to the new backends, the old ones drain");
+                    let app = c.state.app(&n)?.clone();
+                    let counts = c.counts()?;
+                    return Ok(Some(c.app_view(&n, &app, &counts)));
+                }
+                if waited >= timeout {
+                    let mut next = c.state.clone();
+                    next.abort_deploy(&n)?;
+                    c.commit(&n, next)?;
+                    let err = StateError::DeployTimeout {
+                        app: n.clone(),
+                        healthy: healthy.len(),
+                        new: h.len(),
+                        quorum,
+                        waited_ms: waited.as_millis() as u64,
+                    };
+                    warn!("{err}");
+                    return Err(err.into());
+                }
+                Ok(None)
+            })
+            .await?;
+        if let Some(view) = done {
+            return Ok(Json(view));
+        }
+        tokio::time::sleep(DEPLOY_TICK).await;
+    }
 }
 
 async fn down(Axum(s): Axum<Shared>) -> StatusCode {
@@ -493,6 +757,7 @@ fn router(shared: Shared) -> Router {
             get(list_backends).post(add_backend),
         )
         .route("/v1/apps/{name}/backends/{addr}", delete(remove_backend))
+        .route("/v1/apps/{name}/deploy", post(deploy))
         .route("/v1/down", post(down))
         .fallback(not_found)
         .with_state(shared)
@@ -587,12 +852,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         ])
         .context("configuring the datapath")?;
 
+    let (reports, mut report_rx) = mpsc::unbounded_channel();
     let mut core = Core {
         settings: settings.clone(),
         state,
         file,
         datapath,
         attachments: Vec::new(),
+        tracks: HashMap::new(),
+        checks: HashMap::new(),
+        reports,
+        runtime: tokio::runtime::Handle::current(),
     };
     core.restore()
         .context("restoring the state into the datapath")?;
@@ -663,6 +933,32 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         })
     };
 
+    let health = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(report) = report_rx.recv().await {
+                let _ = shared
+                    .with(move |c| {
+                        c.health_report(report);
+                        Ok(())
+                    })
+                    .await;
+            }
+        })
+    };
+    let drains = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(DRAIN_TICK);
+            loop {
+                tick.tick().await;
+                if let Err(e) = shared.with(|c| c.drain_tick()).await {
+                    warn!(error = e.message, "ending drains failed");
+                }
+            }
+        })
+    };
+
     let signals = {
         let exit = shared.exit.clone();
         tokio::spawn(async move {
@@ -697,6 +993,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     server.await.context("serving the API")?;
     gc.abort();
     signals.abort();
+    health.abort();
+    drains.abort();
+    {
+        let mut core = shared.core.lock().unwrap_or_else(|p| p.into_inner());
+        for check in core.checks.values() {
+            check.task.abort();
+        }
+        core.checks.clear();
+    }
     let how = *exit_rx.borrow_and_update();
     let detach = how == Exit::Detach || settings.detach_on_exit;
     let core = shared.core.clone();

@@ -764,9 +764,18 @@ impl Datapath {
 
     /// Removes both entries of every flow of app `app_id`; returns how many entries went.
     pub fn remove_app_flows(&mut self, app_id: u32) -> Result<usize, DatapathError> {
+        self.remove_flows(|f| f.app_id == app_id)
+    }
+
+    /// Removes both entries of every flow to backend `id`; returns how many entries went.
+    pub fn remove_backend_flows(&mut self, id: u32) -> Result<usize, DatapathError> {
+        self.remove_flows(|f| f.backend_id == id)
+    }
+
+    fn remove_flows(&mut self, which: impl Fn(&Flow) -> bool) -> Result<usize, DatapathError> {
         let mut removed = 0;
         for (key, flow) in self.flows()? {
-            if flow.app_id == app_id && self.maps.conntrack.remove(&key).is_ok() {
+            if which(&flow) && self.maps.conntrack.remove(&key).is_ok() {
                 removed += 1;
             }
         }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod health;
 pub mod maglev;
 pub mod state;
 

@@ -38,6 +38,31 @@ enum Command {
     /// An app's backends (containers).
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Replace an app's backends: the new ones join once healthy, in one switch, and the
+    /// others drain.
+    Deploy {
+        app: String,
+        /// The new backends, `IP:PORT` each.
+        #[arg(required = true, value_name = "IP:PORT")]
+        backends: Vec<String>,
+        /// Weight of the new backends, 1 to 256.
+        #[arg(long)]
+        weight: Option<u32>,
+        /// How many new backends must be healthy to switch [default: all].
+        #[arg(long)]
+        quorum: Option<usize>,
+        /// Abort (keeping the old backends) if they are not healthy by then [default: the
+        /// daemon's --deploy-timeout].
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<config::Dur>,
+        /// How long the replaced backends drain [default: the daemon's --drain-timeout].
+        #[arg(long, value_name = "DURATION")]
+        drain_timeout: Option<config::Dur>,
+        /// After the switch, wait until the replaced backends are gone (no connection left,
+        /// or the drain timeout): then they can be stopped.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Apps, ports, backends with their state, open connections.
     Status {
         #[arg(long)]
@@ -62,6 +87,18 @@ enum AppCommand {
         /// This public port instead of the lowest free one.
         #[arg(long)]
         port: Option<u16>,
+        /// Health checks: time between two [default: the daemon's].
+        #[arg(long, value_name = "DURATION")]
+        check_interval: Option<config::Dur>,
+        /// Health checks: handshake timeout [default: the daemon's].
+        #[arg(long, value_name = "DURATION")]
+        check_timeout: Option<config::Dur>,
+        /// Health checks: passes in a row to become healthy [default: the daemon's].
+        #[arg(long, value_name = "N")]
+        check_rise: Option<u32>,
+        /// Health checks: failures in a row to become unhealthy [default: the daemon's].
+        #[arg(long, value_name = "N")]
+        check_fall: Option<u32>,
     },
     /// List the apps.
     List {
@@ -88,8 +125,18 @@ enum BackendCommand {
         #[arg(long)]
         weight: Option<u32>,
     },
-    /// Remove a backend: no new connections; open ones go on.
-    Remove { app: String, address: String },
+    /// Remove a backend: it drains (no new connections; open ones go on until they close or
+    /// the drain timeout), then goes.
+    Remove {
+        app: String,
+        address: String,
+        /// Remove it at once and end its connections.
+        #[arg(long)]
+        now: bool,
+        /// How long it drains [default: the daemon's --drain-timeout].
+        #[arg(long, value_name = "DURATION", conflicts_with = "now")]
+        drain_timeout: Option<config::Dur>,
+    },
     /// List an app's backends.
     List {
         app: String,
@@ -149,8 +196,21 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
     let seg = api::segment;
     rt.block_on(async {
         match command {
-            Command::App(AppCommand::Create { name, port }) => {
-                let body = json!({ "name": name, "port": port });
+            Command::App(AppCommand::Create {
+                name,
+                port,
+                check_interval,
+                check_timeout,
+                check_rise,
+                check_fall,
+            }) => {
+                let health = json!({
+                    "interval_ms": check_interval.map(config::Dur::ms),
+                    "timeout_ms": check_timeout.map(config::Dur::ms),
+                    "rise": check_rise,
+                    "fall": check_fall,
+                });
+                let body = json!({ "name": name, "port": port, "health": health });
                 let app: AppView = client.call(Method::POST, "/v1/apps", Some(body)).await?;
                 println!("{}", app.url);
             }
@@ -193,13 +253,81 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                     b.address, b.weight
                 );
             }
-            Command::Backend(BackendCommand::Remove { app, address }) => {
-                let path = format!("/v1/apps/{}/backends/{}", seg(&app), seg(&address));
+            Command::Backend(BackendCommand::Remove {
+                app,
+                address,
+                now,
+                drain_timeout,
+            }) => {
+                let mut path = format!("/v1/apps/{}/backends/{}", seg(&app), seg(&address));
+                if now {
+                    path.push_str("?now=true");
+                } else if let Some(d) = drain_timeout {
+                    path.push_str(&format!("?drain_timeout_ms={}", d.ms()));
+                }
                 let b: BackendView = client.call(Method::DELETE, &path, None).await?;
+                if now {
+                    println!(
+                        "removed backend {} from app {app}; its {} connections were ended",
+                        b.address, b.connections
+                    );
+                } else {
+                    println!(
+                        "backend {} of app {app} is draining: no new connections; its {} open ones go on",
+                        b.address, b.connections
+                    );
+                }
+            }
+            Command::Deploy {
+                app,
+                backends,
+                weight,
+                quorum,
+                timeout,
+                drain_timeout,
+                wait,
+            } => {
+                let path = format!("/v1/apps/{}/deploy", seg(&app));
+                let body = json!({
+                    "backends": backends,
+                    "weight": weight,
+                    "quorum": quorum,
+                    "timeout_ms": timeout.map(config::Dur::ms),
+                    "drain_timeout_ms": drain_timeout.map(config::Dur::ms),
+                });
+                let view: AppView = client.call(Method::POST, &path, Some(body)).await?;
+                let old: Vec<String> = view
+                    .backends
+                    .iter()
+                    .filter(|b| b.state == gateway::state::BackendState::Draining)
+                    .map(|b| b.address.clone())
+                    .collect();
                 println!(
-                    "removed backend {} from app {app}; its {} open connections go on",
-                    b.address, b.connections
+                    "app {app} switched to {}; draining: {}",
+                    backends.join(" "),
+                    if old.is_empty() { "none".to_owned() } else { old.join(" ") }
                 );
+                if wait && !old.is_empty() {
+                    let path = format!("/v1/apps/{}", seg(&app));
+                    // The daemon ends the drain at its deadline; this waits a little longer.
+                    let until = view.backends.iter().filter_map(|b| b.drain_until_ms).max();
+                    let limit = until.unwrap_or(0).saturating_sub(gateway::daemon::now_ms());
+                    let deadline = std::time::Instant::now()
+                        + std::time::Duration::from_millis(limit)
+                        + std::time::Duration::from_secs(10);
+                    loop {
+                        let view: AppView = client.call(Method::GET, &path, None).await?;
+                        if !view.backends.iter().any(|b| old.contains(&b.address)) {
+                            break;
+                        }
+                        anyhow::ensure!(
+                            std::time::Instant::now() < deadline,
+                            "the replaced backends of app {app} are still there after their drain timeout"
+                        );
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    println!("the replaced backends are gone: they can be stopped");
+                }
             }
             Command::Backend(BackendCommand::List { app, json }) => {
                 let path = format!("/v1/apps/{}/backends", seg(&app));
@@ -218,7 +346,9 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                     print_status(&status);
                 }
             }
-            Command::Daemon(_) | Command::Check | Command::Down { .. } => unreachable!(),
+            Command::Daemon(_) | Command::Check | Command::Down { .. } => {
+                unreachable!("handled in main")
+            }
         }
         anyhow::Ok(())
     })
@@ -252,14 +382,26 @@ fn print_backends(backends: &[BackendView], indent: &str) {
         return;
     }
     println!(
-        "{indent}{:21}  {:>6}  {:8}  {:>11}",
-        "BACKEND", "WEIGHT", "STATE", "CONNECTIONS"
+        "{indent}{:21}  {:>6}  {:9}  {:>8}  {:>11}",
+        "BACKEND", "WEIGHT", "STATE", "SINCE", "CONNECTIONS"
     );
+    let now = gateway::daemon::now_ms();
     for b in backends {
+        let state = if b.held { "pending*" } else { b.state.as_str() };
+        let age = humantime::format_duration(std::time::Duration::from_secs(
+            now.saturating_sub(b.since_ms) / 1000,
+        ));
         println!(
-            "{indent}{:21}  {:>6}  {:8}  {:>11}",
-            b.address, b.weight, b.state, b.connections
+            "{indent}{:21}  {:>6}  {:9}  {:>8}  {:>11}",
+            b.address,
+            b.weight,
+            state,
+            age.to_string(),
+            b.connections
         );
+    }
+    if backends.iter().any(|b| b.held) {
+        println!("{indent}(* added by a deploy that has not switched yet)");
     }
 }
 

@@ -94,6 +94,8 @@ pub enum ErrorKind {
     Conflict,
     /// A limit is reached.
     Exhausted,
+    /// Waited too long (a deploy whose backends did not become healthy).
+    Timeout,
 }
 
 /// A rejected change. The state is left exactly as it was.
@@ -129,6 +131,30 @@ pub enum StateError {
     TooManyApps,
     #[error("the gateway holds at most {} backends", MAX_BACKENDS - 1)]
     TooManyBackends,
+    #[error(
+        "bad health-check setting: interval and timeout are 10ms to 1h, rise and fall 1 to 100"
+    )]
+    Health,
+    #[error("a deploy of app {0:?} is in progress")]
+    DeployInProgress(String),
+    #[error("a deploy needs at least one backend")]
+    EmptyDeploy,
+    #[error("quorum {quorum} is out of range: the deploy adds {new} new backends")]
+    Quorum { quorum: usize, new: usize },
+    #[error(
+        "deploy of app {app:?} aborted: {healthy} of {new} new backends healthy after {waited_ms} ms, {quorum} needed; the old backends keep serving"
+    )]
+    DeployTimeout {
+        app: String,
+        healthy: usize,
+        new: usize,
+        quorum: usize,
+        waited_ms: u64,
+    },
+    #[error(
+        "backend {addr} of app {app:?} is draining: wait for it to go, or remove it with --now"
+    )]
+    Draining { app: String, addr: SocketAddrV4 },
 }
 
 impl StateError {
@@ -136,14 +162,22 @@ impl StateError {
         use StateError::*;
         match self {
             UnknownApp(_) | UnknownBackend { .. } => ErrorKind::NotFound,
-            DuplicateApp(_) | PortTaken { .. } | DuplicateBackend { .. } => ErrorKind::Conflict,
+            DuplicateApp(_)
+            | PortTaken { .. }
+            | DuplicateBackend { .. }
+            | DeployInProgress(_)
+            | Draining { .. } => ErrorKind::Conflict,
             RangeExhausted(_) | TooManyApps | TooManyBackends => ErrorKind::Exhausted,
             BadName(_)
             | PortOutOfRange { .. }
             | PortZero
             | BadAddress(_)
             | NotUnicast(_)
-            | Weight(_) => ErrorKind::Invalid,
+            | Weight(_)
+            | Health
+            | EmptyDeploy
+            | Quorum { .. } => ErrorKind::Invalid,
+            DeployTimeout { .. } => ErrorKind::Timeout,
         }
     }
 }
@@ -191,6 +225,38 @@ pub fn check_weight(weight: u32) -> Result<(), StateError> {
     }
 }
 
+/// Where a backend is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Added, not yet healthy: no new connections.
+    Pending,
+    /// Healthy: in the app's table, gets new connections.
+    #[default]
+    Active,
+    /// Failed its health checks: no new connections; its open ones go on.
+    Unhealthy,
+    /// Removed or replaced: no new connections; open ones go on until they close or the drain
+    /// ends, then its flows are dropped and it disappears.
+    Draining,
+}
+
+impl BackendState {
+    /// Whether new connections may go to it.
+    pub fn accepting(self) -> bool {
+        self == BackendState::Active
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Pending => "pending",
+            BackendState::Active => "active",
+            BackendState::Unhealthy => "unhealthy",
+            BackendState::Draining => "draining",
+        }
+    }
+}
+
 /// One backend (a container) of an app.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,6 +265,75 @@ pub struct Backend {
     pub id: u32,
     pub addr: SocketAddrV4,
     pub weight: u32,
+    #[serde(default)]
+    pub state: BackendState,
+    /// When the state last changed (Unix time, ms).
+    #[serde(default)]
+    pub since_ms: u64,
+    /// Draining: when its remaining connections are ended (Unix time, ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_until_ms: Option<u64>,
+    /// Added by a deploy that has not switched yet: held out of rotation even when healthy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+}
+
+/// Health-check settings an app overrides (each falls back to the daemon's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+}
+
+/// Effective health-check settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthConfig {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    /// As suits containers: a handshake every second, 1 s to answer, two in a row to change.
+    fn default() -> Self {
+        HealthConfig {
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// These settings with `o`'s overrides.
+    pub fn with(self, o: &HealthOverrides) -> Self {
+        HealthConfig {
+            interval_ms: o.interval_ms.unwrap_or(self.interval_ms),
+            timeout_ms: o.timeout_ms.unwrap_or(self.timeout_ms),
+            rise: o.rise.unwrap_or(self.rise),
+            fall: o.fall.unwrap_or(self.fall),
+        }
+    }
+
+    /// Checks the ranges: interval and timeout 10 ms to 1 h, rise and fall 1 to 100.
+    pub fn check(o: &HealthOverrides) -> Result<(), StateError> {
+        let ms = |v: Option<u64>| v.is_none_or(|v| (10..=3_600_000).contains(&v));
+        let n = |v: Option<u32>| v.is_none_or(|v| (1..=100).contains(&v));
+        if ms(o.interval_ms) && ms(o.timeout_ms) && n(o.rise) && n(o.fall) {
+            Ok(())
+        } else {
+            Err(StateError::Health)
+        }
+    }
 }
 
 /// One app: its public port and its backends.
@@ -210,13 +345,25 @@ pub struct App {
     /// Its public port.
     pub port: u16,
     pub backends: Vec<Backend>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub health: HealthOverrides,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 impl App {
+    /// Whether a deploy of this app is waiting for its new backends.
+    pub fn deploying(&self) -> bool {
+        self.backends.iter().any(|b| b.held)
+    }
+
     /// The Maglev entries of the backends that take new connections.
     pub fn maglev_entries(&self) -> Vec<crate::maglev::Entry> {
         self.backends
             .iter()
+            .filter(|b| b.state.accepting())
             .map(|b| crate::maglev::Entry {
                 id: b.id,
                 addr: b.addr,
@@ -275,7 +422,19 @@ impl State {
         port: Option<u16>,
         range: PortRange,
     ) -> Result<&App, StateError> {
+        self.create_app_with(name, port, range, HealthOverrides::default())
+    }
+
+    /// [`State::create_app`] with health-check settings of its own.
+    pub fn create_app_with(
+        &mut self,
+        name: &str,
+        port: Option<u16>,
+        range: PortRange,
+        health: HealthOverrides,
+    ) -> Result<&App, StateError> {
         check_name(name)?;
+        HealthConfig::check(&health)?;
         if self.apps.contains_key(name) {
             return Err(StateError::DuplicateApp(name.to_owned()));
         }
@@ -309,6 +468,7 @@ impl State {
             id,
             port,
             backends: Vec::new(),
+            health,
         };
         Ok(self.apps.entry(name.to_owned()).or_insert(app))
     }
@@ -320,12 +480,25 @@ impl State {
             .ok_or_else(|| StateError::UnknownApp(name.to_owned()))
     }
 
-    /// Adds backend `addr` with `weight` to app `name`.
+    /// Adds backend `addr` with `weight` to app `name`, active (see [`State::add_backend_as`]).
     pub fn add_backend(
         &mut self,
         name: &str,
         addr: SocketAddrV4,
         weight: u32,
+    ) -> Result<Backend, StateError> {
+        self.add_backend_as(name, addr, weight, BackendState::Active, 0)
+    }
+
+    /// Adds backend `addr` with `weight` to app `name` in `state` (the daemon adds them
+    /// pending, until their health checks pass), at `now_ms`.
+    pub fn add_backend_as(
+        &mut self,
+        name: &str,
+        addr: SocketAddrV4,
+        weight: u32,
+        state: BackendState,
+        now_ms: u64,
     ) -> Result<Backend, StateError> {
         check_weight(weight)?;
         parse_backend(&addr.to_string())?;
@@ -348,10 +521,151 @@ impl State {
             .map(|i| (start - 1 + i) % span + 1)
             .find(|id| !used.contains(id))
             .ok_or(StateError::TooManyBackends)?;
-        let backend = Backend { id, addr, weight };
+        let backend = Backend {
+            id,
+            addr,
+            weight,
+            state,
+            since_ms: now_ms,
+            drain_until_ms: None,
+            held: false,
+        };
         self.next_backend_id = id % span + 1;
         self.app_mut(name)?.backends.push(backend.clone());
         Ok(backend)
+    }
+
+    /// The backend with datapath id `id`, and its app's name.
+    pub fn backend_by_id(&self, id: u32) -> Option<(&str, &Backend)> {
+        self.apps.iter().find_map(|(name, app)| {
+            app.backends
+                .iter()
+                .find(|b| b.id == id)
+                .map(|b| (name.as_str(), b))
+        })
+    }
+
+    /// Puts backend `id` in `state` at `now_ms`; false if there is no such backend or it is
+    /// in that state already.
+    pub fn set_backend_state(&mut self, id: u32, state: BackendState, now_ms: u64) -> bool {
+        for app in self.apps.values_mut() {
+            if let Some(b) = app.backends.iter_mut().find(|b| b.id == id) {
+                if b.state == state {
+                    return false;
+                }
+                b.state = state;
+                b.since_ms = now_ms;
+                b.drain_until_ms = None;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Starts draining backend `addr` of app `name` until `until_ms`.
+    pub fn drain_backend(
+        &mut self,
+        name: &str,
+        addr: SocketAddrV4,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Backend, StateError> {
+        let app = self.app_mut(name)?;
+        let b = app
+            .backends
+            .iter_mut()
+            .find(|b| b.addr == addr)
+            .ok_or_else(|| StateError::UnknownBackend {
+                app: name.to_owned(),
+                addr,
+            })?;
+        if b.state != BackendState::Draining {
+            b.state = BackendState::Draining;
+            b.since_ms = now_ms;
+            b.drain_until_ms = Some(until_ms);
+            b.held = false;
+        }
+        Ok(b.clone())
+    }
+
+    /// Starts a deploy of app `name` to the backends `addrs`: those it lacks are added
+    /// pending and held; the ones it has stay as they are. Returns the held ones.
+    pub fn begin_deploy(
+        &mut self,
+        name: &str,
+        addrs: &[SocketAddrV4],
+        weight: u32,
+        now_ms: u64,
+    ) -> Result<Vec<Backend>, StateError> {
+        let app = self.app(name)?;
+        if app.deploying() {
+            return Err(StateError::DeployInProgress(name.to_owned()));
+        }
+        if addrs.is_empty() {
+            return Err(StateError::EmptyDeploy);
+        }
+        for (i, a) in addrs.iter().enumerate() {
+            if addrs[..i].contains(a) {
+                return Err(StateError::DuplicateBackend {
+                    app: name.to_owned(),
+                    addr: *a,
+                });
+            }
+            if let Some(b) = app.backends.iter().find(|b| b.addr == *a)
+                && b.state == BackendState::Draining
+            {
+                return Err(StateError::Draining {
+                    app: name.to_owned(),
+                    addr: *a,
+                });
+            }
+        }
+        let existing: Vec<SocketAddrV4> = app.backends.iter().map(|b| b.addr).collect();
+        let mut held = Vec::new();
+        for a in addrs.iter().filter(|a| !existing.contains(a)) {
+            let mut b = self.add_backend_as(name, *a, weight, BackendState::Pending, now_ms)?;
+            b.held = true;
+            let app = self.app_mut(name)?;
+            app.backends.last_mut().expect("just added").held = true;
+            held.push(b);
+        }
+        Ok(held)
+    }
+
+    /// Switches app `name` to `addrs` (a deploy whose new backends are ready): the held ones in
+    /// `healthy` become active, the others stop being held (their checks go on: they rise
+    /// later), and every backend not in `addrs` starts draining until `drain_until_ms`.
+    pub fn switch_deploy(
+        &mut self,
+        name: &str,
+        addrs: &[SocketAddrV4],
+        healthy: &[u32],
+        now_ms: u64,
+        drain_until_ms: u64,
+    ) -> Result<(), StateError> {
+        let app = self.app_mut(name)?;
+        for b in &mut app.backends {
+            if b.held {
+                b.held = false;
+                if healthy.contains(&b.id) {
+                    b.state = BackendState::Active;
+                    b.since_ms = now_ms;
+                }
+            } else if !addrs.contains(&b.addr) && b.state != BackendState::Draining {
+                b.state = BackendState::Draining;
+                b.since_ms = now_ms;
+                b.drain_until_ms = Some(drain_until_ms);
+            }
+        }
+        Ok(())
+    }
+
+    /// Abandons app `name`'s deploy: its held backends go; the old set is untouched.
+    pub fn abort_deploy(&mut self, name: &str) -> Result<Vec<Backend>, StateError> {
+        let app = self.app_mut(name)?;
+        let (held, kept) = app.backends.drain(..).partition(|b| b.held);
+        app.backends = kept;
+        Ok(held)
     }
 
     /// Removes backend `addr` from app `name` and returns it.

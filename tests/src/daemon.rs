@@ -51,6 +51,9 @@ impl Daemon {
             Topology::PUBLIC_IP.to_string(),
             "--snat-ip".into(),
             Topology::SNAT_IP.to_string(),
+            // Health checks 5x faster than the default, so that tests wait less.
+            "--check-interval".into(),
+            "200ms".into(),
         ];
         for iface in topo.gateway_ifaces() {
             args.extend(["--iface".into(), iface]);
@@ -195,6 +198,35 @@ impl Daemon {
         assert!(out.stdout.is_empty(), "stdout: {:?}", out.stdout);
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
         stderr
+    }
+
+    /// App `app`'s backends (`gateway backend list APP --json`).
+    #[track_caller]
+    pub fn backends(&self, app: &str) -> Vec<gateway::api::BackendView> {
+        serde_json::from_str(&self.ok(&["backend", "list", app, "--json"])).expect("backends JSON")
+    }
+
+    /// Waits (up to 10 s) until app `app` has `n` active backends (added backends are pending
+    /// until their health checks pass).
+    #[track_caller]
+    pub fn wait_active(&self, app: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let backends = self.backends(app);
+            let active = backends
+                .iter()
+                .filter(|b| b.state == gateway::state::BackendState::Active)
+                .count();
+            if active == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "app {app}: {active} active backends, not {n}: {backends:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `gateway status --json`, parsed.

@@ -63,6 +63,7 @@ fn apps_and_backends_through_the_cli_carry_traffic_and_stay_isolated() {
     for i in 0..3 {
         daemon.ok(&["backend", "add", "web", &backend(&topo, i, 8080)]);
     }
+    daemon.wait_active("web", 3);
     let web = sock(Topology::PUBLIC_IP, 20000);
     let mut conns = EchoClient::connect_many(&topo.client, web, 150).unwrap();
     for (i, c) in conns.iter_mut().enumerate() {
@@ -81,7 +82,7 @@ fn apps_and_backends_through_the_cli_carry_traffic_and_stay_isolated() {
     assert_eq!(app.connections, 150);
     for (i, b) in app.backends.iter().enumerate() {
         assert_eq!(b.address, backend(&topo, i, 8080));
-        assert_eq!(b.state, "active");
+        assert_eq!(b.state, gateway::state::BackendState::Active);
         assert_eq!(b.connections as usize, by[&format!("b{i}")], "{b:?}");
     }
 
@@ -98,6 +99,7 @@ fn apps_and_backends_through_the_cli_carry_traffic_and_stay_isolated() {
         "--weight",
         "5",
     ]);
+    daemon.wait_active("db", 1);
     let db = sock(Topology::PUBLIC_IP, 20010);
     let db_conns = EchoClient::connect_many(&topo.client, db, 20).unwrap();
     assert_eq!(
@@ -143,11 +145,14 @@ fn apps_and_backends_through_the_cli_carry_traffic_and_stay_isolated() {
         "the port is free again"
     );
 
-    // Removing a backend: new connections avoid it, open ones to it go on.
+    // Removing a backend drains it: new connections avoid it, open ones to it go on.
     let victim = conns.iter().position(|c| c.server == "b1").unwrap();
     daemon.ok(&["backend", "remove", "web", &backend(&topo, 1, 8080)]);
-    let list = daemon.ok(&["backend", "list", "web"]);
-    assert!(!list.contains(&backend(&topo, 1, 8080)), "{list}");
+    let b1 = daemon
+        .backends("web")
+        .into_iter()
+        .find(|b| b.address == backend(&topo, 1, 8080));
+    assert_eq!(b1.unwrap().state, gateway::state::BackendState::Draining);
     let fresh = EchoClient::connect_many(&topo.client, web, 60).unwrap();
     assert!(!spread(&fresh).contains_key("b1"), "{:?}", spread(&fresh));
     conns[victim].echo(&payload(100_000, 7)).unwrap();
@@ -305,6 +310,7 @@ fn restart_keeps_connections(mode: AttachMode) {
     for i in 0..3 {
         daemon.ok(&["backend", "add", "web", &backend(&topo, i, 8080)]);
     }
+    daemon.wait_active("web", 3);
     let before = daemon.status().apps;
     let web = sock(Topology::PUBLIC_IP, 20000);
     let conns = EchoClient::connect_many(&topo.client, web, 20).unwrap();
@@ -421,6 +427,7 @@ fn detach_on_exit_removes_the_datapath_on_sigterm() {
     let mut daemon = Daemon::start(&topo, None, &["--detach-on-exit"]);
     daemon.ok(&["app", "create", "web"]);
     daemon.ok(&["backend", "add", "web", &backend(&topo, 0, 8080)]);
+    daemon.wait_active("web", 1);
     let web = sock(Topology::PUBLIC_IP, 20000);
     EchoClient::connect(&topo.client, web).unwrap();
     assert!(daemon.bpffs.exists());

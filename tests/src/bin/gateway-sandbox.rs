@@ -71,6 +71,8 @@ fn demo() {
     for b in &topo.backends {
         cli(&["backend", "add", "web", &format!("{}:8080", b.ip)]);
     }
+    daemon.wait_active("web", topo.backends.len());
+    println!("\n(the backends are active once their health checks pass)");
     let to = sock(Topology::PUBLIC_IP, port);
     let show = |title: &str, conns: &[EchoClient]| {
         let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
