@@ -105,6 +105,19 @@ impl EchoClient {
         Self::from_stream(stream)
     }
 
+    /// [`EchoClient::connect`] giving up after `timeout`.
+    pub fn connect_within(ns: &Netns, to: SocketAddr, timeout: Duration) -> std::io::Result<Self> {
+        let stream = ns.run(move || TcpStream::connect_timeout(&to, timeout))?;
+        Self::from_stream(stream)
+    }
+
+    /// Sets how long a read or write may block.
+    pub fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        let s = self.reader.get_ref();
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))
+    }
+
     /// Connects from `from` (a bound source address and port) inside `ns`.
     pub fn connect_from(ns: &Netns, from: SocketAddr, to: SocketAddr) -> std::io::Result<Self> {
         let stream = ns.run(move || {
