@@ -13,6 +13,10 @@ use gateway_tests::{
     require_root,
 };
 
+/// The two tests of this file run one at a time: the other one's topology sweeps stale
+/// namespaces, and would sweep the fake stale one while `ip netns add` is still creating it.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn bpffs_mounted(path: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .expect("mounts")
@@ -38,6 +42,7 @@ struct Seen {
 #[test]
 fn a_panic_inside_the_harness_tears_everything_down() {
     require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (tx, rx) = std::sync::mpsc::channel();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let topo = Topology::new(2);
@@ -109,6 +114,7 @@ fn link_exists(id: u32) -> bool {
 #[test]
 fn stale_namespaces_of_a_dead_process_are_swept() {
     require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // A pid that cannot be alive: above the kernel's pid_max.
     let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
         .unwrap()
