@@ -97,6 +97,9 @@ pub struct BackendView {
     pub held: bool,
     /// Open connections (handshaking or established) to it.
     pub connections: u64,
+    /// State changes its health checks made since the daemon started.
+    #[serde(default)]
+    pub health_changes: u64,
 }
 
 /// An app as the API shows it.
@@ -130,6 +133,11 @@ pub struct Status {
     /// Conntrack entries in use (two per connection) and the table's capacity.
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
+    /// Health checks run, and failed, since the daemon started.
+    #[serde(default)]
+    pub health_checks: u64,
+    #[serde(default)]
+    pub health_checks_failed: u64,
 }
 
 /// An error body.

@@ -201,6 +201,11 @@ struct Core {
     /// Consecutive check results per backend id.
     tracks: HashMap<u32, Track>,
     checks: HashMap<u32, Check>,
+    /// State changes made by health checks per backend id, since the daemon started.
+    health_changes: HashMap<u32, u64>,
+    /// Health checks run, and failed, since the daemon started.
+    checks_run: u64,
+    checks_failed: u64,
     reports: mpsc::UnboundedSender<Report>,
     runtime: tokio::runtime::Handle,
 }
@@ -331,6 +336,8 @@ impl Core {
             return;
         };
         let cfg = self.health_of(app);
+        self.checks_run += 1;
+        self.checks_failed += u64::from(!r.ok);
         let track = self.tracks.entry(r.backend_id).or_default();
         track.record(r.ok);
         let Some(to) = track.transition(from, held, &cfg) else {
@@ -338,6 +345,7 @@ impl Core {
         };
         let mut next = self.state.clone();
         next.set_backend_state(r.backend_id, to, now_ms());
+        *self.health_changes.entry(r.backend_id).or_default() += 1;
         match self.commit(&name, next) {
             Ok(()) if to == BackendState::Active => {
                 info!(app = name, backend = %addr, from = from.as_str(), to = to.as_str(), latency_ms = r.latency.as_millis() as u64, "backend healthy: it gets new connections");
@@ -438,26 +446,27 @@ impl Core {
             backends: app
                 .backends
                 .iter()
-                .map(|b| backend_view(b, counts))
+                .map(|b| self.backend_view(b, counts))
                 .collect(),
             connections: counts.apps.get(&app.id).copied().unwrap_or(0),
         }
     }
 
+    fn backend_view(&self, b: &state::Backend, counts: &ConnectionCounts) -> BackendView {
+        BackendView {
+            address: b.addr.to_string(),
+            weight: b.weight,
+            state: b.state,
+            since_ms: b.since_ms,
+            drain_until_ms: b.drain_until_ms,
+            held: b.held,
+            connections: counts.backends.get(&b.id).copied().unwrap_or(0),
+            health_changes: self.health_changes.get(&b.id).copied().unwrap_or(0),
+        }
+    }
+
     fn counts(&self) -> Result<ConnectionCounts, ApiError> {
         Ok(self.datapath.connection_counts()?)
-    }
-}
-
-fn backend_view(b: &state::Backend, counts: &ConnectionCounts) -> BackendView {
-    BackendView {
-        address: b.addr.to_string(),
-        weight: b.weight,
-        state: b.state,
-        since_ms: b.since_ms,
-        drain_until_ms: b.drain_until_ms,
-        held: b.held,
-        connections: counts.backends.get(&b.id).copied().unwrap_or(0),
     }
 }
 
@@ -506,6 +515,8 @@ async fn get_status(Axum(s): Axum<Shared>) -> Result<Json<Status>, ApiError> {
                 .map(|(n, a)| c.app_view(n, a, &counts))
                 .collect(),
             conntrack_entries: counts.entries,
+            health_checks: c.checks_run,
+            health_checks_failed: c.checks_failed,
             conntrack_capacity: u64::from(c.datapath.conntrack_capacity()),
         }))
     })
@@ -581,7 +592,7 @@ async fn list_backends(
         Ok(Json(
             app.backends
                 .iter()
-                .map(|b| backend_view(b, &counts))
+                .map(|b| c.backend_view(b, &counts))
                 .collect(),
         ))
     })
@@ -605,7 +616,7 @@ async fn add_backend(
         info!(app = name, backend = %addr, weight, "backend added: pending until its health checks pass");
         Ok((
             StatusCode::CREATED,
-            Json(backend_view(&backend, &ConnectionCounts::default())),
+            Json(c.backend_view(&backend, &ConnectionCounts::default())),
         ))
     })
     .await
@@ -626,14 +637,14 @@ async fn remove_backend(
             c.commit(&name, next)?;
             let ended = c.datapath.remove_backend_flows(backend.id)? / 2;
             info!(app = name, backend = %addr, connections = ended, "backend removed now; its connections were ended");
-            return Ok(Json(backend_view(&backend, &counts)));
+            return Ok(Json(c.backend_view(&backend, &counts)));
         }
         let timeout = q.drain_timeout_ms.unwrap_or(c.settings.drain_timeout.as_millis() as u64);
         let now = now_ms();
         let backend = next.drain_backend(&name, addr, now, now + timeout)?;
         c.commit(&name, next)?;
         info!(app = name, backend = %addr, drain_timeout_ms = timeout, "backend draining: no new connections; open ones go on");
-        Ok(Json(backend_view(&backend, &counts)))
+        Ok(Json(c.backend_view(&backend, &counts)))
     })
     .await
 }
@@ -861,6 +872,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         attachments: Vec::new(),
         tracks: HashMap::new(),
         checks: HashMap::new(),
+        health_changes: HashMap::new(),
+        checks_run: 0,
+        checks_failed: 0,
         reports,
         runtime: tokio::runtime::Handle::current(),
     };

@@ -422,6 +422,10 @@ fn print_status(s: &Status) {
         s.conntrack_capacity,
         s.apps.len()
     );
+    println!(
+        "health checks since start: {} run, {} failed",
+        s.health_checks, s.health_checks_failed
+    );
     for a in &s.apps {
         println!(
             "\napp {}  {}  {} open connections",

@@ -159,6 +159,18 @@ fn a_stopped_backend_leaves_rotation_within_fall_checks_and_rejoins_after_rise()
         "b1 gets connections again"
     );
     assert!(daemon.log().contains("backend failed its health checks"));
+    let b1 = daemon
+        .backends("web")
+        .into_iter()
+        .find(|b| b.address == addr(&topo, 1))
+        .unwrap();
+    // pending → active, active → unhealthy, unhealthy → active
+    assert_eq!(b1.health_changes, 3, "{b1:?}");
+    let status = daemon.status();
+    assert!(
+        status.health_checks_failed >= u64::from(FALL)
+            && status.health_checks > status.health_checks_failed
+    );
 }
 
 #[test]
