@@ -602,17 +602,7 @@ impl Datapath {
     /// added to what it already is). At most `MAX_ADDRS` addresses.
     pub fn add_address(&mut self, ip: Ipv4Addr, kind: u32) -> Result<(), DatapathError> {
         let mut config = self.config()?;
-        let key = ip_key(ip);
-        let slot = config
-            .addrs
-            .iter()
-            .position(|&a| a == key)
-            .or_else(|| config.addrs.iter().position(|&a| a == 0))
-            .ok_or(DatapathError::TooManyAddresses {
-                max: maps::MAX_ADDRS,
-            })?;
-        config.addrs[slot] = key;
-        config.addr_kinds[slot] |= kind;
+        put_address(&mut config, ip, kind)?;
         self.write_config(config)
     }
 
@@ -706,16 +696,7 @@ impl Datapath {
         config.addrs = [0; maps::MAX_ADDRS];
         config.addr_kinds = [0; maps::MAX_ADDRS];
         for &(ip, kind) in addrs {
-            let key = ip_key(ip);
-            let slot = config
-                .addrs
-                .iter()
-                .position(|&a| a == key || a == 0)
-                .ok_or(DatapathError::TooManyAddresses {
-                    max: maps::MAX_ADDRS,
-                })?;
-            config.addrs[slot] = key;
-            config.addr_kinds[slot] |= kind;
+            put_address(&mut config, ip, kind)?;
         }
         self.write_config(config)
     }
@@ -909,6 +890,22 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// Adds `kind` to `ip`'s slot in `config` (taking a free slot for a new address).
+fn put_address(config: &mut Config, ip: Ipv4Addr, kind: u32) -> Result<(), DatapathError> {
+    let key = ip_key(ip);
+    let slot = config
+        .addrs
+        .iter()
+        .position(|&a| a == key)
+        .or_else(|| config.addrs.iter().position(|&a| a == 0))
+        .ok_or(DatapathError::TooManyAddresses {
+            max: maps::MAX_ADDRS,
+        })?;
+    config.addrs[slot] = key;
+    config.addr_kinds[slot] |= kind;
+    Ok(())
 }
 
 fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> {

@@ -229,6 +229,16 @@ impl Daemon {
         }
     }
 
+    /// Creates app `app` with `backends` (`IP:PORT` each) and waits until they are all active.
+    #[track_caller]
+    pub fn app_with_backends(&self, app: &str, backends: &[String]) {
+        self.ok(&["app", "create", app]);
+        for b in backends {
+            self.ok(&["backend", "add", app, b]);
+        }
+        self.wait_active(app, backends.len());
+    }
+
     /// `gateway status --json`, parsed.
     #[track_caller]
     pub fn status(&self) -> gateway::api::Status {

@@ -310,11 +310,8 @@ fn restart_keeps_connections(mode: AttachMode) {
     }
     let _servers = topo.echo_servers(8080, LIFETIME);
     let mut daemon = Daemon::start(&topo, Some(mode), &[]);
-    daemon.ok(&["app", "create", "web"]);
-    for i in 0..3 {
-        daemon.ok(&["backend", "add", "web", &backend(&topo, i, 8080)]);
-    }
-    daemon.wait_active("web", 3);
+    let backends: Vec<String> = (0..3).map(|i| backend(&topo, i, 8080)).collect();
+    daemon.app_with_backends("web", &backends);
     let before = daemon.status().apps;
     let web = sock(Topology::PUBLIC_IP, 20000);
     let conns = EchoClient::connect_many(&topo.client, web, 20).unwrap();
@@ -429,9 +426,7 @@ fn detach_on_exit_removes_the_datapath_on_sigterm() {
     let topo = Topology::new(1);
     let _servers = topo.echo_servers(8080, LIFETIME);
     let mut daemon = Daemon::start(&topo, None, &["--detach-on-exit"]);
-    daemon.ok(&["app", "create", "web"]);
-    daemon.ok(&["backend", "add", "web", &backend(&topo, 0, 8080)]);
-    daemon.wait_active("web", 1);
+    daemon.app_with_backends("web", &[backend(&topo, 0, 8080)]);
     let web = sock(Topology::PUBLIC_IP, 20000);
     EchoClient::connect(&topo.client, web).unwrap();
     assert!(daemon.bpffs.exists());

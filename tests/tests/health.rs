@@ -117,11 +117,8 @@ fn a_stopped_backend_leaves_rotation_within_fall_checks_and_rejoins_after_rise()
     let topo = Topology::new(3);
     let mut servers: Vec<Option<EchoServer>> = (0..3).map(|i| Some(server(&topo, i))).collect();
     let daemon = Daemon::start(&topo, None, &[]);
-    daemon.ok(&["app", "create", "web"]);
-    for i in 0..3 {
-        daemon.ok(&["backend", "add", "web", &addr(&topo, i)]);
-    }
-    daemon.wait_active("web", 3);
+    let old: Vec<String> = (0..3).map(|i| addr(&topo, i)).collect();
+    daemon.app_with_backends("web", &old);
     let web = sock(Topology::PUBLIC_IP, 20000);
 
     servers[1] = None; // b1 stops listening
@@ -179,9 +176,7 @@ fn with_every_backend_unhealthy_new_syns_are_dropped_and_counted() {
     let topo = Topology::new(1);
     let s = server(&topo, 0);
     let daemon = Daemon::start(&topo, None, &[]);
-    daemon.ok(&["app", "create", "web"]);
-    daemon.ok(&["backend", "add", "web", &addr(&topo, 0)]);
-    daemon.wait_active("web", 1);
+    daemon.app_with_backends("web", &[addr(&topo, 0)]);
     drop(s);
     wait_state(
         &daemon,
@@ -217,11 +212,8 @@ fn a_deploy_under_continuous_load_fails_no_connection() {
     let topo = Topology::new(6);
     let _servers: Vec<EchoServer> = (0..6).map(|i| server(&topo, i)).collect();
     let daemon = Daemon::start(&topo, None, &[]);
-    daemon.ok(&["app", "create", "web"]);
-    for i in 0..3 {
-        daemon.ok(&["backend", "add", "web", &addr(&topo, i)]);
-    }
-    daemon.wait_active("web", 3);
+    let old: Vec<String> = (0..3).map(|i| addr(&topo, i)).collect();
+    daemon.app_with_backends("web", &old);
     let web = sock(Topology::PUBLIC_IP, 20000);
 
     // A long-lived connection, exchanging data for the whole deploy and drain.
@@ -340,11 +332,8 @@ fn a_deploy_whose_backends_never_become_healthy_aborts_and_the_old_set_keeps_ser
     // Servers on b0 and b1 only: b2 and b3 never answer.
     let _servers: Vec<EchoServer> = (0..2).map(|i| server(&topo, i)).collect();
     let daemon = Daemon::start(&topo, None, &[]);
-    daemon.ok(&["app", "create", "web"]);
-    for i in 0..2 {
-        daemon.ok(&["backend", "add", "web", &addr(&topo, i)]);
-    }
-    daemon.wait_active("web", 2);
+    let old: Vec<String> = (0..2).map(|i| addr(&topo, i)).collect();
+    daemon.app_with_backends("web", &old);
     let before: Vec<String> = daemon
         .backends("web")
         .into_iter()
@@ -391,9 +380,7 @@ fn a_connection_still_open_when_the_drain_times_out_is_ended() {
     let topo = Topology::new(2);
     let _servers: Vec<EchoServer> = (0..2).map(|i| server(&topo, i)).collect();
     let daemon = Daemon::start(&topo, None, &[]);
-    daemon.ok(&["app", "create", "web"]);
-    daemon.ok(&["backend", "add", "web", &addr(&topo, 0)]);
-    daemon.wait_active("web", 1);
+    daemon.app_with_backends("web", &[addr(&topo, 0)]);
     let web = sock(Topology::PUBLIC_IP, 20000);
     let mut open = EchoClient::connect(&topo.client, web).unwrap();
     open.echo(b"hello").unwrap();
