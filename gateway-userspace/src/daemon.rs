@@ -699,50 +699,55 @@ async fn deploy(
             Ok((held, quorum, timeout, drain_ms))
         })
         .await?;
+    // The wait runs as a task of its own: a client that goes away (a CLI killed mid-deploy)
+    // does not leave the deploy half done; it still switches or aborts.
     let start = tokio::time::Instant::now();
-    loop {
-        let (n, a, h) = (name.clone(), addrs.clone(), held.clone());
-        let done = s
-            .with(move |c| {
-                let cfg = c.health_of(c.state.app(&n)?);
-                let healthy: Vec<u32> = h
-                    .iter()
-                    .copied()
-                    .filter(|id| c.tracks.get(id).is_some_and(|t| t.risen(&cfg)))
-                    .collect();
-                let waited = start.elapsed();
-                if healthy.len() >= quorum {
-                    let mut next = c.state.clone();
-                    let now = now_ms();
-                    next.switch_deploy(&n, &a, &healthy, now, now + drain_ms)?;
-                    c.commit(&n, next)?;
-                    info!(app = n, healthy = healthy.len(), waited_ms = waited.as_millis() as u64, "deploy switched: new connections go to the new backends, the old ones drain");
-                    let app = c.state.app(&n)?.clone();
-                    let counts = c.counts()?;
-                    return Ok(Some(c.app_view(&n, &app, &counts)));
-                }
-                if waited >= timeout {
-                    let mut next = c.state.clone();
-                    next.abort_deploy(&n)?;
-                    c.commit(&n, next)?;
-                    let err = StateError::DeployTimeout {
-                        app: n.clone(),
-                        healthy: healthy.len(),
-                        new: h.len(),
-                        quorum,
-                        waited_ms: waited.as_millis() as u64,
-                    };
-                    warn!("{err}");
-                    return Err(err.into());
-                }
-                Ok(None)
-            })
-            .await?;
-        if let Some(view) = done {
-            return Ok(Json(view));
+    let wait = tokio::spawn(async move {
+        loop {
+            let (n, a, h) = (name.clone(), addrs.clone(), held.clone());
+            let done = s
+                .with(move |c| {
+                    let cfg = c.health_of(c.state.app(&n)?);
+                    let healthy: Vec<u32> = h
+                        .iter()
+                        .copied()
+                        .filter(|id| c.tracks.get(id).is_some_and(|t| t.risen(&cfg)))
+                        .collect();
+                    let waited = start.elapsed();
+                    if healthy.len() >= quorum {
+                        let mut next = c.state.clone();
+                        let now = now_ms();
+                        next.switch_deploy(&n, &a, &healthy, now, now + drain_ms)?;
+                        c.commit(&n, next)?;
+                        info!(app = n, healthy = healthy.len(), waited_ms = waited.as_millis() as u64, "deploy switched: new connections go to the new backends, the old ones drain");
+                        let app = c.state.app(&n)?.clone();
+                        let counts = c.counts()?;
+                        return Ok(Some(c.app_view(&n, &app, &counts)));
+                    }
+                    if waited >= timeout {
+                        let mut next = c.state.clone();
+                        next.abort_deploy(&n)?;
+                        c.commit(&n, next)?;
+                        let err = StateError::DeployTimeout {
+                            app: n.clone(),
+                            healthy: healthy.len(),
+                            new: h.len(),
+                            quorum,
+                            waited_ms: waited.as_millis() as u64,
+                        };
+                        warn!("{err}");
+                        return Err(err.into());
+                    }
+                    Ok(None)
+                })
+                .await?;
+            if let Some(view) = done {
+                return Ok(Json(view));
+            }
+            tokio::time::sleep(DEPLOY_TICK).await;
         }
-        tokio::time::sleep(DEPLOY_TICK).await;
-    }
+    });
+    wait.await.map_err(|e| ApiError::internal(&e))?
 }
 
 async fn down(Axum(s): Axum<Shared>) -> StatusCode {
