@@ -68,11 +68,12 @@ enum Exit {
 /// The default attach mode of `iface`: XDP on a physical NIC (it has a device), TC elsewhere
 /// (veth, bridges, tunnels and other virtual interfaces, where native XDP is unreliable).
 pub fn default_mode(iface: &str) -> AttachMode {
-    if Path::new("/sys/class/net")
-        .join(iface)
-        .join("device")
-        .exists()
-    {
+    default_mode_in(Path::new("/sys/class/net"), iface)
+}
+
+/// [`default_mode`] with the interfaces listed under `sys_class_net`.
+fn default_mode_in(sys_class_net: &Path, iface: &str) -> AttachMode {
+    if sys_class_net.join(iface).join("device").exists() {
         AttachMode::Xdp
     } else {
         AttachMode::Tc
@@ -315,6 +316,10 @@ impl Core {
             keep
         });
         self.tracks.retain(|id, _| want.contains_key(id));
+        // Counts of backends that are gone (draining ones keep theirs until they go).
+        let state = &self.state;
+        self.health_changes
+            .retain(|id, _| state.backend_by_id(*id).is_some());
         for (id, (addr, cfg)) in want {
             if !self.checks.contains_key(&id) {
                 let task = self
@@ -1036,4 +1041,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         info!("exiting; the datapath stays attached and established connections go on");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn physical_nics_default_to_xdp_and_virtual_interfaces_to_tc() {
+        let sys = std::env::temp_dir().join(format!("gateway-sysfs-{}", std::process::id()));
+        std::fs::create_dir_all(sys.join("eth0/device")).unwrap();
+        std::fs::create_dir_all(sys.join("veth0")).unwrap();
+        assert_eq!(default_mode_in(&sys, "eth0"), AttachMode::Xdp);
+        assert_eq!(default_mode_in(&sys, "veth0"), AttachMode::Tc);
+        assert_eq!(default_mode_in(&sys, "missing"), AttachMode::Tc);
+        std::fs::remove_dir_all(&sys).unwrap();
+    }
 }

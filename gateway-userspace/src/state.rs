@@ -623,11 +623,10 @@ impl State {
         let existing: Vec<SocketAddrV4> = app.backends.iter().map(|b| b.addr).collect();
         let mut held = Vec::new();
         for a in addrs.iter().filter(|a| !existing.contains(a)) {
-            let mut b = self.add_backend_as(name, *a, weight, BackendState::Pending, now_ms)?;
+            self.add_backend_as(name, *a, weight, BackendState::Pending, now_ms)?;
+            let b = self.app_mut(name)?.backends.last_mut().expect("just added");
             b.held = true;
-            let app = self.app_mut(name)?;
-            app.backends.last_mut().expect("just added").held = true;
-            held.push(b);
+            held.push(b.clone());
         }
         Ok(held)
     }

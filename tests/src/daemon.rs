@@ -4,7 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use gateway::datapath::AttachMode;
@@ -126,21 +126,17 @@ impl Daemon {
             .stderr(log);
         let child = command.spawn().expect("spawn the daemon");
         let mut guard = ChildGuard::from(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
+        let serving = crate::wait_for(START_TIMEOUT, || {
             if let Some(status) = guard.exited() {
                 panic!("the daemon exited ({status}) at start:\n{}", self.log());
             }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not serve its API within {START_TIMEOUT:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+        });
+        assert!(
+            serving.is_some(),
+            "the daemon did not serve its API within {START_TIMEOUT:?}:\n{}",
+            self.log()
+        );
         self.child = Some(guard);
     }
 
@@ -210,23 +206,20 @@ impl Daemon {
     /// until their health checks pass).
     #[track_caller]
     pub fn wait_active(&self, app: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let backends = self.backends(app);
-            let active = backends
+        let active = || {
+            self.backends(app)
                 .iter()
                 .filter(|b| b.state == gateway::state::BackendState::Active)
-                .count();
-            if active == n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "app {app}: {active} active backends, not {n}: {backends:?}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                .count()
+        };
+        let done = crate::wait_for(Duration::from_secs(10), || active() == n);
+        assert!(
+            done.is_some(),
+            "app {app}: {} active backends, not {n}: {:?}\n{}",
+            active(),
+            self.backends(app),
+            self.log()
+        );
     }
 
     /// Creates app `app` with `backends` (`IP:PORT` each) and waits until they are all active.

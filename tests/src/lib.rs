@@ -8,6 +8,24 @@ pub mod netns;
 pub mod packet;
 pub mod traffic;
 
+/// Polls `ready` every 10 ms until it holds or `limit` has passed: how long that took, or
+/// `None` if it never held. Every wait of the tests goes through here, bounded.
+pub fn wait_for(
+    limit: std::time::Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Option<std::time::Duration> {
+    let start = std::time::Instant::now();
+    loop {
+        if ready() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Panics with a clear message unless running as root (the tests of this crate need it).
 #[track_caller]
 pub fn require_root() {

@@ -342,14 +342,10 @@ fn restart_keeps_connections(mode: AttachMode) {
             .collect::<Vec<_>>()
     };
     let all_moved = |since: &[u64]| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if progress().iter().zip(since).all(|(now, then)| now > then) {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        false
+        gateway_tests::wait_for(Duration::from_secs(10), || {
+            progress().iter().zip(since).all(|(now, then)| now > then)
+        })
+        .is_some()
     };
     assert!(all_moved(&[0; 20]), "traffic flows");
 

@@ -19,6 +19,7 @@ use gateway_tests::{
     netns::Topology,
     require_root,
     traffic::{EchoClient, EchoServer, payload, sock},
+    wait_for,
 };
 
 const LIFETIME: Duration = Duration::from_secs(120);
@@ -43,23 +44,20 @@ fn wait_state(
     state: Option<BackendState>,
     limit: Duration,
 ) -> Duration {
-    let start = Instant::now();
-    loop {
-        let now = daemon
+    let now = || {
+        daemon
             .backends(app)
             .into_iter()
             .find(|b| b.address == address)
-            .map(|b| b.state);
-        if now == state {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{address} is {now:?}, not {state:?}, after {limit:?}:\n{}",
+            .map(|b| b.state)
+    };
+    wait_for(limit, || now() == state).unwrap_or_else(|| {
+        panic!(
+            "{address} is {:?}, not {state:?}, after {limit:?}:\n{}",
+            now(),
             daemon.log()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+        )
+    })
 }
 
 /// New short connections, one every few ms, until stopped (at most 30 s and 5000 attempts):
@@ -312,11 +310,8 @@ fn a_deploy_under_continuous_load_fails_no_connection() {
     drop(long);
 
     // With its last connection closed, every old backend goes.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon.backends("web").len() > 3 {
-        assert!(Instant::now() < deadline, "{:?}", daemon.backends("web"));
-        thread::sleep(Duration::from_millis(20));
-    }
+    let gone = wait_for(Duration::from_secs(5), || daemon.backends("web").len() <= 3);
+    assert!(gone.is_some(), "{:?}", daemon.backends("web"));
     let left: Vec<String> = daemon
         .backends("web")
         .into_iter()
