@@ -1009,6 +1009,109 @@ mod tests {
     }
 
     #[test]
+    fn a_deploy_holds_new_backends_then_switches_or_aborts() {
+        let mut s = State::default();
+        s.create_app("a", None, RANGE).unwrap();
+        for b in ["198.51.100.2:80", "198.51.100.6:80"] {
+            s.add_backend("a", addr(b), 1).unwrap();
+        }
+        let new = [
+            addr("198.51.100.6:80"),
+            addr("198.51.100.10:80"),
+            addr("198.51.100.14:80"),
+        ];
+        let before = s.clone();
+        let dup = [addr("198.51.100.10:80"), addr("198.51.100.10:80")];
+        assert!(matches!(
+            s.begin_deploy("a", &dup, 1, 5),
+            Err(StateError::DuplicateBackend { .. })
+        ));
+        assert_eq!(s.begin_deploy("a", &[], 1, 5), Err(StateError::EmptyDeploy));
+        assert_eq!(s, before);
+
+        // The backend it has stays as it is; the two it lacks are held, pending.
+        let held = s.begin_deploy("a", &new, 1, 5).unwrap();
+        assert_eq!(held.iter().map(|b| b.addr).collect::<Vec<_>>(), new[1..]);
+        assert!(
+            held.iter()
+                .all(|b| b.held && b.state == BackendState::Pending)
+        );
+        assert_eq!(
+            s.app("a").unwrap().maglev_entries().len(),
+            2,
+            "the old set still serves"
+        );
+        assert_eq!(
+            s.begin_deploy("a", &new, 1, 6),
+            Err(StateError::DeployInProgress("a".into()))
+        );
+        let mut aborted = s.clone();
+        assert_eq!(aborted.abort_deploy("a").unwrap().len(), 2);
+        // (Ids handed out are not handed out again at once: only the apps compare.)
+        assert_eq!(
+            aborted.apps, before.apps,
+            "an abort leaves the old set as it was"
+        );
+
+        // A quorum of one: the healthy one joins, the other stops being held and stays
+        // pending; the backend left out drains.
+        s.switch_deploy("a", &new, &[held[0].id], 7, 100).unwrap();
+        let state = |a: &str| {
+            s.app("a")
+                .unwrap()
+                .backends
+                .iter()
+                .find(|b| b.addr == addr(a))
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(state("198.51.100.10:80").state, BackendState::Active);
+        assert_eq!(state("198.51.100.14:80").state, BackendState::Pending);
+        assert!(!state("198.51.100.14:80").held);
+        assert_eq!(state("198.51.100.6:80").state, BackendState::Active);
+        let old = state("198.51.100.2:80");
+        assert_eq!(
+            (old.state, old.drain_until_ms),
+            (BackendState::Draining, Some(100))
+        );
+        assert!(!s.app("a").unwrap().deploying());
+        // A draining address cannot join the next deploy until it is gone.
+        assert!(matches!(
+            s.begin_deploy("a", &[addr("198.51.100.2:80")], 1, 8),
+            Err(StateError::Draining { .. })
+        ));
+    }
+
+    #[test]
+    fn app_health_settings_override_the_daemons_one_by_one() {
+        let o = HealthOverrides {
+            interval_ms: Some(300),
+            fall: Some(5),
+            ..Default::default()
+        };
+        let cfg = HealthConfig::default().with(&o);
+        assert_eq!(
+            cfg,
+            HealthConfig {
+                interval_ms: 300,
+                timeout_ms: 1000,
+                rise: 2,
+                fall: 5
+            }
+        );
+        let mut s = State::default();
+        let bad = HealthOverrides {
+            rise: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.create_app_with("a", None, RANGE, bad),
+            Err(StateError::Health)
+        );
+        assert_eq!(s.create_app_with("a", None, RANGE, o).unwrap().health, o);
+    }
+
+    #[test]
     fn the_state_file_round_trips_and_a_corrupt_one_is_refused_and_kept() {
         let dir = std::env::temp_dir().join(format!("gateway-state-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);

@@ -241,6 +241,27 @@ fn invalid_input_is_refused_with_one_line_and_changes_nothing() {
             "weight 257 is out of range",
         ),
         (
+            &["deploy", "nope", "198.51.100.6:80"],
+            "no app named \"nope\"",
+        ),
+        (&["deploy", "web", "198.51.100.6"], "bad backend address"),
+        (
+            &["deploy", "web", "198.51.100.6:80", "198.51.100.6:80"],
+            "already has backend",
+        ),
+        (
+            &["deploy", "web", "198.51.100.6:80", "--quorum", "2"],
+            "quorum 2 is out of range",
+        ),
+        (
+            &["deploy", "web", "198.51.100.6:80", "--weight", "0"],
+            "weight 0 is out of range",
+        ),
+        (
+            &["app", "create", "x", "--check-fall", "0"],
+            "bad health-check setting",
+        ),
+        (
             &["backend", "remove", "web", "198.51.100.6:80"],
             "has no backend",
         ),

@@ -406,5 +406,13 @@ fn a_connection_still_open_when_the_drain_times_out_is_ended() {
     assert!(open.echo(b"after").is_err(), "the connection was ended");
     assert!(daemon.log().contains("drain timeout"), "{}", daemon.log());
     // New connections go to the new backend.
-    assert_eq!(EchoClient::connect(&topo.client, web).unwrap().server, "b1");
+    let mut last = EchoClient::connect(&topo.client, web).unwrap();
+    assert_eq!(last.server, "b1");
+
+    // `--now` does not drain: the backend goes at once and its connection ends.
+    let out = daemon.ok(&["backend", "remove", "web", &addr(&topo, 1), "--now"]);
+    assert!(out.contains("ended"), "{out}");
+    assert!(daemon.backends("web").is_empty());
+    last.set_timeout(Duration::from_millis(500)).unwrap();
+    assert!(last.echo(b"after").is_err(), "the connection was ended");
 }
