@@ -12,6 +12,7 @@
 //! | `POST /v1/apps/{name}/backends`          | [`AddBackend`]  | [`BackendView`] (201) |
 //! | `DELETE /v1/apps/{name}/backends/{addr}[?now=true&drain_timeout_ms=N]` | | [`BackendView`] |
 //! | `POST /v1/apps/{name}/deploy`            | [`Deploy`]      | [`AppView`] once switched; 504 when aborted |
+//! | `GET /v1/flows[?app=NAME&backend=IP:PORT&limit=N]` |       | [`FlowList`]        |
 //! | `POST /v1/down`                          |                 | 202; the daemon detaches and exits |
 //!
 //! Errors are `{"error": "one line"}` with a 4xx/5xx status.
@@ -103,15 +104,79 @@ pub struct BackendView {
 }
 
 /// An app as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AppView {
     pub name: String,
     pub port: u16,
     /// `tcp://HOST:PORT`.
     pub url: String,
     pub backends: Vec<BackendView>,
-    /// Open connections to the app.
+    /// Open connections to the app (as of the last conntrack scan).
     pub connections: u64,
+    /// Its traffic between the last two conntrack scans.
+    #[serde(default)]
+    pub rates: Rates,
+}
+
+/// Per-second rates between two samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    /// New connections.
+    pub connections: f64,
+    /// Packets, both directions.
+    pub packets: f64,
+    /// IPv4 bytes, both directions.
+    pub bytes: f64,
+}
+
+/// Query of `GET /v1/flows`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowQuery {
+    /// Only this app's flows.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// Only flows to this backend (`IPv4:PORT`), also one already removed.
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// At most this many flows (the oldest first).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// One connection through the gateway, both of its conntrack entries joined.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowView {
+    /// The app (empty when it no longer exists).
+    pub app: String,
+    /// The client's real address and port.
+    pub client: String,
+    /// The public address and port it connected to.
+    pub public: String,
+    /// The backend it goes to.
+    pub backend: String,
+    /// The source address and port the backend sees (the gateway's SNAT address).
+    pub snat: String,
+    /// `handshake`, `established`, `fin_client`, `fin_backend`, `closed` or `reset`.
+    pub state: String,
+    /// Since its SYN (ms).
+    pub age_ms: u64,
+    /// Since its last packet (ms, to about a second).
+    pub idle_ms: u64,
+    /// Client to backend.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Backend to client.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+/// `GET /v1/flows`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowList {
+    /// Flows that matched (more than `flows` holds when a limit cut the list).
+    pub matched: usize,
+    pub flows: Vec<FlowView>,
 }
 
 /// One attachment of the datapath.
@@ -122,7 +187,7 @@ pub struct AttachmentView {
 }
 
 /// `GET /v1/status`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
     pub public_ip: String,
@@ -138,6 +203,10 @@ pub struct Status {
     pub health_checks: u64,
     #[serde(default)]
     pub health_checks_failed: u64,
+    /// When the conntrack scan that counted the connections (and ended the rates) began (Unix
+    /// time, ms).
+    #[serde(default)]
+    pub scanned_at_ms: u64,
 }
 
 /// An error body.

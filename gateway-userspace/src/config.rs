@@ -18,6 +18,7 @@ use crate::{
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a deploy waits for its new backends before it aborts.
 pub const DEFAULT_DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A duration written as humans do: `500ms`, `2s`, `5m`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -123,6 +124,10 @@ pub struct DaemonArgs {
     /// How long a deploy waits for its new backends before it aborts [default: 1m].
     #[arg(long, value_name = "DURATION")]
     pub deploy_timeout: Option<Dur>,
+    /// Time between two conntrack scans, which expire idle flows and count open connections
+    /// for status and metrics; stretched to 10× a scan's duration on huge tables [default: 2s].
+    #[arg(long, value_name = "DURATION")]
+    pub scan_interval: Option<Dur>,
 }
 
 /// The config file: the same keys as the flags.
@@ -148,6 +153,7 @@ pub struct FileConfig {
     pub check_fall: Option<u32>,
     pub drain_timeout: Option<Dur>,
     pub deploy_timeout: Option<Dur>,
+    pub scan_interval: Option<Dur>,
 }
 
 /// A configuration that cannot run.
@@ -203,6 +209,7 @@ pub struct Settings {
     pub health: HealthConfig,
     pub drain_timeout: Duration,
     pub deploy_timeout: Duration,
+    pub scan_interval: Duration,
 }
 
 fn unicast(ip: Ipv4Addr) -> bool {
@@ -291,6 +298,16 @@ impl Settings {
         if let Err(e) = HealthConfig::check(&overrides) {
             return invalid(e.to_string());
         }
+        let scan_interval = args
+            .scan_interval
+            .or(file.scan_interval)
+            .map_or(DEFAULT_SCAN_INTERVAL, |d| d.0);
+        if scan_interval < Duration::from_millis(10) {
+            return invalid(format!(
+                "scan-interval {} is too short: give at least 10ms",
+                humantime::format_duration(scan_interval)
+            ));
+        }
         Ok(Settings {
             health: HealthConfig::default().with(&overrides),
             drain_timeout: args
@@ -301,6 +318,7 @@ impl Settings {
                 .deploy_timeout
                 .or(file.deploy_timeout)
                 .map_or(DEFAULT_DEPLOY_TIMEOUT, |d| d.0),
+            scan_interval,
             ifaces,
             attach: args.attach.or(file.attach),
             public_ip,
@@ -427,7 +445,7 @@ mod tests {
 
     #[test]
     fn unusable_settings_are_refused() {
-        let cases: [(DaemonArgs, &str); 6] = [
+        let cases: [(DaemonArgs, &str); 7] = [
             (
                 DaemonArgs {
                     check_rise: Some(0),
@@ -469,6 +487,13 @@ mod tests {
                     ..args()
                 },
                 "too small",
+            ),
+            (
+                DaemonArgs {
+                    scan_interval: Some(Dur(Duration::ZERO)),
+                    ..args()
+                },
+                "scan-interval 0s is too short",
             ),
         ];
         for (a, wants) in cases {

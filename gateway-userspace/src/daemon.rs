@@ -8,7 +8,7 @@ use std::{
     net::SocketAddrV4,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -27,12 +27,15 @@ use tracing::{info, warn};
 
 use crate::{
     api::{
-        AddBackend, AppView, AttachmentView, BackendView, CreateApp, Deploy, ErrorBody,
-        RemoveBackend, Status, status_of,
+        AddBackend, AppView, AttachmentView, BackendView, CreateApp, Deploy, ErrorBody, FlowList,
+        FlowQuery, Rates, RemoveBackend, Status, status_of,
     },
     config::Settings,
+    conntrack::{Conntrack, Scan, Timeouts},
     datapath::{self, AttachMode, ConnectionCounts, Datapath, DatapathError, LoadOptions},
+    flows,
     health::{self, Report, Track},
+    metrics::{self, AppRow, BackendRow, HealthLatency, Snapshot},
     state::{self, App, BackendState, HealthConfig, State, StateError, StateFile, WEIGHT_DEFAULT},
 };
 
@@ -48,8 +51,6 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// How often expired flows are collected.
-const GC_INTERVAL: Duration = Duration::from_secs(5);
 /// How often a cached next hop is resolved again.
 const NEXTHOP_MAX_AGE: Duration = Duration::from_secs(1);
 /// bpffs's magic number (statfs f_type).
@@ -209,6 +210,29 @@ struct Core {
     checks_failed: u64,
     reports: mpsc::UnboundedSender<Report>,
     runtime: tokio::runtime::Handle,
+    /// Health-check latency per app (a histogram the metrics show).
+    latency: HealthLatency,
+    /// What the last conntrack scan found.
+    scan: ScanState,
+}
+
+/// The periodic conntrack scan's findings: open connections (status, metrics and drains read
+/// these instead of walking the table) and per-app rates between two scans.
+#[derive(Default)]
+struct ScanState {
+    /// When the last scan began (Unix ms): a drain trusts only a scan begun after it.
+    started_ms: u64,
+    /// When it ended (Unix ms); 0 before the first.
+    ended_ms: u64,
+    took: Duration,
+    counts: ConnectionCounts,
+    scans: u64,
+    /// Entries expired since the daemon started.
+    expired: u64,
+    /// Per-app traffic at the last scan, and when it was read, for the rates.
+    traffic: HashMap<u32, gateway_common::maps::TrafficStats>,
+    traffic_at: Option<Instant>,
+    rates: HashMap<u32, Rates>,
 }
 
 impl Core {
@@ -341,6 +365,7 @@ impl Core {
             return;
         };
         let cfg = self.health_of(app);
+        self.latency.observe(&name, r.latency.as_secs_f64());
         self.checks_run += 1;
         self.checks_failed += u64::from(!r.ok);
         let track = self.tracks.entry(r.backend_id).or_default();
@@ -367,7 +392,7 @@ impl Core {
     /// Ends the drains that are over: a draining backend goes once it has no open connection,
     /// or at its deadline, when its remaining connections are ended.
     fn drain_tick(&mut self) -> Result<(), ApiError> {
-        let draining: Vec<(String, u32, SocketAddrV4, Option<u64>)> = self
+        let draining: Vec<(String, u32, SocketAddrV4, u64, Option<u64>)> = self
             .state
             .apps
             .iter()
@@ -375,28 +400,26 @@ impl Core {
                 app.backends
                     .iter()
                     .filter(|b| b.state == BackendState::Draining)
-                    .map(|b| (name.clone(), b.id, b.addr, b.drain_until_ms))
+                    .map(|b| (name.clone(), b.id, b.addr, b.since_ms, b.drain_until_ms))
             })
             .collect();
-        if draining.is_empty() {
-            return Ok(());
-        }
-        let counts = self.counts()?;
         let now = now_ms();
-        for (name, id, addr, until) in draining {
-            let open = counts.backends.get(&id).copied().unwrap_or(0);
+        for (name, id, addr, since, until) in draining {
+            // Only a scan begun after the drain began can tell it has no connection left.
+            let open = self.scan.counts.backends.get(&id).copied().unwrap_or(0);
+            let drained = self.scan.started_ms > since && open == 0;
             let expired = until.is_some_and(|u| now >= u);
-            if open > 0 && !expired {
+            if !drained && !expired {
                 continue;
             }
             let mut next = self.state.clone();
             next.remove_backend(&name, addr)?;
             self.commit(&name, next)?;
-            if open > 0 {
+            if drained {
+                info!(app = name, backend = %addr, "backend drained: no connection left; it is gone");
+            } else {
                 let ended = self.datapath.remove_backend_flows(id)? / 2;
                 warn!(app = name, backend = %addr, connections = ended, "drain timeout: the backend's remaining connections were ended; it is gone");
-            } else {
-                info!(app = name, backend = %addr, "backend drained: no connection left; it is gone");
             }
         }
         Ok(())
@@ -454,6 +477,7 @@ impl Core {
                 .map(|b| self.backend_view(b, counts))
                 .collect(),
             connections: counts.apps.get(&app.id).copied().unwrap_or(0),
+            rates: self.scan.rates.get(&app.id).copied().unwrap_or_default(),
         }
     }
 
@@ -470,14 +494,93 @@ impl Core {
         }
     }
 
+    /// Open connections as of the last conntrack scan.
     fn counts(&self) -> Result<ConnectionCounts, ApiError> {
-        Ok(self.datapath.connection_counts()?)
+        Ok(self.scan.counts.clone())
+    }
+
+    /// Takes in a scan begun at `started_ms` that took `took`, and samples every app's
+    /// traffic for the rates.
+    fn scanned(&mut self, started_ms: u64, took: Duration, scan: Scan) -> Result<(), ApiError> {
+        let s = &mut self.scan;
+        s.started_ms = started_ms;
+        s.ended_ms = now_ms();
+        s.took = took;
+        s.counts = scan.counts;
+        s.scans += 1;
+        s.expired += scan.removed as u64;
+        let now = Instant::now();
+        let mut traffic = HashMap::new();
+        for app in self.state.apps.values() {
+            traffic.insert(app.id, self.datapath.app_stats(app.id)?);
+        }
+        let s = &mut self.scan;
+        if let Some(at) = s.traffic_at {
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            s.rates = traffic
+                .iter()
+                .map(|(id, t)| {
+                    let p = s.traffic.get(id).copied().unwrap_or_default();
+                    let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+                    let rates = Rates {
+                        connections: per(t.new_flows, p.new_flows),
+                        packets: per(t.packets_in + t.packets_out, p.packets_in + p.packets_out),
+                        bytes: per(t.bytes_in + t.bytes_out, p.bytes_in + p.bytes_out),
+                    };
+                    (*id, rates)
+                })
+                .collect();
+        }
+        s.traffic = traffic;
+        s.traffic_at = Some(now);
+        Ok(())
+    }
+
+    /// What a metrics scrape reports.
+    fn snapshot(&self) -> Result<Snapshot, ApiError> {
+        let counts = &self.scan.counts;
+        let mut apps = Vec::new();
+        let mut backends = Vec::new();
+        for (name, app) in &self.state.apps {
+            apps.push(AppRow {
+                name: name.clone(),
+                traffic: self.datapath.app_stats(app.id)?,
+                active: counts.apps.get(&app.id).copied().unwrap_or(0),
+            });
+            for b in &app.backends {
+                backends.push(BackendRow {
+                    app: name.clone(),
+                    address: b.addr.to_string(),
+                    state: b.state,
+                    weight: b.weight,
+                    traffic: self.datapath.backend_stats(b.id)?,
+                    active: counts.backends.get(&b.id).copied().unwrap_or(0),
+                    state_changes: self.health_changes.get(&b.id).copied().unwrap_or(0),
+                });
+            }
+        }
+        Ok(Snapshot {
+            apps,
+            backends,
+            global: self.datapath.global_stats()?,
+            conntrack_entries: counts.entries,
+            conntrack_capacity: u64::from(self.datapath.conntrack_capacity()),
+            conntrack_expired: self.scan.expired,
+            scans: self.scan.scans,
+            scan_seconds: self.scan.took.as_secs_f64(),
+            scan_timestamp: self.scan.ended_ms as f64 / 1000.0,
+            health_checks: self.checks_run,
+            health_checks_failed: self.checks_failed,
+        })
     }
 }
 
 #[derive(Clone)]
 struct Shared {
     core: Arc<Mutex<Core>>,
+    /// A handle on the conntrack table of its own: scans and flow listings walk it without
+    /// holding the core's lock.
+    conntrack: Arc<Mutex<Conntrack>>,
     exit: watch::Sender<Exit>,
 }
 
@@ -523,6 +626,7 @@ async fn get_status(Axum(s): Axum<Shared>) -> Result<Json<Status>, ApiError> {
             health_checks: c.checks_run,
             health_checks_failed: c.checks_failed,
             conntrack_capacity: u64::from(c.datapath.conntrack_capacity()),
+            scanned_at_ms: c.scan.started_ms,
         }))
     })
     .await
@@ -581,6 +685,7 @@ async fn delete_app(
         let app = next.delete_app(&name)?;
         let view = c.app_view(&name, &app, &ConnectionCounts::default());
         c.commit(&name, next)?;
+        c.latency.remove(&name);
         info!(app = name, port = app.port, "app deleted, port freed");
         Ok(Json(view))
     })
@@ -755,6 +860,83 @@ async fn deploy(
     wait.await.map_err(|e| ApiError::internal(&e))?
 }
 
+async fn list_flows(
+    Axum(s): Axum<Shared>,
+    Query(q): Query<FlowQuery>,
+) -> Result<Json<FlowList>, ApiError> {
+    let backend = q.backend.as_deref().map(state::parse_backend).transpose()?;
+    let (names, app_id) = s
+        .with(move |c| {
+            let app_id = match &q.app {
+                Some(name) => Some(c.state.app(name)?.id),
+                None => None,
+            };
+            let names: HashMap<u32, String> = c
+                .state
+                .apps
+                .iter()
+                .map(|(n, a)| (a.id, n.clone()))
+                .collect();
+            Ok((names, app_id))
+        })
+        .await?;
+    let filter = flows::Filter {
+        app_id,
+        backend,
+        limit: q.limit,
+    };
+    let ct = s.conntrack.clone();
+    tokio::task::spawn_blocking(move || {
+        let ct = ct.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Json(flows::list(
+            &ct,
+            filter,
+            &names,
+            datapath::monotonic_ns(),
+        )?))
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?
+}
+
+/// `GET /metrics` (on `--metrics-addr`).
+async fn get_metrics(
+    Axum(s): Axum<Shared>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    use axum::http::header::{ACCEPT, CONTENT_TYPE};
+    let (snapshot, latency) = s.with(|c| Ok((c.snapshot()?, c.latency.clone()))).await?;
+    let text = metrics::render(snapshot, &latency).map_err(|e| ApiError::internal(&e))?;
+    let accept = headers.get(ACCEPT).and_then(|v| v.to_str().ok());
+    Ok(if metrics::wants_openmetrics(accept) {
+        ([(CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+    } else {
+        let text = metrics::to_prometheus_text(&text);
+        ([(CONTENT_TYPE, metrics::CONTENT_TYPE_TEXT)], text).into_response()
+    })
+}
+
+/// One conntrack scan: expires idle flows and counts the rest, walking the table on a blocking
+/// thread without the core's lock, then hands the result to the core.
+async fn scan_once(s: &Shared) -> Result<Duration, ApiError> {
+    let started_ms = now_ms();
+    let t0 = Instant::now();
+    let ct = s.conntrack.clone();
+    let scan = tokio::task::spawn_blocking(move || {
+        let mut ct = ct.lock().unwrap_or_else(|p| p.into_inner());
+        ct.scan(datapath::monotonic_ns(), &Timeouts::default())
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))??;
+    let took = t0.elapsed();
+    let removed = scan.removed;
+    s.with(move |c| c.scanned(started_ms, took, scan)).await?;
+    if removed > 0 {
+        tracing::debug!(entries = removed, "expired flows collected");
+    }
+    Ok(took)
+}
+
 async fn down(Axum(s): Axum<Shared>) -> StatusCode {
     info!("asked to detach and exit");
     s.exit.send_replace(Exit::Detach);
@@ -779,6 +961,7 @@ fn router(shared: Shared) -> Router {
         )
         .route("/v1/apps/{name}/backends/{addr}", delete(remove_backend))
         .route("/v1/apps/{name}/deploy", post(deploy))
+        .route("/v1/flows", get(list_flows))
         .route("/v1/down", post(down))
         .fallback(not_found)
         .with_state(shared)
@@ -887,6 +1070,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         checks_failed: 0,
         reports,
         runtime: tokio::runtime::Handle::current(),
+        latency: HealthLatency::default(),
+        scan: ScanState::default(),
     };
     core.restore()
         .context("restoring the state into the datapath")?;
@@ -920,14 +1105,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         });
     }
 
-    // Bound last: a client that can connect finds everything ready.
-    let listener = bind_api(&settings.api_socket)?;
-    let _socket = SocketFile(settings.api_socket.clone());
+    let conntrack = core.datapath.conntrack().try_clone()?;
+    let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
     let (exit, mut exit_rx) = watch::channel(Exit::Running);
     let shared = Shared {
         core: Arc::new(Mutex::new(core)),
+        conntrack: Arc::new(Mutex::new(conntrack)),
         exit,
     };
+    // A first scan before serving: connection counts are right from the first call.
+    scan_once(&shared)
+        .await
+        .map_err(|e| anyhow::anyhow!("scanning the conntrack table: {}", e.message))?;
+
+    // Bound last: a client that can connect finds everything ready.
+    let listener = bind_api(&settings.api_socket)?;
+    let _socket = SocketFile(settings.api_socket.clone());
     info!(
         socket = %settings.api_socket.display(),
         public_ip = %settings.public_ip,
@@ -936,23 +1131,33 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "serving the API"
     );
 
-    let gc = {
-        let shared = shared.clone();
+    info!(addr = %settings.metrics_addr, "serving metrics on /metrics");
+    let metrics_server = {
+        let router = Router::new()
+            .route("/metrics", get(get_metrics))
+            .with_state(shared.clone());
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(GC_INTERVAL);
+            if let Err(e) = axum::serve(metrics_listener, router).await {
+                warn!(error = %e, "the metrics endpoint stopped");
+            }
+        })
+    };
+    // Scans every --scan-interval, stretched to 10× a scan's duration so that a huge table
+    // costs at most a tenth of a core.
+    let scans = {
+        let shared = shared.clone();
+        let interval = settings.scan_interval;
+        tokio::spawn(async move {
+            let mut wait = interval;
             loop {
-                tick.tick().await;
-                let removed = shared
-                    .with(|c| {
-                        let now = datapath::monotonic_ns();
-                        Ok(c.datapath.gc(now, &datapath::Timeouts::default())?)
-                    })
-                    .await;
-                match removed {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(entries = n, "expired flows collected"),
-                    Err(e) => warn!(error = e.message, "conntrack garbage collection failed"),
-                }
+                tokio::time::sleep(wait).await;
+                wait = match scan_once(&shared).await {
+                    Ok(took) => interval.max(took * 10),
+                    Err(e) => {
+                        warn!(error = e.message, "conntrack scan failed");
+                        interval
+                    }
+                };
             }
         })
     };
@@ -1015,7 +1220,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     });
     server.await.context("serving the API")?;
-    gc.abort();
+    scans.abort();
+    metrics_server.abort();
     signals.abort();
     health.abort();
     drains.abort();

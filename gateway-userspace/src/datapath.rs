@@ -28,6 +28,7 @@ use gateway_common::{
     },
 };
 
+pub use crate::conntrack::{ConnectionCounts, Conntrack, Scan, Timeouts};
 use crate::maglev;
 
 /// Name of the XDP program in the eBPF object.
@@ -99,6 +100,12 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("reading map {name} failed")]
+    Walk {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("program {name} could not be loaded into the kernel")]
     ProgramLoad {
         name: &'static str,
@@ -168,28 +175,6 @@ impl Default for LoadOptions {
         LoadOptions {
             conntrack_capacity: maps::CONNTRACK_DEFAULT,
             pin_dir: None,
-        }
-    }
-}
-
-/// Idle timeouts for conntrack garbage collection.
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    /// A flow whose handshake did not complete.
-    pub handshake: Duration,
-    /// An established flow.
-    pub established: Duration,
-    /// A flow after RST, or FIN both ways: short, so SNAT ports recycle.
-    pub closed: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            handshake: Duration::from_secs(30),
-            // As IPVS: long enough for idle SSH-like sessions.
-            established: Duration::from_secs(900),
-            closed: Duration::from_secs(10),
         }
     }
 }
@@ -283,7 +268,7 @@ struct Maps {
     services: HashMap<MapData, ServiceKey4, Service>,
     maglev: HashMap<MapData, u32, MaglevTable>,
     backends: Array<MapData, Backend4>,
-    conntrack: HashMap<MapData, FlowKey4, Flow>,
+    conntrack: Conntrack,
     app_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
 }
@@ -352,7 +337,7 @@ impl Datapath {
             services: take(&mut ebpf, maps::SERVICES4)?,
             maglev: take(&mut ebpf, maps::MAGLEV)?,
             backends: take(&mut ebpf, maps::BACKENDS4)?,
-            conntrack: take(&mut ebpf, maps::CONNTRACK4)?,
+            conntrack: Conntrack::new(take(&mut ebpf, maps::CONNTRACK4)?),
             app_stats: take(&mut ebpf, maps::APP_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
         };
@@ -369,9 +354,9 @@ impl Datapath {
             };
             loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
-        let conntrack_capacity = aya::maps::IterableMap::map(&maps.conntrack)
-            .info()
-            .map(|i| i.max_entries())
+        let conntrack_capacity = maps
+            .conntrack
+            .capacity()
             .unwrap_or(options.conntrack_capacity);
         Ok(Self {
             ebpf,
@@ -754,27 +739,22 @@ impl Datapath {
     }
 
     fn remove_flows(&mut self, which: impl Fn(&Flow) -> bool) -> Result<usize, DatapathError> {
-        let mut removed = 0;
-        for (key, flow) in self.flows()? {
-            if which(&flow) && self.maps.conntrack.remove(&key).is_ok() {
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        self.maps.conntrack.remove_where(which)
     }
 
-    /// Open connections (not closed; forward entries) per app id and per backend id, and the
-    /// number of conntrack entries in use. Walks the table.
+    /// The conntrack table.
+    pub fn conntrack(&self) -> &Conntrack {
+        &self.maps.conntrack
+    }
+
+    /// The conntrack table, to change it.
+    pub fn conntrack_mut(&mut self) -> &mut Conntrack {
+        &mut self.maps.conntrack
+    }
+
+    /// Open connections per app and backend, walking the table (see [`Conntrack::counts`]).
     pub fn connection_counts(&self) -> Result<ConnectionCounts, DatapathError> {
-        let mut counts = ConnectionCounts::default();
-        for (_, flow) in self.flows()? {
-            counts.entries += 1;
-            if flow.direction == maps::DIR_FORWARD && !maps::is_closed(flow.state) {
-                *counts.apps.entry(flow.app_id).or_default() += 1;
-                *counts.backends.entry(flow.backend_id).or_default() += 1;
-            }
-        }
-        Ok(counts)
+        self.maps.conntrack.counts()
     }
 
     /// The conntrack table's capacity (entries).
@@ -794,52 +774,22 @@ impl Datapath {
 
     /// Every conntrack entry.
     pub fn flows(&self) -> Result<Vec<(FlowKey4, Flow)>, DatapathError> {
-        self.maps
-            .conntrack
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(maps::CONNTRACK4))
+        self.maps.conntrack.entries()
     }
 
     /// Inserts a conntrack entry as it is (tests and benchmarks fill the table this way).
     pub fn insert_flow(&mut self, key: FlowKey4, flow: Flow) -> Result<(), DatapathError> {
-        self.maps
-            .conntrack
-            .insert(key, flow, 0)
-            .map_err(map_err(maps::CONNTRACK4))
+        self.maps.conntrack.insert(key, flow)
     }
 
     /// The entry of `key`, if any.
     pub fn flow(&self, key: &FlowKey4) -> Result<Option<Flow>, DatapathError> {
-        match self.maps.conntrack.get(key, 0) {
-            Ok(f) => Ok(Some(f)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(maps::CONNTRACK4)(e)),
-        }
+        self.maps.conntrack.get(key)
     }
 
-    /// Removes flows idle for longer than their state's timeout, both entries of each; returns
-    /// how many entries it removed.
-    pub fn gc(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<usize, DatapathError> {
-        let mut removed = 0;
-        for (key, flow) in self.flows()? {
-            let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
-            let limit = if maps::is_closed(flow.state) {
-                timeouts.closed
-            } else if flow.state & maps::TCP_ESTABLISHED != 0 {
-                timeouts.established
-            } else {
-                timeouts.handshake
-            };
-            if idle > limit {
-                for k in [key, flow.peer_key()] {
-                    if self.maps.conntrack.remove(&k).is_ok() {
-                        removed += 1;
-                    }
-                }
-            }
-        }
-        Ok(removed)
+    /// Expires idle flows and counts the rest (see [`Conntrack::scan`]).
+    pub fn scan(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<Scan, DatapathError> {
+        self.maps.conntrack.scan(now_ns, timeouts)
     }
 }
 
@@ -935,15 +885,6 @@ fn sum_stats(
         total.add(v);
     }
     Ok(total)
-}
-
-/// Open connections per app and backend id, from a walk of the conntrack table.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ConnectionCounts {
-    pub apps: std::collections::HashMap<u32, u64>,
-    pub backends: std::collections::HashMap<u32, u64>,
-    /// Conntrack entries in use (two per connection).
-    pub entries: u64,
 }
 
 fn reset_stats(

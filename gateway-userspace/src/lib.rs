@@ -3,11 +3,15 @@
 //! ([`api`]), used by the `gateway` binary's CLI.
 
 pub mod api;
+pub mod batch;
 pub mod config;
+pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
+pub mod flows;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod state;
 
 /// The eBPF object built from `gateway-ebpf` by `build.rs`, embedded in the binary.

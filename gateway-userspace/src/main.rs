@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gateway::{
-    api::{self, AppView, BackendView, Client, Status},
+    api::{self, AppView, BackendView, Client, FlowList, Status},
     config::{self, DaemonArgs, Settings},
 };
 use hyper::Method;
@@ -63,8 +63,23 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Apps, ports, backends with their state, open connections.
+    /// Apps, ports, backends with their state, open connections, rates.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live connections: client, public port, backend, SNAT port, state, age, bytes. With
+    /// `--backend IP:PORT`, the SNAT port a container sees tells which client is behind it.
+    Flows {
+        /// Only this app's.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only those to this backend.
+        #[arg(long, value_name = "IP:PORT")]
+        backend: Option<String>,
+        /// At most this many (the oldest first).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -346,6 +361,30 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                     print_status(&status);
                 }
             }
+            Command::Flows {
+                app,
+                backend,
+                limit,
+                json,
+            } => {
+                let mut query = Vec::new();
+                if let Some(app) = app {
+                    query.push(format!("app={}", seg(&app)));
+                }
+                if let Some(backend) = backend {
+                    query.push(format!("backend={}", seg(&backend)));
+                }
+                if let Some(limit) = limit {
+                    query.push(format!("limit={limit}"));
+                }
+                let path = format!("/v1/flows?{}", query.join("&"));
+                let list: FlowList = client.call(Method::GET, &path, None).await?;
+                if json {
+                    print_json(&list)?;
+                } else {
+                    print_flows(&list);
+                }
+            }
             Command::Daemon(_) | Command::Check | Command::Down { .. } => {
                 unreachable!("handled in main")
             }
@@ -428,10 +467,71 @@ fn print_status(s: &Status) {
     );
     for a in &s.apps {
         println!(
-            "\napp {}  {}  {} open connections",
-            a.name, a.url, a.connections
+            "\napp {}  {}  {} open connections  {:.1} conn/s  {:.0} pkt/s  {}/s",
+            a.name,
+            a.url,
+            a.connections,
+            a.rates.connections,
+            a.rates.packets,
+            human_bytes(a.rates.bytes)
         );
         print_backends(&a.backends, "  ");
+    }
+    let ago = gateway::daemon::now_ms().saturating_sub(s.scanned_at_ms);
+    println!(
+        "\n(connections and rates as of the conntrack scan {:.1} s ago)",
+        ago as f64 / 1000.0
+    );
+}
+
+fn human_bytes(b: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+fn print_flows(list: &FlowList) {
+    if list.flows.is_empty() {
+        println!("no flows");
+        return;
+    }
+    let w = list
+        .flows
+        .iter()
+        .map(|f| f.app.len())
+        .max()
+        .unwrap_or(0)
+        .max(3);
+    println!(
+        "{:w$}  {:21}  {:21}  {:21}  {:21}  {:11}  {:>8}  {:>10}  {:>10}",
+        "APP", "CLIENT", "PUBLIC", "BACKEND", "SNAT", "STATE", "AGE", "BYTES IN", "BYTES OUT"
+    );
+    for f in &list.flows {
+        let age = humantime::format_duration(std::time::Duration::from_secs(f.age_ms / 1000));
+        println!(
+            "{:w$}  {:21}  {:21}  {:21}  {:21}  {:11}  {:>8}  {:>10}  {:>10}",
+            f.app,
+            f.client,
+            f.public,
+            f.backend,
+            f.snat,
+            f.state,
+            age.to_string(),
+            f.bytes_in,
+            f.bytes_out
+        );
+    }
+    if list.matched > list.flows.len() {
+        println!("({} of {} flows shown)", list.flows.len(), list.matched);
     }
 }
 

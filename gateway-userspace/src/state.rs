@@ -242,6 +242,14 @@ pub enum BackendState {
 }
 
 impl BackendState {
+    /// Every state.
+    pub const ALL: [BackendState; 4] = [
+        BackendState::Pending,
+        BackendState::Active,
+        BackendState::Unhealthy,
+        BackendState::Draining,
+    ];
+
     /// Whether new connections may go to it.
     pub fn accepting(self) -> bool {
         self == BackendState::Active

@@ -51,9 +51,12 @@ impl Daemon {
             Topology::PUBLIC_IP.to_string(),
             "--snat-ip".into(),
             Topology::SNAT_IP.to_string(),
-            // Health checks 5x faster than the default, so that tests wait less.
+            // Health checks 5x faster than the default, and conntrack scans (connection counts)
+            // 20x, so that tests wait less.
             "--check-interval".into(),
             "200ms".into(),
+            "--scan-interval".into(),
+            "100ms".into(),
         ];
         for iface in topo.gateway_ifaces() {
             args.extend(["--iface".into(), iface]);
@@ -232,9 +235,71 @@ impl Daemon {
         self.wait_active(app, backends.len());
     }
 
+    /// `GET /metrics` on the daemon's default metrics address, from inside its namespace, as
+    /// Prometheus asks for it (OpenMetrics): the body, parsed.
+    #[track_caller]
+    pub fn scrape(&self) -> crate::metrics::Scrape {
+        crate::metrics::Scrape::parse(&self.scrape_text(true))
+    }
+
+    /// `GET /metrics`: the body as it is, in OpenMetrics (as Prometheus asks) or in the
+    /// Prometheus text format (what a request without `Accept` gets).
+    #[track_caller]
+    pub fn scrape_text(&self, openmetrics: bool) -> String {
+        let accept = if openmetrics {
+            "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n"
+        } else {
+            ""
+        };
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: gateway\r\n{accept}\r\n");
+        let answer = crate::netns::thread_in(&self.gateway_ns, move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9717")?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(request.as_bytes())?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            std::io::Result::Ok(answer)
+        })
+        .join()
+        .expect("scrape thread")
+        .expect("scrape the metrics endpoint");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.starts_with("http/1.0 200") || head.starts_with("http/1.1 200"),
+            "{head}"
+        );
+        let kind = if openmetrics {
+            "content-type: application/openmetrics-text"
+        } else {
+            "content-type: text/plain; version=0.0.4"
+        };
+        assert!(head.contains(kind), "{head}");
+        body.to_owned()
+    }
+
     /// `gateway status --json`, parsed.
     #[track_caller]
     pub fn status(&self) -> gateway::api::Status {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
+    }
+
+    /// `gateway status --json` once a conntrack scan begun after this call has counted the
+    /// connections (counts are as of the last scan).
+    #[track_caller]
+    pub fn fresh_status(&self) -> gateway::api::Status {
+        let asked = gateway::daemon::now_ms();
+        let mut status = self.status();
+        let fresh = crate::wait_for(Duration::from_secs(10), || {
+            status = self.status();
+            status.scanned_at_ms > asked
+        });
+        assert!(
+            fresh.is_some(),
+            "no conntrack scan within 10 s:\n{}",
+            self.log()
+        );
+        status
     }
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod datapath;
+pub mod metrics;
 pub mod netns;
 pub mod packet;
 pub mod traffic;

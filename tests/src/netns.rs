@@ -201,14 +201,22 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> thread::JoinHandle<T> {
-        let path = Path::new("/run/netns").join(&self.name);
-        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        thread::spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
-            drop(file);
-            f()
-        })
+        thread_in(&self.name, f)
     }
+}
+
+/// Starts a thread that has joined namespace `name` (one this process does not own).
+pub fn thread_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let path = Path::new("/run/netns").join(name);
+    let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    thread::spawn(move || {
+        setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+        drop(file);
+        f()
+    })
 }
 
 /// A command that runs inside namespace `name` (`ip netns exec NAME program`), with every

@@ -77,7 +77,7 @@ fn apps_and_backends_through_the_cli_carry_traffic_and_stay_isolated() {
     );
 
     // Open connections as the daemon counts them match what the client sees, per backend.
-    let status = daemon.status();
+    let status = daemon.fresh_status();
     let app = &status.apps[0];
     assert_eq!(app.connections, 150);
     for (i, b) in app.backends.iter().enumerate() {
@@ -106,6 +106,7 @@ fn apps_and_backends_through_the_cli_carry_traffic_and_stay_isolated() {
         spread(&db_conns),
         BTreeMap::from([("db-b2".to_owned(), 20)])
     );
+    daemon.fresh_status();
     let shown: gateway::api::AppView =
         serde_json::from_str(&daemon.ok(&["app", "show", "db", "--json"])).unwrap();
     assert_eq!(
@@ -163,6 +164,7 @@ fn settled(daemon: &Daemon) -> gateway::api::Status {
     let mut status = daemon.status();
     status.health_checks = 0;
     status.health_checks_failed = 0;
+    status.scanned_at_ms = 0;
     status
 }
 
@@ -379,7 +381,7 @@ fn restart_keeps_connections(mode: AttachMode) {
         "{}",
         daemon.log()
     );
-    let status = daemon.status();
+    let status = daemon.fresh_status();
     assert_eq!(status.apps.len(), 1);
     assert_eq!(status.apps[0].connections, 20, "the conntrack was reused");
     let strip = |apps: &[gateway::api::AppView]| {

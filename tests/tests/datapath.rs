@@ -652,7 +652,7 @@ fn every_map_of_the_object_is_named_in_gateway_common() {
 }
 
 #[test]
-fn gc_reclaims_closed_and_idle_pairs_and_keeps_live_ones() {
+fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
     use gateway::datapath::{Timeouts, monotonic_ns};
     use gateway_common::maps::Flow;
     require_root();
@@ -698,8 +698,11 @@ fn gc_reclaims_closed_and_idle_pairs_and_keeps_live_ones() {
         dp.insert_flow(fwd, to(rev, DIR_FORWARD)).unwrap();
         dp.insert_flow(rev, to(fwd, DIR_REVERSE)).unwrap();
     }
-    let removed = dp.gc(now, &Timeouts::default()).unwrap();
-    assert_eq!(removed, 8, "4 pairs reclaimed");
+    let scan = dp.scan(now, &Timeouts::default()).unwrap();
+    assert_eq!(scan.removed, 8, "4 pairs reclaimed");
+    // What is left: 3 pairs, all open (a FIN one way is not closed yet), all of app 0.
+    assert_eq!(scan.counts.entries, 6);
+    assert_eq!(scan.counts.apps.get(&0), Some(&3));
     for (p, _, _, survives) in cases {
         let fwd = flow_key(client(p), svc);
         let rev = flow_key(backend, SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p));

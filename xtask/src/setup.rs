@@ -19,6 +19,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftool",         // inspecting links and maps in tests
     "iproute2",        // ip netns, veth, routes
     "ethtool",         // veth offloads for native XDP
+    "prometheus",      // promtool: the metrics tests check the scrape with it
+    "nftables",        // the metrics tests count a backend's packets with nft counters
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

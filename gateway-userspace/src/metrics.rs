@@ -1,0 +1,492 @@
+//! Prometheus metrics (`GET /metrics` on `--metrics-addr`), in the OpenMetrics text format that
+//! Prometheus scrapes. Counters come from the datapath's per-CPU maps, summed at scrape time;
+//! connection gauges and conntrack occupancy come from the daemon's periodic conntrack scan
+//! (never from a walk per scrape); health-check latency is a histogram the checks feed.
+//!
+//! Each scrape copies what it reports into a [`Snapshot`] under the daemon's lock, then
+//! encodes it without the lock.
+
+use std::fmt;
+
+use gateway_common::maps::TrafficStats;
+use gateway_common::{DropReason, GlobalStat};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabel, EncodeMetric as _, text},
+    metrics::{
+        MetricType,
+        counter::ConstCounter,
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::Registry,
+};
+
+use crate::{datapath::GlobalStats, state::BackendState};
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`to_prometheus_text`]'s output.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a request's `Accept` header takes OpenMetrics (Prometheus asks for it first);
+/// anything else (curl, promtool, older scrapers) gets the Prometheus text format.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+
+/// Rewrites OpenMetrics text as the Prometheus text format 0.0.4: a counter family is named
+/// with its `_total` suffix, an info family becomes a gauge named `_info`, and the `# EOF`
+/// and `# UNIT` lines go. Samples are the same in both.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut renamed = std::collections::HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            match rest.split_once(' ') {
+                Some((name, "counter")) => {
+                    renamed.insert(name, (format!("{name}_total"), "counter"))
+                }
+                Some((name, "info")) => renamed.insert(name, (format!("{name}_info"), "gauge")),
+                _ => None,
+            };
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta.and_then(|(p, rest)| {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            renamed.get(name).map(|(new, kind)| (p, new, kind, tail))
+        }) {
+            Some(("# TYPE ", new, kind, _)) => out.push_str(&format!("# TYPE {new} {kind}")),
+            Some((p, new, _, tail)) => out.push_str(&format!("{p}{new} {tail}")),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+type AppLabel = [(&'static str, String); 1];
+
+/// Health-check latency per app: a histogram from 0.1 ms to ~1.6 s.
+#[derive(Clone, Debug)]
+pub struct HealthLatency(Family<AppLabel, Histogram, fn() -> Histogram>);
+
+impl Default for HealthLatency {
+    fn default() -> Self {
+        fn buckets() -> Histogram {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+        }
+        HealthLatency(Family::new_with_constructor(buckets as fn() -> Histogram))
+    }
+}
+
+impl HealthLatency {
+    /// Records one check of a backend of `app` that took `seconds`.
+    pub fn observe(&self, app: &str, seconds: f64) {
+        self.0
+            .get_or_create(&[("app", app.to_owned())])
+            .observe(seconds);
+    }
+
+    /// Forgets `app` (deleted).
+    pub fn remove(&self, app: &str) {
+        self.0.remove(&[("app", app.to_owned())]);
+    }
+}
+
+/// One app's figures.
+#[derive(Debug)]
+pub struct AppRow {
+    pub name: String,
+    pub traffic: TrafficStats,
+    pub active: u64,
+}
+
+/// One backend's figures.
+#[derive(Debug)]
+pub struct BackendRow {
+    pub app: String,
+    pub address: String,
+    pub state: BackendState,
+    pub weight: u32,
+    pub traffic: TrafficStats,
+    pub active: u64,
+    pub state_changes: u64,
+}
+
+/// Everything a scrape reports but the health histogram, copied out of the daemon.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub apps: Vec<AppRow>,
+    pub backends: Vec<BackendRow>,
+    pub global: GlobalStats,
+    pub conntrack_entries: u64,
+    pub conntrack_capacity: u64,
+    pub conntrack_expired: u64,
+    pub scans: u64,
+    pub scan_seconds: f64,
+    /// When the last scan ended (Unix seconds); 0 before the first.
+    pub scan_timestamp: f64,
+    pub health_checks: u64,
+    pub health_checks_failed: u64,
+}
+
+/// Encodes `snapshot`, the health histogram and the build info.
+pub fn render(snapshot: Snapshot, latency: &HealthLatency) -> Result<String, fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register(
+        "gateway_build",
+        "The daemon's version",
+        Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    registry.register(
+        "gateway_health_check_duration_seconds",
+        "How long a health check took (TCP handshake, or the timeout), per app",
+        latency.0.clone(),
+    );
+    registry.register_collector(Box::new(snapshot));
+    let mut out = String::new();
+    text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// Writes one metric family of constant values.
+fn family<L: EncodeLabel>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Vec<L>, u64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        let e = m.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(e)?,
+            _ => ConstGauge::new(v as i64).encode(e)?,
+        }
+    }
+    Ok(())
+}
+
+/// A family without labels.
+fn single(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    v: u64,
+) -> fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, kind)?;
+    match kind {
+        MetricType::Counter => ConstCounter::new(v).encode(m),
+        _ => ConstGauge::new(v as i64).encode(m),
+    }
+}
+
+const IN: &str = "in";
+const OUT: &str = "out";
+
+impl Snapshot {
+    fn app<'a>(
+        &'a self,
+        f: impl Fn(&TrafficStats) -> u64 + 'a,
+    ) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)> + 'a {
+        self.apps
+            .iter()
+            .map(move |a| (vec![("app", a.name.as_str())], f(&a.traffic)))
+    }
+
+    fn app_dir<'a>(
+        &'a self,
+        fin: fn(&TrafficStats) -> u64,
+        fout: fn(&TrafficStats) -> u64,
+    ) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)> + 'a {
+        self.apps.iter().flat_map(move |a| {
+            [(IN, fin(&a.traffic)), (OUT, fout(&a.traffic))]
+                .map(|(d, v)| (vec![("app", a.name.as_str()), ("direction", d)], v))
+        })
+    }
+
+    fn backend<'a>(
+        &'a self,
+        f: impl Fn(&BackendRow) -> u64 + 'a,
+    ) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)> + 'a {
+        self.backends.iter().map(move |b| (backend_labels(b), f(b)))
+    }
+
+    fn backend_dir<'a>(
+        &'a self,
+        fin: fn(&TrafficStats) -> u64,
+        fout: fn(&TrafficStats) -> u64,
+    ) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)> + 'a {
+        self.backends.iter().flat_map(move |b| {
+            [(IN, fin(&b.traffic)), (OUT, fout(&b.traffic))].map(|(d, v)| {
+                let mut l = backend_labels(b);
+                l.push(("direction", d));
+                (l, v)
+            })
+        })
+    }
+}
+
+fn backend_labels(b: &BackendRow) -> Vec<(&str, &str)> {
+    vec![("app", b.app.as_str()), ("backend", b.address.as_str())]
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        use MetricType::{Counter, Gauge};
+        let e = &mut enc;
+        let direction = "direction \"in\" is client to backend, \"out\" backend to client";
+
+        family(
+            e,
+            "gateway_app_packets",
+            &format!("Packets of the app's connections; {direction}"),
+            Counter,
+            self.app_dir(|t| t.packets_in, |t| t.packets_out),
+        )?;
+        family(
+            e,
+            "gateway_app_bytes",
+            &format!("IPv4 bytes of the app's connections; {direction}"),
+            Counter,
+            self.app_dir(|t| t.bytes_in, |t| t.bytes_out),
+        )?;
+        family(
+            e,
+            "gateway_app_connections",
+            "Connections the app accepted (SYNs given a backend)",
+            Counter,
+            self.app(|t| t.new_flows),
+        )?;
+        family(
+            e,
+            "gateway_app_active_connections",
+            "The app's open connections, as of the last conntrack scan",
+            Gauge,
+            self.apps
+                .iter()
+                .map(|a| (vec![("app", a.name.as_str())], a.active)),
+        )?;
+
+        family(
+            e,
+            "gateway_backend_packets",
+            &format!("Packets of the backend's connections; {direction}"),
+            Counter,
+            self.backend_dir(|t| t.packets_in, |t| t.packets_out),
+        )?;
+        family(
+            e,
+            "gateway_backend_bytes",
+            &format!("IPv4 bytes of the backend's connections; {direction}"),
+            Counter,
+            self.backend_dir(|t| t.bytes_in, |t| t.bytes_out),
+        )?;
+        family(
+            e,
+            "gateway_backend_connections",
+            "Connections given to the backend",
+            Counter,
+            self.backend(|b| b.traffic.new_flows),
+        )?;
+        family(
+            e,
+            "gateway_backend_active_connections",
+            "The backend's open connections, as of the last conntrack scan",
+            Gauge,
+            self.backend(|b| b.active),
+        )?;
+        family(
+            e,
+            "gateway_backend_weight",
+            "The backend's weight in its app's Maglev table",
+            Gauge,
+            self.backend(|b| u64::from(b.weight)),
+        )?;
+        family(
+            e,
+            "gateway_backend_state_changes",
+            "Health state changes of the backend since the daemon started",
+            Counter,
+            self.backend(|b| b.state_changes),
+        )?;
+        family(
+            e,
+            "gateway_backend_state",
+            "The backend's state: 1 for the current one (pending, active, unhealthy, draining)",
+            Gauge,
+            self.backends.iter().flat_map(|b| {
+                BackendState::ALL.iter().map(move |s| {
+                    let mut l = backend_labels(b);
+                    l.push(("state", s.as_str()));
+                    (l, u64::from(b.state == *s))
+                })
+            }),
+        )?;
+
+        family(
+            e,
+            "gateway_drops",
+            "Packets the datapath dropped, by reason",
+            Counter,
+            DropReason::ALL
+                .iter()
+                .map(|r| (vec![("reason", r.label())], self.global.drops(*r))),
+        )?;
+        single(
+            e,
+            "gateway_snat_port_allocation_failures",
+            "New connections refused for want of a free SNAT port (also in gateway_drops_total{reason=\"snat_exhausted\"})",
+            Counter,
+            self.global.drops(DropReason::SnatExhausted),
+        )?;
+        single(
+            e,
+            "gateway_snat_port_collisions",
+            "SNAT port probes that found the port in use and tried another",
+            Counter,
+            self.global.get(GlobalStat::SnatCollisions),
+        )?;
+        family(
+            e,
+            "gateway_datapath_packets",
+            "Packets each datapath program saw",
+            Counter,
+            [
+                ("xdp", GlobalStat::XdpPackets),
+                ("tc", GlobalStat::TcPackets),
+            ]
+            .map(|(p, s)| (vec![("program", p)], self.global.get(s))),
+        )?;
+        family(
+            e,
+            "gateway_translated_packets",
+            &format!("Packets translated; {direction}"),
+            Counter,
+            [(IN, GlobalStat::Forwarded), (OUT, GlobalStat::Reversed)]
+                .map(|(d, s)| (vec![("direction", d)], self.global.get(s))),
+        )?;
+        single(
+            e,
+            "gateway_passed_packets",
+            "Packets not for the gateway, handed to the kernel unchanged",
+            Counter,
+            self.global.get(GlobalStat::Passed),
+        )?;
+        single(
+            e,
+            "gateway_flows_created",
+            "Connections created by the datapath, all apps",
+            Counter,
+            self.global.get(GlobalStat::FlowsCreated),
+        )?;
+        single(
+            e,
+            "gateway_fib_lookups",
+            "Next-hop lookups the datapath made",
+            Counter,
+            self.global.get(GlobalStat::FibLookups),
+        )?;
+        single(
+            e,
+            "gateway_neighbour_fallbacks",
+            "Packets sent through the kernel's neighbour resolution",
+            Counter,
+            self.global.get(GlobalStat::NeighFallbacks),
+        )?;
+
+        single(
+            e,
+            "gateway_conntrack_entries",
+            "Conntrack entries in use (two per connection), as of the last scan",
+            Gauge,
+            self.conntrack_entries,
+        )?;
+        single(
+            e,
+            "gateway_conntrack_capacity",
+            "Conntrack entries the table holds; at capacity the least recently used are evicted",
+            Gauge,
+            self.conntrack_capacity,
+        )?;
+        single(
+            e,
+            "gateway_conntrack_expired_entries",
+            "Conntrack entries removed for being idle",
+            Counter,
+            self.conntrack_expired,
+        )?;
+        single(
+            e,
+            "gateway_conntrack_scans",
+            "Conntrack scans done",
+            Counter,
+            self.scans,
+        )?;
+        let m = e.encode_descriptor(
+            "gateway_conntrack_scan_duration_seconds",
+            "How long the last conntrack scan took",
+            None,
+            Gauge,
+        )?;
+        ConstGauge::new(self.scan_seconds).encode(m)?;
+        let m = e.encode_descriptor(
+            "gateway_conntrack_scan_timestamp_seconds",
+            "When the last conntrack scan ended (Unix time)",
+            None,
+            Gauge,
+        )?;
+        ConstGauge::new(self.scan_timestamp).encode(m)?;
+
+        single(
+            e,
+            "gateway_health_checks",
+            "Health checks run",
+            Counter,
+            self.health_checks,
+        )?;
+        single(
+            e,
+            "gateway_health_check_failures",
+            "Health checks failed",
+            Counter,
+            self.health_checks_failed,
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let om = "# HELP a_build The version.\n# TYPE a_build info\na_build_info{version=\"1\"} 1\n\
+                  # HELP a_drops Drops.\n# TYPE a_drops counter\na_drops_total{reason=\"x\"} 3\n\
+                  # HELP a_open Open.\n# TYPE a_open gauge\na_open 2\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_build_info The version.\n# TYPE a_build_info gauge\na_build_info{version=\"1\"} 1\n\
+             # HELP a_drops_total Drops.\n# TYPE a_drops_total counter\na_drops_total{reason=\"x\"} 3\n\
+             # HELP a_open Open.\n# TYPE a_open gauge\na_open 2\n"
+        );
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+        )));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(None));
+    }
+}
