@@ -111,6 +111,14 @@ impl EchoClient {
         Self::from_stream(stream)
     }
 
+    /// The connection's own address (the client's side).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.reader
+            .get_ref()
+            .local_addr()
+            .expect("a connected socket")
+    }
+
     /// Sets how long a read or write may block.
     pub fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
         let s = self.reader.get_ref();

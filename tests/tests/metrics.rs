@@ -1,30 +1,406 @@
-//! Observability end to end: `/metrics` against known traffic, drops under their reason, the
-//! active-connection gauges, promtool's check, the Grafana dashboard's queries, `gateway flows`
-//! and the rates of `gateway status`.
+//! Observability end to end: `/metrics` against known traffic (counted independently by nft
+//! in the backends' namespaces), drops under their reason, the active-connection gauges,
+//! promtool's check, the Grafana dashboard's queries, `gateway flows` and the rates of
+//! `gateway status`.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
 
 use gateway_tests::{
     daemon::Daemon,
-    netns::Topology,
+    metrics::Scrape,
+    netns::{Host, Topology},
+    packet::{ETH_LEN, Frame, flags},
     require_root,
     traffic::{EchoClient, payload, sock},
+    wait_for,
 };
 
 const LIFETIME: Duration = Duration::from_secs(120);
+const PORT: u16 = 8080;
 
 fn backend(topo: &Topology, i: usize) -> String {
-    SocketAddrV4::new(topo.backends[i].ip, 8080).to_string()
+    SocketAddrV4::new(topo.backends[i].ip, PORT).to_string()
+}
+
+fn web() -> SocketAddr {
+    sock(Topology::PUBLIC_IP, 20000)
+}
+
+/// nft counters in a backend's namespace for the gateway's translated traffic only (from and
+/// to the SNAT address and port range; health checks come from another address).
+struct NftCounters<'a>(&'a Host);
+
+impl<'a> NftCounters<'a> {
+    fn install(host: &'a Host) -> Self {
+        let snat = Topology::SNAT_IP;
+        let rules = format!(
+            "table ip gwtest {{
+               counter in_ {{
+               }}
+               counter out_ {{
+               }}
+               chain input {{
+                 type filter hook input priority 0;
+                 ip saddr {snat} tcp sport 1024-19999 tcp dport {PORT} counter name in_
+               }}
+               chain output {{
+                 type filter hook output priority 0;
+                 ip daddr {snat} tcp dport 1024-19999 tcp sport {PORT} counter name out_
+               }}
+             }}\n"
+        );
+        let path = std::env::temp_dir().join(format!("gwtest-nft-{}.nft", std::process::id()));
+        std::fs::write(&path, rules).unwrap();
+        host.exec_ok(&["nft", "-f", path.to_str().unwrap()]);
+        let _ = std::fs::remove_file(&path);
+        NftCounters(host)
+    }
+
+    /// (packets, bytes) of counter `name`.
+    fn read(&self, name: &str) -> (u64, u64) {
+        let out = self
+            .0
+            .exec_ok(&["nft", "-j", "list", "counter", "ip", "gwtest", name]);
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let c = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|o| o.get("counter"))
+            .expect("a counter");
+        (c["packets"].as_u64().unwrap(), c["bytes"].as_u64().unwrap())
+    }
+}
+
+/// (packets, bytes) of a backend's traffic in `direction` as the scrape counts it.
+fn scraped(s: &Scrape, backend: &str, direction: &str) -> (u64, u64) {
+    let labels = [("backend", backend), ("direction", direction)];
+    (
+        s.value("gateway_backend_packets_total", &labels) as u64,
+        s.value("gateway_backend_bytes_total", &labels) as u64,
+    )
+}
+
+#[test]
+fn counters_equal_the_traffic_per_app_and_backend() {
+    require_root();
+    let topo = Topology::new(2);
+    let _servers = topo.echo_servers(PORT, LIFETIME);
+    let nft: Vec<NftCounters> = topo.backends.iter().map(NftCounters::install).collect();
+    let daemon = Daemon::start(&topo, None, &[]);
+    daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
+
+    // N connections, each echoing M bytes, all closed.
+    const N: usize = 24;
+    const M: usize = 3000;
+    let mut conns = EchoClient::connect_many(&topo.client, web(), N).unwrap();
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.echo(&payload(M, i as u32)).unwrap();
+        *by.entry(c.server.clone()).or_default() += 1;
+    }
+    drop(conns);
+
+    // Once the FIN exchanges are over, the datapath's counters equal what each backend's
+    // own firewall counted, packet for packet and byte for byte, both ways.
+    let mut s = daemon.scrape();
+    let settled = wait_for(Duration::from_secs(10), || {
+        s = daemon.scrape();
+        (0..2).all(|i| {
+            let b = backend(&topo, i);
+            scraped(&s, &b, "in") == nft[i].read("in_")
+                && scraped(&s, &b, "out") == nft[i].read("out_")
+        })
+    });
+    let report: Vec<_> = (0..2)
+        .map(|i| {
+            let b = backend(&topo, i);
+            (
+                scraped(&s, &b, "in"),
+                nft[i].read("in_"),
+                scraped(&s, &b, "out"),
+                nft[i].read("out_"),
+            )
+        })
+        .collect();
+    assert!(settled.is_some(), "scrape vs nft per backend: {report:?}");
+
+    let app = [("app", "web")];
+    assert_eq!(s.value("gateway_app_connections_total", &app), N as f64);
+    let mut bytes_in = 0;
+    for i in 0..2 {
+        let b = backend(&topo, i);
+        let labels = [("backend", b.as_str())];
+        let conns = by.get(&format!("b{i}")).copied().unwrap_or(0);
+        assert_eq!(
+            s.value("gateway_backend_connections_total", &labels),
+            conns as f64
+        );
+        let (packets, bytes) = scraped(&s, &b, "in");
+        // Every packet carries at least 40 bytes of headers besides its payload.
+        assert!(
+            bytes >= conns * M as u64 + 40 * packets,
+            "{b}: {bytes} bytes"
+        );
+        bytes_in += bytes;
+    }
+    assert!(by.values().all(|&n| n > 0), "both backends served: {by:?}");
+    // The app's counters are its backends' sums.
+    for (what, dir) in [
+        ("packets", "in"),
+        ("packets", "out"),
+        ("bytes", "in"),
+        ("bytes", "out"),
+    ] {
+        let name = format!("gateway_app_{what}_total");
+        let per_backend = s.sum(
+            &format!("gateway_backend_{what}_total"),
+            &[("direction", dir)],
+        );
+        assert_eq!(
+            s.value(&name, &[("app", "web"), ("direction", dir)]),
+            per_backend
+        );
+    }
+    assert_eq!(
+        s.value(
+            "gateway_app_bytes_total",
+            &[("app", "web"), ("direction", "in")]
+        ),
+        bytes_in as f64
+    );
+    assert_eq!(s.value("gateway_flows_created_total", &[]), N as f64);
+    assert_eq!(s.value("gateway_build_info", &[]), 1.0);
+    assert!(s.value("gateway_health_check_duration_seconds_count", &app) > 0.0);
+}
+
+/// Sends `packets` (IPv4, built by `Frame` without their Ethernet header) from the client with
+/// a raw socket.
+fn send_raw(client: &Host, packets: Vec<Vec<u8>>) {
+    client.run(move || {
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .expect("raw socket");
+        for p in packets {
+            let dst = std::net::Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+            let to = socket2::SockAddr::from(SocketAddrV4::new(dst, 0));
+            raw.send_to(&p, &to).expect("send a crafted packet");
+        }
+    });
+}
+
+#[test]
+fn crafted_bad_packets_are_counted_under_their_reason() {
+    require_root();
+    let topo = Topology::new(1);
+    let _servers = topo.echo_servers(PORT, LIFETIME);
+    let daemon = Daemon::start(&topo, None, &[]);
+    daemon.app_with_backends("web", &[backend(&topo, 0)]);
+    let client = SocketAddrV4::new(Topology::CLIENT_IP, 40000);
+    let public = SocketAddrV4::new(Topology::PUBLIC_IP, 20000);
+    let snat = SocketAddrV4::new(Topology::SNAT_IP, 5000);
+    let ip = |f: Frame| f.build()[ETH_LEN..].to_vec();
+    let fragment = Frame {
+        frag: 0x2000, // more fragments
+        ..Frame::tcp(client, public, flags::SYN)
+    };
+    // (reason, packets): 3 of each, one reason at a time.
+    let cases: [(&str, Vec<Vec<u8>>); 3] = [
+        (
+            "no_flow",
+            vec![ip(Frame::tcp(client, public, flags::ACK)); 3],
+        ),
+        (
+            "no_reply_flow",
+            vec![ip(Frame::tcp(client, snat, flags::ACK)); 3],
+        ),
+        ("fragment", vec![ip(fragment); 3]),
+    ];
+    let drops = |s: &Scrape| -> BTreeMap<String, f64> {
+        s.samples
+            .iter()
+            .filter(|x| x.name == "gateway_drops_total")
+            .map(|x| (x.labels[0].1.clone(), x.value))
+            .collect()
+    };
+    for (reason, packets) in cases {
+        let before = drops(&daemon.scrape());
+        send_raw(&topo.client, packets);
+        let mut after = before.clone();
+        let counted = wait_for(Duration::from_secs(5), || {
+            after = drops(&daemon.scrape());
+            after[reason] == before[reason] + 3.0
+        });
+        assert!(counted.is_some(), "{reason}: {before:?} -> {after:?}");
+        for (r, v) in &after {
+            if r != reason {
+                assert_eq!(*v, before[r], "{reason} sent, {r} moved: {after:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn active_connection_gauges_follow_real_connections() {
+    require_root();
+    let topo = Topology::new(2);
+    let _servers = topo.echo_servers(PORT, LIFETIME);
+    let daemon = Daemon::start(&topo, None, &[]);
+    daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
+    let gauges = || {
+        let s = daemon.scrape();
+        (
+            s.value("gateway_app_active_connections", &[("app", "web")]),
+            s.sum("gateway_backend_active_connections", &[("app", "web")]),
+        )
+    };
+    let wait = |n: f64| {
+        let mut seen = (0.0, 0.0);
+        let ok = wait_for(Duration::from_secs(5), || {
+            seen = gauges();
+            seen == (n, n)
+        });
+        assert!(
+            ok.is_some(),
+            "gauges (app, sum of backends) {seen:?}, not {n}"
+        );
+    };
+    assert_eq!(gauges(), (0.0, 0.0));
+    let mut conns = EchoClient::connect_many(&topo.client, web(), 10).unwrap();
+    wait(10.0);
+    // Closing: the client's FIN, the server's FIN after it; closed connections do not count.
+    for c in conns.drain(..4) {
+        drop(c);
+    }
+    wait(6.0);
+    let s = daemon.scrape();
+    assert!(s.value("gateway_conntrack_entries", &[]) >= 12.0);
+    assert!(s.value("gateway_conntrack_capacity", &[]) >= 1024.0);
+    drop(conns);
+    wait(0.0);
+}
+
+#[test]
+fn flows_show_the_client_behind_a_snat_port() {
+    require_root();
+    let topo = Topology::new(2);
+    let _servers = topo.echo_servers(PORT, LIFETIME);
+    let daemon = Daemon::start(&topo, None, &[]);
+    daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
+    let mut conns = EchoClient::connect_many(&topo.client, web(), 12).unwrap();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.echo(&payload(500, i as u32)).unwrap();
+    }
+    let b0 = backend(&topo, 0);
+    // What backend 0 sees: its peers are the SNAT address and a port each.
+    let ss =
+        topo.backends[0].exec_ok(&["ss", "-Htn", "state", "established", "sport", "=", ":8080"]);
+    let peers: BTreeSet<String> = ss
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .map(str::to_owned)
+        .collect();
+    let mine: BTreeSet<String> = conns
+        .iter()
+        .filter(|c| c.server == "b0")
+        .map(|c| c.local_addr().to_string())
+        .collect();
+    assert!(!mine.is_empty());
+    assert_eq!(peers.len(), mine.len(), "{ss}");
+
+    let list: gateway::api::FlowList =
+        serde_json::from_str(&daemon.ok(&["flows", "--backend", &b0, "--json"])).unwrap();
+    assert_eq!(list.matched, mine.len());
+    // Each SNAT port the backend sees leads to one client connection of ours.
+    let clients: BTreeSet<String> = peers
+        .iter()
+        .map(|peer| {
+            let f = list
+                .flows
+                .iter()
+                .find(|f| &f.snat == peer)
+                .unwrap_or_else(|| panic!("no flow with SNAT {peer}: {:?}", list.flows));
+            assert_eq!(f.app, "web");
+            assert_eq!(f.backend, b0);
+            assert_eq!(f.public, web().to_string());
+            assert_eq!(f.state, "established");
+            assert!(f.bytes_in > 500 && f.bytes_out > 500, "{f:?}");
+            f.client.clone()
+        })
+        .collect();
+    assert_eq!(clients, mine);
+
+    // Filters: all flows of the app; an unknown app and a bad address are refused.
+    let all: gateway::api::FlowList =
+        serde_json::from_str(&daemon.ok(&["flows", "--app", "web", "--json"])).unwrap();
+    assert_eq!(all.matched, 12);
+    let limited: gateway::api::FlowList =
+        serde_json::from_str(&daemon.ok(&["flows", "--limit", "5", "--json"])).unwrap();
+    assert_eq!((limited.matched, limited.flows.len()), (12, 5));
+    assert!(
+        daemon
+            .fails(&["flows", "--app", "nope"])
+            .contains("no app named \"nope\"")
+    );
+    assert!(
+        daemon
+            .fails(&["flows", "--backend", "300.1.2.3:80"])
+            .contains("300.1.2.3:80")
+    );
+    let table = daemon.ok(&["flows", "--backend", &b0]);
+    assert_eq!(table.lines().count(), 1 + mine.len(), "{table}");
+}
+
+#[test]
+fn status_shows_rates_while_traffic_flows() {
+    require_root();
+    let topo = Topology::new(1);
+    let _servers = topo.echo_servers(PORT, LIFETIME);
+    let daemon = Daemon::start(&topo, None, &[]);
+    daemon.app_with_backends("web", &[backend(&topo, 0)]);
+    let rates = || daemon.fresh_status().apps[0].rates;
+    // New connections for ~1 s, while status is read.
+    let mut seen = gateway::api::Rates::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut n = 0;
+    while std::time::Instant::now() < deadline {
+        let mut c = EchoClient::connect(&topo.client, web()).unwrap();
+        c.echo(b"ping").unwrap();
+        n += 1;
+        if n % 20 == 0 {
+            let r = rates();
+            if r.connections > seen.connections {
+                seen = r;
+            }
+        }
+    }
+    assert!(n >= 40, "{n} connections");
+    assert!(
+        seen.connections > 0.0 && seen.packets > seen.connections && seen.bytes > seen.packets,
+        "{seen:?}"
+    );
+    // No traffic: the rates fall to zero by the second scan.
+    rates();
+    assert_eq!(rates(), gateway::api::Rates::default());
+    let text = daemon.ok(&["status"]);
+    assert!(text.contains("conn/s") && text.contains("pkt/s"), "{text}");
 }
 
 #[test]
 fn scrape_passes_promtool() {
     require_root();
     let topo = Topology::new(2);
-    let _servers = topo.echo_servers(8080, LIFETIME);
+    let _servers = topo.echo_servers(PORT, LIFETIME);
     let daemon = Daemon::start(&topo, None, &[]);
     daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
-    let mut c = EchoClient::connect(&topo.client, sock(Topology::PUBLIC_IP, 20000)).unwrap();
+    let mut c = EchoClient::connect(&topo.client, web()).unwrap();
     c.echo(&payload(1000, 1)).unwrap();
     let text = daemon.scrape_text(false);
     let path = daemon.dir.path().join("scrape.txt");
@@ -33,10 +409,10 @@ fn scrape_passes_promtool() {
         .args(["check", "metrics"])
         .stdin(std::fs::File::open(&path).unwrap())
         .output()
-        .unwrap();
-    println!(
-        "{}\n{}\n{}",
-        out.status,
+        .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}\n{text}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
