@@ -444,6 +444,40 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_is_valid_and_complete() {
+        let text = include_str!("../../deploy/gateway.toml");
+        let file = parse(text).unwrap();
+        let s = Settings::merge(DaemonArgs::default(), file).unwrap();
+        assert_eq!(s.ifaces, ["eth0"]);
+        assert_eq!(s.scan_interval, DEFAULT_SCAN_INTERVAL);
+        // Every key the file format has appears in the example (commented or not).
+        for key in [
+            "iface",
+            "attach",
+            "public-ip",
+            "public-host",
+            "snat-ip",
+            "port-range",
+            "snat-ports",
+            "state-dir",
+            "api-socket",
+            "metrics-addr",
+            "bpffs",
+            "detach-on-exit",
+            "conntrack-size",
+            "scan-interval",
+            "check-interval",
+            "check-timeout",
+            "check-rise",
+            "check-fall",
+            "drain-timeout",
+            "deploy-timeout",
+        ] {
+            assert!(text.contains(&format!("{key} = ")), "{key} missing");
+        }
+    }
+
+    #[test]
     fn unusable_settings_are_refused() {
         let cases: [(DaemonArgs, &str); 7] = [
             (

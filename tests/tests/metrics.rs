@@ -393,8 +393,59 @@ fn status_shows_rates_while_traffic_flows() {
     assert!(text.contains("conn/s") && text.contains("pkt/s"), "{text}");
 }
 
+/// The `gateway_*` metric names a text (a dashboard, alert rules) queries.
+fn queried_metrics(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("gateway_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // Not a word that merely ends in "gateway_".
+        let before = rest[..at].chars().last();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Every `expr` of a Grafana dashboard (panels, nested rows) and every templating query.
+fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr" | "definition", serde_json::Value::String(q)) => out.push(q.clone()),
+                    _ => dashboard_queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| dashboard_queries(v, out)),
+        _ => {}
+    }
+}
+
+fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+fn promtool(args: &[&str], stdin: Option<&std::path::Path>) -> std::process::Output {
+    let mut c = std::process::Command::new("promtool");
+    c.args(args);
+    if let Some(path) = stdin {
+        c.stdin(std::fs::File::open(path).unwrap());
+    }
+    c.output()
+        .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)")
+}
+
 #[test]
-fn scrape_passes_promtool() {
+fn scrape_passes_promtool_and_has_every_metric_the_dashboard_and_alerts_query() {
     require_root();
     let topo = Topology::new(2);
     let _servers = topo.echo_servers(PORT, LIFETIME);
@@ -402,18 +453,70 @@ fn scrape_passes_promtool() {
     daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
     let mut c = EchoClient::connect(&topo.client, web()).unwrap();
     c.echo(&payload(1000, 1)).unwrap();
+
+    // The Prometheus text format (what promtool reads) passes its check and lint.
     let text = daemon.scrape_text(false);
     let path = daemon.dir.path().join("scrape.txt");
     std::fs::write(&path, &text).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&path).unwrap())
-        .output()
-        .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+    let out = promtool(&["check", "metrics"], Some(&path));
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
         "promtool: {}{}\n{text}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // OpenMetrics (what Prometheus asks for) holds the same samples.
+    let om = daemon.scrape_text(true);
+    assert!(om.ends_with("# EOF\n"));
+    let scrape = Scrape::parse(&om);
+    let names = |s: &Scrape| {
+        s.samples
+            .iter()
+            .map(|x| x.name.clone())
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(names(&scrape), names(&Scrape::parse(&text)));
+
+    // The dashboard is a dashboard, and each metric it queries is in a real scrape.
+    let file = repo_file("deploy/grafana/gateway.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).expect("valid JSON");
+    assert!(dashboard["uid"].is_string() && dashboard["title"].is_string());
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        assert!(
+            p["targets"].as_array().is_some_and(|t| !t.is_empty()),
+            "{}",
+            p["title"]
+        );
+    }
+    let mut queries = Vec::new();
+    dashboard_queries(&dashboard, &mut queries);
+    let queried = queried_metrics(&queries.join("\n"));
+    assert!(queried.len() >= 15, "{queried:?}");
+    let have = names(&scrape);
+    let missing: Vec<_> = queried.difference(&have).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, not in {have:?}"
+    );
+
+    // The example alert rules and scrape config pass promtool, and query real metrics.
+    let rules = repo_file("deploy/prometheus/alerts.yml");
+    let out = promtool(&["check", "rules", rules.to_str().unwrap()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let config = repo_file("deploy/prometheus/prometheus.yml");
+    let out = promtool(&["check", "config", config.to_str().unwrap()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let queried = queried_metrics(&std::fs::read_to_string(&rules).unwrap());
+    let missing: Vec<_> = queried.difference(&have).collect();
+    assert!(missing.is_empty(), "the alerts query {missing:?}");
 }
