@@ -35,7 +35,7 @@ use crate::{
     datapath::{self, AttachMode, ConnectionCounts, Datapath, DatapathError, LoadOptions},
     flows,
     health::{self, Report, Track},
-    metrics::{self, AppRow, BackendRow, HealthLatency, Snapshot},
+    metrics::{self, DaemonFigures, HealthLatency, Snapshot},
     state::{self, App, BackendState, HealthConfig, State, StateError, StateFile, WEIGHT_DEFAULT},
 };
 
@@ -538,40 +538,21 @@ impl Core {
 
     /// What a metrics scrape reports.
     fn snapshot(&self) -> Result<Snapshot, ApiError> {
-        let counts = &self.scan.counts;
-        let mut apps = Vec::new();
-        let mut backends = Vec::new();
-        for (name, app) in &self.state.apps {
-            apps.push(AppRow {
-                name: name.clone(),
-                traffic: self.datapath.app_stats(app.id)?,
-                active: counts.apps.get(&app.id).copied().unwrap_or(0),
-            });
-            for b in &app.backends {
-                backends.push(BackendRow {
-                    app: name.clone(),
-                    address: b.addr.to_string(),
-                    state: b.state,
-                    weight: b.weight,
-                    traffic: self.datapath.backend_stats(b.id)?,
-                    active: counts.backends.get(&b.id).copied().unwrap_or(0),
-                    state_changes: self.health_changes.get(&b.id).copied().unwrap_or(0),
-                });
-            }
-        }
-        Ok(Snapshot {
-            apps,
-            backends,
-            global: self.datapath.global_stats()?,
-            conntrack_entries: counts.entries,
-            conntrack_capacity: u64::from(self.datapath.conntrack_capacity()),
+        let daemon = DaemonFigures {
             conntrack_expired: self.scan.expired,
             scans: self.scan.scans,
             scan_seconds: self.scan.took.as_secs_f64(),
             scan_timestamp: self.scan.ended_ms as f64 / 1000.0,
             health_checks: self.checks_run,
             health_checks_failed: self.checks_failed,
-        })
+            state_changes: self.health_changes.clone(),
+        };
+        Ok(Snapshot::read(
+            &self.state,
+            &self.datapath,
+            &self.scan.counts,
+            daemon,
+        )?)
     }
 }
 

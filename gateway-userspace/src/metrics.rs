@@ -24,7 +24,13 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{datapath::GlobalStats, state::BackendState};
+use std::collections::HashMap;
+
+use crate::{
+    conntrack::ConnectionCounts,
+    datapath::{Datapath, DatapathError, GlobalStats},
+    state::{BackendState, State},
+};
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -131,6 +137,12 @@ pub struct Snapshot {
     pub global: GlobalStats,
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
+    pub daemon: DaemonFigures,
+}
+
+/// The daemon's own figures in a scrape.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonFigures {
     pub conntrack_expired: u64,
     pub scans: u64,
     pub scan_seconds: f64,
@@ -138,6 +150,48 @@ pub struct Snapshot {
     pub scan_timestamp: f64,
     pub health_checks: u64,
     pub health_checks_failed: u64,
+    /// Health state changes per backend id.
+    pub state_changes: HashMap<u32, u64>,
+}
+
+impl Snapshot {
+    /// Reads the counters of every app and backend of `state` from `datapath` (one per-CPU
+    /// lookup each), with open connections from `counts` (the last scan).
+    pub fn read(
+        state: &State,
+        datapath: &Datapath,
+        counts: &ConnectionCounts,
+        daemon: DaemonFigures,
+    ) -> Result<Snapshot, DatapathError> {
+        let mut apps = Vec::with_capacity(state.apps.len());
+        let mut backends = Vec::new();
+        for (name, app) in &state.apps {
+            apps.push(AppRow {
+                name: name.clone(),
+                traffic: datapath.app_stats(app.id)?,
+                active: counts.apps.get(&app.id).copied().unwrap_or(0),
+            });
+            for b in &app.backends {
+                backends.push(BackendRow {
+                    app: name.clone(),
+                    address: b.addr.to_string(),
+                    state: b.state,
+                    weight: b.weight,
+                    traffic: datapath.backend_stats(b.id)?,
+                    active: counts.backends.get(&b.id).copied().unwrap_or(0),
+                    state_changes: daemon.state_changes.get(&b.id).copied().unwrap_or(0),
+                });
+            }
+        }
+        Ok(Snapshot {
+            apps,
+            backends,
+            global: datapath.global_stats()?,
+            conntrack_entries: counts.entries,
+            conntrack_capacity: u64::from(datapath.conntrack_capacity()),
+            daemon,
+        })
+    }
 }
 
 /// Encodes `snapshot`, the health histogram and the build info.
@@ -426,14 +480,14 @@ impl Collector for Snapshot {
             "gateway_conntrack_expired_entries",
             "Conntrack entries removed for being idle",
             Counter,
-            self.conntrack_expired,
+            self.daemon.conntrack_expired,
         )?;
         single(
             e,
             "gateway_conntrack_scans",
             "Conntrack scans done",
             Counter,
-            self.scans,
+            self.daemon.scans,
         )?;
         let m = e.encode_descriptor(
             "gateway_conntrack_scan_duration_seconds",
@@ -441,28 +495,28 @@ impl Collector for Snapshot {
             None,
             Gauge,
         )?;
-        ConstGauge::new(self.scan_seconds).encode(m)?;
+        ConstGauge::new(self.daemon.scan_seconds).encode(m)?;
         let m = e.encode_descriptor(
             "gateway_conntrack_scan_timestamp_seconds",
             "When the last conntrack scan ended (Unix time)",
             None,
             Gauge,
         )?;
-        ConstGauge::new(self.scan_timestamp).encode(m)?;
+        ConstGauge::new(self.daemon.scan_timestamp).encode(m)?;
 
         single(
             e,
             "gateway_health_checks",
             "Health checks run",
             Counter,
-            self.health_checks,
+            self.daemon.health_checks,
         )?;
         single(
             e,
             "gateway_health_check_failures",
             "Health checks failed",
             Counter,
-            self.health_checks_failed,
+            self.daemon.health_checks_failed,
         )?;
         Ok(())
     }

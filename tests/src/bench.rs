@@ -29,8 +29,12 @@ pub fn run(args: &[&str]) {
     match args {
         [] | ["datapath"] => datapath(&[1_000, 100_000, 1_000_000]),
         ["datapath", "--quick"] => datapath(&[1_000]),
+        ["observability"] => observability(&[100_000, 1_000_000], &[100, 1_000, 3_000]),
+        ["observability", "--quick"] => observability(&[10_000], &[100]),
         other => {
-            eprintln!("unknown benchmark {other:?}: expected `datapath [--quick]`");
+            eprintln!(
+                "unknown benchmark {other:?}: expected `datapath [--quick]` or `observability [--quick]`"
+            );
             std::process::exit(2);
         }
     }
@@ -251,4 +255,101 @@ fn human(n: u32) -> String {
         n if n >= 1_000 => format!("{}k", n / 1_000),
         n => n.to_string(),
     }
+}
+
+/// Milliseconds of the median of `runs` runs of `f`.
+fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}
+
+/// What observability costs the daemon: walking the conntrack table (per entry with aya's
+/// iterator, in batches, and a whole scan) by table size, and one metrics scrape by number of
+/// apps (5 backends each).
+fn observability(flows: &[u32], apps: &[u32]) {
+    use gateway::{
+        conntrack::Timeouts,
+        datapath::{Datapath, LoadOptions},
+        metrics::{self, DaemonFigures, HealthLatency, Snapshot},
+        state::{BackendState, PortRange, State},
+    };
+    let bpffs = crate::netns::Bpffs::new(&format!("{}-bench", crate::netns::unique_prefix()));
+    let capacity = 2 * flows.iter().max().unwrap() + 1024;
+    let mut dp = Datapath::load_with(&LoadOptions {
+        conntrack_capacity: capacity,
+        pin_dir: Some(bpffs.path().to_owned()),
+    })
+    .expect("load the datapath");
+    println!("conntrack walk (ms, median of 3)\n");
+    println!("| entries | aya iter (2 syscalls/entry) | batched walk | scan (expire + count) |");
+    println!("|---:|---:|---:|---:|");
+    let mut filled = 0;
+    for &n in flows {
+        for i in filled..n {
+            let client =
+                SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 1024 + (i % 50_000) as u16);
+            let (k, f) = identity_flow(client, crate::datapath::Fixture::service(), DIR_FORWARD);
+            dp.insert_flow(k, f).expect("fill");
+        }
+        filled = n;
+        let pinned = aya::maps::MapData::from_pin(bpffs.path().join(maps::CONNTRACK4)).unwrap();
+        let map: aya::maps::HashMap<_, FlowKey4, Flow> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(pinned)).unwrap();
+        let iter = median_ms(3, || assert_eq!(map.iter().count(), n as usize));
+        let walk = median_ms(3, || {
+            let mut count = 0;
+            dp.conntrack().walk(|_, _| count += 1).unwrap();
+            assert_eq!(count, n);
+        });
+        let scan = median_ms(3, || {
+            let s = dp.scan(monotonic_ns(), &Timeouts::default()).unwrap();
+            assert_eq!(s.counts.entries, u64::from(n));
+        });
+        println!("| {} | {iter:.1} | {walk:.1} | {scan:.1} |", human(n));
+    }
+
+    println!("\nmetrics scrape (ms, median of 5; 5 backends per app)\n");
+    println!("| apps | backends | read counters | encode | bytes |");
+    println!("|---:|---:|---:|---:|---:|");
+    let counts = dp.connection_counts().unwrap();
+    for &n in apps {
+        let mut state = State::default();
+        let range = PortRange::new(10_000, 60_000);
+        for a in 0..n {
+            let name = format!("app-{a}");
+            state.create_app(&name, None, range).unwrap();
+            for b in 0..5u32 {
+                let ip = Ipv4Addr::from(0x0a40_0000 + a * 8 + b);
+                state
+                    .add_backend_as(
+                        &name,
+                        SocketAddrV4::new(ip, 8080),
+                        1,
+                        BackendState::Active,
+                        0,
+                    )
+                    .unwrap();
+            }
+        }
+        let latency = HealthLatency::default();
+        let read = || Snapshot::read(&state, &dp, &counts, DaemonFigures::default()).unwrap();
+        let read_ms = median_ms(5, || drop(read()));
+        let mut bytes = 0;
+        let encode_ms = median_ms(5, || {
+            bytes = metrics::render(read(), &latency).unwrap().len()
+        }) - read_ms;
+        println!(
+            "| {n} | {} | {read_ms:.1} | {encode_ms:.1} | {} |",
+            5 * n,
+            bytes
+        );
+    }
+    drop(dp);
 }
