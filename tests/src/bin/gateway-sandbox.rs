@@ -95,7 +95,18 @@ fn demo() {
         ),
         &conns,
     );
+    // Connection counts are as of the daemon's last conntrack scan.
+    daemon.fresh_status();
     cli(&["status"]);
+    cli(&["flows", "--limit", "5"]);
+    println!("\n$ curl http://127.0.0.1:9717/metrics   (in the gateway namespace; excerpt)");
+    for line in daemon
+        .scrape_text(false)
+        .lines()
+        .filter(|l| l.starts_with("gateway_app_") || l.starts_with("gateway_backend_connections"))
+    {
+        println!("{line}");
+    }
     drop(conns);
 
     let mut open = EchoClient::connect(&topo.client, to).expect("connect");
@@ -120,8 +131,9 @@ fn demo() {
         "the open connection to {} still echoes (1 MiB, byte-exact)",
         open.server
     );
-    drop((conns, open));
+    daemon.fresh_status();
     cli(&["backend", "list", "web"]);
+    drop((conns, open));
     drop((daemon, servers, topo));
     println!("\nsandbox torn down");
 }
