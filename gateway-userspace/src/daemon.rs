@@ -1007,6 +1007,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Everything that can tell another daemon is running, before touching the datapath (the
     // state directory's lock above, the socket, the pin directory's lock).
     refuse_live_socket(&settings.api_socket)?;
+    // Bound (not yet served) before the datapath is touched: a taken address changes nothing.
+    let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
     ensure_bpffs(&settings.bpffs)?;
     let _bpffs_lock = lock_dir(&settings.bpffs)?;
     let mut datapath = Datapath::load_with(&LoadOptions {
@@ -1087,9 +1091,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     let conntrack = core.datapath.conntrack().try_clone()?;
-    let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
     let (exit, mut exit_rx) = watch::channel(Exit::Running);
     let shared = Shared {
         core: Arc::new(Mutex::new(core)),

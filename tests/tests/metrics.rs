@@ -197,6 +197,48 @@ fn send_raw(client: &Host, packets: Vec<Vec<u8>>) {
 }
 
 #[test]
+fn a_taken_metrics_address_is_refused_before_the_datapath_is_touched() {
+    require_root();
+    let topo = Topology::new(1);
+    let _servers = topo.echo_servers(PORT, LIFETIME);
+    let daemon = Daemon::start(&topo, None, &[]);
+    daemon.app_with_backends("web", &[backend(&topo, 0)]);
+    // A second daemon in the same namespace with directories of its own: it would take over
+    // the same interfaces; the metrics address it cannot bind stops it first.
+    let dir = gateway_tests::netns::RunDir::new(&format!(
+        "{}-second",
+        gateway_tests::netns::unique_prefix()
+    ));
+    let pins = topo.bpffs.path().join("second");
+    let mut args = Daemon::args(&topo, None, &[]);
+    for (flag, path) in [
+        ("--state-dir", dir.path().join("state")),
+        ("--api-socket", dir.path().join("api.sock")),
+        ("--bpffs", pins.clone()),
+    ] {
+        args.extend([flag.to_owned(), path.display().to_string()]);
+    }
+    let out = daemon.command(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("binding the metrics address 127.0.0.1:9717"),
+        "{stderr}"
+    );
+    let pinned = std::fs::read_dir(&pins).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(pinned, 0, "nothing pinned by the refused daemon");
+    // The first one still serves, and its app still carries traffic.
+    let mut c = EchoClient::connect(&topo.client, web()).unwrap();
+    c.echo(b"still here").unwrap();
+    assert_eq!(
+        daemon
+            .scrape()
+            .value("gateway_app_connections_total", &[("app", "web")]),
+        1.0
+    );
+}
+
+#[test]
 fn crafted_bad_packets_are_counted_under_their_reason() {
     require_root();
     let topo = Topology::new(1);
