@@ -250,50 +250,39 @@ fn single(
 const IN: &str = "in";
 const OUT: &str = "out";
 
-impl Snapshot {
-    fn app<'a>(
-        &'a self,
-        f: impl Fn(&TrafficStats) -> u64 + 'a,
-    ) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)> + 'a {
-        self.apps
-            .iter()
-            .map(move |a| (vec![("app", a.name.as_str())], f(&a.traffic)))
-    }
+type Labels<'a> = Vec<(&'static str, &'a str)>;
 
-    fn app_dir<'a>(
-        &'a self,
-        fin: fn(&TrafficStats) -> u64,
-        fout: fn(&TrafficStats) -> u64,
-    ) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)> + 'a {
-        self.apps.iter().flat_map(move |a| {
-            [(IN, fin(&a.traffic)), (OUT, fout(&a.traffic))]
-                .map(|(d, v)| (vec![("app", a.name.as_str()), ("direction", d)], v))
-        })
-    }
-
-    fn backend<'a>(
-        &'a self,
-        f: impl Fn(&BackendRow) -> u64 + 'a,
-    ) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)> + 'a {
-        self.backends.iter().map(move |b| (backend_labels(b), f(b)))
-    }
-
-    fn backend_dir<'a>(
-        &'a self,
-        fin: fn(&TrafficStats) -> u64,
-        fout: fn(&TrafficStats) -> u64,
-    ) -> impl Iterator<Item = (Vec<(&'a str, &'a str)>, u64)> + 'a {
-        self.backends.iter().flat_map(move |b| {
-            [(IN, fin(&b.traffic)), (OUT, fout(&b.traffic))].map(|(d, v)| {
-                let mut l = backend_labels(b);
-                l.push(("direction", d));
-                (l, v)
-            })
-        })
-    }
+/// An app's or a backend's labels and figures.
+struct Row<'a> {
+    labels: Labels<'a>,
+    traffic: &'a TrafficStats,
+    active: u64,
 }
 
-fn backend_labels(b: &BackendRow) -> Vec<(&str, &str)> {
+/// A value of each row.
+fn each<'a>(
+    rows: &'a [Row<'a>],
+    f: impl Fn(&Row) -> u64 + 'a,
+) -> impl Iterator<Item = (Labels<'a>, u64)> + 'a {
+    rows.iter().map(move |r| (r.labels.clone(), f(r)))
+}
+
+/// Two values of each row, labelled `direction="in"` and `"out"`.
+fn both_ways<'a>(
+    rows: &'a [Row<'a>],
+    fin: fn(&TrafficStats) -> u64,
+    fout: fn(&TrafficStats) -> u64,
+) -> impl Iterator<Item = (Labels<'a>, u64)> + 'a {
+    rows.iter().flat_map(move |r| {
+        [(IN, fin(r.traffic)), (OUT, fout(r.traffic))].map(|(d, v)| {
+            let mut l = r.labels.clone();
+            l.push(("direction", d));
+            (l, v)
+        })
+    })
+}
+
+fn backend_labels(b: &BackendRow) -> Labels<'_> {
     vec![("app", b.app.as_str()), ("backend", b.address.as_str())]
 }
 
@@ -303,78 +292,71 @@ impl Collector for Snapshot {
         let e = &mut enc;
         let direction = "direction \"in\" is client to backend, \"out\" backend to client";
 
-        family(
-            e,
-            "gateway_app_packets",
-            &format!("Packets of the app's connections; {direction}"),
-            Counter,
-            self.app_dir(|t| t.packets_in, |t| t.packets_out),
-        )?;
-        family(
-            e,
-            "gateway_app_bytes",
-            &format!("IPv4 bytes of the app's connections; {direction}"),
-            Counter,
-            self.app_dir(|t| t.bytes_in, |t| t.bytes_out),
-        )?;
-        family(
-            e,
-            "gateway_app_connections",
-            "Connections the app accepted (SYNs given a backend)",
-            Counter,
-            self.app(|t| t.new_flows),
-        )?;
-        family(
-            e,
-            "gateway_app_active_connections",
-            "The app's open connections, as of the last conntrack scan",
-            Gauge,
-            self.apps
-                .iter()
-                .map(|a| (vec![("app", a.name.as_str())], a.active)),
-        )?;
-
-        family(
-            e,
-            "gateway_backend_packets",
-            &format!("Packets of the backend's connections; {direction}"),
-            Counter,
-            self.backend_dir(|t| t.packets_in, |t| t.packets_out),
-        )?;
-        family(
-            e,
-            "gateway_backend_bytes",
-            &format!("IPv4 bytes of the backend's connections; {direction}"),
-            Counter,
-            self.backend_dir(|t| t.bytes_in, |t| t.bytes_out),
-        )?;
-        family(
-            e,
-            "gateway_backend_connections",
-            "Connections given to the backend",
-            Counter,
-            self.backend(|b| b.traffic.new_flows),
-        )?;
-        family(
-            e,
-            "gateway_backend_active_connections",
-            "The backend's open connections, as of the last conntrack scan",
-            Gauge,
-            self.backend(|b| b.active),
-        )?;
+        let apps: Vec<Row> = self
+            .apps
+            .iter()
+            .map(|a| Row {
+                labels: vec![("app", a.name.as_str())],
+                traffic: &a.traffic,
+                active: a.active,
+            })
+            .collect();
+        let backends: Vec<Row> = self
+            .backends
+            .iter()
+            .map(|b| Row {
+                labels: backend_labels(b),
+                traffic: &b.traffic,
+                active: b.active,
+            })
+            .collect();
+        for (kind, rows) in [("app", &apps), ("backend", &backends)] {
+            let whose = format!("the {kind}'s connections");
+            family(
+                e,
+                &format!("gateway_{kind}_packets"),
+                &format!("Packets of {whose}; {direction}"),
+                Counter,
+                both_ways(rows, |t| t.packets_in, |t| t.packets_out),
+            )?;
+            family(
+                e,
+                &format!("gateway_{kind}_bytes"),
+                &format!("IPv4 bytes (headers included) of {whose}; {direction}"),
+                Counter,
+                both_ways(rows, |t| t.bytes_in, |t| t.bytes_out),
+            )?;
+            family(
+                e,
+                &format!("gateway_{kind}_connections"),
+                &format!("New connections to the {kind} (SYNs given a backend)"),
+                Counter,
+                each(rows, |r| r.traffic.new_flows),
+            )?;
+            family(
+                e,
+                &format!("gateway_{kind}_active_connections"),
+                &format!("Open connections to the {kind}, as of the last conntrack scan"),
+                Gauge,
+                each(rows, |r| r.active),
+            )?;
+        }
+        let backend = |f: fn(&BackendRow) -> u64| {
+            self.backends.iter().map(move |b| (backend_labels(b), f(b)))
+        };
         family(
             e,
             "gateway_backend_weight",
             "The backend's weight in its app's Maglev table",
             Gauge,
-            self.backend(|b| u64::from(b.weight)),
+            backend(|b| u64::from(b.weight)),
         )?;
         family(
             e,
             "gateway_backend_state_changes",
             "Health state changes of the backend since the daemon started",
             Counter,
-            self.backend(|b| b.state_changes),
+            backend(|b| b.state_changes),
         )?;
         family(
             e,

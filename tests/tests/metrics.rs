@@ -30,6 +30,28 @@ fn web() -> SocketAddr {
     sock(Topology::PUBLIC_IP, 20000)
 }
 
+/// A daemon in a topology of `backends` echo servers, with app `web` on all of them, active.
+/// Fields drop in order: the daemon, the servers, then the namespaces.
+struct Sandbox {
+    daemon: Daemon,
+    _servers: Vec<gateway_tests::traffic::EchoServer>,
+    topo: Topology,
+}
+
+fn sandbox(backends: usize) -> Sandbox {
+    require_root();
+    let topo = Topology::new(backends);
+    let servers = topo.echo_servers(PORT, LIFETIME);
+    let daemon = Daemon::start(&topo, None, &[]);
+    let all: Vec<String> = (0..backends).map(|i| backend(&topo, i)).collect();
+    daemon.app_with_backends("web", &all);
+    Sandbox {
+        daemon,
+        _servers: servers,
+        topo,
+    }
+}
+
 /// nft counters in a backend's namespace for the gateway's translated traffic only (from and
 /// to the SNAT address and port range; health checks come from another address).
 struct NftCounters<'a>(&'a Host);
@@ -87,12 +109,8 @@ fn scraped(s: &Scrape, backend: &str, direction: &str) -> (u64, u64) {
 
 #[test]
 fn counters_equal_the_traffic_per_app_and_backend() {
-    require_root();
-    let topo = Topology::new(2);
-    let _servers = topo.echo_servers(PORT, LIFETIME);
+    let Sandbox { daemon, topo, .. } = &sandbox(2);
     let nft: Vec<NftCounters> = topo.backends.iter().map(NftCounters::install).collect();
-    let daemon = Daemon::start(&topo, None, &[]);
-    daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
 
     // N connections, each echoing M bytes, all closed.
     const N: usize = 24;
@@ -198,11 +216,7 @@ fn send_raw(client: &Host, packets: Vec<Vec<u8>>) {
 
 #[test]
 fn a_taken_metrics_address_is_refused_before_the_datapath_is_touched() {
-    require_root();
-    let topo = Topology::new(1);
-    let _servers = topo.echo_servers(PORT, LIFETIME);
-    let daemon = Daemon::start(&topo, None, &[]);
-    daemon.app_with_backends("web", &[backend(&topo, 0)]);
+    let Sandbox { daemon, topo, .. } = &sandbox(1);
     // A second daemon in the same namespace with directories of its own: it would take over
     // the same interfaces; the metrics address it cannot bind stops it first.
     let dir = gateway_tests::netns::RunDir::new(&format!(
@@ -240,11 +254,7 @@ fn a_taken_metrics_address_is_refused_before_the_datapath_is_touched() {
 
 #[test]
 fn crafted_bad_packets_are_counted_under_their_reason() {
-    require_root();
-    let topo = Topology::new(1);
-    let _servers = topo.echo_servers(PORT, LIFETIME);
-    let daemon = Daemon::start(&topo, None, &[]);
-    daemon.app_with_backends("web", &[backend(&topo, 0)]);
+    let Sandbox { daemon, topo, .. } = &sandbox(1);
     let client = SocketAddrV4::new(Topology::CLIENT_IP, 40000);
     let public = SocketAddrV4::new(Topology::PUBLIC_IP, 20000);
     let snat = SocketAddrV4::new(Topology::SNAT_IP, 5000);
@@ -291,11 +301,7 @@ fn crafted_bad_packets_are_counted_under_their_reason() {
 
 #[test]
 fn active_connection_gauges_follow_real_connections() {
-    require_root();
-    let topo = Topology::new(2);
-    let _servers = topo.echo_servers(PORT, LIFETIME);
-    let daemon = Daemon::start(&topo, None, &[]);
-    daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
+    let Sandbox { daemon, topo, .. } = &sandbox(2);
     let gauges = || {
         let s = daemon.scrape();
         (
@@ -331,11 +337,7 @@ fn active_connection_gauges_follow_real_connections() {
 
 #[test]
 fn flows_show_the_client_behind_a_snat_port() {
-    require_root();
-    let topo = Topology::new(2);
-    let _servers = topo.echo_servers(PORT, LIFETIME);
-    let daemon = Daemon::start(&topo, None, &[]);
-    daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
+    let Sandbox { daemon, topo, .. } = &sandbox(2);
     let mut conns = EchoClient::connect_many(&topo.client, web(), 12).unwrap();
     for (i, c) in conns.iter_mut().enumerate() {
         c.echo(&payload(500, i as u32)).unwrap();
@@ -402,11 +404,7 @@ fn flows_show_the_client_behind_a_snat_port() {
 
 #[test]
 fn status_shows_rates_while_traffic_flows() {
-    require_root();
-    let topo = Topology::new(1);
-    let _servers = topo.echo_servers(PORT, LIFETIME);
-    let daemon = Daemon::start(&topo, None, &[]);
-    daemon.app_with_backends("web", &[backend(&topo, 0)]);
+    let Sandbox { daemon, topo, .. } = &sandbox(1);
     let rates = || daemon.fresh_status().apps[0].rates;
     // New connections for ~1 s, while status is read.
     let mut seen = gateway::api::Rates::default();
@@ -488,11 +486,7 @@ fn promtool(args: &[&str], stdin: Option<&std::path::Path>) -> std::process::Out
 
 #[test]
 fn scrape_passes_promtool_and_has_every_metric_the_dashboard_and_alerts_query() {
-    require_root();
-    let topo = Topology::new(2);
-    let _servers = topo.echo_servers(PORT, LIFETIME);
-    let daemon = Daemon::start(&topo, None, &[]);
-    daemon.app_with_backends("web", &[backend(&topo, 0), backend(&topo, 1)]);
+    let Sandbox { daemon, topo, .. } = &sandbox(2);
     let mut c = EchoClient::connect(&topo.client, web()).unwrap();
     c.echo(&payload(1000, 1)).unwrap();
 
