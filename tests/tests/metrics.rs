@@ -129,14 +129,14 @@ fn counters_equal_the_traffic_per_app_and_backend() {
     let settled = wait_for(Duration::from_secs(10), || {
         s = daemon.scrape();
         (0..2).all(|i| {
-            let b = backend(&topo, i);
+            let b = backend(topo, i);
             scraped(&s, &b, "in") == nft[i].read("in_")
                 && scraped(&s, &b, "out") == nft[i].read("out_")
         })
     });
     let report: Vec<_> = (0..2)
         .map(|i| {
-            let b = backend(&topo, i);
+            let b = backend(topo, i);
             (
                 scraped(&s, &b, "in"),
                 nft[i].read("in_"),
@@ -151,7 +151,7 @@ fn counters_equal_the_traffic_per_app_and_backend() {
     assert_eq!(s.value("gateway_app_connections_total", &app), N as f64);
     let mut bytes_in = 0;
     for i in 0..2 {
-        let b = backend(&topo, i);
+        let b = backend(topo, i);
         let labels = [("backend", b.as_str())];
         let conns = by.get(&format!("b{i}")).copied().unwrap_or(0);
         assert_eq!(
@@ -224,7 +224,7 @@ fn a_taken_metrics_address_is_refused_before_the_datapath_is_touched() {
         gateway_tests::netns::unique_prefix()
     ));
     let pins = topo.bpffs.path().join("second");
-    let mut args = Daemon::args(&topo, None, &[]);
+    let mut args = Daemon::args(topo, None, &[]);
     for (flag, path) in [
         ("--state-dir", dir.path().join("state")),
         ("--api-socket", dir.path().join("api.sock")),
@@ -342,7 +342,7 @@ fn flows_show_the_client_behind_a_snat_port() {
     for (i, c) in conns.iter_mut().enumerate() {
         c.echo(&payload(500, i as u32)).unwrap();
     }
-    let b0 = backend(&topo, 0);
+    let b0 = backend(topo, 0);
     // What backend 0 sees: its peers are the SNAT address and a port each.
     let ss =
         topo.backends[0].exec_ok(&["ss", "-Htn", "state", "established", "sport", "=", ":8080"]);
