@@ -27,13 +27,23 @@ const SYNS: u16 = 20_000;
 pub fn run(args: &[&str]) {
     crate::require_root();
     match args {
-        [] | ["datapath"] => datapath(&[1_000, 100_000, 1_000_000]),
+        [] => {
+            compare(crate::compare::Plan::FULL);
+            datapath(&[1_000, 100_000, 1_000_000]);
+        }
+        ["--quick"] => {
+            compare(crate::compare::Plan::QUICK);
+            datapath(&[1_000]);
+        }
+        ["compare"] => compare(crate::compare::Plan::FULL),
+        ["compare", "--quick"] => compare(crate::compare::Plan::QUICK),
+        ["datapath"] => datapath(&[1_000, 100_000, 1_000_000]),
         ["datapath", "--quick"] => datapath(&[1_000]),
         ["observability"] => observability(&[100_000, 1_000_000], &[100, 1_000, 3_000]),
         ["observability", "--quick"] => observability(&[10_000], &[100]),
         other => {
             eprintln!(
-                "unknown benchmark {other:?}: expected `datapath [--quick]` or `observability [--quick]`"
+                "unknown benchmark {other:?}: expected `[--quick]` (all), `compare [--quick]`, `datapath [--quick]` or `observability [--quick]`"
             );
             std::process::exit(2);
         }
@@ -352,4 +362,25 @@ fn observability(flows: &[u32], apps: &[u32]) {
         );
     }
     drop(dp);
+}
+
+/// The side-by-side benchmark: runs every contender, prints the markdown report and writes it
+/// with its JSON and chart under `docs/bench/`.
+fn compare(plan: crate::compare::Plan) {
+    use crate::compare::{Bench, chart, markdown, medians, to_json};
+    let bench = Bench::new(plan.iperf_secs > 0);
+    let runs = bench.run(plan);
+    drop(bench);
+    let results: Vec<_> = runs.iter().map(|(c, f)| (*c, medians(f))).collect();
+    let report = markdown(&results, plan);
+    println!("\n{report}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    std::fs::create_dir_all(&dir).expect("docs/bench");
+    std::fs::write(dir.join("latest.md"), &report).expect("write latest.md");
+    let json = serde_json::to_string_pretty(&to_json(&results, plan)).unwrap();
+    std::fs::write(dir.join("latest.json"), json + "\n").expect("write latest.json");
+    match chart(&results, &dir.join("latest.png")) {
+        Ok(()) => eprintln!("wrote docs/bench/latest.md, latest.json and latest.png"),
+        Err(e) => eprintln!("wrote docs/bench/latest.md and latest.json; no chart: {e}"),
+    }
 }

@@ -14,13 +14,16 @@ use crate::is_root;
 
 /// Debian packages the build and the tests need.
 pub const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",     // bpf-linker links against LLVM 22 (the nightly's LLVM)
-    "libpolly-22-dev", // LLVM 22's static libraries reference Polly
-    "bpftool",         // inspecting links and maps in tests
-    "iproute2",        // ip netns, veth, routes
-    "ethtool",         // veth offloads for native XDP
-    "prometheus",      // promtool: the metrics tests check the scrape with it
-    "nftables",        // the metrics tests count a backend's packets with nft counters
+    "llvm-22-dev",       // bpf-linker links against LLVM 22 (the nightly's LLVM)
+    "libpolly-22-dev",   // LLVM 22's static libraries reference Polly
+    "bpftool",           // inspecting links and maps in tests
+    "iproute2",          // ip netns, veth, routes
+    "ethtool",           // veth offloads for native XDP
+    "prometheus",        // promtool: the metrics tests check the scrape with it
+    "nftables",          // metrics tests count packets with nft; a benchmark contender
+    "haproxy",           // a benchmark contender (the smoke version runs in the tests)
+    "iperf3",            // benchmark throughput
+    "fonts-dejavu-core", // the benchmark chart's labels
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
