@@ -117,7 +117,7 @@ fn start(c: Contender, topo: &Topology, bulk_too: bool) -> Running {
     match c {
         Contender::Direct => Running::Direct,
         Contender::Gateway(mode) => {
-            let daemon = Daemon::start(topo, Some(mode), &[]);
+            let daemon = Daemon::start_as_deployed(topo, mode);
             daemon.app_with_backends("rr", &backends);
             if !bulk_too {
                 return Running::Gateway(daemon);
@@ -278,7 +278,7 @@ fn exchange(conn: &mut TcpStream, msg: &[u8; MESSAGE]) -> std::io::Result<()> {
 
 /// Short connections (connect, one exchange, close) from `RR_THREADS` clients for `dur`:
 /// (completed, failed).
-fn connection_rate(client: &Netns, to: SocketAddr, dur: Duration) -> (u64, u64) {
+pub fn connection_rate(client: &Netns, to: SocketAddr, dur: Duration) -> (u64, u64) {
     let deadline = Instant::now() + dur;
     let threads: Vec<_> = (0..RR_THREADS)
         .map(|t| {
@@ -319,7 +319,7 @@ fn connection_rate(client: &Netns, to: SocketAddr, dur: Duration) -> (u64, u64) 
 }
 
 /// Round-trip times of exchanges on one persistent connection for `dur`.
-fn round_trips(client: &Netns, to: SocketAddr, dur: Duration) -> Vec<Duration> {
+pub fn round_trips(client: &Netns, to: SocketAddr, dur: Duration) -> Vec<Duration> {
     client.run(move || {
         let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("connect");
         conn.set_nodelay(true).unwrap();

@@ -72,6 +72,24 @@ impl Daemon {
     /// and waits until its API answers.
     #[track_caller]
     pub fn start(topo: &Topology, mode: Option<AttachMode>, extra: &[&str]) -> Self {
+        Self::start_with_args(topo, Self::args(topo, mode, extra))
+    }
+
+    /// Starts it with the daemon's own defaults for checks and scans (not the tests' faster
+    /// ones): what benchmarks measure.
+    #[track_caller]
+    pub fn start_as_deployed(topo: &Topology, mode: AttachMode) -> Self {
+        let mut args = Self::args(topo, Some(mode), &[]);
+        for flag in ["--check-interval", "--scan-interval"] {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args.drain(i..i + 2);
+            }
+        }
+        Self::start_with_args(topo, args)
+    }
+
+    #[track_caller]
+    fn start_with_args(topo: &Topology, args: Vec<String>) -> Self {
         let dir = RunDir::new(&format!("{}-daemon", unique_prefix()));
         let mut daemon = Daemon {
             child: None,
@@ -79,7 +97,7 @@ impl Daemon {
             bpffs: topo.bpffs.path().join("gateway"),
             dir,
             gateway_ns: topo.gateway.name().to_owned(),
-            args: Self::args(topo, mode, extra),
+            args,
             starts: 0,
         };
         daemon.spawn();

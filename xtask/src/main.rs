@@ -52,12 +52,15 @@ fn main() -> ExitCode {
         }),
         Task::Demo => setup::setup().and_then(|()| {
             // The demo runs the real daemon and CLI.
-            let status = build_gateway_command().status()?;
+            let status = build_gateway_command(false).status()?;
             anyhow::ensure!(status.success(), "building gateway failed ({status})");
             cargo_run_as_root("gateway-tests", "gateway-sandbox", false, &["demo".into()])
         }),
         Task::Test => setup::setup().and_then(|()| test::test()),
         Task::Bench { args } => setup::setup().and_then(|()| {
+            // The contenders run the daemon as deployed: an optimized build.
+            let status = build_gateway_command(true).status()?;
+            anyhow::ensure!(status.success(), "building gateway failed ({status})");
             let mut full = vec!["bench".to_owned()];
             full.extend(args);
             cargo_run_as_root("gateway-tests", "gateway-sandbox", true, &full)
@@ -95,7 +98,7 @@ fn cargo_run_as_root(
         cmd.args(["--config", "target.'cfg(all())'.runner='sudo -E'"]);
     }
     // The sandbox runs the real binary (see `Task::Demo`).
-    cmd.env("GATEWAY_BIN", gateway_bin());
+    cmd.env("GATEWAY_BIN", gateway_bin(release));
     cmd.arg("--").args(args);
     let status = cmd.status()?;
     anyhow::ensure!(
@@ -106,8 +109,9 @@ fn cargo_run_as_root(
     Ok(())
 }
 
-/// `cargo build` of the `gateway` binary (debug), which the end-to-end tests and the demo run.
-pub fn build_gateway_command() -> Command {
+/// `cargo build` of the `gateway` binary, which the end-to-end tests and the demo run (debug)
+/// and the benchmarks (release).
+pub fn build_gateway_command(release: bool) -> Command {
     let mut c = Command::new(env_cargo());
     c.args([
         "build",
@@ -116,15 +120,18 @@ pub fn build_gateway_command() -> Command {
         "--bin",
         "gateway",
     ]);
+    if release {
+        c.arg("--release");
+    }
     c
 }
 
 /// Where [`build_gateway_command`] puts the binary.
-pub fn gateway_bin() -> std::path::PathBuf {
+pub fn gateway_bin(release: bool) -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("debug/gateway")
+    target.join(if release { "release" } else { "debug" }).join("gateway")
 }
 
 /// The cargo that runs us.

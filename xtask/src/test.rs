@@ -188,7 +188,7 @@ pub fn test() -> anyhow::Result<()> {
     step(
         "build gateway",
         false,
-        Some(crate::build_gateway_command()),
+        Some(crate::build_gateway_command(false)),
         false,
     );
     let (datapath, e2e) = root_test_targets();
@@ -205,7 +205,7 @@ pub fn test() -> anyhow::Result<()> {
         (!e2e.is_empty()).then(|| {
             let mut c = with_targets(&tests_base, &e2e);
             c.arg("--lib"); // the harness's own unit tests
-            c.env("GATEWAY_BIN", crate::gateway_bin());
+            c.env("GATEWAY_BIN", crate::gateway_bin(false));
             c
         }),
         true,
