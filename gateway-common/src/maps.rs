@@ -9,7 +9,7 @@
 use bytemuck::{Pod, Zeroable};
 
 /// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
-pub const GLOBAL_STATS: &str = "gw_global_v1";
+pub const GLOBAL_STATS: &str = "gw_global_v2";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 

@@ -31,7 +31,7 @@ mod xdp;
 
 // Names: `gateway_common::maps` (checked against this object by the userspace tests).
 
-#[map(name = "gw_global_v1")]
+#[map(name = "gw_global_v2")]
 static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
 #[map(name = "gw_config_v2")]

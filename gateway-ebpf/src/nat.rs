@@ -2,13 +2,23 @@
 
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, TCP_SYN},
+    maps::{
+        Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_SYN,
+        is_closed,
+    },
 };
 
 use crate::{conntrack, lb, parse::IPPROTO_TCP, stats};
 
 /// SNAT port probes before giving up (each a random port of the range).
 const SNAT_PROBES: u32 = 8;
+
+/// A port held by a closed connection (RST, or FIN both ways) idle for this long is taken
+/// over by a new one, as kernel conntrack reopens a TIME_WAIT entry on a new SYN: without it,
+/// closed flows would hold their ports for the whole closed timeout and cap the sustained
+/// connection rate at (ports per backend) / (closed timeout). Twice the `last_seen`
+/// granularity, so at least one second of real idleness for stray retransmissions.
+const SNAT_REUSE_IDLE_NS: u64 = 2 * LAST_SEEN_GRANULARITY_NS;
 
 /// Creates the flow of a SYN to the service of `app_id`; returns the forward entry.
 #[inline(always)]
@@ -54,6 +64,18 @@ pub fn create(
         if conntrack::insert_reverse(&reverse_key, &entry)? {
             found = true;
             break;
+        }
+        if let Some(old) = conntrack::lookup(&reverse_key) {
+            // SAFETY: a pointer to a live map value, read once.
+            let old = unsafe { *old };
+            if is_closed(old.state) && now.saturating_sub(old.last_seen_ns) >= SNAT_REUSE_IDLE_NS {
+                conntrack::remove_pair(&reverse_key, &old);
+                stats::global(GlobalStat::SnatReused);
+                if conntrack::insert_reverse(&reverse_key, &entry)? {
+                    found = true;
+                    break;
+                }
+            }
         }
         stats::global(GlobalStat::SnatCollisions);
     }

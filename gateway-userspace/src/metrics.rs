@@ -395,6 +395,13 @@ impl Collector for Snapshot {
             Counter,
             self.global.get(GlobalStat::SnatCollisions),
         )?;
+        single(
+            e,
+            "gateway_snat_port_reuses",
+            "SNAT ports taken over from connections closed for 2 s or more",
+            Counter,
+            self.global.get(GlobalStat::SnatReused),
+        )?;
         family(
             e,
             "gateway_datapath_packets",

@@ -593,6 +593,45 @@ fn table(mode: AttachMode) {
             collisions + 8,
             "bounded probes"
         );
+        // The first flow closes (RST): its port is taken over only once it has been idle 2 s.
+        let first = flow_key(client(44_000), svc3);
+        let close = |t: &mut Table, idle_ns: u64| {
+            let f = t.fx.dp.flow(&first).unwrap().expect("the first flow");
+            let last_seen_ns = gateway::datapath::monotonic_ns() - idle_ns;
+            for (k, dir) in [(first, DIR_FORWARD), (f.peer_key(), DIR_REVERSE)] {
+                let e = t.fx.dp.flow(&k).unwrap().expect("both entries");
+                assert_eq!(e.direction, dir);
+                let e = gateway_common::maps::Flow {
+                    state: e.state | TCP_RST,
+                    last_seen_ns,
+                    ..e
+                };
+                t.fx.dp.insert_flow(k, e).unwrap();
+            }
+        };
+        close(&mut t, 0);
+        t.row(dropped(
+            "a port closed a moment ago is not taken over",
+            from_client(client(44_001), svc3, flags::SYN).build(),
+            DropReason::SnatExhausted,
+        ));
+        close(&mut t, 3_000_000_000);
+        let reused = t.stat(GlobalStat::SnatReused);
+        t.row(translated(
+            "a port closed and idle 2 s is taken over by a new flow",
+            from_client(client(44_001), svc3, flags::SYN).build(),
+            Out::Nat {
+                src: Some(SocketAddrV4::new(Topology::SNAT_IP, 39_000)),
+                dst: one.addr,
+                macs: (gw_backend_mac(0), backend_mac(0)),
+            },
+            0,
+        ));
+        assert_eq!(t.stat(GlobalStat::SnatReused), reused + 1);
+        assert!(
+            t.fx.dp.flow(&first).unwrap().is_none(),
+            "the closed flow's forward entry went with its port"
+        );
         t.fx.dp
             .configure(
                 Topology::SNAT_IP,

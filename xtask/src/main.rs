@@ -131,7 +131,9 @@ pub fn gateway_bin(release: bool) -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join(if release { "release" } else { "debug" }).join("gateway")
+    target
+        .join(if release { "release" } else { "debug" })
+        .join("gateway")
 }
 
 /// The cargo that runs us.
