@@ -53,7 +53,7 @@ indexed_names! {
         /// Packets handed to the kernel to resolve a missing neighbour (XDP fallback) or
         /// redirected with `bpf_redirect_neigh` (TC).
         NeighFallbacks = "neigh_fallbacks",
-        /// SNAT ports taken over from closed connections (idle 2 s or more).
+        /// SNAT ports taken over from closed connections (idle 1 s or more).
         SnatReused = "snat_reused",
     }
 }

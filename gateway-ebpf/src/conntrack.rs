@@ -91,14 +91,21 @@ pub fn track(flow: &mut Flow, pkt: &TcpPacket, now: u64) {
         set |= TCP_SYN;
     }
     let new = flow.state | set;
-    if new != flow.state {
+    // A state change writes the entry anyway: its time is exact then, which the SNAT port
+    // reuse of closed connections relies on (see `nat::SNAT_REUSE_IDLE_NS`).
+    let exact = new != flow.state;
+    if exact {
         flow.state = new;
         if let Some(peer) = lookup(&flow.peer_key()) {
-            // SAFETY: a conntrack value pointer from the map; only state bits are or-ed in.
-            unsafe { (*peer).state |= set };
+            // SAFETY: a conntrack value pointer from the map; state bits are or-ed in and
+            // the time set, both plain stores of this connection's own entry.
+            unsafe {
+                (*peer).state |= set;
+                (*peer).last_seen_ns = now;
+            }
         }
     }
-    if now.wrapping_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+    if exact || now.wrapping_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         flow.last_seen_ns = now;
     }
     flow.packets += 1;

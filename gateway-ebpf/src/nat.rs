@@ -11,14 +11,15 @@ use gateway_common::{
 use crate::{conntrack, lb, parse::IPPROTO_TCP, stats};
 
 /// SNAT port probes before giving up (each a random port of the range).
-const SNAT_PROBES: u32 = 8;
+const SNAT_PROBES: u32 = 32;
 
 /// A port held by a closed connection (RST, or FIN both ways) idle for this long is taken
 /// over by a new one, as kernel conntrack reopens a TIME_WAIT entry on a new SYN: without it,
 /// closed flows would hold their ports for the whole closed timeout and cap the sustained
-/// connection rate at (ports per backend) / (closed timeout). Twice the `last_seen`
-/// granularity, so at least one second of real idleness for stray retransmissions.
-const SNAT_REUSE_IDLE_NS: u64 = 2 * LAST_SEEN_GRANULARITY_NS;
+/// connection rate at (ports per backend) / (closed timeout). A closing packet sets both
+/// entries' `last_seen_ns` exactly (`conntrack::track`), so this is real idleness, long enough
+/// for a lost final ACK's retransmissions.
+const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
 /// Creates the flow of a SYN to the service of `app_id`; returns the forward entry.
 #[inline(always)]

@@ -398,7 +398,7 @@ impl Collector for Snapshot {
         single(
             e,
             "gateway_snat_port_reuses",
-            "SNAT ports taken over from connections closed for 2 s or more",
+            "SNAT ports taken over from connections closed for 1 s or more",
             Counter,
             self.global.get(GlobalStat::SnatReused),
         )?;

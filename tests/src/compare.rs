@@ -64,15 +64,19 @@ impl Contender {
         }
     }
 
-    /// Where the client connects for request/response and for bulk transfers.
-    fn targets(self, topo: &Topology) -> (SocketAddr, SocketAddr) {
+    /// Where the client connects for request/response (direct: every backend in turn, so
+    /// that it meets as many servers as the balancers spread over) and for bulk transfers.
+    fn targets(self, topo: &Topology) -> (Vec<SocketAddr>, SocketAddr) {
         match self {
             Contender::Direct => (
-                SocketAddrV4::new(topo.backends[0].ip, RR_PORT).into(),
+                topo.backends
+                    .iter()
+                    .map(|b| SocketAddrV4::new(b.ip, RR_PORT).into())
+                    .collect(),
                 SocketAddrV4::new(topo.backends[0].ip, BULK_PORT).into(),
             ),
             _ => (
-                SocketAddrV4::new(Topology::PUBLIC_IP, PUBLIC_RR).into(),
+                vec![SocketAddrV4::new(Topology::PUBLIC_IP, PUBLIC_RR).into()],
                 SocketAddrV4::new(Topology::PUBLIC_IP, PUBLIC_BULK).into(),
             ),
         }
@@ -276,12 +280,13 @@ fn exchange(conn: &mut TcpStream, msg: &[u8; MESSAGE]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Short connections (connect, one exchange, close) from `RR_THREADS` clients for `dur`:
-/// (completed, failed).
-pub fn connection_rate(client: &Netns, to: SocketAddr, dur: Duration) -> (u64, u64) {
+/// Short connections (connect, one exchange, close) from `RR_THREADS` clients for `dur`, to
+/// each of `targets` in turn: (completed, failed).
+pub fn connection_rate(client: &Netns, targets: &[SocketAddr], dur: Duration) -> (u64, u64) {
     let deadline = Instant::now() + dur;
     let threads: Vec<_> = (0..RR_THREADS)
         .map(|t| {
+            let targets = targets.to_vec();
             client.spawn_thread(move || {
                 let (mut ok, mut failed) = (0u64, 0u64);
                 let msg = [t as u8; MESSAGE];
@@ -289,6 +294,7 @@ pub fn connection_rate(client: &Netns, to: SocketAddr, dur: Duration) -> (u64, u
                 while Instant::now() < deadline {
                     // Source addresses in turn: each has its own ephemeral ports.
                     let src = Ipv4Addr::new(192, 0, 2, 10 + (i % usize::from(CLIENT_ADDRS)) as u8);
+                    let to = targets[i % targets.len()];
                     i += 1;
                     let done = (|| -> std::io::Result<()> {
                         let s = socket2::Socket::new(
@@ -447,12 +453,12 @@ fn measure(c: Contender, topo: &Topology, plan: Plan) -> Figures {
     }
     let cpu = cpu_seconds();
     let t = Instant::now();
-    let (ok, failed) = connection_rate(&topo.client, rr, plan.rr);
+    let (ok, failed) = connection_rate(&topo.client, &rr, plan.rr);
     let secs = t.elapsed().as_secs_f64();
     f.conn_per_s = ok as f64 / secs;
     f.failed = failed;
     f.cpu_ms_per_kconn = (cpu_seconds() - cpu) * 1e3 / (ok.max(1) as f64 / 1e3);
-    let mut rtts = round_trips(&topo.client, rr, plan.latency);
+    let mut rtts = round_trips(&topo.client, rr[0], plan.latency);
     rtts.sort();
     f.p50_us = percentile(&rtts, 0.5);
     f.p99_us = percentile(&rtts, 0.99);

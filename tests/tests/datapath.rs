@@ -590,7 +590,7 @@ fn table(mode: AttachMode) {
         ));
         assert_eq!(
             t.stat(GlobalStat::SnatCollisions),
-            collisions + 8,
+            collisions + 32,
             "bounded probes"
         );
         // The first flow closes (RST): its port is taken over only once it has been idle 2 s.
@@ -615,10 +615,10 @@ fn table(mode: AttachMode) {
             from_client(client(44_001), svc3, flags::SYN).build(),
             DropReason::SnatExhausted,
         ));
-        close(&mut t, 3_000_000_000);
+        close(&mut t, 1_500_000_000);
         let reused = t.stat(GlobalStat::SnatReused);
         t.row(translated(
-            "a port closed and idle 2 s is taken over by a new flow",
+            "a port closed and idle 1 s is taken over by a new flow",
             from_client(client(44_001), svc3, flags::SYN).build(),
             Out::Nat {
                 src: Some(SocketAddrV4::new(Topology::SNAT_IP, 39_000)),
