@@ -401,6 +401,51 @@ pub struct Figures {
     pub p999_us: f64,
     /// Machine CPU per 1,000 short connections (ms, all cores).
     pub cpu_ms_per_kconn: f64,
+    /// The gateway's programs only (`kernel.bpf_stats_enabled`), over the connection-rate
+    /// and latency tests: run time per packet (ns) and per 1,000 connections (ms).
+    pub bpf_ns_per_packet: f64,
+    pub bpf_ms_per_kconn: f64,
+}
+
+/// `kernel.bpf_stats_enabled` on while it lives (the kernel then times every program run);
+/// the previous value is put back on drop.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Self {
+        let was = std::fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(Self::PATH, "1");
+        BpfStats(was.trim().to_owned())
+    }
+
+    /// (run time in ns, runs) summed over the loaded programs named `names`.
+    fn read(names: &[&str]) -> (u64, u64) {
+        let out = std::process::Command::new("bpftool")
+            .args(["prog", "show", "--json"])
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        let progs: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        progs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| names.iter().any(|n| p["name"] == *n))
+            .fold((0, 0), |(t, c), p| {
+                (
+                    t + p["run_time_ns"].as_u64().unwrap_or(0),
+                    c + p["run_cnt"].as_u64().unwrap_or(0),
+                )
+            })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -451,6 +496,12 @@ fn measure(c: Contender, topo: &Topology, plan: Plan) -> Figures {
         f.gbps_1 = iperf(&topo.client, bulk, 1, plan.iperf_secs);
         f.gbps_4 = iperf(&topo.client, bulk, 4, plan.iperf_secs);
     }
+    let stats = matches!(c, Contender::Gateway(_)).then(BpfStats::enable);
+    let programs = [
+        gateway::datapath::XDP_PROGRAM,
+        gateway::datapath::TC_PROGRAM,
+    ];
+    let bpf = BpfStats::read(&programs);
     let cpu = cpu_seconds();
     let t = Instant::now();
     let (ok, failed) = connection_rate(&topo.client, &rr, plan.rr);
@@ -463,6 +514,12 @@ fn measure(c: Contender, topo: &Topology, plan: Plan) -> Figures {
     f.p50_us = percentile(&rtts, 0.5);
     f.p99_us = percentile(&rtts, 0.99);
     f.p999_us = percentile(&rtts, 0.999);
+    if stats.is_some() {
+        let (time, runs) = BpfStats::read(&programs);
+        let (time, runs) = (time - bpf.0, runs - bpf.1);
+        f.bpf_ns_per_packet = time as f64 / runs.max(1) as f64;
+        f.bpf_ms_per_kconn = time as f64 / 1e6 / (ok.max(1) as f64 / 1e3);
+    }
     f
 }
 
@@ -542,6 +599,8 @@ pub fn medians(runs: &[Figures]) -> Figures {
         p99_us: m(|f| f.p99_us),
         p999_us: m(|f| f.p999_us),
         cpu_ms_per_kconn: m(|f| f.cpu_ms_per_kconn),
+        bpf_ns_per_packet: m(|f| f.bpf_ns_per_packet),
+        bpf_ms_per_kconn: m(|f| f.bpf_ms_per_kconn),
     }
 }
 
@@ -591,6 +650,18 @@ pub fn markdown(results: &[(Contender, Figures)], plan: Plan) -> String {
         }
         out += &format!(" {} |\n", f.failed);
     }
+    out += "\nThe gateway's own programs over the connection-rate and latency tests (`kernel.bpf_stats_enabled`; both programs, XDP mode attaches TC too):\n\n| contender | ns per program run | ms per 1k connections |\n|---|---:|---:|\n";
+    for (c, f) in results
+        .iter()
+        .filter(|r| matches!(r.0, Contender::Gateway(_)))
+    {
+        out += &format!(
+            "| {} | {:.0} | {:.2} |\n",
+            c.name(),
+            f.bpf_ns_per_packet,
+            f.bpf_ms_per_kconn
+        );
+    }
     for (base_name, base) in [("direct", direct), ("gateway (tc)", tc)] {
         let Some(base) = base else { continue };
         out += &format!(
@@ -636,6 +707,8 @@ pub fn to_json(results: &[(Contender, Figures)], plan: Plan) -> serde_json::Valu
             "latency_p99_us": f.p99_us,
             "latency_p999_us": f.p999_us,
             "cpu_ms_per_1k_connections": f.cpu_ms_per_kconn,
+            "datapath_ns_per_program_run": f.bpf_ns_per_packet,
+            "datapath_ms_per_1k_connections": f.bpf_ms_per_kconn,
         })).collect::<Vec<_>>(),
     })
 }
