@@ -405,6 +405,9 @@ pub struct Figures {
     /// and latency tests: run time per packet (ns) and per 1,000 connections (ms).
     pub bpf_ns_per_packet: f64,
     pub bpf_ms_per_kconn: f64,
+    /// The gateway's program runs per MB of the 4-stream transfer: one per packet or per
+    /// GSO batch, depending on what the program sees.
+    pub bpf_runs_per_mb: f64,
 }
 
 /// `kernel.bpf_stats_enabled` on while it lives (the kernel then times every program run);
@@ -492,15 +495,19 @@ fn measure(c: Contender, topo: &Topology, plan: Plan) -> Figures {
     let (rr, bulk) = c.targets(topo);
     let _running = start(c, topo, plan.iperf_secs > 0);
     let mut f = Figures::default();
-    if plan.iperf_secs > 0 {
-        f.gbps_1 = iperf(&topo.client, bulk, 1, plan.iperf_secs);
-        f.gbps_4 = iperf(&topo.client, bulk, 4, plan.iperf_secs);
-    }
     let stats = matches!(c, Contender::Gateway(_)).then(BpfStats::enable);
     let programs = [
         gateway::datapath::XDP_PROGRAM,
         gateway::datapath::TC_PROGRAM,
     ];
+    if plan.iperf_secs > 0 {
+        f.gbps_1 = iperf(&topo.client, bulk, 1, plan.iperf_secs);
+        let before = BpfStats::read(&programs);
+        f.gbps_4 = iperf(&topo.client, bulk, 4, plan.iperf_secs);
+        let runs = BpfStats::read(&programs).1 - before.1;
+        let mb = f.gbps_4 * 1e3 / 8.0 * f64::from(plan.iperf_secs);
+        f.bpf_runs_per_mb = runs as f64 / mb.max(1e-9);
+    }
     let bpf = BpfStats::read(&programs);
     let cpu = cpu_seconds();
     let t = Instant::now();
@@ -601,6 +608,7 @@ pub fn medians(runs: &[Figures]) -> Figures {
         cpu_ms_per_kconn: m(|f| f.cpu_ms_per_kconn),
         bpf_ns_per_packet: m(|f| f.bpf_ns_per_packet),
         bpf_ms_per_kconn: m(|f| f.bpf_ms_per_kconn),
+        bpf_runs_per_mb: m(|f| f.bpf_runs_per_mb),
     }
 }
 
@@ -650,16 +658,17 @@ pub fn markdown(results: &[(Contender, Figures)], plan: Plan) -> String {
         }
         out += &format!(" {} |\n", f.failed);
     }
-    out += "\nThe gateway's own programs over the connection-rate and latency tests (`kernel.bpf_stats_enabled`; both programs, XDP mode attaches TC too):\n\n| contender | ns per program run | ms per 1k connections |\n|---|---:|---:|\n";
+    out += "\nThe gateway's own programs (`kernel.bpf_stats_enabled`; both programs, XDP mode attaches TC too): run time over the connection-rate and latency tests, and runs per MB of the 4-stream transfer:\n\n| contender | ns per program run | ms per 1k connections | runs per MB (4-stream) |\n|---|---:|---:|---:|\n";
     for (c, f) in results
         .iter()
         .filter(|r| matches!(r.0, Contender::Gateway(_)))
     {
         out += &format!(
-            "| {} | {:.0} | {:.2} |\n",
+            "| {} | {:.0} | {:.2} | {:.0} |\n",
             c.name(),
             f.bpf_ns_per_packet,
-            f.bpf_ms_per_kconn
+            f.bpf_ms_per_kconn,
+            f.bpf_runs_per_mb
         );
     }
     for (base_name, base) in [("direct", direct), ("gateway (tc)", tc)] {
@@ -709,6 +718,7 @@ pub fn to_json(results: &[(Contender, Figures)], plan: Plan) -> serde_json::Valu
             "cpu_ms_per_1k_connections": f.cpu_ms_per_kconn,
             "datapath_ns_per_program_run": f.bpf_ns_per_packet,
             "datapath_ms_per_1k_connections": f.bpf_ms_per_kconn,
+            "datapath_runs_per_mb_4_streams": f.bpf_runs_per_mb,
         })).collect::<Vec<_>>(),
     })
 }
