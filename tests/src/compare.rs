@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::{
     daemon::Daemon,
-    netns::{ChildGuard, Netns, RunDir, Topology, unique_prefix},
+    netns::{ChildGuard, Netns, RunDir, SysctlGuard, Topology, unique_prefix},
 };
 
 /// Port of the request/response servers on each backend.
@@ -411,16 +411,16 @@ pub struct Figures {
 }
 
 /// `kernel.bpf_stats_enabled` on while it lives (the kernel then times every program run);
-/// the previous value is put back on drop.
-struct BpfStats(String);
+/// the previous value is put back on drop, or on Ctrl-C (see [`SysctlGuard`]).
+struct BpfStats {
+    _on: Option<SysctlGuard>,
+}
 
 impl BpfStats {
-    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
-
     fn enable() -> Self {
-        let was = std::fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into());
-        let _ = std::fs::write(Self::PATH, "1");
-        BpfStats(was.trim().to_owned())
+        BpfStats {
+            _on: SysctlGuard::set("kernel.bpf_stats_enabled", "1").ok(),
+        }
     }
 
     /// (run time in ns, runs) summed over the loaded programs named `names`.
@@ -442,12 +442,6 @@ impl BpfStats {
                     c + p["run_cnt"].as_u64().unwrap_or(0),
                 )
             })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, &self.0);
     }
 }
 

@@ -44,6 +44,36 @@ enum Resource {
     Netns(String),
     /// A directory under RUN_DIR (a bpffs mount or plain).
     Dir(PathBuf),
+    /// A host-wide sysctl (a file under /proc/sys) to put back to its value.
+    Sysctl(PathBuf, String),
+}
+
+/// A host-wide sysctl set for this guard's life (only what the benchmarks need, such as
+/// `kernel.bpf_stats_enabled`); its value is put back on drop, and by [`teardown_on_signals`].
+pub struct SysctlGuard(Resource);
+
+impl SysctlGuard {
+    pub fn set(key: &str, value: &str) -> std::io::Result<Self> {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        let was = fs::read_to_string(&path)?.trim().to_owned();
+        let r = Resource::Sysctl(path.clone(), was);
+        register(r.clone());
+        fs::write(&path, value)?;
+        Ok(SysctlGuard(r))
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        restore(&self.0);
+        unregister(&self.0);
+    }
+}
+
+fn restore(r: &Resource) {
+    if let Resource::Sysctl(path, value) = r {
+        let _ = fs::write(path, value);
+    }
 }
 
 fn register(r: Resource) {
@@ -88,6 +118,7 @@ pub fn teardown_all() {
         if let Resource::Dir(path) = r {
             remove_bpffs(path);
         }
+        restore(r);
     }
 }
 
