@@ -79,17 +79,24 @@ impl Daemon {
     /// ones): what benchmarks measure.
     #[track_caller]
     pub fn start_as_deployed(topo: &Topology, mode: AttachMode) -> Self {
-        let mut args = Self::args(topo, Some(mode), &[]);
-        for flag in ["--check-interval", "--scan-interval"] {
+        let args = Self::args(topo, Some(mode), &[]);
+        let args = Self::without(args, &["--check-interval", "--scan-interval"]);
+        Self::start_with_args(topo, args)
+    }
+
+    /// `args` without the flags `flags` and their values (to give one a value of its own).
+    pub fn without(mut args: Vec<String>, flags: &[&str]) -> Vec<String> {
+        for flag in flags {
             if let Some(i) = args.iter().position(|a| a == flag) {
                 args.drain(i..i + 2);
             }
         }
-        Self::start_with_args(topo, args)
+        args
     }
 
+    /// Starts it with exactly `args` (plus its own directories).
     #[track_caller]
-    fn start_with_args(topo: &Topology, args: Vec<String>) -> Self {
+    pub fn start_with_args(topo: &Topology, args: Vec<String>) -> Self {
         let dir = RunDir::new(&format!("{}-daemon", unique_prefix()));
         let mut daemon = Daemon {
             child: None,

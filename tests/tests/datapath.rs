@@ -691,6 +691,34 @@ fn every_map_of_the_object_is_named_in_gateway_common() {
 }
 
 #[test]
+fn the_batched_walk_sees_every_entry_once_across_batches() {
+    use gateway_common::maps::Flow;
+    require_root();
+    let mut dp = Datapath::load_with(&gateway::datapath::LoadOptions {
+        conntrack_capacity: 32_768,
+        ..Default::default()
+    })
+    .unwrap();
+    // More entries than one batch call returns (4096), so the walk has to go on from the
+    // position the kernel handed back.
+    const N: u32 = 10_000;
+    for i in 0..N {
+        let c = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 40_000);
+        dp.insert_flow(flow_key(c, Fixture::service()), Flow::default())
+            .unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut calls = 0;
+    dp.conntrack()
+        .walk(|k, _| {
+            calls += 1;
+            seen.insert(*k);
+        })
+        .unwrap();
+    assert_eq!((calls, seen.len()), (N as usize, N as usize));
+}
+
+#[test]
 fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
     use gateway::datapath::{Timeouts, monotonic_ns};
     use gateway_common::maps::Flow;

@@ -370,6 +370,41 @@ fn a_deploy_whose_backends_never_become_healthy_aborts_and_the_old_set_keeps_ser
 }
 
 #[test]
+fn a_drain_ends_only_on_a_scan_begun_after_it() {
+    require_root();
+    let topo = Topology::new(1);
+    let _servers = [server(&topo, 0)];
+    // One conntrack scan, at start: connections opened later are not in its counts.
+    let mut args = Daemon::without(Daemon::args(&topo, None, &[]), &["--scan-interval"]);
+    args.extend(["--scan-interval".into(), "1h".into()]);
+    let daemon = Daemon::start_with_args(&topo, args);
+    daemon.app_with_backends("web", &[addr(&topo, 0)]);
+    let mut open = EchoClient::connect(&topo.client, sock(Topology::PUBLIC_IP, 20000)).unwrap();
+    open.echo(b"hello").unwrap();
+    daemon.ok(&[
+        "backend",
+        "remove",
+        "web",
+        &addr(&topo, 0),
+        "--drain-timeout",
+        "2s",
+    ]);
+    // The last scan says 0 connections, but it is older than the drain: the drain goes on.
+    std::thread::sleep(Duration::from_secs(1));
+    let b = daemon.backends("web");
+    assert_eq!(b.len(), 1, "still there");
+    assert_eq!(b[0].state, BackendState::Draining);
+    open.echo(b"still served").unwrap();
+    // No scan comes: the deadline ends it, and its connection with it.
+    let gone =
+        gateway_tests::wait_for(Duration::from_secs(5), || daemon.backends("web").is_empty());
+    assert!(gone.is_some());
+    assert!(daemon.log().contains("drain timeout"), "{}", daemon.log());
+    open.set_timeout(Duration::from_millis(500)).unwrap();
+    assert!(open.echo(b"after").is_err(), "the connection was ended");
+}
+
+#[test]
 fn a_connection_still_open_when_the_drain_times_out_is_ended() {
     require_root();
     let topo = Topology::new(2);
