@@ -495,8 +495,8 @@ impl Core {
     }
 
     /// Open connections as of the last conntrack scan.
-    fn counts(&self) -> Result<ConnectionCounts, ApiError> {
-        Ok(self.scan.counts.clone())
+    fn counts(&self) -> ConnectionCounts {
+        self.scan.counts.clone()
     }
 
     /// Takes in a scan begun at `started_ms` that took `took`, and samples every app's
@@ -590,7 +590,7 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
 
 async fn get_status(Axum(s): Axum<Shared>) -> Result<Json<Status>, ApiError> {
     s.with(|c| {
-        let counts = c.counts()?;
+        let counts = c.counts();
         Ok(Json(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             public_ip: c.settings.public_ip.to_string(),
@@ -615,7 +615,7 @@ async fn get_status(Axum(s): Axum<Shared>) -> Result<Json<Status>, ApiError> {
 
 async fn list_apps(Axum(s): Axum<Shared>) -> Result<Json<Vec<AppView>>, ApiError> {
     s.with(|c| {
-        let counts = c.counts()?;
+        let counts = c.counts();
         Ok(Json(
             c.state
                 .apps
@@ -651,7 +651,7 @@ async fn show_app(
 ) -> Result<Json<AppView>, ApiError> {
     s.with(move |c| {
         let app = c.state.app(&name)?.clone();
-        let counts = c.counts()?;
+        let counts = c.counts();
         Ok(Json(c.app_view(&name, &app, &counts)))
     })
     .await
@@ -679,7 +679,7 @@ async fn list_backends(
 ) -> Result<Json<Vec<BackendView>>, ApiError> {
     s.with(move |c| {
         let app = c.state.app(&name)?.clone();
-        let counts = c.counts()?;
+        let counts = c.counts();
         Ok(Json(
             app.backends
                 .iter()
@@ -722,7 +722,7 @@ async fn remove_backend(
         c.state.app(&name)?;
         let addr = state::parse_backend(&address)?;
         let mut next = c.state.clone();
-        let counts = c.counts()?;
+        let counts = c.counts();
         if q.now {
             let backend = next.remove_backend(&name, addr)?;
             c.commit(&name, next)?;
@@ -812,7 +812,7 @@ async fn deploy(
                         c.commit(&n, next)?;
                         info!(app = n, healthy = healthy.len(), waited_ms = waited.as_millis() as u64, "deploy switched: new connections go to the new backends, the old ones drain");
                         let app = c.state.app(&n)?.clone();
-                        let counts = c.counts()?;
+                        let counts = c.counts();
                         return Ok(Some(c.app_view(&n, &app, &counts)));
                     }
                     if waited >= timeout {

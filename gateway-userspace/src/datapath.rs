@@ -752,11 +752,6 @@ impl Datapath {
         &mut self.maps.conntrack
     }
 
-    /// Open connections per app and backend, walking the table (see [`Conntrack::counts`]).
-    pub fn connection_counts(&self) -> Result<ConnectionCounts, DatapathError> {
-        self.maps.conntrack.counts()
-    }
-
     /// The conntrack table's capacity (entries).
     pub fn conntrack_capacity(&self) -> u32 {
         self.conntrack_capacity

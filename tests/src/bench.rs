@@ -269,15 +269,11 @@ fn human(n: u32) -> String {
 
 /// Milliseconds of the median of `runs` runs of `f`.
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[runs / 2]
+    crate::compare::median((0..runs).map(|_| {
+        let start = Instant::now();
+        f();
+        start.elapsed().as_secs_f64() * 1e3
+    }))
 }
 
 /// What observability costs the daemon: walking the conntrack table (per entry with aya's
@@ -328,7 +324,7 @@ fn observability(flows: &[u32], apps: &[u32]) {
     println!("\nmetrics scrape (ms, median of 5; 5 backends per app)\n");
     println!("| apps | backends | read counters | encode | bytes |");
     println!("|---:|---:|---:|---:|---:|");
-    let counts = dp.connection_counts().unwrap();
+    let counts = dp.conntrack().counts().unwrap();
     for &n in apps {
         let mut state = State::default();
         let range = PortRange::new(10_000, 60_000);

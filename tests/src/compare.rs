@@ -164,10 +164,7 @@ fn start(c: Contender, topo: &Topology, bulk_too: bool) -> Running {
                 map = map.join(", "),
                 snat = Topology::SNAT_IP,
             );
-            let dir = RunDir::new(&format!("{}-nft", unique_prefix()));
-            let path = dir.path().join("rules.nft");
-            std::fs::write(&path, rules).unwrap();
-            topo.gateway.exec_ok(&["nft", "-f", path.to_str().unwrap()]);
+            topo.gateway.nft(&rules);
             Running::Nftables(topo.gateway.name().to_owned())
         }
         Contender::Haproxy => {
@@ -211,7 +208,9 @@ fn start(c: Contender, topo: &Topology, bulk_too: bool) -> Running {
 }
 
 /// Request/response servers: each connection gets its messages echoed until it closes.
-/// Worker threads block in `accept` (with a timeout, to see the stop flag).
+/// Worker threads block in `accept` (with a timeout, to see the stop flag). Not the tests'
+/// `EchoServer`: that one greets each connection with its name, polls `accept` every 2 ms and
+/// spawns a thread per connection, which would be what a connection-rate test measures.
 pub struct RrServer {
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
@@ -579,7 +578,8 @@ impl Bench {
     }
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+/// The median of `values` (0 when there are none).
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     if v.is_empty() {
         return 0.0;

@@ -8,11 +8,10 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// Every sample of a scrape, and the metric families it declared (`# TYPE`).
+/// Every sample of a scrape.
 #[derive(Clone, Debug, Default)]
 pub struct Scrape {
     pub samples: Vec<Sample>,
-    pub families: Vec<String>,
 }
 
 impl Scrape {
@@ -20,11 +19,6 @@ impl Scrape {
     pub fn parse(text: &str) -> Self {
         let mut scrape = Scrape::default();
         for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let name = rest.split_whitespace().next().expect("a family name");
-                scrape.families.push(name.to_owned());
-                continue;
-            }
             if line.starts_with('#') || line.is_empty() {
                 continue;
             }
@@ -64,12 +58,6 @@ impl Scrape {
                     .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
         })
     }
-
-    /// Whether some sample belongs to the metric `name` as a query names it (a family, or a
-    /// histogram's `_bucket`/`_sum`/`_count` series, or a counter's `_total`).
-    pub fn has(&self, name: &str) -> bool {
-        self.samples.iter().any(|s| s.name == name)
-    }
 }
 
 fn parse_sample(line: &str) -> Sample {
@@ -106,7 +94,6 @@ mod tests {
         let s = Scrape::parse(
             "# TYPE a counter\na_total{app=\"web\",direction=\"in\"} 12\nb 3.5\n# EOF\n",
         );
-        assert_eq!(s.families, ["a"]);
         assert_eq!(s.value("a_total", &[("app", "web")]), 12.0);
         assert_eq!(s.value("b", &[]), 3.5);
         assert_eq!(s.sum("a_total", &[("direction", "out")]), 0.0);

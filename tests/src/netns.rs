@@ -202,6 +202,32 @@ impl Netns {
         cmd("ip", ["netns", "exec", &self.name].iter().chain(argv))
     }
 
+    /// Loads an nftables ruleset into the namespace (`nft -f -`), panicking if nft refuses it.
+    #[track_caller]
+    pub fn nft(&self, rules: &str) {
+        use std::io::Write as _;
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft (Debian package nftables)");
+        let mut stdin = child.stdin.take().expect("nft's stdin");
+        stdin
+            .write_all(rules.as_bytes())
+            .expect("write the ruleset");
+        drop(stdin);
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft in {}: {}\n{rules}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A command that runs inside the namespace (`ip netns exec NAME program`), with every
     /// signal unblocked (see [`teardown_on_signals`]).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {

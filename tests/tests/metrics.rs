@@ -75,10 +75,7 @@ impl<'a> NftCounters<'a> {
                }}
              }}\n"
         );
-        let path = std::env::temp_dir().join(format!("gwtest-nft-{}.nft", std::process::id()));
-        std::fs::write(&path, rules).unwrap();
-        host.exec_ok(&["nft", "-f", path.to_str().unwrap()]);
-        let _ = std::fs::remove_file(&path);
+        host.nft(&rules);
         NftCounters(host)
     }
 
