@@ -1219,7 +1219,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let core = shared.core.clone();
     drop(shared);
     if detach {
-        let removed = remove_datapath(&settings.bpffs)?;
+        // Other holders of `core` (tasks being aborted) may outlive this function: the links
+        // are let go of here, so that nothing answers by the time the socket is gone.
+        let removed = {
+            let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
+            let removed = remove_datapath(&settings.bpffs)?;
+            core.datapath.release_attachments();
+            removed
+        };
         drop(core);
         info!(
             pins = removed.len(),

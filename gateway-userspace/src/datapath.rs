@@ -512,6 +512,13 @@ impl Datapath {
         &self.attachments
     }
 
+    /// Lets go of every attachment. An owned link is detached now; a pinned one is detached
+    /// once its pin is gone too (remove the pins first, see [`remove_pins`]), without waiting
+    /// for this process to exit.
+    pub fn release_attachments(&mut self) {
+        self.attachments.clear();
+    }
+
     /// The XDP program (for attaching, or for BPF_PROG_TEST_RUN).
     pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
         let name = XDP_PROGRAM;

@@ -176,6 +176,7 @@ pub fn test() -> anyhow::Result<()> {
         false,
         Some(cargo(&[
             "test",
+            "--no-fail-fast",
             "--workspace",
             "--exclude",
             "gateway-ebpf",
@@ -192,7 +193,8 @@ pub fn test() -> anyhow::Result<()> {
         false,
     );
     let (datapath, e2e) = root_test_targets();
-    let tests_base = ["test", "--package", "gateway-tests"];
+    // Every test binary runs even when one fails: the summary counts the whole suite.
+    let tests_base = ["test", "--no-fail-fast", "--package", "gateway-tests"];
     step(
         "datapath tests",
         true,
