@@ -2,10 +2,12 @@
 //! does a SYN create one, where does it go next, and the header rewrite. The attach-mode code
 //! then finishes the TCP checksum its own way and forwards.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::cty::c_void;
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, ServiceKey4},
+    maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, FlowKey4, ServiceKey4},
 };
 
 use crate::{
@@ -18,8 +20,9 @@ use crate::{
 /// A packet of a flow of ours, with where it goes next.
 pub struct Translation<'a> {
     pub pkt: TcpPacket,
-    /// Its conntrack entry (state and counters already updated).
-    pub flow: &'a mut Flow,
+    /// Its conntrack entry (state, counters and next hop already updated), or for a new flow
+    /// the copy that was inserted.
+    pub flow: &'a Flow,
     pub hop: NextHop,
 }
 
@@ -47,27 +50,40 @@ impl Translation<'_> {
 
 /// What both attach modes do first: decide, and for a packet of ours resolve its next hop.
 /// `None`: hand the packet to the kernel unchanged (counted as passed). `ctx` is the program's
-/// context, `ingress_ifindex` the interface the packet came in on.
+/// context, `ingress_ifindex` the interface the packet came in on; a new flow is built in
+/// `new` (the caller's stack) and inserted from there.
 #[inline(always)]
 pub fn prepare<'a>(
     b: &Bounds,
     ctx: *mut c_void,
     ingress_ifindex: u32,
+    new: &'a mut MaybeUninit<Flow>,
 ) -> Result<Option<Translation<'a>>, DropReason> {
-    let Action::Translate {
-        pkt,
-        flow,
-        now,
-        nexthop_max_age,
-    } = decide(b)?
-    else {
-        stats::global(GlobalStat::Passed);
-        return Ok(None);
-    };
-    // SAFETY: a conntrack value pointer; this CPU updates it in place.
-    let flow = unsafe { &mut *flow };
-    let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now, nexthop_max_age);
-    Ok(Some(Translation { pkt, flow, hop }))
+    match decide(b)? {
+        Action::Pass => {
+            stats::global(GlobalStat::Passed);
+            Ok(None)
+        }
+        Action::Existing { pkt, flow, now } => {
+            // SAFETY: a conntrack value pointer; this CPU updates it in place.
+            let flow = unsafe { &mut *flow };
+            let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
+            Ok(Some(Translation { pkt, flow, hop }))
+        }
+        Action::New {
+            pkt,
+            forward,
+            reverse_key,
+            now,
+        } => {
+            // The whole forward entry (state, counters, next hop) is built before it is
+            // inserted: no lookup of it afterwards, no update in the map.
+            let flow = new.write(forward);
+            let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
+            nat::commit(&pkt.key, flow, &reverse_key)?;
+            Ok(Some(Translation { pkt, flow, hop }))
+        }
+    }
 }
 
 /// What to do with a packet.
@@ -76,19 +92,32 @@ enum Action {
     Pass,
     /// Translate it with this conntrack entry (state and counters already updated); `now` is
     /// the time the decision was made (ns).
-    Translate {
+    Existing {
         pkt: TcpPacket,
         flow: *mut Flow,
-        now: u64,
-        /// How long the flow's cached next hop may be trusted (ns).
-        nexthop_max_age: u64,
+        now: Now,
     },
+    /// A SYN of a new flow: its reverse entry is in the table (keyed `reverse_key`), its
+    /// forward entry is `forward`, to insert once complete.
+    New {
+        pkt: TcpPacket,
+        forward: Flow,
+        reverse_key: FlowKey4,
+        now: Now,
+    },
+}
+
+/// The time of the decision, and how long a cached next hop may be trusted (ns).
+#[derive(Clone, Copy)]
+pub struct Now {
+    pub ns: u64,
+    pub nexthop_max_age: u64,
 }
 
 /// Next hops are trusted this long when the configuration does not say (1 s).
 const NEXTHOP_MAX_AGE_DEFAULT_NS: u64 = 1_000_000_000;
 
-/// Classifies the packet in `b` and finds (or creates) its flow.
+/// Classifies the packet in `b` and finds (or starts) its flow.
 #[inline(always)]
 fn decide(b: &Bounds) -> Result<Action, DropReason> {
     let Some(cfg) = CONFIG.get(0) else {
@@ -101,11 +130,13 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
     // Only packets of ours read the clock, and the coarse one (CLOCK_MONOTONIC_COARSE, a few
     // ms of resolution): it serves idle times and next-hop ages, and costs a fraction of
     // bpf_ktime_get_ns.
-    // SAFETY: helper without arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
-    let nexthop_max_age = match cfg.nexthop_max_age_ns {
-        0 => NEXTHOP_MAX_AGE_DEFAULT_NS,
-        age => age,
+    let now = Now {
+        // SAFETY: helper without arguments.
+        ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() },
+        nexthop_max_age: match cfg.nexthop_max_age_ns {
+            0 => NEXTHOP_MAX_AGE_DEFAULT_NS,
+            age => age,
+        },
     };
     let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // Replies first: only reverse entries are keyed by a SNAT address.
@@ -116,13 +147,8 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
             && f.direction == gateway_common::maps::DIR_FORWARD
             && gateway_common::maps::is_closed(f.state))
         {
-            conntrack::track(f, &pkt, now);
-            return Ok(Action::Translate {
-                pkt,
-                flow,
-                now,
-                nexthop_max_age,
-            });
+            conntrack::track(f, &pkt, now.ns);
+            return Ok(Action::Existing { pkt, flow, now });
         }
         // The tuple of a finished connection is reused by a new SYN: start afresh.
         conntrack::remove_pair(&pkt.key, f);
@@ -140,14 +166,13 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
             }
             // SAFETY: a value of the map, read once.
             let app_id = unsafe { (*service).app_id };
-            let flow = nat::create(&pkt.key, app_id, cfg, now)?;
-            // SAFETY: a conntrack value pointer, just inserted.
-            conntrack::track(unsafe { &mut *flow }, &pkt, now);
-            return Ok(Action::Translate {
+            let (mut forward, reverse_key) = nat::create(&pkt.key, app_id, cfg, now.ns)?;
+            conntrack::track(&mut forward, &pkt, now.ns);
+            return Ok(Action::New {
                 pkt,
-                flow,
+                forward,
+                reverse_key,
                 now,
-                nexthop_max_age,
             });
         }
     }

@@ -21,14 +21,16 @@ const SNAT_PROBES: u32 = 32;
 /// for a lost final ACK's retransmissions.
 const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
-/// Creates the flow of a SYN to the service of `app_id`; returns the forward entry.
+/// Starts the flow of a SYN to the service of `app_id`: chooses the backend, allocates a SNAT
+/// port by inserting the reverse entry, and returns the forward entry (not inserted yet: see
+/// [`commit`]) and the reverse entry's key.
 #[inline(always)]
 pub fn create(
     key: &FlowKey4,
     app_id: u32,
     cfg: &Config,
     now: u64,
-) -> Result<*mut Flow, DropReason> {
+) -> Result<(Flow, FlowKey4), DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(DropReason::NotConfigured);
     }
@@ -62,19 +64,27 @@ pub fn create(
         let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
         let port = cfg.snat_port_min + (r % range) as u16;
         reverse_key.dst_port = port.to_be();
-        if conntrack::insert_reverse(&reverse_key, &entry)? {
-            found = true;
-            break;
-        }
-        if let Some(old) = conntrack::lookup(&reverse_key) {
-            // SAFETY: a pointer to a live map value, read once.
-            let old = unsafe { *old };
-            if is_closed(old.state) && now.saturating_sub(old.last_seen_ns) >= SNAT_REUSE_IDLE_NS {
-                conntrack::remove_pair(&reverse_key, &old);
-                stats::global(GlobalStat::SnatReused);
+        // A lookup first: an insert that fails still takes (and gives back) an LRU node, and
+        // in a full table taking one evicts a live flow.
+        match conntrack::lookup(&reverse_key) {
+            None => {
                 if conntrack::insert_reverse(&reverse_key, &entry)? {
                     found = true;
                     break;
+                }
+            }
+            Some(old) => {
+                // SAFETY: a pointer to a live map value, read once.
+                let old = unsafe { *old };
+                if is_closed(old.state)
+                    && now.saturating_sub(old.last_seen_ns) >= SNAT_REUSE_IDLE_NS
+                {
+                    conntrack::remove_pair(&reverse_key, &old);
+                    stats::global(GlobalStat::SnatReused);
+                    if conntrack::insert_reverse(&reverse_key, &entry)? {
+                        found = true;
+                        break;
+                    }
                 }
             }
         }
@@ -89,8 +99,15 @@ pub fn create(
     entry.nat_src_port = reverse_key.dst_port;
     entry.nat_dst_port = backend.port;
     entry.direction = DIR_FORWARD;
-    conntrack::insert_forward(key, &entry, &reverse_key)?;
+    Ok((entry, reverse_key))
+}
+
+/// Inserts the forward entry of a flow [`create`] started (rolling the reverse one back if
+/// that fails) and counts the new flow.
+#[inline(always)]
+pub fn commit(key: &FlowKey4, forward: &Flow, reverse_key: &FlowKey4) -> Result<(), DropReason> {
+    conntrack::insert_forward(key, forward, reverse_key)?;
     stats::global(GlobalStat::FlowsCreated);
-    stats::new_flow(app_id, backend_id);
-    conntrack::lookup(key).ok_or(DropReason::ConntrackInsert)
+    stats::new_flow(forward.app_id, forward.backend_id);
+    Ok(())
 }

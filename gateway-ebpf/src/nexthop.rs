@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use gateway_common::{GlobalStat, maps::Flow};
 
-use crate::stats;
+use crate::{flow::Now, stats};
 
 const AF_INET: u8 = 2;
 
@@ -28,14 +28,8 @@ pub enum NextHop {
 /// Resolves (or reuses) the next hop of `flow`, whose rewritten destination is
 /// `flow.nat_dst_ip`. `ctx` is the program's context, `ingress_ifindex` where the packet came in.
 #[inline(always)]
-pub fn resolve(
-    ctx: *mut c_void,
-    ingress_ifindex: u32,
-    flow: &mut Flow,
-    now: u64,
-    max_age_ns: u64,
-) -> NextHop {
-    if flow.nexthop_ns != 0 && now.wrapping_sub(flow.nexthop_ns) < max_age_ns {
+pub fn resolve(ctx: *mut c_void, ingress_ifindex: u32, flow: &mut Flow, now: Now) -> NextHop {
+    if flow.nexthop_ns != 0 && now.ns.wrapping_sub(flow.nexthop_ns) < now.nexthop_max_age {
         return NextHop::Ready {
             ifindex: flow.nexthop_ifindex,
         };
@@ -64,7 +58,7 @@ pub fn resolve(
         flow.nexthop_ifindex = params.ifindex;
         flow.nexthop_smac = params.smac;
         flow.nexthop_dmac = params.dmac;
-        flow.nexthop_ns = now;
+        flow.nexthop_ns = now.ns;
         NextHop::Ready {
             ifindex: params.ifindex,
         }

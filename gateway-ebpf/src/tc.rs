@@ -2,6 +2,8 @@
 //! CHECKSUM_PARTIAL and GSO packets stay correct, then redirect to the cached next hop, or
 //! through `bpf_redirect_neigh` when the neighbour is not known yet.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, bpf_redir_neigh},
     cty::c_void,
@@ -39,7 +41,8 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     // At TC ingress, the skb's device is the one it arrived on.
     // SAFETY: the context pointer the kernel gave this program.
     let ingress = unsafe { (*skb).ifindex };
-    let Some(t) = flow::prepare(&b, skb as *mut c_void, ingress)? else {
+    let mut new = MaybeUninit::uninit();
+    let Some(t) = flow::prepare(&b, skb as *mut c_void, ingress, &mut new)? else {
         return Ok(TC_ACT_OK);
     };
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.

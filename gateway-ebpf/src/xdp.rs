@@ -3,6 +3,8 @@
 //! kernel, where the TC program (attached alongside in XDP mode) translates it and lets
 //! `bpf_redirect_neigh` resolve the neighbour: a connection never hangs on a missing entry.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS, cty::c_void, helpers::bpf_redirect, programs::XdpContext,
 };
@@ -18,7 +20,14 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         data_end: ctx.data_end(),
         len: ctx.data_end() - ctx.data(),
     };
-    let Some(t) = flow::prepare(&b, ctx.ctx as *mut c_void, ctx.ingress_ifindex() as u32)? else {
+    let mut new = MaybeUninit::uninit();
+    let Some(t) = flow::prepare(
+        &b,
+        ctx.ctx as *mut c_void,
+        ctx.ingress_ifindex() as u32,
+        &mut new,
+    )?
+    else {
         return Ok(XDP_PASS);
     };
     let ifindex = match t.hop {
