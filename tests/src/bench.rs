@@ -26,6 +26,15 @@ const REPEAT: u32 = 2_000_000;
 const SYNS: u16 = 20_000;
 /// The client address of the SYN rows (none of the filler flows uses it).
 const SYN_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+/// A service whose one backend is itself: a SYN to it from the SNAT address is rewritten into
+/// a SYN to it from a new SNAT port, so with `repeat` every iteration creates a new flow.
+const CHAIN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 20), 7000);
+const CHAIN_APP: u32 = 2;
+const CHAIN_BACKEND: u32 = 10;
+/// New flows per chained test_run call, and calls (the chain's flows are removed after each,
+/// so every call starts at the same SNAT port occupancy and ends at ~5%).
+const CHAIN_REPEAT: u32 = 1_000;
+const CHAIN_CALLS: u16 = 10;
 
 pub fn run(args: &[&str]) {
     crate::require_root();
@@ -145,6 +154,17 @@ impl Empty {
 /// ns/packet through BPF_PROG_TEST_RUN, for each attach mode and conntrack size.
 fn datapath(sizes: &[u32]) {
     let topo = Topology::new(3);
+    // The chained SYNs' rewritten destination: routed out of b0 to a known neighbour, so that
+    // the FIB lookup of each new flow succeeds as it does for a real backend.
+    let chain_ip = CHAIN.ip();
+    topo.gateway.ip(&format!(
+        "route add {chain_ip}/32 dev {}",
+        topo.backends[0].gw_iface
+    ));
+    topo.gateway.ip(&format!(
+        "neigh replace {chain_ip} lladdr 02:00:00:00:00:99 dev {} nud permanent",
+        topo.backends[0].gw_iface
+    ));
     let sizes = sizes.to_vec();
     let rows = topo.gateway.run(move || {
         let backend_ips: Vec<Ipv4Addr> = (0..3)
@@ -162,6 +182,20 @@ fn datapath(sizes: &[u32]) {
                 std::time::Duration::from_secs(60),
             )
             .expect("configure");
+        fx.dp
+            .set_backend(CHAIN_BACKEND, CHAIN, true)
+            .expect("backend");
+        fx.dp
+            .set_app_backends(
+                CHAIN_APP,
+                &[gateway::maglev::Entry {
+                    id: CHAIN_BACKEND,
+                    addr: CHAIN,
+                    weight: 1,
+                }],
+            )
+            .expect("maglev");
+        fx.dp.set_service(CHAIN, CHAIN_APP).expect("service");
         let mut empty = Empty::load();
         let svc = Fixture::service();
         let client = SocketAddrV4::new(Topology::CLIENT_IP, 33_333);
@@ -254,6 +288,32 @@ fn datapath(sizes: &[u32]) {
                     mode,
                     size,
                     empty_total / f64::from(SYNS),
+                ));
+                // SYNs in a chain: each iteration's output is the next new flow's SYN, so
+                // the figure is of a warm datapath, as the established rows are. The first
+                // source port is outside the SNAT range, so no SYN of the chain meets a flow.
+                let before = fx.dp.global_stats().expect("stats");
+                let mut chain = Vec::new();
+                for call in 0..CHAIN_CALLS {
+                    let first = SocketAddrV4::new(Topology::SNAT_IP, 60_000 + call);
+                    let syn = Frame::tcp(first, CHAIN, flags::SYN).build();
+                    chain.push(fx.time(&syn, CHAIN_REPEAT));
+                    fx.dp
+                        .conntrack_mut()
+                        .remove_where(|f| f.app_id == CHAIN_APP)
+                        .expect("remove the chain's flows");
+                }
+                let after = fx.dp.global_stats().expect("stats");
+                assert_eq!(
+                    after.get(GlobalStat::FlowsCreated) - before.get(GlobalStat::FlowsCreated),
+                    u64::from(CHAIN_REPEAT) * u64::from(CHAIN_CALLS),
+                    "every iteration of the chain made a flow"
+                );
+                rows.push((
+                    "SYN, new flow (chained, warm)".into(),
+                    mode,
+                    size,
+                    crate::compare::median(chain.into_iter()),
                 ));
                 // Each mode and size starts from the same SNAT port occupancy: the table's
                 // filler flows only.
