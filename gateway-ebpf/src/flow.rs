@@ -11,7 +11,7 @@ use gateway_common::{
 };
 
 use crate::{
-    CONFIG, SERVICES, conntrack, nat,
+    CONFIG, SERVICES, clock, conntrack, nat,
     nexthop::{self, NextHop},
     parse::{Bounds, Parsed, TCP_ACK, TCP_SYN, TcpPacket, parse},
     stats,
@@ -128,11 +128,9 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
         return Ok(Action::Pass);
     };
     // Only packets of ours read the clock, and the coarse one (CLOCK_MONOTONIC_COARSE, a few
-    // ms of resolution): it serves idle times and next-hop ages, and costs a fraction of
-    // bpf_ktime_get_ns.
+    // ms of resolution, cached per tick): it serves idle times and next-hop ages.
     let now = Now {
-        // SAFETY: helper without arguments.
-        ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() },
+        ns: clock::now_ns(),
         nexthop_max_age: match cfg.nexthop_max_age_ns {
             0 => NEXTHOP_MAX_AGE_DEFAULT_NS,
             age => age,

@@ -2,7 +2,8 @@
 //! wrapper returns what its `try_*` function gives, and counts every drop by its reason.
 //!
 //! A packet goes: `parse` (is it TCP to a gateway address?) → `flow` (conntrack lookup, reply
-//! direction first; a SYN to a service creates a flow through `nat` and `lb`) → `nexthop`
+//! direction first, timed by `clock`; a SYN to a service creates a flow through `nat` and `lb`)
+//! → `nexthop`
 //! (cached FIB result) → rewrite with `csum` → redirect (`xdp` or `tc`); `stats` counts.
 #![no_std]
 #![no_main]
@@ -14,10 +15,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use gateway_common::maps::{
-    Backend4, CONNTRACK_DEFAULT, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_APPS, MAX_BACKENDS,
-    MAX_SERVICES, MaglevTable, Service, ServiceKey4, TrafficStats,
+    Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_APPS,
+    MAX_BACKENDS, MAX_SERVICES, MaglevTable, Service, ServiceKey4, TrafficStats,
 };
 
+mod clock;
 mod conntrack;
 mod csum;
 mod flow;
@@ -54,6 +56,9 @@ static APP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_
 
 #[map(name = "gw_be_stats_v1")]
 static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "gw_clock_v1")]
+static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn gateway_xdp(ctx: XdpContext) -> u32 {

@@ -778,3 +778,48 @@ fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
         }
     }
 }
+
+/// The datapath's clock (cached per CPU and tick) is CLOCK_MONOTONIC_COARSE, the one userspace
+/// expires flows by: a flow's creation time lies within a tick of what userspace read around
+/// its SYN, and it moves on between two SYNs 50 ms apart (a cache that never refreshed fails).
+#[test]
+fn flows_are_timed_by_the_coarse_monotonic_clock_across_ticks() {
+    use gateway::datapath::monotonic_ns;
+    require_root();
+    let topo = Topology::new(1);
+    topo.gateway.run(|| {
+        let mut fx = Fixture::new(AttachMode::Xdp, &[backend_ip(0)], 1 << 12);
+        // A tick is at most 10 ms (HZ >= 100).
+        const TICK: u64 = 10_000_000;
+        let mut created = Vec::new();
+        for (i, mode) in [AttachMode::Xdp, AttachMode::Tc, AttachMode::Xdp]
+            .into_iter()
+            .enumerate()
+        {
+            fx.mode = mode;
+            let c = client(41_000 + i as u16);
+            let before = monotonic_ns();
+            let (verdict, _) = fx.run(&from_client(c, Fixture::service(), flags::SYN).build());
+            let after = monotonic_ns();
+            assert_eq!(verdict, Verdict::Redirect, "{mode}");
+            let flow = fx
+                .dp
+                .flow(&flow_key(c, Fixture::service()))
+                .unwrap()
+                .expect("the SYN made a flow");
+            assert!(
+                before.saturating_sub(TICK) <= flow.created_ns && flow.created_ns <= after + TICK,
+                "{mode}: created at {} outside [{before}, {after}] ± a tick",
+                flow.created_ns
+            );
+            created.push(flow.created_ns);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        for pair in created.windows(2) {
+            assert!(
+                pair[1] >= pair[0] + 40_000_000,
+                "the clock moved on: {created:?}"
+            );
+        }
+    });
+}

@@ -1,0 +1,27 @@
+//! The datapath's clock: CLOCK_MONOTONIC_COARSE (what userspace's expiry compares with), read
+//! through a helper call once per tick per CPU and otherwise taken from a per-CPU cache keyed
+//! by `jiffies`, whose read the verifier inlines. The coarse clock only moves at a tick, so the
+//! cached value is what the helper would return, give or take the tick being handled.
+
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+
+use crate::CLOCK;
+
+/// Now, in CLOCK_MONOTONIC_COARSE ns.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helpers without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = CLOCK.get_ptr_mut(0) else {
+        // SAFETY: as above.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: this CPU's own slot of a per-CPU array.
+    unsafe {
+        if (*cache).jiffies != jiffies || (*cache).coarse_ns == 0 {
+            (*cache).jiffies = jiffies;
+            (*cache).coarse_ns = bpf_ktime_get_coarse_ns();
+        }
+        (*cache).coarse_ns
+    }
+}
