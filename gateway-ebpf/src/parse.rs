@@ -34,13 +34,23 @@ impl Bounds {
         Some(start as *mut T)
     }
 
-    /// Reads a `T` at `offset` (unaligned), if it lies inside the packet.
+    /// The `N` 16-bit words at `offset`, if they lie inside the packet. `offset` must be even:
+    /// packet data always starts at an even address (XDP's headroom, the skb's reserved
+    /// space), so the words are 2-byte aligned and are read and written with 16-bit loads and
+    /// stores; `read_unaligned` would split each into byte accesses (the BPF target has no
+    /// misaligned access). Words hold the bytes as on the wire (little-endian target): the
+    /// first byte is the low half.
     #[inline(always)]
-    pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        // SAFETY: `ptr_at` checked that the whole `T` is inside the packet.
-        self.ptr_at::<T>(offset)
-            .map(|p| unsafe { core::ptr::read_unaligned(p) })
+    pub fn words<const N: usize>(&self, offset: usize) -> Option<*mut [u16; N]> {
+        self.ptr_at::<[u16; N]>(offset)
     }
+}
+
+/// The wire bytes `[w0 low, w0 high, w1 low, w1 high]` as a `u32` of the same memory layout
+/// (an IPv4 address in "network order" as the maps hold it).
+#[inline(always)]
+pub fn join(w0: u16, w1: u16) -> u32 {
+    u32::from(w0) | (u32::from(w1) << 16)
 }
 
 /// A TCP/IPv4 packet addressed to one of the gateway's addresses.
@@ -73,19 +83,24 @@ pub enum Parsed {
 #[inline(always)]
 pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, DropReason> {
     // A frame too short for Ethernet claims nothing: the kernel drops it.
-    let Some(ether_type) = b.read::<[u8; 2]>(12) else {
+    let Some(eth) = b.words::<7>(0) else {
         return Ok(Parsed::NotOurs);
     };
-    if u16::from_be_bytes(ether_type) != ETH_P_IPV4 {
+    // SAFETY (every dereference of `eth`, `ip` and `tcp` below): bounds-checked by `words`.
+    if u16::from_be(unsafe { (*eth)[6] }) != ETH_P_IPV4 {
         return Ok(Parsed::NotOurs);
     }
     let l3_off = ETH_LEN;
-    let ip: [u8; IPV4_MIN_LEN] = b.read(l3_off).ok_or(DropReason::Truncated)?;
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    if ip[0] >> 4 != 4 || ihl < IPV4_MIN_LEN {
+    let ip = b
+        .words::<{ IPV4_MIN_LEN / 2 }>(l3_off)
+        .ok_or(DropReason::Truncated)?;
+    let ip = unsafe { &*ip };
+    let version_ihl = ip[0] as u8;
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || ihl < IPV4_MIN_LEN {
         return Err(DropReason::BadHeader);
     }
-    let dst_ip = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let dst_ip = join(ip[8], ip[9]);
     let kind = addr_kind(dst_ip);
     if kind == 0 {
         return Ok(Parsed::NotOurs);
@@ -95,17 +110,23 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
         return Err(DropReason::Truncated);
     }
     // Fragments: more-fragments set or a non-zero offset. Policy: not reassembled, dropped.
-    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    let frag = u16::from_be(ip[3]);
     if frag & 0x3fff != 0 {
         return Err(DropReason::Fragment);
     }
-    if ip[9] != IPPROTO_TCP {
+    // Byte 9 of the header: the high half of word 4.
+    if (ip[4] >> 8) as u8 != IPPROTO_TCP {
         return Ok(Parsed::NotOurs);
     }
     let l4_off = l3_off + ihl;
-    let tcp: [u8; TCP_MIN_LEN] = b.read(l4_off).ok_or(DropReason::Truncated)?;
-    let doff = usize::from(tcp[12] >> 4) * 4;
-    let l3_len = u16::from_be_bytes([ip[2], ip[3]]);
+    let tcp = b
+        .words::<{ TCP_MIN_LEN / 2 }>(l4_off)
+        .ok_or(DropReason::Truncated)?;
+    let tcp = unsafe { &*tcp };
+    // Bytes 12 (data offset) and 13 (flags): word 6.
+    let doff = usize::from((tcp[6] as u8) >> 4) * 4;
+    let flags = (tcp[6] >> 8) as u8;
+    let l3_len = u16::from_be(ip[1]);
     if doff < TCP_MIN_LEN
         || usize::from(l3_len) < ihl + doff
         || usize::from(l3_len) > b.len - l3_off
@@ -116,14 +137,14 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
         l3_off,
         l4_off,
         key: FlowKey4 {
-            src_ip: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+            src_ip: join(ip[6], ip[7]),
             dst_ip,
-            src_port: u16::from_ne_bytes([tcp[0], tcp[1]]),
-            dst_port: u16::from_ne_bytes([tcp[2], tcp[3]]),
+            src_port: tcp[0],
+            dst_port: tcp[1],
             proto: IPPROTO_TCP,
             _pad: [0; 3],
         },
-        flags: tcp[13],
+        flags,
         l3_len,
         addr_kind: kind,
     }))
