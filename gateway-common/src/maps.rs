@@ -28,6 +28,11 @@ pub const CONNTRACK4: &str = "gw_ct4_v1";
 pub const APP_STATS: &str = "gw_app_stats_v1";
 /// Per-CPU array `u32` backend id → [`TrafficStats`].
 pub const BACKEND_STATS: &str = "gw_be_stats_v1";
+/// Per-CPU array of [`NEXTHOP_SLOTS`] [`NextHopCache`] slots, indexed by a hash of the
+/// destination: FIB results shared by the new flows to one destination.
+pub const NEXTHOPS: &str = "gw_hops_v1";
+/// Slots of [`NEXTHOPS`] (a power of two).
+pub const NEXTHOP_SLOTS: u32 = 4096;
 /// Per-CPU array with one [`ClockCache`]: the datapath's clock, read once per tick per CPU.
 pub const CLOCK: &str = "gw_clock_v1";
 
@@ -42,6 +47,7 @@ pub const ALL: &[&str] = &[
     APP_STATS,
     BACKEND_STATS,
     CLOCK,
+    NEXTHOPS,
 ];
 
 /// How many apps the maps hold (app ids are `1..MAX_APPS`).
@@ -258,6 +264,21 @@ pub struct ClockCache {
     pub jiffies: u64,
     /// CLOCK_MONOTONIC_COARSE (ns); 0: not read yet.
     pub coarse_ns: u64,
+}
+
+/// Value of [`NEXTHOPS`] (per CPU): what `bpf_fib_lookup` answered for `dst_ip` arriving on
+/// `ingress_ifindex`, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHopCache {
+    /// Destination (network order).
+    pub dst_ip: u32,
+    pub ingress_ifindex: u32,
+    /// When it was resolved (ns, the datapath's clock); 0: empty.
+    pub resolved_ns: u64,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
 }
 
 /// Value of [`APP_STATS`] and [`BACKEND_STATS`] (per CPU). "In" is client → backend, "out" is

@@ -16,7 +16,8 @@ use aya_ebpf::{
 };
 use gateway_common::maps::{
     Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_APPS,
-    MAX_BACKENDS, MAX_SERVICES, MaglevTable, Service, ServiceKey4, TrafficStats,
+    MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS, NextHopCache, Service, ServiceKey4,
+    TrafficStats,
 };
 
 mod clock;
@@ -56,6 +57,9 @@ static APP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_
 
 #[map(name = "gw_be_stats_v1")]
 static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "gw_hops_v1")]
+static NEXTHOPS: PerCpuArray<NextHopCache> = PerCpuArray::with_max_entries(NEXTHOP_SLOTS, 0);
 
 #[map(name = "gw_clock_v1")]
 static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);

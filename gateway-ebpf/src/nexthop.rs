@@ -7,9 +7,12 @@ use aya_ebpf::{
     cty::c_void,
     helpers::bpf_fib_lookup as fib_lookup,
 };
-use gateway_common::{GlobalStat, maps::Flow};
+use gateway_common::{
+    GlobalStat,
+    maps::{Flow, NEXTHOP_SLOTS, NextHopCache},
+};
 
-use crate::{flow::Now, stats};
+use crate::{NEXTHOPS, flow::Now, stats};
 
 const AF_INET: u8 = 2;
 
@@ -29,10 +32,31 @@ pub enum NextHop {
 /// `flow.nat_dst_ip`. `ctx` is the program's context, `ingress_ifindex` where the packet came in.
 #[inline(always)]
 pub fn resolve(ctx: *mut c_void, ingress_ifindex: u32, flow: &mut Flow, now: Now) -> NextHop {
-    if flow.nexthop_ns != 0 && now.ns.wrapping_sub(flow.nexthop_ns) < now.nexthop_max_age {
+    let fresh = |resolved_ns: u64| {
+        resolved_ns != 0 && now.ns.wrapping_sub(resolved_ns) < now.nexthop_max_age
+    };
+    if fresh(flow.nexthop_ns) {
         return NextHop::Ready {
             ifindex: flow.nexthop_ifindex,
         };
+    }
+    // The new flows to one destination share its FIB answer through a small per-CPU cache,
+    // as old as the answer it holds: a flow taking it re-resolves when the answer would have
+    // aged out anyway. (Under ECMP, the flows of one destination then share a path until it
+    // ages out; the FIB would hash each flow's ports.)
+    let dst = flow.nat_dst_ip;
+    let slot = dst.wrapping_mul(0x9e37_79b1) >> (32 - NEXTHOP_SLOTS.trailing_zeros());
+    let cache = NEXTHOPS.get_ptr_mut(slot);
+    if let Some(c) = cache {
+        // SAFETY: this CPU's own slot of a per-CPU array.
+        let c = unsafe { &*c };
+        if c.dst_ip == dst && c.ingress_ifindex == ingress_ifindex && fresh(c.resolved_ns) {
+            flow.nexthop_ifindex = c.ifindex;
+            flow.nexthop_smac = c.smac;
+            flow.nexthop_dmac = c.dmac;
+            flow.nexthop_ns = c.resolved_ns;
+            return NextHop::Ready { ifindex: c.ifindex };
+        }
     }
     stats::global(GlobalStat::FibLookups);
     // SAFETY: a plain-old-data struct of the kernel's ABI; all zeroes is valid.
@@ -59,6 +83,19 @@ pub fn resolve(ctx: *mut c_void, ingress_ifindex: u32, flow: &mut Flow, now: Now
         flow.nexthop_smac = params.smac;
         flow.nexthop_dmac = params.dmac;
         flow.nexthop_ns = now.ns;
+        if let Some(c) = cache {
+            // SAFETY: as above.
+            unsafe {
+                *c = NextHopCache {
+                    dst_ip: dst,
+                    ingress_ifindex,
+                    resolved_ns: now.ns,
+                    ifindex: params.ifindex,
+                    smac: params.smac,
+                    dmac: params.dmac,
+                }
+            };
+        }
         NextHop::Ready {
             ifindex: params.ifindex,
         }

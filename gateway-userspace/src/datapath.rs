@@ -246,7 +246,7 @@ impl Attachment {
 }
 
 /// Every map's name with the key and value sizes this build gives it.
-const LAYOUTS: &[(&str, usize, usize); 9] = &[
+const LAYOUTS: &[(&str, usize, usize); 10] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
     (maps::CONFIG, 4, size_of::<Config>()),
     (
@@ -260,6 +260,7 @@ const LAYOUTS: &[(&str, usize, usize); 9] = &[
     (maps::APP_STATS, 4, size_of::<TrafficStats>()),
     (maps::BACKEND_STATS, 4, size_of::<TrafficStats>()),
     (maps::CLOCK, 4, size_of::<maps::ClockCache>()),
+    (maps::NEXTHOPS, 4, size_of::<maps::NextHopCache>()),
 ];
 
 /// The typed maps.
