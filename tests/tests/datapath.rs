@@ -846,7 +846,7 @@ fn new_flows_share_a_next_hop_until_it_ages_out() {
                 .configure(Topology::SNAT_IP, SNAT_PORTS, AGE)
                 .expect("configure");
             let fib = |fx: &Fixture| fx.dp.global_stats().unwrap().get(GlobalStat::FibLookups);
-            let mut syn = |fx: &mut Fixture, port: u16| {
+            let syn = |fx: &mut Fixture, port: u16| {
                 let c = client(port);
                 let (verdict, out) =
                     fx.run(&from_client(c, Fixture::service(), flags::SYN).build());
