@@ -339,5 +339,7 @@ mod tests {
             size_of::<super::MaglevTable>(),
             4 * super::MAGLEV_SIZE as usize
         );
+        assert_eq!(size_of::<super::NextHopCache>(), 32);
+        assert!(super::NEXTHOP_SLOTS.is_power_of_two());
     }
 }

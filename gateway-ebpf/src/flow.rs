@@ -253,10 +253,8 @@ impl Rewrite {
         // SAFETY: the pointers were bounds-checked above, 2-byte aligned (see `words`).
         unsafe {
             let eth = &mut *eth;
-            for i in 0..3 {
-                eth[i] = dmac[i];
-                eth[3 + i] = smac[i];
-            }
+            eth[..3].copy_from_slice(dmac);
+            eth[3..].copy_from_slice(smac);
             let ip = &mut *ip;
             ip[5] = crate::csum::apply(ip[5], self.addr_diff);
             ip[6] = self.src_ip as u16;
