@@ -266,19 +266,22 @@ pub struct ClockCache {
     pub coarse_ns: u64,
 }
 
-/// Value of [`NEXTHOPS`] (per CPU): what `bpf_fib_lookup` answered for `dst_ip` arriving on
-/// `ingress_ifindex`, and when.
+/// Value of [`NEXTHOPS`] (per CPU): what `bpf_fib_lookup` answered for `src_ip → dst_ip`
+/// arriving on `ingress_ifindex`, and when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NextHopCache {
-    /// Destination (network order).
-    pub dst_ip: u32,
-    pub ingress_ifindex: u32,
     /// When it was resolved (ns, the datapath's clock); 0: empty.
     pub resolved_ns: u64,
+    /// Destination (network order).
+    pub dst_ip: u32,
+    /// Source (network order): the SNAT or public address.
+    pub src_ip: u32,
+    pub ingress_ifindex: u32,
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    pub _pad: [u8; 4],
 }
 
 /// Value of [`APP_STATS`] and [`BACKEND_STATS`] (per CPU). "In" is client → backend, "out" is
@@ -339,7 +342,7 @@ mod tests {
             size_of::<super::MaglevTable>(),
             4 * super::MAGLEV_SIZE as usize
         );
-        assert_eq!(size_of::<super::NextHopCache>(), 32);
+        assert_eq!(size_of::<super::NextHopCache>(), 40);
         assert!(super::NEXTHOP_SLOTS.is_power_of_two());
     }
 }

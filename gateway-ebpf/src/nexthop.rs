@@ -40,17 +40,22 @@ pub fn resolve(ctx: *mut c_void, ingress_ifindex: u32, flow: &mut Flow, now: Now
             ifindex: flow.nexthop_ifindex,
         };
     }
-    // The new flows to one destination share its FIB answer through a small per-CPU cache,
-    // as old as the answer it holds: a flow taking it re-resolves when the answer would have
-    // aged out anyway. (Under ECMP, the flows of one destination then share a path until it
-    // ages out; the FIB would hash each flow's ports.)
+    // The new flows to one destination (from one source, through one ingress interface: what
+    // the FIB is asked) share its FIB answer through a small per-CPU cache, as old as the
+    // answer it holds: a flow taking it re-resolves when the answer would have aged out
+    // anyway. (Under ECMP, the flows of one destination then share a path until it ages out;
+    // the FIB would hash each flow's ports.)
     let dst = flow.nat_dst_ip;
     let slot = dst.wrapping_mul(0x9e37_79b1) >> (32 - NEXTHOP_SLOTS.trailing_zeros());
     let cache = NEXTHOPS.get_ptr_mut(slot);
     if let Some(c) = cache {
         // SAFETY: this CPU's own slot of a per-CPU array.
         let c = unsafe { &*c };
-        if c.dst_ip == dst && c.ingress_ifindex == ingress_ifindex && fresh(c.resolved_ns) {
+        if c.dst_ip == dst
+            && c.src_ip == flow.nat_src_ip
+            && c.ingress_ifindex == ingress_ifindex
+            && fresh(c.resolved_ns)
+        {
             flow.nexthop_ifindex = c.ifindex;
             flow.nexthop_smac = c.smac;
             flow.nexthop_dmac = c.dmac;
@@ -88,11 +93,13 @@ pub fn resolve(ctx: *mut c_void, ingress_ifindex: u32, flow: &mut Flow, now: Now
             unsafe {
                 *c = NextHopCache {
                     dst_ip: dst,
+                    src_ip: flow.nat_src_ip,
                     ingress_ifindex,
                     resolved_ns: now.ns,
                     ifindex: params.ifindex,
                     smac: params.smac,
                     dmac: params.dmac,
+                    _pad: [0; 4],
                 }
             };
         }
