@@ -423,8 +423,12 @@ fn restart_keeps_connections(mode: AttachMode) {
     assert_eq!(fresh.len(), 20);
     drop(fresh);
 
-    // `gateway down` detaches everything: the pins go and nothing answers any more.
+    // `gateway down` detaches everything: the pins go and nothing answers any more. XDP
+    // programs show in `ip link`: none may be left once the command has returned.
+    let xdp_attached = || topo.gateway.ip("link show").contains(" xdp");
+    assert_eq!(xdp_attached(), mode == AttachMode::Xdp);
     assert!(daemon.ok(&["down"]).contains("detached"));
+    assert!(!xdp_attached(), "no XDP program left when `down` returns");
     assert!(!daemon.bpffs.exists(), "the pins are gone");
     assert!(EchoClient::connect(&topo.client, web).is_err());
 }
