@@ -6,10 +6,7 @@ use std::{
     time::Instant,
 };
 
-use aya::{
-    EbpfLoader,
-    programs::{SchedClassifier, Xdp},
-};
+use aya::EbpfLoader;
 use gateway::datapath::{AttachMode, flow_key, monotonic_ns};
 use gateway_common::GlobalStat;
 use gateway_common::maps::{
@@ -111,43 +108,37 @@ struct Empty {
 
 impl Empty {
     fn load() -> Self {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::CONNTRACK4, 1)
-            .load(gateway::EBPF_OBJECT)
-            .expect("load");
-        let p: &mut Xdp = ebpf
-            .program_mut("bench_empty_xdp")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        p.load().unwrap();
-        let p: &mut SchedClassifier = ebpf
-            .program_mut("bench_empty_tc")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        p.load().unwrap();
-        Empty { ebpf }
+        let mut empty = Empty {
+            ebpf: EbpfLoader::new()
+                .map_max_entries(maps::CONNTRACK4, 1)
+                .load(gateway::EBPF_OBJECT)
+                .expect("load"),
+        };
+        for mode in AttachMode::ALL {
+            match empty.program(mode) {
+                Program::Xdp(p) => p.load(),
+                Program::Tc(p) => p.load(),
+            }
+            .expect("load the empty program");
+        }
+        empty
+    }
+
+    /// The program that only returns, for `mode`.
+    fn program(&mut self, mode: AttachMode) -> Program<'_> {
+        let name = match mode {
+            AttachMode::Xdp => "bench_empty_xdp",
+            AttachMode::Tc => "bench_empty_tc",
+        };
+        let program = self.ebpf.program_mut(name).expect(name);
+        match mode {
+            AttachMode::Xdp => Program::Xdp(program.try_into().expect(name)),
+            AttachMode::Tc => Program::Tc(program.try_into().expect(name)),
+        }
     }
 
     fn time(&mut self, mode: AttachMode, frame: &[u8], repeat: u32) -> f64 {
-        let program = match mode {
-            AttachMode::Xdp => Program::Xdp(
-                self.ebpf
-                    .program_mut("bench_empty_xdp")
-                    .unwrap()
-                    .try_into()
-                    .unwrap(),
-            ),
-            AttachMode::Tc => Program::Tc(
-                self.ebpf
-                    .program_mut("bench_empty_tc")
-                    .unwrap()
-                    .try_into()
-                    .unwrap(),
-            ),
-        };
-        test_run(program, frame, repeat).2
+        test_run(self.program(mode), frame, repeat).2
     }
 }
 
@@ -304,8 +295,9 @@ fn datapath(sizes: &[u32]) {
                         .expect("remove the chain's flows");
                 }
                 let after = fx.dp.global_stats().expect("stats");
+                let stat = |s: GlobalStat| after.get(s) - before.get(s);
                 assert_eq!(
-                    after.get(GlobalStat::FlowsCreated) - before.get(GlobalStat::FlowsCreated),
+                    stat(GlobalStat::FlowsCreated),
                     u64::from(CHAIN_REPEAT) * u64::from(CHAIN_CALLS),
                     "every iteration of the chain made a flow"
                 );
