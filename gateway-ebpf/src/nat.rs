@@ -66,27 +66,24 @@ pub fn create(
         reverse_key.dst_port = port.to_be();
         // A lookup first: an insert that fails still takes (and gives back) an LRU node, and
         // in a full table taking one evicts a live flow.
-        match conntrack::lookup(&reverse_key) {
-            None => {
-                if conntrack::insert_reverse(&reverse_key, &entry)? {
-                    found = true;
-                    break;
-                }
-            }
+        let free = match conntrack::lookup(&reverse_key) {
+            None => true,
             Some(old) => {
                 // SAFETY: a pointer to a live map value, read once.
                 let old = unsafe { *old };
-                if is_closed(old.state)
-                    && now.saturating_sub(old.last_seen_ns) >= SNAT_REUSE_IDLE_NS
-                {
+                let reusable = is_closed(old.state)
+                    && now.saturating_sub(old.last_seen_ns) >= SNAT_REUSE_IDLE_NS;
+                if reusable {
                     conntrack::remove_pair(&reverse_key, &old);
                     stats::global(GlobalStat::SnatReused);
-                    if conntrack::insert_reverse(&reverse_key, &entry)? {
-                        found = true;
-                        break;
-                    }
                 }
+                reusable
             }
+        };
+        // BPF_NOEXIST still decides: another CPU may have taken the port meanwhile.
+        if free && conntrack::insert_reverse(&reverse_key, &entry)? {
+            found = true;
+            break;
         }
         stats::global(GlobalStat::SnatCollisions);
     }
