@@ -523,19 +523,20 @@ impl Datapath {
 
     /// The XDP program (for attaching, or for BPF_PROG_TEST_RUN).
     pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
-        let name = XDP_PROGRAM;
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?;
-        program
-            .try_into()
-            .map_err(|source| DatapathError::ProgramLoad { name, source })
+        self.program(XDP_PROGRAM)
     }
 
     /// The TC program (for attaching, or for BPF_PROG_TEST_RUN).
     pub fn tc(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        let name = TC_PROGRAM;
+        self.program(TC_PROGRAM)
+    }
+
+    /// A program of the object by name and type, sharing this datapath's maps (the two above,
+    /// or the benchmark's baselines and floors).
+    pub fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, DatapathError>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
         let program = self
             .ebpf
             .program_mut(name)

@@ -6,7 +6,6 @@ use std::{
     time::Instant,
 };
 
-use aya::EbpfLoader;
 use gateway::datapath::{AttachMode, flow_key, monotonic_ns};
 use gateway_common::GlobalStat;
 use gateway_common::maps::{
@@ -102,44 +101,34 @@ fn fill(fx: &mut Fixture, from: u32, to: u32) {
     }
 }
 
-struct Empty {
-    ebpf: aya::Ebpf,
+/// A program of the object other than the datapath's own (the benchmark's baselines and
+/// floors), sharing the fixture's maps, loaded on first use.
+fn extra<'a>(fx: &'a mut Fixture, mode: AttachMode, name: &'static str) -> Program<'a> {
+    match mode {
+        AttachMode::Xdp => {
+            let p: &mut aya::programs::Xdp = fx.dp.program(name).expect(name);
+            if p.fd().is_err() {
+                p.load().expect(name);
+            }
+            Program::Xdp(p)
+        }
+        AttachMode::Tc => {
+            let p: &mut aya::programs::SchedClassifier = fx.dp.program(name).expect(name);
+            if p.fd().is_err() {
+                p.load().expect(name);
+            }
+            Program::Tc(p)
+        }
+    }
 }
 
-impl Empty {
-    fn load() -> Self {
-        let mut empty = Empty {
-            ebpf: EbpfLoader::new()
-                .map_max_entries(maps::CONNTRACK4, 1)
-                .load(gateway::EBPF_OBJECT)
-                .expect("load"),
-        };
-        for mode in AttachMode::ALL {
-            match empty.program(mode) {
-                Program::Xdp(p) => p.load(),
-                Program::Tc(p) => p.load(),
-            }
-            .expect("load the empty program");
-        }
-        empty
-    }
-
-    /// The program that only returns, for `mode`.
-    fn program(&mut self, mode: AttachMode) -> Program<'_> {
-        let name = match mode {
-            AttachMode::Xdp => "bench_empty_xdp",
-            AttachMode::Tc => "bench_empty_tc",
-        };
-        let program = self.ebpf.program_mut(name).expect(name);
-        match mode {
-            AttachMode::Xdp => Program::Xdp(program.try_into().expect(name)),
-            AttachMode::Tc => Program::Tc(program.try_into().expect(name)),
-        }
-    }
-
-    fn time(&mut self, mode: AttachMode, frame: &[u8], repeat: u32) -> f64 {
-        test_run(self.program(mode), frame, repeat).2
-    }
+/// ns per run of `mode`'s program that only returns: the floor of test_run itself.
+fn empty(fx: &mut Fixture, mode: AttachMode, frame: &[u8], repeat: u32) -> f64 {
+    let name = match mode {
+        AttachMode::Xdp => "bench_empty_xdp",
+        AttachMode::Tc => "bench_empty_tc",
+    };
+    test_run(extra(fx, mode, name), frame, repeat).2
 }
 
 /// ns/packet through BPF_PROG_TEST_RUN, for each attach mode and conntrack size.
@@ -187,7 +176,6 @@ fn datapath(sizes: &[u32]) {
             )
             .expect("maglev");
         fx.dp.set_service(CHAIN, CHAIN_APP).expect("service");
-        let mut empty = Empty::load();
         let svc = Fixture::service();
         let client = SocketAddrV4::new(Topology::CLIENT_IP, 33_333);
         let (kf, ff) = identity_flow(client, svc, DIR_FORWARD);
@@ -223,7 +211,7 @@ fn datapath(sizes: &[u32]) {
                     "empty program".into(),
                     mode,
                     size,
-                    empty.time(mode, &other, REPEAT),
+                    empty(&mut fx, mode, &other, REPEAT),
                 ));
                 rows.push((
                     "not for the gateway".into(),
@@ -252,7 +240,7 @@ fn datapath(sizes: &[u32]) {
                     syn_port = syn_port.wrapping_add(1).max(1);
                     let syn = Frame::tcp(c, svc, flags::SYN).build();
                     times.push(fx.time(&syn, 1));
-                    empty_total += empty.time(mode, &syn, 1);
+                    empty_total += empty(&mut fx, mode, &syn, 1);
                 }
                 let after = fx.dp.global_stats().expect("stats");
                 let stat = |s: GlobalStat| after.get(s) - before.get(s);
@@ -307,6 +295,37 @@ fn datapath(sizes: &[u32]) {
                     size,
                     crate::compare::median(chain.into_iter()),
                 ));
+                // Floors: what no code of ours could go below.
+                match mode {
+                    AttachMode::Xdp => {
+                        // The kernel's own cost of a new flow's two conntrack inserts, warm
+                        // as the chain is, on the same table.
+                        let mut pairs = Vec::new();
+                        for _ in 0..CHAIN_CALLS {
+                            let program = extra(&mut fx, mode, "bench_ct_pair_xdp");
+                            pairs.push(test_run(program, &other, CHAIN_REPEAT).2);
+                            fx.dp
+                                .conntrack_mut()
+                                .remove_where(|f| f.app_id == maps::BENCH_FLOOR_APP)
+                                .expect("remove the floor's entries");
+                        }
+                        rows.push((
+                            "floor: the conntrack pair's two inserts alone".into(),
+                            mode,
+                            size,
+                            crate::compare::median(pairs.into_iter()),
+                        ));
+                    }
+                    AttachMode::Tc => {
+                        let program = extra(&mut fx, mode, "bench_csum_tc");
+                        rows.push((
+                            "floor: the two checksum helper calls alone".into(),
+                            mode,
+                            size,
+                            test_run(program, &forward, REPEAT).2,
+                        ));
+                    }
+                }
                 // Each mode and size starts from the same SNAT port occupancy: the table's
                 // filler flows only.
                 let client = u32::from(SYN_CLIENT).to_be();
