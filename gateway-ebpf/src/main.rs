@@ -131,7 +131,8 @@ pub fn bench_ct_pair_xdp(_ctx: XdpContext) -> u32 {
             src_port: (a >> 16) as u16,
             dst_port: b as u16,
             proto: parse::IPPROTO_TCP,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         };
         let _ = CONNTRACK.insert(key, flow, u64::from(aya_ebpf::bindings::BPF_NOEXIST));
     }

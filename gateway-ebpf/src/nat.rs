@@ -55,7 +55,8 @@ pub fn create(
         src_port: backend.port,
         dst_port: 0,
         proto: IPPROTO_TCP,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
     let mut found = false;

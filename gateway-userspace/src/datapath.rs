@@ -209,7 +209,8 @@ pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey4 {
         src_port: port_key(src.port()),
         dst_port: port_key(dst.port()),
         proto: 6,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
