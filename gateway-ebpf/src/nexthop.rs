@@ -12,7 +12,11 @@ use gateway_common::{
     maps::{Flow, NEXTHOP_SLOTS, NextHopCache},
 };
 
-use crate::{NEXTHOPS, flow::Now, stats};
+use crate::{
+    NEXTHOPS,
+    flow::{Now, copy_mac},
+    stats,
+};
 
 const AF_INET: u8 = 2;
 
@@ -57,8 +61,8 @@ pub fn resolve(ctx: *mut c_void, ingress_ifindex: u32, flow: &mut Flow, now: Now
             && fresh(c.resolved_ns)
         {
             flow.nexthop_ifindex = c.ifindex;
-            flow.nexthop_smac = c.smac;
-            flow.nexthop_dmac = c.dmac;
+            copy_mac(&mut flow.nexthop_smac, &c.smac);
+            copy_mac(&mut flow.nexthop_dmac, &c.dmac);
             flow.nexthop_ns = c.resolved_ns;
             return NextHop::Ready { ifindex: c.ifindex };
         }
@@ -85,8 +89,8 @@ pub fn resolve(ctx: *mut c_void, ingress_ifindex: u32, flow: &mut Flow, now: Now
     };
     if ret == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         flow.nexthop_ifindex = params.ifindex;
-        flow.nexthop_smac = params.smac;
-        flow.nexthop_dmac = params.dmac;
+        copy_mac(&mut flow.nexthop_smac, &params.smac);
+        copy_mac(&mut flow.nexthop_dmac, &params.dmac);
         flow.nexthop_ns = now.ns;
         if let Some(c) = cache {
             // SAFETY: as above.
