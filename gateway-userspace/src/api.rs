@@ -20,11 +20,13 @@
 use std::path::{Path, PathBuf};
 
 use http_body_util::{BodyExt as _, Full};
-use hyper::{Method, Request, StatusCode, body::Bytes};
+use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::datapath::AttachMode;
+
+pub mod server;
 
 /// `POST /v1/apps`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -323,15 +325,4 @@ pub fn segment(s: &str) -> String {
         }
     }
     out
-}
-
-/// The status an error body goes with.
-pub fn status_of(kind: crate::state::ErrorKind) -> StatusCode {
-    use crate::state::ErrorKind::*;
-    match kind {
-        Invalid => StatusCode::BAD_REQUEST,
-        NotFound => StatusCode::NOT_FOUND,
-        Conflict | Exhausted => StatusCode::CONFLICT,
-        Timeout => StatusCode::GATEWAY_TIMEOUT,
-    }
 }

@@ -191,7 +191,8 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(gateway::daemon::run(settings))
+        .block_on(gateway::daemon::run(settings))?;
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -1,0 +1,114 @@
+//! The operator's requests about apps and backends: status, create, show, delete, add a
+//! backend. Each checks the request against the desired state's rules and commits the change
+//! (datapath, then file) or refuses it with nothing changed. Removing a backend and deploys are
+//! rotation (`rotation.rs`).
+
+use tracing::info;
+
+use super::{Daemon, DaemonError, now_ms};
+use crate::{
+    api::{AddBackend, AppView, BackendView, CreateApp, Status},
+    datapath::ConnectionCounts,
+    state::{self, BackendState, WEIGHT_DEFAULT},
+};
+
+impl Daemon {
+    /// The whole gateway: addresses, attachments, apps, conntrack use, health-check counts.
+    pub async fn status(&self) -> Result<Status, DaemonError> {
+        self.with(|c| {
+            let counts = c.counts();
+            Ok(Status {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                public_ip: c.settings.public_ip.to_string(),
+                snat_ip: c.settings.snat_ip.to_string(),
+                port_range: c.settings.port_range.to_string(),
+                attachments: c.attachments.clone(),
+                apps: c.app_views(),
+                conntrack_entries: counts.entries,
+                health_checks: c.checks_run,
+                health_checks_failed: c.checks_failed,
+                conntrack_capacity: u64::from(c.datapath.conntrack_capacity()),
+                scanned_at_ms: c.scan.started_ms,
+            })
+        })
+        .await
+    }
+
+    /// Every app.
+    pub async fn apps(&self) -> Result<Vec<AppView>, DaemonError> {
+        self.with(|c| Ok(c.app_views())).await
+    }
+
+    /// Creates an app on its port (or the lowest free one).
+    pub async fn create_app(&self, req: CreateApp) -> Result<AppView, DaemonError> {
+        self.with(move |c| {
+            let mut next = c.state.clone();
+            let app = next
+                .create_app_with(&req.name, req.port, c.settings.port_range, req.health)?
+                .clone();
+            c.commit(&req.name, next)?;
+            info!(app = req.name, port = app.port, "app created");
+            Ok(c.app_view(&req.name, &app, &ConnectionCounts::default()))
+        })
+        .await
+    }
+
+    /// App `name`.
+    pub async fn app(&self, name: String) -> Result<AppView, DaemonError> {
+        self.with(move |c| {
+            let app = c.state.app(&name)?.clone();
+            let counts = c.counts();
+            Ok(c.app_view(&name, &app, &counts))
+        })
+        .await
+    }
+
+    /// Deletes app `name`: its port is free, its connections end. Answers the app as it was.
+    pub async fn delete_app(&self, name: String) -> Result<AppView, DaemonError> {
+        self.with(move |c| {
+            let mut next = c.state.clone();
+            let app = next.delete_app(&name)?;
+            let view = c.app_view(&name, &app, &ConnectionCounts::default());
+            c.commit(&name, next)?;
+            c.latency.remove(&name);
+            info!(app = name, port = app.port, "app deleted, port freed");
+            Ok(view)
+        })
+        .await
+    }
+
+    /// App `name`'s backends.
+    pub async fn backends(&self, name: String) -> Result<Vec<BackendView>, DaemonError> {
+        self.with(move |c| {
+            let app = c.state.app(&name)?.clone();
+            let counts = c.counts();
+            Ok(app
+                .backends
+                .iter()
+                .map(|b| c.backend_view(b, &counts))
+                .collect())
+        })
+        .await
+    }
+
+    /// Adds a backend to app `name`, pending until its health checks pass.
+    pub async fn add_backend(
+        &self,
+        name: String,
+        req: AddBackend,
+    ) -> Result<BackendView, DaemonError> {
+        self.with(move |c| {
+            // The app first, so that an unknown app is named as such whatever the address.
+            c.state.app(&name)?;
+            let addr = state::parse_backend(&req.address)?;
+            let mut next = c.state.clone();
+            let weight = req.weight.unwrap_or(WEIGHT_DEFAULT);
+            let backend =
+                next.add_backend_as(&name, addr, weight, BackendState::Pending, now_ms())?;
+            c.commit(&name, next)?;
+            info!(app = name, backend = %addr, weight, "backend added: pending until its health checks pass");
+            Ok(c.backend_view(&backend, &ConnectionCounts::default()))
+        })
+        .await
+    }
+}

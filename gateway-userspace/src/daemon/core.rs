@@ -1,0 +1,148 @@
+//! The daemon's core: its settings, the desired state and its file, the datapath, the health
+//! checks and the last conntrack scan, behind one lock. Every change of the desired state goes
+//! through [`Core::commit`]: the datapath first, then the file, all or nothing.
+
+use std::{collections::HashMap, net::SocketAddrV4};
+
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::{DaemonError, health::Check, scan::ScanState};
+use crate::{
+    api::{AppView, AttachmentView, BackendView},
+    config::Settings,
+    datapath::{ConnectionCounts, Datapath},
+    health::{Report, Track},
+    metrics::HealthLatency,
+    state::{self, App, HealthConfig, State, StateFile},
+};
+
+/// The daemon's state: settings, desired state and its file, the datapath, health checks.
+pub(super) struct Core {
+    pub settings: Settings,
+    pub state: State,
+    pub file: StateFile,
+    pub datapath: Datapath,
+    pub attachments: Vec<AttachmentView>,
+    /// Consecutive check results per backend id.
+    pub tracks: HashMap<u32, Track>,
+    pub checks: HashMap<u32, Check>,
+    /// State changes made by health checks per backend id, since the daemon started.
+    pub health_changes: HashMap<u32, u64>,
+    /// Health checks run, and failed, since the daemon started.
+    pub checks_run: u64,
+    pub checks_failed: u64,
+    pub reports: mpsc::UnboundedSender<Report>,
+    pub runtime: tokio::runtime::Handle,
+    /// Health-check latency per app (a histogram the metrics show).
+    pub latency: HealthLatency,
+    /// What the last conntrack scan found.
+    pub scan: ScanState,
+}
+
+impl Core {
+    /// A core over `state` (persisted in `file`) and `datapath`; health reports go to
+    /// `reports`.
+    pub fn new(
+        settings: Settings,
+        state: State,
+        file: StateFile,
+        datapath: Datapath,
+        reports: mpsc::UnboundedSender<Report>,
+    ) -> Self {
+        Core {
+            settings,
+            state,
+            file,
+            datapath,
+            attachments: Vec::new(),
+            tracks: HashMap::new(),
+            checks: HashMap::new(),
+            health_changes: HashMap::new(),
+            checks_run: 0,
+            checks_failed: 0,
+            reports,
+            runtime: tokio::runtime::Handle::current(),
+            latency: HealthLatency::default(),
+            scan: ScanState::default(),
+        }
+    }
+
+    /// The public endpoint of `port`.
+    pub fn public(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.settings.public_ip, port)
+    }
+
+    /// Makes `next` the state, for the one app `name` it changed: the datapath first, then
+    /// the file; if either fails, the datapath is put back and nothing changed.
+    pub fn commit(&mut self, name: &str, next: State) -> Result<(), DaemonError> {
+        let old = self.state.apps.get(name).cloned();
+        let new = next.apps.get(name).cloned();
+        let undo = |core: &mut Core| {
+            if let Err(e) = core.program(new.as_ref(), old.as_ref(), false) {
+                warn!(error = %e, app = name, "putting the datapath back failed");
+            }
+        };
+        if let Err(e) = self.program(old.as_ref(), new.as_ref(), true) {
+            undo(self);
+            return Err(e.into());
+        }
+        if let Err(e) = self.file.save(&next) {
+            undo(self);
+            return Err(e.into());
+        }
+        self.state = next;
+        self.sync_checks();
+        Ok(())
+    }
+
+    /// The health-check settings of `app`.
+    pub fn health_of(&self, app: &App) -> HealthConfig {
+        self.settings.health.with(&app.health)
+    }
+
+    /// Open connections as of the last conntrack scan.
+    pub fn counts(&self) -> ConnectionCounts {
+        self.scan.counts.clone()
+    }
+
+    /// App `name` as the API shows it, with the connections of `counts`.
+    pub fn app_view(&self, name: &str, app: &App, counts: &ConnectionCounts) -> AppView {
+        AppView {
+            name: name.to_owned(),
+            port: app.port,
+            url: self.settings.url(app.port),
+            backends: app
+                .backends
+                .iter()
+                .map(|b| self.backend_view(b, counts))
+                .collect(),
+            connections: counts.apps.get(&app.id).copied().unwrap_or(0),
+            rates: self.scan.rates.get(&app.id).copied().unwrap_or_default(),
+        }
+    }
+
+    /// Every app as the API shows it, as of the last scan.
+    pub fn app_views(&self) -> Vec<AppView> {
+        let counts = self.counts();
+        self.state
+            .apps
+            .iter()
+            .map(|(n, a)| self.app_view(n, a, &counts))
+            .collect()
+    }
+
+    /// Backend `b` as the API shows it, with the connections of `counts`.
+    pub fn backend_view(&self, b: &state::Backend, counts: &ConnectionCounts) -> BackendView {
+        BackendView {
+            address: b.addr.to_string(),
+            weight: b.weight,
+            state: b.state,
+            since_ms: b.since_ms,
+            drain_until_ms: b.drain_until_ms,
+            held: b.held,
+            connections: counts.backends.get(&b.id).copied().unwrap_or(0),
+            health_changes: self.health_changes.get(&b.id).copied().unwrap_or(0),
+        }
+    }
+}

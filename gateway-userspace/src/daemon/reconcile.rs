@@ -1,0 +1,108 @@
+//! The reconciler: programs the datapath from the desired state, one app at a time as it
+//! changes ([`Core::program`]), and all of it at start ([`Core::restore`]), removing what the
+//! state no longer has.
+
+use std::net::SocketAddrV4;
+
+use tracing::{info, warn};
+
+use super::{Core, DaemonError};
+use crate::{datapath::DatapathError, state::App};
+
+impl Core {
+    /// Programs the datapath from `old` to `new` for one app. `fresh`: ids new to the
+    /// datapath get zeroed counters (not on a restore, which keeps them).
+    pub(super) fn program(
+        &mut self,
+        old: Option<&App>,
+        new: Option<&App>,
+        fresh: bool,
+    ) -> Result<(), DatapathError> {
+        let public_ip = self.settings.public_ip;
+        let d = &mut self.datapath;
+        if let Some(new) = new {
+            let known = |id| old.is_some_and(|o: &App| o.backends.iter().any(|b| b.id == id));
+            if fresh && old.is_none() {
+                d.reset_app_stats(new.id)?;
+            }
+            for b in &new.backends {
+                if fresh && !known(b.id) {
+                    d.reset_backend_stats(b.id)?;
+                }
+            }
+            // Backends joining first, then the table in one update, then those leaving: a
+            // SYN never meets a table whose backends all refuse it.
+            for b in new.backends.iter().filter(|b| b.state.accepting()) {
+                d.set_backend(b.id, b.addr, true)?;
+            }
+            // The table before the service, so that the first SYN finds it.
+            d.set_app_backends(new.id, &new.maglev_entries())?;
+            if old.is_none_or(|o| o.port != new.port) {
+                d.set_service(SocketAddrV4::new(public_ip, new.port), new.id)?;
+            }
+            for b in new.backends.iter().filter(|b| !b.state.accepting()) {
+                d.set_backend(b.id, b.addr, false)?;
+            }
+        }
+        if let Some(old) = old {
+            let kept = |id| new.is_some_and(|n: &App| n.backends.iter().any(|b| b.id == id));
+            if new.is_none() {
+                d.remove_service(SocketAddrV4::new(public_ip, old.port))?;
+                d.remove_app_table(old.id)?;
+                let removed = d.remove_app_flows(old.id)?;
+                info!(
+                    app.id = old.id,
+                    flows = removed / 2,
+                    "ended the app's connections"
+                );
+            }
+            for b in old.backends.iter().filter(|b| !kept(b.id)) {
+                // Out of the table already; its established flows go on.
+                d.set_backend(b.id, b.addr, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the datapath in line with the persisted state at start: a deploy the restart
+    /// interrupted is aborted, every app programmed, services and tables of apps that no
+    /// longer exist removed.
+    pub(super) fn restore(&mut self) -> Result<(), DaemonError> {
+        let interrupted: Vec<String> = self
+            .state
+            .apps
+            .iter()
+            .filter(|(_, a)| a.deploying())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in interrupted {
+            let held = self.state.abort_deploy(&name)?;
+            self.file.save(&self.state)?;
+            warn!(
+                app = name,
+                backends = held.len(),
+                "a deploy was interrupted by the restart: aborted, the old backends keep serving"
+            );
+        }
+        let apps: Vec<App> = self.state.apps.values().cloned().collect();
+        for app in &apps {
+            self.program(None, Some(app), false)?;
+        }
+        for (public, id) in self.datapath.services()? {
+            let wanted = apps
+                .iter()
+                .any(|a| a.id == id && self.public(a.port) == public);
+            if !wanted {
+                self.datapath.remove_service(public)?;
+                info!(service = %public, "removed a service the state does not have");
+            }
+        }
+        for id in self.datapath.app_ids()? {
+            if !apps.iter().any(|a| a.id == id) {
+                self.datapath.remove_app_table(id)?;
+                self.datapath.remove_app_flows(id)?;
+            }
+        }
+        Ok(())
+    }
+}
