@@ -167,8 +167,33 @@ pub enum ConfigError {
     /// toml's message names the line and column.
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{0}")]
-    Invalid(String),
+    #[error(
+        "no interface to attach to: give --iface NAME (or `iface = [\"NAME\"]` in the config file)"
+    )]
+    NoInterface,
+    #[error("bad interface name {0:?}")]
+    BadInterface(String),
+    #[error("no public address: give --public-ip IP (or `public-ip = \"IP\"` in the config file)")]
+    NoPublicIp,
+    #[error("the {what} address {ip} is not a unicast address")]
+    NotUnicast { what: &'static str, ip: Ipv4Addr },
+    #[error(
+        "the SNAT ports {snat_ports} overlap the public port range {port_range} on the same address {ip}: make them disjoint or use another --snat-ip"
+    )]
+    PortsOverlap {
+        snat_ports: PortRange,
+        port_range: PortRange,
+        ip: Ipv4Addr,
+    },
+    #[error("bad public host name {0:?}")]
+    BadPublicHost(String),
+    #[error("conntrack size {0} is too small (at least 1024)")]
+    ConntrackTooSmall(u32),
+    /// The daemon-wide health-check settings break the same rule as an app's.
+    #[error(transparent)]
+    Health(crate::state::StateError),
+    #[error("scan-interval {} is too short: give at least 10ms", humantime::format_duration(*.0))]
+    ScanIntervalTooShort(Duration),
 }
 
 impl FileConfig {
@@ -227,38 +252,35 @@ impl Settings {
     }
 
     pub fn merge(args: DaemonArgs, file: FileConfig) -> Result<Self, ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
         let ifaces = if args.iface.is_empty() {
             file.iface.unwrap_or_default()
         } else {
             args.iface
         };
         if ifaces.is_empty() {
-            return invalid(
-                "no interface to attach to: give --iface NAME (or `iface = [\"NAME\"]` in the config file)".into(),
-            );
+            return Err(ConfigError::NoInterface);
         }
         if let Some(bad) = ifaces
             .iter()
             .find(|i| i.is_empty() || i.len() > 15 || i.contains('/'))
         {
-            return invalid(format!("bad interface name {bad:?}"));
+            return Err(ConfigError::BadInterface(bad.clone()));
         }
         let Some(public_ip) = args.public_ip.or(file.public_ip) else {
-            return invalid(
-                "no public address: give --public-ip IP (or `public-ip = \"IP\"` in the config file)".into(),
-            );
+            return Err(ConfigError::NoPublicIp);
         };
         if !unicast(public_ip) {
-            return invalid(format!(
-                "the public address {public_ip} is not a unicast address"
-            ));
+            return Err(ConfigError::NotUnicast {
+                what: "public",
+                ip: public_ip,
+            });
         }
         let snat_ip = args.snat_ip.or(file.snat_ip).unwrap_or(public_ip);
         if !unicast(snat_ip) {
-            return invalid(format!(
-                "the SNAT address {snat_ip} is not a unicast address"
-            ));
+            return Err(ConfigError::NotUnicast {
+                what: "SNAT",
+                ip: snat_ip,
+            });
         }
         let port_range = args
             .port_range
@@ -269,25 +291,25 @@ impl Settings {
             .or(file.snat_ports)
             .unwrap_or(DEFAULT_SNAT_PORTS);
         if snat_ip == public_ip && snat_ports.overlaps(&port_range) {
-            return invalid(format!(
-                "the SNAT ports {snat_ports} overlap the public port range {port_range} on the same address {public_ip}: make them disjoint or use another --snat-ip"
-            ));
+            return Err(ConfigError::PortsOverlap {
+                snat_ports,
+                port_range,
+                ip: public_ip,
+            });
         }
         let public_host = args
             .public_host
             .or(file.public_host)
             .unwrap_or_else(|| public_ip.to_string());
         if public_host.is_empty() || public_host.contains(['/', ':', ' ']) {
-            return invalid(format!("bad public host name {public_host:?}"));
+            return Err(ConfigError::BadPublicHost(public_host));
         }
         let conntrack_size = args
             .conntrack_size
             .or(file.conntrack_size)
             .unwrap_or(gateway_common::maps::CONNTRACK_DEFAULT);
         if conntrack_size < 1024 {
-            return invalid(format!(
-                "conntrack size {conntrack_size} is too small (at least 1024)"
-            ));
+            return Err(ConfigError::ConntrackTooSmall(conntrack_size));
         }
         let overrides = HealthOverrides {
             interval_ms: args.check_interval.or(file.check_interval).map(Dur::ms),
@@ -295,18 +317,13 @@ impl Settings {
             rise: args.check_rise.or(file.check_rise),
             fall: args.check_fall.or(file.check_fall),
         };
-        if let Err(e) = HealthConfig::check(&overrides) {
-            return invalid(e.to_string());
-        }
+        HealthConfig::check(&overrides).map_err(ConfigError::Health)?;
         let scan_interval = args
             .scan_interval
             .or(file.scan_interval)
             .map_or(DEFAULT_SCAN_INTERVAL, |d| d.0);
         if scan_interval < Duration::from_millis(10) {
-            return invalid(format!(
-                "scan-interval {} is too short: give at least 10ms",
-                humantime::format_duration(scan_interval)
-            ));
+            return Err(ConfigError::ScanIntervalTooShort(scan_interval));
         }
         Ok(Settings {
             health: HealthConfig::default().with(&overrides),
@@ -479,7 +496,7 @@ mod tests {
 
     #[test]
     fn unusable_settings_are_refused() {
-        let cases: [(DaemonArgs, &str); 7] = [
+        let cases: [(DaemonArgs, &str); 10] = [
             (
                 DaemonArgs {
                     check_rise: Some(0),
@@ -528,6 +545,27 @@ mod tests {
                     ..args()
                 },
                 "scan-interval 0s is too short",
+            ),
+            (
+                DaemonArgs {
+                    iface: vec!["a/b".into()],
+                    ..args()
+                },
+                "bad interface name \"a/b\"",
+            ),
+            (
+                DaemonArgs {
+                    snat_ip: Some(Ipv4Addr::new(224, 0, 0, 1)),
+                    ..args()
+                },
+                "the SNAT address 224.0.0.1 is not a unicast address",
+            ),
+            (
+                DaemonArgs {
+                    public_host: Some("tcp 1".into()),
+                    ..args()
+                },
+                "bad public host name \"tcp 1\"",
             ),
         ];
         for (a, wants) in cases {
