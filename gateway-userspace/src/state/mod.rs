@@ -1,20 +1,22 @@
 //! What the operator asked for: apps, their public ports and their backends. Validation and
 //! allocation live here, pure (no kernel, no I/O), so that every rule has a unit test; the
-//! daemon applies a validated [`State`] to the datapath. [`StateFile`] persists it as one JSON
-//! file, written atomically.
+//! daemon applies a validated [`State`] to the datapath. `rotation` holds the state's side of
+//! deploys and drains, `file` persists it as one JSON file, written atomically, `error` says
+//! what a refusal is.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    fs::{self, File},
-    io::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
-    str::FromStr,
-};
+mod error;
+mod file;
+mod rotation;
+
+use std::{collections::BTreeMap, fmt, net::SocketAddrV4, str::FromStr};
 
 use gateway_common::maps::{MAX_APPS, MAX_BACKENDS};
 use serde::{Deserialize, Serialize};
+
+pub use self::{
+    error::{ErrorKind, StateError},
+    file::{StateFile, StateFileError},
+};
 
 /// The longest app name (a DNS label).
 pub const NAME_MAX: usize = 63;
@@ -80,105 +82,6 @@ impl TryFrom<String> for PortRange {
 impl From<PortRange> for String {
     fn from(r: PortRange) -> String {
         r.to_string()
-    }
-}
-
-/// What kind of failure a [`StateError`] is (the API maps it to an HTTP status).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Malformed input.
-    Invalid,
-    /// Something named does not exist.
-    NotFound,
-    /// Conflicts with what exists.
-    Conflict,
-    /// A limit is reached.
-    Exhausted,
-    /// Waited too long (a deploy whose backends did not become healthy).
-    Timeout,
-}
-
-/// A rejected change. The state is left exactly as it was.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum StateError {
-    #[error("no app named {0:?}")]
-    UnknownApp(String),
-    #[error("app {0:?} already exists")]
-    DuplicateApp(String),
-    #[error(
-        "bad app name {0:?}: a name is 1 to 63 characters among a-z, 0-9 and '-', starting and ending with a letter or digit"
-    )]
-    BadName(String),
-    #[error("port {port} is outside the public port range {range}")]
-    PortOutOfRange { port: u16, range: PortRange },
-    #[error("port {port} is already used by app {app:?}")]
-    PortTaken { port: u16, app: String },
-    #[error("port 0 is not a usable port")]
-    PortZero,
-    #[error("every public port in {0} is taken")]
-    RangeExhausted(PortRange),
-    #[error("bad backend address {0:?}: expected IPv4:PORT, e.g. 198.51.100.2:8080")]
-    BadAddress(String),
-    #[error("backend address {0} is not a unicast address")]
-    NotUnicast(Ipv4Addr),
-    #[error("app {app:?} already has backend {addr}")]
-    DuplicateBackend { app: String, addr: SocketAddrV4 },
-    #[error("app {app:?} has no backend {addr}")]
-    UnknownBackend { app: String, addr: SocketAddrV4 },
-    #[error("weight {0} is out of range: a weight is 1 to {WEIGHT_MAX}")]
-    Weight(u32),
-    #[error("the gateway holds at most {} apps", MAX_APPS - 1)]
-    TooManyApps,
-    #[error("the gateway holds at most {} backends", MAX_BACKENDS - 1)]
-    TooManyBackends,
-    #[error(
-        "bad health-check setting: interval and timeout are 10ms to 1h, rise and fall 1 to 100"
-    )]
-    Health,
-    #[error("a deploy of app {0:?} is in progress")]
-    DeployInProgress(String),
-    #[error("a deploy needs at least one backend")]
-    EmptyDeploy,
-    #[error("quorum {quorum} is out of range: the deploy adds {new} new backends")]
-    Quorum { quorum: usize, new: usize },
-    #[error(
-        "deploy of app {app:?} aborted: {healthy} of {new} new backends healthy after {waited_ms} ms, {quorum} needed; the old backends keep serving"
-    )]
-    DeployTimeout {
-        app: String,
-        healthy: usize,
-        new: usize,
-        quorum: usize,
-        waited_ms: u64,
-    },
-    #[error(
-        "backend {addr} of app {app:?} is draining: wait for it to go, or remove it with --now"
-    )]
-    Draining { app: String, addr: SocketAddrV4 },
-}
-
-impl StateError {
-    pub fn kind(&self) -> ErrorKind {
-        use StateError::*;
-        match self {
-            UnknownApp(_) | UnknownBackend { .. } => ErrorKind::NotFound,
-            DuplicateApp(_)
-            | PortTaken { .. }
-            | DuplicateBackend { .. }
-            | DeployInProgress(_)
-            | Draining { .. } => ErrorKind::Conflict,
-            RangeExhausted(_) | TooManyApps | TooManyBackends => ErrorKind::Exhausted,
-            BadName(_)
-            | PortOutOfRange { .. }
-            | PortZero
-            | BadAddress(_)
-            | NotUnicast(_)
-            | Weight(_)
-            | Health
-            | EmptyDeploy
-            | Quorum { .. } => ErrorKind::Invalid,
-            DeployTimeout { .. } => ErrorKind::Timeout,
-        }
     }
 }
 
@@ -570,111 +473,6 @@ impl State {
         false
     }
 
-    /// Starts draining backend `addr` of app `name` until `until_ms`.
-    pub fn drain_backend(
-        &mut self,
-        name: &str,
-        addr: SocketAddrV4,
-        now_ms: u64,
-        until_ms: u64,
-    ) -> Result<Backend, StateError> {
-        let app = self.app_mut(name)?;
-        let b = app
-            .backends
-            .iter_mut()
-            .find(|b| b.addr == addr)
-            .ok_or_else(|| StateError::UnknownBackend {
-                app: name.to_owned(),
-                addr,
-            })?;
-        if b.state != BackendState::Draining {
-            b.state = BackendState::Draining;
-            b.since_ms = now_ms;
-            b.drain_until_ms = Some(until_ms);
-            b.held = false;
-        }
-        Ok(b.clone())
-    }
-
-    /// Starts a deploy of app `name` to the backends `addrs`: those it lacks are added
-    /// pending and held; the ones it has stay as they are. Returns the held ones.
-    pub fn begin_deploy(
-        &mut self,
-        name: &str,
-        addrs: &[SocketAddrV4],
-        weight: u32,
-        now_ms: u64,
-    ) -> Result<Vec<Backend>, StateError> {
-        let app = self.app(name)?;
-        if app.deploying() {
-            return Err(StateError::DeployInProgress(name.to_owned()));
-        }
-        if addrs.is_empty() {
-            return Err(StateError::EmptyDeploy);
-        }
-        for (i, a) in addrs.iter().enumerate() {
-            if addrs[..i].contains(a) {
-                return Err(StateError::DuplicateBackend {
-                    app: name.to_owned(),
-                    addr: *a,
-                });
-            }
-            if let Some(b) = app.backends.iter().find(|b| b.addr == *a)
-                && b.state == BackendState::Draining
-            {
-                return Err(StateError::Draining {
-                    app: name.to_owned(),
-                    addr: *a,
-                });
-            }
-        }
-        let existing: Vec<SocketAddrV4> = app.backends.iter().map(|b| b.addr).collect();
-        let mut held = Vec::new();
-        for a in addrs.iter().filter(|a| !existing.contains(a)) {
-            self.add_backend_as(name, *a, weight, BackendState::Pending, now_ms)?;
-            let b = self.app_mut(name)?.backends.last_mut().expect("just added");
-            b.held = true;
-            held.push(b.clone());
-        }
-        Ok(held)
-    }
-
-    /// Switches app `name` to `addrs` (a deploy whose new backends are ready): the held ones in
-    /// `healthy` become active, the others stop being held (their checks go on: they rise
-    /// later), and every backend not in `addrs` starts draining until `drain_until_ms`.
-    pub fn switch_deploy(
-        &mut self,
-        name: &str,
-        addrs: &[SocketAddrV4],
-        healthy: &[u32],
-        now_ms: u64,
-        drain_until_ms: u64,
-    ) -> Result<(), StateError> {
-        let app = self.app_mut(name)?;
-        for b in &mut app.backends {
-            if b.held {
-                b.held = false;
-                if healthy.contains(&b.id) {
-                    b.state = BackendState::Active;
-                    b.since_ms = now_ms;
-                }
-            } else if !addrs.contains(&b.addr) && b.state != BackendState::Draining {
-                b.state = BackendState::Draining;
-                b.since_ms = now_ms;
-                b.drain_until_ms = Some(drain_until_ms);
-            }
-        }
-        Ok(())
-    }
-
-    /// Abandons app `name`'s deploy: its held backends go; the old set is untouched.
-    pub fn abort_deploy(&mut self, name: &str) -> Result<Vec<Backend>, StateError> {
-        let app = self.app_mut(name)?;
-        let (held, kept) = app.backends.drain(..).partition(|b| b.held);
-        app.backends = kept;
-        Ok(held)
-    }
-
     /// Removes backend `addr` from app `name` and returns it.
     pub fn remove_backend(
         &mut self,
@@ -691,127 +489,6 @@ impl State {
                 addr,
             })?;
         Ok(app.backends.remove(i))
-    }
-}
-
-/// Errors reading or writing the state file.
-#[derive(Debug, thiserror::Error)]
-pub enum StateFileError {
-    #[error(
-        "the state file {path} is corrupt ({source}); it was left as it is: repair it, or move it away to start with no apps"
-    )]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error(
-        "the state file {path} has format {found}, this build reads format {STATE_FORMAT}; it was left as it is"
-    )]
-    Format { path: PathBuf, found: u32 },
-    #[error("{what} {path} failed")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("another daemon holds {path}")]
-    Locked { path: PathBuf },
-}
-
-/// The state file `DIR/state.json`, locked by this process while it lives (one daemon per
-/// state directory).
-#[derive(Debug)]
-pub struct StateFile {
-    path: PathBuf,
-    _lock: File,
-}
-
-impl StateFile {
-    /// Opens (creating) directory `dir` and locks it.
-    pub fn open(dir: &Path) -> Result<Self, StateFileError> {
-        let io = |what, path: &Path| {
-            let path = path.to_owned();
-            move |source| StateFileError::Io { what, path, source }
-        };
-        fs::create_dir_all(dir).map_err(io("creating the state directory", dir))?;
-        let lock_path = dir.join("lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io("opening", &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StateFileError::Locked { path: lock_path });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io("locking", &lock_path)(e)),
-        }
-        Ok(StateFile {
-            path: dir.join("state.json"),
-            _lock: lock,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The saved state; an empty one when there is no file yet.
-    pub fn load(&self) -> Result<State, StateFileError> {
-        let text = match fs::read(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
-            Err(source) => {
-                return Err(StateFileError::Io {
-                    what: "reading",
-                    path: self.path.clone(),
-                    source,
-                });
-            }
-        };
-        let corrupt = |source| StateFileError::Corrupt {
-            path: self.path.clone(),
-            source,
-        };
-        // The format first, so that a newer file is named as such rather than as corrupt.
-        #[derive(Deserialize)]
-        struct Format {
-            format: u32,
-        }
-        let Format { format } = serde_json::from_slice(&text).map_err(corrupt)?;
-        if format != STATE_FORMAT {
-            return Err(StateFileError::Format {
-                path: self.path.clone(),
-                found: format,
-            });
-        }
-        serde_json::from_slice(&text).map_err(corrupt)
-    }
-
-    /// Saves `state`: written to a temporary file, synced, renamed over the old one, and the
-    /// directory synced, so a crash leaves either the old or the new state, never a mix.
-    pub fn save(&self, state: &State) -> Result<(), StateFileError> {
-        let tmp = self.path.with_extension("json.tmp");
-        let io = |what, path: &Path| {
-            let path = path.to_owned();
-            move |source| StateFileError::Io { what, path, source }
-        };
-        let mut text = serde_json::to_vec_pretty(state).expect("the state serializes");
-        text.push(b'\n');
-        let mut file = File::create(&tmp).map_err(io("creating", &tmp))?;
-        file.write_all(&text).map_err(io("writing", &tmp))?;
-        file.sync_all().map_err(io("syncing", &tmp))?;
-        drop(file);
-        fs::rename(&tmp, &self.path).map_err(io("renaming over", &self.path))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("syncing", dir))?;
-        Ok(())
     }
 }
 
@@ -1017,80 +694,6 @@ mod tests {
     }
 
     #[test]
-    fn a_deploy_holds_new_backends_then_switches_or_aborts() {
-        let mut s = State::default();
-        s.create_app("a", None, RANGE).unwrap();
-        for b in ["198.51.100.2:80", "198.51.100.6:80"] {
-            s.add_backend("a", addr(b), 1).unwrap();
-        }
-        let new = [
-            addr("198.51.100.6:80"),
-            addr("198.51.100.10:80"),
-            addr("198.51.100.14:80"),
-        ];
-        let before = s.clone();
-        let dup = [addr("198.51.100.10:80"), addr("198.51.100.10:80")];
-        assert!(matches!(
-            s.begin_deploy("a", &dup, 1, 5),
-            Err(StateError::DuplicateBackend { .. })
-        ));
-        assert_eq!(s.begin_deploy("a", &[], 1, 5), Err(StateError::EmptyDeploy));
-        assert_eq!(s, before);
-
-        // The backend it has stays as it is; the two it lacks are held, pending.
-        let held = s.begin_deploy("a", &new, 1, 5).unwrap();
-        assert_eq!(held.iter().map(|b| b.addr).collect::<Vec<_>>(), new[1..]);
-        assert!(
-            held.iter()
-                .all(|b| b.held && b.state == BackendState::Pending)
-        );
-        assert_eq!(
-            s.app("a").unwrap().maglev_entries().len(),
-            2,
-            "the old set still serves"
-        );
-        assert_eq!(
-            s.begin_deploy("a", &new, 1, 6),
-            Err(StateError::DeployInProgress("a".into()))
-        );
-        let mut aborted = s.clone();
-        assert_eq!(aborted.abort_deploy("a").unwrap().len(), 2);
-        // (Ids handed out are not handed out again at once: only the apps compare.)
-        assert_eq!(
-            aborted.apps, before.apps,
-            "an abort leaves the old set as it was"
-        );
-
-        // A quorum of one: the healthy one joins, the other stops being held and stays
-        // pending; the backend left out drains.
-        s.switch_deploy("a", &new, &[held[0].id], 7, 100).unwrap();
-        let state = |a: &str| {
-            s.app("a")
-                .unwrap()
-                .backends
-                .iter()
-                .find(|b| b.addr == addr(a))
-                .cloned()
-                .unwrap()
-        };
-        assert_eq!(state("198.51.100.10:80").state, BackendState::Active);
-        assert_eq!(state("198.51.100.14:80").state, BackendState::Pending);
-        assert!(!state("198.51.100.14:80").held);
-        assert_eq!(state("198.51.100.6:80").state, BackendState::Active);
-        let old = state("198.51.100.2:80");
-        assert_eq!(
-            (old.state, old.drain_until_ms),
-            (BackendState::Draining, Some(100))
-        );
-        assert!(!s.app("a").unwrap().deploying());
-        // A draining address cannot join the next deploy until it is gone.
-        assert!(matches!(
-            s.begin_deploy("a", &[addr("198.51.100.2:80")], 1, 8),
-            Err(StateError::Draining { .. })
-        ));
-    }
-
-    #[test]
     fn app_health_settings_override_the_daemons_one_by_one() {
         let o = HealthOverrides {
             interval_ms: Some(300),
@@ -1117,38 +720,5 @@ mod tests {
             Err(StateError::Health)
         );
         assert_eq!(s.create_app_with("a", None, RANGE, o).unwrap().health, o);
-    }
-
-    #[test]
-    fn the_state_file_round_trips_and_a_corrupt_one_is_refused_and_kept() {
-        let dir = std::env::temp_dir().join(format!("gateway-state-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let file = StateFile::open(&dir).unwrap();
-        assert!(matches!(
-            StateFile::open(&dir),
-            Err(StateFileError::Locked { .. })
-        ));
-        assert_eq!(file.load().unwrap(), State::default());
-        let mut s = State::default();
-        s.create_app("a", None, RANGE).unwrap();
-        s.add_backend("a", addr("198.51.100.2:80"), 3).unwrap();
-        file.save(&s).unwrap();
-        assert_eq!(file.load().unwrap(), s);
-        assert!(!dir.join("state.json.tmp").exists());
-
-        fs::write(file.path(), b"{\"format\": 1, \"apps\": {").unwrap();
-        let err = file.load().unwrap_err().to_string();
-        assert!(err.contains("corrupt") && err.contains("line 1"), "{err}");
-        assert_eq!(
-            fs::read(file.path()).unwrap(),
-            b"{\"format\": 1, \"apps\": {"
-        );
-        fs::write(file.path(), b"{\"format\": 2}").unwrap();
-        assert!(matches!(
-            file.load(),
-            Err(StateFileError::Format { found: 2, .. })
-        ));
-        drop(file);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,178 @@
+//! The state file `DIR/state.json`: loaded at start, written atomically after every change,
+//! locked so that one daemon uses a state directory, never overwritten when it cannot be read.
+
+use std::{
+    fs::{self, File},
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use super::{STATE_FORMAT, State};
+
+/// Errors reading or writing the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error(
+        "the state file {path} is corrupt ({source}); it was left as it is: repair it, or move it away to start with no apps"
+    )]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "the state file {path} has format {found}, this build reads format {STATE_FORMAT}; it was left as it is"
+    )]
+    Format { path: PathBuf, found: u32 },
+    #[error("{what} {path} failed")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another daemon holds {path}")]
+    Locked { path: PathBuf },
+}
+
+/// The state file `DIR/state.json`, locked by this process while it lives (one daemon per
+/// state directory).
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl StateFile {
+    /// Opens (creating) directory `dir` and locks it.
+    pub fn open(dir: &Path) -> Result<Self, StateFileError> {
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| StateFileError::Io { what, path, source }
+        };
+        fs::create_dir_all(dir).map_err(io("creating the state directory", dir))?;
+        let lock_path = dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("opening", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StateFileError::Locked { path: lock_path });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io("locking", &lock_path)(e)),
+        }
+        Ok(StateFile {
+            path: dir.join("state.json"),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved state; an empty one when there is no file yet.
+    pub fn load(&self) -> Result<State, StateFileError> {
+        let text = match fs::read(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(source) => {
+                return Err(StateFileError::Io {
+                    what: "reading",
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let corrupt = |source| StateFileError::Corrupt {
+            path: self.path.clone(),
+            source,
+        };
+        // The format first, so that a newer file is named as such rather than as corrupt.
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let Format { format } = serde_json::from_slice(&text).map_err(corrupt)?;
+        if format != STATE_FORMAT {
+            return Err(StateFileError::Format {
+                path: self.path.clone(),
+                found: format,
+            });
+        }
+        serde_json::from_slice(&text).map_err(corrupt)
+    }
+
+    /// Saves `state`: written to a temporary file, synced, renamed over the old one, and the
+    /// directory synced, so a crash leaves either the old or the new state, never a mix.
+    pub fn save(&self, state: &State) -> Result<(), StateFileError> {
+        let tmp = self.path.with_extension("json.tmp");
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| StateFileError::Io { what, path, source }
+        };
+        let mut text = serde_json::to_vec_pretty(state).expect("the state serializes");
+        text.push(b'\n');
+        let mut file = File::create(&tmp).map_err(io("creating", &tmp))?;
+        file.write_all(&text).map_err(io("writing", &tmp))?;
+        file.sync_all().map_err(io("syncing", &tmp))?;
+        drop(file);
+        fs::rename(&tmp, &self.path).map_err(io("renaming over", &self.path))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing", dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::PortRange;
+
+    const RANGE: PortRange = PortRange::new(20000, 20002);
+
+    fn addr(s: &str) -> std::net::SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_state_file_round_trips_and_a_corrupt_one_is_refused_and_kept() {
+        let dir = std::env::temp_dir().join(format!("gateway-state-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let file = StateFile::open(&dir).unwrap();
+        assert!(matches!(
+            StateFile::open(&dir),
+            Err(StateFileError::Locked { .. })
+        ));
+        assert_eq!(file.load().unwrap(), State::default());
+        let mut s = State::default();
+        s.create_app("a", None, RANGE).unwrap();
+        s.add_backend("a", addr("198.51.100.2:80"), 3).unwrap();
+        file.save(&s).unwrap();
+        assert_eq!(file.load().unwrap(), s);
+        assert!(!dir.join("state.json.tmp").exists());
+
+        fs::write(file.path(), b"{\"format\": 1, \"apps\": {").unwrap();
+        let err = file.load().unwrap_err().to_string();
+        assert!(err.contains("corrupt") && err.contains("line 1"), "{err}");
+        assert_eq!(
+            fs::read(file.path()).unwrap(),
+            b"{\"format\": 1, \"apps\": {"
+        );
+        fs::write(file.path(), b"{\"format\": 2}").unwrap();
+        assert!(matches!(
+            file.load(),
+            Err(StateFileError::Format { found: 2, .. })
+        ));
+        drop(file);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
