@@ -5,11 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gateway::{
-    api::{self, AppView, BackendView, Client, FlowList, Status},
+    api::{self, AddBackend, AppView, BackendView, Client, CreateApp, FlowList, FlowQuery, Status},
     config::{self, DaemonArgs, Settings},
+    state::HealthOverrides,
 };
-use hyper::Method;
-use serde_json::json;
 
 /// An eBPF full-NAT TCP load balancer.
 #[derive(Debug, Parser)]
@@ -208,7 +207,6 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
     let client = Client::new(socket);
     let rt = runtime()?;
-    let seg = api::segment;
     rt.block_on(async {
         match command {
             Command::App(AppCommand::Create {
@@ -219,18 +217,17 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 check_rise,
                 check_fall,
             }) => {
-                let health = json!({
-                    "interval_ms": check_interval.map(config::Dur::ms),
-                    "timeout_ms": check_timeout.map(config::Dur::ms),
-                    "rise": check_rise,
-                    "fall": check_fall,
-                });
-                let body = json!({ "name": name, "port": port, "health": health });
-                let app: AppView = client.call(Method::POST, "/v1/apps", Some(body)).await?;
+                let health = HealthOverrides {
+                    interval_ms: check_interval.map(config::Dur::ms),
+                    timeout_ms: check_timeout.map(config::Dur::ms),
+                    rise: check_rise,
+                    fall: check_fall,
+                };
+                let app = client.create_app(&CreateApp { name, port, health }).await?;
                 println!("{}", app.url);
             }
             Command::App(AppCommand::List { json }) => {
-                let apps: Vec<AppView> = client.call(Method::GET, "/v1/apps", None).await?;
+                let apps = client.apps().await?;
                 if json {
                     print_json(&apps)?;
                 } else {
@@ -238,8 +235,7 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 }
             }
             Command::App(AppCommand::Show { name, json }) => {
-                let path = format!("/v1/apps/{}", seg(&name));
-                let app: AppView = client.call(Method::GET, &path, None).await?;
+                let app = client.app(&name).await?;
                 if json {
                     print_json(&app)?;
                 } else {
@@ -251,8 +247,7 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 }
             }
             Command::App(AppCommand::Delete { name }) => {
-                let path = format!("/v1/apps/{}", seg(&name));
-                let app: AppView = client.call(Method::DELETE, &path, None).await?;
+                let app = client.delete_app(&name).await?;
                 println!("deleted app {}; port {} is free", app.name, app.port);
             }
             Command::Backend(BackendCommand::Add {
@@ -260,9 +255,9 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 address,
                 weight,
             }) => {
-                let path = format!("/v1/apps/{}/backends", seg(&app));
-                let body = json!({ "address": address, "weight": weight });
-                let b: BackendView = client.call(Method::POST, &path, Some(body)).await?;
+                let b = client
+                    .add_backend(&app, &AddBackend { address, weight })
+                    .await?;
                 println!(
                     "added backend {} (weight {}) to app {app}",
                     b.address, b.weight
@@ -274,13 +269,11 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 now,
                 drain_timeout,
             }) => {
-                let mut path = format!("/v1/apps/{}/backends/{}", seg(&app), seg(&address));
-                if now {
-                    path.push_str("?now=true");
-                } else if let Some(d) = drain_timeout {
-                    path.push_str(&format!("?drain_timeout_ms={}", d.ms()));
-                }
-                let b: BackendView = client.call(Method::DELETE, &path, None).await?;
+                let how = api::RemoveBackend {
+                    now,
+                    drain_timeout_ms: drain_timeout.map(config::Dur::ms),
+                };
+                let b = client.remove_backend(&app, &address, &how).await?;
                 if now {
                     println!(
                         "removed backend {} from app {app}; its {} connections were ended",
@@ -302,15 +295,15 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 drain_timeout,
                 wait,
             } => {
-                let path = format!("/v1/apps/{}/deploy", seg(&app));
-                let body = json!({
-                    "backends": backends,
-                    "weight": weight,
-                    "quorum": quorum,
-                    "timeout_ms": timeout.map(config::Dur::ms),
-                    "drain_timeout_ms": drain_timeout.map(config::Dur::ms),
-                });
-                let view: AppView = client.call(Method::POST, &path, Some(body)).await?;
+                let deploy = api::Deploy {
+                    backends,
+                    weight,
+                    quorum,
+                    timeout_ms: timeout.map(config::Dur::ms),
+                    drain_timeout_ms: drain_timeout.map(config::Dur::ms),
+                };
+                let view = client.deploy(&app, &deploy).await?;
+                let backends = deploy.backends;
                 let old: Vec<String> = view
                     .backends
                     .iter()
@@ -323,7 +316,6 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                     if old.is_empty() { "none".to_owned() } else { old.join(" ") }
                 );
                 if wait && !old.is_empty() {
-                    let path = format!("/v1/apps/{}", seg(&app));
                     // The daemon ends the drain at its deadline; this waits a little longer.
                     let until = view.backends.iter().filter_map(|b| b.drain_until_ms).max();
                     let limit = until.unwrap_or(0).saturating_sub(gateway::daemon::now_ms());
@@ -331,7 +323,7 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                         + std::time::Duration::from_millis(limit)
                         + std::time::Duration::from_secs(10);
                     loop {
-                        let view: AppView = client.call(Method::GET, &path, None).await?;
+                        let view = client.app(&app).await?;
                         if !view.backends.iter().any(|b| old.contains(&b.address)) {
                             break;
                         }
@@ -345,8 +337,7 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 }
             }
             Command::Backend(BackendCommand::List { app, json }) => {
-                let path = format!("/v1/apps/{}/backends", seg(&app));
-                let backends: Vec<BackendView> = client.call(Method::GET, &path, None).await?;
+                let backends = client.backends(&app).await?;
                 if json {
                     print_json(&backends)?;
                 } else {
@@ -354,7 +345,7 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 }
             }
             Command::Status { json } => {
-                let status: Status = client.call(Method::GET, "/v1/status", None).await?;
+                let status = client.status().await?;
                 if json {
                     print_json(&status)?;
                 } else {
@@ -367,18 +358,12 @@ fn cli(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
                 limit,
                 json,
             } => {
-                let mut query = Vec::new();
-                if let Some(app) = app {
-                    query.push(format!("app={}", seg(&app)));
-                }
-                if let Some(backend) = backend {
-                    query.push(format!("backend={}", seg(&backend)));
-                }
-                if let Some(limit) = limit {
-                    query.push(format!("limit={limit}"));
-                }
-                let path = format!("/v1/flows?{}", query.join("&"));
-                let list: FlowList = client.call(Method::GET, &path, None).await?;
+                let query = FlowQuery {
+                    app,
+                    backend,
+                    limit,
+                };
+                let list = client.flows(&query).await?;
                 if json {
                     print_json(&list)?;
                 } else {
@@ -540,7 +525,7 @@ fn print_flows(list: &FlowList) {
 fn down(socket: &std::path::Path, bpffs: &std::path::Path) -> anyhow::Result<()> {
     let rt = runtime()?;
     let client = Client::new(socket);
-    match rt.block_on(client.call_raw(Method::POST, "/v1/down", None)) {
+    match rt.block_on(client.down()) {
         Ok(_) => {
             // The daemon removes its socket as its last step.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -24,7 +24,7 @@ use crate::datapath::AttachMode;
 
 pub mod client;
 
-pub use client::{Client, ClientError, segment};
+pub use client::{Client, ClientError};
 
 /// `POST /v1/apps`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -64,7 +64,7 @@ pub struct Deploy {
 #[serde(deny_unknown_fields)]
 pub struct RemoveBackend {
     /// Remove at once and end its connections, instead of draining.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub now: bool,
     /// How long it drains (default: the daemon's `--drain-timeout`).
     #[serde(default)]
