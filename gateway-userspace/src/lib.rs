@@ -1,9 +1,10 @@
 //! The gateway's userspace: the loader that owns the datapath's programs and maps
 //! ([`datapath`]), the desired state ([`state`]), the daemon ([`daemon`]) and its API
-//! ([`api`]), used by the `gateway` binary's CLI.
+//! ([`api`]), and the operator's CLI ([`cli`]) that the `gateway` binary runs.
 
 pub mod api;
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;

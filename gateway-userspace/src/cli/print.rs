@@ -1,0 +1,250 @@
+//! How the commands show what the API answers: `--json` (the answer as the API gives it,
+//! pretty-printed) and the text tables, as [`Display`] types (`print!("{}", AppsTable(&apps))`)
+//! so that tests can render them.
+
+use std::fmt::{self, Display, Formatter};
+
+use serde::Serialize;
+
+use super::CliError;
+use crate::api::{AppView, BackendView, FlowList};
+
+/// Prints `value` as pretty JSON on stdout (`--json`).
+pub(super) fn json<T: Serialize>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| CliError::Json { source })?;
+    println!("{text}");
+    Ok(())
+}
+
+/// `gateway app list`: one line per app (name, port, URL, backends, connections).
+pub(super) struct AppsTable<'a>(pub &'a [AppView]);
+
+impl Display for AppsTable<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let apps = self.0;
+        if apps.is_empty() {
+            return writeln!(f, "no apps");
+        }
+        let w = apps.iter().map(|a| a.name.len()).max().unwrap_or(0).max(4);
+        writeln!(
+            f,
+            "{:w$}  {:>5}  {:30}  {:>8}  {:>11}",
+            "NAME", "PORT", "URL", "BACKENDS", "CONNECTIONS"
+        )?;
+        for a in apps {
+            writeln!(
+                f,
+                "{:w$}  {:>5}  {:30}  {:>8}  {:>11}",
+                a.name,
+                a.port,
+                a.url,
+                a.backends.len(),
+                a.connections
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// An app's backends, one line each (address, weight, state, time in that state,
+/// connections), every line after `indent`.
+pub(super) struct BackendsTable<'a> {
+    pub backends: &'a [BackendView],
+    pub indent: &'a str,
+    /// Now (Unix time, ms): the states' ages are counted up to it.
+    pub now_ms: u64,
+}
+
+impl<'a> BackendsTable<'a> {
+    /// The table with the states' ages as of now.
+    pub fn now(backends: &'a [BackendView], indent: &'a str) -> Self {
+        BackendsTable {
+            backends,
+            indent,
+            now_ms: crate::daemon::now_ms(),
+        }
+    }
+}
+
+impl Display for BackendsTable<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let BackendsTable {
+            backends,
+            indent,
+            now_ms,
+        } = *self;
+        if backends.is_empty() {
+            return writeln!(f, "{indent}no backends");
+        }
+        writeln!(
+            f,
+            "{indent}{:21}  {:>6}  {:9}  {:>8}  {:>11}",
+            "BACKEND", "WEIGHT", "STATE", "SINCE", "CONNECTIONS"
+        )?;
+        for b in backends {
+            let state = if b.held { "pending*" } else { b.state.as_str() };
+            let age = humantime::format_duration(std::time::Duration::from_secs(
+                now_ms.saturating_sub(b.since_ms) / 1000,
+            ));
+            writeln!(
+                f,
+                "{indent}{:21}  {:>6}  {:9}  {:>8}  {:>11}",
+                b.address,
+                b.weight,
+                state,
+                age.to_string(),
+                b.connections
+            )?;
+        }
+        if backends.iter().any(|b| b.held) {
+            writeln!(f, "{indent}(* added by a deploy that has not switched yet)")?;
+        }
+        Ok(())
+    }
+}
+
+/// `gateway flows`: one line per connection, and how many matched when a limit cut the list.
+pub(super) struct FlowsTable<'a>(pub &'a FlowList);
+
+impl Display for FlowsTable<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let list = self.0;
+        if list.flows.is_empty() {
+            return writeln!(f, "no flows");
+        }
+        let w = list
+            .flows
+            .iter()
+            .map(|f| f.app.len())
+            .max()
+            .unwrap_or(0)
+            .max(3);
+        writeln!(
+            f,
+            "{:w$}  {:21}  {:21}  {:21}  {:21}  {:11}  {:>8}  {:>10}  {:>10}",
+            "APP", "CLIENT", "PUBLIC", "BACKEND", "SNAT", "STATE", "AGE", "BYTES IN", "BYTES OUT"
+        )?;
+        for flow in &list.flows {
+            let age =
+                humantime::format_duration(std::time::Duration::from_secs(flow.age_ms / 1000));
+            writeln!(
+                f,
+                "{:w$}  {:21}  {:21}  {:21}  {:21}  {:11}  {:>8}  {:>10}  {:>10}",
+                flow.app,
+                flow.client,
+                flow.public,
+                flow.backend,
+                flow.snat,
+                flow.state,
+                age.to_string(),
+                flow.bytes_in,
+                flow.bytes_out
+            )?;
+        }
+        if list.matched > list.flows.len() {
+            writeln!(f, "({} of {} flows shown)", list.flows.len(), list.matched)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        api::{FlowView, Rates},
+        state::BackendState,
+    };
+
+    fn backend(address: &str, state: BackendState, held: bool) -> BackendView {
+        BackendView {
+            address: address.to_owned(),
+            weight: 1,
+            state,
+            since_ms: 1_000,
+            drain_until_ms: None,
+            held,
+            connections: 7,
+            health_changes: 0,
+        }
+    }
+
+    #[test]
+    fn apps_table() {
+        assert_eq!(AppsTable(&[]).to_string(), "no apps\n");
+        let app = AppView {
+            name: "web".to_owned(),
+            port: 20000,
+            url: "tcp://203.0.113.10:20000".to_owned(),
+            backends: vec![backend("10.0.0.2:8080", BackendState::Active, false)],
+            connections: 12,
+            rates: Rates::default(),
+        };
+        assert_eq!(
+            AppsTable(&[app]).to_string(),
+            "NAME   PORT  URL                             BACKENDS  CONNECTIONS\n\
+             web   20000  tcp://203.0.113.10:20000               1           12\n"
+        );
+    }
+
+    #[test]
+    fn backends_table_marks_held_backends() {
+        let table = BackendsTable {
+            backends: &[
+                backend("10.0.0.2:8080", BackendState::Active, false),
+                backend("10.0.0.3:8080", BackendState::Pending, true),
+            ],
+            indent: "  ",
+            now_ms: 66_000,
+        };
+        assert_eq!(
+            table.to_string(),
+            "  BACKEND                WEIGHT  STATE         SINCE  CONNECTIONS\n  \
+             10.0.0.2:8080               1  active        1m 5s            7\n  \
+             10.0.0.3:8080               1  pending*      1m 5s            7\n  \
+             (* added by a deploy that has not switched yet)\n"
+        );
+        let none = BackendsTable {
+            backends: &[],
+            indent: "  ",
+            now_ms: 0,
+        };
+        assert_eq!(none.to_string(), "  no backends\n");
+    }
+
+    #[test]
+    fn flows_table_says_when_a_limit_cut_it() {
+        let flow = FlowView {
+            app: "web".to_owned(),
+            client: "198.51.100.7:40000".to_owned(),
+            public: "203.0.113.10:20000".to_owned(),
+            backend: "10.0.0.2:8080".to_owned(),
+            snat: "10.0.0.1:61000".to_owned(),
+            state: "established".to_owned(),
+            age_ms: 3_500,
+            idle_ms: 0,
+            packets_in: 1,
+            bytes_in: 100,
+            packets_out: 1,
+            bytes_out: 2000,
+        };
+        let list = FlowList {
+            matched: 3,
+            flows: vec![flow],
+        };
+        let text = FlowsTable(&list).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(
+            lines[1],
+            "web  198.51.100.7:40000     203.0.113.10:20000     10.0.0.2:8080          \
+             10.0.0.1:61000         established        3s         100        2000"
+        );
+        assert_eq!(lines[2], "(1 of 3 flows shown)");
+        let empty = FlowList {
+            matched: 0,
+            flows: vec![],
+        };
+        assert_eq!(FlowsTable(&empty).to_string(), "no flows\n");
+    }
+}
