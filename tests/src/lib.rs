@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod metrics;
 pub mod netns;
 pub mod packet;
+pub mod scenario;
 pub mod traffic;
 
 /// Polls `ready` every 10 ms until it holds or `limit` has passed: how long that took, or

@@ -1,0 +1,213 @@
+//! The topology's addresses and links as rows name them, and connections through the fixture:
+//! their frames both ways and the translations those must get.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use gateway::datapath::flow_key;
+use gateway_common::maps::FlowKey4;
+
+use super::{Ctx, Input, Out};
+use crate::{
+    datapath::{BACKEND_PORT, Fixture},
+    netns::Topology,
+    packet::{Frame, flags},
+};
+
+/// The client host's address, port `port`.
+pub fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Topology::CLIENT_IP, port)
+}
+
+/// Backend `i`'s address.
+pub fn backend_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 4 * i as u8 + 2)
+}
+
+/// Which backend has address `ip`.
+pub fn backend_index(ip: Ipv4Addr) -> usize {
+    (ip.octets()[3] as usize - 2) / 4
+}
+
+/// Backend `i`'s service address (its address, [`BACKEND_PORT`]).
+pub fn backend(i: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(backend_ip(i), BACKEND_PORT)
+}
+
+/// A link of the topology: the host's MAC and the gateway's on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    Client,
+    Backend(usize),
+}
+
+impl Link {
+    /// The host's address.
+    pub fn ip(self) -> Ipv4Addr {
+        match self {
+            Link::Client => Topology::CLIENT_IP,
+            Link::Backend(i) => backend_ip(i),
+        }
+    }
+
+    pub fn host_mac(self) -> [u8; 6] {
+        match self {
+            Link::Client => [0x02, 0, 0, 0, 0, 0x02],
+            Link::Backend(i) => [0x02, 0, 0, 0, 0x10 + i as u8, 0x02],
+        }
+    }
+
+    pub fn gw_mac(self) -> [u8; 6] {
+        match self {
+            Link::Client => [0x02, 0, 0, 0, 0, 0x01],
+            Link::Backend(i) => [0x02, 0, 0, 0, 0x10 + i as u8, 0x01],
+        }
+    }
+
+    /// The (source, destination) MACs of a frame the gateway sends to the host.
+    pub fn out_macs(self) -> ([u8; 6], [u8; 6]) {
+        (self.gw_mac(), self.host_mac())
+    }
+
+    /// A TCP segment the host sends to the gateway.
+    pub fn tcp(self, src: SocketAddrV4, dst: SocketAddrV4, tcp_flags: u8) -> Frame {
+        Frame::tcp(src, dst, tcp_flags).macs(self.host_mac(), self.gw_mac())
+    }
+}
+
+/// A TCP segment from the client host.
+pub fn from_client(src: SocketAddrV4, dst: SocketAddrV4, tcp_flags: u8) -> Frame {
+    Link::Client.tcp(src, dst, tcp_flags)
+}
+
+/// A TCP segment from backend host `i`.
+pub fn from_backend(i: usize, src: SocketAddrV4, dst: SocketAddrV4, tcp_flags: u8) -> Frame {
+    Link::Backend(i).tcp(src, dst, tcp_flags)
+}
+
+/// A connection from a host's port to a service of the gateway: its frames both ways and the
+/// translations they must get. Once its SYN has made the flow, the backend and SNAT address
+/// are read from the forward conntrack entry.
+#[derive(Clone, Copy, Debug)]
+pub struct Conn {
+    pub client: SocketAddrV4,
+    pub service: SocketAddrV4,
+    /// Where the client host is (a backend connecting to its own app: hairpin).
+    pub link: Link,
+}
+
+/// Where a flow goes, from its forward conntrack entry.
+#[derive(Clone, Copy, Debug)]
+pub struct Rewrite {
+    pub snat: SocketAddrV4,
+    pub backend: SocketAddrV4,
+    pub backend_index: usize,
+}
+
+impl Conn {
+    /// From the client host's port `port` to app 1's service.
+    pub fn new(port: u16) -> Self {
+        Self::on(Link::Client, port)
+    }
+
+    /// From port `port` of the host on `link` to app 1's service.
+    pub fn on(link: Link, port: u16) -> Self {
+        Conn {
+            client: SocketAddrV4::new(link.ip(), port),
+            service: Fixture::service(),
+            link,
+        }
+    }
+
+    /// The same client to another service.
+    pub fn to(self, service: SocketAddrV4) -> Self {
+        Conn { service, ..self }
+    }
+
+    /// The forward entry's key (client → service).
+    pub fn key(&self) -> FlowKey4 {
+        flow_key(self.client, self.service)
+    }
+
+    /// The reverse entry's key (backend → SNAT address), from the forward entry.
+    pub fn reverse_key(&self, cx: &Ctx) -> FlowKey4 {
+        cx.flow(self.key()).peer_key()
+    }
+
+    /// The flow's SNAT address and backend, from the forward entry.
+    pub fn rewrite(&self, cx: &Ctx) -> Rewrite {
+        let f = cx.flow(self.key());
+        let backend = addr(f.nat_dst_ip, f.nat_dst_port);
+        Rewrite {
+            snat: addr(f.nat_src_ip, f.nat_src_port),
+            backend,
+            backend_index: backend_index(*backend.ip()),
+        }
+    }
+
+    /// A segment from the client.
+    pub fn send(&self, tcp_flags: u8) -> Frame {
+        self.link.tcp(self.client, self.service, tcp_flags)
+    }
+
+    pub fn syn(&self) -> Frame {
+        self.send(flags::SYN)
+    }
+
+    /// A segment from the flow's backend to its SNAT address.
+    pub fn reply(&self, tcp_flags: u8) -> Input {
+        let c = *self;
+        Input::with(move |cx| {
+            let r = c.rewrite(cx);
+            Link::Backend(r.backend_index).tcp(r.backend, r.snat, tcp_flags)
+        })
+    }
+
+    /// A SYN's translation: a port of the SNAT range, to the backend userspace's Maglev table
+    /// gives the tuple.
+    pub fn to_maglev_backend(&self) -> Out {
+        let c = *self;
+        Out::with(move |cx| {
+            let b = cx.maglev(c);
+            Out::Nat {
+                src: None,
+                dst: b.addr,
+                macs: Link::Backend(backend_index(*b.addr.ip())).out_macs(),
+            }
+        })
+    }
+
+    /// The translation of the flow's later client segments: its SNAT address, to its backend.
+    pub fn to_its_backend(&self) -> Out {
+        let c = *self;
+        Out::with(move |cx| {
+            let r = c.rewrite(cx);
+            Out::Nat {
+                src: Some(r.snat),
+                dst: r.backend,
+                macs: Link::Backend(r.backend_index).out_macs(),
+            }
+        })
+    }
+
+    /// The translation of a reply: from the service, to the client.
+    pub fn to_client(&self) -> Out {
+        Out::Nat {
+            src: Some(self.service),
+            dst: self.client,
+            macs: self.link.out_macs(),
+        }
+    }
+}
+
+/// An address and port as the maps store them (network order).
+fn addr(ip: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(ip.to_ne_bytes()), u16::from_be(port))
+}
+
+pub(super) fn show_key(k: &FlowKey4) -> String {
+    format!(
+        "{} → {}",
+        addr(k.src_ip, k.src_port),
+        addr(k.dst_ip, k.dst_port)
+    )
+}
