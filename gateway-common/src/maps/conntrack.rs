@@ -1,0 +1,112 @@
+//! Conntrack ([`super::CONNTRACK4`]): a key per direction of a connection and the entry that
+//! says how to rewrite its packets.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Key of [`super::CONNTRACK4`]: a TCP 5-tuple as it arrives at the gateway.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey4 {
+    /// Source address (network order).
+    pub src_ip: u32,
+    /// Destination address (network order).
+    pub dst_ip: u32,
+    /// Source port (network order).
+    pub src_port: u16,
+    /// Destination port (network order).
+    pub dst_port: u16,
+    /// IP protocol (6: TCP).
+    pub proto: u8,
+    /// Padding, zero. Two fields rather than `[u8; 3]`: the datapath builds a key per packet,
+    /// and zeroing an unaligned 3-byte array compiles to a call of `memset` in BPF, a 1-byte
+    /// and an aligned 2-byte field to two stores.
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// [`Flow::direction`]: client → backend entry (key: client → public).
+pub const DIR_FORWARD: u8 = 0;
+/// [`Flow::direction`]: backend → client entry (key: backend → SNAT).
+pub const DIR_REVERSE: u8 = 1;
+
+/// [`Flow::state`] bit: the client's SYN was seen.
+pub const TCP_SYN: u8 = 1;
+/// [`Flow::state`] bit: the backend's SYN-ACK was seen.
+pub const TCP_SYN_ACK: u8 = 2;
+/// [`Flow::state`] bit: the client acknowledged the SYN-ACK (established).
+pub const TCP_ESTABLISHED: u8 = 4;
+/// [`Flow::state`] bit: the client sent FIN.
+pub const TCP_FIN_FORWARD: u8 = 8;
+/// [`Flow::state`] bit: the backend sent FIN.
+pub const TCP_FIN_REVERSE: u8 = 16;
+/// [`Flow::state`] bit: either side sent RST.
+pub const TCP_RST: u8 = 32;
+
+/// Value of [`super::CONNTRACK4`]: how to rewrite a packet of this flow and where to send it.
+/// Both entries of a connection carry the same `state` bits (a FIN or RST updates both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Flow {
+    /// New source address (network order): SNAT address (forward) or public address (reverse).
+    pub nat_src_ip: u32,
+    /// New destination address (network order): backend (forward) or client (reverse).
+    pub nat_dst_ip: u32,
+    /// New source port (network order).
+    pub nat_src_port: u16,
+    /// New destination port (network order).
+    pub nat_dst_port: u16,
+    /// The app (index of [`super::APP_STATS`]).
+    pub app_id: u32,
+    /// The backend (index of [`super::BACKENDS4`] and [`super::BACKEND_STATS`]).
+    pub backend_id: u32,
+    /// [`DIR_FORWARD`] or [`DIR_REVERSE`].
+    pub direction: u8,
+    /// `TCP_*` bits.
+    pub state: u8,
+    pub _pad: [u8; 2],
+    /// When the flow was created (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE ns).
+    pub created_ns: u64,
+    /// When a packet last went through this entry (ns, refreshed at most every
+    /// [`LAST_SEEN_GRANULARITY_NS`]).
+    pub last_seen_ns: u64,
+    /// When the next hop below was resolved (ns); 0: not resolved.
+    pub nexthop_ns: u64,
+    /// Egress interface index of the next hop.
+    pub nexthop_ifindex: u32,
+    /// Source MAC toward the next hop.
+    pub nexthop_smac: [u8; 6],
+    /// Destination MAC of the next hop.
+    pub nexthop_dmac: [u8; 6],
+    /// Packets through this entry (approximate under concurrent updates).
+    pub packets: u64,
+    /// Bytes (L3) through this entry (approximate under concurrent updates).
+    pub bytes: u64,
+}
+
+impl Flow {
+    /// The key of the other entry of this connection: the rewritten tuple, reversed. The same
+    /// formula serves both directions because each entry stores the rewritten addresses.
+    #[inline(always)]
+    pub const fn peer_key(&self) -> FlowKey4 {
+        FlowKey4 {
+            src_ip: self.nat_dst_ip,
+            dst_ip: self.nat_src_ip,
+            src_port: self.nat_dst_port,
+            dst_port: self.nat_src_port,
+            proto: 6,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
+
+/// Whether a connection with `state` bits is over (RST, or FIN both ways).
+#[inline(always)]
+pub const fn is_closed(state: u8) -> bool {
+    let fins = TCP_FIN_FORWARD | TCP_FIN_REVERSE;
+    state & TCP_RST != 0 || state & fins == fins
+}
+
+/// `last_seen_ns` is refreshed at most this often, to keep established packets from writing
+/// the entry's cache line every time.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
