@@ -8,6 +8,7 @@
 
 pub mod hash;
 pub mod maps;
+pub mod net;
 pub mod stats;
 
 pub use hash::flow_hash4;

@@ -8,6 +8,7 @@ use aya_ebpf::cty::c_void;
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, FlowKey4, ServiceKey4},
+    net::port_from_net,
 };
 
 use crate::{
@@ -190,12 +191,7 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
         conntrack::remove_pair(&pkt.key, f);
     }
     if pkt.addr_kind & ADDR_PUBLIC != 0 {
-        let svc = ServiceKey4 {
-            ip: pkt.key.dst_ip,
-            port: pkt.key.dst_port,
-            proto: pkt.key.proto,
-            _pad: 0,
-        };
+        let svc = ServiceKey4::new(pkt.key.dst_ip, pkt.key.dst_port);
         if let Some(service) = SERVICES.get_ptr(svc) {
             if !syn_only {
                 return Err(DropReason::NoFlow);
@@ -213,7 +209,7 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
         }
     }
     if pkt.addr_kind & ADDR_SNAT != 0 {
-        let port = u16::from_be(pkt.key.dst_port);
+        let port = port_from_net(pkt.key.dst_port);
         if (cfg.snat_port_min..=cfg.snat_port_max).contains(&port) {
             return Err(DropReason::NoReplyFlow);
         }

@@ -125,15 +125,7 @@ pub fn bench_ct_pair_xdp(_ctx: XdpContext) -> u32 {
                 aya_ebpf::helpers::bpf_get_prandom_u32(),
             )
         };
-        let key = FlowKey4 {
-            src_ip: a,
-            dst_ip: b,
-            src_port: (a >> 16) as u16,
-            dst_port: b as u16,
-            proto: parse::IPPROTO_TCP,
-            _pad0: 0,
-            _pad1: 0,
-        };
+        let key = FlowKey4::new(a, b, (a >> 16) as u16, b as u16);
         let _ = CONNTRACK.insert(key, flow, u64::from(aya_ebpf::bindings::BPF_NOEXIST));
     }
     aya_ebpf::bindings::xdp_action::XDP_PASS

@@ -6,9 +6,10 @@ use gateway_common::{
         Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_SYN,
         is_closed,
     },
+    net::port_to_net,
 };
 
-use crate::{conntrack, lb, parse::IPPROTO_TCP, stats};
+use crate::{conntrack, lb, stats};
 
 /// SNAT port probes before giving up (each a random port of the range).
 const SNAT_PROBES: u32 = 32;
@@ -49,22 +50,14 @@ pub fn create(
         last_seen_ns: now,
         ..Flow::default()
     };
-    let mut reverse_key = FlowKey4 {
-        src_ip: backend.ip,
-        dst_ip: cfg.snat_ip,
-        src_port: backend.port,
-        dst_port: 0,
-        proto: IPPROTO_TCP,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
     let mut found = false;
     for _ in 0..SNAT_PROBES {
         // SAFETY: helper without arguments.
         let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
         let port = cfg.snat_port_min + (r % range) as u16;
-        reverse_key.dst_port = port.to_be();
+        reverse_key.dst_port = port_to_net(port);
         // A lookup first: an insert that fails still takes (and gives back) an LRU node, and
         // in a full table taking one evicts a live flow.
         let free = match conntrack::lookup(&reverse_key) {

@@ -26,6 +26,7 @@ use gateway_common::{
         self, ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, Config, Flow, FlowKey4,
         MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
     },
+    net::ip_to_net,
 };
 
 pub use crate::conntrack::{ConnectionCounts, Conntrack, Scan, Timeouts};
@@ -189,29 +190,6 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// An IPv4 address as the maps store it (network order).
-pub fn ip_key(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-/// A port as the maps store it (network order).
-pub fn port_key(port: u16) -> u16 {
-    port.to_be()
-}
-
-/// The conntrack key of a TCP packet `src → dst` as it arrives.
-pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey4 {
-    FlowKey4 {
-        src_ip: ip_key(*src.ip()),
-        dst_ip: ip_key(*dst.ip()),
-        src_port: port_key(src.port()),
-        dst_port: port_key(dst.port()),
-        proto: 6,
-        _pad0: 0,
-        _pad1: 0,
-    }
 }
 
 /// One attachment: the interface, the mode and the link (pinned or owned by this process).
@@ -575,7 +553,7 @@ impl Datapath {
             return Err(DatapathError::EmptyPortRange { min, max });
         }
         let mut config = self.config()?;
-        config.snat_ip = ip_key(snat_ip);
+        config.snat_ip = ip_to_net(snat_ip);
         config.snat_port_min = min;
         config.snat_port_max = max;
         config.nexthop_max_age_ns = nexthop_max_age.as_nanos() as u64;
@@ -611,12 +589,7 @@ impl Datapath {
         accepting: bool,
     ) -> Result<(), DatapathError> {
         check_id("backend", id, maps::MAX_BACKENDS)?;
-        let value = Backend4 {
-            ip: ip_key(*addr.ip()),
-            port: port_key(addr.port()),
-            _pad: 0,
-            flags: if accepting { BACKEND_ACCEPTING } else { 0 },
-        };
+        let value = Backend4::new(addr, if accepting { BACKEND_ACCEPTING } else { 0 });
         self.maps
             .backends
             .set(id, value, 0)
@@ -653,7 +626,7 @@ impl Datapath {
         let Some(table) = self.app_table(app_id)? else {
             return Ok(None);
         };
-        let k = flow_key(client, public);
+        let k = FlowKey4::from_addrs(client, public);
         let h = gateway_common::flow_hash4(k.src_ip, k.dst_ip, k.src_port, k.dst_port);
         Ok(Some(table[(h % MAGLEV_SIZE) as usize]).filter(|&id| id != 0))
     }
@@ -673,13 +646,13 @@ impl Datapath {
         self.add_address(*public.ip(), ADDR_PUBLIC)?;
         self.maps
             .services
-            .insert(service_key(public), Service { app_id }, 0)
+            .insert(ServiceKey4::from_addr(public), Service { app_id }, 0)
             .map_err(map_err(maps::SERVICES4))
     }
 
     /// Stops routing `public` (its flows are left to end or expire).
     pub fn remove_service(&mut self, public: SocketAddrV4) -> Result<(), DatapathError> {
-        match self.maps.services.remove(&service_key(public)) {
+        match self.maps.services.remove(&ServiceKey4::from_addr(public)) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(maps::SERVICES4)(e)),
         }
@@ -702,12 +675,7 @@ impl Datapath {
         self.maps
             .services
             .iter()
-            .map(|r| {
-                r.map(|(k, v)| {
-                    let ip = Ipv4Addr::from(k.ip.to_ne_bytes());
-                    (SocketAddrV4::new(ip, u16::from_be(k.port)), v.app_id)
-                })
-            })
+            .map(|r| r.map(|(k, v)| (k.addr(), v.app_id)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(maps::SERVICES4))
     }
@@ -850,7 +818,7 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<Vec<String>> {
 
 /// Adds `kind` to `ip`'s slot in `config` (taking a free slot for a new address).
 fn put_address(config: &mut Config, ip: Ipv4Addr, kind: u32) -> Result<(), DatapathError> {
-    let key = ip_key(ip);
+    let key = ip_to_net(ip);
     let slot = config
         .addrs
         .iter()
@@ -869,15 +837,6 @@ fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> 
         return Err(DatapathError::IdOutOfRange { what, id, max });
     }
     Ok(())
-}
-
-fn service_key(public: SocketAddrV4) -> ServiceKey4 {
-    ServiceKey4 {
-        ip: ip_key(*public.ip()),
-        port: port_key(public.port()),
-        proto: 6,
-        _pad: 0,
-    }
 }
 
 fn sum_stats(

@@ -6,11 +6,11 @@ use std::{
     time::Instant,
 };
 
-use gateway::datapath::{AttachMode, flow_key, monotonic_ns};
-use gateway_common::GlobalStat;
+use gateway::datapath::{AttachMode, monotonic_ns};
 use gateway_common::maps::{
     self, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, TCP_ESTABLISHED, TCP_SYN, TCP_SYN_ACK,
 };
+use gateway_common::{GlobalStat, net::ip_to_net};
 
 use crate::{
     datapath::{Fixture, Program, test_run},
@@ -62,7 +62,7 @@ pub fn run(args: &[&str]) {
 /// takes the established path again, with all of its work (lookup, state, counters, rewrite,
 /// checksums, redirect to the cached next hop).
 fn identity_flow(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> (FlowKey4, Flow) {
-    let k = flow_key(src, dst);
+    let k = FlowKey4::from_addrs(src, dst);
     let now = monotonic_ns();
     let flow = Flow {
         nat_src_ip: k.src_ip,
@@ -328,8 +328,8 @@ fn datapath(sizes: &[u32]) {
                 }
                 // Each mode and size starts from the same SNAT port occupancy: the table's
                 // filler flows only.
-                let client = u32::from(SYN_CLIENT).to_be();
-                let snat = u32::from(Topology::SNAT_IP).to_be();
+                let client = ip_to_net(SYN_CLIENT);
+                let snat = ip_to_net(Topology::SNAT_IP);
                 fx.dp
                     .conntrack_mut()
                     .remove_where(|f| f.nat_dst_ip == client || f.nat_src_ip == snat)

@@ -6,7 +6,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use gateway::datapath::{AttachMode, Datapath, flow_key};
+use gateway::datapath::{AttachMode, Datapath};
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
@@ -188,8 +188,8 @@ fn connection(t: &mut Table, cport: u16) -> (SocketAddrV4, usize, u16) {
         ))
         .unwrap();
     let snat = out.src;
-    let fwd = flow_key(c, svc);
-    let rev = flow_key(expected.addr, snat);
+    let fwd = FlowKey4::from_addrs(c, svc);
+    let rev = FlowKey4::from_addrs(expected.addr, snat);
     let f = t.fx.dp.flow(&fwd).unwrap().expect("forward entry");
     assert_eq!(
         (f.direction, f.backend_id, f.app_id),
@@ -290,7 +290,7 @@ fn table(mode: AttachMode) {
             0,
         ));
         assert_eq!(
-            t.state_of(flow_key(backend, snat)) & TCP_FIN_FORWARD,
+            t.state_of(FlowKey4::from_addrs(backend, snat)) & TCP_FIN_FORWARD,
             TCP_FIN_FORWARD
         );
         t.row(translated(
@@ -304,7 +304,7 @@ fn table(mode: AttachMode) {
             0,
         ));
         assert_eq!(
-            t.state_of(flow_key(c, svc)) & TCP_FIN_REVERSE,
+            t.state_of(FlowKey4::from_addrs(c, svc)) & TCP_FIN_REVERSE,
             TCP_FIN_REVERSE
         );
         t.row(translated(
@@ -317,7 +317,11 @@ fn table(mode: AttachMode) {
             },
             0, // the old pair is replaced by a new one
         ));
-        assert_eq!(t.state_of(flow_key(c, svc)), TCP_SYN, "fresh state");
+        assert_eq!(
+            t.state_of(FlowKey4::from_addrs(c, svc)),
+            TCP_SYN,
+            "fresh state"
+        );
 
         // RST.
         let (c2, bi2, snat_port2) = connection(&mut t, 40_002);
@@ -338,7 +342,7 @@ fn table(mode: AttachMode) {
             },
             0,
         ));
-        assert_eq!(t.state_of(flow_key(c2, svc)) & TCP_RST, TCP_RST);
+        assert_eq!(t.state_of(FlowKey4::from_addrs(c2, svc)) & TCP_RST, TCP_RST);
 
         // Maglev: the datapath's choice is userspace's, over many tuples.
         for port in 41_000..41_024 {
@@ -514,7 +518,11 @@ fn table(mode: AttachMode) {
             Out::Any,
             2,
         ));
-        let f = t.fx.dp.flow(&flow_key(c, svc)).unwrap().unwrap();
+        let f =
+            t.fx.dp
+                .flow(&FlowKey4::from_addrs(c, svc))
+                .unwrap()
+                .unwrap();
         assert_ne!(
             f.backend_id, first_choice.id,
             "the draining backend was chosen"
@@ -593,7 +601,7 @@ fn table(mode: AttachMode) {
             "bounded probes"
         );
         // The first flow closes (RST): its port is taken over only once it has been idle 2 s.
-        let first = flow_key(client(44_000), svc3);
+        let first = FlowKey4::from_addrs(client(44_000), svc3);
         let close = |t: &mut Table, idle_ns: u64| {
             let f = t.fx.dp.flow(&first).unwrap().expect("the first flow");
             let last_seen_ns = gateway::datapath::monotonic_ns() - idle_ns;
@@ -703,7 +711,7 @@ fn the_batched_walk_sees_every_entry_once_across_batches() {
     const N: u32 = 10_000;
     for i in 0..N {
         let c = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 40_000);
-        dp.insert_flow(flow_key(c, Fixture::service()), Flow::default())
+        dp.insert_flow(FlowKey4::from_addrs(c, Fixture::service()), Flow::default())
             .unwrap();
     }
     let mut seen = std::collections::HashSet::new();
@@ -745,8 +753,8 @@ fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
     for (p, state, idle, _) in cases {
         let c = client(p);
         let snat = SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p);
-        let fwd = flow_key(c, svc);
-        let rev = flow_key(backend, snat);
+        let fwd = FlowKey4::from_addrs(c, svc);
+        let rev = FlowKey4::from_addrs(backend, snat);
         let base = Flow {
             state,
             last_seen_ns: now - idle * sec,
@@ -770,8 +778,8 @@ fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
     assert_eq!(scan.counts.entries, 6);
     assert_eq!(scan.counts.apps.get(&0), Some(&3));
     for (p, _, _, survives) in cases {
-        let fwd = flow_key(client(p), svc);
-        let rev = flow_key(backend, SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p));
+        let fwd = FlowKey4::from_addrs(client(p), svc);
+        let rev = FlowKey4::from_addrs(backend, SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p));
         for k in [fwd, rev] {
             assert_eq!(dp.flow(&k).unwrap().is_some(), survives, "client port {p}");
         }
@@ -803,7 +811,7 @@ fn flows_are_timed_by_the_coarse_monotonic_clock_across_ticks() {
             assert_eq!(verdict, Verdict::Redirect, "{mode}");
             let flow = fx
                 .dp
-                .flow(&flow_key(c, Fixture::service()))
+                .flow(&FlowKey4::from_addrs(c, Fixture::service()))
                 .unwrap()
                 .expect("the SYN made a flow");
             assert!(
@@ -857,7 +865,7 @@ fn new_flows_share_a_next_hop_until_it_ages_out() {
                     "{mode}: the backend's MAC"
                 );
                 fx.dp
-                    .flow(&flow_key(c, Fixture::service()))
+                    .flow(&FlowKey4::from_addrs(c, Fixture::service()))
                     .unwrap()
                     .unwrap()
                     .nexthop_ns

@@ -1,7 +1,11 @@
 //! Conntrack ([`super::CONNTRACK4`]): a key per direction of a connection and the entry that
 //! says how to rewrite its packets.
 
+use core::net::SocketAddrV4;
+
 use bytemuck::{Pod, Zeroable};
+
+use crate::net::{IPPROTO_TCP, ip_to_net, port_to_net, socket_from_net};
 
 /// Key of [`super::CONNTRACK4`]: a TCP 5-tuple as it arrives at the gateway.
 #[repr(C)]
@@ -15,13 +19,50 @@ pub struct FlowKey4 {
     pub src_port: u16,
     /// Destination port (network order).
     pub dst_port: u16,
-    /// IP protocol (6: TCP).
+    /// IP protocol ([`IPPROTO_TCP`]).
     pub proto: u8,
     /// Padding, zero. Two fields rather than `[u8; 3]`: the datapath builds a key per packet,
     /// and zeroing an unaligned 3-byte array compiles to a call of `memset` in BPF, a 1-byte
     /// and an aligned 2-byte field to two stores.
     pub _pad0: u8,
     pub _pad1: u16,
+}
+
+impl FlowKey4 {
+    /// The key of a TCP packet `src_ip:src_port → dst_ip:dst_port`, every field in network
+    /// order (as parsed from the wire), the padding zeroed. Every key is built here.
+    #[inline(always)]
+    pub const fn new(src_ip: u32, dst_ip: u32, src_port: u16, dst_port: u16) -> Self {
+        FlowKey4 {
+            src_ip,
+            dst_ip,
+            src_port,
+            dst_port,
+            proto: IPPROTO_TCP,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The key of a TCP packet `src → dst` (addresses and ports in host terms).
+    pub const fn from_addrs(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        FlowKey4::new(
+            ip_to_net(*src.ip()),
+            ip_to_net(*dst.ip()),
+            port_to_net(src.port()),
+            port_to_net(dst.port()),
+        )
+    }
+
+    /// The packet's source.
+    pub const fn src(&self) -> SocketAddrV4 {
+        socket_from_net(self.src_ip, self.src_port)
+    }
+
+    /// The packet's destination.
+    pub const fn dst(&self) -> SocketAddrV4 {
+        socket_from_net(self.dst_ip, self.dst_port)
+    }
 }
 
 /// [`Flow::direction`]: client → backend entry (key: client → public).
@@ -88,15 +129,22 @@ impl Flow {
     /// formula serves both directions because each entry stores the rewritten addresses.
     #[inline(always)]
     pub const fn peer_key(&self) -> FlowKey4 {
-        FlowKey4 {
-            src_ip: self.nat_dst_ip,
-            dst_ip: self.nat_src_ip,
-            src_port: self.nat_dst_port,
-            dst_port: self.nat_src_port,
-            proto: 6,
-            _pad0: 0,
-            _pad1: 0,
-        }
+        FlowKey4::new(
+            self.nat_dst_ip,
+            self.nat_src_ip,
+            self.nat_dst_port,
+            self.nat_src_port,
+        )
+    }
+
+    /// The new source of this entry's packets.
+    pub const fn nat_src(&self) -> SocketAddrV4 {
+        socket_from_net(self.nat_src_ip, self.nat_src_port)
+    }
+
+    /// The new destination of this entry's packets.
+    pub const fn nat_dst(&self) -> SocketAddrV4 {
+        socket_from_net(self.nat_dst_ip, self.nat_dst_port)
     }
 }
 
@@ -110,3 +158,41 @@ pub const fn is_closed(state: u8) -> bool {
 /// `last_seen_ns` is refreshed at most this often, to keep established packets from writing
 /// the entry's cache line every time.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_from_addresses_holds_wire_bytes_and_zero_padding() {
+        let key = FlowKey4::from_addrs(
+            "192.0.2.2:40000".parse().unwrap(),
+            "203.0.113.10:20000".parse().unwrap(),
+        );
+        let bytes: [u8; 16] = bytemuck::cast(key);
+        assert_eq!(
+            bytes,
+            [
+                192, 0, 2, 2, 203, 0, 113, 10, 0x9c, 0x40, 0x4e, 0x20, 6, 0, 0, 0
+            ]
+        );
+        assert_eq!(key.src(), "192.0.2.2:40000".parse().unwrap());
+        assert_eq!(key.dst(), "203.0.113.10:20000".parse().unwrap());
+    }
+
+    #[test]
+    fn the_peer_key_is_the_rewritten_tuple_reversed() {
+        let forward = Flow {
+            nat_src_ip: ip_to_net(core::net::Ipv4Addr::new(198, 51, 100, 253)),
+            nat_dst_ip: ip_to_net(core::net::Ipv4Addr::new(198, 51, 100, 2)),
+            nat_src_port: port_to_net(40_000),
+            nat_dst_port: port_to_net(8080),
+            ..Flow::default()
+        };
+        assert_eq!(
+            forward.peer_key(),
+            FlowKey4::from_addrs(forward.nat_dst(), forward.nat_src())
+        );
+        assert_eq!(forward.nat_dst(), "198.51.100.2:8080".parse().unwrap());
+    }
+}
