@@ -1,4 +1,5 @@
-//! The wire's vocabulary: the IP protocol number of TCP, the TCP header's flag bits, and the
+//! The wire's vocabulary: the IP protocol number of TCP, the TCP header's flag bits
+//! ([`tcp_flags`]), and the
 //! conversions between `core::net` addresses and the maps' network-order integers.
 //!
 //! "Network order" (as the maps' field docs say) means the bytes as they are on the wire, read
@@ -9,6 +10,19 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 
 /// IP protocol number of TCP (the `proto` field of keys, byte 9 of an IPv4 header).
 pub const IPPROTO_TCP: u8 = 6;
+
+/// The flag bits of a TCP header's byte 13, as on the wire (RFC 9293, RFC 3168). The
+/// conntrack's state bits are another thing: `maps::conntrack::CT_*`.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
+}
 
 /// `addr` as the maps hold it (network order).
 #[inline(always)]

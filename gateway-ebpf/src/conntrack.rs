@@ -6,15 +6,13 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use gateway_common::{
     DropReason,
     maps::{
-        DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_ESTABLISHED,
-        TCP_FIN_FORWARD, TCP_FIN_REVERSE, TCP_RST, TCP_SYN, TCP_SYN_ACK,
+        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
+        DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
     },
+    net::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
-use crate::{
-    CONNTRACK,
-    parse::{TCP_ACK, TCP_FIN, TCP_RST as F_RST, TCP_SYN as F_SYN, TcpPacket},
-};
+use crate::{CONNTRACK, parse::TcpPacket};
 
 /// The entry of `key`, if any.
 #[inline(always)]
@@ -61,34 +59,32 @@ pub fn insert_forward(
 
 const EEXIST: i32 = 17;
 
-/// Updates the TCP state bits and last-seen time of `flow` for a packet with `flags`; a state
+/// Updates the conntrack state bits and last-seen time of `flow` for a packet with TCP `flags`; a state
 /// change that the other direction must know (SYN-ACK, established, FIN, RST) is written to the
 /// peer entry too. Only changes are written.
 #[inline(always)]
 pub fn track(flow: &mut Flow, pkt: &TcpPacket, now: u64) {
     let f = pkt.flags;
     let mut set = 0u8;
-    if f & F_RST != 0 {
-        set |= TCP_RST;
+    if f & RST != 0 {
+        set |= CT_RST;
     }
-    if f & TCP_FIN != 0 {
+    if f & FIN != 0 {
         set |= if flow.direction == DIR_FORWARD {
-            TCP_FIN_FORWARD
+            CT_FIN_FORWARD
         } else {
-            TCP_FIN_REVERSE
+            CT_FIN_REVERSE
         };
     }
-    if flow.direction == DIR_REVERSE && f & (F_SYN | TCP_ACK) == (F_SYN | TCP_ACK) {
-        set |= TCP_SYN_ACK;
+    if flow.direction == DIR_REVERSE && f & (SYN | ACK) == (SYN | ACK) {
+        set |= CT_SYN_ACK_SEEN;
     }
-    if flow.direction == DIR_FORWARD
-        && f & (F_SYN | TCP_ACK) == TCP_ACK
-        && flow.state & TCP_SYN_ACK != 0
+    if flow.direction == DIR_FORWARD && f & (SYN | ACK) == ACK && flow.state & CT_SYN_ACK_SEEN != 0
     {
-        set |= TCP_ESTABLISHED;
+        set |= CT_ESTABLISHED;
     }
-    if f & F_SYN != 0 && flow.direction == DIR_FORWARD {
-        set |= TCP_SYN;
+    if f & SYN != 0 && flow.direction == DIR_FORWARD {
+        set |= CT_SYN_SEEN;
     }
     let new = flow.state | set;
     // A state change writes the entry anyway: its time is exact then, which the SNAT port

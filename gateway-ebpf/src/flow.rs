@@ -8,13 +8,13 @@ use aya_ebpf::cty::c_void;
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, FlowKey4, ServiceKey4},
-    net::port_from_net,
+    net::{port_from_net, tcp_flags},
 };
 
 use crate::{
     CONFIG, SERVICES, clock, conntrack, nat,
     nexthop::{self, NextHop},
-    parse::{Bounds, Parsed, TCP_ACK, TCP_SYN, TcpPacket, parse},
+    parse::{Bounds, Parsed, TcpPacket, parse},
     stats,
 };
 
@@ -175,7 +175,7 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
             age => age,
         },
     };
-    let syn_only = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let syn_only = pkt.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     // Replies first: only reverse entries are keyed by a SNAT address.
     if let Some(flow) = conntrack::lookup(&pkt.key) {
         // SAFETY: a conntrack value pointer; this CPU updates it in place.

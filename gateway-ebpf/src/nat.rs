@@ -3,7 +3,7 @@
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_SYN,
+        CT_SYN_SEEN, Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
         is_closed,
     },
     net::port_to_net,
@@ -45,7 +45,7 @@ pub fn create(
         app_id,
         backend_id,
         direction: DIR_REVERSE,
-        state: TCP_SYN,
+        state: CT_SYN_SEEN,
         created_ns: now,
         last_seen_ns: now,
         ..Flow::default()

@@ -8,11 +8,6 @@ pub const IPV4_MIN_LEN: usize = 20;
 pub const TCP_MIN_LEN: usize = 20;
 const ETH_P_IPV4: u16 = 0x0800;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
 /// The packet's directly accessible bytes, `data..data_end`, and its whole length (larger
 /// for an skb whose payload sits in pages).
 #[derive(Clone, Copy)]
@@ -61,7 +56,7 @@ pub struct TcpPacket {
     pub l4_off: usize,
     /// The 5-tuple as it arrived (network order).
     pub key: FlowKey4,
-    /// TCP flags byte.
+    /// TCP flags byte (`gateway_common::net::tcp_flags` bits).
     pub flags: u8,
     /// IPv4 total length (host order): the L3 bytes counted in statistics.
     pub l3_len: u16,

@@ -146,7 +146,7 @@ impl Timeouts {
         let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
         let limit = if maps::is_closed(flow.state) {
             self.closed
-        } else if flow.state & maps::TCP_ESTABLISHED != 0 {
+        } else if flow.state & maps::CT_ESTABLISHED != 0 {
             self.established
         } else {
             self.handshake

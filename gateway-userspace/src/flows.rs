@@ -5,7 +5,7 @@
 use std::{collections::HashMap, net::SocketAddrV4};
 
 use gateway_common::maps::{
-    self, DIR_FORWARD, Flow, FlowKey4, TCP_ESTABLISHED, TCP_FIN_FORWARD, TCP_FIN_REVERSE, TCP_RST,
+    self, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, DIR_FORWARD, Flow, FlowKey4,
 };
 
 use crate::{
@@ -24,15 +24,15 @@ pub struct Filter {
 
 /// A flow's state bits as one word.
 pub fn state_name(state: u8) -> &'static str {
-    if state & TCP_RST != 0 {
+    if state & CT_RST != 0 {
         "reset"
     } else if maps::is_closed(state) {
         "closed"
-    } else if state & TCP_FIN_FORWARD != 0 {
+    } else if state & CT_FIN_FORWARD != 0 {
         "fin_client"
-    } else if state & TCP_FIN_REVERSE != 0 {
+    } else if state & CT_FIN_REVERSE != 0 {
         "fin_backend"
-    } else if state & TCP_ESTABLISHED != 0 {
+    } else if state & CT_ESTABLISHED != 0 {
         "established"
     } else {
         "handshake"
@@ -98,20 +98,17 @@ pub fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gateway_common::maps::{TCP_SYN, TCP_SYN_ACK};
+    use gateway_common::maps::{CT_SYN_ACK_SEEN, CT_SYN_SEEN};
 
     #[test]
     fn states_are_named_by_their_most_advanced_bit() {
-        let est = TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED;
-        assert_eq!(state_name(TCP_SYN), "handshake");
-        assert_eq!(state_name(TCP_SYN | TCP_SYN_ACK), "handshake");
+        let est = CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED;
+        assert_eq!(state_name(CT_SYN_SEEN), "handshake");
+        assert_eq!(state_name(CT_SYN_SEEN | CT_SYN_ACK_SEEN), "handshake");
         assert_eq!(state_name(est), "established");
-        assert_eq!(state_name(est | TCP_FIN_FORWARD), "fin_client");
-        assert_eq!(state_name(est | TCP_FIN_REVERSE), "fin_backend");
-        assert_eq!(
-            state_name(est | TCP_FIN_FORWARD | TCP_FIN_REVERSE),
-            "closed"
-        );
-        assert_eq!(state_name(est | TCP_RST), "reset");
+        assert_eq!(state_name(est | CT_FIN_FORWARD), "fin_client");
+        assert_eq!(state_name(est | CT_FIN_REVERSE), "fin_backend");
+        assert_eq!(state_name(est | CT_FIN_FORWARD | CT_FIN_REVERSE), "closed");
+        assert_eq!(state_name(est | CT_RST), "reset");
     }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use gateway::datapath::{AttachMode, monotonic_ns};
 use gateway_common::maps::{
-    self, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, TCP_ESTABLISHED, TCP_SYN, TCP_SYN_ACK,
+    self, CT_ESTABLISHED, CT_SYN_ACK_SEEN, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4,
 };
 use gateway_common::{GlobalStat, net::ip_to_net};
 
@@ -72,7 +72,7 @@ fn identity_flow(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> (FlowKe
         app_id: crate::datapath::APP,
         backend_id: 1,
         direction,
-        state: TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED,
+        state: CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED,
         created_ns: now,
         last_seen_ns: now,
         nexthop_ns: now,

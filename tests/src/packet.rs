@@ -10,14 +10,8 @@ pub const ETH_LEN: usize = 14;
 pub const IPV4_LEN: usize = 20;
 pub const TCP_LEN: usize = 20;
 
-/// TCP flags.
-pub mod flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-}
+/// TCP flags (the datapath's own).
+pub use gateway_common::net::tcp_flags as flags;
 
 /// A frame to build.
 #[derive(Clone, Debug)]

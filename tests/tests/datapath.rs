@@ -10,8 +10,8 @@ use gateway::datapath::{AttachMode, Datapath};
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        DIR_FORWARD, DIR_REVERSE, FlowKey4, TCP_ESTABLISHED, TCP_FIN_FORWARD, TCP_FIN_REVERSE,
-        TCP_RST, TCP_SYN, TCP_SYN_ACK,
+        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
+        DIR_FORWARD, DIR_REVERSE, FlowKey4,
     },
 };
 use gateway_tests::{
@@ -203,7 +203,7 @@ fn connection(t: &mut Table, cport: u16) -> (SocketAddrV4, usize, u16) {
             .direction,
         DIR_REVERSE
     );
-    assert_eq!(t.state_of(fwd), TCP_SYN);
+    assert_eq!(t.state_of(fwd), CT_SYN_SEEN);
     // Through the FIB, or the next-hop cache of an earlier flow to that backend (see
     // `new_flows_share_a_next_hop_until_it_ages_out`).
     assert!(f.nexthop_ns != 0, "the SYN resolves its next hop");
@@ -220,8 +220,8 @@ fn connection(t: &mut Table, cport: u16) -> (SocketAddrV4, usize, u16) {
         0,
     ));
     assert_eq!(
-        t.state_of(fwd) & TCP_SYN_ACK,
-        TCP_SYN_ACK,
+        t.state_of(fwd) & CT_SYN_ACK_SEEN,
+        CT_SYN_ACK_SEEN,
         "forward entry knows the SYN-ACK"
     );
     let fib_before = t.stat(GlobalStat::FibLookups);
@@ -240,7 +240,7 @@ fn connection(t: &mut Table, cport: u16) -> (SocketAddrV4, usize, u16) {
         fib_before,
         "an established packet uses the cached next hop"
     );
-    assert_eq!(t.state_of(rev) & TCP_ESTABLISHED, TCP_ESTABLISHED);
+    assert_eq!(t.state_of(rev) & CT_ESTABLISHED, CT_ESTABLISHED);
     t.row(translated(
         "established data client → backend",
         from_client(c, svc, flags::ACK | flags::PSH)
@@ -290,8 +290,8 @@ fn table(mode: AttachMode) {
             0,
         ));
         assert_eq!(
-            t.state_of(FlowKey4::from_addrs(backend, snat)) & TCP_FIN_FORWARD,
-            TCP_FIN_FORWARD
+            t.state_of(FlowKey4::from_addrs(backend, snat)) & CT_FIN_FORWARD,
+            CT_FIN_FORWARD
         );
         t.row(translated(
             "FIN from the backend",
@@ -304,8 +304,8 @@ fn table(mode: AttachMode) {
             0,
         ));
         assert_eq!(
-            t.state_of(FlowKey4::from_addrs(c, svc)) & TCP_FIN_REVERSE,
-            TCP_FIN_REVERSE
+            t.state_of(FlowKey4::from_addrs(c, svc)) & CT_FIN_REVERSE,
+            CT_FIN_REVERSE
         );
         t.row(translated(
             "a new SYN on a closed tuple starts a new flow",
@@ -319,7 +319,7 @@ fn table(mode: AttachMode) {
         ));
         assert_eq!(
             t.state_of(FlowKey4::from_addrs(c, svc)),
-            TCP_SYN,
+            CT_SYN_SEEN,
             "fresh state"
         );
 
@@ -342,7 +342,7 @@ fn table(mode: AttachMode) {
             },
             0,
         ));
-        assert_eq!(t.state_of(FlowKey4::from_addrs(c2, svc)) & TCP_RST, TCP_RST);
+        assert_eq!(t.state_of(FlowKey4::from_addrs(c2, svc)) & CT_RST, CT_RST);
 
         // Maglev: the datapath's choice is userspace's, over many tuples.
         for port in 41_000..41_024 {
@@ -609,7 +609,7 @@ fn table(mode: AttachMode) {
                 let e = t.fx.dp.flow(&k).unwrap().expect("both entries");
                 assert_eq!(e.direction, dir);
                 let e = gateway_common::maps::Flow {
-                    state: e.state | TCP_RST,
+                    state: e.state | CT_RST,
                     last_seen_ns,
                     ..e
                 };
@@ -740,13 +740,18 @@ fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
     let now = monotonic_ns() + 10_000 * sec;
     // (client port, state, idle seconds, expected to survive)
     let cases = [
-        (1, TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED, 60, true),
-        (2, TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED, 1000, false),
-        (3, TCP_SYN | TCP_RST, 11, false),
-        (4, TCP_SYN | TCP_FIN_FORWARD | TCP_FIN_REVERSE, 11, false),
-        (5, TCP_SYN | TCP_FIN_FORWARD, 11, true),
-        (6, TCP_SYN, 31, false),
-        (7, TCP_SYN, 5, true),
+        (1, CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED, 60, true),
+        (
+            2,
+            CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED,
+            1000,
+            false,
+        ),
+        (3, CT_SYN_SEEN | CT_RST, 11, false),
+        (4, CT_SYN_SEEN | CT_FIN_FORWARD | CT_FIN_REVERSE, 11, false),
+        (5, CT_SYN_SEEN | CT_FIN_FORWARD, 11, true),
+        (6, CT_SYN_SEEN, 31, false),
+        (7, CT_SYN_SEEN, 5, true),
     ];
     let svc = Fixture::service();
     let backend = SocketAddrV4::new(backend_ip(0), BACKEND_PORT);

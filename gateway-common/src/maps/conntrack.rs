@@ -70,18 +70,21 @@ pub const DIR_FORWARD: u8 = 0;
 /// [`Flow::direction`]: backend → client entry (key: backend → SNAT).
 pub const DIR_REVERSE: u8 = 1;
 
+// Conntrack state bits ([`Flow::state`]): what the connection has been through. Not the TCP
+// header's flags, which are `crate::net::tcp_flags`.
+
 /// [`Flow::state`] bit: the client's SYN was seen.
-pub const TCP_SYN: u8 = 1;
+pub const CT_SYN_SEEN: u8 = 1;
 /// [`Flow::state`] bit: the backend's SYN-ACK was seen.
-pub const TCP_SYN_ACK: u8 = 2;
+pub const CT_SYN_ACK_SEEN: u8 = 2;
 /// [`Flow::state`] bit: the client acknowledged the SYN-ACK (established).
-pub const TCP_ESTABLISHED: u8 = 4;
+pub const CT_ESTABLISHED: u8 = 4;
 /// [`Flow::state`] bit: the client sent FIN.
-pub const TCP_FIN_FORWARD: u8 = 8;
+pub const CT_FIN_FORWARD: u8 = 8;
 /// [`Flow::state`] bit: the backend sent FIN.
-pub const TCP_FIN_REVERSE: u8 = 16;
+pub const CT_FIN_REVERSE: u8 = 16;
 /// [`Flow::state`] bit: either side sent RST.
-pub const TCP_RST: u8 = 32;
+pub const CT_RST: u8 = 32;
 
 /// Value of [`super::CONNTRACK4`]: how to rewrite a packet of this flow and where to send it.
 /// Both entries of a connection carry the same `state` bits (a FIN or RST updates both).
@@ -102,7 +105,7 @@ pub struct Flow {
     pub backend_id: u32,
     /// [`DIR_FORWARD`] or [`DIR_REVERSE`].
     pub direction: u8,
-    /// `TCP_*` bits.
+    /// `CT_*` bits.
     pub state: u8,
     pub _pad: [u8; 2],
     /// When the flow was created (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE ns).
@@ -151,8 +154,8 @@ impl Flow {
 /// Whether a connection with `state` bits is over (RST, or FIN both ways).
 #[inline(always)]
 pub const fn is_closed(state: u8) -> bool {
-    let fins = TCP_FIN_FORWARD | TCP_FIN_REVERSE;
-    state & TCP_RST != 0 || state & fins == fins
+    let fins = CT_FIN_FORWARD | CT_FIN_REVERSE;
+    state & CT_RST != 0 || state & fins == fins
 }
 
 /// `last_seen_ns` is refreshed at most this often, to keep established packets from writing

@@ -18,8 +18,8 @@ pub mod service;
 pub use cache::{ClockCache, NextHopCache};
 pub use config::{ADDR_PUBLIC, ADDR_SNAT, Config};
 pub use conntrack::{
-    DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_ESTABLISHED,
-    TCP_FIN_FORWARD, TCP_FIN_REVERSE, TCP_RST, TCP_SYN, TCP_SYN_ACK, is_closed,
+    CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
+    DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, is_closed,
 };
 pub use service::{BACKEND_ACCEPTING, Backend4, MaglevTable, Service, ServiceKey4};
 
