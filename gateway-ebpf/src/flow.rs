@@ -153,9 +153,6 @@ pub struct Now {
     pub nexthop_max_age: u64,
 }
 
-/// Next hops are trusted this long when the configuration does not say (1 s).
-const NEXTHOP_MAX_AGE_DEFAULT_NS: u64 = 1_000_000_000;
-
 /// Classifies the packet in `b` and finds (or starts) its flow.
 #[inline(always)]
 fn decide(b: &Bounds) -> Result<Action, DropReason> {
@@ -170,10 +167,7 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
     // ms of resolution, cached per tick): it serves idle times and next-hop ages.
     let now = Now {
         ns: clock::now_ns(),
-        nexthop_max_age: match cfg.nexthop_max_age_ns {
-            0 => NEXTHOP_MAX_AGE_DEFAULT_NS,
-            age => age,
-        },
+        nexthop_max_age: cfg.nexthop_max_age(),
     };
     let syn_only = pkt.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     // Replies first: only reverse entries are keyed by a SNAT address.

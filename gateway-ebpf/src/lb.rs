@@ -3,21 +3,17 @@
 
 use gateway_common::{
     DropReason, flow_hash4,
-    maps::{BACKEND_ACCEPTING, Backend4, FlowKey4, MAGLEV_SIZE},
+    maps::{BACKEND_ACCEPTING, Backend4, FlowKey4, MAGLEV_PROBES, MAGLEV_SIZE},
 };
 
 use crate::{BACKENDS, MAGLEV};
-
-/// How many consecutive slots are tried when the hashed slot's backend stopped accepting
-/// (draining or unhealthy) before userspace rebuilt the table without it.
-const PROBES: u32 = 4;
 
 /// The backend for a new flow of `app_id`: its id and address.
 #[inline(always)]
 pub fn choose(app_id: u32, key: &FlowKey4) -> Result<(u32, Backend4), DropReason> {
     let table = MAGLEV.get_ptr(app_id).ok_or(DropReason::NoBackend)?;
     let start = flow_hash4(key.src_ip, key.dst_ip, key.src_port, key.dst_port) % MAGLEV_SIZE;
-    for i in 0..PROBES {
+    for i in 0..MAGLEV_PROBES {
         let mut slot = start + i;
         if slot >= MAGLEV_SIZE {
             slot -= MAGLEV_SIZE;

@@ -52,7 +52,8 @@ pub fn now_ms() -> u64 {
 }
 
 /// How often a cached next hop is resolved again.
-const NEXTHOP_MAX_AGE: Duration = Duration::from_secs(1);
+const NEXTHOP_MAX_AGE: Duration =
+    Duration::from_nanos(gateway_common::maps::NEXTHOP_MAX_AGE_DEFAULT_NS);
 /// bpffs's magic number (statfs f_type).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

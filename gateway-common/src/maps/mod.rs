@@ -16,7 +16,7 @@ pub mod conntrack;
 pub mod service;
 
 pub use cache::{ClockCache, NextHopCache};
-pub use config::{ADDR_PUBLIC, ADDR_SNAT, Config};
+pub use config::{ADDR_PUBLIC, ADDR_SNAT, Config, NEXTHOP_MAX_AGE_DEFAULT_NS};
 pub use conntrack::{
     CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
     DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, is_closed,
@@ -86,6 +86,10 @@ pub const CONNTRACK_DEFAULT: u32 = 1 << 20;
 /// up to ~10 backends per app it stays above 100 entries per backend (imbalance ≤ ~1%, per the
 /// Maglev paper) while an app costs 4 KiB, so thousands of apps stay small.
 pub const MAGLEV_SIZE: u32 = 1021;
+/// How many consecutive slots of an app's Maglev table a new flow tries, from its hashed one,
+/// when a slot's backend stopped accepting (draining or unhealthy) before userspace rebuilt
+/// the table without it.
+pub const MAGLEV_PROBES: u32 = 4;
 
 #[cfg(feature = "user")]
 mod user {
