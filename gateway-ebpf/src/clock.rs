@@ -5,7 +5,7 @@
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 
-use crate::CLOCK;
+use crate::maps::CLOCK;
 
 /// Now, in CLOCK_MONOTONIC_COARSE ns.
 #[inline(always)]

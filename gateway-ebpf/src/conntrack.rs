@@ -12,7 +12,7 @@ use gateway_common::{
     net::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
-use crate::{CONNTRACK, parse::TcpPacket};
+use crate::{maps::CONNTRACK, parse::TcpPacket};
 
 /// The entry of `key`, if any.
 #[inline(always)]

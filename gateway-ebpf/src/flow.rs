@@ -12,7 +12,9 @@ use gateway_common::{
 };
 
 use crate::{
-    CONFIG, SERVICES, clock, conntrack, nat,
+    clock, conntrack,
+    maps::{CONFIG, SERVICES},
+    nat,
     nexthop::{self, NextHop},
     parse::{Bounds, Parsed, TcpPacket, parse},
     stats,

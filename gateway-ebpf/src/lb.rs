@@ -6,7 +6,7 @@ use gateway_common::{
     maps::{BACKEND_ACCEPTING, Backend4, FlowKey4, MAGLEV_PROBES, MAGLEV_SIZE},
 };
 
-use crate::{BACKENDS, MAGLEV};
+use crate::maps::{BACKENDS, MAGLEV};
 
 /// The backend for a new flow of `app_id`: its id and address.
 #[inline(always)]

@@ -1,68 +1,16 @@
-//! The gateway's datapath. This file holds only the maps and the thin program wrappers; each
-//! wrapper returns what its `try_*` function gives, and counts every drop by its reason.
-//!
-//! A packet goes: `parse` (is it TCP to a gateway address?) → `flow` (conntrack lookup, reply
-//! direction first, timed by `clock`; a SYN to a service creates a flow through `nat` and `lb`)
-//! → `nexthop`
-//! (cached FIB result) → rewrite with `csum` → redirect (`xdp` or `tc`); `stats` counts.
+//! The `gateway` object: the two programs the gateway attaches, as thin wrappers. Each returns
+//! what its `try_*` function gives, and counts every drop by its reason. The datapath itself is
+//! this crate's library (`lib.rs`).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, xdp_action::XDP_DROP},
-    macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    bindings::{TC_ACT_SHOT, xdp_action::XDP_DROP},
+    macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use gateway_common::maps::{
-    BENCH_FLOOR_APP, Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4,
-    GLOBAL_STATS_LEN, MAX_APPS, MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS,
-    NextHopCache, Service, ServiceKey4, TrafficStats,
-};
-
-mod clock;
-mod conntrack;
-mod csum;
-mod flow;
-mod lb;
-mod nat;
-mod nexthop;
-mod parse;
-mod stats;
-mod tc;
-mod xdp;
-
-// Names: `gateway_common::maps` (checked against this object by the userspace tests).
-
-#[map(name = "gw_global_v2")]
-static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
-
-#[map(name = "gw_config_v2")]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-
-#[map(name = "gw_svc4_v1")]
-static SERVICES: HashMap<ServiceKey4, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
-
-#[map(name = "gw_maglev_v1")]
-static MAGLEV: HashMap<u32, MaglevTable> = HashMap::with_max_entries(MAX_APPS, BPF_F_NO_PREALLOC);
-
-#[map(name = "gw_be4_v1")]
-static BACKENDS: Array<Backend4> = Array::with_max_entries(MAX_BACKENDS, 0);
-
-#[map(name = "gw_ct4_v1")]
-static CONNTRACK: LruHashMap<FlowKey4, Flow> = LruHashMap::with_max_entries(CONNTRACK_DEFAULT, 0);
-
-#[map(name = "gw_app_stats_v1")]
-static APP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_APPS, 0);
-
-#[map(name = "gw_be_stats_v1")]
-static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
-
-#[map(name = "gw_hops_v1")]
-static NEXTHOPS: PerCpuArray<NextHopCache> = PerCpuArray::with_max_entries(NEXTHOP_SLOTS, 0);
-
-#[map(name = "gw_clock_v1")]
-static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
+use gateway_common::maps::{BENCH_FLOOR_APP, Flow, FlowKey4};
+use gateway_ebpf::{maps::CONNTRACK, parse, stats, tc, xdp};
 
 #[xdp]
 pub fn gateway_xdp(ctx: XdpContext) -> u32 {

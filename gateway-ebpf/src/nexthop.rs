@@ -14,8 +14,8 @@ use gateway_common::{
 };
 
 use crate::{
-    NEXTHOPS,
     flow::{Now, copy_mac},
+    maps::NEXTHOPS,
     stats,
 };
 
