@@ -2,21 +2,23 @@
 //! `gateway` object: the XDP and TC programs) and `bin/bench.rs` (the benchmarks' baselines and
 //! floors, on the same maps).
 //!
-//! A packet goes: `parse` (is it TCP to a gateway address?) → `flow` (conntrack lookup, reply
-//! direction first, timed by `clock`; a SYN to a service creates a flow through `nat` and `lb`)
-//! → `nexthop` (cached FIB result) → rewrite with `csum` → redirect (`xdp` or `tc`); `stats`
-//! counts; `maps` declares every map.
+//! A packet goes: `xdp` or `tc` (the attach modes) → `pipeline`: `parse` (is it TCP to a
+//! gateway address?), `conntrack` (lookup, reply direction first, timed by `clock`; a SYN to a
+//! service creates a flow through `nat` and `lb`), `nexthop` (cached FIB result) → `nat`'s
+//! header rewrite (`csum`, `mac`) → redirect (`xdp` or `tc`); `stats` counts; `maps` declares
+//! every map.
 #![no_std]
 
 mod clock;
 mod conntrack;
 mod csum;
-mod flow;
 mod lb;
+mod mac;
 pub mod maps;
 mod nat;
 mod nexthop;
 pub mod parse;
+mod pipeline;
 pub mod stats;
 pub mod tc;
 pub mod xdp;

@@ -1,4 +1,6 @@
-//! New flows: pick the backend, allocate a SNAT port collision-free, insert the conntrack pair.
+//! The translation. New flows: pick the backend, allocate a SNAT port collision-free, insert
+//! the conntrack pair. Every packet of a flow: the header rewrite (addresses, ports, checksums,
+//! MACs).
 
 use gateway_common::{
     DropReason, GlobalStat,
@@ -9,7 +11,14 @@ use gateway_common::{
     net::port_to_net,
 };
 
-use crate::{conntrack, lb, stats};
+use crate::{
+    conntrack,
+    csum::{self, diff16, diff32},
+    lb,
+    mac::mac_words,
+    parse::{Bounds, IPV4_MIN_LEN, TcpPacket},
+    stats,
+};
 
 /// SNAT port probes before giving up (each a random port of the range).
 const SNAT_PROBES: u32 = 32;
@@ -101,4 +110,100 @@ pub fn commit(key: &FlowKey4, forward: &Flow, reverse_key: &FlowKey4) -> Result<
     stats::global(GlobalStat::FlowsCreated);
     stats::new_flow(forward.app_id, forward.backend_id);
     Ok(())
+}
+
+/// Writes the translation of `flow` into `pkt`: the new addresses, ports, IPv4 checksum and
+/// the next hop's MACs cached in `flow`. Returns the rewrite, whose checksum differences the
+/// caller applies to the TCP checksum (XDP and TC do it each their own way).
+///
+/// # Safety
+/// `b` must describe the packet `pkt` was parsed from, unchanged since.
+#[inline(always)]
+pub unsafe fn write_headers(
+    b: &Bounds,
+    pkt: &TcpPacket,
+    flow: &Flow,
+) -> Result<Rewrite, DropReason> {
+    let rw = Rewrite::new(pkt, flow);
+    // SAFETY: the caller's promise.
+    unsafe {
+        rw.write_headers(
+            b,
+            pkt,
+            mac_words(&flow.nexthop_smac),
+            mac_words(&flow.nexthop_dmac),
+        )?
+    };
+    Ok(rw)
+}
+
+/// The new addresses and ports of a translated packet, and the checksum differences they make.
+pub struct Rewrite {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Difference of the addresses (IPv4 header and TCP pseudo-header).
+    pub addr_diff: u32,
+    /// Difference of the ports (TCP header only).
+    pub port_diff: u32,
+}
+
+impl Rewrite {
+    #[inline(always)]
+    fn new(pkt: &TcpPacket, flow: &Flow) -> Self {
+        let k = &pkt.key;
+        Rewrite {
+            src_ip: flow.nat_src_ip,
+            dst_ip: flow.nat_dst_ip,
+            src_port: flow.nat_src_port,
+            dst_port: flow.nat_dst_port,
+            addr_diff: diff32(
+                diff32(0, k.src_ip, flow.nat_src_ip),
+                k.dst_ip,
+                flow.nat_dst_ip,
+            ),
+            port_diff: diff16(
+                diff16(0, k.src_port, flow.nat_src_port),
+                k.dst_port,
+                flow.nat_dst_port,
+            ),
+        }
+    }
+
+    /// Writes addresses, ports, the IPv4 checksum and the MACs into the packet. The TCP
+    /// checksum is left to the caller (it differs between XDP and TC).
+    ///
+    /// # Safety
+    /// `b` must describe the current packet, whose headers were parsed at `pkt`'s offsets.
+    #[inline(always)]
+    unsafe fn write_headers(
+        &self,
+        b: &Bounds,
+        pkt: &TcpPacket,
+        smac: &[u16; 3],
+        dmac: &[u16; 3],
+    ) -> Result<(), DropReason> {
+        let eth = b.words::<6>(0).ok_or(DropReason::Truncated)?;
+        let ip = b
+            .words::<{ IPV4_MIN_LEN / 2 }>(pkt.l3_off)
+            .ok_or(DropReason::Truncated)?;
+        let tcp = b.words::<2>(pkt.l4_off).ok_or(DropReason::Truncated)?;
+        // SAFETY: the pointers were bounds-checked above, 2-byte aligned (see `words`).
+        unsafe {
+            let eth = &mut *eth;
+            eth[..3].copy_from_slice(dmac);
+            eth[3..].copy_from_slice(smac);
+            let ip = &mut *ip;
+            ip[5] = csum::apply(ip[5], self.addr_diff);
+            ip[6] = self.src_ip as u16;
+            ip[7] = (self.src_ip >> 16) as u16;
+            ip[8] = self.dst_ip as u16;
+            ip[9] = (self.dst_ip >> 16) as u16;
+            let tcp = &mut *tcp;
+            tcp[0] = self.src_port;
+            tcp[1] = self.dst_port;
+        }
+        Ok(())
+    }
 }

@@ -13,11 +13,7 @@ use gateway_common::{
     net::IPPROTO_TCP,
 };
 
-use crate::{
-    flow::{Now, copy_mac},
-    maps::NEXTHOPS,
-    stats,
-};
+use crate::{clock::Now, mac::copy_mac, maps::NEXTHOPS, stats};
 
 const AF_INET: u8 = 2;
 
