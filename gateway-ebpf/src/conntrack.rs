@@ -27,34 +27,45 @@ pub fn remove_pair(key: &FlowKey4, flow: &Flow) {
     let _ = CONNTRACK.remove(key);
 }
 
-/// Inserts the pair `(forward_key → forward, reverse_key → reverse)` with `BPF_NOEXIST`. The
-/// reverse entry goes first: its failure with EEXIST means "this SNAT port is taken", which the
-/// caller retries with another port. If the forward insert then fails, the reverse one is
-/// rolled back.
-#[inline(always)]
-pub fn insert_reverse(key: &FlowKey4, reverse: &Flow) -> Result<bool, DropReason> {
-    match CONNTRACK.insert(key, reverse, u64::from(BPF_NOEXIST)) {
-        Ok(()) => Ok(true),
-        Err(e) if e == -EEXIST => Ok(false),
-        Err(_) => Err(DropReason::ConntrackInsert),
-    }
+/// A connection's pair of entries being inserted, both with `BPF_NOEXIST`; this type owns the
+/// pair's insert and its rollback. [`Claim::reverse`] inserts the reverse entry first: its
+/// failure with EEXIST means "this SNAT port is taken", which the caller retries with another
+/// port. The forward entry is then completed on the caller's stack (state, counters, next
+/// hop) and inserted by [`Claim::commit`], which removes the reverse entry if that fails.
+/// Every path from a claim commits it (a claim dropped uncommitted would leave its reverse
+/// entry to expire).
+#[must_use = "a claimed pair is committed, or its reverse entry is left behind"]
+pub struct Claim {
+    reverse_key: FlowKey4,
 }
 
-/// Second half of the pair (see [`insert_reverse`]).
-#[inline(always)]
-pub fn insert_forward(
-    key: &FlowKey4,
-    forward: &Flow,
-    reverse_key: &FlowKey4,
-) -> Result<(), DropReason> {
-    if CONNTRACK
-        .insert(key, forward, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        let _ = CONNTRACK.remove(reverse_key);
-        return Err(DropReason::ConntrackInsert);
+impl Claim {
+    /// Inserts `reverse` at `reverse_key`: the claim of its SNAT port. `None`: the key is
+    /// taken.
+    #[inline(always)]
+    pub fn reverse(reverse_key: &FlowKey4, reverse: &Flow) -> Result<Option<Claim>, DropReason> {
+        match CONNTRACK.insert(reverse_key, reverse, u64::from(BPF_NOEXIST)) {
+            Ok(()) => Ok(Some(Claim {
+                reverse_key: *reverse_key,
+            })),
+            Err(e) if e == -EEXIST => Ok(None),
+            Err(_) => Err(DropReason::ConntrackInsert),
+        }
     }
-    Ok(())
+
+    /// Inserts the completed `forward` entry at `key`, making the pair; if that fails, removes
+    /// the reverse entry.
+    #[inline(always)]
+    pub fn commit(self, key: &FlowKey4, forward: &Flow) -> Result<(), DropReason> {
+        if CONNTRACK
+            .insert(key, forward, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            let _ = CONNTRACK.remove(self.reverse_key);
+            return Err(DropReason::ConntrackInsert);
+        }
+        Ok(())
+    }
 }
 
 const EEXIST: i32 = 17;

@@ -12,7 +12,7 @@ use gateway_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, Claim},
     csum::{self, diff16, diff32},
     lb,
     mac::mac_words,
@@ -33,14 +33,14 @@ const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
 /// Starts the flow of a SYN to the service of `app_id`: chooses the backend, allocates a SNAT
 /// port by inserting the reverse entry, and returns the forward entry (not inserted yet: see
-/// [`commit`]) and the reverse entry's key.
+/// [`commit`]) and the claim of the pair.
 #[inline(always)]
 pub fn create(
     key: &FlowKey4,
     app_id: u32,
     cfg: &Config,
     now: u64,
-) -> Result<(Flow, FlowKey4), DropReason> {
+) -> Result<(Flow, Claim), DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(DropReason::NotConfigured);
     }
@@ -61,7 +61,6 @@ pub fn create(
     };
     let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
-    let mut found = false;
     for _ in 0..SNAT_PROBES {
         // SAFETY: helper without arguments.
         let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
@@ -84,29 +83,25 @@ pub fn create(
             }
         };
         // BPF_NOEXIST still decides: another CPU may have taken the port meanwhile.
-        if free && conntrack::insert_reverse(&reverse_key, &entry)? {
-            found = true;
-            break;
+        if free && let Some(claim) = Claim::reverse(&reverse_key, &entry)? {
+            // Forward entry: client → public becomes SNAT → backend.
+            entry.nat_src_ip = cfg.snat_ip;
+            entry.nat_dst_ip = backend.ip;
+            entry.nat_src_port = reverse_key.dst_port;
+            entry.nat_dst_port = backend.port;
+            entry.direction = DIR_FORWARD;
+            return Ok((entry, claim));
         }
         stats::global(GlobalStat::SnatCollisions);
     }
-    if !found {
-        return Err(DropReason::SnatExhausted);
-    }
-    // Forward entry: client → public becomes SNAT → backend.
-    entry.nat_src_ip = cfg.snat_ip;
-    entry.nat_dst_ip = backend.ip;
-    entry.nat_src_port = reverse_key.dst_port;
-    entry.nat_dst_port = backend.port;
-    entry.direction = DIR_FORWARD;
-    Ok((entry, reverse_key))
+    Err(DropReason::SnatExhausted)
 }
 
-/// Inserts the forward entry of a flow [`create`] started (rolling the reverse one back if
-/// that fails) and counts the new flow.
+/// Completes the pair [`create`] claimed with the forward entry `forward` (key `key`; see
+/// [`Claim::commit`]) and counts the new flow.
 #[inline(always)]
-pub fn commit(key: &FlowKey4, forward: &Flow, reverse_key: &FlowKey4) -> Result<(), DropReason> {
-    conntrack::insert_forward(key, forward, reverse_key)?;
+pub fn commit(claim: Claim, key: &FlowKey4, forward: &Flow) -> Result<(), DropReason> {
+    claim.commit(key, forward)?;
     stats::global(GlobalStat::FlowsCreated);
     stats::new_flow(forward.app_id, forward.backend_id);
     Ok(())

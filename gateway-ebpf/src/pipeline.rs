@@ -8,13 +8,13 @@ use core::mem::MaybeUninit;
 use aya_ebpf::cty::c_void;
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, FlowKey4, ServiceKey4},
+    maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, ServiceKey4},
     net::{port_from_net, tcp_flags},
 };
 
 use crate::{
     clock::Now,
-    conntrack,
+    conntrack::{self, Claim},
     maps::{CONFIG, SERVICES},
     nat,
     nexthop::{self, NextHop},
@@ -56,14 +56,14 @@ pub fn prepare<'a>(
         Action::New {
             pkt,
             forward,
-            reverse_key,
+            claim,
             now,
         } => {
             // The whole forward entry (state, counters, next hop) is built before it is
             // inserted: no lookup of it afterwards, no update in the map.
             let flow = new.write(forward);
             let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
-            nat::commit(&pkt.key, flow, &reverse_key)?;
+            nat::commit(claim, &pkt.key, flow)?;
             Ok(Some(Translation { pkt, flow, hop }))
         }
     }
@@ -80,12 +80,12 @@ enum Action {
         flow: *mut Flow,
         now: Now,
     },
-    /// A SYN of a new flow: its reverse entry is in the table (keyed `reverse_key`), its
-    /// forward entry is `forward`, to insert once complete.
+    /// A SYN of a new flow: its reverse entry is in the table (`claim`), its forward entry is
+    /// `forward`, to insert once complete.
     New {
         pkt: TcpPacket,
         forward: Flow,
-        reverse_key: FlowKey4,
+        claim: Claim,
         now: Now,
     },
 }
@@ -126,12 +126,12 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
             }
             // SAFETY: a value of the map, read once.
             let app_id = unsafe { (*service).app_id };
-            let (mut forward, reverse_key) = nat::create(&pkt.key, app_id, cfg, now.ns)?;
+            let (mut forward, claim) = nat::create(&pkt.key, app_id, cfg, now.ns)?;
             conntrack::track(&mut forward, &pkt, now.ns);
             return Ok(Action::New {
                 pkt,
                 forward,
-                reverse_key,
+                claim,
                 now,
             });
         }
