@@ -31,8 +31,10 @@ use crate::{
         FlowQuery, Rates, RemoveBackend, Status, status_of,
     },
     config::Settings,
-    conntrack::{Conntrack, Scan, Timeouts},
-    datapath::{self, AttachMode, ConnectionCounts, Datapath, DatapathError, LoadOptions},
+    datapath::{
+        self, AttachMode, ConnectionCounts, Conntrack, Datapath, DatapathError, LoadOptions, Scan,
+        Timeouts,
+    },
     flows,
     health::{self, Report, Track},
     metrics::{self, DaemonFigures, HealthLatency, Snapshot},

@@ -10,8 +10,7 @@ use gateway_common::maps::{
 
 use crate::{
     api::{FlowList, FlowView},
-    conntrack::Conntrack,
-    datapath::DatapathError,
+    datapath::{Conntrack, DatapathError},
 };
 
 /// Which flows to list.

@@ -3,9 +3,7 @@
 //! ([`api`]), used by the `gateway` binary's CLI.
 
 pub mod api;
-pub mod batch;
 pub mod config;
-pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
 pub mod flows;

@@ -393,8 +393,7 @@ fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
 /// apps (5 backends each).
 fn observability(flows: &[u32], apps: &[u32]) {
     use gateway::{
-        conntrack::Timeouts,
-        datapath::{Datapath, LoadOptions},
+        datapath::{Datapath, LoadOptions, Timeouts},
         metrics::{self, DaemonFigures, HealthLatency, Snapshot},
         state::{BackendState, PortRange, State},
     };

@@ -6,7 +6,7 @@ use std::{os::fd::AsFd as _, time::Duration};
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
 use gateway_common::maps::{self, Flow, FlowKey4};
 
-use crate::{batch, datapath::DatapathError};
+use super::{DatapathError, batch};
 
 /// The conntrack map ([`maps::CONNTRACK4`]).
 pub struct Conntrack {

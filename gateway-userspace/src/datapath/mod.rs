@@ -1,27 +1,28 @@
 //! One owner for the datapath: it loads the embedded eBPF object, attaches its programs to
 //! interfaces in XDP or TC (tcx) mode, and reads its maps. Everything else asks it.
+//!
+//! This file: loading, the configuration, services, Maglev tables and backends. Beside it:
+//! `attach` (attach modes, links, pins), `conntrack` (the table, read in batches by `batch`),
+//! `stats` (the counters), `error`.
+
+mod attach;
+mod batch;
+mod conntrack;
+mod error;
+mod stats;
 
 use std::{
-    fmt,
-    path::{Path, PathBuf},
-    str::FromStr,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
     time::Duration,
 };
 
-use std::net::{Ipv4Addr, SocketAddrV4};
-
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    pin::PinError,
-    programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::TcAttachOptions,
-    },
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{SchedClassifier, Xdp},
 };
 use gateway_common::{
-    DropReason, GlobalStat,
     maps::{
         self, ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, Config, Flow, FlowKey4,
         MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
@@ -29,135 +30,17 @@ use gateway_common::{
     net::ip_to_net,
 };
 
-pub use crate::conntrack::{ConnectionCounts, Conntrack, Scan, Timeouts};
+pub use attach::{AttachMode, Attachment, UnknownAttachMode, prune_links, remove_pins};
+pub use conntrack::{ConnectionCounts, Conntrack, Scan, Timeouts};
+pub use error::DatapathError;
+pub use stats::GlobalStats;
+
 use crate::maglev;
 
 /// Name of the XDP program in the eBPF object.
 pub const XDP_PROGRAM: &str = "gateway_xdp";
 /// Name of the TC program in the eBPF object.
 pub const TC_PROGRAM: &str = "gateway_tc";
-
-/// How the datapath is attached to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// Native XDP (driver mode): for physical NICs.
-    Xdp,
-    /// TC ingress through tcx: robust on veth and virtual NICs.
-    Tc,
-}
-
-impl AttachMode {
-    /// Both modes, for tests that run the same case in each.
-    pub const ALL: [AttachMode; 2] = [AttachMode::Xdp, AttachMode::Tc];
-
-    /// The name of this mode's program in the eBPF object.
-    pub const fn program_name(self) -> &'static str {
-        match self {
-            AttachMode::Xdp => XDP_PROGRAM,
-            AttachMode::Tc => TC_PROGRAM,
-        }
-    }
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttachMode::Xdp => "xdp",
-            AttachMode::Tc => "tc",
-        })
-    }
-}
-
-impl FromStr for AttachMode {
-    type Err = UnknownAttachMode;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "xdp" => Ok(AttachMode::Xdp),
-            "tc" => Ok(AttachMode::Tc),
-            other => Err(UnknownAttachMode(other.to_owned())),
-        }
-    }
-}
-
-/// An attach mode that is neither `xdp` nor `tc`.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown attach mode {0:?}: expected `xdp` or `tc`")]
-pub struct UnknownAttachMode(pub String);
-
-/// Errors of the datapath owner.
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error("loading the eBPF object failed")]
-    Load(#[source] EbpfError),
-    #[error("program {name} is missing from the eBPF object")]
-    MissingProgram { name: &'static str },
-    #[error("map {name} is missing from the eBPF object")]
-    MissingMap { name: &'static str },
-    #[error("map {name} has an unexpected type or layout")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("reading map {name} failed")]
-    Walk {
-        name: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("program {name} could not be loaded into the kernel")]
-    ProgramLoad {
-        name: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("attaching in {mode} mode to interface {iface} failed")]
-    Attach {
-        mode: AttachMode,
-        iface: String,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("pinning the {mode} link of {iface} at {path} failed")]
-    Pin {
-        mode: AttachMode,
-        iface: String,
-        path: PathBuf,
-        #[source]
-        source: PinError,
-    },
-    #[error("reading the link of {iface} failed")]
-    LinkInfo {
-        iface: String,
-        #[source]
-        source: LinkError,
-    },
-    #[error("the {mode} link of {iface} cannot be pinned (not a bpf_link)")]
-    NotPinnable { mode: AttachMode, iface: String },
-    #[error("{what} {id} is out of range (1..{max})")]
-    IdOutOfRange {
-        what: &'static str,
-        id: u32,
-        max: u32,
-    },
-    #[error(
-        "the map pinned at {path} has another layout (key, value sizes {found:?}, this build expects {expected:?}): it was left as it is; removing that pin starts afresh, and drops its state"
-    )]
-    PinnedLayout {
-        name: &'static str,
-        path: PathBuf,
-        expected: (usize, usize),
-        found: (usize, usize),
-    },
-    #[error("the gateway answers for at most {max} addresses (public and SNAT)")]
-    TooManyAddresses { max: usize },
-    #[error("counting the possible CPUs failed")]
-    Cpus(#[source] std::io::Error),
-    #[error("the SNAT port range {min}-{max} is empty")]
-    EmptyPortRange { min: u16, max: u16 },
-}
 
 /// Options for loading the datapath.
 #[derive(Clone, Debug)]
@@ -190,38 +73,6 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// One attachment: the interface, the mode and the link (pinned or owned by this process).
-#[derive(Debug)]
-pub struct Attachment {
-    pub iface: String,
-    pub mode: AttachMode,
-    /// The kernel's id of the bpf_link (as `bpftool link show` lists it).
-    pub link_id: u32,
-    link: Link,
-}
-
-#[derive(Debug)]
-enum Link {
-    /// Detached when this process drops it.
-    Owned(#[allow(dead_code, reason = "held to keep the attachment")] FdLink),
-    /// Detached when its pin is removed.
-    Pinned {
-        #[allow(dead_code, reason = "held to keep the pin's path and fd together")]
-        link: PinnedLink,
-        path: PathBuf,
-    },
-}
-
-impl Attachment {
-    /// Where the link is pinned, if it is.
-    pub fn pin_path(&self) -> Option<&Path> {
-        match &self.link {
-            Link::Owned(_) => None,
-            Link::Pinned { path, .. } => Some(path),
-        }
-    }
 }
 
 /// Every map's name with the key and value sizes this build gives it.
@@ -353,153 +204,6 @@ impl Datapath {
         &self.reused
     }
 
-    /// Attaches the datapath to `iface` (in the calling thread's network namespace) in `mode`.
-    /// TC attaches at ingress through tcx. XDP attaches in native (driver) mode *and* attaches
-    /// the TC program too: XDP hands it what it cannot finish (a next hop whose neighbour is
-    /// not resolved yet), and TC's `bpf_redirect_neigh` resolves it. With `pin_dir` (a
-    /// directory on a bpffs), links are pinned there and outlive this process: each is
-    /// detached by removing its pin.
-    pub fn attach(
-        &mut self,
-        iface: &str,
-        mode: AttachMode,
-        pin_dir: Option<&Path>,
-    ) -> Result<(), DatapathError> {
-        if mode == AttachMode::Xdp {
-            self.attach_one(iface, AttachMode::Xdp, pin_dir)?;
-        }
-        self.attach_one(iface, AttachMode::Tc, pin_dir)
-    }
-
-    fn attach_one(
-        &mut self,
-        iface: &str,
-        mode: AttachMode,
-        pin_dir: Option<&Path>,
-    ) -> Result<(), DatapathError> {
-        let attach_err = |source| DatapathError::Attach {
-            mode,
-            iface: iface.to_owned(),
-            source,
-        };
-        let not_pinnable = || DatapathError::NotPinnable {
-            mode,
-            iface: iface.to_owned(),
-        };
-        let pin_path = pin_dir.map(|dir| dir.join(link_pin_name(iface, mode)));
-        if let Some(path) = pin_path.as_ref().filter(|p| p.exists()) {
-            return self.replace_pinned(iface, mode, path);
-        }
-        let link: FdLink = match mode {
-            AttachMode::Xdp => {
-                let program = self.xdp()?;
-                let id = program.attach(iface, XdpMode::Driver).map_err(attach_err)?;
-                let link = program.take_link(id).map_err(attach_err)?;
-                FdLink::try_from(link).map_err(|_| not_pinnable())?
-            }
-            AttachMode::Tc => {
-                let program = self.tc()?;
-                let id = program
-                    .attach_with_options(
-                        iface,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(attach_err)?;
-                let link = program.take_link(id).map_err(attach_err)?;
-                FdLink::try_from(link).map_err(|_| not_pinnable())?
-            }
-        };
-        let link_id = link
-            .info()
-            .map_err(|source| DatapathError::LinkInfo {
-                iface: iface.to_owned(),
-                source,
-            })?
-            .id();
-        let link = match pin_path {
-            None => Link::Owned(link),
-            Some(path) => {
-                let pinned = link.pin(&path).map_err(|source| DatapathError::Pin {
-                    mode,
-                    iface: iface.to_owned(),
-                    path: path.clone(),
-                    source,
-                })?;
-                Link::Pinned { link: pinned, path }
-            }
-        };
-        self.attachments.push(Attachment {
-            iface: iface.to_owned(),
-            mode,
-            link_id,
-            link,
-        });
-        Ok(())
-    }
-
-    /// Puts this datapath's program of `mode` into the link pinned at `path` (left by an
-    /// earlier run): the kernel swaps programs atomically, so the interface is never without
-    /// one and no flow is dropped.
-    fn replace_pinned(
-        &mut self,
-        iface: &str,
-        mode: AttachMode,
-        path: &Path,
-    ) -> Result<(), DatapathError> {
-        let attach_err = |source| DatapathError::Attach {
-            mode,
-            iface: iface.to_owned(),
-            source,
-        };
-        let link_err = |source| DatapathError::LinkInfo {
-            iface: iface.to_owned(),
-            source,
-        };
-        let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
-        let fd_link = FdLink::from(pinned);
-        let link_id = fd_link.info().map_err(link_err)?.id();
-        match mode {
-            AttachMode::Xdp => {
-                let link = aya::programs::xdp::XdpLink::try_from(fd_link).map_err(link_err)?;
-                let program = self.xdp()?;
-                let id = program.attach_to_link(link).map_err(attach_err)?;
-                // The pin keeps the link; this process's fd may go.
-                drop(program.take_link(id).map_err(attach_err)?);
-            }
-            AttachMode::Tc => {
-                let link =
-                    aya::programs::tc::SchedClassifierLink::try_from(fd_link).map_err(link_err)?;
-                let program = self.tc()?;
-                let id = program.attach_to_link(link).map_err(attach_err)?;
-                drop(program.take_link(id).map_err(attach_err)?);
-            }
-        }
-        let link = PinnedLink::from_pin(path).map_err(link_err)?;
-        self.attachments.push(Attachment {
-            iface: iface.to_owned(),
-            mode,
-            link_id,
-            link: Link::Pinned {
-                link,
-                path: path.to_owned(),
-            },
-        });
-        Ok(())
-    }
-
-    /// The current attachments.
-    pub fn attachments(&self) -> &[Attachment] {
-        &self.attachments
-    }
-
-    /// Lets go of every attachment. An owned link is detached now; a pinned one is detached
-    /// once its pin is gone too (remove the pins first, see [`remove_pins`]), without waiting
-    /// for this process to exit.
-    pub fn release_attachments(&mut self) {
-        self.attachments.clear();
-    }
-
     /// The XDP program (for attaching, or for BPF_PROG_TEST_RUN).
     pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
         self.program(XDP_PROGRAM)
@@ -523,22 +227,6 @@ impl Datapath {
         program
             .try_into()
             .map_err(|source| DatapathError::ProgramLoad { name, source })
-    }
-
-    /// The global counters, summed over CPUs.
-    pub fn global_stats(&self) -> Result<GlobalStats, DatapathError> {
-        let err = map_err(maps::GLOBAL_STATS);
-        let mut slots = vec![0u64; maps::GLOBAL_STATS_LEN as usize];
-        for (i, slot) in slots.iter_mut().enumerate() {
-            *slot = self
-                .maps
-                .global
-                .get(&(i as u32), 0)
-                .map_err(&err)?
-                .iter()
-                .sum();
-        }
-        Ok(GlobalStats { slots })
     }
 
     /// Sets the SNAT address and source port range for new flows.
@@ -697,16 +385,6 @@ impl Datapath {
         }
     }
 
-    /// Zeroes app `app_id`'s counters (an id handed to a new app).
-    pub fn reset_app_stats(&mut self, app_id: u32) -> Result<(), DatapathError> {
-        reset_stats(&mut self.maps.app_stats, app_id, maps::APP_STATS)
-    }
-
-    /// Zeroes backend `id`'s counters (an id handed to a new backend).
-    pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), DatapathError> {
-        reset_stats(&mut self.maps.backend_stats, id, maps::BACKEND_STATS)
-    }
-
     /// Removes both entries of every flow of app `app_id`; returns how many entries went.
     pub fn remove_app_flows(&mut self, app_id: u32) -> Result<usize, DatapathError> {
         self.remove_flows(|f| f.app_id == app_id)
@@ -736,16 +414,6 @@ impl Datapath {
         self.conntrack_capacity
     }
 
-    /// Traffic of app `app_id`, summed over CPUs.
-    pub fn app_stats(&self, app_id: u32) -> Result<TrafficStats, DatapathError> {
-        sum_stats(&self.maps.app_stats, app_id, maps::APP_STATS)
-    }
-
-    /// Traffic of backend `id`, summed over CPUs.
-    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, DatapathError> {
-        sum_stats(&self.maps.backend_stats, id, maps::BACKEND_STATS)
-    }
-
     /// Every conntrack entry.
     pub fn flows(&self) -> Result<Vec<(FlowKey4, Flow)>, DatapathError> {
         self.maps.conntrack.entries()
@@ -765,55 +433,6 @@ impl Datapath {
     pub fn scan(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<Scan, DatapathError> {
         self.maps.conntrack.scan(now_ns, timeouts)
     }
-}
-
-/// The file name of the link pinned for `iface` in `mode`.
-fn link_pin_name(iface: &str, mode: AttachMode) -> String {
-    format!("link_{mode}_{iface}")
-}
-
-/// Removes the pinned links in `dir` other than those of `keep` (interfaces no longer
-/// configured, or attached in another mode now): each detaches when its pin goes.
-pub fn prune_links(dir: &Path, keep: &[(String, AttachMode)]) -> std::io::Result<Vec<String>> {
-    let keep: Vec<String> = keep
-        .iter()
-        .flat_map(|(iface, mode)| {
-            // XDP mode also attaches TC (see `Datapath::attach`).
-            let mut names = vec![link_pin_name(iface, AttachMode::Tc)];
-            if *mode == AttachMode::Xdp {
-                names.push(link_pin_name(iface, AttachMode::Xdp));
-            }
-            names
-        })
-        .collect();
-    let mut removed = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if name.starts_with("link_") && !keep.contains(&name) {
-            std::fs::remove_file(dir.join(&name))?;
-            removed.push(name);
-        }
-    }
-    Ok(removed)
-}
-
-/// Removes everything this datapath pinned in `dir`: the links first (which detaches the
-/// programs), then the maps (which drops every flow). Returns the names removed.
-pub fn remove_pins(dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut removed = prune_links(dir, &[])?;
-    for name in maps::ALL {
-        match std::fs::remove_file(dir.join(name)) {
-            Ok(()) => removed.push((*name).to_owned()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(removed)
 }
 
 /// Adds `kind` to `ip`'s slot in `config` (taking a free slot for a new address).
@@ -839,48 +458,6 @@ fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> 
     Ok(())
 }
 
-fn sum_stats(
-    map: &PerCpuArray<MapData, TrafficStats>,
-    index: u32,
-    name: &'static str,
-) -> Result<TrafficStats, DatapathError> {
-    let values: PerCpuValues<TrafficStats> = map.get(&index, 0).map_err(map_err(name))?;
-    let mut total = TrafficStats::default();
-    for v in values.iter() {
-        total.add(v);
-    }
-    Ok(total)
-}
-
-fn reset_stats(
-    map: &mut PerCpuArray<MapData, TrafficStats>,
-    index: u32,
-    name: &'static str,
-) -> Result<(), DatapathError> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
-    let zeros =
-        PerCpuValues::try_from(vec![TrafficStats::default(); cpus]).map_err(DatapathError::Cpus)?;
-    map.set(index, zeros, 0).map_err(map_err(name))
-}
-
-/// The global counters, summed over CPUs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GlobalStats {
-    slots: Vec<u64>,
-}
-
-impl GlobalStats {
-    /// The value of a global counter.
-    pub fn get(&self, stat: GlobalStat) -> u64 {
-        self.slots[stat.index() as usize]
-    }
-
-    /// How many packets were dropped for `reason`.
-    pub fn drops(&self, reason: DropReason) -> u64 {
-        self.slots[reason.slot() as usize]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -889,13 +466,5 @@ mod tests {
     fn every_map_has_a_checked_layout() {
         let names: Vec<&str> = LAYOUTS.iter().map(|l| l.0).collect();
         assert_eq!(names, maps::ALL);
-    }
-
-    #[test]
-    fn attach_modes_parse_and_print() {
-        for mode in AttachMode::ALL {
-            assert_eq!(mode.to_string().parse::<AttachMode>().unwrap(), mode);
-        }
-        assert!("bpf".parse::<AttachMode>().is_err());
     }
 }
