@@ -1,6 +1,6 @@
 //! The gateway's datapath, shared by the programs of this crate's binaries: `main.rs` (the
-//! `gateway` object: the XDP and TC programs) and `bin/bench.rs` (the benchmarks' baselines and
-//! floors, on the same maps).
+//! `gateway` object: the XDP and TC programs) and `bin/bench.rs` (the `gateway-bench` object:
+//! the benchmark's baselines and floors, on the same maps).
 //!
 //! A packet goes: `xdp` or `tc` (the attach modes) → `pipeline`: `parse` (is it TCP to a
 //! gateway address?), `conntrack` (lookup, reply direction first, timed by `clock`; a SYN to a

@@ -2,7 +2,10 @@
 //! crafted frames from a thread inside the gateway's namespace (so `bpf_fib_lookup` sees its
 //! routes and neighbours).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use gateway::{
@@ -74,9 +77,30 @@ impl Fixture {
     /// Loads the datapath (conntrack of `capacity` entries) and configures app 1 with the
     /// topology's backends. Call from a thread inside the gateway namespace.
     pub fn new(mode: AttachMode, backend_ips: &[Ipv4Addr], capacity: u32) -> Self {
+        Self::load(mode, backend_ips, capacity, None)
+    }
+
+    /// As [`Fixture::new`], with every map pinned in `pin_dir` (a directory on a bpffs of the
+    /// caller's, such as a [`crate::netns::Topology`]'s), so that other objects can share them
+    /// (the benchmark's: `Datapath::load_bench`).
+    pub fn pinned(
+        mode: AttachMode,
+        backend_ips: &[Ipv4Addr],
+        capacity: u32,
+        pin_dir: &Path,
+    ) -> Self {
+        Self::load(mode, backend_ips, capacity, Some(pin_dir.to_owned()))
+    }
+
+    fn load(
+        mode: AttachMode,
+        backend_ips: &[Ipv4Addr],
+        capacity: u32,
+        pin_dir: Option<PathBuf>,
+    ) -> Self {
         let mut dp = Datapath::load_with(&LoadOptions {
             conntrack_capacity: capacity,
-            ..Default::default()
+            pin_dir,
         })
         .expect("load the datapath");
         dp.configure(

@@ -76,9 +76,6 @@ pub const MAX_SERVICES: u32 = 16_384;
 /// How many gateway addresses (public and SNAT) the configuration holds. A front node has a
 /// handful; a short array in the config entry is cheaper per packet than a hash lookup.
 pub const MAX_ADDRS: usize = 8;
-/// App id of the entries the datapath benchmark's floor program (`bench_ct_pair_xdp`) inserts
-/// into the conntrack table: never a real app (those are below [`MAX_APPS`]).
-pub const BENCH_FLOOR_APP: u32 = u32::MAX;
 /// Default conntrack capacity (entries; a connection takes two). Settable at load time.
 pub const CONNTRACK_DEFAULT: u32 = 1 << 20;
 

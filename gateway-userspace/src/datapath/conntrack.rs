@@ -58,6 +58,7 @@ impl Conntrack {
     }
 
     /// Inserts an entry as it is (tests and benchmarks fill the table this way).
+    #[cfg(feature = "testing")]
     pub fn insert(&mut self, key: FlowKey4, flow: Flow) -> Result<(), DatapathError> {
         self.map.insert(key, flow, 0).map_err(map_err)
     }

@@ -3,13 +3,16 @@
 //!
 //! This file: loading, the configuration, services, Maglev tables and backends. Beside it:
 //! `attach` (attach modes, links, pins), `conntrack` (the table, read in batches by `batch`),
-//! `stats` (the counters), `error`.
+//! `stats` (the counters), `error`, and behind the `testing` feature `testing` (what only tests
+//! and benchmarks use).
 
 mod attach;
 mod batch;
 mod conntrack;
 mod error;
 mod stats;
+#[cfg(feature = "testing")]
+mod testing;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -20,7 +23,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{SchedClassifier, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, Xdp},
 };
 use gateway_common::{
     maps::{
@@ -34,6 +37,8 @@ pub use attach::{AttachMode, Attachment, UnknownAttachMode, prune_links, remove_
 pub use conntrack::{ConnectionCounts, Conntrack, Scan, Timeouts};
 pub use error::DatapathError;
 pub use stats::GlobalStats;
+#[cfg(feature = "testing")]
+pub use testing::{BENCH_PROGRAMS, BenchObject};
 
 use crate::maglev;
 
@@ -127,6 +132,9 @@ pub struct Datapath {
     maps: Maps,
     attachments: Vec<Attachment>,
     reused: Vec<&'static str>,
+    /// Where the maps are pinned, if they are (the benchmark object shares them from there).
+    #[cfg(feature = "testing")]
+    pin_dir: Option<PathBuf>,
 }
 
 impl Datapath {
@@ -196,6 +204,8 @@ impl Datapath {
             maps,
             attachments: Vec::new(),
             reused,
+            #[cfg(feature = "testing")]
+            pin_dir: options.pin_dir.clone(),
         })
     }
 
@@ -214,19 +224,11 @@ impl Datapath {
         self.program(TC_PROGRAM)
     }
 
-    /// A program of the object by name and type, sharing this datapath's maps (the two above,
-    /// or the benchmark's baselines and floors).
-    pub fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, DatapathError>
+    fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, DatapathError>
     where
-        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+        &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
     {
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?;
-        program
-            .try_into()
-            .map_err(|source| DatapathError::ProgramLoad { name, source })
+        program(&mut self.ebpf, name)
     }
 
     /// Sets the SNAT address and source port range for new flows.
@@ -301,22 +303,6 @@ impl Datapath {
             .maglev
             .insert(app_id, table, 0)
             .map_err(map_err(maps::MAGLEV))
-    }
-
-    /// The backend id the datapath would give a new flow `client → public` of app `app_id`
-    /// (the shared flow hash over the app's current table), if the app has a table.
-    pub fn predict_backend(
-        &self,
-        app_id: u32,
-        client: SocketAddrV4,
-        public: SocketAddrV4,
-    ) -> Result<Option<u32>, DatapathError> {
-        let Some(table) = self.app_table(app_id)? else {
-            return Ok(None);
-        };
-        let k = FlowKey4::from_addrs(client, public);
-        let h = gateway_common::flow_hash4(k.src_ip, k.dst_ip, k.src_port, k.dst_port);
-        Ok(Some(table[(h % MAGLEV_SIZE) as usize]).filter(|&id| id != 0))
     }
 
     /// App `app_id`'s Maglev table, if it has one.
@@ -419,11 +405,6 @@ impl Datapath {
         self.maps.conntrack.entries()
     }
 
-    /// Inserts a conntrack entry as it is (tests and benchmarks fill the table this way).
-    pub fn insert_flow(&mut self, key: FlowKey4, flow: Flow) -> Result<(), DatapathError> {
-        self.maps.conntrack.insert(key, flow)
-    }
-
     /// The entry of `key`, if any.
     pub fn flow(&self, key: &FlowKey4) -> Result<Option<Flow>, DatapathError> {
         self.maps.conntrack.get(key)
@@ -433,6 +414,19 @@ impl Datapath {
     pub fn scan(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<Scan, DatapathError> {
         self.maps.conntrack.scan(now_ns, timeouts)
     }
+}
+
+/// Program `name` of `ebpf`, as a `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::ProgramLoad { name, source })
 }
 
 /// Adds `kind` to `ip`'s slot in `config` (taking a free slot for a new address).
@@ -466,5 +460,21 @@ mod tests {
     fn every_map_has_a_checked_layout() {
         let names: Vec<&str> = LAYOUTS.iter().map(|l| l.0).collect();
         assert_eq!(names, maps::ALL);
+    }
+
+    #[test]
+    fn the_gateway_object_holds_its_two_programs_and_no_benchmark_one() {
+        // Program names are symbols of the ELF object: the benchmark's are `bench_*`, in an
+        // object of their own (`gateway-bench`).
+        let has = |name: &str| {
+            crate::EBPF_OBJECT
+                .windows(name.len())
+                .any(|w| w == name.as_bytes())
+        };
+        assert!(has(XDP_PROGRAM) && has(TC_PROGRAM));
+        assert!(
+            !has("bench_"),
+            "a benchmark program is in the gateway object"
+        );
     }
 }
