@@ -12,6 +12,7 @@ use gateway::{
     datapath::{AttachMode, Datapath, LoadOptions},
     maglev,
 };
+use gateway_common::maps::FlowKey4;
 
 use crate::netns::Topology;
 
@@ -149,8 +150,8 @@ impl Fixture {
         }
     }
 
-    /// The backend userspace expects app 1 to give the client tuple `client → public`,
-    /// computed from userspace's own Maglev table and the shared flow hash.
+    /// The backend userspace expects app 1 to give a new flow `client → public`, as the
+    /// datapath would choose it now (`Datapath::predict_backend`).
     pub fn expected_backend(&self, client: SocketAddrV4, public: SocketAddrV4) -> maglev::Entry {
         let id = self
             .dp
@@ -162,5 +163,22 @@ impl Fixture {
             .iter()
             .find(|b| b.id == id)
             .expect("a known backend")
+    }
+
+    /// The backend the flow `client → public` of app 1 went to (its conntrack entry's), if
+    /// it has a flow.
+    pub fn flow_backend(
+        &self,
+        client: SocketAddrV4,
+        public: SocketAddrV4,
+    ) -> Option<maglev::Entry> {
+        let flow = self
+            .dp
+            .flow(&FlowKey4::from_addrs(client, public))
+            .expect("conntrack lookup")?;
+        self.backends
+            .iter()
+            .find(|b| b.id == flow.backend_id)
+            .copied()
     }
 }

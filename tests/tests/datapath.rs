@@ -531,7 +531,7 @@ fn table(mode: AttachMode) {
         let (drain_c, drain_bi) = (41_000..41_024)
             .map(client)
             .find_map(|c| {
-                let b = t.fx.expected_backend(c, svc);
+                let b = t.fx.flow_backend(c, svc)?;
                 (b.id == first_choice.id).then(|| (c, backend_index(*b.addr.ip())))
             })
             .expect("a flow of the draining backend");

@@ -54,6 +54,15 @@ impl FlowKey4 {
         )
     }
 
+    /// The slot of an app's Maglev table a new flow of this key tries first: the shared flow
+    /// hash ([`crate::flow_hash4`]) modulo [`super::MAGLEV_SIZE`]. The next
+    /// [`super::MAGLEV_PROBES`]` - 1` slots follow, wrapping, when its backend does not accept.
+    #[inline(always)]
+    pub const fn maglev_slot(&self) -> u32 {
+        crate::flow_hash4(self.src_ip, self.dst_ip, self.src_port, self.dst_port)
+            % super::MAGLEV_SIZE
+    }
+
     /// The packet's source.
     pub const fn src(&self) -> SocketAddrV4 {
         socket_from_net(self.src_ip, self.src_port)

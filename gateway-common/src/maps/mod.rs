@@ -85,7 +85,8 @@ pub const CONNTRACK_DEFAULT: u32 = 1 << 20;
 pub const MAGLEV_SIZE: u32 = 1021;
 /// How many consecutive slots of an app's Maglev table a new flow tries, from its hashed one,
 /// when a slot's backend stopped accepting (draining or unhealthy) before userspace rebuilt
-/// the table without it.
+/// the table without it. The datapath chooses so (gateway-ebpf's `lb::choose`), and userspace
+/// predicts its choice so (gateway-userspace's `maglev::choose`).
 pub const MAGLEV_PROBES: u32 = 4;
 
 #[cfg(feature = "user")]

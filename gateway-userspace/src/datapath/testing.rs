@@ -6,11 +6,13 @@ use std::net::SocketAddrV4;
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapError,
     programs::{Program, ProgramError},
 };
-use gateway_common::maps::{self, Flow, FlowKey4, MAGLEV_SIZE};
+use gateway_common::maps::{self, BACKEND_ACCEPTING, Flow, FlowKey4};
 
-use super::{Datapath, DatapathError, program};
+use super::{Datapath, DatapathError, map_err, program};
+use crate::maglev;
 
 /// The programs of the benchmark's object: the cost of running any XDP or TC program, the kernel's
 /// cost of a conntrack pair's two inserts (`bench_ct_pair_xdp`, entries of app
@@ -33,8 +35,10 @@ impl Datapath {
         self.maps.conntrack.insert(key, flow)
     }
 
-    /// The backend id the datapath would give a new flow `client → public` of app `app_id`
-    /// (the shared flow hash over the app's current table), if the app has a table.
+    /// The backend id the datapath would give a new flow `client → public` of app `app_id`:
+    /// the app's current table walked from the flow's slot as the datapath walks it
+    /// ([`maglev::choose`], with the backends' accepting flags from the backends map). `None`
+    /// if the app has no table or no backend the datapath would choose.
     pub fn predict_backend(
         &self,
         app_id: u32,
@@ -44,9 +48,13 @@ impl Datapath {
         let Some(table) = self.app_table(app_id)? else {
             return Ok(None);
         };
-        let k = FlowKey4::from_addrs(client, public);
-        let h = gateway_common::flow_hash4(k.src_ip, k.dst_ip, k.src_port, k.dst_port);
-        Ok(Some(table[(h % MAGLEV_SIZE) as usize]).filter(|&id| id != 0))
+        let start = FlowKey4::from_addrs(client, public).maglev_slot();
+        maglev::choose(&table, start, |id| match self.maps.backends.get(&id, 0) {
+            Ok(backend) => Ok(backend.flags & BACKEND_ACCEPTING != 0),
+            // The datapath skips an id the map does not hold.
+            Err(MapError::OutOfBounds { .. }) => Ok(false),
+            Err(e) => Err(map_err(maps::BACKENDS4)(e)),
+        })
     }
 
     /// Loads the benchmark's object and all of its programs ([`BENCH_PROGRAMS`]) on this
