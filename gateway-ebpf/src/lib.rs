@@ -22,3 +22,16 @@ mod pipeline;
 pub mod stats;
 pub mod tc;
 pub mod xdp;
+
+// Every object of this crate (each binary) links this library: its panic handler and license
+// are said once, here.
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

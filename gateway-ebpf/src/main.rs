@@ -1,6 +1,6 @@
 //! The `gateway` object: the two programs the gateway attaches, as thin wrappers. Each returns
 //! what its `try_*` function gives, and counts every drop by its reason. The datapath itself is
-//! this crate's library (`lib.rs`).
+//! this crate's library (`lib.rs`, with the panic handler and license of every object).
 #![no_std]
 #![no_main]
 
@@ -32,13 +32,3 @@ pub fn gateway_tc(ctx: TcContext) -> i32 {
         }
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

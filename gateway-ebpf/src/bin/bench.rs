@@ -63,13 +63,3 @@ pub fn bench_csum_tc(ctx: TcContext) -> i32 {
     }
     TC_ACT_OK
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
