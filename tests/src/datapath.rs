@@ -165,6 +165,23 @@ impl Fixture {
             .expect("a known backend")
     }
 
+    /// The backend in the first Maglev slot of a new flow `client → public` of app 1 (its
+    /// hashed slot), whether or not it accepts new flows: the datapath's choice while it does
+    /// (see [`Fixture::expected_backend`] for the choice itself).
+    pub fn slot_backend(&self, client: SocketAddrV4, public: SocketAddrV4) -> maglev::Entry {
+        let table = self
+            .dp
+            .app_table(APP)
+            .expect("table")
+            .expect("app 1 has a table");
+        let id = table[FlowKey4::from_addrs(client, public).maglev_slot() as usize];
+        *self
+            .backends
+            .iter()
+            .find(|b| b.id == id)
+            .expect("a known backend")
+    }
+
     /// The backend the flow `client → public` of app 1 went to (its conntrack entry's), if
     /// it has a flow.
     pub fn flow_backend(

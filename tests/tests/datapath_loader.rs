@@ -62,7 +62,6 @@ fn userspace_predicts_the_backend_the_datapath_probes_to() {
             // drain begins): the flows hashed to its slots go on to the next ones.
             let stopped = fx.backends[0];
             fx.dp.set_backend(stopped.id, stopped.addr, false).unwrap();
-            let table = fx.dp.app_table(APP).unwrap().unwrap();
             let svc = Fixture::service();
             let mut probed = 0;
             for port in 40_000..40_300 {
@@ -73,7 +72,7 @@ fn userspace_predicts_the_backend_the_datapath_probes_to() {
                 let chosen = fx.dp.flow(&key).unwrap().map(|f| f.backend_id);
                 assert_eq!(predicted, chosen, "[{mode}] client port {port}");
                 assert_ne!(chosen, Some(stopped.id), "[{mode}] client port {port}");
-                if table[key.maglev_slot() as usize] == stopped.id {
+                if fx.slot_backend(client, svc).id == stopped.id {
                     probed += 1;
                 }
             }
