@@ -6,8 +6,10 @@
 //! whenever a layout does.
 #![no_std]
 
+pub mod bench;
 pub mod hash;
 pub mod maps;
+pub mod net;
 pub mod stats;
 
 pub use hash::flow_hash4;

@@ -1,5 +1,6 @@
-//! Counter indexes: one list of global counters and one list of drop reasons, shared by the
-//! datapath (which increments them) and userspace (which names them in metrics and logs).
+//! Counters: one list of global counters and one list of drop reasons, shared by the datapath
+//! (which increments them) and userspace (which names them in metrics and logs), and the
+//! traffic counters per app and per backend.
 
 macro_rules! indexed_names {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $label:literal,)+ }) => {
@@ -88,6 +89,32 @@ impl DropReason {
     /// The slot of this reason in the `GLOBAL_STATS` array.
     pub const fn slot(self) -> u32 {
         GlobalStat::COUNT + self as u32
+    }
+}
+
+/// Value of [`crate::maps::APP_STATS`] and [`crate::maps::BACKEND_STATS`] (per CPU). "In" is
+/// client → backend, "out" is backend → client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct TrafficStats {
+    pub packets_in: u64,
+    /// L3 bytes.
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    /// L3 bytes.
+    pub bytes_out: u64,
+    /// Flows created.
+    pub new_flows: u64,
+}
+
+impl TrafficStats {
+    /// Adds `other` into `self` (summing per-CPU values).
+    pub fn add(&mut self, other: &TrafficStats) {
+        self.packets_in += other.packets_in;
+        self.bytes_in += other.bytes_in;
+        self.packets_out += other.packets_out;
+        self.bytes_out += other.bytes_out;
+        self.new_flows += other.new_flows;
     }
 }
 

@@ -4,8 +4,9 @@
 //! cached value is what the helper would return, give or take the tick being handled.
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use gateway_common::maps::Config;
 
-use crate::CLOCK;
+use crate::maps::CLOCK;
 
 /// Now, in CLOCK_MONOTONIC_COARSE ns.
 #[inline(always)]
@@ -23,5 +24,23 @@ pub fn now_ns() -> u64 {
             (*cache).coarse_ns = bpf_ktime_get_coarse_ns();
         }
         (*cache).coarse_ns
+    }
+}
+
+/// The time of a packet's decision, and how long a cached next hop may be trusted then (ns).
+#[derive(Clone, Copy)]
+pub struct Now {
+    pub ns: u64,
+    pub nexthop_max_age: u64,
+}
+
+impl Now {
+    /// Now, with the next-hop age `cfg` gives.
+    #[inline(always)]
+    pub fn read(cfg: &Config) -> Now {
+        Now {
+            ns: now_ns(),
+            nexthop_max_age: cfg.nexthop_max_age(),
+        }
     }
 }

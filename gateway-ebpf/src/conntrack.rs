@@ -6,15 +6,13 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use gateway_common::{
     DropReason,
     maps::{
-        DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_ESTABLISHED,
-        TCP_FIN_FORWARD, TCP_FIN_REVERSE, TCP_RST, TCP_SYN, TCP_SYN_ACK,
+        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
+        DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
     },
+    net::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
-use crate::{
-    CONNTRACK,
-    parse::{TCP_ACK, TCP_FIN, TCP_RST as F_RST, TCP_SYN as F_SYN, TcpPacket},
-};
+use crate::{maps::CONNTRACK, parse::TcpPacket};
 
 /// The entry of `key`, if any.
 #[inline(always)]
@@ -29,66 +27,75 @@ pub fn remove_pair(key: &FlowKey4, flow: &Flow) {
     let _ = CONNTRACK.remove(key);
 }
 
-/// Inserts the pair `(forward_key → forward, reverse_key → reverse)` with `BPF_NOEXIST`. The
-/// reverse entry goes first: its failure with EEXIST means "this SNAT port is taken", which the
-/// caller retries with another port. If the forward insert then fails, the reverse one is
-/// rolled back.
-#[inline(always)]
-pub fn insert_reverse(key: &FlowKey4, reverse: &Flow) -> Result<bool, DropReason> {
-    match CONNTRACK.insert(key, reverse, u64::from(BPF_NOEXIST)) {
-        Ok(()) => Ok(true),
-        Err(e) if e == -EEXIST => Ok(false),
-        Err(_) => Err(DropReason::ConntrackInsert),
-    }
+/// A connection's pair of entries being inserted, both with `BPF_NOEXIST`; this type owns the
+/// pair's insert and its rollback. [`Claim::reverse`] inserts the reverse entry first: its
+/// failure with EEXIST means "this SNAT port is taken", which the caller retries with another
+/// port. The forward entry is then completed on the caller's stack (state, counters, next
+/// hop) and inserted by [`Claim::commit`], which removes the reverse entry if that fails.
+/// Every path from a claim commits it (a claim dropped uncommitted would leave its reverse
+/// entry to expire).
+#[must_use = "a claimed pair is committed, or its reverse entry is left behind"]
+pub struct Claim {
+    reverse_key: FlowKey4,
 }
 
-/// Second half of the pair (see [`insert_reverse`]).
-#[inline(always)]
-pub fn insert_forward(
-    key: &FlowKey4,
-    forward: &Flow,
-    reverse_key: &FlowKey4,
-) -> Result<(), DropReason> {
-    if CONNTRACK
-        .insert(key, forward, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        let _ = CONNTRACK.remove(reverse_key);
-        return Err(DropReason::ConntrackInsert);
+impl Claim {
+    /// Inserts `reverse` at `reverse_key`: the claim of its SNAT port. `None`: the key is
+    /// taken.
+    #[inline(always)]
+    pub fn reverse(reverse_key: &FlowKey4, reverse: &Flow) -> Result<Option<Claim>, DropReason> {
+        match CONNTRACK.insert(reverse_key, reverse, u64::from(BPF_NOEXIST)) {
+            Ok(()) => Ok(Some(Claim {
+                reverse_key: *reverse_key,
+            })),
+            Err(e) if e == -EEXIST => Ok(None),
+            Err(_) => Err(DropReason::ConntrackInsert),
+        }
     }
-    Ok(())
+
+    /// Inserts the completed `forward` entry at `key`, making the pair; if that fails, removes
+    /// the reverse entry.
+    #[inline(always)]
+    pub fn commit(self, key: &FlowKey4, forward: &Flow) -> Result<(), DropReason> {
+        if CONNTRACK
+            .insert(key, forward, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            let _ = CONNTRACK.remove(self.reverse_key);
+            return Err(DropReason::ConntrackInsert);
+        }
+        Ok(())
+    }
 }
 
 const EEXIST: i32 = 17;
 
-/// Updates the TCP state bits and last-seen time of `flow` for a packet with `flags`; a state
+/// Updates the conntrack state bits and last-seen time of `flow` for a packet with TCP `flags`; a state
 /// change that the other direction must know (SYN-ACK, established, FIN, RST) is written to the
 /// peer entry too. Only changes are written.
 #[inline(always)]
 pub fn track(flow: &mut Flow, pkt: &TcpPacket, now: u64) {
     let f = pkt.flags;
     let mut set = 0u8;
-    if f & F_RST != 0 {
-        set |= TCP_RST;
+    if f & RST != 0 {
+        set |= CT_RST;
     }
-    if f & TCP_FIN != 0 {
+    if f & FIN != 0 {
         set |= if flow.direction == DIR_FORWARD {
-            TCP_FIN_FORWARD
+            CT_FIN_FORWARD
         } else {
-            TCP_FIN_REVERSE
+            CT_FIN_REVERSE
         };
     }
-    if flow.direction == DIR_REVERSE && f & (F_SYN | TCP_ACK) == (F_SYN | TCP_ACK) {
-        set |= TCP_SYN_ACK;
+    if flow.direction == DIR_REVERSE && f & (SYN | ACK) == (SYN | ACK) {
+        set |= CT_SYN_ACK_SEEN;
     }
-    if flow.direction == DIR_FORWARD
-        && f & (F_SYN | TCP_ACK) == TCP_ACK
-        && flow.state & TCP_SYN_ACK != 0
+    if flow.direction == DIR_FORWARD && f & (SYN | ACK) == ACK && flow.state & CT_SYN_ACK_SEEN != 0
     {
-        set |= TCP_ESTABLISHED;
+        set |= CT_ESTABLISHED;
     }
-    if f & F_SYN != 0 && flow.direction == DIR_FORWARD {
-        set |= TCP_SYN;
+    if f & SYN != 0 && flow.direction == DIR_FORWARD {
+        set |= CT_SYN_SEEN;
     }
     let new = flow.state | set;
     // A state change writes the entry anyway: its time is exact then, which the SNAT port

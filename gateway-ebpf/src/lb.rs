@@ -1,23 +1,22 @@
 //! Backend choice at the SYN: the app's Maglev table (computed in userspace) indexed by the
-//! flow hash that userspace also knows (`gateway_common::flow_hash4`).
+//! flow hash that userspace also knows (`FlowKey4::maglev_slot`), probing up to
+//! `MAGLEV_PROBES` slots past a backend that stopped accepting.
 
 use gateway_common::{
-    DropReason, flow_hash4,
-    maps::{BACKEND_ACCEPTING, Backend4, FlowKey4, MAGLEV_SIZE},
+    DropReason,
+    maps::{BACKEND_ACCEPTING, Backend4, FlowKey4, MAGLEV_PROBES, MAGLEV_SIZE},
 };
 
-use crate::{BACKENDS, MAGLEV};
-
-/// How many consecutive slots are tried when the hashed slot's backend stopped accepting
-/// (draining or unhealthy) before userspace rebuilt the table without it.
-const PROBES: u32 = 4;
+use crate::maps::{BACKENDS, MAGLEV};
 
 /// The backend for a new flow of `app_id`: its id and address.
 #[inline(always)]
 pub fn choose(app_id: u32, key: &FlowKey4) -> Result<(u32, Backend4), DropReason> {
     let table = MAGLEV.get_ptr(app_id).ok_or(DropReason::NoBackend)?;
-    let start = flow_hash4(key.src_ip, key.dst_ip, key.src_port, key.dst_port) % MAGLEV_SIZE;
-    for i in 0..PROBES {
+    let start = key.maglev_slot();
+    // Userspace predicts this choice with the same walk (gateway-userspace's `maglev::choose`):
+    // a change here changes it there.
+    for i in 0..MAGLEV_PROBES {
         let mut slot = start + i;
         if slot >= MAGLEV_SIZE {
             slot -= MAGLEV_SIZE;

@@ -1,14 +1,24 @@
-//! New flows: pick the backend, allocate a SNAT port collision-free, insert the conntrack pair.
+//! The translation. New flows: pick the backend, allocate a SNAT port collision-free, insert
+//! the conntrack pair. Every packet of a flow: the header rewrite (addresses, ports, checksums,
+//! MACs).
 
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_SYN,
+        CT_SYN_SEEN, Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
         is_closed,
     },
+    net::port_to_net,
 };
 
-use crate::{conntrack, lb, parse::IPPROTO_TCP, stats};
+use crate::{
+    conntrack::{self, Claim},
+    csum::{self, diff16, diff32},
+    lb,
+    mac::mac_words,
+    parse::{Bounds, IPV4_MIN_LEN, TcpPacket},
+    stats,
+};
 
 /// SNAT port probes before giving up (each a random port of the range).
 const SNAT_PROBES: u32 = 32;
@@ -23,14 +33,14 @@ const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
 /// Starts the flow of a SYN to the service of `app_id`: chooses the backend, allocates a SNAT
 /// port by inserting the reverse entry, and returns the forward entry (not inserted yet: see
-/// [`commit`]) and the reverse entry's key.
+/// [`commit`]) and the claim of the pair.
 #[inline(always)]
 pub fn create(
     key: &FlowKey4,
     app_id: u32,
     cfg: &Config,
     now: u64,
-) -> Result<(Flow, FlowKey4), DropReason> {
+) -> Result<(Flow, Claim), DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(DropReason::NotConfigured);
     }
@@ -44,27 +54,18 @@ pub fn create(
         app_id,
         backend_id,
         direction: DIR_REVERSE,
-        state: TCP_SYN,
+        state: CT_SYN_SEEN,
         created_ns: now,
         last_seen_ns: now,
         ..Flow::default()
     };
-    let mut reverse_key = FlowKey4 {
-        src_ip: backend.ip,
-        dst_ip: cfg.snat_ip,
-        src_port: backend.port,
-        dst_port: 0,
-        proto: IPPROTO_TCP,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
-    let mut found = false;
     for _ in 0..SNAT_PROBES {
         // SAFETY: helper without arguments.
         let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
         let port = cfg.snat_port_min + (r % range) as u16;
-        reverse_key.dst_port = port.to_be();
+        reverse_key.dst_port = port_to_net(port);
         // A lookup first: an insert that fails still takes (and gives back) an LRU node, and
         // in a full table taking one evicts a live flow.
         let free = match conntrack::lookup(&reverse_key) {
@@ -82,30 +83,122 @@ pub fn create(
             }
         };
         // BPF_NOEXIST still decides: another CPU may have taken the port meanwhile.
-        if free && conntrack::insert_reverse(&reverse_key, &entry)? {
-            found = true;
-            break;
+        if free && let Some(claim) = Claim::reverse(&reverse_key, &entry)? {
+            // Forward entry: client → public becomes SNAT → backend.
+            entry.nat_src_ip = cfg.snat_ip;
+            entry.nat_dst_ip = backend.ip;
+            entry.nat_src_port = reverse_key.dst_port;
+            entry.nat_dst_port = backend.port;
+            entry.direction = DIR_FORWARD;
+            return Ok((entry, claim));
         }
         stats::global(GlobalStat::SnatCollisions);
     }
-    if !found {
-        return Err(DropReason::SnatExhausted);
-    }
-    // Forward entry: client → public becomes SNAT → backend.
-    entry.nat_src_ip = cfg.snat_ip;
-    entry.nat_dst_ip = backend.ip;
-    entry.nat_src_port = reverse_key.dst_port;
-    entry.nat_dst_port = backend.port;
-    entry.direction = DIR_FORWARD;
-    Ok((entry, reverse_key))
+    Err(DropReason::SnatExhausted)
 }
 
-/// Inserts the forward entry of a flow [`create`] started (rolling the reverse one back if
-/// that fails) and counts the new flow.
+/// Completes the pair [`create`] claimed with the forward entry `forward` (key `key`; see
+/// [`Claim::commit`]) and counts the new flow.
 #[inline(always)]
-pub fn commit(key: &FlowKey4, forward: &Flow, reverse_key: &FlowKey4) -> Result<(), DropReason> {
-    conntrack::insert_forward(key, forward, reverse_key)?;
+pub fn commit(claim: Claim, key: &FlowKey4, forward: &Flow) -> Result<(), DropReason> {
+    claim.commit(key, forward)?;
     stats::global(GlobalStat::FlowsCreated);
     stats::new_flow(forward.app_id, forward.backend_id);
     Ok(())
+}
+
+/// Writes the translation of `flow` into `pkt`: the new addresses, ports, IPv4 checksum and
+/// the next hop's MACs cached in `flow`. Returns the rewrite, whose checksum differences the
+/// caller applies to the TCP checksum (XDP and TC do it each their own way).
+///
+/// # Safety
+/// `b` must describe the packet `pkt` was parsed from, unchanged since.
+#[inline(always)]
+pub unsafe fn write_headers(
+    b: &Bounds,
+    pkt: &TcpPacket,
+    flow: &Flow,
+) -> Result<Rewrite, DropReason> {
+    let rw = Rewrite::new(pkt, flow);
+    // SAFETY: the caller's promise.
+    unsafe {
+        rw.write_headers(
+            b,
+            pkt,
+            mac_words(&flow.nexthop_smac),
+            mac_words(&flow.nexthop_dmac),
+        )?
+    };
+    Ok(rw)
+}
+
+/// The new addresses and ports of a translated packet, and the checksum differences they make.
+pub struct Rewrite {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Difference of the addresses (IPv4 header and TCP pseudo-header).
+    pub addr_diff: u32,
+    /// Difference of the ports (TCP header only).
+    pub port_diff: u32,
+}
+
+impl Rewrite {
+    #[inline(always)]
+    fn new(pkt: &TcpPacket, flow: &Flow) -> Self {
+        let k = &pkt.key;
+        Rewrite {
+            src_ip: flow.nat_src_ip,
+            dst_ip: flow.nat_dst_ip,
+            src_port: flow.nat_src_port,
+            dst_port: flow.nat_dst_port,
+            addr_diff: diff32(
+                diff32(0, k.src_ip, flow.nat_src_ip),
+                k.dst_ip,
+                flow.nat_dst_ip,
+            ),
+            port_diff: diff16(
+                diff16(0, k.src_port, flow.nat_src_port),
+                k.dst_port,
+                flow.nat_dst_port,
+            ),
+        }
+    }
+
+    /// Writes addresses, ports, the IPv4 checksum and the MACs into the packet. The TCP
+    /// checksum is left to the caller (it differs between XDP and TC).
+    ///
+    /// # Safety
+    /// `b` must describe the current packet, whose headers were parsed at `pkt`'s offsets.
+    #[inline(always)]
+    unsafe fn write_headers(
+        &self,
+        b: &Bounds,
+        pkt: &TcpPacket,
+        smac: &[u16; 3],
+        dmac: &[u16; 3],
+    ) -> Result<(), DropReason> {
+        let eth = b.words::<6>(0).ok_or(DropReason::Truncated)?;
+        let ip = b
+            .words::<{ IPV4_MIN_LEN / 2 }>(pkt.l3_off)
+            .ok_or(DropReason::Truncated)?;
+        let tcp = b.words::<2>(pkt.l4_off).ok_or(DropReason::Truncated)?;
+        // SAFETY: the pointers were bounds-checked above, 2-byte aligned (see `words`).
+        unsafe {
+            let eth = &mut *eth;
+            eth[..3].copy_from_slice(dmac);
+            eth[3..].copy_from_slice(smac);
+            let ip = &mut *ip;
+            ip[5] = csum::apply(ip[5], self.addr_diff);
+            ip[6] = self.src_ip as u16;
+            ip[7] = (self.src_ip >> 16) as u16;
+            ip[8] = self.dst_ip as u16;
+            ip[9] = (self.dst_ip >> 16) as u16;
+            let tcp = &mut *tcp;
+            tcp[0] = self.src_port;
+            tcp[1] = self.dst_port;
+        }
+        Ok(())
+    }
 }

@@ -10,13 +10,10 @@ use aya_ebpf::{
 use gateway_common::{
     GlobalStat,
     maps::{Flow, NEXTHOP_SLOTS, NextHopCache},
+    net::IPPROTO_TCP,
 };
 
-use crate::{
-    NEXTHOPS,
-    flow::{Now, copy_mac},
-    stats,
-};
+use crate::{clock::Now, mac::copy_mac, maps::NEXTHOPS, stats};
 
 const AF_INET: u8 = 2;
 
@@ -71,7 +68,7 @@ pub fn resolve(ctx: *mut c_void, ingress_ifindex: u32, flow: &mut Flow, now: Now
     // SAFETY: a plain-old-data struct of the kernel's ABI; all zeroes is valid.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.l4_protocol = crate::parse::IPPROTO_TCP;
+    params.l4_protocol = IPPROTO_TCP;
     params.sport = flow.nat_src_port;
     params.dport = flow.nat_dst_port;
     // tot_len stays 0: no MTU check here (it would fail on GSO packets).

@@ -1,18 +1,12 @@
 //! Header parsing with one bounds-checked accessor. Offsets come from the headers themselves
 //! (`ihl`, `doff`), never from constants.
 
-use gateway_common::{DropReason, maps::FlowKey4};
+use gateway_common::{DropReason, maps::FlowKey4, net::IPPROTO_TCP};
 
 pub const ETH_LEN: usize = 14;
 pub const IPV4_MIN_LEN: usize = 20;
 pub const TCP_MIN_LEN: usize = 20;
 const ETH_P_IPV4: u16 = 0x0800;
-pub const IPPROTO_TCP: u8 = 6;
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 /// The packet's directly accessible bytes, `data..data_end`, and its whole length (larger
 /// for an skb whose payload sits in pages).
@@ -62,7 +56,7 @@ pub struct TcpPacket {
     pub l4_off: usize,
     /// The 5-tuple as it arrived (network order).
     pub key: FlowKey4,
-    /// TCP flags byte.
+    /// TCP flags byte (`gateway_common::net::tcp_flags` bits).
     pub flags: u8,
     /// IPv4 total length (host order): the L3 bytes counted in statistics.
     pub l3_len: u16,
@@ -136,15 +130,7 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
     Ok(Parsed::Tcp(TcpPacket {
         l3_off,
         l4_off,
-        key: FlowKey4 {
-            src_ip: join(ip[6], ip[7]),
-            dst_ip,
-            src_port: tcp[0],
-            dst_port: tcp[1],
-            proto: IPPROTO_TCP,
-            _pad0: 0,
-            _pad1: 0,
-        },
+        key: FlowKey4::new(join(ip[6], ip[7]), dst_ip, tcp[0], tcp[1]),
         flags,
         l3_len,
         addr_kind: kind,

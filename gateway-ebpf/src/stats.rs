@@ -5,7 +5,7 @@ use gateway_common::{
     maps::{DIR_FORWARD, Flow, TrafficStats},
 };
 
-use crate::{APP_STATS, BACKEND_STATS, GLOBAL};
+use crate::maps::{APP_STATS, BACKEND_STATS, GLOBAL};
 
 #[inline(always)]
 fn add(index: u32, n: u64) {

@@ -13,10 +13,10 @@ use aya_ebpf::{
 use gateway_common::{DropReason, GlobalStat};
 
 use crate::{
-    flow,
+    nat,
     nexthop::NextHop,
     parse::{Bounds, ETH_LEN},
-    stats,
+    pipeline, stats,
 };
 
 /// Enough linear bytes for Ethernet, IPv4 with options and a TCP header.
@@ -42,11 +42,11 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: the context pointer the kernel gave this program.
     let ingress = unsafe { (*skb).ifindex };
     let mut new = MaybeUninit::uninit();
-    let Some(t) = flow::prepare(&b, skb as *mut c_void, ingress, &mut new)? else {
+    let Some(t) = pipeline::prepare(&b, skb as *mut c_void, ingress, &mut new)? else {
         return Ok(TC_ACT_OK);
     };
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
-    let rw = unsafe { t.write_headers(&b)? };
+    let rw = unsafe { nat::write_headers(&b, &t.pkt, t.flow)? };
     let pkt = &t.pkt;
     let check_off = (pkt.l4_off + 16) as u32;
     // SAFETY: helper calls on this program's skb; they re-validate the offset.

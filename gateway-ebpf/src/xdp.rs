@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use gateway_common::{DropReason, GlobalStat};
 
-use crate::{csum, flow, nexthop::NextHop, parse::Bounds, stats};
+use crate::{csum, nat, nexthop::NextHop, parse::Bounds, pipeline, stats};
 
 #[inline(always)]
 pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
@@ -21,7 +21,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         len: ctx.data_end() - ctx.data(),
     };
     let mut new = MaybeUninit::uninit();
-    let Some(t) = flow::prepare(
+    let Some(t) = pipeline::prepare(
         &b,
         ctx.ctx as *mut c_void,
         ctx.ingress_ifindex() as u32,
@@ -39,7 +39,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         NextHop::Unreachable => return Err(DropReason::NoRoute),
     };
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
-    let rw = unsafe { t.write_headers(&b)? };
+    let rw = unsafe { nat::write_headers(&b, &t.pkt, t.flow)? };
     let pkt = &t.pkt;
     // The TCP checksum: word 8 of the header.
     let check = b.words::<1>(pkt.l4_off + 16).ok_or(DropReason::Truncated)?;

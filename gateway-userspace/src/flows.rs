@@ -2,19 +2,15 @@
 //! client's real address. Full NAT hides it from the backend, which sees the SNAT address and
 //! port; `gateway flows --backend IP:PORT` maps that port back to the client.
 
-use std::{
-    collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
-};
+use std::{collections::HashMap, net::SocketAddrV4};
 
 use gateway_common::maps::{
-    self, DIR_FORWARD, Flow, FlowKey4, TCP_ESTABLISHED, TCP_FIN_FORWARD, TCP_FIN_REVERSE, TCP_RST,
+    self, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, DIR_FORWARD, Flow, FlowKey4,
 };
 
 use crate::{
     api::{FlowList, FlowView},
-    conntrack::Conntrack,
-    datapath::DatapathError,
+    datapath::{Conntrack, DatapathError},
 };
 
 /// Which flows to list.
@@ -25,21 +21,17 @@ pub struct Filter {
     pub limit: Option<usize>,
 }
 
-fn addr(ip: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(ip.to_ne_bytes()), u16::from_be(port))
-}
-
 /// A flow's state bits as one word.
 pub fn state_name(state: u8) -> &'static str {
-    if state & TCP_RST != 0 {
+    if state & CT_RST != 0 {
         "reset"
     } else if maps::is_closed(state) {
         "closed"
-    } else if state & TCP_FIN_FORWARD != 0 {
+    } else if state & CT_FIN_FORWARD != 0 {
         "fin_client"
-    } else if state & TCP_FIN_REVERSE != 0 {
+    } else if state & CT_FIN_REVERSE != 0 {
         "fin_backend"
-    } else if state & TCP_ESTABLISHED != 0 {
+    } else if state & CT_ESTABLISHED != 0 {
         "established"
     } else {
         "handshake"
@@ -57,9 +49,9 @@ pub fn list(
     let wanted = |key: &FlowKey4, flow: &Flow| {
         // A forward entry's backend is where it goes to; a reverse entry's, where it comes from.
         let backend = if flow.direction == DIR_FORWARD {
-            addr(flow.nat_dst_ip, flow.nat_dst_port)
+            flow.nat_dst()
         } else {
-            addr(key.src_ip, key.src_port)
+            key.src()
         };
         filter.app_id.is_none_or(|id| id == flow.app_id)
             && filter.backend.is_none_or(|b| b == backend)
@@ -85,10 +77,10 @@ pub fn list(
             let back = reverse.get(&f.peer_key()).copied().unwrap_or_default();
             FlowView {
                 app: apps.get(&f.app_id).cloned().unwrap_or_default(),
-                client: addr(k.src_ip, k.src_port).to_string(),
-                public: addr(k.dst_ip, k.dst_port).to_string(),
-                backend: addr(f.nat_dst_ip, f.nat_dst_port).to_string(),
-                snat: addr(f.nat_src_ip, f.nat_src_port).to_string(),
+                client: k.src().to_string(),
+                public: k.dst().to_string(),
+                backend: f.nat_dst().to_string(),
+                snat: f.nat_src().to_string(),
                 state: state_name(f.state).to_owned(),
                 age_ms: ms(f.created_ns),
                 idle_ms: ms(f.last_seen_ns.max(back.last_seen_ns)),
@@ -105,29 +97,17 @@ pub fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gateway_common::maps::{TCP_SYN, TCP_SYN_ACK};
+    use gateway_common::maps::{CT_SYN_ACK_SEEN, CT_SYN_SEEN};
 
     #[test]
     fn states_are_named_by_their_most_advanced_bit() {
-        let est = TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED;
-        assert_eq!(state_name(TCP_SYN), "handshake");
-        assert_eq!(state_name(TCP_SYN | TCP_SYN_ACK), "handshake");
+        let est = CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED;
+        assert_eq!(state_name(CT_SYN_SEEN), "handshake");
+        assert_eq!(state_name(CT_SYN_SEEN | CT_SYN_ACK_SEEN), "handshake");
         assert_eq!(state_name(est), "established");
-        assert_eq!(state_name(est | TCP_FIN_FORWARD), "fin_client");
-        assert_eq!(state_name(est | TCP_FIN_REVERSE), "fin_backend");
-        assert_eq!(
-            state_name(est | TCP_FIN_FORWARD | TCP_FIN_REVERSE),
-            "closed"
-        );
-        assert_eq!(state_name(est | TCP_RST), "reset");
-    }
-
-    #[test]
-    fn addresses_come_from_network_order() {
-        let ip = u32::from_ne_bytes([203, 0, 113, 10]);
-        assert_eq!(
-            addr(ip, 20000u16.to_be()),
-            "203.0.113.10:20000".parse().unwrap()
-        );
+        assert_eq!(state_name(est | CT_FIN_FORWARD), "fin_client");
+        assert_eq!(state_name(est | CT_FIN_REVERSE), "fin_backend");
+        assert_eq!(state_name(est | CT_FIN_FORWARD | CT_FIN_REVERSE), "closed");
+        assert_eq!(state_name(est | CT_RST), "reset");
     }
 }

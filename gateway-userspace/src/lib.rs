@@ -3,10 +3,8 @@
 //! ([`api`]), and the operator's CLI ([`cli`]) that the `gateway` binary runs.
 
 pub mod api;
-pub mod batch;
 pub mod cli;
 pub mod config;
-pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
 pub mod flows;

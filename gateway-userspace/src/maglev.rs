@@ -2,10 +2,13 @@
 //! permutation of the table's slots derived from its address, and backends take turns claiming
 //! their next free preferred slot, a backend of weight `w` taking `w` turns per round. Adding or
 //! removing a backend moves only about its share of slots.
+//!
+//! [`choose`] walks a table as the datapath does at a SYN, so that userspace can predict the
+//! datapath's choice.
 
 use std::net::SocketAddrV4;
 
-use gateway_common::maps::MAGLEV_SIZE;
+use gateway_common::maps::{MAGLEV_PROBES, MAGLEV_SIZE};
 
 /// A backend as the table sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +61,30 @@ pub fn table(backends: &[Entry]) -> Vec<u32> {
         }
     }
     slots
+}
+
+/// The backend the datapath gives a new flow whose first slot of `slots` (an app's table) is
+/// `start` (`FlowKey4::maglev_slot`), as gateway-ebpf's `lb::choose` walks it: up to
+/// [`MAGLEV_PROBES`] consecutive slots, wrapping at the end, the first whose backend is
+/// `accepting` (read from the backends map: a backend not there does not accept); an empty
+/// slot (id 0) ends the walk with none. `accepting`'s error is returned as is.
+pub fn choose<E>(
+    slots: &[u32],
+    start: u32,
+    mut accepting: impl FnMut(u32) -> Result<bool, E>,
+) -> Result<Option<u32>, E> {
+    for i in 0..MAGLEV_PROBES {
+        let Some(&id) = slots.get(((start + i) % MAGLEV_SIZE) as usize) else {
+            break;
+        };
+        if id == 0 {
+            break;
+        }
+        if accepting(id)? {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
 }
 
 fn fnv1a(value: u64, seed: u64) -> u64 {
@@ -133,6 +160,30 @@ mod tests {
             moved * 100 / before.len() < 5,
             "{moved} slots of remaining backends moved"
         );
+    }
+
+    #[test]
+    fn choose_probes_past_backends_that_do_not_accept() {
+        let mut t = vec![0u32; MAGLEV_SIZE as usize];
+        t[10..17].copy_from_slice(&[1, 2, 3, 4, 5, 0, 6]);
+        let only = |ok: &'static [u32]| move |id: u32| Ok::<_, ()>(ok.contains(&id));
+        // The hashed slot's backend accepts: it is the choice.
+        assert_eq!(choose(&t, 10, only(&[1, 2, 3, 4])), Ok(Some(1)));
+        // It does not (draining, before its table is rebuilt): the next slots are tried. A
+        // prediction that read the hashed slot only would say 1 here.
+        assert_eq!(choose(&t, 10, only(&[3])), Ok(Some(3)));
+        // At most MAGLEV_PROBES slots.
+        assert_eq!(choose(&t, 10, only(&[4])), Ok(Some(4)));
+        assert_eq!(choose(&t, 10, only(&[5])), Ok(None));
+        // An empty slot ends the walk (6 is within reach of slot 13 otherwise).
+        assert_eq!(choose(&t, 13, only(&[6])), Ok(None));
+        // The walk wraps at the end of the table.
+        let last = MAGLEV_SIZE as usize - 1;
+        t[last] = 5;
+        t[0] = 6;
+        assert_eq!(choose(&t, last as u32, only(&[6])), Ok(Some(6)));
+        // The backends map's errors come back.
+        assert_eq!(choose(&t, 10, |_| Err::<bool, _>("read")), Err("read"));
     }
 
     #[test]

@@ -27,8 +27,7 @@ use prometheus_client::{
 use std::collections::HashMap;
 
 use crate::{
-    conntrack::ConnectionCounts,
-    datapath::{Datapath, DatapathError, GlobalStats},
+    datapath::{ConnectionCounts, Datapath, DatapathError, GlobalStats},
     state::{BackendState, State},
 };
 

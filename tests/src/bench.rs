@@ -6,11 +6,11 @@ use std::{
     time::Instant,
 };
 
-use gateway::datapath::{AttachMode, flow_key, monotonic_ns};
-use gateway_common::GlobalStat;
+use gateway::datapath::{AttachMode, BenchObject, monotonic_ns};
 use gateway_common::maps::{
-    self, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, TCP_ESTABLISHED, TCP_SYN, TCP_SYN_ACK,
+    self, CT_ESTABLISHED, CT_SYN_ACK_SEEN, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4,
 };
+use gateway_common::{GlobalStat, bench::BENCH_FLOOR_APP, net::ip_to_net};
 
 use crate::{
     datapath::{Fixture, Program, test_run},
@@ -62,7 +62,7 @@ pub fn run(args: &[&str]) {
 /// takes the established path again, with all of its work (lookup, state, counters, rewrite,
 /// checksums, redirect to the cached next hop).
 fn identity_flow(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> (FlowKey4, Flow) {
-    let k = flow_key(src, dst);
+    let k = FlowKey4::from_addrs(src, dst);
     let now = monotonic_ns();
     let flow = Flow {
         nat_src_ip: k.src_ip,
@@ -72,7 +72,7 @@ fn identity_flow(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> (FlowKe
         app_id: crate::datapath::APP,
         backend_id: 1,
         direction,
-        state: TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED,
+        state: CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED,
         created_ns: now,
         last_seen_ns: now,
         nexthop_ns: now,
@@ -101,34 +101,22 @@ fn fill(fx: &mut Fixture, from: u32, to: u32) {
     }
 }
 
-/// A program of the object other than the datapath's own (the benchmark's baselines and
-/// floors), sharing the fixture's maps, loaded on first use.
-fn extra<'a>(fx: &'a mut Fixture, mode: AttachMode, name: &'static str) -> Program<'a> {
+/// A program of the benchmark's object (its baselines and floors), which shares the fixture's
+/// maps.
+fn extra<'a>(bench: &'a mut BenchObject, mode: AttachMode, name: &'static str) -> Program<'a> {
     match mode {
-        AttachMode::Xdp => {
-            let p: &mut aya::programs::Xdp = fx.dp.program(name).expect(name);
-            if p.fd().is_err() {
-                p.load().expect(name);
-            }
-            Program::Xdp(p)
-        }
-        AttachMode::Tc => {
-            let p: &mut aya::programs::SchedClassifier = fx.dp.program(name).expect(name);
-            if p.fd().is_err() {
-                p.load().expect(name);
-            }
-            Program::Tc(p)
-        }
+        AttachMode::Xdp => Program::Xdp(bench.program(name).expect(name)),
+        AttachMode::Tc => Program::Tc(bench.program(name).expect(name)),
     }
 }
 
 /// ns per run of `mode`'s program that only returns: the floor of test_run itself.
-fn empty(fx: &mut Fixture, mode: AttachMode, frame: &[u8], repeat: u32) -> f64 {
+fn empty(bench: &mut BenchObject, mode: AttachMode, frame: &[u8], repeat: u32) -> f64 {
     let name = match mode {
         AttachMode::Xdp => "bench_empty_xdp",
         AttachMode::Tc => "bench_empty_tc",
     };
-    test_run(extra(fx, mode, name), frame, repeat).2
+    test_run(extra(bench, mode, name), frame, repeat).2
 }
 
 /// ns/packet through BPF_PROG_TEST_RUN, for each attach mode and conntrack size.
@@ -146,12 +134,16 @@ fn datapath(sizes: &[u32]) {
         topo.backends[0].gw_iface
     ));
     let sizes = sizes.to_vec();
+    // The datapath's maps are pinned there, so that the benchmark's object shares them.
+    let pins = topo.bpffs.path().join("datapath-bench");
+    std::fs::create_dir(&pins).expect("a pin directory");
     let rows = topo.gateway.run(move || {
         let backend_ips: Vec<Ipv4Addr> = (0..3)
             .map(|i| Ipv4Addr::new(198, 51, 100, 4 * i + 2))
             .collect();
         let capacity = 2 * sizes.iter().max().unwrap() + 2 * u32::from(SYNS) * 2 + 1024;
-        let mut fx = Fixture::new(AttachMode::Xdp, &backend_ips, capacity);
+        let mut fx = Fixture::pinned(AttachMode::Xdp, &backend_ips, capacity, &pins);
+        let mut bench = fx.dp.load_bench().expect("the benchmark's object");
         // The daemon's default SNAT ports (~19k per backend): the SYNs of one row end at
         // ~35% occupancy of each backend's ports, and the collisions are reported.
         let ports = gateway::config::DEFAULT_SNAT_PORTS;
@@ -211,7 +203,7 @@ fn datapath(sizes: &[u32]) {
                     "empty program".into(),
                     mode,
                     size,
-                    empty(&mut fx, mode, &other, REPEAT),
+                    empty(&mut bench, mode, &other, REPEAT),
                 ));
                 rows.push((
                     "not for the gateway".into(),
@@ -240,7 +232,7 @@ fn datapath(sizes: &[u32]) {
                     syn_port = syn_port.wrapping_add(1).max(1);
                     let syn = Frame::tcp(c, svc, flags::SYN).build();
                     times.push(fx.time(&syn, 1));
-                    empty_total += empty(&mut fx, mode, &syn, 1);
+                    empty_total += empty(&mut bench, mode, &syn, 1);
                 }
                 let after = fx.dp.global_stats().expect("stats");
                 let stat = |s: GlobalStat| after.get(s) - before.get(s);
@@ -302,11 +294,11 @@ fn datapath(sizes: &[u32]) {
                         // as the chain is, on the same table.
                         let mut pairs = Vec::new();
                         for _ in 0..CHAIN_CALLS {
-                            let program = extra(&mut fx, mode, "bench_ct_pair_xdp");
+                            let program = extra(&mut bench, mode, "bench_ct_pair_xdp");
                             pairs.push(test_run(program, &other, CHAIN_REPEAT).2);
                             fx.dp
                                 .conntrack_mut()
-                                .remove_where(|f| f.app_id == maps::BENCH_FLOOR_APP)
+                                .remove_where(|f| f.app_id == BENCH_FLOOR_APP)
                                 .expect("remove the floor's entries");
                         }
                         rows.push((
@@ -317,7 +309,7 @@ fn datapath(sizes: &[u32]) {
                         ));
                     }
                     AttachMode::Tc => {
-                        let program = extra(&mut fx, mode, "bench_csum_tc");
+                        let program = extra(&mut bench, mode, "bench_csum_tc");
                         rows.push((
                             "floor: the two checksum helper calls alone".into(),
                             mode,
@@ -328,8 +320,8 @@ fn datapath(sizes: &[u32]) {
                 }
                 // Each mode and size starts from the same SNAT port occupancy: the table's
                 // filler flows only.
-                let client = u32::from(SYN_CLIENT).to_be();
-                let snat = u32::from(Topology::SNAT_IP).to_be();
+                let client = ip_to_net(SYN_CLIENT);
+                let snat = ip_to_net(Topology::SNAT_IP);
                 fx.dp
                     .conntrack_mut()
                     .remove_where(|f| f.nat_dst_ip == client || f.nat_src_ip == snat)
@@ -393,8 +385,7 @@ fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
 /// apps (5 backends each).
 fn observability(flows: &[u32], apps: &[u32]) {
     use gateway::{
-        conntrack::Timeouts,
-        datapath::{Datapath, LoadOptions},
+        datapath::{Datapath, LoadOptions, Timeouts},
         metrics::{self, DaemonFigures, HealthLatency, Snapshot},
         state::{BackendState, PortRange, State},
     };

@@ -2,13 +2,17 @@
 //! crafted frames from a thread inside the gateway's namespace (so `bpf_fib_lookup` sees its
 //! routes and neighbours).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use gateway::{
     datapath::{AttachMode, Datapath, LoadOptions},
     maglev,
 };
+use gateway_common::maps::FlowKey4;
 
 use crate::netns::Topology;
 
@@ -74,9 +78,30 @@ impl Fixture {
     /// Loads the datapath (conntrack of `capacity` entries) and configures app 1 with the
     /// topology's backends. Call from a thread inside the gateway namespace.
     pub fn new(mode: AttachMode, backend_ips: &[Ipv4Addr], capacity: u32) -> Self {
+        Self::load(mode, backend_ips, capacity, None)
+    }
+
+    /// As [`Fixture::new`], with every map pinned in `pin_dir` (a directory on a bpffs of the
+    /// caller's, such as a [`crate::netns::Topology`]'s), so that other objects can share them
+    /// (the benchmark's: `Datapath::load_bench`).
+    pub fn pinned(
+        mode: AttachMode,
+        backend_ips: &[Ipv4Addr],
+        capacity: u32,
+        pin_dir: &Path,
+    ) -> Self {
+        Self::load(mode, backend_ips, capacity, Some(pin_dir.to_owned()))
+    }
+
+    fn load(
+        mode: AttachMode,
+        backend_ips: &[Ipv4Addr],
+        capacity: u32,
+        pin_dir: Option<PathBuf>,
+    ) -> Self {
         let mut dp = Datapath::load_with(&LoadOptions {
             conntrack_capacity: capacity,
-            ..Default::default()
+            pin_dir,
         })
         .expect("load the datapath");
         dp.configure(
@@ -125,8 +150,8 @@ impl Fixture {
         }
     }
 
-    /// The backend userspace expects app 1 to give the client tuple `client → public`,
-    /// computed from userspace's own Maglev table and the shared flow hash.
+    /// The backend userspace expects app 1 to give a new flow `client → public`, as the
+    /// datapath would choose it now (`Datapath::predict_backend`).
     pub fn expected_backend(&self, client: SocketAddrV4, public: SocketAddrV4) -> maglev::Entry {
         let id = self
             .dp
@@ -138,5 +163,39 @@ impl Fixture {
             .iter()
             .find(|b| b.id == id)
             .expect("a known backend")
+    }
+
+    /// The backend in the first Maglev slot of a new flow `client → public` of app 1 (its
+    /// hashed slot), whether or not it accepts new flows: the datapath's choice while it does
+    /// (see [`Fixture::expected_backend`] for the choice itself).
+    pub fn slot_backend(&self, client: SocketAddrV4, public: SocketAddrV4) -> maglev::Entry {
+        let table = self
+            .dp
+            .app_table(APP)
+            .expect("table")
+            .expect("app 1 has a table");
+        let id = table[FlowKey4::from_addrs(client, public).maglev_slot() as usize];
+        *self
+            .backends
+            .iter()
+            .find(|b| b.id == id)
+            .expect("a known backend")
+    }
+
+    /// The backend the flow `client → public` of app 1 went to (its conntrack entry's), if
+    /// it has a flow.
+    pub fn flow_backend(
+        &self,
+        client: SocketAddrV4,
+        public: SocketAddrV4,
+    ) -> Option<maglev::Entry> {
+        let flow = self
+            .dp
+            .flow(&FlowKey4::from_addrs(client, public))
+            .expect("conntrack lookup")?;
+        self.backends
+            .iter()
+            .find(|b| b.id == flow.backend_id)
+            .copied()
     }
 }

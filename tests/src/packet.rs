@@ -4,18 +4,14 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use gateway_common::net::IPPROTO_TCP;
+
 pub const ETH_LEN: usize = 14;
 pub const IPV4_LEN: usize = 20;
 pub const TCP_LEN: usize = 20;
 
-/// TCP flags.
-pub mod flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-}
+/// TCP flags (the datapath's own).
+pub use gateway_common::net::tcp_flags as flags;
 
 /// A frame to build.
 #[derive(Clone, Debug)]
@@ -24,7 +20,7 @@ pub struct Frame {
     pub dst_mac: [u8; 6],
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
-    /// IP protocol (6 = TCP).
+    /// IP protocol ([`IPPROTO_TCP`] or another).
     pub proto: u8,
     pub tcp_flags: u8,
     pub seq: u32,
@@ -45,7 +41,7 @@ impl Frame {
             dst_mac: [0x02, 0, 0, 0, 0, 0x01],
             src,
             dst,
-            proto: 6,
+            proto: IPPROTO_TCP,
             tcp_flags,
             seq: 0x1000_0000,
             ack: if tcp_flags & flags::ACK != 0 {
@@ -75,7 +71,7 @@ impl Frame {
     pub fn build(&self) -> Vec<u8> {
         assert!(self.ip_options.len().is_multiple_of(4) && self.ip_options.len() <= 40);
         let ihl = (IPV4_LEN + self.ip_options.len()) / 4;
-        let l4: Vec<u8> = if self.proto == 6 {
+        let l4: Vec<u8> = if self.proto == IPPROTO_TCP {
             let mut tcp = vec![0u8; TCP_LEN];
             tcp[0..2].copy_from_slice(&self.src.port().to_be_bytes());
             tcp[2..4].copy_from_slice(&self.dst.port().to_be_bytes());
@@ -85,7 +81,7 @@ impl Frame {
             tcp[13] = self.tcp_flags;
             tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
             tcp.extend_from_slice(&self.payload);
-            let sum = l4_checksum(*self.src.ip(), *self.dst.ip(), 6, &tcp);
+            let sum = l4_checksum(*self.src.ip(), *self.dst.ip(), IPPROTO_TCP, &tcp);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
             tcp
         } else {
@@ -179,11 +175,15 @@ pub fn parse_checked(frame: &[u8]) -> Parsed {
         "IPv4 total length does not match the frame"
     );
     assert_eq!(checksum(&ip[..ihl]), 0, "bad IPv4 header checksum");
-    assert_eq!(ip[9], 6, "not TCP");
+    assert_eq!(ip[9], IPPROTO_TCP, "not TCP");
     let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let tcp = &ip[ihl..total];
-    assert_eq!(l4_checksum(src_ip, dst_ip, 6, tcp), 0, "bad TCP checksum");
+    assert_eq!(
+        l4_checksum(src_ip, dst_ip, IPPROTO_TCP, tcp),
+        0,
+        "bad TCP checksum"
+    );
     let doff = usize::from(tcp[12] >> 4) * 4;
     Parsed {
         dst_mac: frame[0..6].try_into().unwrap(),

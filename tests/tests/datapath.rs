@@ -24,12 +24,12 @@ use std::{
     time::Duration,
 };
 
-use gateway::datapath::{AttachMode, Datapath, flow_key};
+use gateway::datapath::{AttachMode, Datapath};
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        DIR_FORWARD, DIR_REVERSE, FlowKey4, TCP_ESTABLISHED, TCP_FIN_FORWARD, TCP_FIN_REVERSE,
-        TCP_RST, TCP_SYN, TCP_SYN_ACK,
+        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
+        DIR_FORWARD, DIR_REVERSE, FlowKey4,
     },
 };
 use gateway_tests::{
@@ -89,12 +89,12 @@ fn connection(c: Conn) -> Vec<Row> {
         .check(
             "the reverse entry: backend → the output's source",
             move |cx| {
-                let rev = flow_key(cx.maglev(c).addr, cx.parsed().src);
+                let rev = FlowKey4::from_addrs(cx.maglev(c).addr, cx.parsed().src);
                 assert_eq!(cx.flow(rev).direction, DIR_REVERSE);
             },
         )
         .check("state: SYN", move |cx| {
-            assert_eq!(cx.state(c.key()), TCP_SYN)
+            assert_eq!(cx.state(c.key()), CT_SYN_SEEN)
         })
         .check("the SYN resolves its next hop", move |cx| {
             assert!(cx.flow(c.key()).nexthop_ns != 0);
@@ -105,7 +105,7 @@ fn connection(c: Conn) -> Vec<Row> {
             c.to_client(),
         )
         .check("forward entry knows the SYN-ACK", move |cx| {
-            assert_eq!(cx.state(c.key()) & TCP_SYN_ACK, TCP_SYN_ACK);
+            assert_eq!(cx.state(c.key()) & CT_SYN_ACK_SEEN, CT_SYN_ACK_SEEN);
         }),
         Row::redirected(
             "ACK completes the handshake",
@@ -116,7 +116,7 @@ fn connection(c: Conn) -> Vec<Row> {
         .counter(GlobalStat::FibLookups, 0..=0)
         .check("reverse entry established", move |cx| {
             let state = cx.state(c.reverse_key(cx));
-            assert_eq!(state & TCP_ESTABLISHED, TCP_ESTABLISHED);
+            assert_eq!(state & CT_ESTABLISHED, CT_ESTABLISHED);
         }),
         Row::redirected(
             "established data client → backend",
@@ -156,7 +156,7 @@ fn connection_closed_by_fins() -> Scenario {
             )
             .check("reverse entry knows the client's FIN", move |cx| {
                 let state = cx.state(c.reverse_key(cx));
-                assert_eq!(state & TCP_FIN_FORWARD, TCP_FIN_FORWARD);
+                assert_eq!(state & CT_FIN_FORWARD, CT_FIN_FORWARD);
             }),
         )
         .row(
@@ -166,7 +166,7 @@ fn connection_closed_by_fins() -> Scenario {
                 c.to_client(),
             )
             .check("forward entry knows the backend's FIN", move |cx| {
-                assert_eq!(cx.state(c.key()) & TCP_FIN_REVERSE, TCP_FIN_REVERSE);
+                assert_eq!(cx.state(c.key()) & CT_FIN_REVERSE, CT_FIN_REVERSE);
             }),
         )
         .row(
@@ -177,7 +177,7 @@ fn connection_closed_by_fins() -> Scenario {
             )
             .entries(0) // the old pair is replaced by a new one
             .check("fresh state", move |cx| {
-                assert_eq!(cx.state(c.key()), TCP_SYN)
+                assert_eq!(cx.state(c.key()), CT_SYN_SEEN)
             }),
         )
         .check("per-app counters saw the traffic", app_counters(2, true))
@@ -192,7 +192,7 @@ fn connection_closed_by_rst() -> Scenario {
             c.to_client(),
         )
         .check("forward entry knows the RST", move |cx| {
-            assert_eq!(cx.state(c.key()) & TCP_RST, TCP_RST);
+            assert_eq!(cx.state(c.key()) & CT_RST, CT_RST);
         }),
     )
 }
@@ -385,10 +385,11 @@ fn draining_backend() -> Scenario {
     let old = Conn::new(41_000);
     // A new client whose Maglev slot holds the backend of `old`'s flow.
     let new = move |cx: &Ctx| {
-        let drained = cx.maglev(old).id;
+        // The slot's backend, not the prediction (which skips a backend that stopped accepting).
+        let drained = cx.fx.slot_backend(old.client, old.service).id;
         (43_000..43_100)
             .map(Conn::new)
-            .find(|c| cx.maglev(*c).id == drained)
+            .find(|c| cx.fx.slot_backend(c.client, c.service).id == drained)
             .expect("a tuple in the draining backend's slots")
     };
     Scenario::new()
@@ -413,7 +414,7 @@ fn draining_backend() -> Scenario {
             .entries(2)
             .check("the draining backend was not chosen", move |cx| {
                 let f = cx.flow(new(cx).key());
-                assert_ne!(f.backend_id, cx.maglev(old).id);
+                assert_ne!(f.backend_id, cx.fx.slot_backend(old.client, old.service).id);
             }),
         )
         .row(Row::redirected(
@@ -471,7 +472,7 @@ fn snat_exhaustion() -> Scenario {
             let e = cx.flow(k);
             assert_eq!(e.direction, dir);
             let e = gateway_common::maps::Flow {
-                state: e.state | TCP_RST,
+                state: e.state | CT_RST,
                 last_seen_ns,
                 ..e
             };
@@ -620,7 +621,7 @@ fn the_batched_walk_sees_every_entry_once_across_batches() {
     const N: u32 = 10_000;
     for i in 0..N {
         let c = SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 40_000);
-        dp.insert_flow(flow_key(c, Fixture::service()), Flow::default())
+        dp.insert_flow(FlowKey4::from_addrs(c, Fixture::service()), Flow::default())
             .unwrap();
     }
     let mut seen = std::collections::HashSet::new();
@@ -649,21 +650,26 @@ fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
     let now = monotonic_ns() + 10_000 * sec;
     // (client port, state, idle seconds, expected to survive)
     let cases = [
-        (1, TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED, 60, true),
-        (2, TCP_SYN | TCP_SYN_ACK | TCP_ESTABLISHED, 1000, false),
-        (3, TCP_SYN | TCP_RST, 11, false),
-        (4, TCP_SYN | TCP_FIN_FORWARD | TCP_FIN_REVERSE, 11, false),
-        (5, TCP_SYN | TCP_FIN_FORWARD, 11, true),
-        (6, TCP_SYN, 31, false),
-        (7, TCP_SYN, 5, true),
+        (1, CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED, 60, true),
+        (
+            2,
+            CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED,
+            1000,
+            false,
+        ),
+        (3, CT_SYN_SEEN | CT_RST, 11, false),
+        (4, CT_SYN_SEEN | CT_FIN_FORWARD | CT_FIN_REVERSE, 11, false),
+        (5, CT_SYN_SEEN | CT_FIN_FORWARD, 11, true),
+        (6, CT_SYN_SEEN, 31, false),
+        (7, CT_SYN_SEEN, 5, true),
     ];
     let svc = Fixture::service();
     let backend = SocketAddrV4::new(backend_ip(0), BACKEND_PORT);
     for (p, state, idle, _) in cases {
         let c = client(p);
         let snat = SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p);
-        let fwd = flow_key(c, svc);
-        let rev = flow_key(backend, snat);
+        let fwd = FlowKey4::from_addrs(c, svc);
+        let rev = FlowKey4::from_addrs(backend, snat);
         let base = Flow {
             state,
             last_seen_ns: now - idle * sec,
@@ -687,8 +693,8 @@ fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
     assert_eq!(scan.counts.entries, 6);
     assert_eq!(scan.counts.apps.get(&0), Some(&3));
     for (p, _, _, survives) in cases {
-        let fwd = flow_key(client(p), svc);
-        let rev = flow_key(backend, SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p));
+        let fwd = FlowKey4::from_addrs(client(p), svc);
+        let rev = FlowKey4::from_addrs(backend, SocketAddrV4::new(Topology::SNAT_IP, 40_000 + p));
         for k in [fwd, rev] {
             assert_eq!(dp.flow(&k).unwrap().is_some(), survives, "client port {p}");
         }
@@ -720,7 +726,7 @@ fn flows_are_timed_by_the_coarse_monotonic_clock_across_ticks() {
             assert_eq!(verdict, Verdict::Redirect, "{mode}");
             let flow = fx
                 .dp
-                .flow(&flow_key(c, Fixture::service()))
+                .flow(&FlowKey4::from_addrs(c, Fixture::service()))
                 .unwrap()
                 .expect("the SYN made a flow");
             assert!(

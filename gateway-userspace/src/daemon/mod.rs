@@ -63,9 +63,6 @@ fn default_mode_in(sys_class_net: &Path, iface: &str) -> AttachMode {
     }
 }
 
-/// How often a cached next hop is resolved again.
-const NEXTHOP_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// How the daemon ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Exit {
@@ -262,7 +259,7 @@ fn load_datapath(settings: &Settings) -> Result<Datapath, DaemonError> {
     datapath.configure(
         settings.snat_ip,
         settings.snat_ports.low..=settings.snat_ports.high,
-        NEXTHOP_MAX_AGE,
+        std::time::Duration::from_nanos(gateway_common::maps::NEXTHOP_MAX_AGE_DEFAULT_NS),
     )?;
     datapath.set_addresses(&[
         (settings.public_ip, ADDR_PUBLIC),

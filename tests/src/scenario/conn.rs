@@ -3,7 +3,6 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use gateway::datapath::flow_key;
 use gateway_common::maps::FlowKey4;
 
 use super::{Ctx, Input, Out};
@@ -125,7 +124,7 @@ impl Conn {
 
     /// The forward entry's key (client → service).
     pub fn key(&self) -> FlowKey4 {
-        flow_key(self.client, self.service)
+        FlowKey4::from_addrs(self.client, self.service)
     }
 
     /// The reverse entry's key (backend → SNAT address), from the forward entry.

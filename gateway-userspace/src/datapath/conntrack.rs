@@ -6,7 +6,7 @@ use std::{os::fd::AsFd as _, time::Duration};
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
 use gateway_common::maps::{self, Flow, FlowKey4};
 
-use crate::{batch, datapath::DatapathError};
+use super::{DatapathError, batch};
 
 /// The conntrack map ([`maps::CONNTRACK4`]).
 pub struct Conntrack {
@@ -58,6 +58,7 @@ impl Conntrack {
     }
 
     /// Inserts an entry as it is (tests and benchmarks fill the table this way).
+    #[cfg(feature = "testing")]
     pub fn insert(&mut self, key: FlowKey4, flow: Flow) -> Result<(), DatapathError> {
         self.map.insert(key, flow, 0).map_err(map_err)
     }
@@ -146,7 +147,7 @@ impl Timeouts {
         let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
         let limit = if maps::is_closed(flow.state) {
             self.closed
-        } else if flow.state & maps::TCP_ESTABLISHED != 0 {
+        } else if flow.state & maps::CT_ESTABLISHED != 0 {
             self.established
         } else {
             self.handshake

@@ -1,0 +1,60 @@
+//! The datapath's configuration: one entry of [`super::CONFIG`].
+
+use bytemuck::{Pod, Zeroable};
+
+use super::MAX_ADDRS;
+
+/// [`Config::addr_kinds`] bit: a public address (services listen there).
+pub const ADDR_PUBLIC: u32 = 1;
+/// [`Config::addr_kinds`] bit: a SNAT address (replies from backends come back there).
+pub const ADDR_SNAT: u32 = 2;
+
+/// How long a cached next hop is trusted when [`Config::nexthop_max_age_ns`] is 0 (ns: 1 s).
+/// The daemon configures this value too.
+pub const NEXTHOP_MAX_AGE_DEFAULT_NS: u64 = 1_000_000_000;
+
+/// The datapath's configuration (one entry of [`super::CONFIG`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// The SNAT source address toward backends (network order). 0: not configured, so no
+    /// new flow can be created.
+    pub snat_ip: u32,
+    /// First SNAT source port (host order).
+    pub snat_port_min: u16,
+    /// Last SNAT source port, inclusive (host order).
+    pub snat_port_max: u16,
+    /// How long a cached next hop is trusted before it is looked up again (ns); 0:
+    /// [`NEXTHOP_MAX_AGE_DEFAULT_NS`].
+    pub nexthop_max_age_ns: u64,
+    /// The addresses the gateway answers for (network order; 0: free slot). A packet to any
+    /// other address is not looked at further.
+    pub addrs: [u32; MAX_ADDRS],
+    /// What each address of `addrs` is: [`ADDR_PUBLIC`] and/or [`ADDR_SNAT`] bits.
+    pub addr_kinds: [u32; MAX_ADDRS],
+}
+
+impl Config {
+    /// How long a cached next hop is trusted (ns): [`Config::nexthop_max_age_ns`], or
+    /// [`NEXTHOP_MAX_AGE_DEFAULT_NS`] when that is 0.
+    #[inline(always)]
+    pub const fn nexthop_max_age(&self) -> u64 {
+        match self.nexthop_max_age_ns {
+            0 => NEXTHOP_MAX_AGE_DEFAULT_NS,
+            age => age,
+        }
+    }
+
+    /// The kind bits of `ip` (network order), 0 when it is not a gateway address.
+    #[inline(always)]
+    pub fn addr_kind(&self, ip: u32) -> u32 {
+        let mut i = 0;
+        while i < MAX_ADDRS {
+            if self.addrs[i] == ip && ip != 0 {
+                return self.addr_kinds[i];
+            }
+            i += 1;
+        }
+        0
+    }
+}

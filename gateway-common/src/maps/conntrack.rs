@@ -1,0 +1,210 @@
+//! Conntrack ([`super::CONNTRACK4`]): a key per direction of a connection and the entry that
+//! says how to rewrite its packets.
+
+use core::net::SocketAddrV4;
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::net::{IPPROTO_TCP, ip_to_net, port_to_net, socket_from_net};
+
+/// Key of [`super::CONNTRACK4`]: a TCP 5-tuple as it arrives at the gateway.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey4 {
+    /// Source address (network order).
+    pub src_ip: u32,
+    /// Destination address (network order).
+    pub dst_ip: u32,
+    /// Source port (network order).
+    pub src_port: u16,
+    /// Destination port (network order).
+    pub dst_port: u16,
+    /// IP protocol ([`IPPROTO_TCP`]).
+    pub proto: u8,
+    /// Padding, zero. Two fields rather than `[u8; 3]`: the datapath builds a key per packet,
+    /// and zeroing an unaligned 3-byte array compiles to a call of `memset` in BPF, a 1-byte
+    /// and an aligned 2-byte field to two stores.
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+impl FlowKey4 {
+    /// The key of a TCP packet `src_ip:src_port → dst_ip:dst_port`, every field in network
+    /// order (as parsed from the wire), the padding zeroed. Every key is built here.
+    #[inline(always)]
+    pub const fn new(src_ip: u32, dst_ip: u32, src_port: u16, dst_port: u16) -> Self {
+        FlowKey4 {
+            src_ip,
+            dst_ip,
+            src_port,
+            dst_port,
+            proto: IPPROTO_TCP,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The key of a TCP packet `src → dst` (addresses and ports in host terms).
+    pub const fn from_addrs(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        FlowKey4::new(
+            ip_to_net(*src.ip()),
+            ip_to_net(*dst.ip()),
+            port_to_net(src.port()),
+            port_to_net(dst.port()),
+        )
+    }
+
+    /// The slot of an app's Maglev table a new flow of this key tries first: the shared flow
+    /// hash ([`crate::flow_hash4`]) modulo [`super::MAGLEV_SIZE`]. The next
+    /// [`super::MAGLEV_PROBES`]` - 1` slots follow, wrapping, when its backend does not accept.
+    #[inline(always)]
+    pub const fn maglev_slot(&self) -> u32 {
+        crate::flow_hash4(self.src_ip, self.dst_ip, self.src_port, self.dst_port)
+            % super::MAGLEV_SIZE
+    }
+
+    /// The packet's source.
+    pub const fn src(&self) -> SocketAddrV4 {
+        socket_from_net(self.src_ip, self.src_port)
+    }
+
+    /// The packet's destination.
+    pub const fn dst(&self) -> SocketAddrV4 {
+        socket_from_net(self.dst_ip, self.dst_port)
+    }
+}
+
+/// [`Flow::direction`]: client → backend entry (key: client → public).
+pub const DIR_FORWARD: u8 = 0;
+/// [`Flow::direction`]: backend → client entry (key: backend → SNAT).
+pub const DIR_REVERSE: u8 = 1;
+
+// Conntrack state bits ([`Flow::state`]): what the connection has been through. Not the TCP
+// header's flags, which are `crate::net::tcp_flags`.
+
+/// [`Flow::state`] bit: the client's SYN was seen.
+pub const CT_SYN_SEEN: u8 = 1;
+/// [`Flow::state`] bit: the backend's SYN-ACK was seen.
+pub const CT_SYN_ACK_SEEN: u8 = 2;
+/// [`Flow::state`] bit: the client acknowledged the SYN-ACK (established).
+pub const CT_ESTABLISHED: u8 = 4;
+/// [`Flow::state`] bit: the client sent FIN.
+pub const CT_FIN_FORWARD: u8 = 8;
+/// [`Flow::state`] bit: the backend sent FIN.
+pub const CT_FIN_REVERSE: u8 = 16;
+/// [`Flow::state`] bit: either side sent RST.
+pub const CT_RST: u8 = 32;
+
+/// Value of [`super::CONNTRACK4`]: how to rewrite a packet of this flow and where to send it.
+/// Both entries of a connection carry the same `state` bits (a FIN or RST updates both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Flow {
+    /// New source address (network order): SNAT address (forward) or public address (reverse).
+    pub nat_src_ip: u32,
+    /// New destination address (network order): backend (forward) or client (reverse).
+    pub nat_dst_ip: u32,
+    /// New source port (network order).
+    pub nat_src_port: u16,
+    /// New destination port (network order).
+    pub nat_dst_port: u16,
+    /// The app (index of [`super::APP_STATS`]).
+    pub app_id: u32,
+    /// The backend (index of [`super::BACKENDS4`] and [`super::BACKEND_STATS`]).
+    pub backend_id: u32,
+    /// [`DIR_FORWARD`] or [`DIR_REVERSE`].
+    pub direction: u8,
+    /// `CT_*` bits.
+    pub state: u8,
+    pub _pad: [u8; 2],
+    /// When the flow was created (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE ns).
+    pub created_ns: u64,
+    /// When a packet last went through this entry (ns, refreshed at most every
+    /// [`LAST_SEEN_GRANULARITY_NS`]).
+    pub last_seen_ns: u64,
+    /// When the next hop below was resolved (ns); 0: not resolved.
+    pub nexthop_ns: u64,
+    /// Egress interface index of the next hop.
+    pub nexthop_ifindex: u32,
+    /// Source MAC toward the next hop.
+    pub nexthop_smac: [u8; 6],
+    /// Destination MAC of the next hop.
+    pub nexthop_dmac: [u8; 6],
+    /// Packets through this entry (approximate under concurrent updates).
+    pub packets: u64,
+    /// Bytes (L3) through this entry (approximate under concurrent updates).
+    pub bytes: u64,
+}
+
+impl Flow {
+    /// The key of the other entry of this connection: the rewritten tuple, reversed. The same
+    /// formula serves both directions because each entry stores the rewritten addresses.
+    #[inline(always)]
+    pub const fn peer_key(&self) -> FlowKey4 {
+        FlowKey4::new(
+            self.nat_dst_ip,
+            self.nat_src_ip,
+            self.nat_dst_port,
+            self.nat_src_port,
+        )
+    }
+
+    /// The new source of this entry's packets.
+    pub const fn nat_src(&self) -> SocketAddrV4 {
+        socket_from_net(self.nat_src_ip, self.nat_src_port)
+    }
+
+    /// The new destination of this entry's packets.
+    pub const fn nat_dst(&self) -> SocketAddrV4 {
+        socket_from_net(self.nat_dst_ip, self.nat_dst_port)
+    }
+}
+
+/// Whether a connection with `state` bits is over (RST, or FIN both ways).
+#[inline(always)]
+pub const fn is_closed(state: u8) -> bool {
+    let fins = CT_FIN_FORWARD | CT_FIN_REVERSE;
+    state & CT_RST != 0 || state & fins == fins
+}
+
+/// `last_seen_ns` is refreshed at most this often, to keep established packets from writing
+/// the entry's cache line every time.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_from_addresses_holds_wire_bytes_and_zero_padding() {
+        let key = FlowKey4::from_addrs(
+            "192.0.2.2:40000".parse().unwrap(),
+            "203.0.113.10:20000".parse().unwrap(),
+        );
+        let bytes: [u8; 16] = bytemuck::cast(key);
+        assert_eq!(
+            bytes,
+            [
+                192, 0, 2, 2, 203, 0, 113, 10, 0x9c, 0x40, 0x4e, 0x20, 6, 0, 0, 0
+            ]
+        );
+        assert_eq!(key.src(), "192.0.2.2:40000".parse().unwrap());
+        assert_eq!(key.dst(), "203.0.113.10:20000".parse().unwrap());
+    }
+
+    #[test]
+    fn the_peer_key_is_the_rewritten_tuple_reversed() {
+        let forward = Flow {
+            nat_src_ip: ip_to_net(core::net::Ipv4Addr::new(198, 51, 100, 253)),
+            nat_dst_ip: ip_to_net(core::net::Ipv4Addr::new(198, 51, 100, 2)),
+            nat_src_port: port_to_net(40_000),
+            nat_dst_port: port_to_net(8080),
+            ..Flow::default()
+        };
+        assert_eq!(
+            forward.peer_key(),
+            FlowKey4::from_addrs(forward.nat_dst(), forward.nat_src())
+        );
+        assert_eq!(forward.nat_dst(), "198.51.100.2:8080".parse().unwrap());
+    }
+}

@@ -1,0 +1,127 @@
+//! Map names, sizes, keys and values. At most 15 bytes per name (the kernel truncates), with a
+//! version suffix that changes whenever a layout does. IPv4 maps carry a `4` in their name;
+//! IPv6 ones will sit beside them (as Cilium's `lb4`/`lb6` do).
+//!
+//! The names and sizes are here; the keys and values live in a module per topic
+//! ([`config`], [`service`] for services, Maglev tables and backends, [`conntrack`],
+//! [`cache`] for the datapath's per-CPU caches) and are re-exported here.
+//!
+//! Byte order: fields documented "network order" hold the bytes as they are on the wire,
+//! read into an integer without swapping (`u32::from_ne_bytes(wire)`); everything else is
+//! host order.
+
+pub mod cache;
+pub mod config;
+pub mod conntrack;
+pub mod service;
+
+pub use cache::{ClockCache, NextHopCache};
+pub use config::{ADDR_PUBLIC, ADDR_SNAT, Config, NEXTHOP_MAX_AGE_DEFAULT_NS};
+pub use conntrack::{
+    CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
+    DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, is_closed,
+};
+pub use service::{BACKEND_ACCEPTING, Backend4, MaglevTable, Service, ServiceKey4};
+
+pub use crate::stats::TrafficStats;
+
+/// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
+pub const GLOBAL_STATS: &str = "gw_global_v2";
+/// Number of slots in [`GLOBAL_STATS`].
+pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
+
+/// Array with one [`Config`] at index 0 (its lookups are inlined by the verifier).
+pub const CONFIG: &str = "gw_config_v2";
+/// Hash [`ServiceKey4`] → [`Service`]: `(public_ip, port)` → app.
+pub const SERVICES4: &str = "gw_svc4_v1";
+/// Hash `u32` app id → [`MaglevTable`]: the app's backend choice, computed in userspace.
+pub const MAGLEV: &str = "gw_maglev_v1";
+/// Array `u32` backend id → [`Backend4`]. Id 0 is never used ("no backend").
+pub const BACKENDS4: &str = "gw_be4_v1";
+/// LRU hash [`FlowKey4`] → [`Flow`]: conntrack, forward and reverse entries. Global, not
+/// per-CPU: with full NAT, replies come back through us on any CPU.
+pub const CONNTRACK4: &str = "gw_ct4_v1";
+/// Per-CPU array `u32` app id → [`TrafficStats`].
+pub const APP_STATS: &str = "gw_app_stats_v1";
+/// Per-CPU array `u32` backend id → [`TrafficStats`].
+pub const BACKEND_STATS: &str = "gw_be_stats_v1";
+/// Per-CPU array of [`NEXTHOP_SLOTS`] [`NextHopCache`] slots, indexed by a hash of the
+/// destination: FIB results shared by the new flows to one destination.
+pub const NEXTHOPS: &str = "gw_hops_v1";
+/// Slots of [`NEXTHOPS`] (a power of two).
+pub const NEXTHOP_SLOTS: u32 = 4096;
+/// Per-CPU array with one [`ClockCache`]: the datapath's clock, read once per tick per CPU.
+pub const CLOCK: &str = "gw_clock_v1";
+
+/// Every map name, for checks.
+pub const ALL: &[&str] = &[
+    GLOBAL_STATS,
+    CONFIG,
+    SERVICES4,
+    MAGLEV,
+    BACKENDS4,
+    CONNTRACK4,
+    APP_STATS,
+    BACKEND_STATS,
+    CLOCK,
+    NEXTHOPS,
+];
+
+/// How many apps the maps hold (app ids are `1..MAX_APPS`).
+pub const MAX_APPS: u32 = 16_384;
+/// How many backends the maps hold (backend ids are `1..MAX_BACKENDS`).
+pub const MAX_BACKENDS: u32 = 65_536;
+/// How many services (public ip, port) the maps hold.
+pub const MAX_SERVICES: u32 = 16_384;
+/// How many gateway addresses (public and SNAT) the configuration holds. A front node has a
+/// handful; a short array in the config entry is cheaper per packet than a hash lookup.
+pub const MAX_ADDRS: usize = 8;
+/// Default conntrack capacity (entries; a connection takes two). Settable at load time.
+pub const CONNTRACK_DEFAULT: u32 = 1 << 20;
+
+/// Entries in an app's Maglev table: a prime, so every backend's permutation covers it. With
+/// up to ~10 backends per app it stays above 100 entries per backend (imbalance ≤ ~1%, per the
+/// Maglev paper) while an app costs 4 KiB, so thousands of apps stay small.
+pub const MAGLEV_SIZE: u32 = 1021;
+/// How many consecutive slots of an app's Maglev table a new flow tries, from its hashed one,
+/// when a slot's backend stopped accepting (draining or unhealthy) before userspace rebuilt
+/// the table without it. The datapath chooses so (gateway-ebpf's `lb::choose`), and userspace
+/// predicts its choice so (gateway-userspace's `maglev::choose`).
+pub const MAGLEV_PROBES: u32 = 4;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: every type here is `#[repr(C)]`, integers only, with explicit padding (bytemuck's
+    // `Pod` derive checks it at compile time).
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ServiceKey4 {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for FlowKey4 {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for TrafficStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in super::ALL {
+            assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+        }
+    }
+
+    #[test]
+    fn layouts_are_what_the_datapath_expects() {
+        assert_eq!(size_of::<super::FlowKey4>(), 16);
+        assert_eq!(size_of::<super::Flow>(), 80);
+        assert_eq!(
+            size_of::<super::MaglevTable>(),
+            4 * super::MAGLEV_SIZE as usize
+        );
+        assert_eq!(size_of::<super::NextHopCache>(), 40);
+        assert!(super::NEXTHOP_SLOTS.is_power_of_two());
+    }
+}

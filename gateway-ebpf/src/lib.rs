@@ -1,0 +1,37 @@
+//! The gateway's datapath, shared by the programs of this crate's binaries: `main.rs` (the
+//! `gateway` object: the XDP and TC programs) and `bin/bench.rs` (the `gateway-bench` object:
+//! the benchmark's baselines and floors, on the same maps).
+//!
+//! A packet goes: `xdp` or `tc` (the attach modes) → `pipeline`: `parse` (is it TCP to a
+//! gateway address?), `conntrack` (lookup, reply direction first, timed by `clock`; a SYN to a
+//! service creates a flow through `nat` and `lb`), `nexthop` (cached FIB result) → `nat`'s
+//! header rewrite (`csum`, `mac`) → redirect (`xdp` or `tc`); `stats` counts; `maps` declares
+//! every map.
+#![no_std]
+
+mod clock;
+mod conntrack;
+mod csum;
+mod lb;
+mod mac;
+pub mod maps;
+mod nat;
+mod nexthop;
+pub mod parse;
+mod pipeline;
+pub mod stats;
+pub mod tc;
+pub mod xdp;
+
+// Every object of this crate (each binary) links this library: its panic handler and license
+// are said once, here.
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,57 @@
+//! The datapath's maps. Their names, keys and values are `gateway_common::maps`'s (the
+//! `#[map]` attribute takes a literal; userspace loads every map by its gateway-common name,
+//! so a name that drifts fails its tests). Every module takes its maps from here.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use gateway_common::maps::{
+    Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_APPS,
+    MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS, NextHopCache, Service, ServiceKey4,
+    TrafficStats,
+};
+
+/// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).
+#[map(name = "gw_global_v2")]
+pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
+
+/// `CONFIG`: the configuration, at index 0.
+#[map(name = "gw_config_v2")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// `SERVICES4`: `(public ip, port)` → app.
+#[map(name = "gw_svc4_v1")]
+pub static SERVICES: HashMap<ServiceKey4, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// `MAGLEV`: app → its Maglev table.
+#[map(name = "gw_maglev_v1")]
+pub static MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::with_max_entries(MAX_APPS, BPF_F_NO_PREALLOC);
+
+/// `BACKENDS4`: backend id → address and flags.
+#[map(name = "gw_be4_v1")]
+pub static BACKENDS: Array<Backend4> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// `CONNTRACK4`: both entries of every connection (global LRU; its size is set at load).
+#[map(name = "gw_ct4_v1")]
+pub static CONNTRACK: LruHashMap<FlowKey4, Flow> =
+    LruHashMap::with_max_entries(CONNTRACK_DEFAULT, 0);
+
+/// `APP_STATS`: traffic per app (per CPU).
+#[map(name = "gw_app_stats_v1")]
+pub static APP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_APPS, 0);
+
+/// `BACKEND_STATS`: traffic per backend (per CPU).
+#[map(name = "gw_be_stats_v1")]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// `NEXTHOPS`: FIB answers shared by new flows (per CPU).
+#[map(name = "gw_hops_v1")]
+pub static NEXTHOPS: PerCpuArray<NextHopCache> = PerCpuArray::with_max_entries(NEXTHOP_SLOTS, 0);
+
+/// `CLOCK`: the clock cache (per CPU).
+#[map(name = "gw_clock_v1")]
+pub static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,480 @@
+//! One owner for the datapath: it loads the embedded eBPF object, attaches its programs to
+//! interfaces in XDP or TC (tcx) mode, and reads its maps. Everything else asks it.
+//!
+//! This file: loading, the configuration, services, Maglev tables and backends. Beside it:
+//! `attach` (attach modes, links, pins), `conntrack` (the table, read in batches by `batch`),
+//! `stats` (the counters), `error`, and behind the `testing` feature `testing` (what only tests
+//! and benchmarks use).
+
+mod attach;
+mod batch;
+mod conntrack;
+mod error;
+mod stats;
+#[cfg(feature = "testing")]
+mod testing;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{Program, ProgramError, SchedClassifier, Xdp},
+};
+use gateway_common::{
+    maps::{
+        self, ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, Config, Flow, FlowKey4,
+        MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
+    },
+    net::ip_to_net,
+};
+
+pub use attach::{AttachMode, Attachment, UnknownAttachMode, prune_links, remove_pins};
+pub use conntrack::{ConnectionCounts, Conntrack, Scan, Timeouts};
+pub use error::DatapathError;
+pub use stats::GlobalStats;
+#[cfg(feature = "testing")]
+pub use testing::{BENCH_PROGRAMS, BenchObject};
+
+use crate::maglev;
+
+/// Name of the XDP program in the eBPF object.
+pub const XDP_PROGRAM: &str = "gateway_xdp";
+/// Name of the TC program in the eBPF object.
+pub const TC_PROGRAM: &str = "gateway_tc";
+
+/// Options for loading the datapath.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Conntrack entries (a connection takes two). A reused pinned table keeps its own size.
+    pub conntrack_capacity: u32,
+    /// A directory on a bpffs where every map is pinned under its name. Maps already pinned
+    /// there are reused (a restart keeps the conntrack and every setting); a pinned map whose
+    /// layout differs from this build's is refused with [`DatapathError::Map`], never
+    /// silently replaced. Map names carry a version that changes with their layout.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            conntrack_capacity: maps::CONNTRACK_DEFAULT,
+            pin_dir: None,
+        }
+    }
+}
+
+/// The current time on the datapath's clock (`bpf_ktime_get_coarse_ns`:
+/// CLOCK_MONOTONIC_COARSE), in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Every map's name with the key and value sizes this build gives it.
+const LAYOUTS: &[(&str, usize, usize); 10] = &[
+    (maps::GLOBAL_STATS, 4, size_of::<u64>()),
+    (maps::CONFIG, 4, size_of::<Config>()),
+    (
+        maps::SERVICES4,
+        size_of::<ServiceKey4>(),
+        size_of::<Service>(),
+    ),
+    (maps::MAGLEV, 4, size_of::<MaglevTable>()),
+    (maps::BACKENDS4, 4, size_of::<Backend4>()),
+    (maps::CONNTRACK4, size_of::<FlowKey4>(), size_of::<Flow>()),
+    (maps::APP_STATS, 4, size_of::<TrafficStats>()),
+    (maps::BACKEND_STATS, 4, size_of::<TrafficStats>()),
+    (maps::CLOCK, 4, size_of::<maps::ClockCache>()),
+    (maps::NEXTHOPS, 4, size_of::<maps::NextHopCache>()),
+];
+
+/// The typed maps.
+struct Maps {
+    global: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
+    services: HashMap<MapData, ServiceKey4, Service>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    backends: Array<MapData, Backend4>,
+    conntrack: Conntrack,
+    app_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// The loaded datapath: its programs, attachments and maps. The one owner of the maps:
+/// everything else asks it.
+pub struct Datapath {
+    ebpf: Ebpf,
+    conntrack_capacity: u32,
+    maps: Maps,
+    attachments: Vec<Attachment>,
+    reused: Vec<&'static str>,
+    /// Where the maps are pinned, if they are (the benchmark object shares them from there).
+    #[cfg(feature = "testing")]
+    pin_dir: Option<PathBuf>,
+}
+
+impl Datapath {
+    /// Loads the embedded eBPF object and both of its programs into the kernel.
+    pub fn load() -> Result<Self, DatapathError> {
+        Self::load_with(&LoadOptions::default())
+    }
+
+    /// Loads with `options`.
+    pub fn load_with(options: &LoadOptions) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::CONNTRACK4, options.conntrack_capacity);
+        let mut reused = Vec::new();
+        if let Some(dir) = &options.pin_dir {
+            for &(name, key_size, value_size) in LAYOUTS {
+                let path = dir.join(name);
+                if path.exists() {
+                    let info = aya::maps::MapInfo::from_pin(&path)
+                        .map_err(|source| DatapathError::Map { name, source })?;
+                    let found = (info.key_size() as usize, info.value_size() as usize);
+                    if found != (key_size, value_size) {
+                        return Err(DatapathError::PinnedLayout {
+                            name,
+                            path,
+                            expected: (key_size, value_size),
+                            found,
+                        });
+                    }
+                    reused.push(name);
+                }
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader
+            .load(crate::EBPF_OBJECT)
+            .map_err(DatapathError::Load)?;
+        let maps = Maps {
+            global: take(&mut ebpf, maps::GLOBAL_STATS)?,
+            config: take(&mut ebpf, maps::CONFIG)?,
+            services: take(&mut ebpf, maps::SERVICES4)?,
+            maglev: take(&mut ebpf, maps::MAGLEV)?,
+            backends: take(&mut ebpf, maps::BACKENDS4)?,
+            conntrack: Conntrack::new(take(&mut ebpf, maps::CONNTRACK4)?),
+            app_stats: take(&mut ebpf, maps::APP_STATS)?,
+            backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
+        };
+        // Programs after maps: a reused map of the wrong layout is reported by its name above,
+        // rather than as a verifier error here.
+        for mode in AttachMode::ALL {
+            let name = mode.program_name();
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram { name })?;
+            let loaded = match mode {
+                AttachMode::Xdp => <&mut Xdp>::try_from(program).and_then(|p| p.load()),
+                AttachMode::Tc => <&mut SchedClassifier>::try_from(program).and_then(|p| p.load()),
+            };
+            loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
+        }
+        let conntrack_capacity = maps
+            .conntrack
+            .capacity()
+            .unwrap_or(options.conntrack_capacity);
+        Ok(Self {
+            ebpf,
+            conntrack_capacity,
+            maps,
+            attachments: Vec::new(),
+            reused,
+            #[cfg(feature = "testing")]
+            pin_dir: options.pin_dir.clone(),
+        })
+    }
+
+    /// The maps that were found pinned and reused at load.
+    pub fn reused_maps(&self) -> &[&'static str] {
+        &self.reused
+    }
+
+    /// The XDP program (for attaching, or for BPF_PROG_TEST_RUN).
+    pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
+        self.program(XDP_PROGRAM)
+    }
+
+    /// The TC program (for attaching, or for BPF_PROG_TEST_RUN).
+    pub fn tc(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        self.program(TC_PROGRAM)
+    }
+
+    fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, DatapathError>
+    where
+        &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        program(&mut self.ebpf, name)
+    }
+
+    /// Sets the SNAT address and source port range for new flows.
+    pub fn configure(
+        &mut self,
+        snat_ip: Ipv4Addr,
+        ports: std::ops::RangeInclusive<u16>,
+        nexthop_max_age: Duration,
+    ) -> Result<(), DatapathError> {
+        let (min, max) = (*ports.start(), *ports.end());
+        if min > max || min == 0 {
+            return Err(DatapathError::EmptyPortRange { min, max });
+        }
+        let mut config = self.config()?;
+        config.snat_ip = ip_to_net(snat_ip);
+        config.snat_port_min = min;
+        config.snat_port_max = max;
+        config.nexthop_max_age_ns = nexthop_max_age.as_nanos() as u64;
+        self.write_config(config)?;
+        self.add_address(snat_ip, ADDR_SNAT)
+    }
+
+    fn config(&self) -> Result<Config, DatapathError> {
+        self.maps.config.get(&0, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    fn write_config(&mut self, config: Config) -> Result<(), DatapathError> {
+        self.maps
+            .config
+            .set(0, config, 0)
+            .map_err(map_err(maps::CONFIG))
+    }
+
+    /// Declares `ip` as one of the gateway's addresses (`ADDR_PUBLIC` and/or `ADDR_SNAT` bits,
+    /// added to what it already is). At most `MAX_ADDRS` addresses.
+    pub fn add_address(&mut self, ip: Ipv4Addr, kind: u32) -> Result<(), DatapathError> {
+        let mut config = self.config()?;
+        put_address(&mut config, ip, kind)?;
+        self.write_config(config)
+    }
+
+    /// Sets backend `id` (1..MAX_BACKENDS) to `addr`; `accepting` says whether new flows may
+    /// choose it.
+    pub fn set_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddrV4,
+        accepting: bool,
+    ) -> Result<(), DatapathError> {
+        check_id("backend", id, maps::MAX_BACKENDS)?;
+        let value = Backend4::new(addr, if accepting { BACKEND_ACCEPTING } else { 0 });
+        self.maps
+            .backends
+            .set(id, value, 0)
+            .map_err(map_err(maps::BACKENDS4))
+    }
+
+    /// Writes app `app_id`'s Maglev table over `backends` (the ones that accept new flows) in
+    /// one map update. An empty list makes every new flow of the app fail with `no_backend`.
+    pub fn set_app_backends(
+        &mut self,
+        app_id: u32,
+        backends: &[maglev::Entry],
+    ) -> Result<(), DatapathError> {
+        check_id("app", app_id, maps::MAX_APPS)?;
+        let slots = maglev::table(backends);
+        let mut table = MaglevTable {
+            slots: [0; MAGLEV_SIZE as usize],
+        };
+        table.slots.copy_from_slice(&slots);
+        self.maps
+            .maglev
+            .insert(app_id, table, 0)
+            .map_err(map_err(maps::MAGLEV))
+    }
+
+    /// App `app_id`'s Maglev table, if it has one.
+    pub fn app_table(&self, app_id: u32) -> Result<Option<Vec<u32>>, DatapathError> {
+        match self.maps.maglev.get(&app_id, 0) {
+            Ok(t) => Ok(Some(t.slots.to_vec())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::MAGLEV)(e)),
+        }
+    }
+
+    /// Routes TCP to `public` to app `app_id` (and declares the address public).
+    pub fn set_service(&mut self, public: SocketAddrV4, app_id: u32) -> Result<(), DatapathError> {
+        check_id("app", app_id, maps::MAX_APPS)?;
+        self.add_address(*public.ip(), ADDR_PUBLIC)?;
+        self.maps
+            .services
+            .insert(ServiceKey4::from_addr(public), Service { app_id }, 0)
+            .map_err(map_err(maps::SERVICES4))
+    }
+
+    /// Stops routing `public` (its flows are left to end or expire).
+    pub fn remove_service(&mut self, public: SocketAddrV4) -> Result<(), DatapathError> {
+        match self.maps.services.remove(&ServiceKey4::from_addr(public)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::SERVICES4)(e)),
+        }
+    }
+
+    /// Replaces the gateway's address list (public and SNAT bits) in one map update, so
+    /// that no packet sees an address missing while it changes.
+    pub fn set_addresses(&mut self, addrs: &[(Ipv4Addr, u32)]) -> Result<(), DatapathError> {
+        let mut config = self.config()?;
+        config.addrs = [0; maps::MAX_ADDRS];
+        config.addr_kinds = [0; maps::MAX_ADDRS];
+        for &(ip, kind) in addrs {
+            put_address(&mut config, ip, kind)?;
+        }
+        self.write_config(config)
+    }
+
+    /// Every service: public address and app id.
+    pub fn services(&self) -> Result<Vec<(SocketAddrV4, u32)>, DatapathError> {
+        self.maps
+            .services
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.addr(), v.app_id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(maps::SERVICES4))
+    }
+
+    /// The apps that have a Maglev table.
+    pub fn app_ids(&self) -> Result<Vec<u32>, DatapathError> {
+        self.maps
+            .maglev
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(maps::MAGLEV))
+    }
+
+    /// Removes app `app_id`'s Maglev table.
+    pub fn remove_app_table(&mut self, app_id: u32) -> Result<(), DatapathError> {
+        match self.maps.maglev.remove(&app_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::MAGLEV)(e)),
+        }
+    }
+
+    /// Removes both entries of every flow of app `app_id`; returns how many entries went.
+    pub fn remove_app_flows(&mut self, app_id: u32) -> Result<usize, DatapathError> {
+        self.remove_flows(|f| f.app_id == app_id)
+    }
+
+    /// Removes both entries of every flow to backend `id`; returns how many entries went.
+    pub fn remove_backend_flows(&mut self, id: u32) -> Result<usize, DatapathError> {
+        self.remove_flows(|f| f.backend_id == id)
+    }
+
+    fn remove_flows(&mut self, which: impl Fn(&Flow) -> bool) -> Result<usize, DatapathError> {
+        self.maps.conntrack.remove_where(which)
+    }
+
+    /// The conntrack table.
+    pub fn conntrack(&self) -> &Conntrack {
+        &self.maps.conntrack
+    }
+
+    /// The conntrack table, to change it.
+    pub fn conntrack_mut(&mut self) -> &mut Conntrack {
+        &mut self.maps.conntrack
+    }
+
+    /// The conntrack table's capacity (entries).
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.conntrack_capacity
+    }
+
+    /// Every conntrack entry.
+    pub fn flows(&self) -> Result<Vec<(FlowKey4, Flow)>, DatapathError> {
+        self.maps.conntrack.entries()
+    }
+
+    /// The entry of `key`, if any.
+    pub fn flow(&self, key: &FlowKey4) -> Result<Option<Flow>, DatapathError> {
+        self.maps.conntrack.get(key)
+    }
+
+    /// Expires idle flows and counts the rest (see [`Conntrack::scan`]).
+    pub fn scan(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<Scan, DatapathError> {
+        self.maps.conntrack.scan(now_ns, timeouts)
+    }
+}
+
+/// Program `name` of `ebpf`, as a `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::ProgramLoad { name, source })
+}
+
+/// Adds `kind` to `ip`'s slot in `config` (taking a free slot for a new address).
+fn put_address(config: &mut Config, ip: Ipv4Addr, kind: u32) -> Result<(), DatapathError> {
+    let key = ip_to_net(ip);
+    let slot = config
+        .addrs
+        .iter()
+        .position(|&a| a == key)
+        .or_else(|| config.addrs.iter().position(|&a| a == 0))
+        .ok_or(DatapathError::TooManyAddresses {
+            max: maps::MAX_ADDRS,
+        })?;
+    config.addrs[slot] = key;
+    config.addr_kinds[slot] |= kind;
+    Ok(())
+}
+
+fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> {
+    if id == 0 || id >= max {
+        return Err(DatapathError::IdOutOfRange { what, id, max });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_map_has_a_checked_layout() {
+        let names: Vec<&str> = LAYOUTS.iter().map(|l| l.0).collect();
+        assert_eq!(names, maps::ALL);
+    }
+
+    #[test]
+    fn the_gateway_object_holds_its_two_programs_and_no_benchmark_one() {
+        // Program names are symbols of the ELF object: the benchmark's are `bench_*`, in an
+        // object of their own (`gateway-bench`).
+        let has = |name: &str| {
+            crate::EBPF_OBJECT
+                .windows(name.len())
+                .any(|w| w == name.as_bytes())
+        };
+        assert!(has(XDP_PROGRAM) && has(TC_PROGRAM));
+        assert!(
+            !has("bench_"),
+            "a benchmark program is in the gateway object"
+        );
+    }
+}
