@@ -135,13 +135,7 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::PortRange;
-
-    const RANGE: PortRange = PortRange::new(20000, 20002);
-
-    fn addr(s: &str) -> std::net::SocketAddrV4 {
-        s.parse().unwrap()
-    }
+    use crate::state::tests::{RANGE, addr};
 
     #[test]
     fn the_state_file_round_trips_and_a_corrupt_one_is_refused_and_kept() {

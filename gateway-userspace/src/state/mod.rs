@@ -493,12 +493,14 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const RANGE: PortRange = PortRange::new(20000, 20002);
+    /// A small public port range for the state's tests.
+    pub(crate) const RANGE: PortRange = PortRange::new(20000, 20002);
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    /// An address from its text.
+    pub(crate) fn addr(s: &str) -> SocketAddrV4 {
         s.parse().unwrap()
     }
 

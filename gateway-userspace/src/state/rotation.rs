@@ -116,13 +116,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::PortRange;
-
-    const RANGE: PortRange = PortRange::new(20000, 20002);
-
-    fn addr(s: &str) -> SocketAddrV4 {
-        s.parse().unwrap()
-    }
+    use crate::state::tests::{RANGE, addr};
 
     #[test]
     fn a_deploy_holds_new_backends_then_switches_or_aborts() {

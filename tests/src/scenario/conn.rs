@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use gateway_common::maps::FlowKey4;
+use gateway_common::{maps::FlowKey4, net::socket_from_net};
 
 use super::{Ctx, Input, Out};
 use crate::{
@@ -135,9 +135,9 @@ impl Conn {
     /// The flow's SNAT address and backend, from the forward entry.
     pub fn rewrite(&self, cx: &Ctx) -> Rewrite {
         let f = cx.flow(self.key());
-        let backend = addr(f.nat_dst_ip, f.nat_dst_port);
+        let backend = socket_from_net(f.nat_dst_ip, f.nat_dst_port);
         Rewrite {
-            snat: addr(f.nat_src_ip, f.nat_src_port),
+            snat: socket_from_net(f.nat_src_ip, f.nat_src_port),
             backend,
             backend_index: backend_index(*backend.ip()),
         }
@@ -198,15 +198,6 @@ impl Conn {
     }
 }
 
-/// An address and port as the maps store them (network order).
-fn addr(ip: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(ip.to_ne_bytes()), u16::from_be(port))
-}
-
 pub(super) fn show_key(k: &FlowKey4) -> String {
-    format!(
-        "{} → {}",
-        addr(k.src_ip, k.src_port),
-        addr(k.dst_ip, k.dst_port)
-    )
+    format!("{} → {}", k.src(), k.dst())
 }
