@@ -56,6 +56,15 @@ indexed_names! {
         NeighFallbacks = "neigh_fallbacks",
         /// SNAT ports taken over from closed connections (idle 1 s or more).
         SnatReused = "snat_reused",
+        /// RSTs the datapath sent for segments without a flow (a client or backend still
+        /// talking on a connection the gateway no longer has), as a host without the socket.
+        RstNoFlow = "rst_no_flow",
+        /// RSTs inside the receiver's window but not at its exact next sequence number:
+        /// forwarded (the receiver answers with a challenge ACK, RFC 5961 §3.2), the flow kept.
+        RstInWindow = "rst_in_window",
+        /// SYNs of a handshake that had not completed, balanced afresh (the old pair removed):
+        /// their backend stopped accepting, or the client started over with a new ISN.
+        SynRebalanced = "syn_rebalanced",
     }
 }
 
@@ -82,6 +91,16 @@ indexed_names! {
         NoRoute = "no_route",
         /// The datapath is not configured (no SNAT address).
         NotConfigured = "not_configured",
+        /// A TCP flag combination no valid segment has (netfilter's `tcp_valid_flags`): SYN+FIN,
+        /// SYN+RST, no flags, FIN or PSH or URG without ACK...
+        BadFlags = "bad_flags",
+        /// A segment that would create a flow failed its IPv4 or TCP checksum.
+        BadChecksum = "bad_checksum",
+        /// A segment that would be forwarded with an IPv4 TTL of 1 or less.
+        TtlExceeded = "ttl_exceeded",
+        /// A segment of a flow outside the sequence window (RFC 5961, netfilter's
+        /// `tcp_in_window`): it changes nothing.
+        OutOfWindow = "out_of_window",
     }
 }
 

@@ -14,7 +14,7 @@ use gateway_common::maps::{
 };
 
 /// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).
-#[map(name = "gw_global_v2")]
+#[map(name = "gw_global_v3")]
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
 /// `CONFIG`: the configuration, at index 0.
@@ -35,7 +35,7 @@ pub static MAGLEV: HashMap<u32, MaglevTable> =
 pub static BACKENDS: Array<Backend4> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// `CONNTRACK4`: both entries of every connection (global LRU; its size is set at load).
-#[map(name = "gw_ct4_v1")]
+#[map(name = "gw_ct4_v2")]
 pub static CONNTRACK: LruHashMap<FlowKey4, Flow> =
     LruHashMap::with_max_entries(CONNTRACK_DEFAULT, 0);
 

@@ -134,6 +134,62 @@ pub struct Flow {
     pub packets: u64,
     /// Bytes (L3) through this entry (approximate under concurrent updates).
     pub bytes: u64,
+    // Sequence tracking of the sender of this entry's packets (the client for a forward entry,
+    // the backend for a reverse one), as netfilter's `tcp_in_window` keeps it per direction
+    // (`td_end`, `td_maxack`, `td_maxwin`). Host order; sequence arithmetic is modulo 2^32.
+    /// The highest `seq + len` this side has sent (`len`: payload bytes, plus one for a SYN
+    /// and one for a FIN).
+    pub seq_end: u32,
+    /// The highest acknowledgement number this side has sent (valid with [`TRACK_ACK_SEEN`]).
+    pub ack_max: u32,
+    /// The largest window this side has advertised, in bytes: scaled by `wscale`, except the
+    /// windows of SYN and SYN-ACK segments, which are never scaled (RFC 7323).
+    pub win_max: u32,
+    /// This side's window scale shift, 0..=[`TCP_MAX_WSCALE`]; 0 unless both the SYN and the
+    /// SYN-ACK offered scaling (until the SYN-ACK, a forward entry keeps its SYN's offer here,
+    /// with [`TRACK_WSCALE_OFFERED`]).
+    pub wscale: u8,
+    /// The other side's shift, by the same rule: it bounds how far this side's sequence
+    /// numbers may move ([`max_window`]).
+    pub peer_wscale: u8,
+    /// `TRACK_*` bits.
+    pub track: u8,
+    pub _pad1: u8,
+}
+
+/// [`Flow::track`] bit: `ack_max` holds an acknowledgement this side sent.
+pub const TRACK_ACK_SEEN: u8 = 1;
+/// [`Flow::track`] bit: this side's SYN (or SYN-ACK) carried a window scale option.
+pub const TRACK_WSCALE_OFFERED: u8 = 2;
+/// [`Flow::track`] bit: the entry was carried over from a table without sequence tracking (an
+/// upgrade): its fields are learned from its next packet, and its bounds are the widest
+/// (both shifts taken as [`TCP_MAX_WSCALE`]).
+pub const TRACK_LIBERAL: u8 = 4;
+
+/// The largest window scale shift (RFC 7323 §2.3).
+pub const TCP_MAX_WSCALE: u8 = 14;
+
+/// The largest window a side with scale `shift` can advertise, in bytes: `65535 << shift`.
+#[inline(always)]
+pub const fn max_window(shift: u8) -> u32 {
+    let shift = if shift > TCP_MAX_WSCALE {
+        TCP_MAX_WSCALE
+    } else {
+        shift
+    };
+    65_535 << shift
+}
+
+/// `a` comes before `b` in sequence space (RFC 9293 §3.4: modulo 2^32).
+#[inline(always)]
+pub const fn seq_before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// `a` comes after `b` in sequence space.
+#[inline(always)]
+pub const fn seq_after(a: u32, b: u32) -> bool {
+    seq_before(b, a)
 }
 
 impl Flow {
@@ -190,6 +246,17 @@ mod tests {
         );
         assert_eq!(key.src(), "192.0.2.2:40000".parse().unwrap());
         assert_eq!(key.dst(), "203.0.113.10:20000".parse().unwrap());
+    }
+
+    #[test]
+    fn sequence_numbers_compare_modulo_two_to_the_32() {
+        assert!(seq_before(1, 2) && seq_after(2, 1));
+        assert!(seq_before(u32::MAX, 0) && seq_after(0, u32::MAX));
+        assert!(!seq_before(5, 5) && !seq_after(5, 5));
+        assert!(seq_before(0, 0x7fff_ffff) && seq_after(0, 0x8000_0001));
+        assert_eq!(max_window(0), 65_535);
+        assert_eq!(max_window(14), 65_535 << 14);
+        assert_eq!(max_window(15), 65_535 << 14, "shifts above 14 count as 14");
     }
 
     #[test]

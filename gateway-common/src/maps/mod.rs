@@ -19,14 +19,16 @@ pub use cache::{ClockCache, NextHopCache};
 pub use config::{ADDR_PUBLIC, ADDR_SNAT, Config, NEXTHOP_MAX_AGE_DEFAULT_NS};
 pub use conntrack::{
     CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
-    DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, is_closed,
+    DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE,
+    TRACK_ACK_SEEN, TRACK_LIBERAL, TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after,
+    seq_before,
 };
 pub use service::{BACKEND_ACCEPTING, Backend4, MaglevTable, Service, ServiceKey4};
 
 pub use crate::stats::TrafficStats;
 
 /// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
-pub const GLOBAL_STATS: &str = "gw_global_v2";
+pub const GLOBAL_STATS: &str = "gw_global_v3";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
@@ -40,7 +42,7 @@ pub const MAGLEV: &str = "gw_maglev_v1";
 pub const BACKENDS4: &str = "gw_be4_v1";
 /// LRU hash [`FlowKey4`] → [`Flow`]: conntrack, forward and reverse entries. Global, not
 /// per-CPU: with full NAT, replies come back through us on any CPU.
-pub const CONNTRACK4: &str = "gw_ct4_v1";
+pub const CONNTRACK4: &str = "gw_ct4_v2";
 /// Per-CPU array `u32` app id → [`TrafficStats`].
 pub const APP_STATS: &str = "gw_app_stats_v1";
 /// Per-CPU array `u32` backend id → [`TrafficStats`].
@@ -66,6 +68,15 @@ pub const ALL: &[&str] = &[
     CLOCK,
     NEXTHOPS,
 ];
+
+/// Names this build no longer uses, from earlier layouts: an upgrade carries the conntrack
+/// table over from [`CONNTRACK4_V1`] (its entries are the first 80 bytes of a [`Flow`]) and
+/// removes these pins, as `gateway down` does.
+pub const RETIRED: &[&str] = &[CONNTRACK4_V1, "gw_global_v2"];
+/// The conntrack table before sequence tracking (values of 80 bytes).
+pub const CONNTRACK4_V1: &str = "gw_ct4_v1";
+/// Bytes of a [`CONNTRACK4_V1`] value: a [`Flow`] up to its sequence tracking.
+pub const FLOW_V1_SIZE: usize = 80;
 
 /// How many apps the maps hold (app ids are `1..MAX_APPS`).
 pub const MAX_APPS: u32 = 16_384;
@@ -116,7 +127,12 @@ mod tests {
     #[test]
     fn layouts_are_what_the_datapath_expects() {
         assert_eq!(size_of::<super::FlowKey4>(), 16);
-        assert_eq!(size_of::<super::Flow>(), 80);
+        assert_eq!(size_of::<super::Flow>(), 96);
+        assert_eq!(
+            core::mem::offset_of!(super::Flow, seq_end),
+            super::FLOW_V1_SIZE,
+            "a v1 entry is a prefix of a v2 one"
+        );
         assert_eq!(
             size_of::<super::MaglevTable>(),
             4 * super::MAGLEV_SIZE as usize

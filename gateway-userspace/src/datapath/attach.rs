@@ -285,7 +285,7 @@ pub fn prune_links(dir: &Path, keep: &[(String, AttachMode)]) -> std::io::Result
 /// programs), then the maps (which drops every flow). Returns the names removed.
 pub fn remove_pins(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut removed = prune_links(dir, &[])?;
-    for name in maps::ALL {
+    for name in maps::ALL.iter().chain(maps::RETIRED) {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => removed.push((*name).to_owned()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
