@@ -22,6 +22,27 @@ pub mod tcp_flags {
     pub const URG: u8 = 0x20;
     pub const ECE: u8 = 0x40;
     pub const CWR: u8 = 0x80;
+
+    /// The combinations a valid segment can have, by `flags & (FIN|SYN|RST|ACK|URG)` (PSH, ECE
+    /// and CWR ignored), one bit each: netfilter's `tcp_valid_flags`
+    /// (`nf_conntrack_proto_tcp.c`): SYN, SYN|URG, SYN|ACK, RST, RST|ACK, FIN|ACK,
+    /// FIN|ACK|URG, ACK, ACK|URG.
+    const VALID: u64 = 1 << SYN
+        | 1 << (SYN | URG)
+        | 1 << (SYN | ACK)
+        | 1 << RST
+        | 1 << (RST | ACK)
+        | 1 << (FIN | ACK)
+        | 1 << (FIN | ACK | URG)
+        | 1 << ACK
+        | 1 << (ACK | URG);
+
+    /// Whether a segment with the flags byte `flags` can be valid TCP (see `VALID`): SYN+FIN,
+    /// SYN+RST, no flags, FIN or PSH or URG without ACK and the like cannot.
+    #[inline(always)]
+    pub const fn valid(flags: u8) -> bool {
+        (VALID >> (flags & (FIN | SYN | RST | ACK | URG))) & 1 != 0
+    }
 }
 
 /// `addr` as the maps hold it (network order).
@@ -57,6 +78,40 @@ pub const fn socket_from_net(ip: u32, port: u16) -> SocketAddrV4 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn valid_flag_combinations_are_netfilters() {
+        use super::tcp_flags::*;
+        let list: [u8; 9] = [
+            SYN,
+            SYN | URG,
+            SYN | ACK,
+            RST,
+            RST | ACK,
+            FIN | ACK,
+            FIN | ACK | URG,
+            ACK,
+            ACK | URG,
+        ];
+        for flags in 0..=255u8 {
+            let core = flags & !(PSH | ECE | CWR);
+            assert_eq!(valid(flags), list.contains(&core), "{flags:#04x}");
+        }
+        for bad in [
+            0,
+            SYN | FIN,
+            SYN | RST,
+            FIN,
+            PSH,
+            URG,
+            RST | FIN,
+            FIN | URG,
+            SYN | ACK | FIN,
+        ] {
+            assert!(!valid(bad), "{bad:#04x}");
+        }
+        assert!(valid(ACK | PSH) && valid(SYN | ECE | CWR));
+    }
+
     use super::*;
 
     #[test]

@@ -4,15 +4,16 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use gateway_common::{
-    DropReason,
+    DropReason, GlobalStat,
     maps::{
-        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
-        DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
+        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, DIR_FORWARD,
+        DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE, TRACK_ACK_SEEN,
+        TRACK_LIBERAL, TRACK_WSCALE_OFFERED, max_window, seq_after, seq_before,
     },
     net::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
-use crate::{maps::CONNTRACK, parse::TcpPacket};
+use crate::{maps::CONNTRACK, parse::TcpPacket, stats};
 
 /// The entry of `key`, if any.
 #[inline(always)]
@@ -70,32 +71,101 @@ impl Claim {
 
 const EEXIST: i32 = 17;
 
-/// Updates the conntrack state bits and last-seen time of `flow` for a packet with TCP `flags`; a state
-/// change that the other direction must know (SYN-ACK, established, FIN, RST) is written to the
-/// peer entry too. Only changes are written.
+/// Follows one segment of the connection `flow` belongs to (`flow` is the entry it was found
+/// under: its sender's) through the connection's state and sequence space, as the
+/// specification in `docs/datapath.md` ("Sequence tracking") says, after netfilter's
+/// `tcp_in_window` and RFC 5961:
+/// - an RST closes only at the exact sequence number; inside the receiver's window it is
+///   forwarded without closing (counted `rst_in_window`), outside it is refused;
+/// - a FIN changes state only inside the receiver's window; the SYN-ACK only when it
+///   acknowledges the client's SYN; the handshake's last ACK only when it acknowledges the
+///   SYN-ACK;
+/// - every other segment must lie within the widest window its receiver can advertise of what
+///   its sender has sent (and acknowledged), checked on `flow` alone: no peer lookup.
+///
+/// Refused: `Err(OutOfWindow)`, and nothing changed. Accepted: the sender's tracking advances;
+/// a state change (SYN-ACK, established, FIN, RST) is written to both entries, with the time.
+/// `wscale`: the window scale a SYN-ACK offers (the caller parses it for a flow's first one).
 #[inline(always)]
-pub fn track(flow: &mut Flow, pkt: &TcpPacket, now: u64) {
+pub fn track(
+    flow: &mut Flow,
+    pkt: &TcpPacket,
+    wscale: Option<u8>,
+    now: u64,
+) -> Result<(), DropReason> {
     let f = pkt.flags;
+    let forward = flow.direction == DIR_FORWARD;
+    let end = pkt.end();
+    // State bits to set on both entries, and the peer entry once looked up.
     let mut set = 0u8;
-    if f & RST != 0 {
-        set |= CT_RST;
-    }
-    if f & FIN != 0 {
-        set |= if flow.direction == DIR_FORWARD {
-            CT_FIN_FORWARD
+    let mut peer: Option<*mut Flow> = None;
+    if flow.track & TRACK_LIBERAL != 0 {
+        // Carried over from a table without tracking: learn, and close as before tracking.
+        learn(flow, pkt, end);
+        set = closing_bits(flow, f);
+    } else if f & RST != 0 {
+        let p = lookup(&flow.peer_key());
+        peer = p;
+        // SAFETY: a conntrack value pointer, read here.
+        match rst_verdict(flow, p.map(|p| unsafe { &*p }), pkt) {
+            Rst::Exact => set = CT_RST,
+            Rst::InWindow => stats::global(GlobalStat::RstInWindow),
+            Rst::Outside => return Err(DropReason::OutOfWindow),
+        }
+    } else if f & SYN != 0 {
+        if !forward && f & ACK != 0 && flow.state & CT_SYN_ACK_SEEN == 0 {
+            // The backend's SYN-ACK: it must acknowledge the client's SYN.
+            let p = lookup(&flow.peer_key()).ok_or(DropReason::OutOfWindow)?;
+            // SAFETY: a conntrack value pointer; both entries of this connection are updated.
+            let client = unsafe { &mut *p };
+            if pkt.ack != client.seq_end || client.track & TRACK_LIBERAL != 0 {
+                return Err(DropReason::OutOfWindow);
+            }
+            syn_ack(flow, client, pkt, wscale, end);
+            peer = Some(p);
+            set = CT_SYN_ACK_SEEN;
+        } else if forward && f & ACK == 0 {
+            // A SYN the pipeline kept on this flow: a retransmission of a handshake in
+            // progress, or a SYN on an established connection (the backend answers it with a
+            // challenge ACK). Neither moves the tracking.
         } else {
-            CT_FIN_REVERSE
-        };
-    }
-    if flow.direction == DIR_REVERSE && f & (SYN | ACK) == (SYN | ACK) {
-        set |= CT_SYN_ACK_SEEN;
-    }
-    if flow.direction == DIR_FORWARD && f & (SYN | ACK) == ACK && flow.state & CT_SYN_ACK_SEEN != 0
-    {
-        set |= CT_ESTABLISHED;
-    }
-    if f & SYN != 0 && flow.direction == DIR_FORWARD {
-        set |= CT_SYN_SEEN;
+            if flow.state & CT_SYN_ACK_SEEN == 0 {
+                return Err(DropReason::OutOfWindow);
+            }
+            in_bounds(flow, pkt, end)?;
+            advance(flow, pkt, end);
+        }
+    } else {
+        // No segment but the handshake's is valid before the SYN-ACK.
+        if flow.state & CT_SYN_ACK_SEEN == 0 {
+            return Err(DropReason::OutOfWindow);
+        }
+        in_bounds(flow, pkt, end)?;
+        if f & FIN != 0 {
+            let p = lookup(&flow.peer_key());
+            peer = p;
+            // SAFETY: as above, read here.
+            if !fin_in_window(flow, p.map(|p| unsafe { &*p }), pkt, end) {
+                return Err(DropReason::OutOfWindow);
+            }
+            set = fin_bit(flow);
+        }
+        if forward
+            && f & ACK != 0
+            && flow.state & (CT_SYN_ACK_SEEN | CT_ESTABLISHED) == CT_SYN_ACK_SEEN
+        {
+            // The handshake's last ACK: established once it acknowledges the SYN-ACK.
+            if peer.is_none() {
+                peer = lookup(&flow.peer_key());
+            }
+            if let Some(p) = peer
+                // SAFETY: as above, read here.
+                && pkt.ack == unsafe { (*p).seq_end }
+            {
+                set |= CT_ESTABLISHED;
+            }
+        }
+        advance(flow, pkt, end);
     }
     let new = flow.state | set;
     // A state change writes the entry anyway: its time is exact then, which the SNAT port
@@ -103,12 +173,15 @@ pub fn track(flow: &mut Flow, pkt: &TcpPacket, now: u64) {
     let exact = new != flow.state;
     if exact {
         flow.state = new;
-        if let Some(peer) = lookup(&flow.peer_key()) {
+        if peer.is_none() {
+            peer = lookup(&flow.peer_key());
+        }
+        if let Some(p) = peer {
             // SAFETY: a conntrack value pointer from the map; state bits are or-ed in and
             // the time set, both plain stores of this connection's own entry.
             unsafe {
-                (*peer).state |= set;
-                (*peer).last_seen_ns = now;
+                (*p).state |= set;
+                (*p).last_seen_ns = now;
             }
         }
     }
@@ -117,4 +190,179 @@ pub fn track(flow: &mut Flow, pkt: &TcpPacket, now: u64) {
     }
     flow.packets += 1;
     flow.bytes += u64::from(pkt.l3_len);
+    Ok(())
+}
+
+/// The FIN bit of `flow`'s direction.
+#[inline(always)]
+fn fin_bit(flow: &Flow) -> u8 {
+    if flow.direction == DIR_FORWARD {
+        CT_FIN_FORWARD
+    } else {
+        CT_FIN_REVERSE
+    }
+}
+
+/// The state bits an RST or FIN sets without any check (entries carried over untracked).
+#[inline(always)]
+fn closing_bits(flow: &Flow, flags: u8) -> u8 {
+    let mut set = 0;
+    if flags & RST != 0 {
+        set |= CT_RST;
+    }
+    if flags & FIN != 0 {
+        set |= fin_bit(flow);
+    }
+    set
+}
+
+/// An entry carried over untracked learns its sender's numbers from its first segment.
+#[inline(always)]
+fn learn(flow: &mut Flow, pkt: &TcpPacket, end: u32) {
+    flow.seq_end = end;
+    if pkt.flags & ACK != 0 {
+        flow.ack_max = pkt.ack;
+        flow.track |= TRACK_ACK_SEEN;
+    }
+    flow.win_max = u32::from(pkt.window) << TCP_MAX_WSCALE;
+    flow.track &= !TRACK_LIBERAL;
+}
+
+/// The first SYN-ACK (from the backend, `flow` its entry; `offered` its window scale)
+/// acknowledged the client's SYN (`client` its entry): the backend's numbers start, and window
+/// scaling is on when both offered it (RFC 7323 §2.2), else off for both.
+#[inline(always)]
+fn syn_ack(flow: &mut Flow, client: &mut Flow, pkt: &TcpPacket, offered: Option<u8>, end: u32) {
+    flow.seq_end = end;
+    flow.ack_max = pkt.ack;
+    flow.win_max = u32::from(pkt.window);
+    match offered {
+        Some(shift) if client.track & TRACK_WSCALE_OFFERED != 0 => {
+            flow.wscale = shift;
+            flow.peer_wscale = client.wscale;
+            client.peer_wscale = shift;
+            flow.track = TRACK_ACK_SEEN | TRACK_WSCALE_OFFERED;
+        }
+        _ => {
+            flow.wscale = 0;
+            flow.peer_wscale = 0;
+            client.wscale = 0;
+            client.peer_wscale = 0;
+            flow.track = TRACK_ACK_SEEN
+                | if offered.is_some() {
+                    TRACK_WSCALE_OFFERED
+                } else {
+                    0
+                };
+        }
+    }
+}
+
+/// Whether a segment `pkt` (ending at `end`) lies within what `flow`'s sender can send and
+/// acknowledge: its sequence numbers no more than the receiver's widest possible window from
+/// `seq_end`, its acknowledgement no more than the sender's own widest window from `ack_max`.
+#[inline(always)]
+fn in_bounds(flow: &Flow, pkt: &TcpPacket, end: u32) -> Result<(), DropReason> {
+    let rcv = max_window(flow.peer_wscale);
+    if seq_before(end, flow.seq_end.wrapping_sub(rcv))
+        || seq_after(pkt.seq, flow.seq_end.wrapping_add(rcv))
+    {
+        return Err(DropReason::OutOfWindow);
+    }
+    if pkt.flags & ACK != 0 && flow.track & TRACK_ACK_SEEN != 0 {
+        let snd = max_window(flow.wscale);
+        if seq_after(pkt.ack, flow.ack_max.wrapping_add(snd))
+            || seq_before(pkt.ack, flow.ack_max.wrapping_sub(snd))
+        {
+            return Err(DropReason::OutOfWindow);
+        }
+    }
+    Ok(())
+}
+
+/// Moves `flow`'s sender tracking over an accepted segment.
+#[inline(always)]
+fn advance(flow: &mut Flow, pkt: &TcpPacket, end: u32) {
+    if seq_after(end, flow.seq_end) {
+        flow.seq_end = end;
+    }
+    if pkt.flags & ACK != 0
+        && (flow.track & TRACK_ACK_SEEN == 0 || seq_after(pkt.ack, flow.ack_max))
+    {
+        flow.ack_max = pkt.ack;
+        flow.track |= TRACK_ACK_SEEN;
+    }
+    // Windows of SYN segments are never scaled.
+    let shift = if pkt.flags & SYN != 0 { 0 } else { flow.wscale };
+    let window = u32::from(pkt.window) << shift;
+    if window > flow.win_max {
+        flow.win_max = window;
+    }
+}
+
+/// What an RST is worth.
+enum Rst {
+    /// At the receiver's next expected sequence number: it closes the connection.
+    Exact,
+    /// In the receiver's window, not exact: forwarded, the receiver sends a challenge ACK.
+    InWindow,
+    /// Outside: refused.
+    Outside,
+}
+
+/// The receiver's next expected sequence number and its window, as `flow`'s sender sees them:
+/// the receiver's highest acknowledgement and largest window (`peer`, its entry), or before it
+/// acknowledged anything what the sender has sent.
+#[inline(always)]
+fn receiver_window(flow: &Flow, peer: Option<&Flow>) -> (u32, u32) {
+    match peer {
+        Some(p) => {
+            let nxt = if p.track & TRACK_ACK_SEEN != 0 {
+                p.ack_max
+            } else {
+                flow.seq_end
+            };
+            (nxt, if p.win_max == 0 { 1 } else { p.win_max })
+        }
+        None => (flow.seq_end, 1),
+    }
+}
+
+/// Judges an RST from `flow`'s sender (RFC 5961 §3.2, netfilter's `tcp_packet` RST rules).
+#[inline(always)]
+fn rst_verdict(flow: &Flow, peer: Option<&Flow>, pkt: &TcpPacket) -> Rst {
+    if let Some(p) = peer
+        && p.track & TRACK_LIBERAL != 0
+    {
+        return Rst::Exact;
+    }
+    if flow.direction == DIR_REVERSE && flow.state & CT_SYN_ACK_SEEN == 0 {
+        // The backend refuses the SYN: valid when it acknowledges it (RFC 9293 §3.10.7.3).
+        return match peer {
+            Some(p) if pkt.flags & ACK != 0 && pkt.ack == p.seq_end => Rst::Exact,
+            _ => Rst::Outside,
+        };
+    }
+    let (nxt, wnd) = receiver_window(flow, peer);
+    if pkt.seq == nxt || pkt.seq == flow.seq_end {
+        Rst::Exact
+    } else if !seq_before(pkt.seq, nxt) && seq_before(pkt.seq, nxt.wrapping_add(wnd)) {
+        Rst::InWindow
+    } else {
+        Rst::Outside
+    }
+}
+
+/// Whether a FIN from `flow`'s sender (its segment `pkt`, ending at `end`) overlaps the
+/// receiver's window.
+#[inline(always)]
+fn fin_in_window(flow: &Flow, peer: Option<&Flow>, pkt: &TcpPacket, end: u32) -> bool {
+    match peer {
+        None => true,
+        Some(p) if p.track & TRACK_LIBERAL != 0 => true,
+        Some(_) => {
+            let (nxt, wnd) = receiver_window(flow, peer);
+            !seq_after(pkt.seq, nxt.wrapping_add(wnd)) && !seq_before(end, nxt)
+        }
+    }
 }

@@ -27,3 +27,100 @@ pub fn fold(mut sum: u32) -> u16 {
 pub fn apply(check: u16, diff: u32) -> u16 {
     !fold(u32::from(!check) + diff)
 }
+
+/// Bytes [`sum_bytes`] sums with one `bpf_csum_diff` call.
+const CHUNK: usize = 64;
+/// The most chunks [`sum_bytes`] sums: with the tail, a segment of up to 1535 bytes.
+const CHUNKS_MAX: usize = 23;
+
+/// Folds a 64-bit one's complement sum to 16 bits.
+#[inline(always)]
+fn fold64(sum: u64) -> u16 {
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    fold((sum & 0xffff) as u32 + (sum >> 16) as u32)
+}
+
+/// The one's complement sum, folded, of the `len` bytes at `offset` (even) of the packet, as
+/// 16-bit words read the datapath's way; an odd last byte counts as a word with a zero second
+/// byte (RFC 1071). `None` past the packet's end, or past 1535 bytes. Whole 64-byte chunks go
+/// through `bpf_csum_diff` (a loop of 16-bit loads that long is more than the verifier
+/// follows), the rest word by word.
+#[inline(always)]
+pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<u16> {
+    // Verifier workaround: LLVM rewrites the chunk loop around `len / CHUNK` and loses the
+    // loop's own bound, so the verifier walks it as far as a 16-bit length allows. The length
+    // goes through a volatile load and an explicit bound instead.
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&len) };
+    if len >= CHUNK * (CHUNKS_MAX + 1) {
+        return None;
+    }
+    let chunks = len / CHUNK;
+    let mut sum = 0u64;
+    for i in 0..CHUNKS_MAX {
+        if i >= chunks {
+            break;
+        }
+        let chunk = b.ptr_at_checked::<[u8; CHUNK]>(offset + i * CHUNK)?;
+        // SAFETY: a helper reading the bounds-checked chunk; it writes nothing.
+        let partial = unsafe {
+            aya_ebpf::helpers::bpf_csum_diff(
+                core::ptr::null_mut(),
+                0,
+                chunk.cast(),
+                CHUNK as u32,
+                0,
+            )
+        };
+        if partial < 0 {
+            return None;
+        }
+        sum += partial as u64 & 0xffff_ffff;
+    }
+    let at = offset + chunks * CHUNK;
+    let left = len - chunks * CHUNK;
+    for i in 0..CHUNK / 2 {
+        if 2 * i + 1 >= left {
+            break;
+        }
+        let w = b.words_checked::<1>(at + 2 * i)?;
+        // SAFETY: bounds-checked and aligned (see `Bounds::words`).
+        sum += u64::from(unsafe { (*w)[0] });
+    }
+    if left & 1 != 0 {
+        let last = b.ptr_at_checked::<u8>(at + left - 1)?;
+        // SAFETY: bounds-checked by `ptr_at_checked`. On the wire it is the first byte of a
+        // word: the low half of a word as read here.
+        sum += u64::from(unsafe { *last });
+    }
+    Some(fold64(sum))
+}
+
+/// Whether the IPv4 header of `pkt` has a right checksum (RFC 791: the sum of its words,
+/// checksum included, is all ones).
+#[inline(always)]
+pub fn ipv4_ok(b: &crate::parse::Bounds, pkt: &crate::parse::TcpPacket) -> bool {
+    sum_bytes(b, crate::parse::ETH_LEN, pkt.ihl()).is_some_and(|s| s == 0xffff)
+}
+
+/// The sum of `pkt`'s TCP pseudo-header (RFC 9293 §3.1): addresses, protocol, TCP length, as
+/// words read the datapath's way.
+#[inline(always)]
+pub fn pseudo_header(src_ip: u32, dst_ip: u32, tcp_len: u16) -> u32 {
+    (src_ip & 0xffff)
+        + (src_ip >> 16)
+        + (dst_ip & 0xffff)
+        + (dst_ip >> 16)
+        + u32::from(u16::from(gateway_common::net::IPPROTO_TCP).to_be())
+        + u32::from(tcp_len.to_be())
+}
+
+/// Whether the TCP segment of `pkt` has a right checksum (pseudo-header and whole segment).
+#[inline(always)]
+pub fn tcp_ok(b: &crate::parse::Bounds, pkt: &crate::parse::TcpPacket) -> bool {
+    let tcp_len = pkt.l3_len - pkt.ihl() as u16;
+    let pseudo = pseudo_header(pkt.key.src_ip, pkt.key.dst_ip, tcp_len);
+    sum_bytes(b, pkt.l4_off(), usize::from(tcp_len))
+        .is_some_and(|s| fold(u32::from(s) + pseudo) == 0xffff)
+}

@@ -41,3 +41,11 @@ pub fn choose(app_id: u32, key: &FlowKey4) -> Result<(u32, Backend4), DropReason
     }
     Err(DropReason::NoBackend)
 }
+
+/// Whether backend `id` still takes new flows (its accepting flag, as userspace set it).
+#[inline(always)]
+pub fn accepting(id: u32) -> bool {
+    BACKENDS
+        .get(id)
+        .is_some_and(|b| b.flags & BACKEND_ACCEPTING != 0)
+}

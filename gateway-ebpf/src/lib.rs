@@ -5,8 +5,8 @@
 //! A packet goes: `xdp` or `tc` (the attach modes) → `pipeline`: `parse` (is it TCP to a
 //! gateway address?), `conntrack` (lookup, reply direction first, timed by `clock`; a SYN to a
 //! service creates a flow through `nat` and `lb`), `nexthop` (cached FIB result) → `nat`'s
-//! header rewrite (`csum`, `mac`) → redirect (`xdp` or `tc`); `stats` counts; `maps` declares
-//! every map.
+//! header rewrite (`csum`, `mac`) → redirect (`xdp` or `tc`); a segment without a flow is
+//! answered by `reset`; `stats` counts; `maps` declares every map.
 #![no_std]
 
 mod clock;
@@ -19,6 +19,7 @@ mod nat;
 mod nexthop;
 pub mod parse;
 mod pipeline;
+mod reset;
 pub mod stats;
 pub mod tc;
 pub mod xdp;

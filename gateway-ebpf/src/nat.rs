@@ -2,6 +2,8 @@
 //! the conntrack pair. Every packet of a flow: the header rewrite (addresses, ports, checksums,
 //! MACs).
 
+use core::mem::MaybeUninit;
+
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
@@ -32,20 +34,24 @@ const SNAT_PROBES: u32 = 32;
 const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
 /// Starts the flow of a SYN to the service of `app_id`: chooses the backend, allocates a SNAT
-/// port by inserting the reverse entry, and returns the forward entry (not inserted yet: see
-/// [`commit`]) and the claim of the pair.
+/// port by inserting the reverse entry, and leaves the forward entry in `entry` (not inserted
+/// yet: see [`commit`]); returns the claim of the pair. `wscale`: the window scale the SYN offers, which the
+/// reverse entry keeps as its peer's until the SYN-ACK decides.
 #[inline(always)]
 pub fn create(
     key: &FlowKey4,
     app_id: u32,
     cfg: &Config,
     now: u64,
-) -> Result<(Flow, Claim), DropReason> {
+    wscale: Option<u8>,
+    entry: &mut MaybeUninit<Flow>,
+) -> Result<Claim, DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(DropReason::NotConfigured);
     }
     let (backend_id, backend) = lb::choose(app_id, key)?;
-    let mut entry = Flow {
+    // Built in the caller's slot (a `Flow` is too large to be copied around the BPF stack).
+    let entry = entry.write(Flow {
         // Reverse entry first: backend → SNAT becomes public → client.
         nat_src_ip: key.dst_ip,
         nat_dst_ip: key.src_ip,
@@ -57,8 +63,9 @@ pub fn create(
         state: CT_SYN_SEEN,
         created_ns: now,
         last_seen_ns: now,
+        peer_wscale: wscale.unwrap_or_default(),
         ..Flow::default()
-    };
+    });
     let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
     for _ in 0..SNAT_PROBES {
@@ -83,14 +90,15 @@ pub fn create(
             }
         };
         // BPF_NOEXIST still decides: another CPU may have taken the port meanwhile.
-        if free && let Some(claim) = Claim::reverse(&reverse_key, &entry)? {
+        if free && let Some(claim) = Claim::reverse(&reverse_key, entry)? {
             // Forward entry: client → public becomes SNAT → backend.
             entry.nat_src_ip = cfg.snat_ip;
             entry.nat_dst_ip = backend.ip;
             entry.nat_src_port = reverse_key.dst_port;
             entry.nat_dst_port = backend.port;
             entry.direction = DIR_FORWARD;
-            return Ok((entry, claim));
+            entry.peer_wscale = 0;
+            return Ok(claim);
         }
         stats::global(GlobalStat::SnatCollisions);
     }
@@ -107,8 +115,9 @@ pub fn commit(claim: Claim, key: &FlowKey4, forward: &Flow) -> Result<(), DropRe
     Ok(())
 }
 
-/// Writes the translation of `flow` into `pkt`: the new addresses, ports, IPv4 checksum and
-/// the next hop's MACs cached in `flow`. Returns the rewrite, whose checksum differences the
+/// Writes the translation of `flow` into `pkt`: the new addresses, ports, the TTL decremented
+/// (the caller checked it is above 1), the IPv4 checksum and the next hop's MACs cached in
+/// `flow`. Returns the rewrite, whose checksum differences the
 /// caller applies to the TCP checksum (XDP and TC do it each their own way).
 ///
 /// # Safety
@@ -166,8 +175,8 @@ impl Rewrite {
         }
     }
 
-    /// Writes addresses, ports, the IPv4 checksum and the MACs into the packet. The TCP
-    /// checksum is left to the caller (it differs between XDP and TC).
+    /// Writes addresses, ports, the TTL less one, the IPv4 checksum and the MACs into the
+    /// packet. The TCP checksum is left to the caller (it differs between XDP and TC).
     ///
     /// # Safety
     /// `b` must describe the current packet, whose headers were parsed at `pkt`'s offsets.
@@ -181,16 +190,19 @@ impl Rewrite {
     ) -> Result<(), DropReason> {
         let eth = b.words::<6>(0).ok_or(DropReason::Truncated)?;
         let ip = b
-            .words::<{ IPV4_MIN_LEN / 2 }>(pkt.l3_off)
+            .words::<{ IPV4_MIN_LEN / 2 }>(crate::parse::ETH_LEN)
             .ok_or(DropReason::Truncated)?;
-        let tcp = b.words::<2>(pkt.l4_off).ok_or(DropReason::Truncated)?;
+        let tcp = b.words::<2>(pkt.l4_off()).ok_or(DropReason::Truncated)?;
         // SAFETY: the pointers were bounds-checked above, 2-byte aligned (see `words`).
         unsafe {
             let eth = &mut *eth;
             eth[..3].copy_from_slice(dmac);
             eth[3..].copy_from_slice(smac);
             let ip = &mut *ip;
-            ip[5] = csum::apply(ip[5], self.addr_diff);
+            // Word 4: the TTL (its low byte) and the protocol. TTL > 1 here: no borrow.
+            let ttl = ip[4];
+            ip[4] = ttl - 1;
+            ip[5] = csum::apply(ip[5], diff16(self.addr_diff, ttl, ttl - 1));
             ip[6] = self.src_ip as u16;
             ip[7] = (self.src_ip >> 16) as u16;
             ip[8] = self.dst_ip as u16;

@@ -1,7 +1,14 @@
 //! Header parsing with one bounds-checked accessor. Offsets come from the headers themselves
 //! (`ihl`, `doff`), never from constants.
 
-use gateway_common::{DropReason, maps::FlowKey4, net::IPPROTO_TCP};
+use gateway_common::{
+    DropReason,
+    maps::{FlowKey4, TCP_MAX_WSCALE},
+    net::{
+        IPPROTO_TCP,
+        tcp_flags::{FIN, SYN},
+    },
+};
 
 pub const ETH_LEN: usize = 14;
 pub const IPV4_MIN_LEN: usize = 20;
@@ -38,6 +45,37 @@ impl Bounds {
     pub fn words<const N: usize>(&self, offset: usize) -> Option<*mut [u16; N]> {
         self.ptr_at::<[u16; N]>(offset)
     }
+
+    /// [`Bounds::ptr_at`] with a check LLVM cannot drop or detach from the access. Verifier
+    /// workaround: when an earlier check already implies this one (a header length checked at
+    /// parse time, a loop's bound), LLVM removes it, or checks one register and reads through
+    /// another it computes again from a different base; the verifier cannot relate either to
+    /// the access and refuses it. Volatile loads of the end and of the pointer itself keep the
+    /// check, on the very value that is returned.
+    /// The offset goes through a volatile load too: LLVM would otherwise fold a constant of
+    /// it (`len - 1`) into the pointer, and the verifier refuses negative constant offsets.
+    #[inline(always)]
+    pub fn ptr_at_checked<T>(&self, offset: usize) -> Option<*mut T> {
+        // SAFETY: reading a local.
+        let start = self.data + unsafe { core::ptr::read_volatile(&offset) };
+        // SAFETY: reading a field of `self` and a local.
+        let (start, data_end) = unsafe {
+            (
+                core::ptr::read_volatile(&start),
+                core::ptr::read_volatile(&self.data_end),
+            )
+        };
+        if start + core::mem::size_of::<T>() > data_end {
+            return None;
+        }
+        Some(start as *mut T)
+    }
+
+    /// [`Bounds::words`] with a check LLVM cannot drop (see [`Bounds::ptr_at_checked`]).
+    #[inline(always)]
+    pub fn words_checked<const N: usize>(&self, offset: usize) -> Option<*mut [u16; N]> {
+        self.ptr_at_checked::<[u16; N]>(offset)
+    }
 }
 
 /// The wire bytes `[w0 low, w0 high, w1 low, w1 high]` as a `u32` of the same memory layout
@@ -47,21 +85,64 @@ pub fn join(w0: u16, w1: u16) -> u32 {
     u32::from(w0) | (u32::from(w1) << 16)
 }
 
-/// A TCP/IPv4 packet addressed to one of the gateway's addresses.
+/// A TCP/IPv4 packet addressed to one of the gateway's addresses. Its IPv4 header starts at
+/// [`ETH_LEN`] (no VLAN tag is looked at).
 #[derive(Clone, Copy)]
 pub struct TcpPacket {
-    /// Offset of the IPv4 header.
-    pub l3_off: usize,
-    /// Offset of the TCP header (`l3_off + ihl * 4`).
-    pub l4_off: usize,
+    /// IPv4 header length (`ihl * 4`, bytes: 20..=60). Read through [`TcpPacket::ihl`].
+    ihl: u8,
     /// The 5-tuple as it arrived (network order).
     pub key: FlowKey4,
     /// TCP flags byte (`gateway_common::net::tcp_flags` bits).
     pub flags: u8,
+    /// IPv4 TTL.
+    pub ttl: u8,
     /// IPv4 total length (host order): the L3 bytes counted in statistics.
     pub l3_len: u16,
     /// What the destination address is: `ADDR_PUBLIC` / `ADDR_SNAT` bits.
     pub addr_kind: u32,
+    /// Sequence number (host order).
+    pub seq: u32,
+    /// Acknowledgement number (host order; meaningful with ACK).
+    pub ack: u32,
+    /// Window field as sent (host order, not scaled).
+    pub window: u16,
+    /// TCP header length (`doff * 4`, bytes).
+    pub tcp_len: u16,
+}
+
+impl TcpPacket {
+    /// Bytes of payload.
+    #[inline(always)]
+    pub fn payload_len(&self) -> u32 {
+        u32::from(self.l3_len) - self.ihl() as u32 - u32::from(self.tcp_len)
+    }
+
+    /// The sequence number after this segment: `seq` + payload, plus one for a SYN and one
+    /// for a FIN (each takes a sequence number).
+    #[inline(always)]
+    pub fn end(&self) -> u32 {
+        self.seq
+            .wrapping_add(self.payload_len())
+            .wrapping_add(u32::from(self.flags & SYN != 0))
+            .wrapping_add(u32::from(self.flags & FIN != 0))
+    }
+
+    /// The IPv4 header length (bytes).
+    #[inline(always)]
+    pub fn ihl(&self) -> usize {
+        // Verifier workaround: LLVM keeps this packet's small fields packed in one register
+        // and takes them out with shifts, which leaves the verifier without a bound on the
+        // offset it then adds to a packet pointer. A volatile one-byte load keeps it 0..=255.
+        // SAFETY: reading a field of `self`.
+        usize::from(unsafe { core::ptr::read_volatile(&self.ihl) })
+    }
+
+    /// Offset of the TCP header.
+    #[inline(always)]
+    pub fn l4_off(&self) -> usize {
+        ETH_LEN + self.ihl()
+    }
 }
 
 /// What the parser found.
@@ -128,11 +209,87 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
         return Err(DropReason::BadHeader);
     }
     Ok(Parsed::Tcp(TcpPacket {
-        l3_off,
-        l4_off,
+        ihl: ihl as u8,
         key: FlowKey4::new(join(ip[6], ip[7]), dst_ip, tcp[0], tcp[1]),
         flags,
+        // Byte 8 of the header: the low half of word 4.
+        ttl: ip[4] as u8,
         l3_len,
         addr_kind: kind,
+        seq: u32::from_be(join(tcp[2], tcp[3])),
+        ack: u32::from_be(join(tcp[4], tcp[5])),
+        window: u16::from_be(tcp[7]),
+        tcp_len: doff as u16,
     }))
+}
+
+/// TCP option kinds (RFC 9293 §3.1, RFC 7323 §2.2).
+const OPT_END: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_WSCALE: u8 = 3;
+/// The most option bytes a TCP header holds.
+pub const OPTIONS_MAX: usize = 40;
+
+/// Loads packet bytes into a buffer: what the attach mode's helper does
+/// (`bpf_xdp_load_bytes`, `bpf_skb_load_bytes`).
+pub trait LoadBytes {
+    /// Copies `len` bytes (1..=`buf.len()`) at `offset` of the packet into `buf`; false if
+    /// the packet is shorter.
+    fn load_bytes(&self, offset: usize, buf: &mut [u8; OPTIONS_MAX], len: usize) -> bool;
+}
+
+/// The window scale shift a SYN or SYN-ACK offers (option kind 3, length 3), capped at 14 as
+/// RFC 7323 §2.3 says; `None` without one, or when the option list is malformed (a length
+/// below 2 or past the header) before it. The options are copied out of the packet first
+/// (`load`): walking them in place with their variable strides was more than the verifier
+/// follows once inlined into the SYN path.
+#[inline(always)]
+pub fn window_scale(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<u8> {
+    let len = usize::from(pkt.tcp_len).saturating_sub(TCP_MIN_LEN);
+    // Verifier workaround: the helper needs a length the verifier knows is 1..=40; LLVM
+    // otherwise drops this check (the parse already bounds `tcp_len`) on the way there.
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&len) };
+    if len == 0 || len > OPTIONS_MAX {
+        return None;
+    }
+    let mut options = [0u8; OPTIONS_MAX];
+    if !load.load_bytes(pkt.l4_off() + TCP_MIN_LEN, &mut options, len) {
+        return None;
+    }
+    window_scale_in(&options, len)
+}
+
+/// [`window_scale`] over the first `len` bytes of `options`.
+#[inline(always)]
+pub fn window_scale_in(options: &[u8; OPTIONS_MAX], len: usize) -> Option<u8> {
+    let mut at = 0;
+    // Every step consumes at least one byte.
+    for _ in 0..OPTIONS_MAX {
+        if at >= len {
+            return None;
+        }
+        let kind = *options.get(at)?;
+        if kind == OPT_END {
+            return None;
+        }
+        if kind == OPT_NOP {
+            at += 1;
+            continue;
+        }
+        let size = usize::from(*options.get(at + 1)?);
+        if size < 2 || at + size > len {
+            return None;
+        }
+        if kind == OPT_WSCALE && size == 3 {
+            let shift = *options.get(at + 2)?;
+            return Some(if shift > TCP_MAX_WSCALE {
+                TCP_MAX_WSCALE
+            } else {
+                shift
+            });
+        }
+        at += size;
+    }
+    None
 }

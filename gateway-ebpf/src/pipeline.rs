@@ -1,26 +1,47 @@
 //! The per-packet decisions shared by both attach modes: is the packet ours, which flow is it,
 //! does a SYN create one, and where does it go next. The attach-mode code (`xdp`, `tc`) then
 //! rewrites the headers (`nat::write_headers`), finishes the TCP checksum its own way and
-//! forwards.
+//! forwards, or sends the RST that answers a segment without a flow (`reset`).
+//!
+//! The order of checks for a packet of ours (docs/datapath.md, "What the gateway looks at"):
+//! conntrack lookup; flags (netfilter's valid combinations); TTL; then the flow's sequence
+//! tracking (`conntrack::track`), or for a SYN to a service its checksums, then a new flow.
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::cty::c_void;
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{ADDR_PUBLIC, ADDR_SNAT, Flow, ServiceKey4},
-    net::{port_from_net, tcp_flags},
+    maps::{
+        ADDR_PUBLIC, ADDR_SNAT, CT_ESTABLISHED, CT_SYN_ACK_SEEN, DIR_FORWARD, Flow, ServiceKey4,
+        TRACK_LIBERAL, TRACK_WSCALE_OFFERED, is_closed,
+    },
+    net::{
+        port_from_net,
+        tcp_flags::{self, ACK, FIN, RST, SYN},
+    },
 };
 
 use crate::{
     clock::Now,
     conntrack::{self, Claim},
+    csum, lb,
     maps::{CONFIG, SERVICES},
     nat,
     nexthop::{self, NextHop},
-    parse::{Bounds, Parsed, TcpPacket, parse},
-    stats,
+    parse::{self, Bounds, LoadBytes, Parsed, TcpPacket, parse},
+    reset, stats,
 };
+
+/// What the attach mode's context gives the pipeline: packet bytes through its helper, and
+/// what the kernel knows of a packet's checksum that its bytes do not say.
+pub trait Context: LoadBytes {
+    /// Whether the kernel vouches for the TCP checksum of `pkt` (a NIC verified it, or a
+    /// sender on this host left it for the NIC to compute: CHECKSUM_UNNECESSARY or
+    /// CHECKSUM_PARTIAL), so it need not be computed. Finding out may call helpers that move
+    /// the packet: `b` is refreshed then.
+    fn tcp_trusted(&self, b: &mut Bounds, pkt: &TcpPacket) -> bool;
+}
 
 /// A packet of a flow of ours, with where it goes next.
 pub struct Translation<'a> {
@@ -31,48 +52,64 @@ pub struct Translation<'a> {
     pub hop: NextHop,
 }
 
+/// What the attach mode does with a packet.
+pub enum Verdict<'a> {
+    /// Hand it to the kernel unchanged (counted as passed).
+    Pass,
+    /// Translate it and send it on.
+    Translate(Translation<'a>),
+    /// Answer it with an RST (no flow; see `reset`).
+    Reset,
+}
+
 /// What both attach modes do first: decide, and for a packet of ours resolve its next hop.
-/// `None`: hand the packet to the kernel unchanged (counted as passed). `ctx` is the program's
-/// context, `ingress_ifindex` the interface the packet came in on; a new flow is built in
-/// `new` (the caller's stack) and inserted from there.
+/// `ctx` is the program's context, `ingress_ifindex` the interface the packet came in on; a
+/// new flow is built in `new` (the caller's stack) and inserted from there. `b` may be
+/// refreshed (see [`Context`]).
 #[inline(always)]
-pub fn prepare<'a>(
-    b: &Bounds,
+pub fn prepare<'a, C: Context>(
+    b: &mut Bounds,
+    checks: &C,
     ctx: *mut c_void,
     ingress_ifindex: u32,
     new: &'a mut MaybeUninit<Flow>,
-) -> Result<Option<Translation<'a>>, DropReason> {
-    match decide(b)? {
+) -> Result<Verdict<'a>, DropReason> {
+    match decide(b, checks, new)? {
         Action::Pass => {
             stats::global(GlobalStat::Passed);
-            Ok(None)
+            Ok(Verdict::Pass)
+        }
+        Action::Reset => {
+            stats::global(GlobalStat::RstNoFlow);
+            Ok(Verdict::Reset)
         }
         Action::Existing { pkt, flow, now } => {
             // SAFETY: a conntrack value pointer; this CPU updates it in place.
             let flow = unsafe { &mut *flow };
             let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
-            Ok(Some(Translation { pkt, flow, hop }))
+            Ok(Verdict::Translate(Translation { pkt, flow, hop }))
         }
         Action::New {
             pkt,
-            forward,
+            flow,
             claim,
             now,
         } => {
             // The whole forward entry (state, counters, next hop) is built before it is
             // inserted: no lookup of it afterwards, no update in the map.
-            let flow = new.write(forward);
             let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
             nat::commit(claim, &pkt.key, flow)?;
-            Ok(Some(Translation { pkt, flow, hop }))
+            Ok(Verdict::Translate(Translation { pkt, flow, hop }))
         }
     }
 }
 
 /// What to do with a packet.
-enum Action {
+enum Action<'a> {
     /// Hand it to the kernel unchanged.
     Pass,
+    /// Answer it with an RST.
+    Reset,
     /// Translate it with this conntrack entry (state and counters already updated); `now` is
     /// the time the decision was made (ns).
     Existing {
@@ -81,10 +118,10 @@ enum Action {
         now: Now,
     },
     /// A SYN of a new flow: its reverse entry is in the table (`claim`), its forward entry is
-    /// `forward`, to insert once complete.
+    /// `flow` (the caller's slot), to insert once complete.
     New {
         pkt: TcpPacket,
-        forward: Flow,
+        flow: &'a mut Flow,
         claim: Claim,
         now: Now,
     },
@@ -92,7 +129,11 @@ enum Action {
 
 /// Classifies the packet in `b` and finds (or starts) its flow.
 #[inline(always)]
-fn decide(b: &Bounds) -> Result<Action, DropReason> {
+fn decide<'a, C: Context>(
+    b: &mut Bounds,
+    checks: &C,
+    new: &'a mut MaybeUninit<Flow>,
+) -> Result<Action<'a>, DropReason> {
     let Some(cfg) = CONFIG.get(0) else {
         return Ok(Action::Pass);
     };
@@ -103,34 +144,55 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
     // Only packets of ours read the clock, and the coarse one (CLOCK_MONOTONIC_COARSE, a few
     // ms of resolution, cached per tick): it serves idle times and next-hop ages.
     let now = Now::read(cfg);
-    let syn_only = pkt.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    // A SYN that may open a connection: no ACK, FIN or RST (URG, PSH, ECE and CWR allowed).
+    let syn = pkt.flags & (SYN | ACK | FIN | RST) == SYN;
     // Replies first: only reverse entries are keyed by a SNAT address.
     if let Some(flow) = conntrack::lookup(&pkt.key) {
         // SAFETY: a conntrack value pointer; this CPU updates it in place.
         let f = unsafe { &mut *flow };
-        if !(syn_only
-            && f.direction == gateway_common::maps::DIR_FORWARD
-            && gateway_common::maps::is_closed(f.state))
-        {
-            conntrack::track(f, &pkt, now.ns);
+        check_flags(&pkt)?;
+        if !(syn && f.direction == DIR_FORWARD && starts_over(f, &pkt)) {
+            check_ttl(&pkt)?;
+            // A SYN-ACK's window scale (only the first SYN-ACK of a flow uses it).
+            let wscale = if pkt.flags & (SYN | ACK) == SYN | ACK && f.state & CT_SYN_ACK_SEEN == 0 {
+                parse::window_scale(checks, &pkt)
+            } else {
+                None
+            };
+            conntrack::track(f, &pkt, wscale, now.ns)?;
             return Ok(Action::Existing { pkt, flow, now });
         }
-        // The tuple of a finished connection is reused by a new SYN: start afresh.
         conntrack::remove_pair(&pkt.key, f);
     }
     if pkt.addr_kind & ADDR_PUBLIC != 0 {
         let svc = ServiceKey4::new(pkt.key.dst_ip, pkt.key.dst_port);
         if let Some(service) = SERVICES.get_ptr(svc) {
-            if !syn_only {
-                return Err(DropReason::NoFlow);
+            check_flags(&pkt)?;
+            if !syn {
+                return no_flow(pkt, DropReason::NoFlow);
+            }
+            check_ttl(&pkt)?;
+            // A SYN claims a SNAT port for the handshake's timeout: verify it first.
+            if !(csum::ipv4_ok(b, &pkt) && (checks.tcp_trusted(b, &pkt) || csum::tcp_ok(b, &pkt))) {
+                return Err(DropReason::BadChecksum);
             }
             // SAFETY: a value of the map, read once.
             let app_id = unsafe { (*service).app_id };
-            let (mut forward, claim) = nat::create(&pkt.key, app_id, cfg, now.ns)?;
-            conntrack::track(&mut forward, &pkt, now.ns);
+            let wscale = parse::window_scale(checks, &pkt);
+            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, wscale, new)?;
+            // SAFETY: `create` wrote the forward entry into the slot.
+            let forward = unsafe { new.assume_init_mut() };
+            forward.seq_end = pkt.end();
+            forward.win_max = u32::from(pkt.window);
+            if let Some(shift) = wscale {
+                forward.wscale = shift;
+                forward.track = TRACK_WSCALE_OFFERED;
+            }
+            // Counters and time (a SYN on the forward entry moves nothing else).
+            conntrack::track(forward, &pkt, None, now.ns)?;
             return Ok(Action::New {
                 pkt,
-                forward,
+                flow: forward,
                 claim,
                 now,
             });
@@ -139,8 +201,60 @@ fn decide(b: &Bounds) -> Result<Action, DropReason> {
     if pkt.addr_kind & ADDR_SNAT != 0 {
         let port = port_from_net(pkt.key.dst_port);
         if (cfg.snat_port_min..=cfg.snat_port_max).contains(&port) {
-            return Err(DropReason::NoReplyFlow);
+            check_flags(&pkt)?;
+            return no_flow(pkt, DropReason::NoReplyFlow);
         }
     }
     Ok(Action::Pass)
+}
+
+/// Refuses a flag combination no valid segment has.
+#[inline(always)]
+fn check_flags(pkt: &TcpPacket) -> Result<(), DropReason> {
+    if tcp_flags::valid(pkt.flags) {
+        Ok(())
+    } else {
+        Err(DropReason::BadFlags)
+    }
+}
+
+/// Refuses a segment that would leave with a TTL of 0 (it is decremented when translated).
+#[inline(always)]
+fn check_ttl(pkt: &TcpPacket) -> Result<(), DropReason> {
+    if pkt.ttl > 1 {
+        Ok(())
+    } else {
+        Err(DropReason::TtlExceeded)
+    }
+}
+
+/// A segment without a flow: answered with an RST when it can be (`reset::answers`), else
+/// dropped for `reason`.
+#[inline(always)]
+fn no_flow<'a>(pkt: TcpPacket, reason: DropReason) -> Result<Action<'a>, DropReason> {
+    if reset::answers(&pkt) {
+        Ok(Action::Reset)
+    } else {
+        Err(reason)
+    }
+}
+
+/// Whether a SYN on the forward entry `f` starts the connection over (its pair removed, the
+/// SYN balanced afresh): the connection is closed; or its handshake has not completed and
+/// either its backend stopped accepting or the SYN is not a retransmission (another initial
+/// sequence number). A retransmitted SYN to a backend still accepting, or a SYN on an
+/// established connection, stays on the flow.
+#[inline(always)]
+fn starts_over(f: &Flow, pkt: &TcpPacket) -> bool {
+    if is_closed(f.state) {
+        return true;
+    }
+    if f.state & CT_ESTABLISHED != 0 || f.track & TRACK_LIBERAL != 0 {
+        return false;
+    }
+    if pkt.end() == f.seq_end && lb::accepting(f.backend_id) {
+        return false;
+    }
+    stats::global(GlobalStat::SynRebalanced);
+    true
 }

@@ -1,13 +1,17 @@
 //! TC (tcx ingress): translate with `bpf_l4_csum_replace` and the pseudo-header flag, so
 //! CHECKSUM_PARTIAL and GSO packets stay correct, then redirect to the cached next hop, or
-//! through `bpf_redirect_neigh` when the neighbour is not known yet.
+//! through `bpf_redirect_neigh` when the neighbour is not known yet. A segment without a flow
+//! is turned into its RST and sent back out of the device it came in on.
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, bpf_redir_neigh},
+    bindings::{__sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, bpf_redir_neigh},
     cty::c_void,
-    helpers::{bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_csum_level, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_skb_load_bytes,
+    },
     programs::TcContext,
 };
 use gateway_common::{DropReason, GlobalStat};
@@ -15,40 +19,111 @@ use gateway_common::{DropReason, GlobalStat};
 use crate::{
     nat,
     nexthop::NextHop,
-    parse::{Bounds, ETH_LEN},
-    pipeline, stats,
+    parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
+    pipeline::{self, Context, Verdict},
+    reset, stats,
 };
 
 /// Enough linear bytes for Ethernet, IPv4 with options and a TCP header.
 const HEADERS_MAX: u32 = (ETH_LEN + 60 + 20) as u32;
+/// Packets up to this length are made linear whole (a SYN's checksum is computed over all of
+/// it); longer ones (GSO) only up to their headers.
+const LINEAR_MAX: u32 = 1600;
 const AF_INET: u32 = 2;
+
+/// The packet as the program sees it now (after any helper that may move it).
+#[inline(always)]
+fn bounds(ctx: &TcContext) -> Bounds {
+    Bounds {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+        len: ctx.len() as usize,
+    }
+}
+
+/// The skb, as the pipeline needs it.
+struct Skb<'a>(&'a TcContext);
+
+impl LoadBytes for Skb<'_> {
+    #[inline(always)]
+    fn load_bytes(&self, offset: usize, buf: &mut [u8; OPTIONS_MAX], len: usize) -> bool {
+        // SAFETY: a helper writing at most `buf.len()` bytes into `buf` (the caller bounds
+        // `len`).
+        unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb as *const c_void,
+                offset as u32,
+                buf.as_mut_ptr().cast(),
+                len as u32,
+            ) == 0
+        }
+    }
+}
+
+impl Context for Skb<'_> {
+    /// CHECKSUM_UNNECESSARY (a NIC verified it) is asked of `bpf_csum_level`. CHECKSUM_PARTIAL
+    /// (a sender on this host, e.g. a veth peer with tx offload, left the field holding the
+    /// pseudo-header's sum) cannot be read by a TC program; it is found by its effect: a
+    /// checksum change that is not about the pseudo-header is ignored for such a packet (see
+    /// `inet_proto_csum_replace_by_diff`), so a +1 probe leaves the field as it was. Any other
+    /// packet has its field changed, then changed back.
+    #[inline(always)]
+    fn tcp_trusted(&self, b: &mut Bounds, pkt: &TcpPacket) -> bool {
+        let skb = self.0.skb.skb;
+        // SAFETY: a helper on this program's skb; the query changes nothing.
+        if unsafe { bpf_csum_level(skb, u64::from(BPF_CSUM_LEVEL_QUERY)) } >= 0 {
+            return true;
+        }
+        let at = pkt.l4_off() + 16;
+        let field = |b: &Bounds| {
+            // SAFETY: bounds-checked and aligned (see `Bounds::words`).
+            b.words::<1>(at).map(|w| unsafe { (*w)[0] })
+        };
+        let Some(before) = field(b) else {
+            return false;
+        };
+        // SAFETY: helper calls on this program's skb; they validate the offset. Packet
+        // pointers are stale after each: the bounds are read again.
+        let probed = unsafe { bpf_l4_csum_replace(skb, at as u32, 0, 1, 0) } == 0;
+        *b = bounds(self.0);
+        if !probed {
+            return false;
+        }
+        if field(b) == Some(before) {
+            return true;
+        }
+        // SAFETY: as above; adds -1 (one's complement) back.
+        unsafe { bpf_l4_csum_replace(skb, at as u32, 0, u64::from(!1u32), 0) };
+        *b = bounds(self.0);
+        false
+    }
+}
 
 #[inline(always)]
 pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     stats::global(GlobalStat::TcPackets);
-    // Direct packet access needs the headers in the linear part of the skb.
+    // Direct packet access needs the headers (small packets: all of it) in the linear part.
     let linear = (ctx.data_end() - ctx.data()) as u32;
     let len = ctx.len();
-    if linear < HEADERS_MAX && linear < len {
-        let _ = ctx.pull_data(if len < HEADERS_MAX { len } else { HEADERS_MAX });
+    let want = if len <= LINEAR_MAX { len } else { HEADERS_MAX };
+    if linear < want {
+        let _ = ctx.pull_data(want);
     }
-    let b = Bounds {
-        data: ctx.data(),
-        data_end: ctx.data_end(),
-        len: len as usize,
-    };
+    let mut b = bounds(ctx);
     let skb = ctx.skb.skb;
     // At TC ingress, the skb's device is the one it arrived on.
     // SAFETY: the context pointer the kernel gave this program.
     let ingress = unsafe { (*skb).ifindex };
     let mut new = MaybeUninit::uninit();
-    let Some(t) = pipeline::prepare(&b, skb as *mut c_void, ingress, &mut new)? else {
-        return Ok(TC_ACT_OK);
+    let t = match pipeline::prepare(&mut b, &Skb(ctx), skb as *mut c_void, ingress, &mut new)? {
+        Verdict::Pass => return Ok(TC_ACT_OK),
+        Verdict::Reset => return send_reset(skb, &b, ingress),
+        Verdict::Translate(t) => t,
     };
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
     let rw = unsafe { nat::write_headers(&b, &t.pkt, t.flow)? };
     let pkt = &t.pkt;
-    let check_off = (pkt.l4_off + 16) as u32;
+    let check_off = (pkt.l4_off() + 16) as u32;
     // SAFETY: helper calls on this program's skb; they re-validate the offset.
     let ok = unsafe {
         bpf_l4_csum_replace(
@@ -85,4 +160,32 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         NextHop::Unreachable => return Err(DropReason::NoRoute),
     };
     Ok(ret as i32)
+}
+
+/// Rewrites the segment into the RST that answers it, trims the skb and sends it back out of
+/// `ingress`. The TCP checksum goes through the helper, from a zero field: the pseudo-header's
+/// sum with `BPF_F_PSEUDO_HDR`, the header's without, so a CHECKSUM_PARTIAL skb ends up with
+/// the pseudo-header sum its offload expects and any other with the whole checksum.
+#[inline(always)]
+fn send_reset(skb: *mut __sk_buff, b: &Bounds, ingress: u32) -> Result<i32, DropReason> {
+    // SAFETY: `b` is the packet the pipeline answers, unchanged since.
+    let sums = unsafe { reset::write(b)? };
+    let check_off = (ETH_LEN + IPV4_MIN_LEN + 16) as u32;
+    // SAFETY: helper calls on this program's skb; they validate lengths and offsets.
+    let ok = unsafe {
+        (b.len == reset::FRAME_LEN || bpf_skb_change_tail(skb, reset::FRAME_LEN as u32, 0) == 0)
+            && bpf_l4_csum_replace(
+                skb,
+                check_off,
+                0,
+                u64::from(sums.pseudo),
+                u64::from(BPF_F_PSEUDO_HDR),
+            ) == 0
+            && bpf_l4_csum_replace(skb, check_off, 0, u64::from(sums.header), 0) == 0
+    };
+    if !ok {
+        return Err(DropReason::Truncated);
+    }
+    // SAFETY: plain helper call: out of the device the segment came in on.
+    Ok(unsafe { bpf_redirect(ingress, 0) } as i32)
 }

@@ -2,33 +2,72 @@
 //! next hop. When the next hop's neighbour is unknown, the packet is passed untouched to the
 //! kernel, where the TC program (attached alongside in XDP mode) translates it and lets
 //! `bpf_redirect_neigh` resolve the neighbour: a connection never hangs on a missing entry.
+//! A segment without a flow is turned into its RST and sent back (XDP_TX).
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_PASS, cty::c_void, helpers::bpf_redirect, programs::XdpContext,
+    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    cty::c_void,
+    helpers::{bpf_redirect, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    programs::XdpContext,
 };
 use gateway_common::{DropReason, GlobalStat};
 
-use crate::{csum, nat, nexthop::NextHop, parse::Bounds, pipeline, stats};
+use crate::{
+    csum, nat,
+    nexthop::NextHop,
+    parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
+    pipeline::{self, Context, Verdict},
+    reset, stats,
+};
+
+/// The XDP context, as the pipeline needs it.
+struct Xdp<'a>(&'a XdpContext);
+
+impl LoadBytes for Xdp<'_> {
+    #[inline(always)]
+    fn load_bytes(&self, offset: usize, buf: &mut [u8; OPTIONS_MAX], len: usize) -> bool {
+        // SAFETY: a helper writing at most `buf.len()` bytes into `buf` (the caller bounds
+        // `len`).
+        unsafe {
+            bpf_xdp_load_bytes(
+                self.0.ctx,
+                offset as u32,
+                buf.as_mut_ptr().cast(),
+                len as u32,
+            ) == 0
+        }
+    }
+}
+
+impl Context for Xdp<'_> {
+    /// XDP sees frames before the kernel looked at them: nothing vouches for a checksum.
+    #[inline(always)]
+    fn tcp_trusted(&self, _b: &mut Bounds, _pkt: &TcpPacket) -> bool {
+        false
+    }
+}
 
 #[inline(always)]
 pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     stats::global(GlobalStat::XdpPackets);
-    let b = Bounds {
+    let mut b = Bounds {
         data: ctx.data(),
         data_end: ctx.data_end(),
         len: ctx.data_end() - ctx.data(),
     };
     let mut new = MaybeUninit::uninit();
-    let Some(t) = pipeline::prepare(
-        &b,
+    let t = match pipeline::prepare(
+        &mut b,
+        &Xdp(ctx),
         ctx.ctx as *mut c_void,
         ctx.ingress_ifindex() as u32,
         &mut new,
-    )?
-    else {
-        return Ok(XDP_PASS);
+    )? {
+        Verdict::Pass => return Ok(XDP_PASS),
+        Verdict::Reset => return send_reset(ctx, &b),
+        Verdict::Translate(t) => t,
     };
     let ifindex = match t.hop {
         NextHop::Ready { ifindex } => ifindex,
@@ -42,7 +81,9 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     let rw = unsafe { nat::write_headers(&b, &t.pkt, t.flow)? };
     let pkt = &t.pkt;
     // The TCP checksum: word 8 of the header.
-    let check = b.words::<1>(pkt.l4_off + 16).ok_or(DropReason::Truncated)?;
+    let check = b
+        .words::<1>(pkt.l4_off() + 16)
+        .ok_or(DropReason::Truncated)?;
     // SAFETY: bounds-checked and aligned (see `Bounds::words`).
     unsafe {
         (*check)[0] = csum::apply((*check)[0], rw.addr_diff + rw.port_diff);
@@ -50,4 +91,22 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     stats::traffic(t.flow, u64::from(pkt.l3_len));
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+}
+
+/// Rewrites the segment into the RST that answers it, trims the frame and sends it back.
+#[inline(always)]
+fn send_reset(ctx: &XdpContext, b: &Bounds) -> Result<u32, DropReason> {
+    // SAFETY: `b` is the packet the pipeline answers, unchanged since.
+    let sums = unsafe { reset::write(b)? };
+    let check = b
+        .words::<1>(ETH_LEN + IPV4_MIN_LEN + 16)
+        .ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds-checked and aligned (see `Bounds::words`).
+    unsafe { (*check)[0] = reset::checksum(&sums) };
+    let delta = reset::FRAME_LEN as i32 - (b.data_end - b.data) as i32;
+    // SAFETY: a helper on this program's context; it only moves the end of the frame.
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(DropReason::Truncated);
+    }
+    Ok(XDP_TX)
 }

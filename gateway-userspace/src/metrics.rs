@@ -448,6 +448,27 @@ impl Collector for Snapshot {
             Counter,
             self.global.get(GlobalStat::NeighFallbacks),
         )?;
+        single(
+            e,
+            "gateway_no_flow_resets",
+            "RSTs the datapath answered segments without a flow with (a connection it no longer has)",
+            Counter,
+            self.global.get(GlobalStat::RstNoFlow),
+        )?;
+        single(
+            e,
+            "gateway_in_window_resets",
+            "RSTs inside the window but not exact: forwarded for a challenge ACK, the flow kept",
+            Counter,
+            self.global.get(GlobalStat::RstInWindow),
+        )?;
+        single(
+            e,
+            "gateway_rebalanced_syns",
+            "SYNs of unfinished handshakes balanced afresh (backend stopped accepting, or a new ISN)",
+            Counter,
+            self.global.get(GlobalStat::SynRebalanced),
+        )?;
 
         single(
             e,

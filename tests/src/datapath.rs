@@ -47,6 +47,9 @@ pub enum Verdict {
     Pass,
     Drop,
     Redirect,
+    /// Sent back out of the interface it came in on: XDP_TX; in TC a redirect, to the ingress
+    /// device (the return code is a redirect's, the output frame tells).
+    Back,
     Other(u32),
 }
 
@@ -56,8 +59,15 @@ impl Verdict {
             (AttachMode::Xdp, 2) | (AttachMode::Tc, 0) => Verdict::Pass,
             (AttachMode::Xdp, 1) | (AttachMode::Tc, 2) => Verdict::Drop,
             (AttachMode::Xdp, 4) | (AttachMode::Tc, 7) => Verdict::Redirect,
+            (AttachMode::Xdp, 3) => Verdict::Back,
             (_, other) => Verdict::Other(other),
         }
+    }
+
+    /// Whether `self`, as expected, admits the verdict `got` of `mode`: itself, or for
+    /// [`Verdict::Back`] in TC a redirect.
+    pub fn admits(self, mode: AttachMode, got: Verdict) -> bool {
+        self == got || (self == Verdict::Back && mode == AttachMode::Tc && got == Verdict::Redirect)
     }
 }
 

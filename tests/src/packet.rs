@@ -30,6 +30,12 @@ pub struct Frame {
     pub ip_options: Vec<u8>,
     /// The IPv4 flags and fragment offset field (host order).
     pub frag: u16,
+    /// The IPv4 identification.
+    pub ip_id: u16,
+    /// The TCP window field.
+    pub window: u16,
+    /// TCP options (a multiple of 4 bytes; see [`wscale_option`]).
+    pub tcp_options: Vec<u8>,
     pub payload: Vec<u8>,
 }
 
@@ -52,6 +58,9 @@ impl Frame {
             ttl: 64,
             ip_options: Vec::new(),
             frag: 0x4000, // DF
+            ip_id: 0x1234,
+            window: 64240,
+            tcp_options: Vec::new(),
             payload: Vec::new(),
         }
     }
@@ -72,14 +81,17 @@ impl Frame {
         assert!(self.ip_options.len().is_multiple_of(4) && self.ip_options.len() <= 40);
         let ihl = (IPV4_LEN + self.ip_options.len()) / 4;
         let l4: Vec<u8> = if self.proto == IPPROTO_TCP {
+            assert!(self.tcp_options.len().is_multiple_of(4) && self.tcp_options.len() <= 40);
+            let tcp_len = TCP_LEN + self.tcp_options.len();
             let mut tcp = vec![0u8; TCP_LEN];
             tcp[0..2].copy_from_slice(&self.src.port().to_be_bytes());
             tcp[2..4].copy_from_slice(&self.dst.port().to_be_bytes());
             tcp[4..8].copy_from_slice(&self.seq.to_be_bytes());
             tcp[8..12].copy_from_slice(&self.ack.to_be_bytes());
-            tcp[12] = ((TCP_LEN / 4) as u8) << 4;
+            tcp[12] = ((tcp_len / 4) as u8) << 4;
             tcp[13] = self.tcp_flags;
-            tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            tcp[14..16].copy_from_slice(&self.window.to_be_bytes());
+            tcp.extend_from_slice(&self.tcp_options);
             tcp.extend_from_slice(&self.payload);
             let sum = l4_checksum(*self.src.ip(), *self.dst.ip(), IPPROTO_TCP, &tcp);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
@@ -96,7 +108,7 @@ impl Frame {
         out.push(0x40 | ihl as u8);
         out.push(0);
         out.extend_from_slice(&(total as u16).to_be_bytes());
-        out.extend_from_slice(&0x1234u16.to_be_bytes());
+        out.extend_from_slice(&self.ip_id.to_be_bytes());
         out.extend_from_slice(&self.frag.to_be_bytes());
         out.push(self.ttl);
         out.push(self.proto);
@@ -109,6 +121,43 @@ impl Frame {
         out.extend_from_slice(&l4);
         out
     }
+}
+
+/// TCP options offering window scale `shift` as Linux sends them with a SYN: MSS 1460,
+/// SACK permitted, a timestamp, a NOP, then the window scale (RFC 7323 §2.2).
+pub fn wscale_option(shift: u8) -> Vec<u8> {
+    vec![
+        2, 4, 0x05, 0xb4, // MSS 1460
+        4, 2, // SACK permitted
+        8, 10, 0, 0, 0, 1, 0, 0, 0, 0, // timestamp
+        1, // NOP
+        3, 3, shift, // window scale
+    ]
+}
+
+/// The frame a host without a socket answers `segment` with (RFC 9293 §3.10.7.1, for a
+/// segment with ACK): an RST from its destination to its source with `seq` = its `ack`, as the
+/// gateway builds it (MACs swapped, TTL 64, DF, id 0, no options, window 0, no payload).
+/// Built here from scratch, apart from the datapath's code.
+pub fn rst_answer(segment: &Frame) -> Vec<u8> {
+    Frame {
+        src_mac: segment.dst_mac,
+        dst_mac: segment.src_mac,
+        src: segment.dst,
+        dst: segment.src,
+        proto: IPPROTO_TCP,
+        tcp_flags: flags::RST,
+        seq: segment.ack,
+        ack: 0,
+        ttl: 64,
+        ip_options: Vec::new(),
+        frag: 0x4000,
+        ip_id: 0,
+        window: 0,
+        tcp_options: Vec::new(),
+        payload: Vec::new(),
+    }
+    .build()
 }
 
 /// The Internet checksum (RFC 1071) of `data`.

@@ -41,7 +41,7 @@ use gateway_common::{
 
 use crate::{
     datapath::{Fixture, Verdict},
-    packet::{Frame, Parsed, parse_checked},
+    packet::{Frame, Parsed, parse_checked, rst_answer},
 };
 
 mod conn;
@@ -202,6 +202,13 @@ impl Row {
         Self::new(name, frame, Verdict::Redirect, out)
     }
 
+    /// Answered like a host without the socket: the RST of [`rst_answer`] sent back, counted
+    /// `rst_no_flow`, nothing dropped.
+    pub fn answered(name: impl Into<String>, frame: Frame) -> Self {
+        let rst = rst_answer(&frame);
+        Self::new(name, frame, Verdict::Back, Out::Bytes(rst)).counter(GlobalStat::RstNoFlow, 1..=1)
+    }
+
     /// Handed to the kernel unchanged.
     pub fn passed(name: impl Into<String>, frame: impl Into<Input>) -> Self {
         Self::new(name, frame, Verdict::Pass, Out::Same)
@@ -307,7 +314,7 @@ pub enum Out {
     /// Not looked at (drops).
     Any,
     /// Translated, with IPv4 and TCP checksums right (computed from scratch), payload and
-    /// flags as the input's: this source (`None`: the SNAT address, a port of
+    /// flags as the input's, the TTL one less: this source (`None`: the SNAT address, a port of
     /// [`SNAT_PORTS`](crate::datapath::SNAT_PORTS)), destination and (source, destination) MACs.
     Nat {
         src: Option<SocketAddrV4>,

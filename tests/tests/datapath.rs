@@ -121,7 +121,7 @@ fn connection(c: Conn) -> Vec<Row> {
         Row::redirected(
             "established data client → backend",
             c.send(flags::ACK | flags::PSH)
-                .payload(b"hello, backend: odd length!"),
+                .map(|f| f.payload(b"hello, backend: odd length!")),
             c.to_its_backend(),
         ),
         Row::redirected(
@@ -215,25 +215,56 @@ fn maglev_matches_userspace() -> Scenario {
 /// Packets for the gateway that belong to no flow of ours.
 fn packets_without_a_flow() -> Scenario {
     let svc = Fixture::service();
+    let snat_port = SocketAddrV4::new(Topology::SNAT_IP, 45_000);
+    let stray = |port: u16, f: u8| Frame {
+        ack: 0x2345_6789,
+        ..from_client(client(port), svc, f)
+    };
+    let stray_reply = |f: u8| Frame {
+        ack: 0x3456_789a,
+        ..from_backend(0, backend(0), snat_port, f)
+    };
     Scenario::new()
+        .row(Row::answered(
+            "a non-SYN for a service without a flow is answered with an RST (seq = its ack)",
+            stray(42_000, flags::ACK),
+        ))
+        .row(Row::answered(
+            "a SYN-ACK for a service without a flow too",
+            stray(42_001, flags::SYN | flags::ACK),
+        ))
+        .row(Row::answered(
+            "data and a FIN too, the RST trimmed to 54 bytes",
+            Frame {
+                payload: vec![0x5a; 1400],
+                ..stray(42_002, flags::FIN | flags::ACK | flags::PSH)
+            },
+        ))
+        .row(Row::answered(
+            "a reply to a SNAT port without a flow is answered toward the backend",
+            stray_reply(flags::ACK),
+        ))
         .row(Row::dropped(
-            "a non-SYN for a service without a flow",
-            from_client(client(42_000), svc, flags::ACK),
+            "an RST without a flow is never answered",
+            stray(42_003, flags::RST | flags::ACK),
             DropReason::NoFlow,
         ))
         .row(Row::dropped(
-            "a SYN-ACK for a service without a flow",
-            from_client(client(42_001), svc, flags::SYN | flags::ACK),
+            "nor an RST to a SNAT port",
+            stray_reply(flags::RST),
+            DropReason::NoReplyFlow,
+        ))
+        .row(Row::dropped(
+            "a segment with IPv4 options is not answered",
+            Frame {
+                ip_options: vec![1, 1, 1, 0],
+                ..stray(42_004, flags::ACK)
+            },
             DropReason::NoFlow,
         ))
         .row(Row::dropped(
-            "a reply to a SNAT port without a flow",
-            from_backend(
-                0,
-                backend(0),
-                SocketAddrV4::new(Topology::SNAT_IP, 45_000),
-                flags::ACK,
-            ),
+            "a SYN to a SNAT port without a flow is not answered (the kernel's port range rule)",
+            stray_reply(flags::SYN),
             DropReason::NoReplyFlow,
         ))
 }
@@ -401,6 +432,11 @@ fn draining_backend() -> Scenario {
             )
             .entries(2),
         )
+        .row(Row::redirected(
+            "its SYN-ACK",
+            old.reply(flags::SYN | flags::ACK),
+            old.to_client(),
+        ))
         .set("the backend of :41000's flow stops accepting", move |cx| {
             let b = cx.maglev(old);
             cx.fx.dp.set_backend(b.id, b.addr, false).unwrap();

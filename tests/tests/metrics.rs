@@ -260,17 +260,33 @@ fn crafted_bad_packets_are_counted_under_their_reason() {
         frag: 0x2000, // more fragments
         ..Frame::tcp(client, public, flags::SYN)
     };
-    // (reason, packets): 3 of each, one reason at a time.
-    let cases: [(&str, Vec<Vec<u8>>); 3] = [
-        (
-            "no_flow",
-            vec![ip(Frame::tcp(client, public, flags::ACK)); 3],
-        ),
-        (
-            "no_reply_flow",
-            vec![ip(Frame::tcp(client, snat, flags::ACK)); 3],
-        ),
+    let rst = |dst| ip(Frame::tcp(client, dst, flags::RST | flags::ACK));
+    let bad_checksum = {
+        let mut p = ip(Frame::tcp(client, public, flags::SYN));
+        p[20 + 16] ^= 1; // the TCP checksum
+        p
+    };
+    // (reason, packets): 3 of each, one reason at a time. (An ACK without a flow is not a drop:
+    // it is answered with an RST, see `segments_without_a_flow_are_answered`.)
+    let cases: [(&str, Vec<Vec<u8>>); 6] = [
+        ("no_flow", vec![rst(public); 3]),
+        ("no_reply_flow", vec![rst(snat); 3]),
         ("fragment", vec![ip(fragment); 3]),
+        (
+            "bad_flags",
+            vec![ip(Frame::tcp(client, public, flags::SYN | flags::FIN)); 3],
+        ),
+        ("bad_checksum", vec![bad_checksum; 3]),
+        (
+            "ttl_exceeded",
+            vec![
+                ip(Frame {
+                    ttl: 1,
+                    ..Frame::tcp(client, public, flags::SYN)
+                });
+                3
+            ],
+        ),
     ];
     let drops = |s: &Scrape| -> BTreeMap<String, f64> {
         s.samples

@@ -83,6 +83,11 @@ pub fn from_backend(i: usize, src: SocketAddrV4, dst: SocketAddrV4, tcp_flags: u
     Link::Backend(i).tcp(src, dst, tcp_flags)
 }
 
+/// The client's initial sequence number in the frames of a [`Conn`].
+pub const CLIENT_ISN: u32 = 0x1000_0000;
+/// The backend's initial sequence number in the frames of a [`Conn`].
+pub const BACKEND_ISN: u32 = 0x5000_0000;
+
 /// A connection from a host's port to a service of the gateway: its frames both ways and the
 /// translations they must get. Once its SYN has made the flow, the backend and SNAT address
 /// are read from the forward conntrack entry.
@@ -143,21 +148,60 @@ impl Conn {
         }
     }
 
-    /// A segment from the client.
-    pub fn send(&self, tcp_flags: u8) -> Frame {
-        self.link.tcp(self.client, self.service, tcp_flags)
+    /// The next sequence numbers of the client and of the backend, as each end's TCP has them
+    /// when everything sent so far arrived: the conntrack entries' `seq_end` (before the flow,
+    /// or before the backend's first segment, what follows [`CLIENT_ISN`] and
+    /// [`BACKEND_ISN`]).
+    fn next_seqs(&self, cx: &Ctx) -> (u32, u32) {
+        let dp = &cx.fx.dp;
+        let forward = dp.flow(&self.key()).expect("conntrack lookup");
+        let reverse = forward.and_then(|f| dp.flow(&f.peer_key()).expect("conntrack lookup"));
+        let client = forward.map_or(CLIENT_ISN.wrapping_add(1), |f| f.seq_end);
+        let backend = reverse
+            .filter(|r| r.seq_end != 0)
+            .map_or(BACKEND_ISN.wrapping_add(1), |r| r.seq_end);
+        (client, backend)
     }
 
+    /// A segment from the client, numbered as a well-behaved client numbers it when the row
+    /// runs: `seq` its next sequence number, `ack` all the backend has sent.
+    pub fn send(&self, tcp_flags: u8) -> Input {
+        let c = *self;
+        Input::with(move |cx| {
+            let (client, backend) = c.next_seqs(cx);
+            let mut frame = c.link.tcp(c.client, c.service, tcp_flags);
+            frame.seq = client;
+            if tcp_flags & flags::ACK != 0 {
+                frame.ack = backend;
+            }
+            frame
+        })
+    }
+
+    /// The client's SYN (sequence number [`CLIENT_ISN`]).
     pub fn syn(&self) -> Frame {
-        self.send(flags::SYN)
+        let mut frame = self.link.tcp(self.client, self.service, flags::SYN);
+        frame.seq = CLIENT_ISN;
+        frame
     }
 
-    /// A segment from the flow's backend to its SNAT address.
+    /// A segment from the flow's backend to its SNAT address, numbered as a well-behaved
+    /// backend numbers it when the row runs (a SYN-ACK: [`BACKEND_ISN`]).
     pub fn reply(&self, tcp_flags: u8) -> Input {
         let c = *self;
         Input::with(move |cx| {
             let r = c.rewrite(cx);
-            Link::Backend(r.backend_index).tcp(r.backend, r.snat, tcp_flags)
+            let (client, backend) = c.next_seqs(cx);
+            let mut frame = Link::Backend(r.backend_index).tcp(r.backend, r.snat, tcp_flags);
+            frame.seq = if tcp_flags & flags::SYN != 0 {
+                BACKEND_ISN
+            } else {
+                backend
+            };
+            if tcp_flags & flags::ACK != 0 {
+                frame.ack = client;
+            }
+            frame
         })
     }
 
