@@ -5,8 +5,9 @@
 //!
 //! By role: [`run`] below (start, serve, stop), `core` (the state behind the lock and its
 //! commit), `reconcile` (desired state → datapath), `apps` (the operator's requests),
-//! `rotation` (deploy and drain), `health` (check tasks and their reports), `scan` (conntrack
-//! scans, rates, flows, metrics), `bpffs` (pins), `error` ([`DaemonError`]). The HTTP side is
+//! `rotation` (deploy and drain), `resets` (ending connections: an RST to each end),
+//! `health` (check tasks and their reports), `scan` (conntrack scans, rates, flows, metrics),
+//! `bpffs` (pins), `error` ([`DaemonError`]). The HTTP side is
 //! `crate::api::server`.
 
 mod apps;
@@ -15,6 +16,7 @@ mod core;
 mod error;
 mod health;
 mod reconcile;
+mod resets;
 mod rotation;
 mod scan;
 

@@ -34,7 +34,7 @@ use gateway_common::{
 };
 
 pub use attach::{AttachMode, Attachment, UnknownAttachMode, prune_links, remove_pins};
-pub use conntrack::{ConnectionCounts, Conntrack, Scan, Timeouts};
+pub use conntrack::{Connection, ConnectionCounts, Conntrack, Scan, Timeouts};
 pub use error::DatapathError;
 pub use stats::GlobalStats;
 #[cfg(feature = "testing")]
@@ -371,18 +371,27 @@ impl Datapath {
         }
     }
 
-    /// Removes both entries of every flow of app `app_id`; returns how many entries went.
-    pub fn remove_app_flows(&mut self, app_id: u32) -> Result<usize, DatapathError> {
-        self.remove_flows(|f| f.app_id == app_id)
+    /// Ends every connection of app `app_id`: calls `before` on each (to reset its ends),
+    /// then removes both of its entries. Returns how many connections were ended.
+    pub fn end_app_connections(
+        &mut self,
+        app_id: u32,
+        before: impl FnMut(&Connection),
+    ) -> Result<usize, DatapathError> {
+        self.maps
+            .conntrack
+            .end_where(|f| f.app_id == app_id, before)
     }
 
-    /// Removes both entries of every flow to backend `id`; returns how many entries went.
-    pub fn remove_backend_flows(&mut self, id: u32) -> Result<usize, DatapathError> {
-        self.remove_flows(|f| f.backend_id == id)
-    }
-
-    fn remove_flows(&mut self, which: impl Fn(&Flow) -> bool) -> Result<usize, DatapathError> {
-        self.maps.conntrack.remove_where(which)
+    /// Ends every connection to backend `id`, as [`Datapath::end_app_connections`] does.
+    pub fn end_backend_connections(
+        &mut self,
+        id: u32,
+        before: impl FnMut(&Connection),
+    ) -> Result<usize, DatapathError> {
+        self.maps
+            .conntrack
+            .end_where(|f| f.backend_id == id, before)
     }
 
     /// The conntrack table.
