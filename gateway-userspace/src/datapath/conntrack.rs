@@ -63,6 +63,20 @@ impl Conntrack {
         self.map.insert(key, flow, 0).map_err(map_err)
     }
 
+    /// Inserts `flow` under `key` unless the table has an entry for `key` already
+    /// (`BPF_NOEXIST`); returns whether it did.
+    pub fn insert_new(&mut self, key: FlowKey4, flow: Flow) -> Result<bool, DatapathError> {
+        /// `BPF_NOEXIST` (linux/bpf.h): create a new element only.
+        const BPF_NOEXIST: u64 = 1;
+        match self.map.insert(key, flow, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(false)
+            }
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
     /// The entry of `key`, if any.
     pub fn get(&self, key: &FlowKey4) -> Result<Option<Flow>, DatapathError> {
         match self.map.get(key, 0) {
