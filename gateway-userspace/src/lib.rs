@@ -11,6 +11,7 @@ pub mod flows;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod reset;
 pub mod state;
 
 /// The eBPF object built from `gateway-ebpf` by `build.rs`, embedded in the binary.

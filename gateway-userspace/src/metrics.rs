@@ -143,6 +143,9 @@ pub struct Snapshot {
 #[derive(Clone, Debug, Default)]
 pub struct DaemonFigures {
     pub conntrack_expired: u64,
+    /// RSTs sent to the ends of connections the daemon ended, and those that failed.
+    pub resets_sent: u64,
+    pub reset_failures: u64,
     pub scans: u64,
     pub scan_seconds: f64,
     /// When the last scan ended (Unix seconds); 0 before the first.
@@ -490,6 +493,20 @@ impl Collector for Snapshot {
             "Conntrack entries removed for being idle",
             Counter,
             self.daemon.conntrack_expired,
+        )?;
+        single(
+            e,
+            "gateway_conntrack_resets_sent",
+            "RSTs sent to either end of the connections the daemon ended (app delete, backend remove --now, a drain deadline)",
+            Counter,
+            self.daemon.resets_sent,
+        )?;
+        single(
+            e,
+            "gateway_conntrack_reset_failures",
+            "RSTs to the ends of ended connections that could not be sent",
+            Counter,
+            self.daemon.reset_failures,
         )?;
         single(
             e,

@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddrV4};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::{DaemonError, health::Check, scan::ScanState};
+use super::{DaemonError, health::Check, resets::Resets, scan::ScanState};
 use crate::{
     api::{AppView, AttachmentView, BackendView},
     config::Settings,
@@ -38,11 +38,13 @@ pub(super) struct Core {
     pub latency: HealthLatency,
     /// What the last conntrack scan found.
     pub scan: ScanState,
+    /// The RSTs sent to the ends of the connections the daemon ends.
+    pub resets: Resets,
 }
 
 impl Core {
     /// A core over `state` (persisted in `file`) and `datapath`; health reports go to
-    /// `reports`.
+    /// `reports`. Opens the raw socket for RSTs in the calling thread's network namespace.
     pub fn new(
         settings: Settings,
         state: State,
@@ -65,6 +67,7 @@ impl Core {
             runtime: tokio::runtime::Handle::current(),
             latency: HealthLatency::default(),
             scan: ScanState::default(),
+            resets: Resets::open(),
         }
     }
 

@@ -5,8 +5,9 @@
 //!
 //! By role: [`run`] below (start, serve, stop), `core` (the state behind the lock and its
 //! commit), `reconcile` (desired state → datapath), `apps` (the operator's requests),
-//! `rotation` (deploy and drain), `health` (check tasks and their reports), `scan` (conntrack
-//! scans, rates, flows, metrics), `bpffs` (pins), `error` ([`DaemonError`]). The HTTP side is
+//! `rotation` (deploy and drain), `resets` (ending connections: an RST to each end),
+//! `health` (check tasks and their reports), `scan` (conntrack scans, rates, flows, metrics),
+//! `bpffs` (pins), `error` ([`DaemonError`]). The HTTP side is
 //! `crate::api::server`.
 
 mod apps;
@@ -15,6 +16,7 @@ mod core;
 mod error;
 mod health;
 mod reconcile;
+mod resets;
 mod rotation;
 mod scan;
 
@@ -24,7 +26,7 @@ use std::{
     time::SystemTime,
 };
 
-use gateway_common::maps::{ADDR_PUBLIC, ADDR_SNAT};
+use gateway_common::maps::{self, ADDR_PUBLIC, ADDR_SNAT};
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
@@ -213,6 +215,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let mut core = Core::new(settings.clone(), state, file, datapath, reports);
     core.restore()?;
     attach(&mut core, &settings)?;
+    finish_upgrade(&mut core.datapath)?;
     let daemon = Daemon::new(core)?;
     // A first scan before serving: connection counts are right from the first call.
     daemon.scan_once().await?;
@@ -302,6 +305,26 @@ fn attach(core: &mut Core, settings: &Settings) -> Result<(), DaemonError> {
             iface: iface.clone(),
             mode: *mode,
         });
+    }
+    Ok(())
+}
+
+/// Once this build's programs are in the pinned links: the connections of the previous
+/// release's conntrack table are all carried over, and the pins of retired maps removed.
+fn finish_upgrade(datapath: &mut Datapath) -> Result<(), DaemonError> {
+    let upgrade = datapath.finish_upgrade()?;
+    if upgrade.carried_over > 0 || upgrade.removed.iter().any(|n| n == maps::CONNTRACK4_V1) {
+        info!(
+            entries = upgrade.carried_over,
+            after_swap = upgrade.after_swap,
+            from = maps::CONNTRACK4_V1,
+            to = maps::CONNTRACK4,
+            "conntrack carried over from the previous release's table: {} entries (connections kept, their sequence tracking learned from their next packets)",
+            upgrade.carried_over
+        );
+    }
+    if !upgrade.removed.is_empty() {
+        info!(pins = ?upgrade.removed, "removed the pins of retired maps");
     }
     Ok(())
 }

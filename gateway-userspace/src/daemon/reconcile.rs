@@ -6,7 +6,7 @@ use std::net::SocketAddrV4;
 
 use tracing::{info, warn};
 
-use super::{Core, DaemonError};
+use super::{Core, DaemonError, resets::Whose};
 use crate::{datapath::DatapathError, state::App};
 
 impl Core {
@@ -47,18 +47,21 @@ impl Core {
         if let Some(old) = old {
             let kept = |id| new.is_some_and(|n: &App| n.backends.iter().any(|b| b.id == id));
             if new.is_none() {
+                let d = &mut self.datapath;
                 d.remove_service(SocketAddrV4::new(public_ip, old.port))?;
                 d.remove_app_table(old.id)?;
-                let removed = d.remove_app_flows(old.id)?;
+                let ended = self.end_connections(Whose::App(old.id))?;
                 info!(
                     app.id = old.id,
-                    flows = removed / 2,
-                    "ended the app's connections"
+                    connections = ended.connections,
+                    resets = ended.resets,
+                    "ended the app's connections ({} RSTs sent)",
+                    ended.resets
                 );
             }
             for b in old.backends.iter().filter(|b| !kept(b.id)) {
                 // Out of the table already; its established flows go on.
-                d.set_backend(b.id, b.addr, false)?;
+                self.datapath.set_backend(b.id, b.addr, false)?;
             }
         }
         Ok(())
@@ -100,7 +103,14 @@ impl Core {
         for id in self.datapath.app_ids()? {
             if !apps.iter().any(|a| a.id == id) {
                 self.datapath.remove_app_table(id)?;
-                self.datapath.remove_app_flows(id)?;
+                let ended = self.end_connections(Whose::App(id))?;
+                info!(
+                    app.id = id,
+                    connections = ended.connections,
+                    resets = ended.resets,
+                    "ended the connections of an app the state does not have ({} RSTs sent)",
+                    ended.resets
+                );
             }
         }
         Ok(())

@@ -7,7 +7,7 @@ use std::{net::SocketAddrV4, time::Duration};
 
 use tracing::{info, warn};
 
-use super::{Core, Daemon, DaemonError, now_ms};
+use super::{Core, Daemon, DaemonError, now_ms, resets::Whose};
 use crate::{
     api::{AppView, BackendView, Deploy, RemoveBackend},
     state::{self, BackendState, StateError, WEIGHT_DEFAULT},
@@ -48,8 +48,8 @@ impl Core {
             if drained {
                 info!(app = name, backend = %addr, "backend drained: no connection left; it is gone");
             } else {
-                let ended = self.datapath.remove_backend_flows(id)? / 2;
-                warn!(app = name, backend = %addr, connections = ended, "drain timeout: the backend's remaining connections were ended; it is gone");
+                let ended = self.end_connections(Whose::Backend(id))?;
+                warn!(app = name, backend = %addr, connections = ended.connections, resets = ended.resets, "drain timeout: the backend's remaining connections were ended ({} RSTs sent); it is gone", ended.resets);
             }
         }
         Ok(())
@@ -85,8 +85,8 @@ impl Daemon {
             if q.now {
                 let backend = next.remove_backend(&name, addr)?;
                 c.commit(&name, next)?;
-                let ended = c.datapath.remove_backend_flows(backend.id)? / 2;
-                info!(app = name, backend = %addr, connections = ended, "backend removed now; its connections were ended");
+                let ended = c.end_connections(Whose::Backend(backend.id))?;
+                info!(app = name, backend = %addr, connections = ended.connections, resets = ended.resets, "backend removed now; its connections were ended ({} RSTs sent)", ended.resets);
                 return Ok(c.backend_view(&backend, &counts));
             }
             let timeout = q

@@ -79,6 +79,8 @@ impl Core {
     fn snapshot(&self) -> Result<Snapshot, DaemonError> {
         let daemon = DaemonFigures {
             conntrack_expired: self.scan.expired,
+            resets_sent: self.resets.sent,
+            reset_failures: self.resets.failed,
             scans: self.scan.scans,
             scan_seconds: self.scan.took.as_secs_f64(),
             scan_timestamp: self.scan.ended_ms as f64 / 1000.0,

@@ -63,6 +63,20 @@ impl Conntrack {
         self.map.insert(key, flow, 0).map_err(map_err)
     }
 
+    /// Inserts `flow` under `key` unless the table has an entry for `key` already
+    /// (`BPF_NOEXIST`); returns whether it did.
+    pub fn insert_new(&mut self, key: FlowKey4, flow: Flow) -> Result<bool, DatapathError> {
+        /// `BPF_NOEXIST` (linux/bpf.h): create a new element only.
+        const BPF_NOEXIST: u64 = 1;
+        match self.map.insert(key, flow, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(false)
+            }
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
     /// The entry of `key`, if any.
     pub fn get(&self, key: &FlowKey4) -> Result<Option<Flow>, DatapathError> {
         match self.map.get(key, 0) {
@@ -82,6 +96,28 @@ impl Conntrack {
             }
         })?;
         Ok(self.remove(&keys))
+    }
+
+    /// Ends every connection whose flow matches `which` (both entries of a connection carry
+    /// the same app and backend): calls `before` on each connection, then removes its two
+    /// entries, one connection after the other. Returns how many connections were ended.
+    pub fn end_where(
+        &mut self,
+        which: impl Fn(&Flow) -> bool,
+        mut before: impl FnMut(&Connection),
+    ) -> Result<usize, DatapathError> {
+        let mut entries = std::collections::HashMap::new();
+        self.walk(|key, flow| {
+            if which(flow) {
+                entries.insert(*key, *flow);
+            }
+        })?;
+        let connections = Connection::pair(entries);
+        for c in &connections {
+            before(c);
+            self.remove(&[c.forward_key, c.reverse_key]);
+        }
+        Ok(connections.len())
     }
 
     /// Removes the entries of `keys` that are still there; returns how many went.
@@ -118,6 +154,51 @@ fn walk_err(source: std::io::Error) -> DatapathError {
     DatapathError::Walk {
         name: maps::CONNTRACK4,
         source,
+    }
+}
+
+/// Both entries of one connection, as the table held them when it was ended. Either entry
+/// may be missing (evicted, or removed by an earlier pass); its key is the other's rewritten
+/// tuple reversed ([`Flow::peer_key`]), so both keys are always known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// The forward entry's key: client → public address and port.
+    pub forward_key: FlowKey4,
+    pub forward: Option<Flow>,
+    /// The reverse entry's key: backend → SNAT address and port.
+    pub reverse_key: FlowKey4,
+    pub reverse: Option<Flow>,
+}
+
+impl Connection {
+    /// Groups `entries` into connections: each entry with its peer when the peer is there.
+    fn pair(mut entries: std::collections::HashMap<FlowKey4, Flow>) -> Vec<Connection> {
+        let keys: Vec<FlowKey4> = entries.keys().copied().collect();
+        let mut connections = Vec::new();
+        for key in keys {
+            // Gone already: it was the peer of an entry seen before.
+            let Some(flow) = entries.remove(&key) else {
+                continue;
+            };
+            let peer_key = flow.peer_key();
+            let peer = entries.remove(&peer_key);
+            connections.push(if flow.direction == maps::DIR_FORWARD {
+                Connection {
+                    forward_key: key,
+                    forward: Some(flow),
+                    reverse_key: peer_key,
+                    reverse: peer,
+                }
+            } else {
+                Connection {
+                    forward_key: peer_key,
+                    forward: peer,
+                    reverse_key: key,
+                    reverse: Some(flow),
+                }
+            });
+        }
+        connections
     }
 }
 
@@ -184,5 +265,77 @@ impl ConnectionCounts {
             *self.apps.entry(flow.app_id).or_default() += 1;
             *self.backends.entry(flow.backend_id).or_default() += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use gateway_common::maps::{DIR_FORWARD, DIR_REVERSE};
+
+    use super::*;
+
+    /// The two entries of the connection of `client` (to 203.0.113.10:20000), through SNAT
+    /// port `snat_port` to 198.51.100.2:8080.
+    fn pair(client: &str, snat_port: u16) -> [(FlowKey4, Flow); 2] {
+        let (client, public) = (
+            client.parse().unwrap(),
+            "203.0.113.10:20000".parse().unwrap(),
+        );
+        let backend = "198.51.100.2:8080".parse().unwrap();
+        let snat = std::net::SocketAddrV4::new("198.51.100.253".parse().unwrap(), snat_port);
+        let at = |src, dst, direction| Flow {
+            nat_src_ip: gateway_common::net::ip_to_net(*std::net::SocketAddrV4::ip(&src)),
+            nat_dst_ip: gateway_common::net::ip_to_net(*std::net::SocketAddrV4::ip(&dst)),
+            nat_src_port: src.port().to_be(),
+            nat_dst_port: dst.port().to_be(),
+            direction,
+            backend_id: 3,
+            ..Flow::default()
+        };
+        [
+            (
+                FlowKey4::from_addrs(client, public),
+                at(snat, backend, DIR_FORWARD),
+            ),
+            (
+                FlowKey4::from_addrs(backend, snat),
+                at(public, client, DIR_REVERSE),
+            ),
+        ]
+    }
+
+    #[test]
+    fn entries_are_paired_into_connections_an_orphan_alone() {
+        let [f1, r1] = pair("192.0.2.2:40000", 41_000);
+        let [f2, _] = pair("192.0.2.3:40000", 41_001);
+        let [_, r3] = pair("192.0.2.4:40000", 41_002);
+        let entries: HashMap<FlowKey4, Flow> = [f1, r1, f2, r3].into_iter().collect();
+        let mut connections = Connection::pair(entries);
+        connections.sort_by_key(|c| c.forward_key.src_ip);
+        assert_eq!(
+            connections,
+            vec![
+                Connection {
+                    forward_key: f1.0,
+                    forward: Some(f1.1),
+                    reverse_key: r1.0,
+                    reverse: Some(r1.1),
+                },
+                Connection {
+                    forward_key: f2.0,
+                    forward: Some(f2.1),
+                    reverse_key: pair("192.0.2.3:40000", 41_001)[1].0,
+                    reverse: None,
+                },
+                Connection {
+                    forward_key: pair("192.0.2.4:40000", 41_002)[0].0,
+                    forward: None,
+                    reverse_key: r3.0,
+                    reverse: Some(r3.1),
+                },
+            ]
+        );
     }
 }

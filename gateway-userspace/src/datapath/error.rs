@@ -76,6 +76,12 @@ pub enum DatapathError {
         expected: (usize, usize),
         found: (usize, usize),
     },
+    #[error("removing the pin {path} failed")]
+    RemovePin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the gateway answers for at most {max} addresses (public and SNAT)")]
     TooManyAddresses { max: usize },
     #[error("counting the possible CPUs failed")]

@@ -3,8 +3,9 @@
 //!
 //! This file: loading, the configuration, services, Maglev tables and backends. Beside it:
 //! `attach` (attach modes, links, pins), `conntrack` (the table, read in batches by `batch`),
-//! `stats` (the counters), `error`, and behind the `testing` feature `testing` (what only tests
-//! and benchmarks use).
+//! `upgrade` (carrying the table over from the previous release's layout), `stats` (the
+//! counters), `error`, and behind the `testing` feature `testing` (what only tests and
+//! benchmarks use).
 
 mod attach;
 mod batch;
@@ -13,6 +14,7 @@ mod error;
 mod stats;
 #[cfg(feature = "testing")]
 mod testing;
+mod upgrade;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -34,11 +36,12 @@ use gateway_common::{
 };
 
 pub use attach::{AttachMode, Attachment, UnknownAttachMode, prune_links, remove_pins};
-pub use conntrack::{ConnectionCounts, Conntrack, Scan, Timeouts};
+pub use conntrack::{Connection, ConnectionCounts, Conntrack, Scan, Timeouts};
 pub use error::DatapathError;
 pub use stats::GlobalStats;
 #[cfg(feature = "testing")]
 pub use testing::{BENCH_PROGRAMS, BenchObject};
+pub use upgrade::{FlowV1, Upgrade, carried_over};
 
 use crate::maglev;
 
@@ -54,8 +57,10 @@ pub struct LoadOptions {
     pub conntrack_capacity: u32,
     /// A directory on a bpffs where every map is pinned under its name. Maps already pinned
     /// there are reused (a restart keeps the conntrack and every setting); a pinned map whose
-    /// layout differs from this build's is refused with [`DatapathError::Map`], never
-    /// silently replaced. Map names carry a version that changes with their layout.
+    /// layout differs from this build's is refused with [`DatapathError::PinnedLayout`], never
+    /// silently replaced. Map names carry a version that changes with their layout. The
+    /// previous release's conntrack, pinned there, is carried over into this build's
+    /// (`upgrade`; finished by [`Datapath::finish_upgrade`]).
     pub pin_dir: Option<PathBuf>,
 }
 
@@ -133,8 +138,11 @@ pub struct Datapath {
     attachments: Vec<Attachment>,
     reused: Vec<&'static str>,
     /// Where the maps are pinned, if they are (the benchmark object shares them from there).
-    #[cfg(feature = "testing")]
     pin_dir: Option<PathBuf>,
+    /// The previous release's conntrack, until [`Datapath::finish_upgrade`].
+    old_table: Option<upgrade::OldTable>,
+    /// Entries carried over from it at load.
+    carried_at_load: usize,
 }
 
 impl Datapath {
@@ -148,6 +156,10 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::CONNTRACK4, options.conntrack_capacity);
         let mut reused = Vec::new();
+        let old_table = match &options.pin_dir {
+            Some(dir) => upgrade::OldTable::find(dir)?,
+            None => None,
+        };
         if let Some(dir) = &options.pin_dir {
             for &(name, key_size, value_size) in LAYOUTS {
                 let path = dir.join(name);
@@ -171,7 +183,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
-        let maps = Maps {
+        let mut maps = Maps {
             global: take(&mut ebpf, maps::GLOBAL_STATS)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             services: take(&mut ebpf, maps::SERVICES4)?,
@@ -180,6 +192,10 @@ impl Datapath {
             conntrack: Conntrack::new(take(&mut ebpf, maps::CONNTRACK4)?),
             app_stats: take(&mut ebpf, maps::APP_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
+        };
+        let carried_at_load = match &old_table {
+            Some(old) => old.copy_into(&mut maps.conntrack)?,
+            None => 0,
         };
         // Programs after maps: a reused map of the wrong layout is reported by its name above,
         // rather than as a verifier error here.
@@ -204,8 +220,9 @@ impl Datapath {
             maps,
             attachments: Vec::new(),
             reused,
-            #[cfg(feature = "testing")]
             pin_dir: options.pin_dir.clone(),
+            old_table,
+            carried_at_load,
         })
     }
 
@@ -371,18 +388,27 @@ impl Datapath {
         }
     }
 
-    /// Removes both entries of every flow of app `app_id`; returns how many entries went.
-    pub fn remove_app_flows(&mut self, app_id: u32) -> Result<usize, DatapathError> {
-        self.remove_flows(|f| f.app_id == app_id)
+    /// Ends every connection of app `app_id`: calls `before` on each (to reset its ends),
+    /// then removes both of its entries. Returns how many connections were ended.
+    pub fn end_app_connections(
+        &mut self,
+        app_id: u32,
+        before: impl FnMut(&Connection),
+    ) -> Result<usize, DatapathError> {
+        self.maps
+            .conntrack
+            .end_where(|f| f.app_id == app_id, before)
     }
 
-    /// Removes both entries of every flow to backend `id`; returns how many entries went.
-    pub fn remove_backend_flows(&mut self, id: u32) -> Result<usize, DatapathError> {
-        self.remove_flows(|f| f.backend_id == id)
-    }
-
-    fn remove_flows(&mut self, which: impl Fn(&Flow) -> bool) -> Result<usize, DatapathError> {
-        self.maps.conntrack.remove_where(which)
+    /// Ends every connection to backend `id`, as [`Datapath::end_app_connections`] does.
+    pub fn end_backend_connections(
+        &mut self,
+        id: u32,
+        before: impl FnMut(&Connection),
+    ) -> Result<usize, DatapathError> {
+        self.maps
+            .conntrack
+            .end_where(|f| f.backend_id == id, before)
     }
 
     /// The conntrack table.
