@@ -5,9 +5,11 @@ pub mod bench;
 pub mod compare;
 pub mod daemon;
 pub mod datapath;
+pub mod hostile;
 pub mod metrics;
 pub mod netns;
 pub mod packet;
+pub mod raw;
 pub mod traffic;
 
 /// Polls `ready` every 10 ms until it holds or `limit` has passed: how long that took, or
