@@ -304,6 +304,46 @@ impl Daemon {
         body.to_owned()
     }
 
+    /// `gateway flows --json` (every flow), parsed.
+    #[track_caller]
+    pub fn flows(&self) -> gateway::api::FlowList {
+        serde_json::from_str(&self.ok(&["flows", "--json"])).expect("flows JSON")
+    }
+
+    /// `gateway_drops_total{reason="REASON"}` in a fresh scrape (0 when there is no such
+    /// series: a reason this build does not have).
+    #[track_caller]
+    pub fn drops(&self, reason: &str) -> f64 {
+        // `+ 0.0`: an empty sum is -0.0, which prints as "-0".
+        self.scrape()
+            .sum("gateway_drops_total", &[("reason", reason)])
+            + 0.0
+    }
+
+    /// The datapath's global counter labelled `label` (a [`gateway_common::GlobalStat`] or
+    /// [`gateway_common::DropReason`] label, as in metrics and logs), summed over the CPUs,
+    /// read from the pinned map; `None` when this build has no counter of that label.
+    #[track_caller]
+    pub fn counter(&self, label: &str) -> Option<u64> {
+        use gateway_common::{DropReason, GlobalStat, maps};
+        let slot = GlobalStat::ALL
+            .iter()
+            .find(|s| s.label() == label)
+            .map(|s| s.index())
+            .or_else(|| {
+                DropReason::ALL
+                    .iter()
+                    .find(|r| r.label() == label)
+                    .map(|r| r.slot())
+            })?;
+        let map = aya::maps::MapData::from_pin(self.bpffs.join(maps::GLOBAL_STATS))
+            .expect("the pinned global counters");
+        let global: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map))
+                .expect("a per-CPU array of u64");
+        Some(global.get(&slot, 0).expect("a counter slot").iter().sum())
+    }
+
     /// `gateway status --json`, parsed.
     #[track_caller]
     pub fn status(&self) -> gateway::api::Status {

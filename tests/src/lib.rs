@@ -5,9 +5,11 @@ pub mod bench;
 pub mod compare;
 pub mod daemon;
 pub mod datapath;
+pub mod hostile;
 pub mod metrics;
 pub mod netns;
 pub mod packet;
+pub mod raw;
 pub mod scenario;
 pub mod traffic;
 

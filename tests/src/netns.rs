@@ -228,6 +228,20 @@ impl Netns {
         );
     }
 
+    /// (packets, bytes) of the named nftables counter `name` of `table` (family `ip`), as
+    /// [`Netns::nft`] loaded it.
+    #[track_caller]
+    pub fn nft_counter(&self, table: &str, name: &str) -> (u64, u64) {
+        let out = self.exec_ok(&["nft", "-j", "list", "counter", "ip", table, name]);
+        let json: serde_json::Value = serde_json::from_str(&out).expect("nft's JSON");
+        let c = json["nftables"]
+            .as_array()
+            .and_then(|objects| objects.iter().find_map(|o| o.get("counter")))
+            .unwrap_or_else(|| panic!("no counter {table} {name} in {}: {out}", self.name));
+        let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k} of {c}"));
+        (n("packets"), n("bytes"))
+    }
+
     /// A command that runs inside the namespace (`ip netns exec NAME program`), with every
     /// signal unblocked (see [`teardown_on_signals`]).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {

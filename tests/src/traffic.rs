@@ -7,6 +7,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     thread,
     time::{Duration, Instant},
@@ -17,12 +18,60 @@ use crate::netns::Netns;
 /// How long any single socket operation may block.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A listening socket inside a namespace and the thread that accepts on it, handing each
+/// connection, with the peer's address and the server's deadline, to `on_accept`. Stopped on
+/// drop.
+struct Listening {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Listening {
+    /// Listens on `addr` inside `ns` (bound before this returns) for at most `lifetime`.
+    #[track_caller]
+    fn start(
+        ns: &Netns,
+        addr: SocketAddrV4,
+        lifetime: Duration,
+        mut on_accept: impl FnMut(TcpStream, SocketAddr, Instant) + Send + 'static,
+    ) -> Self {
+        let listener = ns.run(move || TcpListener::bind(addr));
+        let listener = listener.unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let deadline = Instant::now() + lifetime;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match listener.accept() {
+                        Ok((conn, from)) => on_accept(conn, from, deadline),
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        Listening {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A TCP server inside a namespace: to each connection it first sends its name and a newline,
 /// then echoes everything back until the peer closes. Stopped on drop.
 pub struct EchoServer {
     pub addr: SocketAddrV4,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
+    _listening: Listening,
 }
 
 impl EchoServer {
@@ -30,42 +79,14 @@ impl EchoServer {
     /// most `lifetime`.
     #[track_caller]
     pub fn start(ns: &Netns, addr: SocketAddrV4, name: &str, lifetime: Duration) -> Self {
-        let listener = ns.run(move || TcpListener::bind(addr));
-        let listener = listener.unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
         let name = format!("{name}\n").into_bytes();
-        let thread = {
-            let stop = stop.clone();
-            thread::spawn(move || {
-                let deadline = Instant::now() + lifetime;
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match listener.accept() {
-                        Ok((conn, _)) => {
-                            let name = name.clone();
-                            thread::spawn(move || serve(conn, &name, deadline));
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            thread::sleep(Duration::from_millis(2));
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            })
-        };
+        let listening = Listening::start(ns, addr, lifetime, move |conn, _, deadline| {
+            let name = name.clone();
+            thread::spawn(move || serve(conn, &name, deadline));
+        });
         EchoServer {
             addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _listening: listening,
         }
     }
 }
@@ -185,6 +206,138 @@ impl EchoClient {
         }
         Ok(())
     }
+}
+
+/// A TCP server inside a namespace that hands each connection from `peer` (the gateway's SNAT
+/// address) to the test as it is, so that the test holds the backend's end of a connection:
+/// it can block in `read()` there, or see `ECONNRESET`. Connections from anywhere else (the
+/// health checks) are closed at once. Stopped on drop.
+pub struct Acceptor {
+    pub addr: SocketAddrV4,
+    accepted: mpsc::Receiver<TcpStream>,
+    _listening: Listening,
+}
+
+impl Acceptor {
+    /// Starts listening on `addr` inside `ns` (bound before this returns) and accepts for at
+    /// most `lifetime`.
+    #[track_caller]
+    pub fn start(ns: &Netns, addr: SocketAddrV4, peer: Ipv4Addr, lifetime: Duration) -> Self {
+        let (tx, accepted) = mpsc::channel();
+        let listening = Listening::start(ns, addr, lifetime, move |conn, from, _| {
+            let from_peer = matches!(from, SocketAddr::V4(a) if *a.ip() == peer);
+            if from_peer && conn.set_nonblocking(false).is_ok() {
+                // The test may have stopped waiting: then the connection just closes.
+                let _ = tx.send(conn);
+            }
+        });
+        Acceptor {
+            addr,
+            accepted,
+            _listening: listening,
+        }
+    }
+
+    /// The next connection accepted from the peer, waiting at most `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<TcpStream> {
+        self.accepted.recv_timeout(timeout).ok()
+    }
+}
+
+/// One connection through the gateway with both of its ends in the test's hands: the
+/// client's socket and the backend's (from an [`Acceptor`]). Every read and write of either
+/// gives up after [`Pair::TIMEOUT`] unless told otherwise.
+pub struct Pair {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+}
+
+impl Pair {
+    /// How long a read or write of either end may block.
+    pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// Connects from inside `ns` to `to` (giving up after `timeout`) and takes the backend's
+    /// end from `acceptor`.
+    pub fn open(
+        ns: &Netns,
+        to: SocketAddr,
+        acceptor: &Acceptor,
+        timeout: Duration,
+    ) -> std::io::Result<Self> {
+        let client = ns.run(move || TcpStream::connect_timeout(&to, timeout))?;
+        let backend = acceptor.next(IO_TIMEOUT).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the backend accepted no connection from the gateway",
+            )
+        })?;
+        for s in [&client, &backend] {
+            s.set_read_timeout(Some(Self::TIMEOUT))?;
+            s.set_write_timeout(Some(Self::TIMEOUT))?;
+            s.set_nodelay(true)?;
+        }
+        Ok(Pair { client, backend })
+    }
+
+    /// The client's address (as the client sees it).
+    pub fn client_addr(&self) -> SocketAddrV4 {
+        match self.client.local_addr().expect("a connected socket") {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(a) => panic!("an IPv6 client address {a}"),
+        }
+    }
+
+    /// The gateway's SNAT address and port (as the backend sees its peer).
+    pub fn snat_addr(&self) -> SocketAddrV4 {
+        match self.backend.peer_addr().expect("a connected socket") {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(a) => panic!("an IPv6 peer {a}"),
+        }
+    }
+
+    /// One message each way, `round` making it unique: the client's reaches the backend,
+    /// then the backend's reaches the client. An error says which leg failed.
+    pub fn exchange(&mut self, round: u32) -> std::io::Result<()> {
+        let message = |from: &str, to: &str| format!("{from}->{to} {round:08}").into_bytes();
+        carry(
+            &self.client,
+            &self.backend,
+            &message("client", "backend"),
+            "client",
+            "backend",
+        )?;
+        carry(
+            &self.backend,
+            &self.client,
+            &message("backend", "client"),
+            "backend",
+            "client",
+        )
+    }
+}
+
+/// Writes `message` on `from` and reads it back whole on `to`; an error names the side and
+/// what failed.
+fn carry(
+    mut from: &TcpStream,
+    mut to: &TcpStream,
+    message: &[u8],
+    from_name: &str,
+    to_name: &str,
+) -> std::io::Result<()> {
+    let err =
+        |what: String, e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
+    from.write_all(message)
+        .map_err(|e| err(format!("{from_name} write"), e))?;
+    let mut got = vec![0u8; message.len()];
+    to.read_exact(&mut got)
+        .map_err(|e| err(format!("{to_name} read"), e))?;
+    if got != message {
+        return Err(std::io::Error::other(format!(
+            "{to_name} read something else than {from_name} wrote"
+        )));
+    }
+    Ok(())
 }
 
 /// A deterministic payload of `len` bytes (a simple LCG, so corruption shows anywhere).

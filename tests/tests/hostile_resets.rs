@@ -1,0 +1,217 @@
+//! Issue 14, input 5, end to end in both attach modes: when the gateway has no flow for a
+//! connection, or ends one itself, both ends learn it at once from an RST (ECONNRESET on their
+//! next read or write) instead of retransmitting into silence.
+//!
+//! Each connection here has both ends in the test's hands: the client's socket and the held
+//! backend's (an `Acceptor`).
+
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use gateway::datapath::AttachMode;
+use gateway_common::maps::{self, Flow, FlowKey4};
+use gateway_tests::{
+    hostile::{Sandbox, assert_reset, assert_write_reset, blocked_read, web4},
+    packet::{Frame, flags},
+    raw::{self, Sniffer},
+    traffic::Pair,
+};
+
+/// How soon an end must see the RST.
+const WITHIN: Duration = Duration::from_secs(1);
+
+/// Deletes the conntrack pair of the connection from `client` (forward entry and its peer)
+/// from the daemon's pinned table, as a lost state would.
+#[track_caller]
+fn forget(sb: &Sandbox, client: SocketAddrV4) {
+    let pin = sb.daemon.bpffs.join(maps::CONNTRACK4);
+    let map = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    let mut ct: HashMap<_, FlowKey4, Flow> =
+        HashMap::try_from(Map::LruHashMap(map)).expect("the conntrack table's layout");
+    let web = web4();
+    let key = FlowKey4 {
+        src_ip: u32::from_ne_bytes(client.ip().octets()),
+        dst_ip: u32::from_ne_bytes(web.ip().octets()),
+        src_port: client.port().to_be(),
+        dst_port: web.port().to_be(),
+        proto: 6,
+        ..FlowKey4::default()
+    };
+    let forward = ct
+        .get(&key, 0)
+        .unwrap_or_else(|e| panic!("the forward entry of {client}: {e}"));
+    ct.remove(&key).expect("remove the forward entry");
+    ct.remove(&forward.peer_key())
+        .expect("remove the reverse entry");
+}
+
+fn lost_flow(mode: AttachMode) {
+    let sb = Sandbox::held(mode, &[]);
+    let client_ns = &sb.topo.client;
+    let sniffer = Sniffer::open(client_ns, client_ns.iface);
+    let answered = sb.counter("rst_no_flow");
+
+    // A stray ACK to the service: answered as a host without that socket answers (RFC 793),
+    // with an RST whose sequence number is the ACK's acknowledgement number.
+    let stray = SocketAddrV4::new(gateway_tests::netns::Topology::CLIENT_IP, 43000);
+    let ack = Frame {
+        seq: 0x0102_0304,
+        ack: 0x0a0b_0c0d,
+        ..Frame::tcp(stray, web4(), flags::ACK)
+    };
+    sniffer.clear();
+    raw::send_ipv4(client_ns, vec![raw::ipv4(&ack)]);
+    let rst = sniffer
+        .next(WITHIN, |s| s.src == web4() && s.dst == stray)
+        .unwrap_or_else(|| panic!("{mode}: no answer to a stray ACK within {WITHIN:?}"));
+    assert_eq!(
+        (rst.flags, rst.seq, rst.ack, rst.window, rst.payload_len),
+        (flags::RST, 0x0a0b_0c0d, 0, 0, 0),
+        "{mode}: the RST for a stray ACK: {rst:?}"
+    );
+    assert_eq!((rst.ttl, rst.frame_len), (64, 54), "{mode}: {rst:?}");
+
+    // A live connection whose conntrack pair is lost: the next segment of each end gets an
+    // RST it accepts.
+    let mut pair = sb.pair(Duration::from_secs(3));
+    pair.exchange(1).unwrap();
+    forget(&sb, pair.client_addr());
+    assert_write_reset(
+        &format!("{mode}: the client after its flow was lost"),
+        &pair.client,
+        WITHIN,
+    );
+    assert_write_reset(
+        &format!("{mode}: the backend after its flow was lost"),
+        &pair.backend,
+        WITHIN,
+    );
+    sb.expect_counted("rst_no_flow", answered, 3);
+}
+
+#[test]
+fn segments_without_a_flow_are_answered_with_an_rst_xdp() {
+    lost_flow(AttachMode::Xdp);
+}
+
+#[test]
+fn segments_without_a_flow_are_answered_with_an_rst_tc() {
+    lost_flow(AttachMode::Tc);
+}
+
+/// Opens a connection, blocks both of its ends in `read()`, runs `end` (which makes the
+/// gateway end the connection) and checks both reads end in ECONNRESET no later than
+/// `deadline` after `end` returned (and, for a drain, not before `not_before` after it began).
+#[track_caller]
+fn assert_both_reset(
+    sb: &Sandbox,
+    what: &str,
+    end: impl FnOnce(),
+    not_before: Duration,
+    deadline: Duration,
+) {
+    let mode = sb.mode;
+    let mut pair: Pair = sb.pair(Duration::from_secs(3));
+    pair.exchange(1).unwrap();
+    let limit = not_before + deadline + Duration::from_secs(2);
+    let client = blocked_read(&pair.client, limit);
+    let backend = blocked_read(&pair.backend, limit);
+    std::thread::sleep(Duration::from_millis(200));
+    let began = Instant::now();
+    end();
+    let returned = Instant::now();
+    for (side, reader) in [("client", client), ("backend", backend)] {
+        let ended = reader.join().expect("reader thread");
+        assert_reset(
+            &format!("{mode}: the {side} after {what}"),
+            &ended,
+            returned + deadline,
+        );
+        let after = ended.1.duration_since(began);
+        assert!(
+            after >= not_before,
+            "{mode}: the {side} was reset {after:?} after {what}, before {not_before:?}"
+        );
+    }
+}
+
+fn remove_now(mode: AttachMode) {
+    let sb = Sandbox::held(mode, &[]);
+    let b0 = sb.backend(0);
+    assert_both_reset(
+        &sb,
+        "`backend remove --now`",
+        || {
+            sb.daemon.ok(&["backend", "remove", "web", &b0, "--now"]);
+        },
+        Duration::ZERO,
+        WITHIN,
+    );
+}
+
+#[test]
+fn removing_a_backend_now_resets_both_ends_xdp() {
+    remove_now(AttachMode::Xdp);
+}
+
+#[test]
+fn removing_a_backend_now_resets_both_ends_tc() {
+    remove_now(AttachMode::Tc);
+}
+
+fn app_delete(mode: AttachMode) {
+    let sb = Sandbox::held(mode, &[]);
+    assert_both_reset(
+        &sb,
+        "`app delete`",
+        || {
+            sb.daemon.ok(&["app", "delete", "web"]);
+        },
+        Duration::ZERO,
+        WITHIN,
+    );
+}
+
+#[test]
+fn deleting_an_app_resets_both_ends_xdp() {
+    app_delete(AttachMode::Xdp);
+}
+
+#[test]
+fn deleting_an_app_resets_both_ends_tc() {
+    app_delete(AttachMode::Tc);
+}
+
+fn drain_deadline(mode: AttachMode) {
+    let sb = Sandbox::held(mode, &[]);
+    let b0 = sb.backend(0);
+    let drain = Duration::from_secs(1);
+    assert_both_reset(
+        &sb,
+        "a drain deadline of 1 s",
+        || {
+            sb.daemon
+                .ok(&["backend", "remove", "web", &b0, "--drain-timeout", "1s"]);
+        },
+        drain - Duration::from_millis(100),
+        drain + WITHIN,
+    );
+    assert!(
+        sb.daemon.log().contains("drain timeout"),
+        "{}",
+        sb.daemon.log()
+    );
+}
+
+#[test]
+fn a_drain_deadline_resets_both_ends_xdp() {
+    drain_deadline(AttachMode::Xdp);
+}
+
+#[test]
+fn a_drain_deadline_resets_both_ends_tc() {
+    drain_deadline(AttachMode::Tc);
+}
