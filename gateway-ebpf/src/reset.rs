@@ -2,7 +2,7 @@
 //! (RFC 9293 §3.10.7.1): with an RST whose sequence number is the segment's acknowledgement
 //! number, so the sender's TCP takes it and the connection ends at once (ECONNRESET) instead
 //! of retransmitting for minutes. The RST is written over the segment itself and sent back
-//! out of the interface it came in on (`xdp`: XDP_TX; `tc`: redirect to the ingress device).
+//! out of the interface it came in on (a redirect to the ingress device, in both modes).
 //!
 //! Only segments with ACK and without RST are answered (an RST is never answered), and only
 //! when their IPv4 header has no options, so the TCP header stays where it is (a TC packet

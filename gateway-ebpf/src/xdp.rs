@@ -2,12 +2,13 @@
 //! next hop. When the next hop's neighbour is unknown, the packet is passed untouched to the
 //! kernel, where the TC program (attached alongside in XDP mode) translates it and lets
 //! `bpf_redirect_neigh` resolve the neighbour: a connection never hangs on a missing entry.
-//! A segment without a flow is turned into its RST and sent back (XDP_TX).
+//! A segment without a flow is turned into its RST and sent back out of the interface it came
+//! in on.
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::XDP_PASS,
     cty::c_void,
     helpers::{bpf_redirect, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
     programs::XdpContext,
@@ -66,7 +67,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         &mut new,
     )? {
         Verdict::Pass => return Ok(XDP_PASS),
-        Verdict::Reset => return send_reset(ctx, &b),
+        Verdict::Reset => return send_reset(ctx, &b, ctx.ingress_ifindex() as u32),
         Verdict::Translate(t) => t,
     };
     let ifindex = match t.hop {
@@ -93,9 +94,13 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
 }
 
-/// Rewrites the segment into the RST that answers it, trims the frame and sends it back.
+/// Rewrites the segment into the RST that answers it, trims the frame and sends it back out of
+/// `ingress`. Through a redirect to the ingress device rather than XDP_TX: on veth, XDP_TX
+/// wakes the peer's receive side only when the peer has an XDP program of its own
+/// (`veth_xdp_flush`), so a frame sent back to a host without one waits for its next packet;
+/// a redirect goes through `ndo_xdp_xmit`, which always does. (Both work on a NIC.)
 #[inline(always)]
-fn send_reset(ctx: &XdpContext, b: &Bounds) -> Result<u32, DropReason> {
+fn send_reset(ctx: &XdpContext, b: &Bounds, ingress: u32) -> Result<u32, DropReason> {
     // SAFETY: `b` is the packet the pipeline answers, unchanged since.
     let sums = unsafe { reset::write(b)? };
     let check = b
@@ -108,5 +113,6 @@ fn send_reset(ctx: &XdpContext, b: &Bounds) -> Result<u32, DropReason> {
     if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
         return Err(DropReason::Truncated);
     }
-    Ok(XDP_TX)
+    // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
+    Ok(unsafe { bpf_redirect(ingress, 0) } as u32)
 }

@@ -47,8 +47,8 @@ pub enum Verdict {
     Pass,
     Drop,
     Redirect,
-    /// Sent back out of the interface it came in on: XDP_TX; in TC a redirect, to the ingress
-    /// device (the return code is a redirect's, the output frame tells).
+    /// Sent back out of the interface it came in on: a redirect to the ingress device (the
+    /// return code is a redirect's; the output frame tells), or XDP_TX.
     Back,
     Other(u32),
 }
@@ -64,10 +64,10 @@ impl Verdict {
         }
     }
 
-    /// Whether `self`, as expected, admits the verdict `got` of `mode`: itself, or for
-    /// [`Verdict::Back`] in TC a redirect.
-    pub fn admits(self, mode: AttachMode, got: Verdict) -> bool {
-        self == got || (self == Verdict::Back && mode == AttachMode::Tc && got == Verdict::Redirect)
+    /// Whether `self`, as expected, admits the verdict `got`: itself, or for
+    /// [`Verdict::Back`] a redirect.
+    pub fn admits(self, got: Verdict) -> bool {
+        self == got || (self == Verdict::Back && got == Verdict::Redirect)
     }
 }
 

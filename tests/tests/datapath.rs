@@ -241,6 +241,14 @@ fn packets_without_a_flow() -> Scenario {
             },
         ))
         .row(Row::answered(
+            "a segment with TCP options (timestamps) and data, as a real socket sends it",
+            Frame {
+                tcp_options: vec![1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 7],
+                payload: b"anyone there?".to_vec(),
+                ..stray(42_005, flags::ACK | flags::PSH)
+            },
+        ))
+        .row(Row::answered(
             "a reply to a SNAT port without a flow is answered toward the backend",
             stray_reply(flags::ACK),
         ))

@@ -123,7 +123,7 @@ fn run_row(cx: &mut Ctx, row: Row) -> Vec<String> {
     cx.input = frame;
     cx.output = output;
 
-    if !row.expect.admits(cx.mode(), verdict) {
+    if !row.expect.admits(verdict) {
         problems.push(format!("verdict: {verdict:?}, expected {:?}", row.expect));
     }
     for reason in DropReason::ALL {
