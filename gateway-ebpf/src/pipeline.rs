@@ -151,8 +151,9 @@ fn decide<'a, C: Context>(
         // SAFETY: a conntrack value pointer; this CPU updates it in place.
         let f = unsafe { &mut *flow };
         check_flags(&pkt)?;
+        // Before anything changes: a SYN that starts over removes its old pair.
+        check_ttl(&pkt)?;
         if !(syn && f.direction == DIR_FORWARD && starts_over(f, &pkt)) {
-            check_ttl(&pkt)?;
             // A SYN-ACK's window scale (only the first SYN-ACK of a flow uses it).
             let wscale = if pkt.flags & (SYN | ACK) == SYN | ACK && f.state & CT_SYN_ACK_SEEN == 0 {
                 parse::window_scale(checks, &pkt)

@@ -470,6 +470,19 @@ fn syn_retransmissions() -> Scenario {
                 assert_ne!(cx.flow(c.key()).backend_id, stopped);
             }),
         )
+        .row(
+            Row::dropped(
+                "a SYN with TTL 1 that would start over (a new ISN) changes nothing",
+                Frame {
+                    ttl: 1,
+                    seq: 0x4242_0000,
+                    ..c.syn()
+                },
+                DropReason::TtlExceeded,
+            )
+            .counter(GlobalStat::SynRebalanced, 0..=0)
+            .entries(0),
+        )
         .row(Row::redirected("another client's SYN", d.syn(), d.to_maglev_backend()).entries(2))
         .row(
             Row::redirected(

@@ -425,7 +425,10 @@ fn status_shows_rates_while_traffic_flows() {
     let start = std::time::Instant::now();
     let mut n = 0;
     while start.elapsed() < Duration::from_secs(1) || n < 40 {
-        assert!(start.elapsed() < Duration::from_secs(15), "{n} connections in 15 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{n} connections in 15 s"
+        );
         let mut c = EchoClient::connect(&topo.client, web()).unwrap();
         c.echo(b"ping").unwrap();
         n += 1;
