@@ -16,6 +16,8 @@
 
 pub mod expect;
 pub mod tcp;
+#[cfg(test)]
+mod tests;
 pub mod wire;
 
 use std::collections::HashMap;
