@@ -25,6 +25,7 @@ use crate::{
     model::{
         Clock, EntryExp, Hop, Model, Rules, diff_flows,
         expect::check_time,
+        show_flow,
         wire::{self, Parse},
     },
     netns::Topology,
@@ -451,8 +452,11 @@ impl Harness {
         let dp = self.fx.dp.flow(k).expect("conntrack lookup");
         let m = self.model.ct.get(k).copied();
         let name = wire::show_key(k);
+        let show = |f: Option<Flow>| f.as_ref().map_or("none".to_owned(), show_flow);
         entries.push(format!(
-            "entry {name}:\n    model:    {m:?}\n    datapath: {dp:?}"
+            "entry {name}:\n    model:    {}\n    datapath: {}",
+            show(m),
+            show(dp)
         ));
         match (m, dp) {
             (None, None) => {}

@@ -221,3 +221,34 @@ pub fn diff_flows(model: &Flow, dp: &Flow) -> Vec<String> {
     );
     out
 }
+
+/// An entry for a person: direction, rewrite, ids, state and tracking, counters, times.
+pub fn show_flow(f: &Flow) -> String {
+    format!(
+        "{} → rewrite {} → {}, app {} backend {}, state {:#04x}, seq_end {:#x} ack_max {:#x} win_max {} wscale {}/{} track {:#x}, {} packets {} bytes, created {} last_seen {} nexthop {} (if {} {:02x?} → {:02x?})",
+        if f.direction == gateway_common::maps::DIR_FORWARD {
+            "forward"
+        } else {
+            "reverse"
+        },
+        f.nat_src(),
+        f.nat_dst(),
+        f.app_id,
+        f.backend_id,
+        f.state,
+        f.seq_end,
+        f.ack_max,
+        f.win_max,
+        f.wscale,
+        f.peer_wscale,
+        f.track,
+        f.packets,
+        f.bytes,
+        f.created_ns,
+        f.last_seen_ns,
+        f.nexthop_ns,
+        f.nexthop_ifindex,
+        f.nexthop_smac,
+        f.nexthop_dmac,
+    )
+}

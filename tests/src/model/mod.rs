@@ -36,7 +36,7 @@ use gateway_common::{
     },
 };
 
-pub use expect::{EntryExp, Expect, Time, Verdict, diff_flows};
+pub use expect::{EntryExp, Expect, Time, Verdict, diff_flows, show_flow};
 use tcp::{Action, Decision};
 use wire::{Parse, Seg, Translation};
 
