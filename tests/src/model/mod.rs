@@ -306,7 +306,8 @@ impl Step<'_> {
                 }
             };
         }
-        let has_ack = flags & ACK != 0;
+        // §7: a segment with ACK is answered with an RST, but an RST never is.
+        let has_ack = flags & ACK != 0 && flags & RST == 0;
         match service {
             Some(app) if syn_only => self.new_flow(app),
             Some(_) if has_ack => self.rst_answer(),

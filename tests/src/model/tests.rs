@@ -157,8 +157,10 @@ fn a_segment_without_a_flow_is_answered_with_an_rst() {
         &out[14 + 20 + 4..14 + 20 + 8],
         &0x1234_5678u32.to_be_bytes()
     );
-    let x = step(&mut m, from_client(RST, 7, 0), None);
-    assert_eq!(x.drop, Some(DropReason::NoFlow));
+    for rst in [RST, RST | ACK] {
+        let x = step(&mut m, from_client(rst, 7, 0), None);
+        assert_eq!(x.drop, Some(DropReason::NoFlow), "an RST is never answered");
+    }
 }
 
 #[test]
