@@ -176,6 +176,10 @@ pub fn spec14(
         d.es.seq_end = seg.seq.wrapping_add(1).wrapping_add(seg.payload);
         d.es.ack_max = seg.ack;
         d.es.track |= TRACK_ACK_SEEN;
+        // §1: the bit says this side's SYN (or SYN-ACK) carried the option.
+        if wscale.is_some() {
+            d.es.track |= TRACK_WSCALE_OFFERED;
+        }
         d.es.win_max = u32::from(seg.window);
         let mut r = *er;
         let client = (er.track & TRACK_WSCALE_OFFERED != 0).then_some(er.wscale);
@@ -202,13 +206,16 @@ pub fn spec14(
     };
     // §4.3: RSTs.
     if rst {
-        if !forward && es.state & CT_SYN_ACK_SEEN == 0 {
+        // §12: the peer's numbers are not known yet: no check needs them.
+        if peer_liberal {
+            d.set = CT_RST;
+        } else if !forward && es.state & CT_SYN_ACK_SEEN == 0 {
             if ack && er.is_some_and(|r| seg.ack == r.seq_end) {
                 d.set = CT_RST;
             } else {
                 d.action = Action::Drop(DropReason::OutOfWindow);
             }
-        } else if peer_liberal || seg.seq == rcv_nxt || seg.seq == es.seq_end {
+        } else if seg.seq == rcv_nxt || seg.seq == es.seq_end {
             d.set = CT_RST;
         } else if !seq_before(seg.seq, rcv_nxt)
             && seq_before(seg.seq, rcv_nxt.wrapping_add(rcv_wnd))
