@@ -789,3 +789,270 @@ fn flows_are_timed_by_the_coarse_monotonic_clock_across_ticks() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Divergences the differential fuzzer found (`gateway_tests::fuzz`), each a table case: the
+// model and the datapath disagreed, and spec 14 (issue 14) says which is right. One backend and
+// a one-port SNAT range make every frame known in advance.
+
+scenario_tests! {
+    fuzz_malformed_options_after_a_window_scale,
+    fuzz_syn_ack_window_scale_offer,
+    fuzz_ttl_before_a_syn_rebalance,
+    fuzz_rst_answer_despite_ip_options,
+    fuzz_syn_retransmission_with_data,
+    fuzz_rst_of_a_carried_over_handshake,
+}
+
+mod found {
+    use std::net::SocketAddrV4;
+
+    use gateway_tests::{
+        model::wire::Segment,
+        netns::Topology,
+        scenario::{Link, Out, Scenario, backend, client},
+    };
+
+    /// The one SNAT port.
+    pub const PORT: u16 = 39_000;
+
+    pub fn snat() -> SocketAddrV4 {
+        SocketAddrV4::new(Topology::SNAT_IP, PORT)
+    }
+
+    /// One backend (0), SNAT port 39000 only.
+    pub fn scenario() -> Scenario {
+        Scenario::new()
+            .backends(1)
+            .set("SNAT port 39000 only", |cx| {
+                cx.fx
+                    .dp
+                    .configure(
+                        Topology::SNAT_IP,
+                        PORT..=PORT,
+                        std::time::Duration::from_secs(60),
+                    )
+                    .unwrap()
+            })
+    }
+
+    /// A segment from the client's `port` to app 1's service.
+    pub fn from_client(port: u16, flags: u8, seq: u32, ack: u32) -> Segment {
+        let mut s = Segment::new(
+            client(port),
+            gateway_tests::datapath::Fixture::service(),
+            flags,
+        );
+        (s.src_mac, s.dst_mac) = (Link::Client.host_mac(), Link::Client.gw_mac());
+        (s.seq, s.ack) = (seq, ack);
+        s
+    }
+
+    /// A segment from backend 0 to the SNAT port.
+    pub fn from_backend(flags: u8, seq: u32, ack: u32) -> Segment {
+        let mut s = Segment::new(backend(0), snat(), flags);
+        (s.src_mac, s.dst_mac) = (Link::Backend(0).host_mac(), Link::Backend(0).gw_mac());
+        (s.seq, s.ack) = (seq, ack);
+        s
+    }
+
+    /// A client segment's translation.
+    pub fn to_backend() -> Out {
+        Out::Nat {
+            src: Some(snat()),
+            dst: backend(0),
+            macs: Link::Backend(0).out_macs(),
+        }
+    }
+
+    /// A backend segment's translation to the client's `port`.
+    pub fn to_client(port: u16) -> Out {
+        Out::Nat {
+            src: Some(gateway_tests::datapath::Fixture::service()),
+            dst: client(port),
+            macs: Link::Client.out_macs(),
+        }
+    }
+}
+
+/// §5: a malformed option list (here a length of 1 after a valid window scale option) offers
+/// no window scale. (The datapath in progress took the offer before the malformed option.)
+fn fuzz_malformed_options_after_a_window_scale() -> Scenario {
+    use gateway_common::maps::TRACK_WSCALE_OFFERED;
+    let mut syn = found::from_client(46_001, flags::SYN, 1000, 0);
+    syn.tcp_options = vec![3, 3, 7, 5, 1];
+    found::scenario().row(
+        Row::redirected(
+            "a SYN: wscale 7, then SACK of length 1",
+            syn.build(),
+            found::to_backend(),
+        )
+        .entries(2)
+        .check("no window scale offered", |cx| {
+            let f = cx.flow(FlowKey4::from_addrs(client(46_001), Fixture::service()));
+            assert_eq!((f.track & TRACK_WSCALE_OFFERED, f.wscale), (0, 0), "{f:?}");
+        }),
+    )
+}
+
+/// §1: `TRACK_WSCALE_OFFERED` says this side's SYN or SYN-ACK carried a window scale option:
+/// the backend's SYN-ACK sets it on the reverse entry. (The model had it wrong.)
+fn fuzz_syn_ack_window_scale_offer() -> Scenario {
+    use gateway_common::maps::{TRACK_ACK_SEEN, TRACK_WSCALE_OFFERED};
+    let mut syn = found::from_client(46_002, flags::SYN, 1000, 0);
+    syn.tcp_options = vec![3, 3, 7];
+    let mut syn_ack = found::from_backend(flags::SYN | flags::ACK, 5000, 1001);
+    syn_ack.tcp_options = vec![1, 3, 3, 2];
+    found::scenario()
+        .row(Row::redirected("SYN, wscale 7", syn.build(), found::to_backend()).entries(2))
+        .row(
+            Row::redirected(
+                "SYN-ACK, wscale 2",
+                syn_ack.build(),
+                found::to_client(46_002),
+            )
+            .check("the reverse entry knows its offer and both shifts", |cx| {
+                let r = cx.flow(FlowKey4::from_addrs(backend(0), found::snat()));
+                assert_eq!(
+                    (r.track, r.wscale, r.peer_wscale, r.seq_end, r.ack_max),
+                    (TRACK_ACK_SEEN | TRACK_WSCALE_OFFERED, 2, 7, 5001, 1001),
+                    "{r:?}"
+                );
+            }),
+        )
+}
+
+/// §3: the TTL is checked (step 3) before a SYN is handled on its flow (§4.1): a SYN with a new
+/// ISN and TTL 1 during the handshake is dropped and changes nothing. (The datapath in progress
+/// removed the pair and counted `syn_rebalanced` first.)
+fn fuzz_ttl_before_a_syn_rebalance() -> Scenario {
+    let mut again = found::from_client(46_003, flags::SYN, 7_000_000, 0);
+    again.ttl = 1;
+    found::scenario()
+        .row(
+            Row::redirected(
+                "SYN, ISN 1000",
+                found::from_client(46_003, flags::SYN, 1000, 0).build(),
+                found::to_backend(),
+            )
+            .entries(2),
+        )
+        .row(
+            Row::dropped(
+                "a SYN with a new ISN and TTL 1",
+                again.build(),
+                DropReason::TtlExceeded,
+            )
+            .counter(GlobalStat::SynRebalanced, 0..=0)
+            .check("the flow is the first SYN's", |cx| {
+                let f = cx.flow(FlowKey4::from_addrs(client(46_003), Fixture::service()));
+                assert_eq!((f.seq_end, f.packets), (1001, 1), "{f:?}");
+            }),
+        )
+}
+
+/// §7: a segment with ACK and no flow is answered with an RST (54 bytes, no IP options) even
+/// when it came with IP options. (The datapath in progress dropped it as `no_flow`.)
+fn fuzz_rst_answer_despite_ip_options() -> Scenario {
+    use gateway_tests::model::wire::{self, Parse};
+    let mut ack = found::from_client(46_004, flags::ACK, 77, 0x1234_5678);
+    ack.ip_options = vec![1, 1, 1, 0];
+    let frame = ack.build();
+    let Parse::Tcp(seg) = wire::parse(&frame, |_| 1) else {
+        unreachable!()
+    };
+    let rst = wire::rst_answer(&frame, &seg);
+    // Sent back out: XDP_TX, or in TC a redirect (to the ingress interface).
+    let row = |mode: AttachMode, verdict: Verdict| Row {
+        expect: verdict,
+        out: Out::Bytes(rst.clone()),
+        ..Row::passed(
+            format!("an ACK with IP options, no flow [{mode}]"),
+            frame.clone(),
+        )
+        .only(mode)
+        .counter(GlobalStat::RstNoFlow, 1..=1)
+        .counter(GlobalStat::Passed, 0..=0)
+    };
+    found::scenario()
+        .row(row(AttachMode::Xdp, Verdict::Other(3)))
+        .row(row(AttachMode::Tc, Verdict::Redirect))
+}
+
+/// §4.1: a SYN with the flow's ISN (`seq + 1 == seq_end`) is a retransmission and stays on its
+/// flow, even if it carries data this time. (The datapath in progress re-balanced it. Spec
+/// question for the lead: the rule as written re-balances the retransmission of a SYN that
+/// carried data the first time, since its `seq_end` counts that data.)
+fn fuzz_syn_retransmission_with_data() -> Scenario {
+    let mut again = found::from_client(46_005, flags::SYN, 1000, 0);
+    again.payload_len = 10;
+    found::scenario()
+        .row(
+            Row::redirected(
+                "SYN, ISN 1000",
+                found::from_client(46_005, flags::SYN, 1000, 0).build(),
+                found::to_backend(),
+            )
+            .entries(2),
+        )
+        .row(
+            Row::redirected(
+                "the same SYN with 10 bytes of data",
+                again.build(),
+                found::to_backend(),
+            )
+            .counter(GlobalStat::SynRebalanced, 0..=0)
+            .counter(GlobalStat::FlowsCreated, 0..=0)
+            .check("the same flow, its tracking unchanged", |cx| {
+                let f = cx.flow(FlowKey4::from_addrs(client(46_005), Fixture::service()));
+                assert_eq!((f.seq_end, f.packets), (1001, 2), "{f:?}");
+            }),
+        )
+}
+
+/// §12: an RST whose peer entry is still carried over (`TRACK_LIBERAL`) closes without any
+/// check on the peer's numbers, during the handshake too. (The model had it wrong.)
+fn fuzz_rst_of_a_carried_over_handshake() -> Scenario {
+    use gateway_common::maps::TRACK_LIBERAL;
+    let fwd = FlowKey4::from_addrs(client(46_006), Fixture::service());
+    found::scenario()
+        .row(
+            Row::redirected(
+                "SYN",
+                found::from_client(46_006, flags::SYN, 1000, 0).build(),
+                found::to_backend(),
+            )
+            .entries(2),
+        )
+        .set("both entries carried over from a v1 table", move |cx| {
+            let rev = cx.flow(fwd).peer_key();
+            for k in [fwd, rev] {
+                let f = cx.flow(k);
+                let f = gateway_common::maps::Flow {
+                    track: TRACK_LIBERAL,
+                    wscale: 14,
+                    peer_wscale: 14,
+                    seq_end: 0,
+                    ack_max: 0,
+                    win_max: 0,
+                    ..f
+                };
+                cx.fx.dp.insert_flow(k, f).unwrap();
+            }
+        })
+        .row(Row::redirected(
+            "the backend's ACK: its entry learns",
+            found::from_backend(flags::ACK, 5000, 1001).build(),
+            found::to_client(46_006),
+        ))
+        .row(
+            Row::redirected(
+                "the backend's RST|ACK, any ack: closes",
+                found::from_backend(flags::RST | flags::ACK, 5000, 0xdead).build(),
+                found::to_client(46_006),
+            )
+            .check("closed", move |cx| {
+                assert_eq!(cx.state(fwd) & CT_RST, CT_RST)
+            }),
+        )
+}

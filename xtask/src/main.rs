@@ -1,5 +1,5 @@
-//! `cargo xtask`: runs things. `setup` installs what is missing; `run`, `demo`, `test` and
-//! `bench` call it first, so each works as the first command on a fresh machine. The eBPF object
+//! `cargo xtask`: runs things. `setup` installs what is missing; `run`, `demo`, `test`, `bench`
+//! and `fuzz` call it first, so each works as the first command on a fresh machine. The eBPF object
 //! is not built here: `gateway-userspace/build.rs` builds it with aya-build.
 
 mod setup;
@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "cargo xtask",
-    about = "Set up, run, demo, test and benchmark the gateway"
+    about = "Set up, run, demo, test, benchmark and fuzz the gateway"
 )]
 struct Args {
     #[command(subcommand)]
@@ -39,6 +39,19 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The datapath and its reference model side by side on generated packet sequences, in
+    /// both attach modes (needs root); stops at the first divergence and shows it minimised.
+    Fuzz {
+        /// Packets per attach mode.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed (decimal or 0x-hex); default: from the clock (printed, to replay a run).
+        #[arg(long)]
+        seed: Option<String>,
+        /// One attach mode only: xdp or tc.
+        #[arg(long)]
+        mode: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +77,21 @@ fn main() -> ExitCode {
             let mut full = vec!["bench".to_owned()];
             full.extend(args);
             cargo_run_as_root("gateway-tests", "gateway-sandbox", true, &full)
+        }),
+        Task::Fuzz {
+            packets,
+            seed,
+            mode,
+        } => setup::setup().and_then(|()| {
+            let mut args = vec!["--packets".to_owned(), packets.to_string()];
+            if let Some(seed) = seed {
+                args.extend(["--seed".to_owned(), seed]);
+            }
+            if let Some(mode) = mode {
+                args.extend(["--mode".to_owned(), mode]);
+            }
+            // Optimized: the model and the comparisons are the fuzzer's own cost.
+            cargo_run_as_root("gateway-tests", "gateway-fuzz", true, &args)
         }),
     };
     match result {

@@ -1,0 +1,576 @@
+//! A reference model of the datapath: its decision on one frame as plain userspace Rust, built
+//! from spec 14 (/work/briefs/spec-14.md, issue 14) and docs/datapath.md, not from
+//! gateway-ebpf's code. Given its state (configuration, services, Maglev tables, backends with
+//! their accepting flag, the conntrack table) and one input frame, [`Model::step`] returns what
+//! the datapath must do ([`Expect`]: verdict, exact output bytes, drop reason, counter deltas,
+//! the conntrack entries it changes) and applies the conntrack changes to its own table.
+//!
+//! What the datapath chooses at random or reads from a clock is not predicted but checked:
+//! the SNAT port of a new flow is the one the datapath chose (its output's source port), if
+//! it is legal (in the range, free toward that backend or reusable by today's rule); SNAT
+//! collisions are bounded; times must lie within the bounds of the clock read around the run
+//! ([`Clock`]), and the model then takes the datapath's values ([`Model::adopt_times`]).
+//!
+//! [`Rules::Legacy`] is today's datapath (before spec 14: no flag, TTL, checksum or sequence
+//! checks, no RST answers), to run the fuzzer against a datapath without spec 14.
+
+pub mod expect;
+pub mod tcp;
+#[cfg(test)]
+mod tests;
+pub mod wire;
+
+use std::collections::HashMap;
+
+use gateway::datapath::AttachMode;
+use gateway_common::{
+    DropReason, GlobalStat,
+    maps::{
+        ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE,
+        Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, MAGLEV_PROBES, MAGLEV_SIZE, ServiceKey4,
+        is_closed,
+    },
+    net::{
+        port_from_net, port_to_net,
+        tcp_flags::{ACK, FIN, RST, SYN},
+    },
+};
+
+pub use expect::{EntryExp, Expect, Time, Verdict, diff_flows, show_flow};
+use tcp::{Action, Decision};
+use wire::{Parse, Seg, Translation};
+
+/// Which rules the model follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rules {
+    /// Today's datapath, before spec 14.
+    Legacy,
+    /// Spec 14.
+    Spec14,
+}
+
+/// Where the datapath sends packets to a destination: the egress interface and MACs its FIB
+/// lookup gives (the fixture's topology).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// The bounds of the datapath's clock during a run (CLOCK_MONOTONIC_COARSE ns, read before and
+/// after, widened by a tick: the datapath's per-CPU cache holds the value of the current tick).
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub lo: u64,
+    pub hi: u64,
+}
+
+impl Clock {
+    /// A tick at HZ ≥ 100.
+    pub const TICK_NS: u64 = 10_000_000;
+
+    pub fn around(before: u64, after: u64) -> Self {
+        Clock {
+            lo: before.saturating_sub(Self::TICK_NS),
+            hi: after + Self::TICK_NS,
+        }
+    }
+
+    /// Whether `now - since > limit` (the datapath's wrapping comparison) holds for every
+    /// `now` in the bounds (`Some(true)`), none (`Some(false)`), or depends (`None`).
+    fn elapsed_over(&self, since: u64, limit: u64) -> Option<bool> {
+        let over = |now: u64| now.wrapping_sub(since) > limit;
+        match (over(self.lo), over(self.hi)) {
+            (true, true) if since <= self.lo => Some(true),
+            (false, false) if since <= self.lo => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// A SNAT port's standing toward one backend when a new flow looks for one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortState {
+    Free,
+    /// Held by a closed connection idle 1 s or more: taken over.
+    Reusable,
+    /// Held by a closed connection at the edge of 1 s idle: either.
+    MaybeReusable,
+    Taken,
+}
+
+/// The datapath's state as the model holds it.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub rules: Rules,
+    /// SNAT address (network order); 0: not configured.
+    pub snat_ip: u32,
+    pub snat_ports: (u16, u16),
+    pub nexthop_max_age_ns: u64,
+    /// The gateway's addresses (network order) and their `ADDR_*` kinds.
+    pub addrs: Vec<(u32, u32)>,
+    pub services: HashMap<ServiceKey4, u32>,
+    /// Maglev tables by app.
+    pub tables: HashMap<u32, Vec<u32>>,
+    pub backends: HashMap<u32, Backend4>,
+    /// Next hops by destination address (network order).
+    pub hops: HashMap<u32, Hop>,
+    pub ct: HashMap<FlowKey4, Flow>,
+}
+
+impl Model {
+    pub fn new(rules: Rules) -> Self {
+        Model {
+            rules,
+            snat_ip: 0,
+            snat_ports: (0, 0),
+            nexthop_max_age_ns: gateway_common::maps::NEXTHOP_MAX_AGE_DEFAULT_NS,
+            addrs: Vec::new(),
+            services: HashMap::new(),
+            tables: HashMap::new(),
+            backends: HashMap::new(),
+            hops: HashMap::new(),
+            ct: HashMap::new(),
+        }
+    }
+
+    fn addr_kind(&self, ip: u32) -> u32 {
+        self.addrs
+            .iter()
+            .filter(|(a, _)| *a == ip && ip != 0)
+            .map(|(_, k)| *k)
+            .next()
+            .unwrap_or(0)
+    }
+
+    /// Runs `frame` through the model in `mode`: what the datapath must do, the model's table
+    /// updated. `clock` bounds the datapath's time; `snat_port` is the source port of the
+    /// datapath's output when it translated to the SNAT address (its choice for a new flow).
+    pub fn step(
+        &mut self,
+        frame: &[u8],
+        mode: AttachMode,
+        clock: Clock,
+        snat_port: Option<u16>,
+    ) -> Expect {
+        let mut x = Expect::new(mode);
+        match wire::parse(frame, |ip| self.addr_kind(ip)) {
+            Parse::NotOurs => x.pass(frame),
+            Parse::Drop(reason) => x.drop(reason),
+            Parse::Tcp(seg) => {
+                let mut s = Step {
+                    m: self,
+                    frame,
+                    seg,
+                    clock,
+                    snat_port,
+                    x: &mut x,
+                };
+                match s.m.rules {
+                    Rules::Legacy => s.legacy(),
+                    Rules::Spec14 => s.spec14(),
+                }
+            }
+        }
+        x
+    }
+
+    /// Takes the datapath's time fields for `key` once [`Expect::check_entry`] found them
+    /// plausible.
+    pub fn adopt_times(&mut self, key: &FlowKey4, dp: &Flow) {
+        if let Some(f) = self.ct.get_mut(key) {
+            f.created_ns = dp.created_ns;
+            f.last_seen_ns = dp.last_seen_ns;
+            f.nexthop_ns = dp.nexthop_ns;
+        }
+    }
+
+    /// Removes both entries of the connection `key` (whose entry is `flow`) belongs to.
+    fn remove_pair(&mut self, key: &FlowKey4, flow: &Flow, x: &mut Expect) {
+        let peer = flow.peer_key();
+        self.ct.remove(&peer);
+        self.ct.remove(key);
+        x.entries.insert(peer, None);
+        x.entries.insert(*key, None);
+    }
+
+    fn port_state(&self, key: &FlowKey4, clock: &Clock) -> PortState {
+        let Some(old) = self.ct.get(key) else {
+            return PortState::Free;
+        };
+        if !is_closed(old.state) {
+            return PortState::Taken;
+        }
+        // Reusable once `now - last_seen >= 1 s`, i.e. `> 1 s - 1 ns`.
+        match clock.elapsed_over(old.last_seen_ns, LAST_SEEN_GRANULARITY_NS - 1) {
+            Some(true) => PortState::Reusable,
+            Some(false) => PortState::Taken,
+            None => PortState::MaybeReusable,
+        }
+    }
+}
+
+/// One frame through the model.
+struct Step<'a> {
+    m: &'a mut Model,
+    frame: &'a [u8],
+    seg: Seg,
+    clock: Clock,
+    snat_port: Option<u16>,
+    x: &'a mut Expect,
+}
+
+impl Step<'_> {
+    fn service(&self) -> Option<u32> {
+        if self.seg.addr_kind & ADDR_PUBLIC == 0 {
+            return None;
+        }
+        let k = ServiceKey4::new(self.seg.key.dst_ip, self.seg.key.dst_port);
+        self.m.services.get(&k).copied()
+    }
+
+    fn snat_range(&self) -> bool {
+        let port = port_from_net(self.seg.key.dst_port);
+        self.seg.addr_kind & ADDR_SNAT != 0
+            && (self.m.snat_ports.0..=self.m.snat_ports.1).contains(&port)
+    }
+
+    fn accepting(&self, backend_id: u32) -> bool {
+        self.m
+            .backends
+            .get(&backend_id)
+            .is_some_and(|b| b.flags & BACKEND_ACCEPTING != 0)
+    }
+
+    /// Today's datapath.
+    fn legacy(&mut self) {
+        let key = self.seg.key;
+        let syn_only = self.seg.flags & (SYN | ACK) == SYN;
+        if let Some(es) = self.m.ct.get(&key).copied() {
+            let d = tcp::legacy(&es, self.seg.flags);
+            if d.action == Action::Forward {
+                return self.forward(d);
+            }
+            self.m.remove_pair(&key, &es, self.x);
+        }
+        match self.service() {
+            Some(app) if syn_only => self.new_flow(app),
+            Some(_) => self.x.drop(DropReason::NoFlow),
+            None if self.snat_range() => self.x.drop(DropReason::NoReplyFlow),
+            None => self.x.pass(self.frame),
+        }
+    }
+
+    /// Spec 14 §3-§7.
+    fn spec14(&mut self) {
+        let key = self.seg.key;
+        let es = self.m.ct.get(&key).copied();
+        let service = self.service();
+        let snat = self.snat_range();
+        if es.is_none() && service.is_none() && !snat {
+            return self.x.pass(self.frame);
+        }
+        let flags = self.seg.flags;
+        if !tcp::valid_flags(flags) {
+            return self.x.drop(DropReason::BadFlags);
+        }
+        let syn_only = flags & (SYN | ACK | FIN | RST) == SYN;
+        if (es.is_some() || (service.is_some() && syn_only)) && self.seg.ttl <= 1 {
+            return self.x.drop(DropReason::TtlExceeded);
+        }
+        if let Some(es) = es {
+            let er = self.m.ct.get(&es.peer_key()).copied();
+            let wscale = (flags & SYN != 0)
+                .then(|| wire::wscale_option(self.frame, &self.seg))
+                .flatten();
+            let d = tcp::spec14(
+                &es,
+                er.as_ref(),
+                &self.seg,
+                wscale,
+                self.accepting(es.backend_id),
+            );
+            return match d.action {
+                Action::Forward => self.forward(d),
+                Action::Drop(reason) => self.x.drop(reason),
+                Action::NewFlow { rebalanced } => {
+                    self.m.remove_pair(&key, &es, self.x);
+                    if rebalanced {
+                        self.x.stat(GlobalStat::SynRebalanced, 1);
+                    }
+                    match service {
+                        Some(app) => self.new_flow(app),
+                        None => self.x.pass(self.frame),
+                    }
+                }
+            };
+        }
+        // §7: a segment with ACK is answered with an RST, but an RST never is.
+        let has_ack = flags & ACK != 0 && flags & RST == 0;
+        match service {
+            Some(app) if syn_only => self.new_flow(app),
+            Some(_) if has_ack => self.rst_answer(),
+            Some(_) => self.x.drop(DropReason::NoFlow),
+            None if has_ack => self.rst_answer(),
+            None => self.x.drop(DropReason::NoReplyFlow),
+        }
+    }
+
+    /// Spec §7: an RST back out of the interface the segment came in on.
+    fn rst_answer(&mut self) {
+        self.x.verdict = Verdict::Tx;
+        self.x.out = Some(wire::rst_answer(self.frame, &self.seg));
+        self.x.stat(GlobalStat::RstNoFlow, 1);
+    }
+
+    /// A segment of an existing flow, sent on: `d` says how its entries change.
+    fn forward(&mut self, d: Decision) {
+        let key = self.seg.key;
+        let mut es = d.es;
+        if let Some(stat) = d.stat {
+            self.x.stat(stat, 1);
+        }
+        let changed = es.state | d.set != es.state;
+        let mut exp = EntryExp::same();
+        if changed {
+            es.state |= d.set;
+            exp.last_seen = Time::Now;
+            let peer = es.peer_key();
+            if let Some(p) = self.m.ct.get_mut(&peer) {
+                if let Some(er) = d.er {
+                    *p = Flow {
+                        state: p.state,
+                        last_seen_ns: p.last_seen_ns,
+                        ..er
+                    };
+                }
+                p.state |= d.set;
+                let mut peer_exp = EntryExp::same();
+                peer_exp.last_seen = Time::Now;
+                self.x.entries.insert(peer, Some(peer_exp));
+            }
+        } else {
+            exp.last_seen = match self
+                .clock
+                .elapsed_over(es.last_seen_ns, LAST_SEEN_GRANULARITY_NS)
+            {
+                Some(true) => Time::Now,
+                Some(false) => Time::Same,
+                None => Time::SameOrNow,
+            };
+        }
+        es.packets += 1;
+        es.bytes += u64::from(self.seg.l3_len);
+        exp.nexthop = self.resolve(&mut es);
+        self.m.ct.insert(key, es);
+        self.x.entries.insert(key, Some(exp));
+        self.translated(&es);
+    }
+
+    /// The next hop of `flow`: kept while fresh, else resolved again (through the FIB or the
+    /// per-CPU cache of another flow's answer: at most one FIB lookup).
+    fn resolve(&mut self, flow: &mut Flow) -> Time {
+        let hop = self.m.hops.get(&flow.nat_dst_ip).copied();
+        let fresh = flow.nexthop_ns != 0
+            && self
+                .clock
+                .elapsed_over(flow.nexthop_ns, self.m.nexthop_max_age_ns - 1)
+                == Some(false);
+        if fresh {
+            return Time::Same;
+        }
+        self.x.stat_range(GlobalStat::FibLookups, 0..=1);
+        if let Some(hop) = hop {
+            flow.nexthop_ifindex = hop.ifindex;
+            flow.nexthop_smac = hop.smac;
+            flow.nexthop_dmac = hop.dmac;
+        }
+        if flow.nexthop_ns == 0 {
+            Time::Resolved
+        } else {
+            Time::SameOrResolved
+        }
+    }
+
+    /// The translated output of this segment through `flow`, and its counters.
+    fn translated(&mut self, flow: &Flow) {
+        let t = Translation {
+            src_ip: flow.nat_src_ip,
+            dst_ip: flow.nat_dst_ip,
+            src_port: flow.nat_src_port,
+            dst_port: flow.nat_dst_port,
+            smac: flow.nexthop_smac,
+            dmac: flow.nexthop_dmac,
+            ttl_dec: self.m.rules == Rules::Spec14,
+        };
+        self.x.verdict = Verdict::Redirect;
+        self.x.out = Some(wire::translate(self.frame, &self.seg, &t));
+        let bytes = u64::from(self.seg.l3_len);
+        if flow.direction == DIR_FORWARD {
+            self.x.stat(GlobalStat::Forwarded, 1);
+            self.x.traffic(flow.app_id, flow.backend_id, |s| {
+                s.packets_in += 1;
+                s.bytes_in += bytes;
+            });
+        } else {
+            self.x.stat(GlobalStat::Reversed, 1);
+            self.x.traffic(flow.app_id, flow.backend_id, |s| {
+                s.packets_out += 1;
+                s.bytes_out += bytes;
+            });
+        }
+    }
+
+    /// A SYN to the service of `app` without a flow: spec §5 (today: the same without
+    /// checksums and tracking).
+    fn new_flow(&mut self, app: u32) {
+        let spec = self.m.rules == Rules::Spec14;
+        if spec
+            && (wire::ip_residual(self.frame, self.seg.ihl) != 0xffff
+                || wire::tcp_residual(self.frame, &self.seg) != 0xffff)
+        {
+            return self.x.drop(DropReason::BadChecksum);
+        }
+        if self.m.snat_ip == 0 || self.m.snat_ports.1 < self.m.snat_ports.0 {
+            return self.x.drop(DropReason::NotConfigured);
+        }
+        let Some((backend_id, backend)) = self.choose(app) else {
+            return self.x.drop(DropReason::NoBackend);
+        };
+        let Some(port) = self.snat_port(&backend) else {
+            return self.x.drop(DropReason::SnatExhausted);
+        };
+        let key = self.seg.key;
+        let mut reverse = Flow {
+            nat_src_ip: key.dst_ip,
+            nat_dst_ip: key.src_ip,
+            nat_src_port: key.dst_port,
+            nat_dst_port: key.src_port,
+            app_id: app,
+            backend_id,
+            direction: DIR_REVERSE,
+            state: CT_SYN_SEEN,
+            ..Flow::default()
+        };
+        let mut forward = Flow {
+            nat_src_ip: self.m.snat_ip,
+            nat_dst_ip: backend.ip,
+            nat_src_port: port_to_net(port),
+            nat_dst_port: backend.port,
+            direction: DIR_FORWARD,
+            ..reverse
+        };
+        if spec {
+            let wscale = wire::wscale_option(self.frame, &self.seg);
+            tcp::new_flow_tracking(&mut forward, &mut reverse, &self.seg, wscale);
+        } else {
+            let set = tcp::legacy_bits(&forward, self.seg.flags);
+            forward.state |= set;
+            reverse.state |= set;
+        }
+        forward.packets = 1;
+        forward.bytes = u64::from(self.seg.l3_len);
+        let nexthop = self.resolve(&mut forward);
+        let reverse_key =
+            FlowKey4::new(backend.ip, self.m.snat_ip, backend.port, port_to_net(port));
+        let new = EntryExp {
+            created: Time::Now,
+            last_seen: Time::Now,
+            nexthop: Time::Same,
+        };
+        self.m.ct.insert(reverse_key, reverse);
+        self.x.entries.insert(reverse_key, Some(new));
+        self.m.ct.insert(key, forward);
+        self.x
+            .entries
+            .insert(key, Some(EntryExp { nexthop, ..new }));
+        self.x.stat(GlobalStat::FlowsCreated, 1);
+        self.x.traffic(app, backend_id, |s| s.new_flows += 1);
+        self.translated(&forward);
+    }
+
+    /// The backend app `app`'s Maglev table gives this flow: up to `MAGLEV_PROBES` slots from
+    /// its hashed one, the first whose backend accepts; an empty slot ends the walk.
+    fn choose(&self, app: u32) -> Option<(u32, Backend4)> {
+        let table = self.m.tables.get(&app)?;
+        let start = self.seg.key.maglev_slot();
+        for i in 0..MAGLEV_PROBES {
+            let id = *table.get(((start + i) % MAGLEV_SIZE) as usize)?;
+            if id == 0 {
+                return None;
+            }
+            if self.accepting(id) {
+                return Some((id, self.m.backends[&id]));
+            }
+        }
+        None
+    }
+
+    /// The SNAT port of a new flow toward `backend`: the datapath's choice if it made one
+    /// (checked: in the range, free or reusable), else exhaustion if it is possible. Sets the
+    /// expected collision and reuse counts.
+    fn snat_port(&mut self, backend: &Backend4) -> Option<u16> {
+        let (min, max) = self.m.snat_ports;
+        let rkey =
+            |port: u16| FlowKey4::new(backend.ip, self.m.snat_ip, backend.port, port_to_net(port));
+        let states: Vec<PortState> = (min..=max)
+            .map(|p| self.m.port_state(&rkey(p), &self.clock))
+            .collect();
+        let blocking = states
+            .iter()
+            .filter(|s| matches!(s, PortState::Taken | PortState::MaybeReusable))
+            .count();
+        let chosen = match self.snat_port {
+            Some(p) if (min..=max).contains(&p) => Some(p),
+            Some(p) => {
+                self.x.note(format!(
+                    "the datapath chose SNAT port {p}, outside {min}..={max}"
+                ));
+                None
+            }
+            None => None,
+        };
+        let Some(port) = chosen.or_else(|| {
+            // The datapath made no new flow: exhaustion, if 32 probes can all collide.
+            if blocking > 0 {
+                return None;
+            }
+            (min..=max).find(|p| {
+                matches!(
+                    states[usize::from(p - min)],
+                    PortState::Free | PortState::Reusable
+                )
+            })
+        }) else {
+            let p = (blocking as f64 / states.len() as f64).powi(32);
+            if p < 1e-9 {
+                self.x.note(format!(
+                    "SNAT exhaustion with {blocking} of {} ports held: probability {p:.1e}",
+                    states.len()
+                ));
+            }
+            self.x.stat(GlobalStat::SnatCollisions, 32);
+            return None;
+        };
+        let state = states[usize::from(port - min)];
+        match state {
+            PortState::Free => {}
+            PortState::Reusable | PortState::MaybeReusable => {
+                let k = rkey(port);
+                let old = self.m.ct[&k];
+                self.m.remove_pair(&k, &old, self.x);
+                self.x.stat(GlobalStat::SnatReused, 1);
+            }
+            PortState::Taken => self.x.note(format!(
+                "the datapath chose SNAT port {port}, held by an open or recently closed flow toward {}",
+                backend.addr()
+            )),
+        }
+        self.x.stat_range(
+            GlobalStat::SnatCollisions,
+            0..=if blocking > 0 { 31 } else { 0 },
+        );
+        Some(port)
+    }
+}

@@ -1,0 +1,544 @@
+//! The model's view of the wire: the datapath's parse (what is ours, what is cut short or
+//! malformed), checksums from scratch, the frames the datapath must send (a translation, or the
+//! RST of spec §7), and a segment builder with every field the fuzzer varies. Nothing here
+//! updates a checksum incrementally: a translated frame's checksums are computed from scratch,
+//! carrying the input's error (a segment of an existing flow is not verified, so a wrong
+//! checksum in must stay exactly as wrong out, as RFC 1624's update keeps it).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use gateway_common::{
+    DropReason,
+    maps::{FlowKey4, TCP_MAX_WSCALE},
+    net::{IPPROTO_TCP, ip_from_net, port_from_net},
+};
+
+pub const ETH_LEN: usize = 14;
+pub const IPV4_MIN_LEN: usize = 20;
+pub const TCP_MIN_LEN: usize = 20;
+const ETH_P_IPV4: u16 = 0x0800;
+
+/// A TCP/IPv4 segment to one of the gateway's addresses, as the datapath parses it.
+#[derive(Clone, Copy, Debug)]
+pub struct Seg {
+    /// IPv4 header length (bytes).
+    pub ihl: usize,
+    /// TCP header length (bytes).
+    pub doff: usize,
+    /// IPv4 total length (host order): the L3 bytes counted.
+    pub l3_len: u16,
+    pub ttl: u8,
+    /// The 5-tuple as it arrived (network order).
+    pub key: FlowKey4,
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// The window field, unscaled.
+    pub window: u16,
+    /// Payload bytes (`l3_len - ihl - doff`).
+    pub payload: u32,
+    /// `ADDR_PUBLIC` / `ADDR_SNAT` bits of the destination.
+    pub addr_kind: u32,
+}
+
+impl Seg {
+    /// Offset of the TCP header in the frame.
+    pub fn l4_off(&self) -> usize {
+        ETH_LEN + self.ihl
+    }
+}
+
+/// What the parse found.
+#[derive(Clone, Copy, Debug)]
+pub enum Parse {
+    /// Not for the gateway: handed to the kernel unchanged.
+    NotOurs,
+    Drop(DropReason),
+    Tcp(Seg),
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Parses `frame` as gateway-ebpf's `parse` does (docs/datapath.md's table): `addr_kind` says
+/// what an IPv4 destination (network order) is to the gateway (0: not its own).
+pub fn parse(frame: &[u8], addr_kind: impl Fn(u32) -> u32) -> Parse {
+    let len = frame.len();
+    if len < ETH_LEN || be16(frame, 12) != ETH_P_IPV4 {
+        return Parse::NotOurs;
+    }
+    if len < ETH_LEN + IPV4_MIN_LEN {
+        return Parse::Drop(DropReason::Truncated);
+    }
+    let ip = &frame[ETH_LEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ihl < IPV4_MIN_LEN {
+        return Parse::Drop(DropReason::BadHeader);
+    }
+    let dst_ip = u32::from_ne_bytes(ip[16..20].try_into().unwrap());
+    let kind = addr_kind(dst_ip);
+    if kind == 0 {
+        return Parse::NotOurs;
+    }
+    if ETH_LEN + ihl > len {
+        return Parse::Drop(DropReason::Truncated);
+    }
+    if be16(ip, 6) & 0x3fff != 0 {
+        return Parse::Drop(DropReason::Fragment);
+    }
+    if ip[9] != IPPROTO_TCP {
+        return Parse::NotOurs;
+    }
+    if ETH_LEN + ihl + TCP_MIN_LEN > len {
+        return Parse::Drop(DropReason::Truncated);
+    }
+    let tcp = &ip[ihl..];
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    let l3_len = be16(ip, 2);
+    if doff < TCP_MIN_LEN || usize::from(l3_len) < ihl + doff || usize::from(l3_len) > len - ETH_LEN
+    {
+        return Parse::Drop(DropReason::BadHeader);
+    }
+    let src_ip = u32::from_ne_bytes(ip[12..16].try_into().unwrap());
+    let src_port = u16::from_ne_bytes([tcp[0], tcp[1]]);
+    let dst_port = u16::from_ne_bytes([tcp[2], tcp[3]]);
+    Parse::Tcp(Seg {
+        ihl,
+        doff,
+        l3_len,
+        ttl: ip[8],
+        key: FlowKey4::new(src_ip, dst_ip, src_port, dst_port),
+        flags: tcp[13],
+        seq: be32(tcp, 4),
+        ack: be32(tcp, 8),
+        window: be16(tcp, 14),
+        payload: (usize::from(l3_len) - ihl - doff) as u32,
+        addr_kind: kind,
+    })
+}
+
+/// The window scale shift a SYN or SYN-ACK offers (spec §5): options walked from the end of the
+/// fixed header to `doff`, kinds 0 (end) and 1 (NOP) alone, others by their length byte; kind 3
+/// with length 3 is the offer (shift capped at 14). A malformed list (a length below 2, or an
+/// option past the header) offers nothing.
+pub fn wscale_option(frame: &[u8], seg: &Seg) -> Option<u8> {
+    let start = seg.l4_off() + TCP_MIN_LEN;
+    let end = seg.l4_off() + seg.doff;
+    let opts = &frame[start..end];
+    let mut i = 0;
+    let mut found = None;
+    while i < opts.len() {
+        match opts[i] {
+            0 => break,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*opts.get(i + 1)?);
+                if len < 2 || i + len > opts.len() {
+                    return None;
+                }
+                if kind == 3 && len == 3 && found.is_none() {
+                    found = Some(opts[i + 2].min(TCP_MAX_WSCALE));
+                }
+                i += len;
+            }
+        }
+    }
+    found
+}
+
+/// The one's complement sum of `data` as big-endian 16-bit words (an odd last byte padded).
+pub fn sum16(data: &[u8], mut acc: u64) -> u64 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    acc
+}
+
+/// Folds a sum to 16 bits (end-around carry); a non-zero sum folds into 1..=0xffff.
+pub fn fold(mut acc: u64) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+fn pseudo(src: [u8; 4], dst: [u8; 4], len: usize) -> u64 {
+    sum16(&dst, sum16(&src, 0)) + u64::from(IPPROTO_TCP) + len as u64
+}
+
+/// The IPv4 header's sum with its checksum field: 0xffff when the checksum is right.
+pub fn ip_residual(frame: &[u8], ihl: usize) -> u16 {
+    fold(sum16(&frame[ETH_LEN..ETH_LEN + ihl], 0))
+}
+
+/// The TCP segment's sum (pseudo-header, header with its checksum field, payload up to the
+/// IPv4 total length): 0xffff when the checksum is right.
+pub fn tcp_residual(frame: &[u8], seg: &Seg) -> u16 {
+    let ip = &frame[ETH_LEN..];
+    let tcp = &ip[seg.ihl..usize::from(seg.l3_len)];
+    let src = ip[12..16].try_into().unwrap();
+    let dst = ip[16..20].try_into().unwrap();
+    fold(sum16(tcp, pseudo(src, dst, tcp.len())))
+}
+
+/// The checksum field that gives the bytes summing to `sum_without` (the field taken as 0) the
+/// residual `residual` (0xffff: right). RFC 1624's update keeps a segment's residual and never
+/// writes 0xffff, so this is the one value both attach modes' updates can give.
+fn field_for(sum_without: u64, residual: u16) -> u16 {
+    let correct = u32::from(!fold(sum_without));
+    ((u32::from(residual) % 0xffff + correct) % 0xffff) as u16
+}
+
+/// Where a translated packet goes: its new addresses and ports (network order, as the
+/// conntrack entry holds them) and the next hop's MACs.
+#[derive(Clone, Copy, Debug)]
+pub struct Translation {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// Decrement the TTL (spec-14 §3).
+    pub ttl_dec: bool,
+}
+
+/// `frame` (the parsed `seg`) translated: MACs, addresses, ports, TTL, and both checksums
+/// computed from scratch with the input's residuals carried. Every other byte as it came.
+pub fn translate(frame: &[u8], seg: &Seg, t: &Translation) -> Vec<u8> {
+    let ip_res = ip_residual(frame, seg.ihl);
+    let tcp_res = tcp_residual(frame, seg);
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&t.dmac);
+    out[6..12].copy_from_slice(&t.smac);
+    let ip = ETH_LEN;
+    out[ip + 12..ip + 16].copy_from_slice(&t.src_ip.to_ne_bytes());
+    out[ip + 16..ip + 20].copy_from_slice(&t.dst_ip.to_ne_bytes());
+    if t.ttl_dec {
+        out[ip + 8] = out[ip + 8].wrapping_sub(1);
+    }
+    out[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let sum = sum16(&out[ip..ip + seg.ihl], 0);
+    out[ip + 10..ip + 12].copy_from_slice(&field_for(sum, ip_res).to_be_bytes());
+    let l4 = seg.l4_off();
+    out[l4..l4 + 2].copy_from_slice(&t.src_port.to_ne_bytes());
+    out[l4 + 2..l4 + 4].copy_from_slice(&t.dst_port.to_ne_bytes());
+    out[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let end = ETH_LEN + usize::from(seg.l3_len);
+    let sum = sum16(
+        &out[l4..end],
+        pseudo(t.src_ip.to_ne_bytes(), t.dst_ip.to_ne_bytes(), end - l4),
+    );
+    out[l4 + 16..l4 + 18].copy_from_slice(&field_for(sum, tcp_res).to_be_bytes());
+    out
+}
+
+/// Spec §7's answer to a segment with ACK and without a flow: a 54-byte RST back to its sender
+/// (MACs, addresses and ports swapped), `seq` = the segment's ACK, ack 0, flags RST, TTL 64,
+/// id 0, DF, TOS 0, no options, window 0, both checksums from scratch.
+pub fn rst_answer(frame: &[u8], seg: &Seg) -> Vec<u8> {
+    let mut out = Vec::with_capacity(54);
+    out.extend_from_slice(&frame[6..12]);
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
+    let src = seg.key.dst_ip.to_ne_bytes();
+    let dst = seg.key.src_ip.to_ne_bytes();
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, IPPROTO_TCP, 0, 0];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let sum = !fold(sum16(&ip, 0));
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    out.extend_from_slice(&ip);
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&seg.key.dst_port.to_ne_bytes());
+    tcp.extend_from_slice(&seg.key.src_port.to_ne_bytes());
+    tcp.extend_from_slice(&seg.ack.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x04, 0, 0, 0, 0, 0, 0]);
+    let sum = !fold(sum16(&tcp, pseudo(src, dst, 20)));
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    out.extend_from_slice(&tcp);
+    out
+}
+
+/// The flow key's ends, for messages.
+pub fn show_key(k: &FlowKey4) -> String {
+    format!(
+        "{}:{} → {}:{}",
+        ip_from_net(k.src_ip),
+        port_from_net(k.src_port),
+        ip_from_net(k.dst_ip),
+        port_from_net(k.dst_port)
+    )
+}
+
+/// A TCP/IPv4 segment with every field the fuzzer varies, and the ways to spoil it. Checksums
+/// are computed from scratch (RFC 1071), then spoiled if asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub window: u16,
+    /// TCP options (padded with EOL bytes to a multiple of 4).
+    pub tcp_options: Vec<u8>,
+    pub payload_len: u16,
+    pub ttl: u8,
+    /// IPv4 options (padded to a multiple of 4).
+    pub ip_options: Vec<u8>,
+    /// Flags and fragment offset (host order); 0x4000 is DF.
+    pub frag: u16,
+    /// IP protocol (6 unless spoiled).
+    pub proto: u8,
+    /// Added to the right IPv4 checksum (0: right).
+    pub ip_csum_delta: u16,
+    /// Added to the right TCP checksum (0: right).
+    pub tcp_csum_delta: u16,
+    /// Make both right checksums 0x0000 (through the urgent pointer and the identification)
+    /// and write the other representation of zero, 0xffff: still right by RFC 1071's sum.
+    pub negative_zero: bool,
+    /// Bytes after the IPv4 packet (an Ethernet pad).
+    pub trailer: u8,
+    /// Overrides of the first IPv4 byte (version and ihl) and of the TCP data offset nibble.
+    pub version_ihl: Option<u8>,
+    pub doff: Option<u8>,
+    /// Overrides the IPv4 total length.
+    pub total_len: Option<u16>,
+    /// Cut the frame to this many bytes.
+    pub cut: Option<u16>,
+}
+
+impl Segment {
+    pub fn new(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
+        Segment {
+            src_mac: [0x02, 0, 0, 0, 0, 0x02],
+            dst_mac: [0x02, 0, 0, 0, 0, 0x01],
+            src,
+            dst,
+            flags,
+            seq: 0,
+            ack: 0,
+            window: 64_240,
+            tcp_options: Vec::new(),
+            payload_len: 0,
+            ttl: 64,
+            ip_options: Vec::new(),
+            frag: 0x4000,
+            proto: IPPROTO_TCP,
+            ip_csum_delta: 0,
+            tcp_csum_delta: 0,
+            negative_zero: false,
+            trailer: 0,
+            version_ihl: None,
+            doff: None,
+            total_len: None,
+            cut: None,
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn build(&self) -> Vec<u8> {
+        let pad4 = |v: &[u8]| {
+            let mut v = v.to_vec();
+            while !v.len().is_multiple_of(4) {
+                v.push(0);
+            }
+            v
+        };
+        let ip_opts = pad4(&self.ip_options);
+        let tcp_opts = pad4(&self.tcp_options);
+        let ihl = IPV4_MIN_LEN + ip_opts.len();
+        let doff = TCP_MIN_LEN + tcp_opts.len();
+        let mut tcp = Vec::with_capacity(doff + usize::from(self.payload_len));
+        tcp.extend_from_slice(&self.src.port().to_be_bytes());
+        tcp.extend_from_slice(&self.dst.port().to_be_bytes());
+        tcp.extend_from_slice(&self.seq.to_be_bytes());
+        tcp.extend_from_slice(&self.ack.to_be_bytes());
+        tcp.push(self.doff.unwrap_or((doff / 4) as u8) << 4);
+        tcp.push(self.flags);
+        tcp.extend_from_slice(&self.window.to_be_bytes());
+        tcp.extend_from_slice(&[0, 0, 0, 0]);
+        tcp.extend_from_slice(&tcp_opts);
+        tcp.extend((0..self.payload_len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(7)));
+        let src = self.src.ip().octets();
+        let dst = self.dst.ip().octets();
+        if self.negative_zero {
+            // The urgent pointer chosen so that the right checksum is 0x0000.
+            let s = fold(sum16(&tcp, pseudo(src, dst, tcp.len())));
+            tcp[18..20].copy_from_slice(&(!s).to_be_bytes());
+        }
+        let sum = !fold(sum16(&tcp, pseudo(src, dst, tcp.len())));
+        let sum = self.spoil(sum, self.tcp_csum_delta);
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+        let total = self.total_len.unwrap_or((ihl + tcp.len()) as u16);
+        let mut ip = Vec::with_capacity(ihl);
+        ip.push(self.version_ihl.unwrap_or(0x40 | (ihl / 4) as u8));
+        ip.push(0);
+        ip.extend_from_slice(&total.to_be_bytes());
+        ip.extend_from_slice(&0x1234u16.to_be_bytes());
+        ip.extend_from_slice(&self.frag.to_be_bytes());
+        ip.push(self.ttl);
+        ip.push(self.proto);
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        ip.extend_from_slice(&ip_opts);
+        if self.negative_zero {
+            // The identification chosen so that the right checksum is 0x0000.
+            ip[4..6].copy_from_slice(&[0, 0]);
+            let s = fold(sum16(&ip, 0));
+            ip[4..6].copy_from_slice(&(!s).to_be_bytes());
+        }
+        let sum = self.spoil(!fold(sum16(&ip, 0)), self.ip_csum_delta);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut out = Vec::with_capacity(ETH_LEN + ip.len() + tcp.len());
+        out.extend_from_slice(&self.dst_mac);
+        out.extend_from_slice(&self.src_mac);
+        out.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
+        out.extend_from_slice(&ip);
+        out.extend_from_slice(&tcp);
+        out.extend(std::iter::repeat_n(0u8, usize::from(self.trailer)));
+        if let Some(cut) = self.cut {
+            out.truncate(usize::from(cut));
+        }
+        out
+    }
+
+    fn spoil(&self, sum: u16, delta: u16) -> u16 {
+        let sum = sum.wrapping_add(delta);
+        match sum {
+            0 if self.negative_zero => 0xffff,
+            0xffff if self.negative_zero => 0,
+            s => s,
+        }
+    }
+}
+
+/// The IPv4 address of a network-order field.
+pub fn ip(net: u32) -> Ipv4Addr {
+    ip_from_net(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{Frame, flags, parse_checked};
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_built_segment_verifies_and_parses_as_the_datapath_would() {
+        let mut s = Segment::new(addr("192.0.2.2:40000"), addr("203.0.113.10:20000"), 0x02);
+        s.tcp_options = vec![2, 4, 5, 0xb4, 1, 3, 3, 9];
+        s.ip_options = vec![1, 1, 1, 0];
+        s.payload_len = 5;
+        s.seq = 77;
+        let f = s.build();
+        parse_checked(&f);
+        let Parse::Tcp(seg) = parse(&f, |_| 1) else {
+            panic!("not parsed")
+        };
+        assert_eq!((seg.ihl, seg.doff, seg.payload, seg.seq), (24, 28, 5, 77));
+        assert_eq!(ip_residual(&f, seg.ihl), 0xffff);
+        assert_eq!(tcp_residual(&f, &seg), 0xffff);
+        assert_eq!(wscale_option(&f, &seg), Some(9));
+    }
+
+    #[test]
+    fn a_translation_carries_a_checksum_error_and_fixes_nothing_else() {
+        let frame = Frame::tcp(
+            addr("192.0.2.2:40000"),
+            addr("203.0.113.10:20000"),
+            flags::ACK,
+        )
+        .payload(b"abc")
+        .build();
+        let Parse::Tcp(seg) = parse(&frame, |_| 1) else {
+            panic!()
+        };
+        let t = Translation {
+            src_ip: u32::from_ne_bytes([198, 51, 100, 253]),
+            dst_ip: u32::from_ne_bytes([198, 51, 100, 2]),
+            src_port: 40_001u16.to_be(),
+            dst_port: 8080u16.to_be(),
+            smac: [1; 6],
+            dmac: [2; 6],
+            ttl_dec: true,
+        };
+        let out = translate(&frame, &seg, &t);
+        let p = parse_checked(&out);
+        assert_eq!(
+            (p.src, p.dst, p.ttl),
+            (addr("198.51.100.253:40001"), addr("198.51.100.2:8080"), 63)
+        );
+        let mut bad = frame.clone();
+        bad[14 + 20 + 16] ^= 0x10;
+        let out = translate(&bad, &seg, &t);
+        let Parse::Tcp(o) = parse(&out, |_| 1) else {
+            panic!()
+        };
+        assert_eq!(tcp_residual(&out, &o), tcp_residual(&bad, &seg));
+        assert_ne!(tcp_residual(&out, &o), 0xffff);
+    }
+
+    #[test]
+    fn the_rst_answer_is_54_bytes_and_verifies() {
+        let frame = Frame::tcp(
+            addr("192.0.2.2:40000"),
+            addr("203.0.113.10:20000"),
+            flags::ACK,
+        )
+        .payload(b"abc")
+        .build();
+        let Parse::Tcp(seg) = parse(&frame, |_| 1) else {
+            panic!()
+        };
+        let out = rst_answer(&frame, &seg);
+        assert_eq!(out.len(), 54);
+        let p = parse_checked(&out);
+        assert_eq!(
+            (p.src, p.dst, p.tcp_flags, p.ttl),
+            (
+                addr("203.0.113.10:20000"),
+                addr("192.0.2.2:40000"),
+                0x04,
+                64
+            )
+        );
+    }
+
+    #[test]
+    fn malformed_option_lists_offer_no_window_scale() {
+        for (opts, want) in [
+            (vec![3, 3, 20], Some(14)),
+            (vec![0, 3, 3, 7], None),
+            (vec![1, 1, 3, 3, 7], Some(7)),
+            (vec![2, 1, 3, 3, 7], None),
+            (vec![8, 10, 0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 2], Some(2)),
+            (vec![3, 4, 7, 0], None),
+            (vec![1, 1, 1, 3], None),
+        ] {
+            let mut s = Segment::new(addr("192.0.2.2:1"), addr("203.0.113.10:2"), 0x02);
+            s.tcp_options = opts.clone();
+            let f = s.build();
+            let Parse::Tcp(seg) = parse(&f, |_| 1) else {
+                panic!()
+            };
+            assert_eq!(wscale_option(&f, &seg), want, "{opts:?}");
+        }
+    }
+}
