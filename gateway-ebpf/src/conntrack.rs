@@ -118,10 +118,14 @@ pub fn track(
             let p = lookup(&flow.peer_key()).ok_or(DropReason::OutOfWindow)?;
             // SAFETY: a conntrack value pointer; both entries of this connection are updated.
             let client = unsafe { &mut *p };
-            if pkt.ack != client.seq_end || client.track & TRACK_LIBERAL != 0 {
+            if client.track & TRACK_LIBERAL != 0 {
+                // A handshake carried over untracked: its numbers are learned, not checked.
+                learn(flow, pkt, end);
+            } else if pkt.ack != client.seq_end {
                 return Err(DropReason::OutOfWindow);
+            } else {
+                syn_ack(flow, client, pkt, wscale, end);
             }
-            syn_ack(flow, client, pkt, wscale, end);
             peer = Some(p);
             set = CT_SYN_ACK_SEEN;
         } else if forward && f & ACK == 0 {

@@ -239,8 +239,7 @@ pub trait LoadBytes {
 }
 
 /// The window scale shift a SYN or SYN-ACK offers (option kind 3, length 3), capped at 14 as
-/// RFC 7323 §2.3 says; `None` without one, or when the option list is malformed (a length
-/// below 2 or past the header) before it. The options are copied out of the packet first
+/// RFC 7323 §2.3 says; `None` without one (see [`window_scale_in`] for how options are read). The options are copied out of the packet first
 /// (`load`): walking them in place with their variable strides was more than the verifier
 /// follows once inlined into the SYN path.
 #[inline(always)]
@@ -260,7 +259,11 @@ pub fn window_scale(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<u8> {
     window_scale_in(&options, len)
 }
 
-/// [`window_scale`] over the first `len` bytes of `options`.
+/// [`window_scale`] over the first `len` bytes of `options`, as the endpoints' TCP reads them
+/// (Linux's `tcp_parse_options`): a malformed option (a length below 2, or past the header)
+/// ends the walk, and an offer read before it stands. One difference: of two window scale
+/// options the first counts here, the last in Linux (walking on after the first is more than
+/// the verifier follows); only a client that sends two hurts, its own connection.
 #[inline(always)]
 pub fn window_scale_in(options: &[u8; OPTIONS_MAX], len: usize) -> Option<u8> {
     let mut at = 0;

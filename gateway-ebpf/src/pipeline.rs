@@ -240,10 +240,14 @@ fn no_flow<'a>(pkt: TcpPacket, reason: DropReason) -> Result<Action<'a>, DropRea
     }
 }
 
+/// The most data a SYN that creates a flow carries: its checksum is verified over at most 1535
+/// bytes of TCP segment (`csum::sum_bytes`), a header included.
+const SYN_DATA_MAX: u32 = 1535;
+
 /// Whether a SYN on the forward entry `f` starts the connection over (its pair removed, the
 /// SYN balanced afresh): the connection is closed; or its handshake has not completed and
 /// either its backend stopped accepting or the SYN is not a retransmission (another initial
-/// sequence number). A retransmitted SYN to a backend still accepting, or a SYN on an
+/// sequence number: its `seq` is not within what the flow's first SYN covered). A retransmitted SYN to a backend still accepting, or a SYN on an
 /// established connection, stays on the flow.
 #[inline(always)]
 fn starts_over(f: &Flow, pkt: &TcpPacket) -> bool {
@@ -253,7 +257,11 @@ fn starts_over(f: &Flow, pkt: &TcpPacket) -> bool {
     if f.state & CT_ESTABLISHED != 0 || f.track & TRACK_LIBERAL != 0 {
         return false;
     }
-    if pkt.end() == f.seq_end && lb::accepting(f.backend_id) {
+    // The flow's ISN: the SYN's `seq` lies within what its first SYN covered (one, plus at
+    // most `SYN_DATA_MAX` bytes of data), with data this time or not (a TFO SYN is retransmitted
+    // without its data). Another ISN lands there once in ~3 million.
+    let covered = f.seq_end.wrapping_sub(pkt.seq);
+    if (1..=SYN_DATA_MAX + 1).contains(&covered) && lb::accepting(f.backend_id) {
         return false;
     }
     stats::global(GlobalStat::SynRebalanced);

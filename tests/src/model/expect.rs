@@ -19,8 +19,8 @@ pub enum Verdict {
     Drop,
     /// Translated and redirected to a next hop.
     Redirect,
-    /// Sent back out of the interface it came in on (spec §7's RST): XDP_TX, or in TC a
-    /// redirect (to the ingress interface).
+    /// Sent back out of the interface it came in on (spec §7's RST): a redirect to the ingress
+    /// interface in both modes (the output frame tells it from a translation).
     Tx,
 }
 
@@ -30,8 +30,7 @@ impl Verdict {
         match (mode, self) {
             (AttachMode::Xdp, Verdict::Pass) => 2,
             (AttachMode::Xdp, Verdict::Drop) => 1,
-            (AttachMode::Xdp, Verdict::Redirect) => 4,
-            (AttachMode::Xdp, Verdict::Tx) => 3,
+            (AttachMode::Xdp, Verdict::Redirect | Verdict::Tx) => 4,
             (AttachMode::Tc, Verdict::Pass) => 0,
             (AttachMode::Tc, Verdict::Drop) => 2,
             (AttachMode::Tc, Verdict::Redirect | Verdict::Tx) => 7,

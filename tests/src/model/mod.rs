@@ -306,8 +306,9 @@ impl Step<'_> {
                 }
             };
         }
-        // §7: a segment with ACK is answered with an RST, but an RST never is.
-        let has_ack = flags & ACK != 0 && flags & RST == 0;
+        // §7: a segment with ACK is answered with an RST, but an RST never is, nor a segment
+        // with IPv4 options (the RST would move the TCP header).
+        let has_ack = flags & ACK != 0 && flags & RST == 0 && self.seg.ihl == wire::IPV4_MIN_LEN;
         match service {
             Some(app) if syn_only => self.new_flow(app),
             Some(_) if has_ack => self.rst_answer(),

@@ -158,7 +158,9 @@ pub fn spec14(
     }
     // §4.1: a SYN on a forward entry.
     if syn && !ack && forward {
-        if es.state & CT_ESTABLISHED == 0 && (!accepting || seg.seq.wrapping_add(1) != es.seq_end) {
+        // The flow's ISN: `seq` within what its first SYN covered (1 + at most 1535 bytes).
+        let covered = es.seq_end.wrapping_sub(seg.seq);
+        if es.state & CT_ESTABLISHED == 0 && (!accepting || !(1..=1536).contains(&covered)) {
             d.action = Action::NewFlow { rebalanced: true };
         }
         return d;
@@ -169,6 +171,15 @@ pub fn spec14(
             d.action = Action::Drop(DropReason::OutOfWindow);
             return d;
         };
+        // §12: a handshake carried over untracked: the SYN-ACK's numbers are learned.
+        if er.track & TRACK_LIBERAL != 0 {
+            d.es.seq_end = end;
+            d.es.ack_max = seg.ack;
+            d.es.track |= TRACK_ACK_SEEN;
+            d.es.win_max = u32::from(seg.window) << 14;
+            d.set = CT_SYN_ACK_SEEN;
+            return d;
+        }
         if seg.ack != er.seq_end {
             d.action = Action::Drop(DropReason::OutOfWindow);
             return d;

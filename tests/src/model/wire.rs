@@ -122,10 +122,12 @@ pub fn parse(frame: &[u8], addr_kind: impl Fn(u32) -> u32) -> Parse {
     })
 }
 
-/// The window scale shift a SYN or SYN-ACK offers (spec §5): options walked from the end of the
-/// fixed header to `doff`, kinds 0 (end) and 1 (NOP) alone, others by their length byte; kind 3
-/// with length 3 is the offer (shift capped at 14). A malformed list (a length below 2, or an
-/// option past the header) offers nothing.
+/// The window scale shift a SYN or SYN-ACK offers (spec §5), as the endpoints' TCP reads it
+/// (Linux's `tcp_parse_options`): options walked from the end of the fixed header to `doff`,
+/// kinds 0 (end) and 1 (NOP) alone, others by their length byte; kind 3 with length 3 is the
+/// offer (shift capped at 14), the first one counting (Linux takes the last: a deliberate
+/// difference, docs/datapath.md). A malformed option (a length below 2, or past the header)
+/// ends the walk; what was read before it stands.
 pub fn wscale_option(frame: &[u8], seg: &Seg) -> Option<u8> {
     let start = seg.l4_off() + TCP_MIN_LEN;
     let end = seg.l4_off() + seg.doff;
@@ -137,9 +139,12 @@ pub fn wscale_option(frame: &[u8], seg: &Seg) -> Option<u8> {
             0 => break,
             1 => i += 1,
             kind => {
-                let len = usize::from(*opts.get(i + 1)?);
+                let Some(&len) = opts.get(i + 1) else {
+                    break;
+                };
+                let len = usize::from(len);
                 if len < 2 || i + len > opts.len() {
-                    return None;
+                    break;
                 }
                 if kind == 3 && len == 3 && found.is_none() {
                     found = Some(opts[i + 2].min(TCP_MAX_WSCALE));
