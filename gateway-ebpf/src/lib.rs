@@ -11,7 +11,7 @@
 
 mod clock;
 mod conntrack;
-mod csum;
+pub mod csum;
 mod lb;
 mod mac;
 pub mod maps;

@@ -19,6 +19,7 @@ use crate::{
 };
 
 const REPEAT: u32 = 2_000_000;
+
 const SYNS: u16 = 20_000;
 /// The client address of the SYN rows (none of the filler flows uses it).
 const SYN_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
@@ -58,9 +59,11 @@ pub fn run(args: &[&str]) {
     }
 }
 
-/// A flow whose rewrite reproduces the packet that hit it, so with `repeat` every iteration
-/// takes the established path again, with all of its work (lookup, state, counters, rewrite,
-/// checksums, redirect to the cached next hop).
+/// A flow whose rewrite reproduces the packet that hit it (but for its TTL), so with `repeat`
+/// every iteration takes the established path again, with all of its work (lookup, state,
+/// sequence tracking, counters, rewrite, checksums, redirect to the cached next hop). Its
+/// sequence numbers are learned from the first packet, as an entry carried over from an older
+/// table learns them (`TRACK_LIBERAL`); every later one goes through the window checks.
 fn identity_flow(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> (FlowKey4, Flow) {
     let k = FlowKey4::from_addrs(src, dst);
     let now = monotonic_ns();
@@ -79,6 +82,9 @@ fn identity_flow(src: SocketAddrV4, dst: SocketAddrV4, direction: u8) -> (FlowKe
         nexthop_ifindex: 1,
         nexthop_smac: [2, 0, 0, 0, 0, 1],
         nexthop_dmac: [2, 0, 0, 0, 0, 2],
+        track: maps::TRACK_LIBERAL,
+        wscale: maps::TCP_MAX_WSCALE,
+        peer_wscale: maps::TCP_MAX_WSCALE,
         ..Flow::default()
     };
     (k, flow)
@@ -117,6 +123,59 @@ fn empty(bench: &mut BenchObject, mode: AttachMode, frame: &[u8], repeat: u32) -
         AttachMode::Tc => "bench_empty_tc",
     };
     test_run(extra(bench, mode, name), frame, repeat).2
+}
+
+/// The production program of `mode` with its hop undone (`gateway-bench`'s `bench_hop_*`):
+/// each translation takes one from the TTL, so replaying a translated packet in place with
+/// `repeat` would end in TTL drops after 254 runs; these put the TTL back after the program.
+fn hop(bench: &mut BenchObject, mode: AttachMode) -> Program<'_> {
+    let name = match mode {
+        AttachMode::Xdp => "bench_hop_xdp",
+        AttachMode::Tc => "bench_hop_tc",
+    };
+    extra(bench, mode, name)
+}
+
+/// ns per run of `mode`'s established path on `frame` (`repeat` runs); panics unless every run
+/// was translated and none dropped (a row that measured another path would be worthless).
+fn established(
+    fx: &Fixture,
+    bench: &mut BenchObject,
+    mode: AttachMode,
+    frame: &[u8],
+    repeat: u32,
+) -> f64 {
+    let before = fx.dp.global_stats().expect("stats");
+    let ns = test_run(hop(bench, mode), frame, repeat).2;
+    let after = fx.dp.global_stats().expect("stats");
+    let translated = (after.get(GlobalStat::Forwarded) + after.get(GlobalStat::Reversed))
+        - (before.get(GlobalStat::Forwarded) + before.get(GlobalStat::Reversed));
+    let moved: Vec<String> = GlobalStat::ALL
+        .iter()
+        .map(|g| (g.label(), after.get(*g) - before.get(*g)))
+        .chain(
+            gateway_common::DropReason::ALL
+                .iter()
+                .map(|r| (r.label(), after.drops(*r) - before.drops(*r))),
+        )
+        .filter(|(_, n)| *n != 0)
+        .map(|(l, n)| format!("{l} {n}"))
+        .collect();
+    assert_eq!(
+        translated,
+        u64::from(repeat),
+        "every run was translated: {}",
+        moved.join(", ")
+    );
+    for r in gateway_common::DropReason::ALL {
+        assert_eq!(
+            after.drops(*r),
+            before.drops(*r),
+            "no run dropped ({})",
+            r.label()
+        );
+    }
+    ns
 }
 
 /// ns/packet through BPF_PROG_TEST_RUN, for each attach mode and conntrack size.
@@ -215,13 +274,13 @@ fn datapath(sizes: &[u32]) {
                     "established, client → backend".into(),
                     mode,
                     size,
-                    fx.time(&forward, REPEAT),
+                    established(&fx, &mut bench, mode, &forward, REPEAT),
                 ));
                 rows.push((
                     "established, backend → client".into(),
                     mode,
                     size,
-                    fx.time(&reverse, REPEAT),
+                    established(&fx, &mut bench, mode, &reverse, REPEAT),
                 ));
                 // SYNs: one call per new tuple (repeat would find the flow the first made).
                 let before = fx.dp.global_stats().expect("stats");
@@ -268,7 +327,7 @@ fn datapath(sizes: &[u32]) {
                 for call in 0..CHAIN_CALLS {
                     let first = SocketAddrV4::new(Topology::SNAT_IP, 60_000 + call);
                     let syn = Frame::tcp(first, CHAIN, flags::SYN).build();
-                    chain.push(fx.time(&syn, CHAIN_REPEAT));
+                    chain.push(test_run(hop(&mut bench, mode), &syn, CHAIN_REPEAT).2);
                     fx.dp
                         .conntrack_mut()
                         .remove_where(|f| f.app_id == CHAIN_APP)

@@ -17,11 +17,13 @@ use crate::maglev;
 /// The programs of the benchmark's object: the cost of running any XDP or TC program, the kernel's
 /// cost of a conntrack pair's two inserts (`bench_ct_pair_xdp`, entries of app
 /// `gateway_common::bench::BENCH_FLOOR_APP`) and of TC's two checksum helper calls.
-pub const BENCH_PROGRAMS: [&str; 4] = [
+pub const BENCH_PROGRAMS: [&str; 6] = [
     "bench_empty_xdp",
     "bench_empty_tc",
     "bench_ct_pair_xdp",
     "bench_csum_tc",
+    "bench_hop_xdp",
+    "bench_hop_tc",
 ];
 
 /// The `gateway-bench` object built from `gateway-ebpf` (`src/bin/bench.rs`) by `build.rs`:
