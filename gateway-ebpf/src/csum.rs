@@ -46,13 +46,13 @@ fn fold64(sum: u64) -> u16 {
 /// byte (RFC 1071). `None` past the packet's end, or past 1535 bytes. Whole 64-byte chunks go
 /// through `bpf_csum_diff` (a loop of 16-bit loads that long is more than the verifier
 /// follows), the rest word by word.
-#[inline(always)]
+///
+/// A function of its own in the object (a BPF-to-BPF call): every way out of its loops ends at
+/// its return, where the caller's state is the same whatever the loops did. Inlined, each exit
+/// of each loop carried its own state into the rest of the SYN path, and verifying took ten
+/// times as long. (Inside it, LLVM cannot see the caller's checks either, so it keeps its own.)
+#[inline(never)]
 pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<u16> {
-    // Verifier workaround: LLVM rewrites the chunk loop around `len / CHUNK` and loses the
-    // loop's own bound, so the verifier walks it as far as a 16-bit length allows. The length
-    // goes through a volatile load and an explicit bound instead.
-    // SAFETY: reading a local.
-    let len = unsafe { core::ptr::read_volatile(&len) };
     if len >= CHUNK * (CHUNKS_MAX + 1) {
         return None;
     }
@@ -62,7 +62,7 @@ pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<
         if i >= chunks {
             break;
         }
-        let chunk = b.ptr_at_checked::<[u8; CHUNK]>(offset + i * CHUNK)?;
+        let chunk = b.ptr_at::<[u8; CHUNK]>(offset + i * CHUNK)?;
         // SAFETY: a helper reading the bounds-checked chunk; it writes nothing.
         let partial = unsafe {
             aya_ebpf::helpers::bpf_csum_diff(
@@ -84,11 +84,13 @@ pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<
         if 2 * i + 1 >= left {
             break;
         }
-        let w = b.words_checked::<1>(at + 2 * i)?;
+        let w = b.words::<1>(at + 2 * i)?;
         // SAFETY: bounds-checked and aligned (see `Bounds::words`).
         sum += u64::from(unsafe { (*w)[0] });
     }
     if left & 1 != 0 {
+        // Checked through `ptr_at_checked`: LLVM folds the `- 1` into the pointer otherwise,
+        // and the verifier refuses a negative constant offset.
         let last = b.ptr_at_checked::<u8>(at + left - 1)?;
         // SAFETY: bounds-checked by `ptr_at_checked`. On the wire it is the first byte of a
         // word: the low half of a word as read here.

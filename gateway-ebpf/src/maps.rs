@@ -52,6 +52,10 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
 #[map(name = "gw_hops_v1")]
 pub static NEXTHOPS: PerCpuArray<NextHopCache> = PerCpuArray::with_max_entries(NEXTHOP_SLOTS, 0);
 
+/// `SCRATCH`: where a new flow's forward entry is built (per CPU).
+#[map(name = "gw_scratch_v1")]
+pub static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
 /// `CLOCK`: the clock cache (per CPU).
 #[map(name = "gw_clock_v1")]
 pub static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);

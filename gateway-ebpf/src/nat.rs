@@ -2,8 +2,6 @@
 //! the conntrack pair. Every packet of a flow: the header rewrite (addresses, ports, checksums,
 //! MACs).
 
-use core::mem::MaybeUninit;
-
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
@@ -44,14 +42,14 @@ pub fn create(
     cfg: &Config,
     now: u64,
     wscale: Option<u8>,
-    entry: &mut MaybeUninit<Flow>,
+    entry: &mut Flow,
 ) -> Result<Claim, DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(DropReason::NotConfigured);
     }
     let (backend_id, backend) = lb::choose(app_id, key)?;
     // Built in the caller's slot (a `Flow` is too large to be copied around the BPF stack).
-    let entry = entry.write(Flow {
+    *entry = Flow {
         // Reverse entry first: backend → SNAT becomes public → client.
         nat_src_ip: key.dst_ip,
         nat_dst_ip: key.src_ip,
@@ -65,7 +63,7 @@ pub fn create(
         last_seen_ns: now,
         peer_wscale: wscale.unwrap_or_default(),
         ..Flow::default()
-    });
+    };
     let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
     for _ in 0..SNAT_PROBES {

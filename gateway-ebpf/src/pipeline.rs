@@ -7,8 +7,6 @@
 //! conntrack lookup; flags (netfilter's valid combinations); TTL; then the flow's sequence
 //! tracking (`conntrack::track`), or for a SYN to a service its checksums, then a new flow.
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::cty::c_void;
 use gateway_common::{
     DropReason, GlobalStat,
@@ -26,7 +24,7 @@ use crate::{
     clock::Now,
     conntrack::{self, Claim},
     csum, lb,
-    maps::{CONFIG, SERVICES},
+    maps::{CONFIG, SCRATCH, SERVICES},
     nat,
     nexthop::{self, NextHop},
     parse::{self, Bounds, LoadBytes, Parsed, TcpPacket, parse},
@@ -64,17 +62,16 @@ pub enum Verdict<'a> {
 
 /// What both attach modes do first: decide, and for a packet of ours resolve its next hop.
 /// `ctx` is the program's context, `ingress_ifindex` the interface the packet came in on; a
-/// new flow is built in `new` (the caller's stack) and inserted from there. `b` may be
+/// new flow is built in this CPU's `SCRATCH` slot and inserted from there. `b` may be
 /// refreshed (see [`Context`]).
 #[inline(always)]
-pub fn prepare<'a, C: Context>(
+pub fn prepare<C: Context>(
     b: &mut Bounds,
     checks: &C,
     ctx: *mut c_void,
     ingress_ifindex: u32,
-    new: &'a mut MaybeUninit<Flow>,
-) -> Result<Verdict<'a>, DropReason> {
-    match decide(b, checks, new)? {
+) -> Result<Verdict<'static>, DropReason> {
+    match decide(b, checks)? {
         Action::Pass => {
             stats::global(GlobalStat::Passed);
             Ok(Verdict::Pass)
@@ -118,7 +115,7 @@ enum Action<'a> {
         now: Now,
     },
     /// A SYN of a new flow: its reverse entry is in the table (`claim`), its forward entry is
-    /// `flow` (the caller's slot), to insert once complete.
+    /// `flow` (this CPU's scratch slot), to insert once complete.
     New {
         pkt: TcpPacket,
         flow: &'a mut Flow,
@@ -129,11 +126,7 @@ enum Action<'a> {
 
 /// Classifies the packet in `b` and finds (or starts) its flow.
 #[inline(always)]
-fn decide<'a, C: Context>(
-    b: &mut Bounds,
-    checks: &C,
-    new: &'a mut MaybeUninit<Flow>,
-) -> Result<Action<'a>, DropReason> {
+fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, DropReason> {
     let Some(cfg) = CONFIG.get(0) else {
         return Ok(Action::Pass);
     };
@@ -180,9 +173,12 @@ fn decide<'a, C: Context>(
             // SAFETY: a value of the map, read once.
             let app_id = unsafe { (*service).app_id };
             let wscale = parse::window_scale(checks, &pkt);
-            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, wscale, new)?;
-            // SAFETY: `create` wrote the forward entry into the slot.
-            let forward = unsafe { new.assume_init_mut() };
+            // The forward entry is built in this CPU's scratch slot: a `Flow` does not fit the
+            // BPF stack beside the rest of this path.
+            let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
+            // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
+            let forward = unsafe { &mut *slot };
+            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, wscale, forward)?;
             forward.seq_end = pkt.end();
             forward.win_max = u32::from(pkt.window);
             if let Some(shift) = wscale {
@@ -232,7 +228,7 @@ fn check_ttl(pkt: &TcpPacket) -> Result<(), DropReason> {
 /// A segment without a flow: answered with an RST when it can be (`reset::answers`), else
 /// dropped for `reason`.
 #[inline(always)]
-fn no_flow<'a>(pkt: TcpPacket, reason: DropReason) -> Result<Action<'a>, DropReason> {
+fn no_flow(pkt: TcpPacket, reason: DropReason) -> Result<Action<'static>, DropReason> {
     if reset::answers(&pkt) {
         Ok(Action::Reset)
     } else {

@@ -3,8 +3,6 @@
 //! through `bpf_redirect_neigh` when the neighbour is not known yet. A segment without a flow
 //! is turned into its RST and sent back out of the device it came in on.
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, bpf_redir_neigh},
     cty::c_void,
@@ -114,8 +112,7 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     // At TC ingress, the skb's device is the one it arrived on.
     // SAFETY: the context pointer the kernel gave this program.
     let ingress = unsafe { (*skb).ifindex };
-    let mut new = MaybeUninit::uninit();
-    let t = match pipeline::prepare(&mut b, &Skb(ctx), skb as *mut c_void, ingress, &mut new)? {
+    let t = match pipeline::prepare(&mut b, &Skb(ctx), skb as *mut c_void, ingress)? {
         Verdict::Pass => return Ok(TC_ACT_OK),
         Verdict::Reset => return send_reset(skb, &b, ingress),
         Verdict::Translate(t) => t,

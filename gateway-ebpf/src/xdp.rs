@@ -5,8 +5,6 @@
 //! A segment without a flow is turned into its RST and sent back out of the interface it came
 //! in on.
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
     cty::c_void,
@@ -58,13 +56,11 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         data_end: ctx.data_end(),
         len: ctx.data_end() - ctx.data(),
     };
-    let mut new = MaybeUninit::uninit();
     let t = match pipeline::prepare(
         &mut b,
         &Xdp(ctx),
         ctx.ctx as *mut c_void,
         ctx.ingress_ifindex() as u32,
-        &mut new,
     )? {
         Verdict::Pass => return Ok(XDP_PASS),
         Verdict::Reset => return send_reset(ctx, &b, ctx.ingress_ifindex() as u32),

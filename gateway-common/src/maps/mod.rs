@@ -54,6 +54,10 @@ pub const NEXTHOPS: &str = "gw_hops_v1";
 pub const NEXTHOP_SLOTS: u32 = 4096;
 /// Per-CPU array with one [`ClockCache`]: the datapath's clock, read once per tick per CPU.
 pub const CLOCK: &str = "gw_clock_v1";
+/// Per-CPU array with one [`Flow`]: where the datapath builds a new flow's forward entry before
+/// inserting it (the BPF stack has no room for one beside the rest of the SYN path). Scratch:
+/// nothing reads it between packets.
+pub const SCRATCH: &str = "gw_scratch_v1";
 
 /// Every map name, for checks.
 pub const ALL: &[&str] = &[
@@ -67,6 +71,7 @@ pub const ALL: &[&str] = &[
     BACKEND_STATS,
     CLOCK,
     NEXTHOPS,
+    SCRATCH,
 ];
 
 /// Names this build no longer uses, from earlier layouts: an upgrade carries the conntrack

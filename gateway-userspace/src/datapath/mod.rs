@@ -86,7 +86,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Every map's name with the key and value sizes this build gives it.
-const LAYOUTS: &[(&str, usize, usize); 10] = &[
+const LAYOUTS: &[(&str, usize, usize); 11] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
     (maps::CONFIG, 4, size_of::<Config>()),
     (
@@ -101,6 +101,7 @@ const LAYOUTS: &[(&str, usize, usize); 10] = &[
     (maps::BACKEND_STATS, 4, size_of::<TrafficStats>()),
     (maps::CLOCK, 4, size_of::<maps::ClockCache>()),
     (maps::NEXTHOPS, 4, size_of::<maps::NextHopCache>()),
+    (maps::SCRATCH, 4, size_of::<Flow>()),
 ];
 
 /// The typed maps.
@@ -205,8 +206,11 @@ impl Datapath {
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram { name })?;
             let loaded = match mode {
-                AttachMode::Xdp => <&mut Xdp>::try_from(program).and_then(|p| p.load()),
-                AttachMode::Tc => <&mut SchedClassifier>::try_from(program).and_then(|p| p.load()),
+                AttachMode::Xdp => {
+                    <&mut Xdp>::try_from(program).and_then(|p| retry_eagain(|| p.load()))
+                }
+                AttachMode::Tc => <&mut SchedClassifier>::try_from(program)
+                    .and_then(|p| retry_eagain(|| p.load())),
             };
             loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
@@ -476,6 +480,25 @@ fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> 
         return Err(DatapathError::IdOutOfRange { what, id, max });
     }
     Ok(())
+}
+
+/// Loads a program, again while the kernel answers EAGAIN: the verifier gives up when a
+/// signal is pending during a long verification (`do_check`), as libbpf's
+/// `sys_bpf_prog_load` knows and retries (5 attempts).
+pub(crate) fn retry_eagain(
+    mut load: impl FnMut() -> Result<(), ProgramError>,
+) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < 5 =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]

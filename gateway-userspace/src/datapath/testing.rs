@@ -75,8 +75,8 @@ impl Datapath {
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram { name })?;
             let loaded = match program {
-                Program::Xdp(p) => p.load(),
-                Program::SchedClassifier(p) => p.load(),
+                Program::Xdp(p) => super::retry_eagain(|| p.load()),
+                Program::SchedClassifier(p) => super::retry_eagain(|| p.load()),
                 _ => Ok(()),
             };
             loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
