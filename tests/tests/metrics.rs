@@ -193,24 +193,6 @@ fn counters_equal_the_traffic_per_app_and_backend() {
     assert!(s.value("gateway_health_check_duration_seconds_count", &app) > 0.0);
 }
 
-/// Sends `packets` (IPv4, built by `Frame` without their Ethernet header) from the client with
-/// a raw socket.
-fn send_raw(client: &Host, packets: Vec<Vec<u8>>) {
-    client.run(move || {
-        let raw = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::RAW,
-            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .expect("raw socket");
-        for p in packets {
-            let dst = std::net::Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-            let to = socket2::SockAddr::from(SocketAddrV4::new(dst, 0));
-            raw.send_to(&p, &to).expect("send a crafted packet");
-        }
-    });
-}
-
 #[test]
 fn a_taken_metrics_address_is_refused_before_the_datapath_is_touched() {
     let Sandbox { daemon, topo, .. } = &sandbox(1);
@@ -297,7 +279,7 @@ fn crafted_bad_packets_are_counted_under_their_reason() {
     };
     for (reason, packets) in cases {
         let before = drops(&daemon.scrape());
-        send_raw(&topo.client, packets);
+        gateway_tests::raw::send_ipv4(&topo.client, packets);
         let mut after = before.clone();
         let counted = wait_for(Duration::from_secs(5), || {
             after = drops(&daemon.scrape());

@@ -94,18 +94,7 @@ pub struct Gen {
     snat_ports: (u16, u16),
 }
 
-/// Every flag combination a valid segment has, and some that no valid one has.
-const VALID_FLAGS: [u8; 9] = [
-    SYN,
-    SYN | URG,
-    SYN | ACK,
-    RST,
-    RST | ACK,
-    FIN | ACK,
-    FIN | ACK | URG,
-    ACK,
-    ACK | URG,
-];
+use crate::model::tcp::VALID_FLAGS;
 
 impl Gen {
     pub fn new(seed: u64, backends: usize, rules: Rules, snat_ports: (u16, u16)) -> Self {

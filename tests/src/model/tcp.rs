@@ -14,21 +14,24 @@ use gateway_common::{
 
 use super::wire::Seg;
 
-/// netfilter's `tcp_valid_flags` (spec §3.2): with PSH, ECE and CWR masked out, the flags a
-/// valid segment can carry.
+/// netfilter's `tcp_valid_flags` (spec §3.2): with PSH, ECE and CWR masked out, the flag
+/// combinations a valid segment can carry. (The model keeps its own list rather than the
+/// datapath's table: it is an implementation of the rules apart from the datapath's.)
+pub const VALID_FLAGS: [u8; 9] = [
+    SYN,
+    SYN | URG,
+    SYN | ACK,
+    RST,
+    RST | ACK,
+    FIN | ACK,
+    FIN | ACK | URG,
+    ACK,
+    ACK | URG,
+];
+
+/// Whether a segment with `flags` can be valid ([`VALID_FLAGS`]).
 pub fn valid_flags(flags: u8) -> bool {
-    const VALID: [u8; 9] = [
-        SYN,
-        SYN | URG,
-        SYN | ACK,
-        RST,
-        RST | ACK,
-        FIN | ACK,
-        FIN | ACK | URG,
-        ACK,
-        ACK | URG,
-    ];
-    VALID.contains(&(flags & !(PSH | ECE | CWR)))
+    VALID_FLAGS.contains(&(flags & !(PSH | ECE | CWR)))
 }
 
 /// What to do with a segment of an existing flow.
