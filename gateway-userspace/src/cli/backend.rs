@@ -44,7 +44,8 @@ pub(super) async fn run(client: &Client, command: BackendCommand) -> Result<(), 
                 );
             } else {
                 println!(
-                    "backend {} of app {app} is draining: no new connections; its {} open ones go on",
+                    "backend {} of app {app} is draining: no new connections; its open ones go on \
+                     ({} as of the last conntrack scan)",
                     b.address, b.connections
                 );
             }

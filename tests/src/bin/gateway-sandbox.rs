@@ -122,6 +122,7 @@ fn demo() {
         "\na connection to {} ({gone}) is open; removing that backend live:",
         open.server
     );
+    daemon.fresh_status();
     cli(&["backend", "remove", "web", &gone]);
     let conns = EchoClient::connect_many(&topo.client, to, 100).expect("connect");
     show("100 new connections:", &conns);
