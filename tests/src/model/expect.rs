@@ -47,7 +47,8 @@ pub enum Time {
     Now,
     /// Unchanged or now (a refresh at the edge of its granularity).
     SameOrNow,
-    /// A next hop resolved: fresh at the run's time (a cached FIB answer may be older).
+    /// A next hop resolved: fresh at the run's time (a cached FIB answer may be older), and not
+    /// the entry's old one.
     Resolved,
     /// Unchanged or resolved.
     SameOrResolved,
@@ -167,7 +168,8 @@ pub fn check_time(
         Time::Same => got == old,
         Time::Now => now(got),
         Time::SameOrNow => got == old || now(got),
-        Time::Resolved => resolved(got),
+        // A stale hop is never kept: a cached answer in use is fresh, so never the old one.
+        Time::Resolved => resolved(got) && got != old,
         Time::SameOrResolved => got == old || resolved(got),
     };
     if ok {

@@ -373,12 +373,10 @@ impl Step<'_> {
     /// per-CPU cache of another flow's answer: at most one FIB lookup).
     fn resolve(&mut self, flow: &mut Flow) -> Time {
         let hop = self.m.hops.get(&flow.nat_dst_ip).copied();
-        let fresh = flow.nexthop_ns != 0
-            && self
-                .clock
-                .elapsed_over(flow.nexthop_ns, self.m.nexthop_max_age_ns - 1)
-                == Some(false);
-        if fresh {
+        let age = self
+            .clock
+            .elapsed_over(flow.nexthop_ns, self.m.nexthop_max_age_ns - 1);
+        if flow.nexthop_ns != 0 && age == Some(false) {
             return Time::Same;
         }
         self.x.stat_range(GlobalStat::FibLookups, 0..=1);
@@ -387,7 +385,8 @@ impl Step<'_> {
             flow.nexthop_smac = hop.smac;
             flow.nexthop_dmac = hop.dmac;
         }
-        if flow.nexthop_ns == 0 {
+        // Stale for every instant the run may have read: resolved again, certainly.
+        if flow.nexthop_ns == 0 || age == Some(true) {
             Time::Resolved
         } else {
             Time::SameOrResolved
