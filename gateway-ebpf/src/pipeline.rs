@@ -27,7 +27,7 @@ use crate::{
     maps::{CONFIG, SCRATCH, SERVICES},
     nat,
     nexthop::{self, NextHop},
-    parse::{self, Bounds, LoadBytes, Parsed, TcpPacket, parse},
+    parse::{self, Bounds, ETH_LEN, LoadBytes, Parsed, TcpPacket, parse},
     reset, stats,
 };
 
@@ -39,6 +39,11 @@ pub trait Context: LoadBytes {
     /// CHECKSUM_PARTIAL), so it need not be computed. Finding out may call helpers that move
     /// the packet: `b` is refreshed then.
     fn tcp_trusted(&self, b: &mut Bounds, pkt: &TcpPacket) -> bool;
+
+    /// Makes the packet's first `len` bytes directly accessible, for what reads a whole
+    /// segment (a SYN's checksum) rather than its headers; `b` is refreshed if the packet moved.
+    /// Only asked where it is needed: it may copy the packet.
+    fn linearize(&self, b: &mut Bounds, len: usize);
 }
 
 /// A packet of a flow of ours, with where it goes next.
@@ -167,7 +172,9 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
             }
             check_ttl(&pkt)?;
             // A SYN claims a SNAT port for the handshake's timeout: verify it first.
-            if !(csum::ipv4_ok(b, &pkt) && (checks.tcp_trusted(b, &pkt) || csum::tcp_ok(b, &pkt))) {
+            if !(csum::ipv4_ok(b, &pkt)
+                && (checks.tcp_trusted(b, &pkt) || tcp_sum_ok(b, checks, &pkt)))
+            {
                 return Err(DropReason::BadChecksum);
             }
             // SAFETY: a value of the map, read once.
@@ -223,6 +230,17 @@ fn check_ttl(pkt: &TcpPacket) -> Result<(), DropReason> {
     } else {
         Err(DropReason::TtlExceeded)
     }
+}
+
+/// Whether the TCP checksum of `pkt` is right, computed over its segment, which is made
+/// directly accessible first; a segment longer than [`csum::SEGMENT_MAX`] is not (it fails).
+#[inline(always)]
+fn tcp_sum_ok<C: Context>(b: &mut Bounds, checks: &C, pkt: &TcpPacket) -> bool {
+    if usize::from(pkt.l3_len) - pkt.ihl() > csum::SEGMENT_MAX {
+        return false;
+    }
+    checks.linearize(b, ETH_LEN + usize::from(pkt.l3_len));
+    csum::tcp_ok(b, pkt)
 }
 
 /// A segment without a flow: answered with an RST when it can be (`reset::answers`), else
