@@ -13,7 +13,11 @@ use gateway_common::{
     net::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
-use crate::{maps::CONNTRACK, parse::TcpPacket, stats};
+use crate::{csum, maps::CONNTRACK, parse::TcpPacket, stats};
+
+/// The most data a SYN that creates a flow carries: its checksum is verified over at most
+/// [`csum::SEGMENT_MAX`] bytes of TCP segment, a header included (so in fact a little less).
+pub const SYN_DATA_MAX: u32 = csum::SEGMENT_MAX as u32;
 
 /// The entry of `key`, if any.
 #[inline(always)]
@@ -78,8 +82,8 @@ const EEXIST: i32 = 17;
 /// - an RST closes only at the exact sequence number; inside the receiver's window it is
 ///   forwarded without closing (counted `rst_in_window`), outside it is refused;
 /// - a FIN changes state only inside the receiver's window; the SYN-ACK only when it
-///   acknowledges the client's SYN; the handshake's last ACK only when it acknowledges the
-///   SYN-ACK;
+///   acknowledges the client's SYN (with or without the SYN's data); the handshake's last ACK
+///   only when it acknowledges the SYN-ACK;
 /// - every other segment must lie within the widest window its receiver can advertise of what
 ///   its sender has sent (and acknowledged), checked on `flow` alone: no peer lookup.
 ///
@@ -121,7 +125,10 @@ pub fn track(
             if client.track & TRACK_LIBERAL != 0 {
                 // A handshake carried over untracked: its numbers are learned, not checked.
                 learn(flow, pkt, end);
-            } else if pkt.ack != client.seq_end {
+            } else if client.seq_end.wrapping_sub(pkt.ack) > SYN_DATA_MAX {
+                // It acknowledges the SYN with all, some or none of its data (a TFO server that
+                // does not take the data acknowledges the ISN + 1 only: RFC 7413 §4.2.2), and
+                // nothing beyond it.
                 return Err(DropReason::OutOfWindow);
             } else {
                 syn_ack(flow, client, pkt, wscale, end);

@@ -254,10 +254,6 @@ fn no_flow(pkt: TcpPacket, reason: DropReason) -> Result<Action<'static>, DropRe
     }
 }
 
-/// The most data a SYN that creates a flow carries: its checksum is verified over at most 1535
-/// bytes of TCP segment (`csum::sum_bytes`), a header included.
-const SYN_DATA_MAX: u32 = 1535;
-
 /// Whether a SYN on the forward entry `f` starts the connection over (its pair removed, the
 /// SYN balanced afresh): the connection is closed; or its handshake has not completed and
 /// either its backend stopped accepting or the SYN is not a retransmission (another initial
@@ -275,7 +271,7 @@ fn starts_over(f: &Flow, pkt: &TcpPacket) -> bool {
     // most `SYN_DATA_MAX` bytes of data), with data this time or not (a TFO SYN is retransmitted
     // without its data). Another ISN lands there once in ~3 million.
     let covered = f.seq_end.wrapping_sub(pkt.seq);
-    if (1..=SYN_DATA_MAX + 1).contains(&covered) && lb::accepting(f.backend_id) {
+    if (1..=conntrack::SYN_DATA_MAX + 1).contains(&covered) && lb::accepting(f.backend_id) {
         return false;
     }
     stats::global(GlobalStat::SynRebalanced);

@@ -183,7 +183,10 @@ pub fn spec14(
             d.set = CT_SYN_ACK_SEEN;
             return d;
         }
-        if seg.ack != er.seq_end {
+        // It acknowledges the SYN with all, some or none of its data (RFC 7413 §4.2.2: a TFO
+        // server that does not take the data acknowledges the ISN + 1): at most 1535 bytes (the
+        // most a SYN that created a flow carries) before the client's end.
+        if er.seq_end.wrapping_sub(seg.ack) > 1535 {
             d.action = Action::Drop(DropReason::OutOfWindow);
             return d;
         }
