@@ -435,6 +435,7 @@ fn syn_retransmissions() -> Scenario {
     let stopped_check = stopped.clone();
     let d = Conn::new(46_610);
     let e = Conn::new(46_620);
+    let g = Conn::new(46_630);
     Scenario::new()
         .row(Row::redirected("SYN", c.syn(), c.to_maglev_backend()).entries(2))
         .row(
@@ -498,6 +499,27 @@ fn syn_retransmissions() -> Scenario {
             .counter(GlobalStat::SynRebalanced, 1..=1)
             .check("tracked from the new ISN", move |cx| {
                 assert_eq!(cx.flow(d.key()).seq_end, 0x7777_0001);
+            }),
+        )
+        .row(Row::redirected("a third client's SYN", g.syn(), g.to_maglev_backend()).entries(2))
+        .row(
+            Row::dropped(
+                "a SYN with another ISN and a wrong TCP checksum changes nothing",
+                spoiled(
+                    Frame {
+                        seq: 0x4242_0000,
+                        ..g.syn()
+                    },
+                    |b| b[TCP_CHECKSUM] ^= 0x01,
+                ),
+                DropReason::BadChecksum,
+            )
+            .counter(GlobalStat::SynRebalanced, 0..=0)
+            .entries(0)
+            .check("the handshake in progress keeps its pair", move |cx| {
+                let fwd = cx.flow(g.key());
+                assert_eq!(fwd.seq_end, g.syn().seq + 1, "{fwd:?}");
+                cx.flow(fwd.peer_key());
             }),
         )
         .rows(open(e))
