@@ -239,6 +239,22 @@ fn learn(flow: &mut Flow, pkt: &TcpPacket, end: u32) {
     flow.track &= !TRACK_LIBERAL;
 }
 
+/// A new flow's forward entry (`flow`, as `nat::create` left it) takes the client's SYN `pkt`
+/// (`offered`: its window scale): the client's numbers start (the window of a SYN is never
+/// scaled), the offer is kept until the SYN-ACK decides, and the SYN is counted. Its peer's
+/// tracking fields stay zero until the SYN-ACK ([`syn_ack`]).
+#[inline(always)]
+pub fn syn(flow: &mut Flow, pkt: &TcpPacket, offered: Option<u8>) {
+    flow.seq_end = pkt.end();
+    flow.win_max = u32::from(pkt.window);
+    if let Some(shift) = offered {
+        flow.wscale = shift;
+        flow.track = TRACK_WSCALE_OFFERED;
+    }
+    flow.packets += 1;
+    flow.bytes += u64::from(pkt.l3_len);
+}
+
 /// The first SYN-ACK (from the backend, `flow` its entry; `offered` its window scale)
 /// acknowledged the client's SYN (`client` its entry): the backend's numbers start, and window
 /// scaling is on when both offered it (RFC 7323 §2.2), else off for both.
@@ -247,24 +263,21 @@ fn syn_ack(flow: &mut Flow, client: &mut Flow, pkt: &TcpPacket, offered: Option<
     flow.seq_end = end;
     flow.ack_max = pkt.ack;
     flow.win_max = u32::from(pkt.window);
+    flow.track = TRACK_ACK_SEEN;
+    if offered.is_some() {
+        flow.track |= TRACK_WSCALE_OFFERED;
+    }
     match offered {
         Some(shift) if client.track & TRACK_WSCALE_OFFERED != 0 => {
             flow.wscale = shift;
             flow.peer_wscale = client.wscale;
             client.peer_wscale = shift;
-            flow.track = TRACK_ACK_SEEN | TRACK_WSCALE_OFFERED;
         }
         _ => {
             flow.wscale = 0;
             flow.peer_wscale = 0;
             client.wscale = 0;
             client.peer_wscale = 0;
-            flow.track = TRACK_ACK_SEEN
-                | if offered.is_some() {
-                    TRACK_WSCALE_OFFERED
-                } else {
-                    0
-                };
         }
     }
 }

@@ -12,7 +12,7 @@ use gateway_common::{
     DropReason, GlobalStat,
     maps::{
         ADDR_PUBLIC, ADDR_SNAT, CT_ESTABLISHED, CT_SYN_ACK_SEEN, DIR_FORWARD, Flow, ServiceKey4,
-        TRACK_LIBERAL, TRACK_WSCALE_OFFERED, is_closed,
+        TRACK_LIBERAL, is_closed,
     },
     net::{
         port_from_net,
@@ -201,15 +201,8 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
                     conntrack::remove_pair(&pkt.key, old);
                 }
             }
-            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, wscale, forward)?;
-            forward.seq_end = pkt.end();
-            forward.win_max = u32::from(pkt.window);
-            if let Some(shift) = wscale {
-                forward.wscale = shift;
-                forward.track = TRACK_WSCALE_OFFERED;
-            }
-            // Counters and time (a SYN on the forward entry moves nothing else).
-            conntrack::track(forward, &pkt, None, now.ns)?;
+            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, forward)?;
+            conntrack::syn(forward, &pkt, wscale);
             return Ok(Action::New {
                 pkt,
                 flow: forward,

@@ -482,7 +482,7 @@ impl Step<'_> {
         };
         if spec {
             let wscale = wire::wscale_option(self.frame, &self.seg);
-            tcp::new_flow_tracking(&mut forward, &mut reverse, &self.seg, wscale);
+            tcp::new_flow_tracking(&mut forward, &self.seg, wscale);
         } else {
             let set = tcp::legacy_bits(&forward, self.seg.flags);
             forward.state |= set;
