@@ -13,7 +13,11 @@ use gateway_common::{
     net::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
-use crate::{maps::CONNTRACK, parse::TcpPacket, stats};
+use crate::{csum, maps::CONNTRACK, parse::TcpPacket, stats};
+
+/// The most data a SYN that creates a flow carries: its checksum is verified over at most
+/// [`csum::SEGMENT_MAX`] bytes of TCP segment, a header included (so in fact a little less).
+pub const SYN_DATA_MAX: u32 = csum::SEGMENT_MAX as u32;
 
 /// The entry of `key`, if any.
 #[inline(always)]
@@ -78,8 +82,8 @@ const EEXIST: i32 = 17;
 /// - an RST closes only at the exact sequence number; inside the receiver's window it is
 ///   forwarded without closing (counted `rst_in_window`), outside it is refused;
 /// - a FIN changes state only inside the receiver's window; the SYN-ACK only when it
-///   acknowledges the client's SYN; the handshake's last ACK only when it acknowledges the
-///   SYN-ACK;
+///   acknowledges the client's SYN (with or without the SYN's data); the handshake's last ACK
+///   only when it acknowledges the SYN-ACK;
 /// - every other segment must lie within the widest window its receiver can advertise of what
 ///   its sender has sent (and acknowledged), checked on `flow` alone: no peer lookup.
 ///
@@ -121,7 +125,10 @@ pub fn track(
             if client.track & TRACK_LIBERAL != 0 {
                 // A handshake carried over untracked: its numbers are learned, not checked.
                 learn(flow, pkt, end);
-            } else if pkt.ack != client.seq_end {
+            } else if client.seq_end.wrapping_sub(pkt.ack) > SYN_DATA_MAX {
+                // It acknowledges the SYN with all, some or none of its data (a TFO server that
+                // does not take the data acknowledges the ISN + 1 only: RFC 7413 §4.2.2), and
+                // nothing beyond it.
                 return Err(DropReason::OutOfWindow);
             } else {
                 syn_ack(flow, client, pkt, wscale, end);
@@ -232,6 +239,22 @@ fn learn(flow: &mut Flow, pkt: &TcpPacket, end: u32) {
     flow.track &= !TRACK_LIBERAL;
 }
 
+/// A new flow's forward entry (`flow`, as `nat::create` left it) takes the client's SYN `pkt`
+/// (`offered`: its window scale): the client's numbers start (the window of a SYN is never
+/// scaled), the offer is kept until the SYN-ACK decides, and the SYN is counted. Its peer's
+/// tracking fields stay zero until the SYN-ACK ([`syn_ack`]).
+#[inline(always)]
+pub fn syn(flow: &mut Flow, pkt: &TcpPacket, offered: Option<u8>) {
+    flow.seq_end = pkt.end();
+    flow.win_max = u32::from(pkt.window);
+    if let Some(shift) = offered {
+        flow.wscale = shift;
+        flow.track = TRACK_WSCALE_OFFERED;
+    }
+    flow.packets += 1;
+    flow.bytes += u64::from(pkt.l3_len);
+}
+
 /// The first SYN-ACK (from the backend, `flow` its entry; `offered` its window scale)
 /// acknowledged the client's SYN (`client` its entry): the backend's numbers start, and window
 /// scaling is on when both offered it (RFC 7323 §2.2), else off for both.
@@ -240,24 +263,21 @@ fn syn_ack(flow: &mut Flow, client: &mut Flow, pkt: &TcpPacket, offered: Option<
     flow.seq_end = end;
     flow.ack_max = pkt.ack;
     flow.win_max = u32::from(pkt.window);
+    flow.track = TRACK_ACK_SEEN;
+    if offered.is_some() {
+        flow.track |= TRACK_WSCALE_OFFERED;
+    }
     match offered {
         Some(shift) if client.track & TRACK_WSCALE_OFFERED != 0 => {
             flow.wscale = shift;
             flow.peer_wscale = client.wscale;
             client.peer_wscale = shift;
-            flow.track = TRACK_ACK_SEEN | TRACK_WSCALE_OFFERED;
         }
         _ => {
             flow.wscale = 0;
             flow.peer_wscale = 0;
             client.wscale = 0;
             client.peer_wscale = 0;
-            flow.track = TRACK_ACK_SEEN
-                | if offered.is_some() {
-                    TRACK_WSCALE_OFFERED
-                } else {
-                    0
-                };
         }
     }
 }

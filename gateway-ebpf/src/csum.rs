@@ -30,8 +30,10 @@ pub fn apply(check: u16, diff: u32) -> u16 {
 
 /// Bytes [`sum_bytes`] sums with one `bpf_csum_diff` call.
 const CHUNK: usize = 64;
-/// The most chunks [`sum_bytes`] sums: with the tail, a segment of up to 1535 bytes.
+/// The most chunks [`sum_bytes`] sums (then a tail shorter than a chunk).
 const CHUNKS_MAX: usize = 23;
+/// The most bytes [`sum_bytes`] sums: 1535.
+pub const SEGMENT_MAX: usize = CHUNK * (CHUNKS_MAX + 1) - 1;
 
 /// Folds a 64-bit one's complement sum to 16 bits.
 #[inline(always)]
@@ -43,9 +45,9 @@ fn fold64(sum: u64) -> u16 {
 
 /// The one's complement sum, folded, of the `len` bytes at `offset` (even) of the packet, as
 /// 16-bit words read the datapath's way; an odd last byte counts as a word with a zero second
-/// byte (RFC 1071). `None` past the packet's end, or past 1535 bytes. Whole 64-byte chunks go
-/// through `bpf_csum_diff` (a loop of 16-bit loads that long is more than the verifier
-/// follows), the rest word by word.
+/// byte (RFC 1071). `None` past the packet's end, or past [`SEGMENT_MAX`] bytes. Whole 64-byte
+/// chunks go through `bpf_csum_diff` (a loop of 16-bit loads that long is more than the
+/// verifier follows), the rest word by word.
 ///
 /// A function of its own in the object (a BPF-to-BPF call): every way out of its loops ends at
 /// its return, where the caller's state is the same whatever the loops did. Inlined, each exit
@@ -53,7 +55,7 @@ fn fold64(sum: u64) -> u16 {
 /// times as long. (Inside it, LLVM cannot see the caller's checks either, so it keeps its own.)
 #[inline(never)]
 pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<u16> {
-    if len >= CHUNK * (CHUNKS_MAX + 1) {
+    if len > SEGMENT_MAX {
         return None;
     }
     let chunks = len / CHUNK;

@@ -32,16 +32,15 @@ const SNAT_PROBES: u32 = 32;
 const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
 /// Starts the flow of a SYN to the service of `app_id`: chooses the backend, allocates a SNAT
-/// port by inserting the reverse entry, and leaves the forward entry in `entry` (not inserted
-/// yet: see [`commit`]); returns the claim of the pair. `wscale`: the window scale the SYN offers, which the
-/// reverse entry keeps as its peer's until the SYN-ACK decides.
+/// port by inserting the reverse entry, and leaves the forward entry in `entry` (its
+/// translation, state and times; its tracking is the caller's: `conntrack::syn`), not inserted
+/// yet (see [`commit`]); returns the claim of the pair.
 #[inline(always)]
 pub fn create(
     key: &FlowKey4,
     app_id: u32,
     cfg: &Config,
     now: u64,
-    wscale: Option<u8>,
     entry: &mut Flow,
 ) -> Result<Claim, DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
@@ -61,7 +60,6 @@ pub fn create(
         state: CT_SYN_SEEN,
         created_ns: now,
         last_seen_ns: now,
-        peer_wscale: wscale.unwrap_or_default(),
         ..Flow::default()
     };
     let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);
@@ -95,7 +93,6 @@ pub fn create(
             entry.nat_src_port = reverse_key.dst_port;
             entry.nat_dst_port = backend.port;
             entry.direction = DIR_FORWARD;
-            entry.peer_wscale = 0;
             return Ok(claim);
         }
         stats::global(GlobalStat::SnatCollisions);

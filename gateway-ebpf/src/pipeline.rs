@@ -12,7 +12,7 @@ use gateway_common::{
     DropReason, GlobalStat,
     maps::{
         ADDR_PUBLIC, ADDR_SNAT, CT_ESTABLISHED, CT_SYN_ACK_SEEN, DIR_FORWARD, Flow, ServiceKey4,
-        TRACK_LIBERAL, TRACK_WSCALE_OFFERED, is_closed,
+        TRACK_LIBERAL, is_closed,
     },
     net::{
         port_from_net,
@@ -27,7 +27,7 @@ use crate::{
     maps::{CONFIG, SCRATCH, SERVICES},
     nat,
     nexthop::{self, NextHop},
-    parse::{self, Bounds, LoadBytes, Parsed, TcpPacket, parse},
+    parse::{self, Bounds, ETH_LEN, LoadBytes, Parsed, TcpPacket, parse},
     reset, stats,
 };
 
@@ -39,6 +39,11 @@ pub trait Context: LoadBytes {
     /// CHECKSUM_PARTIAL), so it need not be computed. Finding out may call helpers that move
     /// the packet: `b` is refreshed then.
     fn tcp_trusted(&self, b: &mut Bounds, pkt: &TcpPacket) -> bool;
+
+    /// Makes the packet's first `len` bytes directly accessible, for what reads a whole
+    /// segment (a SYN's checksum) rather than its headers; `b` is refreshed if the packet moved.
+    /// Only asked where it is needed: it may copy the packet.
+    fn linearize(&self, b: &mut Bounds, len: usize);
 }
 
 /// A packet of a flow of ours, with where it goes next.
@@ -144,9 +149,10 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
         // SAFETY: a conntrack value pointer; this CPU updates it in place.
         let f = unsafe { &mut *flow };
         check_flags(&pkt)?;
-        // Before anything changes: a SYN that starts over removes its old pair.
-        check_ttl(&pkt)?;
+        // A SYN that starts its connection over goes on as a SYN without a flow (its old pair is
+        // removed below, once it is known to make a new one).
         if !(syn && f.direction == DIR_FORWARD && starts_over(f, &pkt)) {
+            check_ttl(&pkt)?;
             // A SYN-ACK's window scale (only the first SYN-ACK of a flow uses it).
             let wscale = if pkt.flags & (SYN | ACK) == SYN | ACK && f.state & CT_SYN_ACK_SEEN == 0 {
                 parse::window_scale(checks, &pkt)
@@ -156,7 +162,6 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
             conntrack::track(f, &pkt, wscale, now.ns)?;
             return Ok(Action::Existing { pkt, flow, now });
         }
-        conntrack::remove_pair(&pkt.key, f);
     }
     if pkt.addr_kind & ADDR_PUBLIC != 0 {
         let svc = ServiceKey4::new(pkt.key.dst_ip, pkt.key.dst_port);
@@ -167,7 +172,9 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
             }
             check_ttl(&pkt)?;
             // A SYN claims a SNAT port for the handshake's timeout: verify it first.
-            if !(csum::ipv4_ok(b, &pkt) && (checks.tcp_trusted(b, &pkt) || csum::tcp_ok(b, &pkt))) {
+            if !(csum::ipv4_ok(b, &pkt)
+                && (checks.tcp_trusted(b, &pkt) || tcp_sum_ok(b, checks, &pkt)))
+            {
                 return Err(DropReason::BadChecksum);
             }
             // SAFETY: a value of the map, read once.
@@ -178,15 +185,24 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
             let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
             let forward = unsafe { &mut *slot };
-            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, wscale, forward)?;
-            forward.seq_end = pkt.end();
-            forward.win_max = u32::from(pkt.window);
-            if let Some(shift) = wscale {
-                forward.wscale = shift;
-                forward.track = TRACK_WSCALE_OFFERED;
+            // The flow this SYN starts over, if any, goes now that the SYN passed every check,
+            // not before. Verifier workaround: it is looked up again (a bucket the lookup above
+            // just read) rather than remembered from there: a pointer or none carried across
+            // the checks made two states of each, and verification took 45% longer.
+            if let Some(old) = conntrack::lookup(&pkt.key) {
+                // SAFETY: a conntrack value pointer, read here.
+                let old = unsafe { &*old };
+                // Unless another CPU made this very flow meanwhile (then its insert wins).
+                if old.direction == DIR_FORWARD && starts_over(old, &pkt) {
+                    // A connection that was not over is balanced afresh.
+                    if !is_closed(old.state) {
+                        stats::global(GlobalStat::SynRebalanced);
+                    }
+                    conntrack::remove_pair(&pkt.key, old);
+                }
             }
-            // Counters and time (a SYN on the forward entry moves nothing else).
-            conntrack::track(forward, &pkt, None, now.ns)?;
+            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, forward)?;
+            conntrack::syn(forward, &pkt, wscale);
             return Ok(Action::New {
                 pkt,
                 flow: forward,
@@ -225,6 +241,17 @@ fn check_ttl(pkt: &TcpPacket) -> Result<(), DropReason> {
     }
 }
 
+/// Whether the TCP checksum of `pkt` is right, computed over its segment, which is made
+/// directly accessible first; a segment longer than [`csum::SEGMENT_MAX`] is not (it fails).
+#[inline(always)]
+fn tcp_sum_ok<C: Context>(b: &mut Bounds, checks: &C, pkt: &TcpPacket) -> bool {
+    if usize::from(pkt.l3_len) - pkt.ihl() > csum::SEGMENT_MAX {
+        return false;
+    }
+    checks.linearize(b, ETH_LEN + usize::from(pkt.l3_len));
+    csum::tcp_ok(b, pkt)
+}
+
 /// A segment without a flow: answered with an RST when it can be (`reset::answers`), else
 /// dropped for `reason`.
 #[inline(always)]
@@ -236,15 +263,12 @@ fn no_flow(pkt: TcpPacket, reason: DropReason) -> Result<Action<'static>, DropRe
     }
 }
 
-/// The most data a SYN that creates a flow carries: its checksum is verified over at most 1535
-/// bytes of TCP segment (`csum::sum_bytes`), a header included.
-const SYN_DATA_MAX: u32 = 1535;
-
-/// Whether a SYN on the forward entry `f` starts the connection over (its pair removed, the
-/// SYN balanced afresh): the connection is closed; or its handshake has not completed and
-/// either its backend stopped accepting or the SYN is not a retransmission (another initial
-/// sequence number: its `seq` is not within what the flow's first SYN covered). A retransmitted SYN to a backend still accepting, or a SYN on an
-/// established connection, stays on the flow.
+/// Whether a SYN on the forward entry `f` starts the connection over (it is handled as a SYN
+/// without a flow, and the old pair removed only if it makes a new one): the connection is
+/// closed; or its handshake has not completed and either its backend stopped accepting or the
+/// SYN is not a retransmission (another initial sequence number: its `seq` is not within what
+/// the flow's first SYN covered), and it is balanced afresh (`syn_rebalanced`). A retransmitted
+/// SYN to a backend still accepting, or a SYN on an established connection, stays on the flow.
 #[inline(always)]
 fn starts_over(f: &Flow, pkt: &TcpPacket) -> bool {
     if is_closed(f.state) {
@@ -257,9 +281,5 @@ fn starts_over(f: &Flow, pkt: &TcpPacket) -> bool {
     // most `SYN_DATA_MAX` bytes of data), with data this time or not (a TFO SYN is retransmitted
     // without its data). Another ISN lands there once in ~3 million.
     let covered = f.seq_end.wrapping_sub(pkt.seq);
-    if (1..=SYN_DATA_MAX + 1).contains(&covered) && lb::accepting(f.backend_id) {
-        return false;
-    }
-    stats::global(GlobalStat::SynRebalanced);
-    true
+    !((1..=conntrack::SYN_DATA_MAX + 1).contains(&covered) && lb::accepting(f.backend_id))
 }

@@ -22,11 +22,10 @@ use crate::{
     reset, stats,
 };
 
-/// Enough linear bytes for Ethernet, IPv4 with options and a TCP header.
+/// Enough linear bytes for Ethernet, IPv4 with options and a TCP header: what the program reads
+/// directly of every packet. (A SYN whose checksum is computed is made linear whole, then:
+/// [`Context::linearize`].)
 const HEADERS_MAX: u32 = (ETH_LEN + 60 + 20) as u32;
-/// Packets up to this length are made linear whole (a SYN's checksum is computed over all of
-/// it); longer ones (GSO) only up to their headers.
-const LINEAR_MAX: u32 = 1600;
 const AF_INET: u32 = 2;
 
 /// The packet as the program sees it now (after any helper that may move it).
@@ -95,17 +94,26 @@ impl Context for Skb<'_> {
         *b = bounds(self.0);
         false
     }
+
+    /// `bpf_skb_pull_data`, when the linear part is shorter: it moves the packet, so the bounds
+    /// are read again. If it fails, they stay short, and what reads past them fails.
+    #[inline(always)]
+    fn linearize(&self, b: &mut Bounds, len: usize) {
+        if b.data_end - b.data < len {
+            let _ = self.0.pull_data(len as u32);
+            *b = bounds(self.0);
+        }
+    }
 }
 
 #[inline(always)]
 pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     stats::global(GlobalStat::TcPackets);
-    // Direct packet access needs the headers (small packets: all of it) in the linear part.
+    // Direct packet access needs the headers in the linear part of the skb.
     let linear = (ctx.data_end() - ctx.data()) as u32;
     let len = ctx.len();
-    let want = if len <= LINEAR_MAX { len } else { HEADERS_MAX };
-    if linear < want {
-        let _ = ctx.pull_data(want);
+    if linear < HEADERS_MAX && linear < len {
+        let _ = ctx.pull_data(len.min(HEADERS_MAX));
     }
     let mut b = bounds(ctx);
     let skb = ctx.skb.skb;

@@ -46,6 +46,10 @@ impl Context for Xdp<'_> {
     fn tcp_trusted(&self, _b: &mut Bounds, _pkt: &TcpPacket) -> bool {
         false
     }
+
+    /// A frame is linear whole (the program is not loaded for multi-buffer frames).
+    #[inline(always)]
+    fn linearize(&self, _b: &mut Bounds, _len: usize) {}
 }
 
 #[inline(always)]

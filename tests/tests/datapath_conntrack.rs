@@ -10,7 +10,9 @@
 
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, TRACK_ACK_SEEN},
+    maps::{
+        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, TRACK_ACK_SEEN,
+    },
 };
 use gateway_tests::{
     packet::{Frame, flags, wscale_option},
@@ -433,6 +435,7 @@ fn syn_retransmissions() -> Scenario {
     let stopped_check = stopped.clone();
     let d = Conn::new(46_610);
     let e = Conn::new(46_620);
+    let g = Conn::new(46_630);
     Scenario::new()
         .row(Row::redirected("SYN", c.syn(), c.to_maglev_backend()).entries(2))
         .row(
@@ -498,6 +501,27 @@ fn syn_retransmissions() -> Scenario {
                 assert_eq!(cx.flow(d.key()).seq_end, 0x7777_0001);
             }),
         )
+        .row(Row::redirected("a third client's SYN", g.syn(), g.to_maglev_backend()).entries(2))
+        .row(
+            Row::dropped(
+                "a SYN with another ISN and a wrong TCP checksum changes nothing",
+                spoiled(
+                    Frame {
+                        seq: 0x4242_0000,
+                        ..g.syn()
+                    },
+                    |b| b[TCP_CHECKSUM] ^= 0x01,
+                ),
+                DropReason::BadChecksum,
+            )
+            .counter(GlobalStat::SynRebalanced, 0..=0)
+            .entries(0)
+            .check("the handshake in progress keeps its pair", move |cx| {
+                let fwd = cx.flow(g.key());
+                assert_eq!(fwd.seq_end, g.syn().seq + 1, "{fwd:?}");
+                cx.flow(fwd.peer_key());
+            }),
+        )
         .rows(open(e))
         .row(
             Row::redirected(
@@ -513,10 +537,14 @@ fn syn_retransmissions() -> Scenario {
 }
 
 /// The handshake's own checks: nothing but the SYN-ACK (acknowledging the SYN) or an RST is
-/// valid before the SYN-ACK; a backend refusing the SYN closes the flow.
+/// valid before the SYN-ACK; a backend refusing the SYN closes the flow; a SYN-ACK may leave a
+/// TFO SYN's data unacknowledged.
 fn handshake() -> Scenario {
     let c = Conn::new(46_700);
     let d = Conn::new(46_710);
+    let e = Conn::new(46_720);
+    // The data of a TFO SYN.
+    const DATA: [u8; 100] = [0x22; 100];
     Scenario::new()
         .row(Row::redirected("SYN", c.syn(), c.to_maglev_backend()).entries(2))
         .row(Row::dropped(
@@ -574,6 +602,37 @@ fn handshake() -> Scenario {
             )
             .check("reset", move |cx| {
                 assert_eq!(states(cx, d) & CT_RST, CT_RST)
+            }),
+        )
+        .row(
+            Row::redirected(
+                "a SYN carrying 100 bytes (TFO)",
+                e.syn().payload(&DATA),
+                e.to_maglev_backend(),
+            )
+            .entries(2),
+        )
+        .row(
+            Row::redirected(
+                "a SYN-ACK acknowledging the SYN but not its data (RFC 7413 §4.2.2)",
+                ack_shifted(e.reply(flags::SYN | flags::ACK), 100u32.wrapping_neg()),
+                e.to_client(),
+            )
+            .check("the SYN-ACK is seen", move |cx| {
+                assert_eq!(states(cx, e) & CT_SYN_ACK_SEEN, CT_SYN_ACK_SEEN);
+            }),
+        )
+        .row(
+            Row::redirected(
+                "the client sends the data again with its ACK, which establishes",
+                shifted(
+                    e.send(flags::ACK | flags::PSH).map(|f| f.payload(&DATA)),
+                    100u32.wrapping_neg(),
+                ),
+                e.to_its_backend(),
+            )
+            .check("established", move |cx| {
+                assert_eq!(states(cx, e) & CT_ESTABLISHED, CT_ESTABLISHED);
             }),
         )
 }

@@ -211,6 +211,14 @@ impl Model {
     }
 }
 
+/// The flow a SYN starts over (§4.1): the entry it was found under, and whether it is
+/// re-balanced (counted `syn_rebalanced`: the connection was not over).
+#[derive(Clone, Copy, Debug)]
+struct Stale {
+    flow: Flow,
+    rebalanced: bool,
+}
+
 /// One frame through the model.
 struct Step<'a> {
     m: &'a mut Model,
@@ -255,7 +263,7 @@ impl Step<'_> {
             self.m.remove_pair(&key, &es, self.x);
         }
         match self.service() {
-            Some(app) if syn_only => self.new_flow(app),
+            Some(app) if syn_only => self.new_flow(app, None),
             Some(_) => self.x.drop(DropReason::NoFlow),
             None if self.snat_range() => self.x.drop(DropReason::NoReplyFlow),
             None => self.x.pass(self.frame),
@@ -276,9 +284,7 @@ impl Step<'_> {
             return self.x.drop(DropReason::BadFlags);
         }
         let syn_only = flags & (SYN | ACK | FIN | RST) == SYN;
-        if (es.is_some() || (service.is_some() && syn_only)) && self.seg.ttl <= 1 {
-            return self.x.drop(DropReason::TtlExceeded);
-        }
+        let mut stale = None;
         if let Some(es) = es {
             let er = self.m.ct.get(&es.peer_key()).copied();
             let wscale = (flags & SYN != 0)
@@ -291,28 +297,34 @@ impl Step<'_> {
                 wscale,
                 self.accepting(es.backend_id),
             );
-            return match d.action {
-                Action::Forward => self.forward(d),
-                Action::Drop(reason) => self.x.drop(reason),
+            match d.action {
+                // §4.1: the SYN goes on as one without a flow; its old pair is removed only
+                // once it passed the checks of §5 (a SYN that fails them changes nothing).
                 Action::NewFlow { rebalanced } => {
-                    self.m.remove_pair(&key, &es, self.x);
-                    if rebalanced {
-                        self.x.stat(GlobalStat::SynRebalanced, 1);
-                    }
-                    match service {
-                        Some(app) => self.new_flow(app),
-                        None => self.x.pass(self.frame),
-                    }
+                    stale = Some(Stale {
+                        flow: es,
+                        rebalanced,
+                    })
                 }
-            };
+                // §3: the TTL of what the flow would forward.
+                _ if self.seg.ttl <= 1 => return self.x.drop(DropReason::TtlExceeded),
+                Action::Forward => return self.forward(d),
+                Action::Drop(reason) => return self.x.drop(reason),
+            }
+        }
+        // §3: the TTL of what would create a flow.
+        if service.is_some() && syn_only && self.seg.ttl <= 1 {
+            return self.x.drop(DropReason::TtlExceeded);
         }
         // §7: a segment with ACK is answered with an RST, but an RST never is, nor a segment
         // with IPv4 options (the RST would move the TCP header).
         let has_ack = flags & ACK != 0 && flags & RST == 0 && self.seg.ihl == wire::IPV4_MIN_LEN;
         match service {
-            Some(app) if syn_only => self.new_flow(app),
+            Some(app) if syn_only => self.new_flow(app, stale),
             Some(_) if has_ack => self.rst_answer(),
             Some(_) => self.x.drop(DropReason::NoFlow),
+            // A SYN starting over to a port whose service is gone.
+            None if !snat => self.x.pass(self.frame),
             None if has_ack => self.rst_answer(),
             None => self.x.drop(DropReason::NoReplyFlow),
         }
@@ -422,15 +434,21 @@ impl Step<'_> {
         }
     }
 
-    /// A SYN to the service of `app` without a flow: spec §5 (today: the same without
-    /// checksums and tracking).
-    fn new_flow(&mut self, app: u32) {
+    /// A SYN to the service of `app` without a flow, or starting its flow `stale` over: spec §5
+    /// (today: the same without checksums and tracking).
+    fn new_flow(&mut self, app: u32, stale: Option<Stale>) {
         let spec = self.m.rules == Rules::Spec14;
         if spec
             && (wire::ip_residual(self.frame, self.seg.ihl) != 0xffff
                 || wire::tcp_residual(self.frame, &self.seg) != 0xffff)
         {
             return self.x.drop(DropReason::BadChecksum);
+        }
+        if let Some(old) = stale {
+            self.m.remove_pair(&self.seg.key, &old.flow, self.x);
+            if old.rebalanced {
+                self.x.stat(GlobalStat::SynRebalanced, 1);
+            }
         }
         if self.m.snat_ip == 0 || self.m.snat_ports.1 < self.m.snat_ports.0 {
             return self.x.drop(DropReason::NotConfigured);
@@ -463,7 +481,7 @@ impl Step<'_> {
         };
         if spec {
             let wscale = wire::wscale_option(self.frame, &self.seg);
-            tcp::new_flow_tracking(&mut forward, &mut reverse, &self.seg, wscale);
+            tcp::new_flow_tracking(&mut forward, &self.seg, wscale);
         } else {
             let set = tcp::legacy_bits(&forward, self.seg.flags);
             forward.state |= set;

@@ -183,7 +183,10 @@ pub fn spec14(
             d.set = CT_SYN_ACK_SEEN;
             return d;
         }
-        if seg.ack != er.seq_end {
+        // It acknowledges the SYN with all, some or none of its data (RFC 7413 §4.2.2: a TFO
+        // server that does not take the data acknowledges the ISN + 1): at most 1535 bytes (the
+        // most a SYN that created a flow carries) before the client's end.
+        if er.seq_end.wrapping_sub(seg.ack) > 1535 {
             d.action = Action::Drop(DropReason::OutOfWindow);
             return d;
         }
@@ -289,9 +292,10 @@ pub fn spec14(
     d
 }
 
-/// The tracking fields of a new flow's two entries (spec §5): the forward entry knows the
-/// client's SYN, the reverse one only the client's offered shift.
-pub fn new_flow_tracking(forward: &mut Flow, reverse: &mut Flow, seg: &Seg, wscale: Option<u8>) {
+/// The tracking fields of a new flow's forward entry (spec §5): the client's SYN. The reverse
+/// entry's stay zero until the SYN-ACK (§4.2 sets both entries' shifts then; the client's
+/// offer, kept in the forward entry, is all it needs).
+pub fn new_flow_tracking(forward: &mut Flow, seg: &Seg, wscale: Option<u8>) {
     forward.seq_end = seg.seq.wrapping_add(1).wrapping_add(seg.payload);
     forward.ack_max = 0;
     forward.win_max = u32::from(seg.window);
@@ -302,7 +306,6 @@ pub fn new_flow_tracking(forward: &mut Flow, reverse: &mut Flow, seg: &Seg, wsca
     } else {
         0
     };
-    reverse.peer_wscale = wscale.unwrap_or(0);
 }
 
 #[cfg(test)]
