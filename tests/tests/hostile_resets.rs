@@ -215,3 +215,21 @@ fn a_drain_deadline_resets_both_ends_xdp() {
 fn a_drain_deadline_resets_both_ends_tc() {
     drain_deadline(AttachMode::Tc);
 }
+
+/// An `app delete` that cannot be saved changes nothing: the app stays and its connections go
+/// on, neither end reset (their RSTs go only once the change is committed).
+#[test]
+fn a_delete_that_cannot_be_saved_leaves_the_connections_alone() {
+    let sb = Sandbox::held(AttachMode::Tc, &[]);
+    let mut pair = sb.pair(Duration::from_secs(3));
+    pair.exchange(1).unwrap();
+    // The state file cannot be written: a directory stands where its temporary file goes.
+    let tmp = sb.daemon.dir.path().join("state/state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    let refused = sb.daemon.fails(&["app", "delete", "web"]);
+    std::fs::remove_dir(&tmp).unwrap();
+    assert!(refused.contains("state.json.tmp"), "{refused}");
+    sb.daemon.ok(&["app", "show", "web"]);
+    pair.exchange(2)
+        .unwrap_or_else(|e| panic!("the connection after a refused `app delete`: {e}"));
+}

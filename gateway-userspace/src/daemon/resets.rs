@@ -6,7 +6,7 @@ use std::io;
 
 use tracing::{info, warn};
 
-use super::Core;
+use super::{Core, DaemonError};
 use crate::{
     datapath::{Connection, DatapathError},
     reset::{Reset, ResetSocket},
@@ -95,5 +95,22 @@ impl Core {
             connections,
             resets: sent,
         })
+    }
+
+    /// Ends the connections of `whose` once a change that leaves them without a service or a
+    /// backend is committed. A failure is logged, not returned: the change stands, and the
+    /// connections it could not end expire on their own.
+    pub(super) fn end_committed(&mut self, whose: Whose) -> Option<Ended> {
+        match self.end_connections(whose) {
+            Ok(ended) => Some(ended),
+            Err(e) => {
+                let error = DaemonError::from(e).chain();
+                warn!(
+                    ?whose,
+                    error, "ending the connections failed; they expire on their own"
+                );
+                None
+            }
+        }
     }
 }
