@@ -14,10 +14,12 @@ use aya::maps::{HashMap, Map, MapData};
 use gateway::datapath::AttachMode;
 use gateway_common::maps::{self, Flow, FlowKey4};
 use gateway_tests::{
-    hostile::{Sandbox, assert_reset, assert_write_reset, blocked_read, web4},
+    daemon::Daemon,
+    hostile::{LIFETIME, PORT, Sandbox, assert_reset, assert_write_reset, blocked_read, web, web4},
+    netns::Topology,
     packet::{Frame, flags},
     raw::{self, Sniffer},
-    traffic::Pair,
+    traffic::{Acceptor, Pair},
 };
 
 /// How soon an end must see the RST.
@@ -232,4 +234,33 @@ fn a_delete_that_cannot_be_saved_leaves_the_connections_alone() {
     sb.daemon.ok(&["app", "show", "web"]);
     pair.exchange(2)
         .unwrap_or_else(|e| panic!("the connection after a refused `app delete`: {e}"));
+}
+
+/// `backend remove --now` answers with the connections it ended, not those of the last
+/// conntrack scan (here none: the daemon scans once an hour, first an hour after it starts).
+#[test]
+fn removing_a_backend_now_counts_the_connections_it_ended() {
+    gateway_tests::require_root();
+    let topo = Topology::new(1);
+    let b = &topo.backends[0];
+    let acceptor = Acceptor::start(
+        b,
+        SocketAddrV4::new(b.ip, PORT),
+        Topology::SNAT_IP,
+        LIFETIME,
+    );
+    let args = Daemon::args(&topo, Some(AttachMode::Tc), &[]);
+    let mut args = Daemon::without(args, &["--scan-interval"]);
+    args.extend(["--scan-interval".into(), "1h".into()]);
+    let daemon = Daemon::start_with_args(&topo, args);
+    let backend = SocketAddrV4::new(b.ip, PORT).to_string();
+    daemon.app_with_backends("web", std::slice::from_ref(&backend));
+    let mut pairs: Vec<Pair> = (0..2)
+        .map(|_| Pair::open(&topo.client, web(), &acceptor, Duration::from_secs(3)).unwrap())
+        .collect();
+    for (round, pair) in (1..).zip(&mut pairs) {
+        pair.exchange(round).unwrap();
+    }
+    let out = daemon.ok(&["backend", "remove", "web", &backend, "--now"]);
+    assert!(out.contains("its 2 connections were ended"), "{out}");
 }
