@@ -126,8 +126,8 @@ fn checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// How long sending one RST may block (a full socket buffer), so that ending many connections
-/// never holds the daemon for long.
+/// How long sending one RST may block (a full socket buffer). The daemon tries no more of a
+/// batch once a send timed out, so ending many connections waits this long at most once.
 const SEND_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// A raw IPv4 socket (`socket(AF_INET, SOCK_RAW, IPPROTO_RAW)`, which implies `IP_HDRINCL`:
