@@ -4,6 +4,7 @@
 
 use std::io;
 
+use gateway_common::maps::Flow;
 use tracing::{info, warn};
 
 use super::{Core, DaemonError};
@@ -50,6 +51,16 @@ pub(super) enum Whose {
     Backend(u32),
 }
 
+impl Whose {
+    /// Whether `flow` is one of theirs.
+    fn matches(self, flow: &Flow) -> bool {
+        match self {
+            Whose::App(id) => flow.app_id == id,
+            Whose::Backend(id) => flow.backend_id == id,
+        }
+    }
+}
+
 /// What ending connections did.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Ended {
@@ -75,10 +86,9 @@ impl Core {
                 batch.send(&rst);
             }
         };
-        let connections = match whose {
-            Whose::App(id) => self.datapath.end_app_connections(id, &mut reset)?,
-            Whose::Backend(id) => self.datapath.end_backend_connections(id, &mut reset)?,
-        };
+        let connections = self
+            .datapath
+            .end_connections(|f| whose.matches(f), &mut reset)?;
         let Batch {
             sent,
             failed,

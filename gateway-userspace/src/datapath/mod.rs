@@ -392,27 +392,15 @@ impl Datapath {
         }
     }
 
-    /// Ends every connection of app `app_id`: calls `before` on each (to reset its ends),
-    /// then removes both of its entries. Returns how many connections were ended.
-    pub fn end_app_connections(
+    /// Ends every connection whose flow matches `which` (both entries of a connection carry
+    /// the same app and backend): calls `before` on each (to reset its ends), then removes both
+    /// of its entries. Returns how many connections were ended.
+    pub fn end_connections(
         &mut self,
-        app_id: u32,
+        which: impl Fn(&Flow) -> bool,
         before: impl FnMut(&Connection),
     ) -> Result<usize, DatapathError> {
-        self.maps
-            .conntrack
-            .end_where(|f| f.app_id == app_id, before)
-    }
-
-    /// Ends every connection to backend `id`, as [`Datapath::end_app_connections`] does.
-    pub fn end_backend_connections(
-        &mut self,
-        id: u32,
-        before: impl FnMut(&Connection),
-    ) -> Result<usize, DatapathError> {
-        self.maps
-            .conntrack
-            .end_where(|f| f.backend_id == id, before)
+        self.maps.conntrack.end_where(which, before)
     }
 
     /// The conntrack table.
