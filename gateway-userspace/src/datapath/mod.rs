@@ -18,7 +18,7 @@ mod upgrade;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -126,6 +126,26 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// Checks that map `name` pinned at `path` has this build's layout, `expected` key and value
+/// sizes: one of another layout is refused ([`DatapathError::PinnedLayout`]) and left as it is.
+fn check_pinned_layout(
+    name: &'static str,
+    path: &Path,
+    expected: (usize, usize),
+) -> Result<(), DatapathError> {
+    let info = aya::maps::MapInfo::from_pin(path).map_err(map_err(name))?;
+    let found = (info.key_size() as usize, info.value_size() as usize);
+    if found != expected {
+        return Err(DatapathError::PinnedLayout {
+            name,
+            path: path.to_owned(),
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
@@ -165,17 +185,7 @@ impl Datapath {
             for &(name, key_size, value_size) in LAYOUTS {
                 let path = dir.join(name);
                 if path.exists() {
-                    let info = aya::maps::MapInfo::from_pin(&path)
-                        .map_err(|source| DatapathError::Map { name, source })?;
-                    let found = (info.key_size() as usize, info.value_size() as usize);
-                    if found != (key_size, value_size) {
-                        return Err(DatapathError::PinnedLayout {
-                            name,
-                            path,
-                            expected: (key_size, value_size),
-                            found,
-                        });
-                    }
+                    check_pinned_layout(name, &path, (key_size, value_size))?;
                     reused.push(name);
                 }
                 loader.map_pin_path(name, path);

@@ -11,10 +11,10 @@
 
 use std::path::Path;
 
-use aya::maps::{MapData, MapInfo};
+use aya::maps::MapData;
 use gateway_common::maps::{self, FLOW_V1_SIZE, Flow, FlowKey4, TCP_MAX_WSCALE, TRACK_LIBERAL};
 
-use super::{Conntrack, Datapath, DatapathError, batch};
+use super::{Conntrack, Datapath, DatapathError, batch, check_pinned_layout, map_err};
 
 /// A value of the previous release's conntrack table: the first [`FLOW_V1_SIZE`] bytes of a
 /// [`Flow`] (everything up to its sequence tracking).
@@ -48,19 +48,8 @@ impl OldTable {
         if !path.exists() {
             return Ok(None);
         }
-        let map_err = |source| DatapathError::Map { name, source };
-        let info = MapInfo::from_pin(&path).map_err(map_err)?;
-        let expected = (size_of::<FlowKey4>(), FLOW_V1_SIZE);
-        let found = (info.key_size() as usize, info.value_size() as usize);
-        if found != expected {
-            return Err(DatapathError::PinnedLayout {
-                name,
-                path,
-                expected,
-                found,
-            });
-        }
-        let map = MapData::from_pin(&path).map_err(map_err)?;
+        check_pinned_layout(name, &path, (size_of::<FlowKey4>(), FLOW_V1_SIZE))?;
+        let map = MapData::from_pin(&path).map_err(map_err(name))?;
         Ok(Some(OldTable { map }))
     }
 
