@@ -90,9 +90,12 @@ impl Datapath {
     /// maps. Without a pin directory, or with nothing retired pinned there, does nothing.
     pub fn finish_upgrade(&mut self) -> Result<Upgrade, DatapathError> {
         let mut upgrade = Upgrade::default();
-        if let Some(old) = self.old_table.take() {
+        if let Some(old) = &self.old_table {
             upgrade.after_swap = old.copy_into(&mut self.maps.conntrack)?;
             upgrade.carried_over = self.carried_at_load + upgrade.after_swap;
+            // Only once copied: after a failed copy, another call copies again, and the old
+            // table's pin stays until then.
+            self.old_table = None;
         }
         let Some(dir) = &self.pin_dir else {
             return Ok(upgrade);
