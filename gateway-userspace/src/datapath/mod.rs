@@ -204,10 +204,6 @@ impl Datapath {
             app_stats: take(&mut ebpf, maps::APP_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
         };
-        let carried_at_load = match &old_table {
-            Some(old) => old.copy_into(&mut maps.conntrack)?,
-            None => 0,
-        };
         // Programs after maps: a reused map of the wrong layout is reported by its name above,
         // rather than as a verifier error here.
         for mode in AttachMode::ALL {
@@ -224,6 +220,13 @@ impl Datapath {
             };
             loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
+        // Carried over after the programs' verification (the slow part of a load), as close
+        // to the swap as loading gets: what the old programs change in copied entries until
+        // the swap is lost (the copy after it adds only missing entries).
+        let carried_at_load = match &old_table {
+            Some(old) => old.copy_into(&mut maps.conntrack)?,
+            None => 0,
+        };
         let conntrack_capacity = maps
             .conntrack
             .capacity()
