@@ -87,7 +87,8 @@ impl Conntrack {
     }
 
     /// Removes every entry whose flow matches `which` (both entries of a connection carry the
-    /// same app and backend); returns how many went.
+    /// same app and backend); returns how many went (tests and benchmarks empty the table so).
+    #[cfg(feature = "testing")]
     pub fn remove_where(&mut self, which: impl Fn(&Flow) -> bool) -> Result<usize, DatapathError> {
         let mut keys = Vec::new();
         self.walk(|key, flow| {

@@ -421,11 +421,6 @@ impl Datapath {
         &self.maps.conntrack
     }
 
-    /// The conntrack table, to change it.
-    pub fn conntrack_mut(&mut self) -> &mut Conntrack {
-        &mut self.maps.conntrack
-    }
-
     /// The conntrack table's capacity (entries).
     pub fn conntrack_capacity(&self) -> u32 {
         self.conntrack_capacity
