@@ -25,7 +25,7 @@ use gateway_common::{
 use crate::datapath::Connection;
 
 /// Bytes of an RST packet: an IPv4 header and a TCP header, neither with options, no payload.
-pub const RST_PACKET_LEN: usize = 40;
+const RST_PACKET_LEN: usize = 40;
 
 /// The IPv4 TTL of the RSTs the gateway sends (a host's default, as the datapath's own RSTs).
 pub const RST_TTL: u8 = 64;

@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// The status a refusal of `kind` goes with; `None` (a failure of the daemon itself) is 500.
-pub fn status_of(kind: Option<ErrorKind>) -> StatusCode {
+fn status_of(kind: Option<ErrorKind>) -> StatusCode {
     match kind {
         Some(ErrorKind::Invalid) => StatusCode::BAD_REQUEST,
         Some(ErrorKind::NotFound) => StatusCode::NOT_FOUND,

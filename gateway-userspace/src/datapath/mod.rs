@@ -41,7 +41,7 @@ pub use error::DatapathError;
 pub use stats::GlobalStats;
 #[cfg(feature = "testing")]
 pub use testing::{BENCH_PROGRAMS, BenchObject};
-pub use upgrade::{FlowV1, Upgrade, carried_over};
+pub use upgrade::{FlowV1, Upgrade};
 
 use crate::maglev;
 

@@ -24,7 +24,7 @@ pub type FlowV1 = [u8; FLOW_V1_SIZE];
 /// tracking not known yet ([`TRACK_LIBERAL`]: the datapath learns it from the entry's next
 /// packet, within the widest bounds, both window scales [`TCP_MAX_WSCALE`]), the other tracking
 /// fields zero.
-pub fn carried_over(v1: &FlowV1) -> Flow {
+fn carried_over(v1: &FlowV1) -> Flow {
     let mut bytes = [0u8; size_of::<Flow>()];
     bytes[..FLOW_V1_SIZE].copy_from_slice(v1);
     let mut flow: Flow = bytemuck::cast(bytes);
