@@ -1,10 +1,15 @@
 //! The wire's vocabulary: the IP protocol number of TCP, the TCP header's flag bits
-//! ([`tcp_flags`]), and the
-//! conversions between `core::net` addresses and the maps' network-order integers.
+//! ([`tcp_flags`]), the conversions between `core::net` addresses and the maps'
+//! network-order integers, and the Internet checksum's pure arithmetic ([`sum_words`],
+//! [`pseudo_header`], [`fold`], [`fold64`]).
 //!
 //! "Network order" (as the maps' field docs say) means the bytes as they are on the wire, read
 //! into an integer without swapping: `u32::from_ne_bytes(octets)` for an address and
 //! `port.to_be()` for a port. The datapath copies such fields to and from packets as they are.
+//!
+//! Checksums (RFC 1071) are summed the same way: 16-bit words of network-order bytes read
+//! without swapping. A one's complement sum does not care about byte order as long as reading
+//! and writing agree, so a checksum computed so is written back with `to_ne_bytes`.
 
 use core::net::{Ipv4Addr, SocketAddrV4};
 
@@ -76,6 +81,49 @@ pub const fn socket_from_net(ip: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip_from_net(ip), port_from_net(port))
 }
 
+/// Folds a 32-bit one's complement sum to 16 bits.
+#[inline(always)]
+pub const fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Folds a 64-bit one's complement sum to 16 bits.
+#[inline(always)]
+pub const fn fold64(sum: u64) -> u16 {
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    fold((sum & 0xffff) as u32 + (sum >> 16) as u32)
+}
+
+/// The one's complement sum, folded, of `bytes` as 16-bit words read without swapping; an odd
+/// last byte counts as a word with a zero second byte (RFC 1071).
+pub fn sum_words(bytes: &[u8]) -> u16 {
+    let mut sum = 0u64;
+    let mut words = bytes.chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(u16::from_ne_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        sum += u64::from(u16::from_ne_bytes([*last, 0]));
+    }
+    fold64(sum)
+}
+
+/// The sum of a TCP pseudo-header (RFC 9293 §3.1): addresses `src_ip` and `dst_ip` (network
+/// order), protocol, TCP length `tcp_len` (host order), as words read without swapping. Not
+/// folded: at most six words.
+#[inline(always)]
+pub const fn pseudo_header(src_ip: u32, dst_ip: u32, tcp_len: u16) -> u32 {
+    (src_ip & 0xffff)
+        + (src_ip >> 16)
+        + (dst_ip & 0xffff)
+        + (dst_ip >> 16)
+        + (IPPROTO_TCP as u16).to_be() as u32
+        + tcp_len.to_be() as u32
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -124,6 +172,26 @@ mod tests {
         assert_eq!(
             socket_from_net(ip_to_net(addr), port_to_net(20_000)),
             "203.0.113.10:20000".parse().unwrap()
+        );
+    }
+    #[test]
+    fn sums_are_rfc_1071s_whatever_the_byte_order() {
+        // RFC 1071 §3's example words sum to 0xddf2 (with the carries folded in).
+        let words = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(sum_words(&words).to_ne_bytes(), [0xdd, 0xf2]);
+        // An odd last byte is the first of a word.
+        assert_eq!(sum_words(&[0x12]).to_ne_bytes(), [0x12, 0]);
+        assert_eq!(fold(0x1_fffe), 0xffff);
+        assert_eq!(fold(0xffff_ffff), 0xffff);
+    }
+
+    #[test]
+    fn a_pseudo_header_sums_as_its_12_bytes() {
+        let (src, dst) = (Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(192, 0, 2, 2));
+        let bytes = [203, 0, 113, 10, 192, 0, 2, 2, 0, IPPROTO_TCP, 0x05, 0xdc];
+        assert_eq!(
+            fold(pseudo_header(ip_to_net(src), ip_to_net(dst), 1500)),
+            sum_words(&bytes)
         );
     }
 }

@@ -1,6 +1,10 @@
 //! Internet checksum arithmetic (RFC 1071, incremental updates per RFC 1624). Values are
 //! processed as raw 16-bit words of network-order bytes: one's complement sums do not care
-//! about byte order as long as reading and writing agree.
+//! about byte order as long as reading and writing agree. The pure parts shared with userspace
+//! ([`fold`], [`pseudo_header`]) are `gateway_common::net`'s.
+
+use gateway_common::net::fold64;
+pub use gateway_common::net::{fold, pseudo_header};
 
 /// Adds to `acc` the difference between two 32-bit fields (`new - old`).
 #[inline(always)]
@@ -12,14 +16,6 @@ pub fn diff32(acc: u32, old: u32, new: u32) -> u32 {
 #[inline(always)]
 pub fn diff16(acc: u32, old: u16, new: u16) -> u32 {
     acc + u32::from(!old) + u32::from(new)
-}
-
-/// Folds a 32-bit one's complement sum to 16 bits.
-#[inline(always)]
-pub fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
 
 /// The checksum field after applying `diff` (RFC 1624: HC' = ~(~HC + m' - m)).
@@ -34,14 +30,6 @@ const CHUNK: usize = 64;
 const CHUNKS_MAX: usize = 23;
 /// The most bytes [`sum_bytes`] sums: 1535.
 pub const SEGMENT_MAX: usize = CHUNK * (CHUNKS_MAX + 1) - 1;
-
-/// Folds a 64-bit one's complement sum to 16 bits.
-#[inline(always)]
-fn fold64(sum: u64) -> u16 {
-    let sum = (sum & 0xffff_ffff) + (sum >> 32);
-    let sum = (sum & 0xffff_ffff) + (sum >> 32);
-    fold((sum & 0xffff) as u32 + (sum >> 16) as u32)
-}
 
 /// The one's complement sum, folded, of the `len` bytes at `offset` (even) of the packet, as
 /// 16-bit words read the datapath's way; an odd last byte counts as a word with a zero second
@@ -106,18 +94,6 @@ pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<
 #[inline(always)]
 pub fn ipv4_ok(b: &crate::parse::Bounds, pkt: &crate::parse::TcpPacket) -> bool {
     sum_bytes(b, crate::parse::ETH_LEN, pkt.ihl()).is_some_and(|s| s == 0xffff)
-}
-
-/// The sum of `pkt`'s TCP pseudo-header (RFC 9293 §3.1): addresses, protocol, TCP length, as
-/// words read the datapath's way.
-#[inline(always)]
-pub fn pseudo_header(src_ip: u32, dst_ip: u32, tcp_len: u16) -> u32 {
-    (src_ip & 0xffff)
-        + (src_ip >> 16)
-        + (dst_ip & 0xffff)
-        + (dst_ip >> 16)
-        + u32::from(u16::from(gateway_common::net::IPPROTO_TCP).to_be())
-        + u32::from(tcp_len.to_be())
 }
 
 /// Whether the TCP segment of `pkt` has a right checksum (pseudo-header and whole segment).

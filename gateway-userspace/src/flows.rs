@@ -56,39 +56,31 @@ pub fn list(
         filter.app_id.is_none_or(|id| id == flow.app_id)
             && filter.backend.is_none_or(|b| b == backend)
     };
-    let mut forward = Vec::new();
-    let mut reverse = HashMap::new();
-    ct.walk(|key, flow| {
-        if wanted(key, flow) {
-            if flow.direction == DIR_FORWARD {
-                forward.push((*key, *flow));
-            } else {
-                reverse.insert(*key, *flow);
-            }
-        }
-    })?;
-    forward.sort_by_key(|(k, f)| (f.created_ns, k.src_ip, k.src_port));
+    // Each connection by its forward entry (one with none is not listed).
+    let mut forward: Vec<(FlowKey4, Flow, Flow)> = ct
+        .connections(wanted)?
+        .into_iter()
+        .filter_map(|c| Some((c.forward_key, c.forward?, c.reverse.unwrap_or_default())))
+        .collect();
+    forward.sort_by_key(|(k, f, _)| (f.created_ns, k.src_ip, k.src_port));
     let matched = forward.len();
     let ms = |ns: u64| now_ns.saturating_sub(ns) / 1_000_000;
     let flows = forward
         .into_iter()
         .take(filter.limit.unwrap_or(usize::MAX))
-        .map(|(k, f)| {
-            let back = reverse.get(&f.peer_key()).copied().unwrap_or_default();
-            FlowView {
-                app: apps.get(&f.app_id).cloned().unwrap_or_default(),
-                client: k.src().to_string(),
-                public: k.dst().to_string(),
-                backend: f.nat_dst().to_string(),
-                snat: f.nat_src().to_string(),
-                state: state_name(f.state).to_owned(),
-                age_ms: ms(f.created_ns),
-                idle_ms: ms(f.last_seen_ns.max(back.last_seen_ns)),
-                packets_in: f.packets,
-                bytes_in: f.bytes,
-                packets_out: back.packets,
-                bytes_out: back.bytes,
-            }
+        .map(|(k, f, back)| FlowView {
+            app: apps.get(&f.app_id).cloned().unwrap_or_default(),
+            client: k.src().to_string(),
+            public: k.dst().to_string(),
+            backend: f.nat_dst().to_string(),
+            snat: f.nat_src().to_string(),
+            state: state_name(f.state).to_owned(),
+            age_ms: ms(f.created_ns),
+            idle_ms: ms(f.last_seen_ns.max(back.last_seen_ns)),
+            packets_in: f.packets,
+            bytes_in: f.bytes,
+            packets_out: back.packets,
+            bytes_out: back.bytes,
         })
         .collect();
     Ok(FlowList { matched, flows })

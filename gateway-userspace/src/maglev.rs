@@ -8,7 +8,7 @@
 
 use std::net::SocketAddrV4;
 
-use gateway_common::maps::{MAGLEV_PROBES, MAGLEV_SIZE};
+use gateway_common::maps::MAGLEV_SIZE;
 
 /// A backend as the table sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,15 +65,17 @@ pub fn table(backends: &[Entry]) -> Vec<u32> {
 
 /// The backend the datapath gives a new flow whose first slot of `slots` (an app's table) is
 /// `start` (`FlowKey4::maglev_slot`), as gateway-ebpf's `lb::choose` walks it: up to
-/// [`MAGLEV_PROBES`] consecutive slots, wrapping at the end, the first whose backend is
+/// [`MAGLEV_PROBES`](gateway_common::maps::MAGLEV_PROBES) consecutive slots, wrapping at the end, the first whose backend is
 /// `accepting` (read from the backends map: a backend not there does not accept); an empty
-/// slot (id 0) ends the walk with none. `accepting`'s error is returned as is.
+/// slot (id 0) ends the walk with none. `accepting`'s error is returned as is. Tests predict
+/// the datapath's choice with it.
+#[cfg(any(test, feature = "testing"))]
 pub fn choose<E>(
     slots: &[u32],
     start: u32,
     mut accepting: impl FnMut(u32) -> Result<bool, E>,
 ) -> Result<Option<u32>, E> {
-    for i in 0..MAGLEV_PROBES {
+    for i in 0..gateway_common::maps::MAGLEV_PROBES {
         let Some(&id) = slots.get(((start + i) % MAGLEV_SIZE) as usize) else {
             break;
         };

@@ -19,13 +19,13 @@ use std::{
 
 use gateway_common::{
     maps::{Flow, TRACK_ACK_SEEN},
-    net::{IPPROTO_TCP, tcp_flags},
+    net::{self, IPPROTO_TCP, ip_to_net, tcp_flags},
 };
 
 use crate::datapath::Connection;
 
 /// Bytes of an RST packet: an IPv4 header and a TCP header, neither with options, no payload.
-pub const RST_PACKET_LEN: usize = 40;
+const RST_PACKET_LEN: usize = 40;
 
 /// The IPv4 TTL of the RSTs the gateway sends (a host's default, as the datapath's own RSTs).
 pub const RST_TTL: u8 = 64;
@@ -95,39 +95,31 @@ impl Reset {
         t[4..8].copy_from_slice(&self.seq.to_be_bytes());
         t[12] = 5 << 4; // data offset: 5 words
         t[13] = tcp_flags::RST;
-        let tcp_sum = checksum(&[&pseudo_header(src, dst, 20), &p[20..]]);
+        let pseudo = net::pseudo_header(ip_to_net(*self.from.ip()), ip_to_net(*self.to.ip()), 20);
+        let tcp_sum = checksum_after(pseudo, &[&p[20..]]);
         p[36..38].copy_from_slice(&tcp_sum.to_be_bytes());
         p
     }
 }
 
-/// The TCP pseudo-header (RFC 9293 §3.1) of a segment of `len` bytes from `src` to `dst`.
-fn pseudo_header(src: [u8; 4], dst: [u8; 4], len: u16) -> [u8; 12] {
-    let mut h = [0u8; 12];
-    h[0..4].copy_from_slice(&src);
-    h[4..8].copy_from_slice(&dst);
-    h[9] = IPPROTO_TCP;
-    h[10..12].copy_from_slice(&len.to_be_bytes());
-    h
-}
-
-/// The Internet checksum (RFC 1071) of `parts` laid end to end (each of even length): the
-/// one's complement of the one's complement sum of its 16-bit big-endian words.
+/// The Internet checksum (RFC 1071) of `parts` laid end to end (each of even length), host
+/// order: the one's complement of the one's complement sum of its 16-bit words.
 fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for part in parts {
-        for word in part.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([word[0], *word.get(1).unwrap_or(&0)]));
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    checksum_after(0, parts)
 }
 
-/// How long sending one RST may block (a full socket buffer), so that ending many connections
-/// never holds the daemon for long.
+/// [`checksum`] of `parts` after `sum`, a sum of words read as `gateway_common::net` reads
+/// them (a pseudo-header's, [`net::pseudo_header`]).
+fn checksum_after(sum: u32, parts: &[&[u8]]) -> u16 {
+    let sum = parts.iter().fold(u64::from(sum), |acc, part| {
+        acc + u64::from(net::sum_words(part))
+    });
+    // Summed from words read without swapping: the field's bytes are the result's own.
+    u16::from_be_bytes((!net::fold64(sum)).to_ne_bytes())
+}
+
+/// How long sending one RST may block (a full socket buffer). The daemon tries no more of a
+/// batch once a send timed out, so ending many connections waits this long at most once.
 const SEND_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// A raw IPv4 socket (`socket(AF_INET, SOCK_RAW, IPPROTO_RAW)`, which implies `IP_HDRINCL`:
@@ -182,7 +174,7 @@ impl ResetSocket {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
             sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(reset.to.ip().octets()),
+                s_addr: ip_to_net(*reset.to.ip()),
             },
             sin_zero: [0; 8],
         };

@@ -14,10 +14,12 @@ use aya::maps::{HashMap, Map, MapData};
 use gateway::datapath::AttachMode;
 use gateway_common::maps::{self, Flow, FlowKey4};
 use gateway_tests::{
-    hostile::{Sandbox, assert_reset, assert_write_reset, blocked_read, web4},
+    daemon::Daemon,
+    hostile::{LIFETIME, PORT, Sandbox, assert_reset, assert_write_reset, blocked_read, web, web4},
+    netns::Topology,
     packet::{Frame, flags},
     raw::{self, Sniffer},
-    traffic::Pair,
+    traffic::{Acceptor, Pair},
 };
 
 /// How soon an end must see the RST.
@@ -214,4 +216,51 @@ fn a_drain_deadline_resets_both_ends_xdp() {
 #[test]
 fn a_drain_deadline_resets_both_ends_tc() {
     drain_deadline(AttachMode::Tc);
+}
+
+/// An `app delete` that cannot be saved changes nothing: the app stays and its connections go
+/// on, neither end reset (their RSTs go only once the change is committed).
+#[test]
+fn a_delete_that_cannot_be_saved_leaves_the_connections_alone() {
+    let sb = Sandbox::held(AttachMode::Tc, &[]);
+    let mut pair = sb.pair(Duration::from_secs(3));
+    pair.exchange(1).unwrap();
+    // The state file cannot be written: a directory stands where its temporary file goes.
+    let tmp = sb.daemon.dir.path().join("state/state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    let refused = sb.daemon.fails(&["app", "delete", "web"]);
+    std::fs::remove_dir(&tmp).unwrap();
+    assert!(refused.contains("state.json.tmp"), "{refused}");
+    sb.daemon.ok(&["app", "show", "web"]);
+    pair.exchange(2)
+        .unwrap_or_else(|e| panic!("the connection after a refused `app delete`: {e}"));
+}
+
+/// `backend remove --now` answers with the connections it ended, not those of the last
+/// conntrack scan (here none: the daemon scans once an hour, first an hour after it starts).
+#[test]
+fn removing_a_backend_now_counts_the_connections_it_ended() {
+    gateway_tests::require_root();
+    let topo = Topology::new(1);
+    let b = &topo.backends[0];
+    let acceptor = Acceptor::start(
+        b,
+        SocketAddrV4::new(b.ip, PORT),
+        Topology::SNAT_IP,
+        LIFETIME,
+    );
+    let args = Daemon::args(&topo, Some(AttachMode::Tc), &[]);
+    let mut args = Daemon::without(args, &["--scan-interval"]);
+    args.extend(["--scan-interval".into(), "1h".into()]);
+    let daemon = Daemon::start_with_args(&topo, args);
+    let backend = SocketAddrV4::new(b.ip, PORT).to_string();
+    daemon.app_with_backends("web", std::slice::from_ref(&backend));
+    let mut pairs: Vec<Pair> = (0..2)
+        .map(|_| Pair::open(&topo.client, web(), &acceptor, Duration::from_secs(3)).unwrap())
+        .collect();
+    for (round, pair) in (1..).zip(&mut pairs) {
+        pair.exchange(round).unwrap();
+    }
+    let out = daemon.ok(&["backend", "remove", "web", &backend, "--now"]);
+    assert!(out.contains("its 2 connections were ended"), "{out}");
 }

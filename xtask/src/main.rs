@@ -42,15 +42,10 @@ enum Task {
     /// The datapath and its reference model side by side on generated packet sequences, in
     /// both attach modes (needs root); stops at the first divergence and shows it minimised.
     Fuzz {
-        /// Packets per attach mode.
-        #[arg(long, default_value_t = 1_000_000)]
-        packets: u64,
-        /// Seed (decimal or 0x-hex); default: from the clock (printed, to replay a run).
-        #[arg(long)]
-        seed: Option<String>,
-        /// One attach mode only: xdp or tc.
-        #[arg(long)]
-        mode: Option<String>,
+        /// Arguments for `gateway-fuzz`: `[--packets N] [--seed S] [--mode xdp|tc|both]
+        /// [--legacy]` (1,000,000 packets per mode, a seed from the clock, both modes).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -78,18 +73,7 @@ fn main() -> ExitCode {
             full.extend(args);
             cargo_run_as_root("gateway-tests", "gateway-sandbox", true, &full)
         }),
-        Task::Fuzz {
-            packets,
-            seed,
-            mode,
-        } => setup::setup().and_then(|()| {
-            let mut args = vec!["--packets".to_owned(), packets.to_string()];
-            if let Some(seed) = seed {
-                args.extend(["--seed".to_owned(), seed]);
-            }
-            if let Some(mode) = mode {
-                args.extend(["--mode".to_owned(), mode]);
-            }
+        Task::Fuzz { args } => setup::setup().and_then(|()| {
             // Optimized: the model and the comparisons are the fuzzer's own cost.
             cargo_run_as_root("gateway-tests", "gateway-fuzz", true, &args)
         }),
@@ -167,4 +151,34 @@ pub fn gateway_bin(release: bool) -> std::path::PathBuf {
 /// The cargo that runs us.
 pub fn env_cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fuzz_args(line: &[&str]) -> Vec<String> {
+        let args = Args::try_parse_from(["xtask", "fuzz"].iter().chain(line))
+            .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        match args.command {
+            Task::Fuzz { args } => args,
+            other => panic!("{line:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fuzz_passes_its_arguments_to_gateway_fuzz_as_they_are() {
+        let line = [
+            "--packets",
+            "1000",
+            "--seed",
+            "0x2a",
+            "--mode",
+            "tc",
+            "--legacy",
+        ];
+        assert_eq!(fuzz_args(&line), line);
+        assert_eq!(fuzz_args(&["--legacy"]), ["--legacy"]);
+        assert!(fuzz_args(&[]).is_empty());
+    }
 }

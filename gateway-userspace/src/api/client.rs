@@ -124,8 +124,8 @@ impl Client {
             .await
     }
 
-    /// `DELETE /v1/apps/{app}/backends/{address}?...`: the backend, draining or (with
-    /// `now`) removed, with the connections it had.
+    /// `DELETE /v1/apps/{app}/backends/{address}?...`: the backend, draining with the
+    /// connections it had, or (with `now`) removed with the connections ended.
     pub async fn remove_backend(
         &self,
         app: &str,

@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// The status a refusal of `kind` goes with; `None` (a failure of the daemon itself) is 500.
-pub fn status_of(kind: Option<ErrorKind>) -> StatusCode {
+fn status_of(kind: Option<ErrorKind>) -> StatusCode {
     match kind {
         Some(ErrorKind::Invalid) => StatusCode::BAD_REQUEST,
         Some(ErrorKind::NotFound) => StatusCode::NOT_FOUND,
@@ -213,21 +213,17 @@ impl Drop for SocketFile {
 /// Binds the API socket `path`, root-only (0600): the listener, and the guard of its file. A
 /// socket left by a dead daemon is replaced; one a live daemon answers on is not.
 pub fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketFile), DaemonError> {
-    let io = |what, path: &Path| {
-        let path = path.to_owned();
-        move |source| DaemonError::Io { what, path, source }
-    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        std::fs::create_dir_all(dir).map_err(DaemonError::io("creating", dir))?;
     }
     refuse_live_socket(path)?;
     if path.exists() {
-        std::fs::remove_file(path).map_err(io("removing", path))?;
+        std::fs::remove_file(path).map_err(DaemonError::io("removing", path))?;
     }
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = tokio::net::UnixListener::bind(path);
     nix::sys::stat::umask(old);
-    let listener = listener.map_err(io("binding the API socket", path))?;
+    let listener = listener.map_err(DaemonError::io("binding the API socket", path))?;
     Ok((listener, SocketFile(path.to_owned())))
 }
 

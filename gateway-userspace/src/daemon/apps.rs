@@ -5,7 +5,7 @@
 
 use tracing::info;
 
-use super::{Daemon, DaemonError, now_ms};
+use super::{Daemon, DaemonError, now_ms, resets::Whose};
 use crate::{
     api::{AddBackend, AppView, BackendView, CreateApp, Status},
     datapath::ConnectionCounts,
@@ -72,6 +72,16 @@ impl Daemon {
             c.commit(&name, next)?;
             c.latency.remove(&name);
             info!(app = name, port = app.port, "app deleted, port freed");
+            // After the commit: a change refused must leave every connection as it was.
+            if let Some(ended) = c.end_committed(Whose::App(app.id)) {
+                info!(
+                    app = name,
+                    connections = ended.connections,
+                    resets = ended.resets,
+                    "ended the app's connections ({} RSTs sent)",
+                    ended.resets
+                );
+            }
             Ok(view)
         })
         .await

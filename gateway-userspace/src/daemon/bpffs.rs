@@ -19,11 +19,7 @@ fn on_bpffs(path: &Path) -> bool {
 }
 
 fn create_dir(dir: &Path) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(dir).map_err(|source| DaemonError::Io {
-        what: "creating",
-        path: dir.to_owned(),
-        source,
-    })
+    std::fs::create_dir_all(dir).map_err(DaemonError::io("creating", dir))
 }
 
 fn mount(at: &Path) -> Result<(), DaemonError> {
@@ -68,11 +64,8 @@ pub fn remove_datapath(dir: &Path) -> Result<Vec<String>, DaemonError> {
     if !dir.is_dir() {
         return Ok(Vec::new());
     }
-    let removed = datapath::remove_pins(dir).map_err(|source| DaemonError::Io {
-        what: "removing the pins in",
-        path: dir.to_owned(),
-        source,
-    })?;
+    let removed =
+        datapath::remove_pins(dir).map_err(DaemonError::io("removing the pins in", dir))?;
     let own_mount = dir.parent().is_some_and(|p| !on_bpffs(p)) && on_bpffs(dir);
     if own_mount {
         nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH).map_err(|source| {
@@ -90,13 +83,7 @@ pub fn remove_datapath(dir: &Path) -> Result<Vec<String>, DaemonError> {
 /// Locks `dir` (flock on the directory) for the life of the returned file: one daemon per pin
 /// directory.
 pub fn lock(dir: &Path) -> Result<std::fs::File, DaemonError> {
-    let io = |what| {
-        move |source| DaemonError::Io {
-            what,
-            path: dir.to_owned(),
-            source,
-        }
-    };
+    let io = |what| DaemonError::io(what, dir);
     let file = std::fs::File::open(dir).map_err(io("opening"))?;
     match file.try_lock() {
         Ok(()) => Ok(file),

@@ -4,7 +4,10 @@
 //! start). The HTTP layer (`api::server`) maps [`DaemonError::kind`] to a status; nothing here
 //! knows HTTP.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use crate::{
     datapath::DatapathError,
@@ -63,6 +66,12 @@ pub enum DaemonError {
 }
 
 impl DaemonError {
+    /// [`DaemonError::Io`] for doing `what` to `path`, from the error it gives.
+    pub fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| DaemonError::Io { what, path, source }
+    }
+
     /// What kind of refusal this is; `None` for a failure of the daemon itself.
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {

@@ -284,12 +284,8 @@ fn attach(core: &mut Core, settings: &Settings) -> Result<(), DaemonError> {
             )
         })
         .collect();
-    let pruned =
-        datapath::prune_links(&settings.bpffs, &wanted).map_err(|source| DaemonError::Io {
-            what: "removing old links in",
-            path: settings.bpffs.clone(),
-            source,
-        })?;
+    let pruned = datapath::prune_links(&settings.bpffs, &wanted)
+        .map_err(DaemonError::io("removing old links in", &settings.bpffs))?;
     for name in pruned {
         info!(link = name, "removed a link no longer configured");
     }

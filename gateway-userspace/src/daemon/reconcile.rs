@@ -47,17 +47,11 @@ impl Core {
         if let Some(old) = old {
             let kept = |id| new.is_some_and(|n: &App| n.backends.iter().any(|b| b.id == id));
             if new.is_none() {
+                // Its connections are ended by the caller once the change is committed (an
+                // undo must find them untouched).
                 let d = &mut self.datapath;
                 d.remove_service(SocketAddrV4::new(public_ip, old.port))?;
                 d.remove_app_table(old.id)?;
-                let ended = self.end_connections(Whose::App(old.id))?;
-                info!(
-                    app.id = old.id,
-                    connections = ended.connections,
-                    resets = ended.resets,
-                    "ended the app's connections ({} RSTs sent)",
-                    ended.resets
-                );
             }
             for b in old.backends.iter().filter(|b| !kept(b.id)) {
                 // Out of the table already; its established flows go on.

@@ -48,8 +48,15 @@ impl Core {
             if drained {
                 info!(app = name, backend = %addr, "backend drained: no connection left; it is gone");
             } else {
-                let ended = self.end_connections(Whose::Backend(id))?;
-                warn!(app = name, backend = %addr, connections = ended.connections, resets = ended.resets, "drain timeout: the backend's remaining connections were ended ({} RSTs sent); it is gone", ended.resets);
+                // A failure to end them must not stop the other drains: the backend is gone.
+                match self.end_committed(Whose::Backend(id)) {
+                    Some(ended) => {
+                        warn!(app = name, backend = %addr, connections = ended.connections, resets = ended.resets, "drain timeout: the backend's remaining connections were ended ({} RSTs sent); it is gone", ended.resets)
+                    }
+                    None => {
+                        warn!(app = name, backend = %addr, "drain timeout: the backend is gone; its remaining connections expire on their own")
+                    }
+                }
             }
         }
         Ok(())
@@ -70,7 +77,7 @@ impl Daemon {
 
     /// Removes backend `address` of app `name`: it drains (no new connections; open ones go on
     /// until they close or the drain timeout), or with `q.now` goes at once and its connections
-    /// end. Answers the backend as it was.
+    /// end. Answers the backend as it was; with `q.now`, with the connections just ended.
     pub async fn remove_backend(
         &self,
         name: String,
@@ -85,9 +92,19 @@ impl Daemon {
             if q.now {
                 let backend = next.remove_backend(&name, addr)?;
                 c.commit(&name, next)?;
-                let ended = c.end_connections(Whose::Backend(backend.id))?;
-                info!(app = name, backend = %addr, connections = ended.connections, resets = ended.resets, "backend removed now; its connections were ended ({} RSTs sent)", ended.resets);
-                return Ok(c.backend_view(&backend, &counts));
+                let mut view = c.backend_view(&backend, &counts);
+                // Committed: the request succeeded even if its connections could not be ended.
+                match c.end_committed(Whose::Backend(backend.id)) {
+                    Some(ended) => {
+                        info!(app = name, backend = %addr, connections = ended.connections, resets = ended.resets, "backend removed now; its connections were ended ({} RSTs sent)", ended.resets);
+                        // The connections this removal ended, not those of the last scan.
+                        view.connections = ended.connections as u64;
+                    }
+                    None => {
+                        warn!(app = name, backend = %addr, "backend removed now; its connections expire on their own")
+                    }
+                }
+                return Ok(view);
             }
             let timeout = q
                 .drain_timeout_ms

@@ -87,7 +87,8 @@ impl Conntrack {
     }
 
     /// Removes every entry whose flow matches `which` (both entries of a connection carry the
-    /// same app and backend); returns how many went.
+    /// same app and backend); returns how many went (tests and benchmarks empty the table so).
+    #[cfg(feature = "testing")]
     pub fn remove_where(&mut self, which: impl Fn(&Flow) -> bool) -> Result<usize, DatapathError> {
         let mut keys = Vec::new();
         self.walk(|key, flow| {
@@ -106,18 +107,27 @@ impl Conntrack {
         which: impl Fn(&Flow) -> bool,
         mut before: impl FnMut(&Connection),
     ) -> Result<usize, DatapathError> {
-        let mut entries = std::collections::HashMap::new();
-        self.walk(|key, flow| {
-            if which(flow) {
-                entries.insert(*key, *flow);
-            }
-        })?;
-        let connections = Connection::pair(entries);
+        let connections = self.connections(|_, flow| which(flow))?;
         for c in &connections {
             before(c);
             self.remove(&[c.forward_key, c.reverse_key]);
         }
         Ok(connections.len())
+    }
+
+    /// The connections of the entries `which` selects: each forward entry with its peer if that
+    /// is selected too, then each reverse entry left without one, alone. Walks the table.
+    pub fn connections(
+        &self,
+        which: impl Fn(&FlowKey4, &Flow) -> bool,
+    ) -> Result<Vec<Connection>, DatapathError> {
+        let mut entries = Vec::new();
+        self.walk(|key, flow| {
+            if which(key, flow) {
+                entries.push((*key, *flow));
+            }
+        })?;
+        Ok(Connection::pair(entries))
     }
 
     /// Removes the entries of `keys` that are still there; returns how many went.
@@ -171,33 +181,36 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Groups `entries` into connections: each entry with its peer when the peer is there.
-    fn pair(mut entries: std::collections::HashMap<FlowKey4, Flow>) -> Vec<Connection> {
-        let keys: Vec<FlowKey4> = entries.keys().copied().collect();
-        let mut connections = Vec::new();
-        for key in keys {
-            // Gone already: it was the peer of an entry seen before.
-            let Some(flow) = entries.remove(&key) else {
-                continue;
-            };
-            let peer_key = flow.peer_key();
-            let peer = entries.remove(&peer_key);
-            connections.push(if flow.direction == maps::DIR_FORWARD {
+    /// Groups `entries` into connections: each forward entry with its peer when the peer is
+    /// there, then each reverse entry left, alone.
+    fn pair(entries: impl IntoIterator<Item = (FlowKey4, Flow)>) -> Vec<Connection> {
+        let mut forward = Vec::new();
+        let mut reverse = std::collections::HashMap::new();
+        for (key, flow) in entries {
+            if flow.direction == maps::DIR_FORWARD {
+                forward.push((key, flow));
+            } else {
+                reverse.insert(key, flow);
+            }
+        }
+        let mut connections: Vec<Connection> = forward
+            .into_iter()
+            .map(|(key, flow)| {
+                let reverse_key = flow.peer_key();
                 Connection {
                     forward_key: key,
                     forward: Some(flow),
-                    reverse_key: peer_key,
-                    reverse: peer,
+                    reverse_key,
+                    reverse: reverse.remove(&reverse_key),
                 }
-            } else {
-                Connection {
-                    forward_key: peer_key,
-                    forward: peer,
-                    reverse_key: key,
-                    reverse: Some(flow),
-                }
-            });
-        }
+            })
+            .collect();
+        connections.extend(reverse.into_iter().map(|(key, flow)| Connection {
+            forward_key: flow.peer_key(),
+            forward: None,
+            reverse_key: key,
+            reverse: Some(flow),
+        }));
         connections
     }
 }

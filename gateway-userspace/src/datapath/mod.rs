@@ -18,7 +18,7 @@ mod upgrade;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -41,7 +41,7 @@ pub use error::DatapathError;
 pub use stats::GlobalStats;
 #[cfg(feature = "testing")]
 pub use testing::{BENCH_PROGRAMS, BenchObject};
-pub use upgrade::{FlowV1, Upgrade, carried_over};
+pub use upgrade::{FlowV1, Upgrade};
 
 use crate::maglev;
 
@@ -126,6 +126,26 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// Checks that map `name` pinned at `path` has this build's layout, `expected` key and value
+/// sizes: one of another layout is refused ([`DatapathError::PinnedLayout`]) and left as it is.
+fn check_pinned_layout(
+    name: &'static str,
+    path: &Path,
+    expected: (usize, usize),
+) -> Result<(), DatapathError> {
+    let info = aya::maps::MapInfo::from_pin(path).map_err(map_err(name))?;
+    let found = (info.key_size() as usize, info.value_size() as usize);
+    if found != expected {
+        return Err(DatapathError::PinnedLayout {
+            name,
+            path: path.to_owned(),
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
@@ -165,17 +185,7 @@ impl Datapath {
             for &(name, key_size, value_size) in LAYOUTS {
                 let path = dir.join(name);
                 if path.exists() {
-                    let info = aya::maps::MapInfo::from_pin(&path)
-                        .map_err(|source| DatapathError::Map { name, source })?;
-                    let found = (info.key_size() as usize, info.value_size() as usize);
-                    if found != (key_size, value_size) {
-                        return Err(DatapathError::PinnedLayout {
-                            name,
-                            path,
-                            expected: (key_size, value_size),
-                            found,
-                        });
-                    }
+                    check_pinned_layout(name, &path, (key_size, value_size))?;
                     reused.push(name);
                 }
                 loader.map_pin_path(name, path);
@@ -194,10 +204,6 @@ impl Datapath {
             app_stats: take(&mut ebpf, maps::APP_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
         };
-        let carried_at_load = match &old_table {
-            Some(old) => old.copy_into(&mut maps.conntrack)?,
-            None => 0,
-        };
         // Programs after maps: a reused map of the wrong layout is reported by its name above,
         // rather than as a verifier error here.
         for mode in AttachMode::ALL {
@@ -214,6 +220,13 @@ impl Datapath {
             };
             loaded.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
+        // Carried over after the programs' verification (the slow part of a load), as close
+        // to the swap as loading gets: what the old programs change in copied entries until
+        // the swap is lost (the copy after it adds only missing entries).
+        let carried_at_load = match &old_table {
+            Some(old) => old.copy_into(&mut maps.conntrack)?,
+            None => 0,
+        };
         let conntrack_capacity = maps
             .conntrack
             .capacity()
@@ -392,37 +405,20 @@ impl Datapath {
         }
     }
 
-    /// Ends every connection of app `app_id`: calls `before` on each (to reset its ends),
-    /// then removes both of its entries. Returns how many connections were ended.
-    pub fn end_app_connections(
+    /// Ends every connection whose flow matches `which` (both entries of a connection carry
+    /// the same app and backend): calls `before` on each (to reset its ends), then removes both
+    /// of its entries. Returns how many connections were ended.
+    pub fn end_connections(
         &mut self,
-        app_id: u32,
+        which: impl Fn(&Flow) -> bool,
         before: impl FnMut(&Connection),
     ) -> Result<usize, DatapathError> {
-        self.maps
-            .conntrack
-            .end_where(|f| f.app_id == app_id, before)
-    }
-
-    /// Ends every connection to backend `id`, as [`Datapath::end_app_connections`] does.
-    pub fn end_backend_connections(
-        &mut self,
-        id: u32,
-        before: impl FnMut(&Connection),
-    ) -> Result<usize, DatapathError> {
-        self.maps
-            .conntrack
-            .end_where(|f| f.backend_id == id, before)
+        self.maps.conntrack.end_where(which, before)
     }
 
     /// The conntrack table.
     pub fn conntrack(&self) -> &Conntrack {
         &self.maps.conntrack
-    }
-
-    /// The conntrack table, to change it.
-    pub fn conntrack_mut(&mut self) -> &mut Conntrack {
-        &mut self.maps.conntrack
     }
 
     /// The conntrack table's capacity (entries).

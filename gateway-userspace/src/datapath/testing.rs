@@ -32,6 +32,11 @@ static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-bench"));
 
 impl Datapath {
+    /// The conntrack table, to change it (tests and benchmarks empty it between runs).
+    pub fn conntrack_mut(&mut self) -> &mut super::Conntrack {
+        &mut self.maps.conntrack
+    }
+
     /// Inserts a conntrack entry as it is (tests and benchmarks fill the table this way).
     pub fn insert_flow(&mut self, key: FlowKey4, flow: Flow) -> Result<(), DatapathError> {
         self.maps.conntrack.insert(key, flow)

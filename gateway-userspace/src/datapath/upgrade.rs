@@ -11,10 +11,10 @@
 
 use std::path::Path;
 
-use aya::maps::{MapData, MapInfo};
+use aya::maps::MapData;
 use gateway_common::maps::{self, FLOW_V1_SIZE, Flow, FlowKey4, TCP_MAX_WSCALE, TRACK_LIBERAL};
 
-use super::{Conntrack, Datapath, DatapathError, batch};
+use super::{Conntrack, Datapath, DatapathError, batch, check_pinned_layout, map_err};
 
 /// A value of the previous release's conntrack table: the first [`FLOW_V1_SIZE`] bytes of a
 /// [`Flow`] (everything up to its sequence tracking).
@@ -24,7 +24,7 @@ pub type FlowV1 = [u8; FLOW_V1_SIZE];
 /// tracking not known yet ([`TRACK_LIBERAL`]: the datapath learns it from the entry's next
 /// packet, within the widest bounds, both window scales [`TCP_MAX_WSCALE`]), the other tracking
 /// fields zero.
-pub fn carried_over(v1: &FlowV1) -> Flow {
+fn carried_over(v1: &FlowV1) -> Flow {
     let mut bytes = [0u8; size_of::<Flow>()];
     bytes[..FLOW_V1_SIZE].copy_from_slice(v1);
     let mut flow: Flow = bytemuck::cast(bytes);
@@ -48,19 +48,8 @@ impl OldTable {
         if !path.exists() {
             return Ok(None);
         }
-        let map_err = |source| DatapathError::Map { name, source };
-        let info = MapInfo::from_pin(&path).map_err(map_err)?;
-        let expected = (size_of::<FlowKey4>(), FLOW_V1_SIZE);
-        let found = (info.key_size() as usize, info.value_size() as usize);
-        if found != expected {
-            return Err(DatapathError::PinnedLayout {
-                name,
-                path,
-                expected,
-                found,
-            });
-        }
-        let map = MapData::from_pin(&path).map_err(map_err)?;
+        check_pinned_layout(name, &path, (size_of::<FlowKey4>(), FLOW_V1_SIZE))?;
+        let map = MapData::from_pin(&path).map_err(map_err(name))?;
         Ok(Some(OldTable { map }))
     }
 
@@ -101,9 +90,12 @@ impl Datapath {
     /// maps. Without a pin directory, or with nothing retired pinned there, does nothing.
     pub fn finish_upgrade(&mut self) -> Result<Upgrade, DatapathError> {
         let mut upgrade = Upgrade::default();
-        if let Some(old) = self.old_table.take() {
+        if let Some(old) = &self.old_table {
             upgrade.after_swap = old.copy_into(&mut self.maps.conntrack)?;
             upgrade.carried_over = self.carried_at_load + upgrade.after_swap;
+            // Only once copied: after a failed copy, another call copies again, and the old
+            // table's pin stays until then.
+            self.old_table = None;
         }
         let Some(dir) = &self.pin_dir else {
             return Ok(upgrade);

@@ -37,6 +37,14 @@ pub enum StateFileError {
     Locked { path: PathBuf },
 }
 
+impl StateFileError {
+    /// [`StateFileError::Io`] for doing `what` to `path`, from the error it gives.
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| StateFileError::Io { what, path, source }
+    }
+}
+
 /// The state file `DIR/state.json`, locked by this process while it lives (one daemon per
 /// state directory).
 #[derive(Debug)]
@@ -48,24 +56,22 @@ pub struct StateFile {
 impl StateFile {
     /// Opens (creating) directory `dir` and locks it.
     pub fn open(dir: &Path) -> Result<Self, StateFileError> {
-        let io = |what, path: &Path| {
-            let path = path.to_owned();
-            move |source| StateFileError::Io { what, path, source }
-        };
-        fs::create_dir_all(dir).map_err(io("creating the state directory", dir))?;
+        fs::create_dir_all(dir).map_err(StateFileError::io("creating the state directory", dir))?;
         let lock_path = dir.join("lock");
         let lock = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(io("opening", &lock_path))?;
+            .map_err(StateFileError::io("opening", &lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 return Err(StateFileError::Locked { path: lock_path });
             }
-            Err(fs::TryLockError::Error(e)) => return Err(io("locking", &lock_path)(e)),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(StateFileError::io("locking", &lock_path)(e));
+            }
         }
         Ok(StateFile {
             path: dir.join("state.json"),
@@ -82,13 +88,7 @@ impl StateFile {
         let text = match fs::read(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
-            Err(source) => {
-                return Err(StateFileError::Io {
-                    what: "reading",
-                    path: self.path.clone(),
-                    source,
-                });
-            }
+            Err(e) => return Err(StateFileError::io("reading", &self.path)(e)),
         };
         let corrupt = |source| StateFileError::Corrupt {
             path: self.path.clone(),
@@ -113,21 +113,19 @@ impl StateFile {
     /// directory synced, so a crash leaves either the old or the new state, never a mix.
     pub fn save(&self, state: &State) -> Result<(), StateFileError> {
         let tmp = self.path.with_extension("json.tmp");
-        let io = |what, path: &Path| {
-            let path = path.to_owned();
-            move |source| StateFileError::Io { what, path, source }
-        };
         let mut text = serde_json::to_vec_pretty(state).expect("the state serializes");
         text.push(b'\n');
-        let mut file = File::create(&tmp).map_err(io("creating", &tmp))?;
-        file.write_all(&text).map_err(io("writing", &tmp))?;
-        file.sync_all().map_err(io("syncing", &tmp))?;
+        let mut file = File::create(&tmp).map_err(StateFileError::io("creating", &tmp))?;
+        file.write_all(&text)
+            .map_err(StateFileError::io("writing", &tmp))?;
+        file.sync_all()
+            .map_err(StateFileError::io("syncing", &tmp))?;
         drop(file);
-        fs::rename(&tmp, &self.path).map_err(io("renaming over", &self.path))?;
+        fs::rename(&tmp, &self.path).map_err(StateFileError::io("renaming over", &self.path))?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io("syncing", dir))?;
+            .map_err(StateFileError::io("syncing", dir))?;
         Ok(())
     }
 }
