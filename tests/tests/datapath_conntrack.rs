@@ -566,6 +566,14 @@ fn handshake() -> Scenario {
         )
         .row(Row::redirected("another SYN", d.syn(), d.to_maglev_backend()).entries(2))
         .row(
+            Row::dropped(
+                "an RST+ACK that does not acknowledge the SYN (a spoofed refusal)",
+                ack_shifted(d.reply(flags::RST | flags::ACK), 1).map(|f| Frame { seq: 0, ..f }),
+                DropReason::OutOfWindow,
+            )
+            .check("not reset", move |cx| assert_eq!(states(cx, d) & CT_RST, 0)),
+        )
+        .row(
             Row::redirected(
                 "the backend refuses it (RST+ACK acknowledging the SYN)",
                 d.reply(flags::RST | flags::ACK)
