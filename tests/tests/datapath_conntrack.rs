@@ -237,6 +237,29 @@ fn segments_outside_the_window() -> Scenario {
         )
         .row(
             Row::redirected(
+                "a partial retransmission with an older ack is forwarded",
+                ack_shifted(
+                    shifted(
+                        c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"req")),
+                        7u32.wrapping_neg(),
+                    ),
+                    100u32.wrapping_neg(),
+                ),
+                c.to_its_backend(),
+            )
+            .check("and moves neither seq_end nor ack_max back", move |cx| {
+                // The input's numbers (bytes 38..42 and 42..46 of an option-less frame).
+                let seq = u32::from_be_bytes(cx.input[38..42].try_into().unwrap());
+                let ack = u32::from_be_bytes(cx.input[42..46].try_into().unwrap());
+                let f = cx.flow(c.key());
+                assert_eq!(
+                    (f.seq_end, f.ack_max),
+                    (seq.wrapping_add(7), ack.wrapping_add(100))
+                );
+            }),
+        )
+        .row(
+            Row::redirected(
                 "in-window data moves the tracking",
                 c.send(flags::ACK | flags::PSH)
                     .map(|f| f.payload(b"0123456789")),
