@@ -175,6 +175,22 @@ fn fins_outside_the_window() -> Scenario {
             .check("no FIN recorded", no_fin),
         )
         .row(
+            Row::dropped(
+                "a stale FIN from the client's side, 1000 before the backend's next expected",
+                shifted(c.send(flags::FIN | flags::ACK), 1000u32.wrapping_neg()),
+                DropReason::OutOfWindow,
+            )
+            .check("no FIN recorded", no_fin),
+        )
+        .row(
+            Row::dropped(
+                "a FIN past the backend's advertised window (64,240), inside 65,535",
+                shifted(c.send(flags::FIN | flags::ACK), 65_000),
+                DropReason::OutOfWindow,
+            )
+            .check("no FIN recorded", no_fin),
+        )
+        .row(
             Row::redirected(
                 "the client's real FIN",
                 c.send(flags::FIN | flags::ACK),
