@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use gateway::{
     datapath::{AttachMode, Datapath, LoadOptions},
     maglev,
@@ -23,8 +23,18 @@ pub enum Program<'a> {
 }
 
 /// BPF_PROG_TEST_RUN of `program` on `frame`, `repeat` times: its return value, the output
-/// frame (of the last run) and the average ns per run.
+/// frame (of the last run) and the average ns per run. Panics if the kernel refuses the run.
 pub fn test_run(program: Program<'_>, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, f64) {
+    try_test_run(program, frame, repeat)
+        .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()))
+}
+
+/// [`test_run`], or the kernel's refusal to run (see [`refuses`]).
+pub fn try_test_run(
+    program: Program<'_>,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, f64), ProgramError> {
     let mut out = vec![0u8; frame.len() + 512];
     let opts = TestRunOptions {
         data_in: Some(frame),
@@ -35,39 +45,56 @@ pub fn test_run(program: Program<'_>, frame: &[u8], repeat: u32) -> (u32, Vec<u8
     let result = match program {
         Program::Xdp(p) => p.test_run(opts),
         Program::Tc(p) => p.test_run(opts),
-    }
-    .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()));
+    }?;
     out.truncate(result.data_size_out as usize);
-    (result.return_value, out, result.duration.as_nanos() as f64)
+    Ok((result.return_value, out, result.duration.as_nanos() as f64))
 }
 
-/// What the program decided, whatever the attach mode.
+/// What the program decided, whatever the attach mode: read from a run's return code
+/// ([`Verdict::of`]), or expected by a test or the model (its code: [`Verdict::code`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// To the kernel, unchanged.
     Pass,
     Drop,
+    /// Translated and redirected to a next hop.
     Redirect,
-    /// Sent back out of the interface it came in on: a redirect to the ingress device (the
-    /// return code is a redirect's; the output frame tells), or XDP_TX.
-    Back,
+    /// Sent back out of the interface it came in on (spec §7's RST): a redirect to the ingress
+    /// interface in both modes (not XDP_TX), so its code is a redirect's and only the output
+    /// frame tells it from a translation; [`Verdict::of`] never gives it.
+    Tx,
+    /// Any other return code (XDP_TX, XDP_ABORTED, ...): never what the datapath should do.
     Other(u32),
 }
 
 impl Verdict {
+    /// The verdict a run of `mode`'s program returned `ret` for.
     pub fn of(mode: AttachMode, ret: u32) -> Self {
         match (mode, ret) {
             (AttachMode::Xdp, 2) | (AttachMode::Tc, 0) => Verdict::Pass,
             (AttachMode::Xdp, 1) | (AttachMode::Tc, 2) => Verdict::Drop,
             (AttachMode::Xdp, 4) | (AttachMode::Tc, 7) => Verdict::Redirect,
-            (AttachMode::Xdp, 3) => Verdict::Back,
             (_, other) => Verdict::Other(other),
         }
     }
 
-    /// Whether `self`, as expected, admits the verdict `got`: itself, or for
-    /// [`Verdict::Back`] a redirect.
+    /// The program's return value for this verdict in `mode`.
+    pub fn code(self, mode: AttachMode) -> u32 {
+        match (mode, self) {
+            (AttachMode::Xdp, Verdict::Pass) => 2,
+            (AttachMode::Xdp, Verdict::Drop) => 1,
+            (AttachMode::Xdp, Verdict::Redirect | Verdict::Tx) => 4,
+            (AttachMode::Tc, Verdict::Pass) => 0,
+            (AttachMode::Tc, Verdict::Drop) => 2,
+            (AttachMode::Tc, Verdict::Redirect | Verdict::Tx) => 7,
+            (_, Verdict::Other(code)) => code,
+        }
+    }
+
+    /// Whether `self`, as expected, admits the verdict `got` of a run: the same return code
+    /// (for [`Verdict::Tx`], a redirect's).
     pub fn admits(self, got: Verdict) -> bool {
-        self == got || (self == Verdict::Back && got == Verdict::Redirect)
+        self == got || (self == Verdict::Tx && got == Verdict::Redirect)
     }
 }
 
@@ -142,10 +169,20 @@ impl Fixture {
         SocketAddrV4::new(Topology::PUBLIC_IP, SERVICE_PORT)
     }
 
-    /// Runs the program of this fixture's mode once on `frame`.
+    /// Runs the program of this fixture's mode once on `frame`. Panics if the kernel refuses
+    /// the run.
     pub fn run(&mut self, frame: &[u8]) -> (Verdict, Vec<u8>) {
-        let (ret, out, _) = test_run(self.program(), frame, 1);
+        let (ret, out) = self
+            .try_run(frame)
+            .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()));
         (Verdict::of(self.mode, ret), out)
+    }
+
+    /// Runs the program of this fixture's mode once on `frame`: its return value and output,
+    /// or the kernel's refusal to run (see [`refuses`]).
+    pub fn try_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let (ret, out, _) = try_test_run(self.program(), frame, 1)?;
+        Ok((ret, out))
     }
 
     /// Average ns per run over `repeat` runs of `frame`.

@@ -206,7 +206,7 @@ impl Row {
     /// `rst_no_flow`, nothing dropped.
     pub fn answered(name: impl Into<String>, frame: Frame) -> Self {
         let rst = rst_answer(&frame);
-        Self::new(name, frame, Verdict::Back, Out::Bytes(rst)).counter(GlobalStat::RstNoFlow, 1..=1)
+        Self::new(name, frame, Verdict::Tx, Out::Bytes(rst)).counter(GlobalStat::RstNoFlow, 1..=1)
     }
 
     /// Handed to the kernel unchanged.

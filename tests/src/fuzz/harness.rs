@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use gateway::datapath::{AttachMode, GlobalStats, monotonic_ns};
 use gateway_common::{
     DropReason, GlobalStat,
@@ -80,25 +79,6 @@ pub struct Harness {
     pub refused: u64,
     /// How often each verdict, drop reason and counter came up (what the run exercised).
     pub coverage: std::collections::BTreeMap<String, u64>,
-}
-
-/// Runs the program of `fx`'s mode on `frame`: its return value and output, or the kernel's
-/// refusal (frames below test_run's minimum).
-fn test_run(fx: &mut Fixture, frame: &[u8]) -> Result<(u32, Vec<u8>), String> {
-    let mut out = vec![0u8; frame.len() + 512];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..TestRunOptions::new()
-    };
-    let r = match fx.mode {
-        AttachMode::Xdp => fx.dp.xdp().expect("xdp").test_run(opts),
-        AttachMode::Tc => fx.dp.tc().expect("tc").test_run(opts),
-    }
-    .map_err(|e| format!("{e:?}"))?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, out))
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -310,7 +290,7 @@ impl Harness {
     fn packet(&mut self, frame: &[u8]) -> Result<(), Box<Divergence>> {
         let mode = self.fx.mode;
         let before = monotonic_ns();
-        let run = test_run(&mut self.fx, frame);
+        let run = self.fx.try_run(frame);
         let after = monotonic_ns();
         let Ok((ret, out)) = run else {
             self.refused += 1;
