@@ -14,7 +14,10 @@ use gateway::{
 };
 use gateway_common::maps::FlowKey4;
 
-use crate::netns::Topology;
+use crate::{
+    netns::Topology,
+    packet::{ETH_LEN, ETH_P_IPV4, IPV4_LEN},
+};
 
 /// A loaded program of either attach mode.
 pub enum Program<'a> {
@@ -48,6 +51,33 @@ pub fn try_test_run(
     }?;
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out, result.duration.as_nanos() as f64))
+}
+
+/// The longest frame TC's test_run takes: a page less the skb's headroom and shared info.
+pub const TC_TEST_RUN_MAX: usize = 3712;
+
+/// Whether the kernel refuses to run `mode`'s program on `frame`: BPF_PROG_TEST_RUN's own
+/// limits, as measured on Linux 6.18 (nothing the datapath decides). In both modes a frame
+/// shorter than an Ethernet header; in TC (an skb) also an IPv4 frame shorter than a minimal
+/// IPv4 header after it (34 bytes), an IPv6 one shorter than an IPv6 header (54), and one
+/// over [`TC_TEST_RUN_MAX`] bytes.
+pub fn refuses(mode: AttachMode, frame: &[u8]) -> bool {
+    const ETH_P_IPV6: u16 = 0x86dd;
+    const IPV6_LEN: usize = 40;
+    if frame.len() < ETH_LEN {
+        return true;
+    }
+    match mode {
+        AttachMode::Xdp => false,
+        AttachMode::Tc => {
+            let network = match u16::from_be_bytes([frame[12], frame[13]]) {
+                ETH_P_IPV4 => IPV4_LEN,
+                ETH_P_IPV6 => IPV6_LEN,
+                _ => 0,
+            };
+            frame.len() < ETH_LEN + network || frame.len() > TC_TEST_RUN_MAX
+        }
+    }
 }
 
 /// What the program decided, whatever the attach mode: read from a run's return code

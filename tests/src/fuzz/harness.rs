@@ -20,7 +20,7 @@ use gateway_common::{
 
 use super::ops::{Client, Op, hex};
 use crate::{
-    datapath::{APP, Fixture},
+    datapath::{APP, Fixture, refuses},
     model::{
         Clock, EntryExp, Hop, Model, Rules, diff_flows,
         expect::check_time,
@@ -74,7 +74,8 @@ pub struct Harness {
     last_flow: HashMap<Client, (SocketAddrV4, SocketAddrV4)>,
     /// Compare the whole table every this many packets (1: every packet).
     pub full_every: u64,
-    /// Packets played, and those the kernel refused to run (test_run's own limits).
+    /// Packets played, and those the kernel refused to run (test_run's own limits,
+    /// [`refuses`]; a refusal of any other frame is a divergence).
     pub packets: u64,
     pub refused: u64,
     /// How often each verdict, drop reason and counter came up (what the run exercised).
@@ -292,9 +293,24 @@ impl Harness {
         let before = monotonic_ns();
         let run = self.fx.try_run(frame);
         let after = monotonic_ns();
-        let Ok((ret, out)) = run else {
-            self.refused += 1;
-            return Ok(());
+        let (ret, out) = match run {
+            Ok(run) => run,
+            Err(_) if refuses(mode, frame) => {
+                self.refused += 1;
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Box::new(Divergence {
+                    problems: vec![format!(
+                        "test_run refused a {}-byte frame that is within its limits: {e:?}",
+                        frame.len()
+                    )],
+                    frame: frame.to_vec(),
+                    got: Vec::new(),
+                    want: None,
+                    entries: Vec::new(),
+                }));
+            }
         };
         self.packets += 1;
         let clock = Clock::around(before, after);

@@ -74,7 +74,8 @@ pub struct Report {
     pub ops: u64,
     pub refused: u64,
     pub elapsed: Duration,
-    /// The divergence, described for a person, if there was one.
+    /// The divergence, described for a person, if there was one (or why the run stopped
+    /// before playing every packet).
     pub divergence: Option<String>,
     /// What the run exercised: verdicts, drop reasons and counters, with their counts.
     pub coverage: std::collections::BTreeMap<String, u64>,
@@ -134,7 +135,23 @@ fn play(options: Options, ips: &[std::net::Ipv4Addr]) -> Report {
     let mut ops: Vec<Op> = Vec::new();
     let start = Instant::now();
     let mut diverged = None;
+    // Steps are mostly packets the kernel runs; a run that plays far more steps than packets
+    // (every frame refused, or no packets generated) stops rather than spin.
+    let max_steps = options.packets.saturating_mul(4).saturating_add(1000);
+    let mut stalled = None;
     while h.packets < options.packets {
+        if ops.len() as u64 >= max_steps {
+            stalled = Some(format!(
+                "STALLED [{}] seed {:#x}: {} steps played only {} of {} packets ({} refused by test_run)",
+                options.mode,
+                options.seed,
+                ops.len(),
+                h.packets,
+                options.packets,
+                h.refused
+            ));
+            break;
+        }
         let op = g.next(&h.model);
         ops.push(op.clone());
         if let Err(d) = h.exec(&op) {
@@ -161,7 +178,9 @@ fn play(options: Options, ips: &[std::net::Ipv4Addr]) -> Report {
     let open = h.model.ct.values().filter(|f| !is_closed(f.state)).count();
     coverage.insert("entries at the end (open)".into(), open as u64);
     coverage.insert("entries at the end (all)".into(), h.model.ct.len() as u64);
-    let divergence = diverged.map(|d| describe(&mut h, &options, &ops, &d));
+    let divergence = diverged
+        .map(|d| describe(&mut h, &options, &ops, &d))
+        .or(stalled);
     Report {
         packets,
         ops: ops.len() as u64,
