@@ -381,11 +381,11 @@ impl Harness {
         }
         self.cover(format!("verdict {:?}", x.verdict));
         if let Some(r) = x.drop {
-            self.cover(format!("drop {}", r.label()));
+            self.cover(drop_key(r));
         }
         for st in GlobalStat::ALL {
             if stats.get(*st) > self.stats.get(*st) {
-                self.cover(format!("counter {}", st.label()));
+                self.cover(counter_key(*st));
             }
         }
         self.stats = stats;
@@ -533,6 +533,16 @@ impl Harness {
             }
         }
     }
+}
+
+/// The coverage key of the packets the model expected drop reason `r` of.
+pub fn drop_key(r: DropReason) -> String {
+    format!("drop {}", r.label())
+}
+
+/// The coverage key of the packets after which global counter `s` had gone up.
+pub fn counter_key(s: GlobalStat) -> String {
+    format!("counter {}", s.label())
 }
 
 fn first_difference(got: &[u8], want: &[u8]) -> String {

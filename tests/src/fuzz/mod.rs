@@ -19,7 +19,7 @@ use std::{
 };
 
 use gateway::datapath::AttachMode;
-use gateway_common::maps::is_closed;
+use gateway_common::{DropReason, GlobalStat, maps::is_closed};
 
 use crate::{model::Rules, netns::Topology, require_root};
 use generate::Gen;
@@ -94,6 +94,22 @@ impl Report {
             .map(|(k, n)| format!("{k}: {n}"))
             .collect();
         v.join(", ")
+    }
+
+    /// How many packets the model expected drop reason `r` of (in the coverage).
+    pub fn drops(&self, r: DropReason) -> u64 {
+        self.coverage
+            .get(&harness::drop_key(r))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// After how many packets global counter `s` had gone up (in the coverage).
+    pub fn counted(&self, s: GlobalStat) -> u64 {
+        self.coverage
+            .get(&harness::counter_key(s))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// One line: mode, seed, packets, rate.
