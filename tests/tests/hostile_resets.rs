@@ -31,15 +31,7 @@ fn forget(sb: &Sandbox, client: SocketAddrV4) {
     let map = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
     let mut ct: HashMap<_, FlowKey4, Flow> =
         HashMap::try_from(Map::LruHashMap(map)).expect("the conntrack table's layout");
-    let web = web4();
-    let key = FlowKey4 {
-        src_ip: u32::from_ne_bytes(client.ip().octets()),
-        dst_ip: u32::from_ne_bytes(web.ip().octets()),
-        src_port: client.port().to_be(),
-        dst_port: web.port().to_be(),
-        proto: 6,
-        ..FlowKey4::default()
-    };
+    let key = FlowKey4::from_addrs(client, web4());
     let forward = ct
         .get(&key, 0)
         .unwrap_or_else(|e| panic!("the forward entry of {client}: {e}"));
