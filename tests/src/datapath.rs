@@ -130,6 +130,8 @@ impl Verdict {
 
 /// The service every fixture has: app 1 on `PUBLIC:20000`, backends 1..=3 (`b0..b2:8080`).
 pub const APP: u32 = 1;
+/// App 1's port: also the one the daemon gives its first app (the first of its default
+/// range, 20000-29999), so that the end-to-end tests' app is at [`Fixture::service`] too.
 pub const SERVICE_PORT: u16 = 20_000;
 pub const BACKEND_PORT: u16 = 8080;
 pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=49_999;

@@ -16,7 +16,7 @@ use std::{
 
 use crate::{
     model::wire::{self, Parse},
-    netns::Netns,
+    netns::{Netns, ifindex},
     packet::{ETH_LEN, Frame, IPV4_LEN},
 };
 
@@ -92,12 +92,7 @@ pub fn with_bad_ipv4_checksum(frame: &Frame) -> Vec<u8> {
 /// An AF_PACKET socket bound to interface `iface` of the calling thread's namespace, receiving
 /// every protocol.
 fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
-    let name = std::ffi::CString::new(iface).expect("an interface name");
-    // SAFETY: a NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let ifindex = ifindex(iface)?;
     // SAFETY: plain socket(2).
     let fd = unsafe {
         libc::socket(

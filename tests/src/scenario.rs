@@ -22,9 +22,9 @@
 //! the frames and expectations of a [`Conn`] do so. A row's input and expected output are
 //! resolved before its packet runs; its checks after.
 //!
-//! The addresses and MACs are [`Topology`](crate::netns::Topology)'s, checked against it when
-//! a scenario starts: the client on [`Link::Client`], backend `i` at [`backend_ip`]`(i)` on
-//! [`Link::Backend`]`(i)`.
+//! The addresses and MACs are [`Topology`](crate::netns::Topology)'s (its constants and
+//! functions, which build the topology too): the client on [`Link::Client`], backend `i` at
+//! [`backend_ip`]`(i)` on [`Link::Backend`]`(i)`.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},

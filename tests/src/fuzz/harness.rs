@@ -27,7 +27,7 @@ use crate::{
         show_flow,
         wire::{self, Parse},
     },
-    netns::Topology,
+    netns::{Topology, ifindex},
     scenario::{Link, backend_index},
 };
 
@@ -82,14 +82,6 @@ pub struct Harness {
     pub coverage: std::collections::BTreeMap<String, u64>,
 }
 
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: a valid NUL-terminated name.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert!(i != 0, "no interface {name} in the gateway namespace");
-    i
-}
-
 impl Harness {
     /// A fixture in `mode` over `backend_ips` (call inside the topology's gateway namespace),
     /// SNAT ports `snat_ports`, and the model of it following `rules`.
@@ -127,7 +119,9 @@ impl Harness {
             m.hops.insert(
                 ip_to_net(link.ip()),
                 Hop {
-                    ifindex: ifindex(&name),
+                    ifindex: ifindex(&name).unwrap_or_else(|e| {
+                        panic!("no interface {name} in the gateway namespace: {e}")
+                    }),
                     smac,
                     dmac,
                 },
