@@ -260,21 +260,4 @@ impl Fixture {
             .find(|b| b.id == id)
             .expect("a known backend")
     }
-
-    /// The backend the flow `client → public` of app 1 went to (its conntrack entry's), if
-    /// it has a flow.
-    pub fn flow_backend(
-        &self,
-        client: SocketAddrV4,
-        public: SocketAddrV4,
-    ) -> Option<maglev::Entry> {
-        let flow = self
-            .dp
-            .flow(&FlowKey4::from_addrs(client, public))
-            .expect("conntrack lookup")?;
-        self.backends
-            .iter()
-            .find(|b| b.id == flow.backend_id)
-            .copied()
-    }
 }

@@ -51,7 +51,6 @@ impl EntryExp {
 /// What the datapath must do with one frame.
 #[derive(Clone, Debug)]
 pub struct Expect {
-    pub mode: AttachMode,
     pub verdict: Verdict,
     /// The output frame, exactly; `None` for a drop (not looked at).
     pub out: Option<Vec<u8>>,
@@ -71,7 +70,6 @@ pub struct Expect {
 impl Expect {
     pub fn new(mode: AttachMode) -> Self {
         let mut x = Expect {
-            mode,
             verdict: Verdict::Drop,
             out: None,
             drop: None,

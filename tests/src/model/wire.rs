@@ -390,11 +390,6 @@ impl Segment {
     }
 }
 
-/// The IPv4 address of a network-order field.
-pub fn ip(net: u32) -> Ipv4Addr {
-    ip_from_net(net)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
