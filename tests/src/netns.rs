@@ -701,7 +701,8 @@ impl Topology {
     }
 }
 
-fn mac_str(mac: [u8; 6]) -> String {
+/// A MAC as `ip` writes it (`02:00:00:00:00:01`).
+pub fn mac_str(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
 }
 

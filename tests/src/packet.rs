@@ -198,6 +198,21 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u
     !fold(sum16(segment, acc))
 }
 
+/// Where the frame `got` first differs from `want`, for messages: the first differing byte
+/// and both lengths, or the lengths alone when one is a prefix of the other.
+pub fn first_difference(got: &[u8], want: &[u8]) -> String {
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(i) => format!(
+            "byte {i} is {:#04x}, expected {:#04x} ({} bytes, expected {})",
+            got[i],
+            want[i],
+            got.len(),
+            want.len()
+        ),
+        None => format!("{} bytes, expected {}", got.len(), want.len()),
+    }
+}
+
 /// A parsed Ethernet/IPv4/TCP frame, for checking the datapath's output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {

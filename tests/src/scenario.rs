@@ -41,6 +41,7 @@ use gateway_common::{
 
 use crate::{
     datapath::{Fixture, Verdict},
+    model::wire::show_key,
     packet::{Frame, Parsed, parse_checked, rst_answer},
 };
 
@@ -362,7 +363,7 @@ impl Ctx {
             .dp
             .flow(&key)
             .expect("conntrack lookup")
-            .unwrap_or_else(|| panic!("no conntrack entry {}", conn::show_key(&key)))
+            .unwrap_or_else(|| panic!("no conntrack entry {}", show_key(&key)))
     }
 
     /// The state bits of the entry under `key`.

@@ -28,6 +28,7 @@ use crate::{
         wire::{self, Parse},
     },
     netns::{Topology, ifindex},
+    packet::first_difference,
     scenario::{Link, backend_index},
 };
 
@@ -172,11 +173,6 @@ impl Harness {
         t
     }
 
-    /// The forward key of `client`'s flow.
-    fn forward_key(client: Client) -> FlowKey4 {
-        FlowKey4::from_addrs(client.addr(), Fixture::service())
-    }
-
     /// The bytes of a packet operation, addresses resolved.
     pub fn frame(&mut self, op: &Op) -> Option<Vec<u8>> {
         let (seg, link) = match op {
@@ -204,7 +200,7 @@ impl Harness {
 
     /// The backend and SNAT address of `client`'s flow (or of its last one).
     fn flow_ends(&mut self, client: Client) -> (SocketAddrV4, SocketAddrV4) {
-        if let Some(f) = self.model.ct.get(&Self::forward_key(client)) {
+        if let Some(f) = self.model.ct.get(&client.key()) {
             let ends = (f.nat_dst(), f.nat_src());
             self.last_flow.insert(client, ends);
             return ends;
@@ -221,7 +217,7 @@ impl Harness {
     /// Plays `op` on both sides and compares.
     pub fn exec(&mut self, op: &Op) -> Result<(), Box<Divergence>> {
         if let Some(c) = op.client()
-            && let Some(f) = self.model.ct.get(&Self::forward_key(c))
+            && let Some(f) = self.model.ct.get(&c.key())
         {
             self.last_flow.insert(c, (f.nat_dst(), f.nat_src()));
         }
@@ -267,7 +263,7 @@ impl Harness {
 
     /// Changes both entries of `client`'s flow alike on both sides (if both sides have them).
     fn edit_pair(&mut self, client: Client, edit: impl Fn(&mut Flow)) {
-        let key = Self::forward_key(client);
+        let key = client.key();
         let Some(fwd) = self.model.ct.get(&key).copied() else {
             return;
         };
@@ -333,7 +329,10 @@ impl Harness {
         if let Some(want) = &x.out
             && *want != out
         {
-            problems.push(format!("output: {}", first_difference(&out, want)));
+            problems.push(format!(
+                "output (the datapath's, expected the model's): {}",
+                first_difference(&out, want)
+            ));
         }
         for r in DropReason::ALL {
             let d = stats.drops(*r) - self.stats.drops(*r);
@@ -537,21 +536,4 @@ pub fn drop_key(r: DropReason) -> String {
 /// The coverage key of the packets after which global counter `s` had gone up.
 pub fn counter_key(s: GlobalStat) -> String {
     format!("counter {}", s.label())
-}
-
-fn first_difference(got: &[u8], want: &[u8]) -> String {
-    match got.iter().zip(want).position(|(a, b)| a != b) {
-        Some(i) => format!(
-            "byte {i} is {:#04x} in the datapath's, {:#04x} in the model's ({} and {} bytes)",
-            got[i],
-            want[i],
-            got.len(),
-            want.len()
-        ),
-        None => format!(
-            "{} bytes from the datapath, {} from the model",
-            got.len(),
-            want.len()
-        ),
-    }
 }

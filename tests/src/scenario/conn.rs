@@ -33,7 +33,7 @@ pub fn backend(i: usize) -> SocketAddrV4 {
 }
 
 /// A link of the topology: the host's MAC and the gateway's on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Link {
     Client,
     Backend(usize),
@@ -240,8 +240,4 @@ impl Conn {
             macs: self.link.out_macs(),
         }
     }
-}
-
-pub(super) fn show_key(k: &FlowKey4) -> String {
-    format!("{} → {}", k.src(), k.dst())
 }

@@ -13,7 +13,12 @@ use std::{
 use gateway_common::DropReason;
 
 use super::{AttachMode, Ctx, Out, Row, Scenario, Step};
-use crate::{datapath::SNAT_PORTS, netns::Topology, packet::parse_checked, require_root};
+use crate::{
+    datapath::SNAT_PORTS,
+    netns::{Topology, mac_str},
+    packet::{first_difference, parse_checked},
+    require_root,
+};
 
 /// Plays scenario `name` (made by `build`) in `mode`, on a topology and fixture of its own;
 /// panics once at the end, listing every failure, if any row, set-up step or check failed.
@@ -172,8 +177,8 @@ fn run_row(cx: &mut Ctx, row: Row) -> Vec<String> {
                 expect_eq(
                     &mut problems,
                     "MACs (source, destination)",
-                    (mac(p.src_mac), mac(p.dst_mac)),
-                    (mac(macs.0), mac(macs.1)),
+                    (mac_str(p.src_mac), mac_str(p.dst_mac)),
+                    (mac_str(macs.0), mac_str(macs.1)),
                 );
                 if p.payload != input.payload {
                     problems.push("the payload changed".into());
@@ -203,16 +208,6 @@ fn expect_eq<T: PartialEq + Debug>(problems: &mut Vec<String>, what: &str, got: 
     }
 }
 
-fn mac(m: [u8; 6]) -> String {
-    m.map(|b| format!("{b:02x}")).join(":")
-}
-
-fn first_difference(got: &[u8], want: &[u8]) -> String {
-    match got.iter().zip(want).position(|(a, b)| a != b) {
-        Some(i) => format!("byte {i} is {:#04x}, expected {:#04x}", got[i], want[i]),
-        None => format!("{} bytes, expected {}", got.len(), want.len()),
-    }
-}
 
 thread_local! {
     /// Whether this thread is inside [`catching`]: its panics are then reported by the runner,
