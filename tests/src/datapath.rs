@@ -7,14 +7,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use gateway::{
     datapath::{AttachMode, Datapath, LoadOptions},
     maglev,
 };
 use gateway_common::maps::FlowKey4;
 
-use crate::netns::Topology;
+use crate::{
+    netns::Topology,
+    packet::{ETH_LEN, ETH_P_IPV4, IPV4_LEN},
+};
 
 /// A loaded program of either attach mode.
 pub enum Program<'a> {
@@ -23,8 +26,18 @@ pub enum Program<'a> {
 }
 
 /// BPF_PROG_TEST_RUN of `program` on `frame`, `repeat` times: its return value, the output
-/// frame (of the last run) and the average ns per run.
+/// frame (of the last run) and the average ns per run. Panics if the kernel refuses the run.
 pub fn test_run(program: Program<'_>, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, f64) {
+    try_test_run(program, frame, repeat)
+        .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()))
+}
+
+/// [`test_run`], or the kernel's refusal to run (see [`refuses`]).
+pub fn try_test_run(
+    program: Program<'_>,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, f64), ProgramError> {
     let mut out = vec![0u8; frame.len() + 512];
     let opts = TestRunOptions {
         data_in: Some(frame),
@@ -35,44 +48,90 @@ pub fn test_run(program: Program<'_>, frame: &[u8], repeat: u32) -> (u32, Vec<u8
     let result = match program {
         Program::Xdp(p) => p.test_run(opts),
         Program::Tc(p) => p.test_run(opts),
-    }
-    .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()));
+    }?;
     out.truncate(result.data_size_out as usize);
-    (result.return_value, out, result.duration.as_nanos() as f64)
+    Ok((result.return_value, out, result.duration.as_nanos() as f64))
 }
 
-/// What the program decided, whatever the attach mode.
+/// The longest frame TC's test_run takes: a page less the skb's headroom and shared info.
+pub const TC_TEST_RUN_MAX: usize = 3712;
+
+/// Whether the kernel refuses to run `mode`'s program on `frame`: BPF_PROG_TEST_RUN's own
+/// limits, as measured on Linux 6.18 (nothing the datapath decides). In both modes a frame
+/// shorter than an Ethernet header; in TC (an skb) also an IPv4 frame shorter than a minimal
+/// IPv4 header after it (34 bytes), an IPv6 one shorter than an IPv6 header (54), and one
+/// over [`TC_TEST_RUN_MAX`] bytes.
+pub fn refuses(mode: AttachMode, frame: &[u8]) -> bool {
+    const ETH_P_IPV6: u16 = 0x86dd;
+    const IPV6_LEN: usize = 40;
+    if frame.len() < ETH_LEN {
+        return true;
+    }
+    match mode {
+        AttachMode::Xdp => false,
+        AttachMode::Tc => {
+            let network = match u16::from_be_bytes([frame[12], frame[13]]) {
+                ETH_P_IPV4 => IPV4_LEN,
+                ETH_P_IPV6 => IPV6_LEN,
+                _ => 0,
+            };
+            frame.len() < ETH_LEN + network || frame.len() > TC_TEST_RUN_MAX
+        }
+    }
+}
+
+/// What the program decided, whatever the attach mode: read from a run's return code
+/// ([`Verdict::of`]), or expected by a test or the model (its code: [`Verdict::code`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// To the kernel, unchanged.
     Pass,
     Drop,
+    /// Translated and redirected to a next hop.
     Redirect,
-    /// Sent back out of the interface it came in on: a redirect to the ingress device (the
-    /// return code is a redirect's; the output frame tells), or XDP_TX.
-    Back,
+    /// Sent back out of the interface it came in on (spec §7's RST): a redirect to the ingress
+    /// interface in both modes (not XDP_TX), so its code is a redirect's and only the output
+    /// frame tells it from a translation; [`Verdict::of`] never gives it.
+    Tx,
+    /// Any other return code (XDP_TX, XDP_ABORTED, ...): never what the datapath should do.
     Other(u32),
 }
 
 impl Verdict {
+    /// The verdict a run of `mode`'s program returned `ret` for.
     pub fn of(mode: AttachMode, ret: u32) -> Self {
         match (mode, ret) {
             (AttachMode::Xdp, 2) | (AttachMode::Tc, 0) => Verdict::Pass,
             (AttachMode::Xdp, 1) | (AttachMode::Tc, 2) => Verdict::Drop,
             (AttachMode::Xdp, 4) | (AttachMode::Tc, 7) => Verdict::Redirect,
-            (AttachMode::Xdp, 3) => Verdict::Back,
             (_, other) => Verdict::Other(other),
         }
     }
 
-    /// Whether `self`, as expected, admits the verdict `got`: itself, or for
-    /// [`Verdict::Back`] a redirect.
+    /// The program's return value for this verdict in `mode`.
+    pub fn code(self, mode: AttachMode) -> u32 {
+        match (mode, self) {
+            (AttachMode::Xdp, Verdict::Pass) => 2,
+            (AttachMode::Xdp, Verdict::Drop) => 1,
+            (AttachMode::Xdp, Verdict::Redirect | Verdict::Tx) => 4,
+            (AttachMode::Tc, Verdict::Pass) => 0,
+            (AttachMode::Tc, Verdict::Drop) => 2,
+            (AttachMode::Tc, Verdict::Redirect | Verdict::Tx) => 7,
+            (_, Verdict::Other(code)) => code,
+        }
+    }
+
+    /// Whether `self`, as expected, admits the verdict `got` of a run: the same return code
+    /// (for [`Verdict::Tx`], a redirect's).
     pub fn admits(self, got: Verdict) -> bool {
-        self == got || (self == Verdict::Back && got == Verdict::Redirect)
+        self == got || (self == Verdict::Tx && got == Verdict::Redirect)
     }
 }
 
 /// The service every fixture has: app 1 on `PUBLIC:20000`, backends 1..=3 (`b0..b2:8080`).
 pub const APP: u32 = 1;
+/// App 1's port: also the one the daemon gives its first app (the first of its default
+/// range, 20000-29999), so that the end-to-end tests' app is at [`Fixture::service`] too.
 pub const SERVICE_PORT: u16 = 20_000;
 pub const BACKEND_PORT: u16 = 8080;
 pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=49_999;
@@ -142,10 +201,20 @@ impl Fixture {
         SocketAddrV4::new(Topology::PUBLIC_IP, SERVICE_PORT)
     }
 
-    /// Runs the program of this fixture's mode once on `frame`.
+    /// Runs the program of this fixture's mode once on `frame`. Panics if the kernel refuses
+    /// the run.
     pub fn run(&mut self, frame: &[u8]) -> (Verdict, Vec<u8>) {
-        let (ret, out, _) = test_run(self.program(), frame, 1);
+        let (ret, out) = self
+            .try_run(frame)
+            .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e:?}", frame.len()));
         (Verdict::of(self.mode, ret), out)
+    }
+
+    /// Runs the program of this fixture's mode once on `frame`: its return value and output,
+    /// or the kernel's refusal to run (see [`refuses`]).
+    pub fn try_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let (ret, out, _) = try_test_run(self.program(), frame, 1)?;
+        Ok((ret, out))
     }
 
     /// Average ns per run over `repeat` runs of `frame`.
@@ -190,22 +259,5 @@ impl Fixture {
             .iter()
             .find(|b| b.id == id)
             .expect("a known backend")
-    }
-
-    /// The backend the flow `client → public` of app 1 went to (its conntrack entry's), if
-    /// it has a flow.
-    pub fn flow_backend(
-        &self,
-        client: SocketAddrV4,
-        public: SocketAddrV4,
-    ) -> Option<maglev::Entry> {
-        let flow = self
-            .dp
-            .flow(&FlowKey4::from_addrs(client, public))
-            .expect("conntrack lookup")?;
-        self.backends
-            .iter()
-            .find(|b| b.id == flow.backend_id)
-            .copied()
     }
 }

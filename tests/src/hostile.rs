@@ -17,8 +17,9 @@ use gateway::datapath::AttachMode;
 
 use crate::{
     daemon::Daemon,
+    datapath::Fixture,
     netns::Topology,
-    traffic::{Acceptor, EchoServer, Pair, sock},
+    traffic::{Acceptor, EchoServer, Pair},
     wait_for,
 };
 
@@ -38,12 +39,13 @@ pub const PORT_REUSE: Duration = Duration::from_millis(1500);
 
 /// App `web`'s public endpoint.
 pub fn web() -> SocketAddr {
-    sock(Topology::PUBLIC_IP, 20000)
+    SocketAddr::V4(web4())
 }
 
-/// App `web`'s public endpoint, IPv4.
+/// App `web`'s public endpoint, IPv4: the daemon gives its first app the first port of its
+/// default range, the fixture's [`SERVICE_PORT`](crate::datapath::SERVICE_PORT).
 pub fn web4() -> SocketAddrV4 {
-    SocketAddrV4::new(Topology::PUBLIC_IP, 20000)
+    Fixture::service()
 }
 
 /// A topology, the daemon in one attach mode and app `web` with every backend active. Fields

@@ -563,6 +563,37 @@ impl Topology {
     pub const SNAT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 253);
     /// The client's address.
     pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+    /// The gateway's address on the client's link.
+    pub const CLIENT_GW_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    /// The client's MAC.
+    pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+    /// The gateway's MAC on the client's link.
+    pub const CLIENT_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+    /// Backend `i`'s address: 198.51.100.(4i+2).
+    pub const fn backend_ip(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 51, 100, 4 * i as u8 + 2)
+    }
+
+    /// Which backend has address `ip` (of [`Topology::backend_ip`]).
+    pub const fn backend_index(ip: Ipv4Addr) -> usize {
+        (ip.octets()[3] as usize - 2) / 4
+    }
+
+    /// The gateway's address on backend `i`'s link: 198.51.100.(4i+1).
+    pub const fn backend_gw_ip(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 51, 100, 4 * i as u8 + 1)
+    }
+
+    /// Backend `i`'s MAC.
+    pub const fn backend_mac(i: usize) -> [u8; 6] {
+        [0x02, 0, 0, 0, 0x10 + i as u8, 0x02]
+    }
+
+    /// The gateway's MAC on backend `i`'s link.
+    pub const fn backend_gw_mac(i: usize) -> [u8; 6] {
+        [0x02, 0, 0, 0, 0x10 + i as u8, 0x01]
+    }
 
     /// Builds a topology with `backends` backends (at most 60).
     #[track_caller]
@@ -578,23 +609,22 @@ impl Topology {
             &gateway,
             client_ns,
             "client0",
-            (Ipv4Addr::new(192, 0, 2, 1), 24),
-            Ipv4Addr::new(192, 0, 2, 2),
-            [0x02, 0, 0, 0, 0, 0x01],
-            [0x02, 0, 0, 0, 0, 0x02],
+            (Self::CLIENT_GW_IP, 24),
+            Self::CLIENT_IP,
+            Self::CLIENT_GW_MAC,
+            Self::CLIENT_MAC,
         );
         let backends = (0..backends)
             .map(|i| {
                 let ns = Netns::new(&format!("{prefix}-b{i}"));
-                let base = 4 * i as u8;
                 link(
                     &gateway,
                     ns,
                     &format!("b{i}"),
-                    (Ipv4Addr::new(198, 51, 100, base + 1), 30),
-                    Ipv4Addr::new(198, 51, 100, base + 2),
-                    [0x02, 0, 0, 0, 0x10 + i as u8, 0x01],
-                    [0x02, 0, 0, 0, 0x10 + i as u8, 0x02],
+                    (Self::backend_gw_ip(i), 30),
+                    Self::backend_ip(i),
+                    Self::backend_gw_mac(i),
+                    Self::backend_mac(i),
                 )
             })
             .collect();
@@ -671,7 +701,8 @@ impl Topology {
     }
 }
 
-fn mac_str(mac: [u8; 6]) -> String {
+/// A MAC as `ip` writes it (`02:00:00:00:00:01`).
+pub fn mac_str(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
 }
 
@@ -716,6 +747,17 @@ fn link(
         gw_iface: gw_iface.to_owned(),
         gw_ip,
         gw_mac,
+    }
+}
+
+/// The index of interface `name` in the calling thread's namespace.
+pub fn ifindex(name: &str) -> std::io::Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error()),
+        i => Ok(i),
     }
 }
 

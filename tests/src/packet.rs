@@ -6,9 +6,14 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use gateway_common::net::IPPROTO_TCP;
 
+/// An Ethernet header's length.
 pub const ETH_LEN: usize = 14;
+/// An IPv4 header's length without options (the least it can be).
 pub const IPV4_LEN: usize = 20;
+/// A TCP header's length without options (the least it can be).
 pub const TCP_LEN: usize = 20;
+/// The IPv4 ethertype.
+pub const ETH_P_IPV4: u16 = 0x0800;
 
 /// TCP flags (the datapath's own).
 pub use gateway_common::net::tcp_flags as flags;
@@ -103,7 +108,7 @@ impl Frame {
         let mut out = Vec::with_capacity(ETH_LEN + total);
         out.extend_from_slice(&self.dst_mac);
         out.extend_from_slice(&self.src_mac);
-        out.extend_from_slice(&0x0800u16.to_be_bytes());
+        out.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
         let ip_start = out.len();
         out.push(0x40 | ihl as u8);
         out.push(0);
@@ -193,6 +198,21 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u
     !fold(sum16(segment, acc))
 }
 
+/// Where the frame `got` first differs from `want`, for messages: the first differing byte
+/// and both lengths, or the lengths alone when one is a prefix of the other.
+pub fn first_difference(got: &[u8], want: &[u8]) -> String {
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(i) => format!(
+            "byte {i} is {:#04x}, expected {:#04x} ({} bytes, expected {})",
+            got[i],
+            want[i],
+            got.len(),
+            want.len()
+        ),
+        None => format!("{} bytes, expected {}", got.len(), want.len()),
+    }
+}
+
 /// A parsed Ethernet/IPv4/TCP frame, for checking the datapath's output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {
@@ -214,7 +234,7 @@ pub fn parse_checked(frame: &[u8]) -> Parsed {
         "frame too short: {} bytes",
         frame.len()
     );
-    assert_eq!(&frame[12..14], &[0x08, 0x00], "not IPv4");
+    assert_eq!(&frame[12..14], &ETH_P_IPV4.to_be_bytes(), "not IPv4");
     let ip = &frame[ETH_LEN..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));

@@ -15,7 +15,8 @@ use std::{
 };
 
 use crate::{
-    netns::Netns,
+    model::wire::{self, Parse},
+    netns::{Netns, ifindex},
     packet::{ETH_LEN, Frame, IPV4_LEN},
 };
 
@@ -91,12 +92,7 @@ pub fn with_bad_ipv4_checksum(frame: &Frame) -> Vec<u8> {
 /// An AF_PACKET socket bound to interface `iface` of the calling thread's namespace, receiving
 /// every protocol.
 fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
-    let name = std::ffi::CString::new(iface).expect("an interface name");
-    // SAFETY: a NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let ifindex = ifindex(iface)?;
     // SAFETY: plain socket(2).
     let fd = unsafe {
         libc::socket(
@@ -158,37 +154,22 @@ impl Segment {
             .wrapping_add(syn_fin)
     }
 
-    /// Parses an Ethernet/IPv4/TCP frame without judging its checksums (frames a host sends
-    /// may carry partial ones, left to offload). `None` for anything else.
+    /// Parses an Ethernet/IPv4/TCP frame as the datapath does ([`wire::parse`], whatever its
+    /// destination), without judging its checksums (frames a host sends may carry partial
+    /// ones, left to offload). `None` for anything else (fragments included).
     pub fn parse(frame: &[u8]) -> Option<Segment> {
-        if frame.len() < ETH_LEN + IPV4_LEN || frame[12..14] != [0x08, 0x00] {
+        let Parse::Tcp(seg) = wire::parse(frame, |_| 1) else {
             return None;
-        }
-        let ip = &frame[ETH_LEN..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        if ip[0] >> 4 != 4 || ip[9] != 6 || ihl < IPV4_LEN || total > ip.len() {
-            return None;
-        }
-        let tcp = ip.get(ihl..total)?;
-        let doff = usize::from(*tcp.get(12)? >> 4) * 4;
-        if doff < 20 || doff > tcp.len() {
-            return None;
-        }
-        let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+        };
         Some(Segment {
-            src: SocketAddrV4::new(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), be16(tcp)),
-            dst: SocketAddrV4::new(
-                Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-                be16(&tcp[2..]),
-            ),
-            seq: be32(&tcp[4..]),
-            ack: be32(&tcp[8..]),
-            flags: tcp[13],
-            window: be16(&tcp[14..]),
-            ttl: ip[8],
-            payload_len: (tcp.len() - doff) as u32,
+            src: seg.key.src(),
+            dst: seg.key.dst(),
+            seq: seg.seq,
+            ack: seg.ack,
+            flags: seg.flags,
+            window: seg.window,
+            ttl: seg.ttl,
+            payload_len: seg.payload,
             frame_len: frame.len(),
         })
     }

@@ -22,9 +22,9 @@
 //! the frames and expectations of a [`Conn`] do so. A row's input and expected output are
 //! resolved before its packet runs; its checks after.
 //!
-//! The addresses and MACs are [`Topology`](crate::netns::Topology)'s, checked against it when
-//! a scenario starts: the client on [`Link::Client`], backend `i` at [`backend_ip`]`(i)` on
-//! [`Link::Backend`]`(i)`.
+//! The addresses and MACs are [`Topology`](crate::netns::Topology)'s (its constants and
+//! functions, which build the topology too): the client on [`Link::Client`], backend `i` at
+//! [`backend_ip`]`(i)` on [`Link::Backend`]`(i)`.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -41,6 +41,7 @@ use gateway_common::{
 
 use crate::{
     datapath::{Fixture, Verdict},
+    model::wire::show_key,
     packet::{Frame, Parsed, parse_checked, rst_answer},
 };
 
@@ -206,7 +207,7 @@ impl Row {
     /// `rst_no_flow`, nothing dropped.
     pub fn answered(name: impl Into<String>, frame: Frame) -> Self {
         let rst = rst_answer(&frame);
-        Self::new(name, frame, Verdict::Back, Out::Bytes(rst)).counter(GlobalStat::RstNoFlow, 1..=1)
+        Self::new(name, frame, Verdict::Tx, Out::Bytes(rst)).counter(GlobalStat::RstNoFlow, 1..=1)
     }
 
     /// Handed to the kernel unchanged.
@@ -362,7 +363,7 @@ impl Ctx {
             .dp
             .flow(&key)
             .expect("conntrack lookup")
-            .unwrap_or_else(|| panic!("no conntrack entry {}", conn::show_key(&key)))
+            .unwrap_or_else(|| panic!("no conntrack entry {}", show_key(&key)))
     }
 
     /// The state bits of the entry under `key`.

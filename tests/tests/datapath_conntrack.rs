@@ -177,6 +177,22 @@ fn fins_outside_the_window() -> Scenario {
             .check("no FIN recorded", no_fin),
         )
         .row(
+            Row::dropped(
+                "a stale FIN from the client's side, 1000 before the backend's next expected",
+                shifted(c.send(flags::FIN | flags::ACK), 1000u32.wrapping_neg()),
+                DropReason::OutOfWindow,
+            )
+            .check("no FIN recorded", no_fin),
+        )
+        .row(
+            Row::dropped(
+                "a FIN past the backend's advertised window (64,240), inside 65,535",
+                shifted(c.send(flags::FIN | flags::ACK), 65_000),
+                DropReason::OutOfWindow,
+            )
+            .check("no FIN recorded", no_fin),
+        )
+        .row(
             Row::redirected(
                 "the client's real FIN",
                 c.send(flags::FIN | flags::ACK),
@@ -235,6 +251,29 @@ fn segments_outside_the_window() -> Scenario {
             .check("and moves nothing back", move |cx| {
                 let f = cx.flow(c.key());
                 assert_eq!(f.track & TRACK_ACK_SEEN, TRACK_ACK_SEEN);
+            }),
+        )
+        .row(
+            Row::redirected(
+                "a partial retransmission with an older ack is forwarded",
+                ack_shifted(
+                    shifted(
+                        c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"req")),
+                        7u32.wrapping_neg(),
+                    ),
+                    100u32.wrapping_neg(),
+                ),
+                c.to_its_backend(),
+            )
+            .check("and moves neither seq_end nor ack_max back", move |cx| {
+                // The input's numbers (bytes 38..42 and 42..46 of an option-less frame).
+                let seq = u32::from_be_bytes(cx.input[38..42].try_into().unwrap());
+                let ack = u32::from_be_bytes(cx.input[42..46].try_into().unwrap());
+                let f = cx.flow(c.key());
+                assert_eq!(
+                    (f.seq_end, f.ack_max),
+                    (seq.wrapping_add(7), ack.wrapping_add(100))
+                );
             }),
         )
         .row(
@@ -593,6 +632,14 @@ fn handshake() -> Scenario {
             }),
         )
         .row(Row::redirected("another SYN", d.syn(), d.to_maglev_backend()).entries(2))
+        .row(
+            Row::dropped(
+                "an RST+ACK that does not acknowledge the SYN (a spoofed refusal)",
+                ack_shifted(d.reply(flags::RST | flags::ACK), 1).map(|f| Frame { seq: 0, ..f }),
+                DropReason::OutOfWindow,
+            )
+            .check("not reset", move |cx| assert_eq!(states(cx, d) & CT_RST, 0)),
+        )
         .row(
             Row::redirected(
                 "the backend refuses it (RST+ACK acknowledging the SYN)",

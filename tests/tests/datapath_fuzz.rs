@@ -4,6 +4,7 @@
 //! `cargo xtask fuzz`.
 
 use gateway::datapath::AttachMode;
+use gateway_common::{DropReason, GlobalStat};
 use gateway_tests::fuzz::{self, Options};
 
 /// The short run's seed unless `GATEWAY_FUZZ_SEED` says otherwise.
@@ -22,6 +23,32 @@ fn short_run(mode: AttachMode) {
     );
     if let Some(d) = &report.divergence {
         panic!("{}\n{d}", report.summary());
+    }
+    // Without divergence the run proves something only if it played what it was asked to,
+    // and reached the checks of issue 14 it is there for.
+    let s = report.summary();
+    assert_eq!(report.packets, packets, "{s}: packets played and compared");
+    assert!(
+        report.refused * 50 <= report.packets,
+        "{s}: more than 2% of the packets refused by test_run"
+    );
+    for reason in [DropReason::OutOfWindow, DropReason::BadFlags] {
+        assert!(
+            report.drops(reason) > 0,
+            "{s}: no packet dropped as {}",
+            reason.label()
+        );
+    }
+    for stat in [
+        GlobalStat::RstInWindow,
+        GlobalStat::SynRebalanced,
+        GlobalStat::RstNoFlow,
+    ] {
+        assert!(
+            report.counted(stat) > 0,
+            "{s}: counter {} never went up",
+            stat.label()
+        );
     }
 }
 

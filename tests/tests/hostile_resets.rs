@@ -33,15 +33,7 @@ fn forget(sb: &Sandbox, client: SocketAddrV4) {
     let map = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
     let mut ct: HashMap<_, FlowKey4, Flow> =
         HashMap::try_from(Map::LruHashMap(map)).expect("the conntrack table's layout");
-    let web = web4();
-    let key = FlowKey4 {
-        src_ip: u32::from_ne_bytes(client.ip().octets()),
-        dst_ip: u32::from_ne_bytes(web.ip().octets()),
-        src_port: client.port().to_be(),
-        dst_port: web.port().to_be(),
-        proto: 6,
-        ..FlowKey4::default()
-    };
+    let key = FlowKey4::from_addrs(client, web4());
     let forward = ct
         .get(&key, 0)
         .unwrap_or_else(|e| panic!("the forward entry of {client}: {e}"));
@@ -140,9 +132,32 @@ fn assert_both_reset(
     }
 }
 
+/// Waits up to 2 s until the daemon's metrics count `n` RSTs sent to the ends of the
+/// connections it ended (`gateway_conntrack_resets_sent_total`), then panics unless they count
+/// exactly that many, and no failure (`gateway_conntrack_reset_failures_total`).
+#[track_caller]
+fn assert_resets_sent(sb: &Sandbox, what: &str, n: u32) {
+    let read = || {
+        let s = sb.daemon.scrape();
+        (
+            s.value("gateway_conntrack_resets_sent_total", &[]),
+            s.value("gateway_conntrack_reset_failures_total", &[]),
+        )
+    };
+    let want = (f64::from(n), 0.0);
+    let _ = gateway_tests::wait_for(Duration::from_secs(2), || read().0 >= want.0);
+    assert_eq!(
+        read(),
+        want,
+        "{}: (resets sent, reset failures) after {what}",
+        sb.mode
+    );
+}
+
 fn remove_now(mode: AttachMode) {
     let sb = Sandbox::held(mode, &[]);
     let b0 = sb.backend(0);
+    assert_resets_sent(&sb, "nothing", 0);
     assert_both_reset(
         &sb,
         "`backend remove --now`",
@@ -152,6 +167,8 @@ fn remove_now(mode: AttachMode) {
         Duration::ZERO,
         WITHIN,
     );
+    // One RST to each end of the one connection.
+    assert_resets_sent(&sb, "`backend remove --now`", 2);
 }
 
 #[test]
@@ -166,6 +183,7 @@ fn removing_a_backend_now_resets_both_ends_tc() {
 
 fn app_delete(mode: AttachMode) {
     let sb = Sandbox::held(mode, &[]);
+    assert_resets_sent(&sb, "nothing", 0);
     assert_both_reset(
         &sb,
         "`app delete`",
@@ -175,6 +193,7 @@ fn app_delete(mode: AttachMode) {
         Duration::ZERO,
         WITHIN,
     );
+    assert_resets_sent(&sb, "`app delete`", 2);
 }
 
 #[test]
@@ -206,6 +225,7 @@ fn drain_deadline(mode: AttachMode) {
         sb.daemon.log().contains("drain timeout")
     });
     assert!(logged.is_some(), "{}", sb.daemon.log());
+    assert_resets_sent(&sb, "a drain deadline", 2);
 }
 
 #[test]

@@ -83,6 +83,24 @@ fn illegal_flags(mode: AttachMode) {
         let segment = raw::ipv4(&Frame::tcp(from, web4(), tcp_flags));
         assert_creates_nothing(&sb, what, from, Bogus::Ipv4(segment), "bad_flags");
     }
+    // The control: a SYN with flags that may go with it (PSH, URG), sent the same way, makes
+    // a flow that `gateway flows` shows, and no bad_flags drop. Without it, "created no flow"
+    // above could hold because such a segment shows no flow whatever its flags.
+    let from = SocketAddrV4::new(Topology::CLIENT_IP, 41100);
+    let before = sb.daemon.drops("bad_flags");
+    let syn = raw::ipv4(&Frame::tcp(from, web4(), flags::SYN | flags::PSH | URG));
+    raw::send_ipv4(&sb.topo.client, vec![syn]);
+    let shown = wait_for(Duration::from_secs(2), || sb.flow_state(from).is_some());
+    assert!(
+        shown.is_some(),
+        "{mode}: a SYN+PSH+URG created no flow: {:?}",
+        sb.daemon.flows()
+    );
+    assert_eq!(
+        sb.daemon.drops("bad_flags"),
+        before,
+        "{mode}: a SYN+PSH+URG was counted as bad_flags"
+    );
 }
 
 #[test]

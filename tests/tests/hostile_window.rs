@@ -201,6 +201,12 @@ fn an_in_window_inexact_rst_is_forwarded_without_closing_tc() {
     in_window_rst(AttachMode::Tc);
 }
 
+/// A FIN 2^30 outside the window each way is dropped (`out_of_window`) and the connection
+/// lives on. 2^30 is beyond the widest window a receiver can advertise, so what this covers
+/// end to end is the bounds every segment must meet, whatever its flags; not the FIN's own
+/// check against the window the receiver did advertise (a FIN within those bounds but outside
+/// that window), which `datapath_conntrack`'s `fins_outside_the_window` covers at the
+/// window's edges.
 fn far_fin(mode: AttachMode) {
     let sb = Sandbox::held(mode, &ONE_SNAT_PORT);
     let client_ns = &sb.topo.client;

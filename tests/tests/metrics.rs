@@ -81,17 +81,7 @@ impl<'a> NftCounters<'a> {
 
     /// (packets, bytes) of counter `name`.
     fn read(&self, name: &str) -> (u64, u64) {
-        let out = self
-            .0
-            .exec_ok(&["nft", "-j", "list", "counter", "ip", "gwtest", name]);
-        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let c = json["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find_map(|o| o.get("counter"))
-            .expect("a counter");
-        (c["packets"].as_u64().unwrap(), c["bytes"].as_u64().unwrap())
+        self.0.nft_counter("gwtest", name)
     }
 }
 

@@ -159,9 +159,11 @@ impl Gen {
             closed.sort_by_key(|k| (k.src_ip, k.src_port));
             {
                 let k = self.rng.pick(&closed);
-                let link = match k.src().ip().octets()[0] {
-                    192 => Link::Client,
-                    _ => Link::Backend(backend_index(*k.src().ip())),
+                let ip = *k.src().ip();
+                let link = if ip == Topology::CLIENT_IP {
+                    Link::Client
+                } else {
+                    Link::Backend(backend_index(ip))
                 };
                 return Op::Age {
                     client: Client {
@@ -175,7 +177,7 @@ impl Gen {
         }
         let i = self.rng.below(self.sims.len() as u64) as usize;
         let client = self.sims[i].client;
-        let fwd = model.ct.get(&forward_key(client)).copied();
+        let fwd = model.ct.get(&client.key()).copied();
         if r < 26 && fwd.is_some() {
             let closed = fwd.is_some_and(|f| is_closed(f.state));
             return Op::Age {
@@ -205,7 +207,7 @@ impl Gen {
     /// A segment of sim `i`'s connection.
     fn conn(&mut self, i: usize, model: &Model) -> Op {
         let client = self.sims[i].client;
-        let fwd = model.ct.get(&forward_key(client)).copied();
+        let fwd = model.ct.get(&client.key()).copied();
         // The hosts start over when the gateway has no open flow for them (gone, or closed).
         if fwd.is_none_or(|f| is_closed(f.state))
             && self.sims[i].phase != Phase::Idle
@@ -465,7 +467,7 @@ impl Gen {
 
     /// A segment at an edge of the window checks, from the model's entries (spec §4.3-§4.4).
     fn edge(&mut self, client: Client, model: &Model) -> Op {
-        let key = forward_key(client);
+        let key = client.key();
         let from_client = self.rng.chance(500);
         let fwd = model.ct.get(&key).copied();
         let es_key = if from_client {
@@ -711,8 +713,4 @@ impl Gen {
         }
         op
     }
-}
-
-fn forward_key(client: Client) -> FlowKey4 {
-    FlowKey4::from_addrs(client.addr(), Fixture::service())
 }

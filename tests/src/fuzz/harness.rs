@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use gateway::datapath::{AttachMode, GlobalStats, monotonic_ns};
 use gateway_common::{
     DropReason, GlobalStat,
@@ -21,14 +20,15 @@ use gateway_common::{
 
 use super::ops::{Client, Op, hex};
 use crate::{
-    datapath::{APP, Fixture},
+    datapath::{APP, Fixture, refuses},
     model::{
         Clock, EntryExp, Hop, Model, Rules, diff_flows,
         expect::check_time,
         show_flow,
         wire::{self, Parse},
     },
-    netns::Topology,
+    netns::{Topology, ifindex},
+    packet::first_difference,
     scenario::{Link, backend_index},
 };
 
@@ -75,38 +75,12 @@ pub struct Harness {
     last_flow: HashMap<Client, (SocketAddrV4, SocketAddrV4)>,
     /// Compare the whole table every this many packets (1: every packet).
     pub full_every: u64,
-    /// Packets played, and those the kernel refused to run (test_run's own limits).
+    /// Packets played, and those the kernel refused to run (test_run's own limits,
+    /// [`refuses`]; a refusal of any other frame is a divergence).
     pub packets: u64,
     pub refused: u64,
     /// How often each verdict, drop reason and counter came up (what the run exercised).
     pub coverage: std::collections::BTreeMap<String, u64>,
-}
-
-/// Runs the program of `fx`'s mode on `frame`: its return value and output, or the kernel's
-/// refusal (frames below test_run's minimum).
-fn test_run(fx: &mut Fixture, frame: &[u8]) -> Result<(u32, Vec<u8>), String> {
-    let mut out = vec![0u8; frame.len() + 512];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..TestRunOptions::new()
-    };
-    let r = match fx.mode {
-        AttachMode::Xdp => fx.dp.xdp().expect("xdp").test_run(opts),
-        AttachMode::Tc => fx.dp.tc().expect("tc").test_run(opts),
-    }
-    .map_err(|e| format!("{e:?}"))?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, out))
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: a valid NUL-terminated name.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert!(i != 0, "no interface {name} in the gateway namespace");
-    i
 }
 
 impl Harness {
@@ -146,7 +120,9 @@ impl Harness {
             m.hops.insert(
                 ip_to_net(link.ip()),
                 Hop {
-                    ifindex: ifindex(&name),
+                    ifindex: ifindex(&name).unwrap_or_else(|e| {
+                        panic!("no interface {name} in the gateway namespace: {e}")
+                    }),
                     smac,
                     dmac,
                 },
@@ -197,11 +173,6 @@ impl Harness {
         t
     }
 
-    /// The forward key of `client`'s flow.
-    fn forward_key(client: Client) -> FlowKey4 {
-        FlowKey4::from_addrs(client.addr(), Fixture::service())
-    }
-
     /// The bytes of a packet operation, addresses resolved.
     pub fn frame(&mut self, op: &Op) -> Option<Vec<u8>> {
         let (seg, link) = match op {
@@ -229,7 +200,7 @@ impl Harness {
 
     /// The backend and SNAT address of `client`'s flow (or of its last one).
     fn flow_ends(&mut self, client: Client) -> (SocketAddrV4, SocketAddrV4) {
-        if let Some(f) = self.model.ct.get(&Self::forward_key(client)) {
+        if let Some(f) = self.model.ct.get(&client.key()) {
             let ends = (f.nat_dst(), f.nat_src());
             self.last_flow.insert(client, ends);
             return ends;
@@ -246,7 +217,7 @@ impl Harness {
     /// Plays `op` on both sides and compares.
     pub fn exec(&mut self, op: &Op) -> Result<(), Box<Divergence>> {
         if let Some(c) = op.client()
-            && let Some(f) = self.model.ct.get(&Self::forward_key(c))
+            && let Some(f) = self.model.ct.get(&c.key())
         {
             self.last_flow.insert(c, (f.nat_dst(), f.nat_src()));
         }
@@ -292,7 +263,7 @@ impl Harness {
 
     /// Changes both entries of `client`'s flow alike on both sides (if both sides have them).
     fn edit_pair(&mut self, client: Client, edit: impl Fn(&mut Flow)) {
-        let key = Self::forward_key(client);
+        let key = client.key();
         let Some(fwd) = self.model.ct.get(&key).copied() else {
             return;
         };
@@ -310,11 +281,26 @@ impl Harness {
     fn packet(&mut self, frame: &[u8]) -> Result<(), Box<Divergence>> {
         let mode = self.fx.mode;
         let before = monotonic_ns();
-        let run = test_run(&mut self.fx, frame);
+        let run = self.fx.try_run(frame);
         let after = monotonic_ns();
-        let Ok((ret, out)) = run else {
-            self.refused += 1;
-            return Ok(());
+        let (ret, out) = match run {
+            Ok(run) => run,
+            Err(_) if refuses(mode, frame) => {
+                self.refused += 1;
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Box::new(Divergence {
+                    problems: vec![format!(
+                        "test_run refused a {}-byte frame that is within its limits: {e:?}",
+                        frame.len()
+                    )],
+                    frame: frame.to_vec(),
+                    got: Vec::new(),
+                    want: None,
+                    entries: Vec::new(),
+                }));
+            }
         };
         self.packets += 1;
         let clock = Clock::around(before, after);
@@ -343,7 +329,10 @@ impl Harness {
         if let Some(want) = &x.out
             && *want != out
         {
-            problems.push(format!("output: {}", first_difference(&out, want)));
+            problems.push(format!(
+                "output (the datapath's, expected the model's): {}",
+                first_difference(&out, want)
+            ));
         }
         for r in DropReason::ALL {
             let d = stats.drops(*r) - self.stats.drops(*r);
@@ -385,11 +374,11 @@ impl Harness {
         }
         self.cover(format!("verdict {:?}", x.verdict));
         if let Some(r) = x.drop {
-            self.cover(format!("drop {}", r.label()));
+            self.cover(drop_key(r));
         }
         for st in GlobalStat::ALL {
             if stats.get(*st) > self.stats.get(*st) {
-                self.cover(format!("counter {}", st.label()));
+                self.cover(counter_key(*st));
             }
         }
         self.stats = stats;
@@ -539,19 +528,12 @@ impl Harness {
     }
 }
 
-fn first_difference(got: &[u8], want: &[u8]) -> String {
-    match got.iter().zip(want).position(|(a, b)| a != b) {
-        Some(i) => format!(
-            "byte {i} is {:#04x} in the datapath's, {:#04x} in the model's ({} and {} bytes)",
-            got[i],
-            want[i],
-            got.len(),
-            want.len()
-        ),
-        None => format!(
-            "{} bytes from the datapath, {} from the model",
-            got.len(),
-            want.len()
-        ),
-    }
+/// The coverage key of the packets the model expected drop reason `r` of.
+pub fn drop_key(r: DropReason) -> String {
+    format!("drop {}", r.label())
+}
+
+/// The coverage key of the packets after which global counter `s` had gone up.
+pub fn counter_key(s: GlobalStat) -> String {
+    format!("counter {}", s.label())
 }

@@ -19,7 +19,7 @@ use std::{
 };
 
 use gateway::datapath::AttachMode;
-use gateway_common::maps::is_closed;
+use gateway_common::{DropReason, GlobalStat, maps::is_closed};
 
 use crate::{model::Rules, netns::Topology, require_root};
 use generate::Gen;
@@ -74,7 +74,8 @@ pub struct Report {
     pub ops: u64,
     pub refused: u64,
     pub elapsed: Duration,
-    /// The divergence, described for a person, if there was one.
+    /// The divergence, described for a person, if there was one (or why the run stopped
+    /// before playing every packet).
     pub divergence: Option<String>,
     /// What the run exercised: verdicts, drop reasons and counters, with their counts.
     pub coverage: std::collections::BTreeMap<String, u64>,
@@ -93,6 +94,22 @@ impl Report {
             .map(|(k, n)| format!("{k}: {n}"))
             .collect();
         v.join(", ")
+    }
+
+    /// How many packets the model expected drop reason `r` of (in the coverage).
+    pub fn drops(&self, r: DropReason) -> u64 {
+        self.coverage
+            .get(&harness::drop_key(r))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// After how many packets global counter `s` had gone up (in the coverage).
+    pub fn counted(&self, s: GlobalStat) -> u64 {
+        self.coverage
+            .get(&harness::counter_key(s))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// One line: mode, seed, packets, rate.
@@ -134,7 +151,23 @@ fn play(options: Options, ips: &[std::net::Ipv4Addr]) -> Report {
     let mut ops: Vec<Op> = Vec::new();
     let start = Instant::now();
     let mut diverged = None;
+    // Steps are mostly packets the kernel runs; a run that plays far more steps than packets
+    // (every frame refused, or no packets generated) stops rather than spin.
+    let max_steps = options.packets.saturating_mul(4).saturating_add(1000);
+    let mut stalled = None;
     while h.packets < options.packets {
+        if ops.len() as u64 >= max_steps {
+            stalled = Some(format!(
+                "STALLED [{}] seed {:#x}: {} steps played only {} of {} packets ({} refused by test_run)",
+                options.mode,
+                options.seed,
+                ops.len(),
+                h.packets,
+                options.packets,
+                h.refused
+            ));
+            break;
+        }
         let op = g.next(&h.model);
         ops.push(op.clone());
         if let Err(d) = h.exec(&op) {
@@ -161,7 +194,9 @@ fn play(options: Options, ips: &[std::net::Ipv4Addr]) -> Report {
     let open = h.model.ct.values().filter(|f| !is_closed(f.state)).count();
     coverage.insert("entries at the end (open)".into(), open as u64);
     coverage.insert("entries at the end (all)".into(), h.model.ct.len() as u64);
-    let divergence = diverged.map(|d| describe(&mut h, &options, &ops, &d));
+    let divergence = diverged
+        .map(|d| describe(&mut h, &options, &ops, &d))
+        .or(stalled);
     Report {
         packets,
         ops: ops.len() as u64,

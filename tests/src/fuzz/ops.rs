@@ -5,7 +5,9 @@
 
 use std::{fmt, net::SocketAddrV4};
 
-use crate::{model::wire::Segment, scenario::Link};
+use gateway_common::maps::FlowKey4;
+
+use crate::{datapath::Fixture, model::wire::Segment, scenario::Link};
 
 /// One client tuple: the host (the client, or a backend connecting to its own app: hairpin)
 /// and its source port.
@@ -28,6 +30,11 @@ impl std::hash::Hash for Client {
 impl Client {
     pub fn addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.link.ip(), self.port)
+    }
+
+    /// The forward key of this client's flow to the service.
+    pub fn key(&self) -> FlowKey4 {
+        FlowKey4::from_addrs(self.addr(), Fixture::service())
     }
 }
 

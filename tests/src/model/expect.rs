@@ -11,32 +11,9 @@ use gateway_common::{
 
 use super::Clock;
 
-/// What the program did with the frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// To the kernel, unchanged.
-    Pass,
-    Drop,
-    /// Translated and redirected to a next hop.
-    Redirect,
-    /// Sent back out of the interface it came in on (spec §7's RST): a redirect to the ingress
-    /// interface in both modes (the output frame tells it from a translation).
-    Tx,
-}
-
-impl Verdict {
-    /// The program's return value for this verdict in `mode`.
-    pub fn code(self, mode: AttachMode) -> u32 {
-        match (mode, self) {
-            (AttachMode::Xdp, Verdict::Pass) => 2,
-            (AttachMode::Xdp, Verdict::Drop) => 1,
-            (AttachMode::Xdp, Verdict::Redirect | Verdict::Tx) => 4,
-            (AttachMode::Tc, Verdict::Pass) => 0,
-            (AttachMode::Tc, Verdict::Drop) => 2,
-            (AttachMode::Tc, Verdict::Redirect | Verdict::Tx) => 7,
-        }
-    }
-}
+/// What the program does with the frame: the fixture's verdict (the model expects its exact
+/// return code, [`Verdict::code`]).
+pub use crate::datapath::Verdict;
 
 /// What a time field of an entry must be after the run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +52,6 @@ impl EntryExp {
 /// What the datapath must do with one frame.
 #[derive(Clone, Debug)]
 pub struct Expect {
-    pub mode: AttachMode,
     pub verdict: Verdict,
     /// The output frame, exactly; `None` for a drop (not looked at).
     pub out: Option<Vec<u8>>,
@@ -95,7 +71,6 @@ pub struct Expect {
 impl Expect {
     pub fn new(mode: AttachMode) -> Self {
         let mut x = Expect {
-            mode,
             verdict: Verdict::Drop,
             out: None,
             drop: None,

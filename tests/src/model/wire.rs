@@ -3,20 +3,19 @@
 //! RST of spec §7), and a segment builder with every field the fuzzer varies. Nothing here
 //! updates a checksum incrementally: a translated frame's checksums are computed from scratch,
 //! carrying the input's error (a segment of an existing flow is not verified, so a wrong
-//! checksum in must stay exactly as wrong out, as RFC 1624's update keeps it).
+//! checksum in must stay exactly as wrong out, as RFC 1624's update keeps it). Checksums and
+//! the RST answer are [`crate::packet`]'s.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use gateway_common::{
     DropReason,
     maps::{FlowKey4, TCP_MAX_WSCALE},
-    net::{IPPROTO_TCP, ip_from_net, port_from_net},
+    net::{IPPROTO_TCP, ip_from_net},
 };
 
-pub const ETH_LEN: usize = 14;
-pub const IPV4_MIN_LEN: usize = 20;
-pub const TCP_MIN_LEN: usize = 20;
-const ETH_P_IPV4: u16 = 0x0800;
+use crate::packet::{self, Frame, checksum, l4_checksum};
+pub use crate::packet::{ETH_LEN, ETH_P_IPV4, IPV4_LEN as IPV4_MIN_LEN, TCP_LEN as TCP_MIN_LEN};
 
 /// A TCP/IPv4 segment to one of the gateway's addresses, as the datapath parses it.
 #[derive(Clone, Copy, Debug)]
@@ -156,33 +155,9 @@ pub fn wscale_option(frame: &[u8], seg: &Seg) -> Option<u8> {
     found
 }
 
-/// The one's complement sum of `data` as big-endian 16-bit words (an odd last byte padded).
-pub fn sum16(data: &[u8], mut acc: u64) -> u64 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        acc += u64::from(*last) << 8;
-    }
-    acc
-}
-
-/// Folds a sum to 16 bits (end-around carry); a non-zero sum folds into 1..=0xffff.
-pub fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
-fn pseudo(src: [u8; 4], dst: [u8; 4], len: usize) -> u64 {
-    sum16(&dst, sum16(&src, 0)) + u64::from(IPPROTO_TCP) + len as u64
-}
-
 /// The IPv4 header's sum with its checksum field: 0xffff when the checksum is right.
 pub fn ip_residual(frame: &[u8], ihl: usize) -> u16 {
-    fold(sum16(&frame[ETH_LEN..ETH_LEN + ihl], 0))
+    !checksum(&frame[ETH_LEN..ETH_LEN + ihl])
 }
 
 /// The TCP segment's sum (pseudo-header, header with its checksum field, payload up to the
@@ -190,17 +165,19 @@ pub fn ip_residual(frame: &[u8], ihl: usize) -> u16 {
 pub fn tcp_residual(frame: &[u8], seg: &Seg) -> u16 {
     let ip = &frame[ETH_LEN..];
     let tcp = &ip[seg.ihl..usize::from(seg.l3_len)];
-    let src = ip[12..16].try_into().unwrap();
-    let dst = ip[16..20].try_into().unwrap();
-    fold(sum16(tcp, pseudo(src, dst, tcp.len())))
+    !l4_checksum(addr(&ip[12..16]), addr(&ip[16..20]), IPPROTO_TCP, tcp)
 }
 
-/// The checksum field that gives the bytes summing to `sum_without` (the field taken as 0) the
-/// residual `residual` (0xffff: right). RFC 1624's update keeps a segment's residual and never
-/// writes 0xffff, so this is the one value both attach modes' updates can give.
-fn field_for(sum_without: u64, residual: u16) -> u16 {
-    let correct = u32::from(!fold(sum_without));
-    ((u32::from(residual) % 0xffff + correct) % 0xffff) as u16
+/// The IPv4 address in these 4 bytes.
+fn addr(b: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(b[0], b[1], b[2], b[3])
+}
+
+/// The checksum field that gives bytes whose right checksum is `correct` the residual
+/// `residual` (0xffff: right). RFC 1624's update keeps a segment's residual and never writes
+/// 0xffff, so this is the one value both attach modes' updates can give.
+fn field_for(correct: u16, residual: u16) -> u16 {
+    ((u32::from(residual) % 0xffff + u32::from(correct)) % 0xffff) as u16
 }
 
 /// Where a translated packet goes: its new addresses and ports (network order, as the
@@ -232,57 +209,38 @@ pub fn translate(frame: &[u8], seg: &Seg, t: &Translation) -> Vec<u8> {
         out[ip + 8] = out[ip + 8].wrapping_sub(1);
     }
     out[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
-    let sum = sum16(&out[ip..ip + seg.ihl], 0);
-    out[ip + 10..ip + 12].copy_from_slice(&field_for(sum, ip_res).to_be_bytes());
+    let correct = checksum(&out[ip..ip + seg.ihl]);
+    out[ip + 10..ip + 12].copy_from_slice(&field_for(correct, ip_res).to_be_bytes());
     let l4 = seg.l4_off();
     out[l4..l4 + 2].copy_from_slice(&t.src_port.to_ne_bytes());
     out[l4 + 2..l4 + 4].copy_from_slice(&t.dst_port.to_ne_bytes());
     out[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
     let end = ETH_LEN + usize::from(seg.l3_len);
-    let sum = sum16(
+    let correct = l4_checksum(
+        ip_from_net(t.src_ip),
+        ip_from_net(t.dst_ip),
+        IPPROTO_TCP,
         &out[l4..end],
-        pseudo(t.src_ip.to_ne_bytes(), t.dst_ip.to_ne_bytes(), end - l4),
     );
-    out[l4 + 16..l4 + 18].copy_from_slice(&field_for(sum, tcp_res).to_be_bytes());
+    out[l4 + 16..l4 + 18].copy_from_slice(&field_for(correct, tcp_res).to_be_bytes());
     out
 }
 
-/// Spec §7's answer to a segment with ACK and without a flow: a 54-byte RST back to its sender
-/// (MACs, addresses and ports swapped), `seq` = the segment's ACK, ack 0, flags RST, TTL 64,
-/// id 0, DF, TOS 0, no options, window 0, both checksums from scratch.
+/// Spec §7's answer to a segment with ACK and without a flow: [`packet::rst_answer`] (a
+/// 54-byte RST back to its sender, `seq` = the segment's ACK) to the parsed `seg` of `frame`.
 pub fn rst_answer(frame: &[u8], seg: &Seg) -> Vec<u8> {
-    let mut out = Vec::with_capacity(54);
-    out.extend_from_slice(&frame[6..12]);
-    out.extend_from_slice(&frame[0..6]);
-    out.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
-    let src = seg.key.dst_ip.to_ne_bytes();
-    let dst = seg.key.src_ip.to_ne_bytes();
-    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, IPPROTO_TCP, 0, 0];
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let sum = !fold(sum16(&ip, 0));
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    out.extend_from_slice(&ip);
-    let mut tcp = Vec::with_capacity(20);
-    tcp.extend_from_slice(&seg.key.dst_port.to_ne_bytes());
-    tcp.extend_from_slice(&seg.key.src_port.to_ne_bytes());
-    tcp.extend_from_slice(&seg.ack.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x04, 0, 0, 0, 0, 0, 0]);
-    let sum = !fold(sum16(&tcp, pseudo(src, dst, 20)));
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    out.extend_from_slice(&tcp);
-    out
+    packet::rst_answer(&Frame {
+        src_mac: frame[6..12].try_into().unwrap(),
+        dst_mac: frame[0..6].try_into().unwrap(),
+        seq: seg.seq,
+        ack: seg.ack,
+        ..Frame::tcp(seg.key.src(), seg.key.dst(), seg.flags)
+    })
 }
 
 /// The flow key's ends, for messages.
 pub fn show_key(k: &FlowKey4) -> String {
-    format!(
-        "{}:{} → {}:{}",
-        ip_from_net(k.src_ip),
-        port_from_net(k.src_port),
-        ip_from_net(k.dst_ip),
-        port_from_net(k.dst_port)
-    )
+    format!("{} → {}", k.src(), k.dst())
 }
 
 /// A TCP/IPv4 segment with every field the fuzzer varies, and the ways to spoil it. Checksums
@@ -377,14 +335,14 @@ impl Segment {
         tcp.extend_from_slice(&[0, 0, 0, 0]);
         tcp.extend_from_slice(&tcp_opts);
         tcp.extend((0..self.payload_len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(7)));
-        let src = self.src.ip().octets();
-        let dst = self.dst.ip().octets();
+        let (src, dst) = (*self.src.ip(), *self.dst.ip());
         if self.negative_zero {
-            // The urgent pointer chosen so that the right checksum is 0x0000.
-            let s = fold(sum16(&tcp, pseudo(src, dst, tcp.len())));
-            tcp[18..20].copy_from_slice(&(!s).to_be_bytes());
+            // The urgent pointer chosen so that the right checksum is 0x0000: the checksum
+            // of the segment with it 0.
+            let s = l4_checksum(src, dst, IPPROTO_TCP, &tcp);
+            tcp[18..20].copy_from_slice(&s.to_be_bytes());
         }
-        let sum = !fold(sum16(&tcp, pseudo(src, dst, tcp.len())));
+        let sum = l4_checksum(src, dst, IPPROTO_TCP, &tcp);
         let sum = self.spoil(sum, self.tcp_csum_delta);
         tcp[16..18].copy_from_slice(&sum.to_be_bytes());
         let total = self.total_len.unwrap_or((ihl + tcp.len()) as u16);
@@ -397,16 +355,17 @@ impl Segment {
         ip.push(self.ttl);
         ip.push(self.proto);
         ip.extend_from_slice(&[0, 0]);
-        ip.extend_from_slice(&src);
-        ip.extend_from_slice(&dst);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
         ip.extend_from_slice(&ip_opts);
         if self.negative_zero {
-            // The identification chosen so that the right checksum is 0x0000.
+            // The identification chosen so that the right checksum is 0x0000: the checksum
+            // of the header with it 0.
             ip[4..6].copy_from_slice(&[0, 0]);
-            let s = fold(sum16(&ip, 0));
-            ip[4..6].copy_from_slice(&(!s).to_be_bytes());
+            let s = checksum(&ip);
+            ip[4..6].copy_from_slice(&s.to_be_bytes());
         }
-        let sum = self.spoil(!fold(sum16(&ip, 0)), self.ip_csum_delta);
+        let sum = self.spoil(checksum(&ip), self.ip_csum_delta);
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
         let mut out = Vec::with_capacity(ETH_LEN + ip.len() + tcp.len());
         out.extend_from_slice(&self.dst_mac);
@@ -429,11 +388,6 @@ impl Segment {
             s => s,
         }
     }
-}
-
-/// The IPv4 address of a network-order field.
-pub fn ip(net: u32) -> Ipv4Addr {
-    ip_from_net(net)
 }
 
 #[cfg(test)]

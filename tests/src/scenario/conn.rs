@@ -17,14 +17,14 @@ pub fn client(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Topology::CLIENT_IP, port)
 }
 
-/// Backend `i`'s address.
+/// Backend `i`'s address ([`Topology::backend_ip`]).
 pub fn backend_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 51, 100, 4 * i as u8 + 2)
+    Topology::backend_ip(i)
 }
 
-/// Which backend has address `ip`.
+/// Which backend has address `ip` ([`Topology::backend_index`]).
 pub fn backend_index(ip: Ipv4Addr) -> usize {
-    (ip.octets()[3] as usize - 2) / 4
+    Topology::backend_index(ip)
 }
 
 /// Backend `i`'s service address (its address, [`BACKEND_PORT`]).
@@ -33,7 +33,7 @@ pub fn backend(i: usize) -> SocketAddrV4 {
 }
 
 /// A link of the topology: the host's MAC and the gateway's on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Link {
     Client,
     Backend(usize),
@@ -50,15 +50,15 @@ impl Link {
 
     pub fn host_mac(self) -> [u8; 6] {
         match self {
-            Link::Client => [0x02, 0, 0, 0, 0, 0x02],
-            Link::Backend(i) => [0x02, 0, 0, 0, 0x10 + i as u8, 0x02],
+            Link::Client => Topology::CLIENT_MAC,
+            Link::Backend(i) => Topology::backend_mac(i),
         }
     }
 
     pub fn gw_mac(self) -> [u8; 6] {
         match self {
-            Link::Client => [0x02, 0, 0, 0, 0, 0x01],
-            Link::Backend(i) => [0x02, 0, 0, 0, 0x10 + i as u8, 0x01],
+            Link::Client => Topology::CLIENT_GW_MAC,
+            Link::Backend(i) => Topology::backend_gw_mac(i),
         }
     }
 
@@ -240,8 +240,4 @@ impl Conn {
             macs: self.link.out_macs(),
         }
     }
-}
-
-pub(super) fn show_key(k: &FlowKey4) -> String {
-    format!("{} → {}", k.src(), k.dst())
 }

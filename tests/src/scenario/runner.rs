@@ -12,8 +12,13 @@ use std::{
 
 use gateway_common::DropReason;
 
-use super::{AttachMode, Ctx, Link, Out, Row, Scenario, Step};
-use crate::{datapath::SNAT_PORTS, netns::Topology, packet::parse_checked, require_root};
+use super::{AttachMode, Ctx, Out, Row, Scenario, Step};
+use crate::{
+    datapath::SNAT_PORTS,
+    netns::{Topology, mac_str},
+    packet::{first_difference, parse_checked},
+    require_root,
+};
 
 /// Plays scenario `name` (made by `build`) in `mode`, on a topology and fixture of its own;
 /// panics once at the end, listing every failure, if any row, set-up step or check failed.
@@ -21,23 +26,6 @@ pub fn run(name: &'static str, build: fn() -> Scenario, mode: AttachMode) {
     require_root();
     let scenario = build();
     let topo = Topology::new(scenario.backends);
-    assert_eq!(
-        (topo.client.ip, topo.client.mac, topo.client.gw_mac),
-        (
-            Link::Client.ip(),
-            Link::Client.host_mac(),
-            Link::Client.gw_mac()
-        ),
-        "the topology's client link is not Link::Client"
-    );
-    for (i, b) in topo.backends.iter().enumerate() {
-        let link = Link::Backend(i);
-        assert_eq!(
-            (b.ip, b.mac, b.gw_mac),
-            (link.ip(), link.host_mac(), link.gw_mac()),
-            "the topology's link to backend {i} is not Link::Backend({i})"
-        );
-    }
     let backend_ips: Vec<Ipv4Addr> = topo.backends.iter().map(|b| b.ip).collect();
     let (rows, failures) = topo.gateway.run(move || play(scenario, mode, &backend_ips));
     drop(topo);
@@ -189,8 +177,8 @@ fn run_row(cx: &mut Ctx, row: Row) -> Vec<String> {
                 expect_eq(
                     &mut problems,
                     "MACs (source, destination)",
-                    (mac(p.src_mac), mac(p.dst_mac)),
-                    (mac(macs.0), mac(macs.1)),
+                    (mac_str(p.src_mac), mac_str(p.dst_mac)),
+                    (mac_str(macs.0), mac_str(macs.1)),
                 );
                 if p.payload != input.payload {
                     problems.push("the payload changed".into());
@@ -220,16 +208,6 @@ fn expect_eq<T: PartialEq + Debug>(problems: &mut Vec<String>, what: &str, got: 
     }
 }
 
-fn mac(m: [u8; 6]) -> String {
-    m.map(|b| format!("{b:02x}")).join(":")
-}
-
-fn first_difference(got: &[u8], want: &[u8]) -> String {
-    match got.iter().zip(want).position(|(a, b)| a != b) {
-        Some(i) => format!("byte {i} is {:#04x}, expected {:#04x}", got[i], want[i]),
-        None => format!("{} bytes, expected {}", got.len(), want.len()),
-    }
-}
 
 thread_local! {
     /// Whether this thread is inside [`catching`]: its panics are then reported by the runner,
