@@ -83,7 +83,8 @@ indexed_names! {
         NoBackend = "no_backend",
         /// No free SNAT port after the bounded number of probes.
         SnatExhausted = "snat_exhausted",
-        /// The conntrack pair could not be inserted (full, or a race lost).
+        /// The conntrack pair could not be inserted (a race lost, or another failure than a
+        /// full table).
         ConntrackInsert = "conntrack_insert",
         /// A fragment to a gateway address: the gateway does not reassemble (policy).
         Fragment = "fragment",
@@ -101,6 +102,9 @@ indexed_names! {
         /// A segment of a flow outside the sequence window (RFC 5961, netfilter's
         /// `tcp_in_window`): it changes nothing.
         OutOfWindow = "out_of_window",
+        /// A SYN refused because the conntrack table is full: established flows are never
+        /// evicted to make room (the new flow is refused, nothing else changes).
+        ConntrackFull = "conntrack_full",
     }
 }
 

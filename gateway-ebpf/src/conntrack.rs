@@ -1,4 +1,4 @@
-//! Conntrack: one global LRU table holding, per connection, a forward entry (client → public,
+//! Conntrack: one global table holding, per connection, a forward entry (client → public,
 //! keyed as it arrives) and a reverse entry (backend → SNAT). Look up the reply direction
 //! first (it is the only kind of entry keyed by a SNAT address), then the forward one.
 
@@ -6,9 +6,10 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, DIR_FORWARD,
-        DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE, TRACK_ACK_SEEN,
-        TRACK_LIBERAL, TRACK_WSCALE_OFFERED, max_window, seq_after, seq_before,
+        CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST,
+        CT_SYN_ACK_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
+        TCP_MAX_WSCALE, TRACK_ACK_SEEN, TRACK_LIBERAL, TRACK_WSCALE_OFFERED, max_window, seq_after,
+        seq_before,
     },
     net::tcp_flags::{ACK, FIN, RST, SYN},
 };
@@ -54,7 +55,7 @@ impl Claim {
                 reverse_key: *reverse_key,
             })),
             Err(e) if e == -EEXIST => Ok(None),
-            Err(_) => Err(DropReason::ConntrackInsert),
+            Err(e) => Err(insert_error(e)),
         }
     }
 
@@ -62,17 +63,26 @@ impl Claim {
     /// the reverse entry.
     #[inline(always)]
     pub fn commit(self, key: &FlowKey4, forward: &Flow) -> Result<(), DropReason> {
-        if CONNTRACK
-            .insert(key, forward, u64::from(BPF_NOEXIST))
-            .is_err()
-        {
+        if let Err(e) = CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)) {
             let _ = CONNTRACK.remove(self.reverse_key);
-            return Err(DropReason::ConntrackInsert);
+            return Err(insert_error(e));
         }
         Ok(())
     }
 }
 
+/// Why an insert failed: the table is full (`E2BIG`: a preallocated hash map has no free
+/// element; nothing is evicted for a new flow), or anything else.
+#[inline(always)]
+fn insert_error(e: i32) -> DropReason {
+    if e == -E2BIG {
+        DropReason::ConntrackFull
+    } else {
+        DropReason::ConntrackInsert
+    }
+}
+
+const E2BIG: i32 = 7;
 const EEXIST: i32 = 17;
 
 /// Follows one segment of the connection `flow` belongs to (`flow` is the entry it was found
@@ -177,6 +187,10 @@ pub fn track(
             }
         }
         advance(flow, pkt, end);
+    }
+    if set & CT_FIN_REVERSE != 0 && flow.state & CT_FIN_FORWARD == 0 {
+        // The backend closes first: it will hold the 4-tuple in TIME_WAIT (see `nat::create`).
+        set |= CT_BACKEND_CLOSED_FIRST;
     }
     let new = flow.state | set;
     // A state change writes the entry anyway: its time is exact then, which the SNAT port

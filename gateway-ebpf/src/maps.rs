@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use gateway_common::maps::{
     Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_APPS,
@@ -14,7 +14,7 @@ use gateway_common::maps::{
 };
 
 /// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).
-#[map(name = "gw_global_v3")]
+#[map(name = "gw_global_v4")]
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
 /// `CONFIG`: the configuration, at index 0.
@@ -34,10 +34,10 @@ pub static MAGLEV: HashMap<u32, MaglevTable> =
 #[map(name = "gw_be4_v1")]
 pub static BACKENDS: Array<Backend4> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// `CONNTRACK4`: both entries of every connection (global LRU; its size is set at load).
-#[map(name = "gw_ct4_v2")]
-pub static CONNTRACK: LruHashMap<FlowKey4, Flow> =
-    LruHashMap::with_max_entries(CONNTRACK_DEFAULT, 0);
+/// `CONNTRACK4`: both entries of every connection (global, preallocated, never evicting; its
+/// size is set at load).
+#[map(name = "gw_ct4_v3")]
+pub static CONNTRACK: HashMap<FlowKey4, Flow> = HashMap::with_max_entries(CONNTRACK_DEFAULT, 0);
 
 /// `APP_STATS`: traffic per app (per CPU).
 #[map(name = "gw_app_stats_v1")]

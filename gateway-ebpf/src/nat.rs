@@ -5,8 +5,8 @@
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        CT_SYN_SEEN, Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
-        is_closed,
+        CT_BACKEND_CLOSED_FIRST, CT_SYN_SEEN, Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4,
+        LAST_SEEN_GRANULARITY_NS, TIME_WAIT_NS, is_closed,
     },
     net::port_to_net,
 };
@@ -24,7 +24,8 @@ use crate::{
 const SNAT_PROBES: u32 = 32;
 
 /// A port held by a closed connection (RST, or FIN both ways) idle for this long is taken
-/// over by a new one, as kernel conntrack reopens a TIME_WAIT entry on a new SYN: without it,
+/// over by a new one when no probe finds a free port (for [`TIME_WAIT_NS`] if the backend closed
+/// first), as kernel conntrack reopens a TIME_WAIT entry on a new SYN: without it,
 /// closed flows would hold their ports for the whole closed timeout and cap the sustained
 /// connection rate at (ports per backend) / (closed timeout). A closing packet sets both
 /// entries' `last_seen_ns` exactly (`conntrack::track`), so this is real idleness, long enough
@@ -64,40 +65,71 @@ pub fn create(
     };
     let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
+    // A port held by a closed connection that may be taken over, if no probe finds a free one:
+    // free ports first, so that a backend's closed connections keep their 4-tuples as long as
+    // the range allows.
+    let mut reusable = 0u16;
     for _ in 0..SNAT_PROBES {
         // SAFETY: helper without arguments.
         let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
-        let port = cfg.snat_port_min + (r % range) as u16;
-        reverse_key.dst_port = port_to_net(port);
-        // A lookup first: an insert that fails still takes (and gives back) an LRU node, and
-        // in a full table taking one evicts a live flow.
-        let free = match conntrack::lookup(&reverse_key) {
-            None => true,
-            Some(old) => {
-                // SAFETY: a pointer to a live map value, read once.
-                let old = unsafe { *old };
-                let reusable = is_closed(old.state)
-                    && now.saturating_sub(old.last_seen_ns) >= SNAT_REUSE_IDLE_NS;
-                if reusable {
-                    conntrack::remove_pair(&reverse_key, &old);
-                    stats::global(GlobalStat::SnatReused);
+        reverse_key.dst_port = port_to_net(cfg.snat_port_min + (r % range) as u16);
+        // A lookup first: an insert into a full table fails anyway, and a failed insert of a
+        // taken key costs more.
+        match conntrack::lookup(&reverse_key) {
+            // BPF_NOEXIST still decides: another CPU may have taken the port meanwhile.
+            None => {
+                if let Some(claim) = Claim::reverse(&reverse_key, entry)? {
+                    return Ok(complete_forward(claim, entry, cfg, &reverse_key));
                 }
-                reusable
             }
-        };
-        // BPF_NOEXIST still decides: another CPU may have taken the port meanwhile.
-        if free && let Some(claim) = Claim::reverse(&reverse_key, entry)? {
-            // Forward entry: client → public becomes SNAT → backend.
-            entry.nat_src_ip = cfg.snat_ip;
-            entry.nat_dst_ip = backend.ip;
-            entry.nat_src_port = reverse_key.dst_port;
-            entry.nat_dst_port = backend.port;
-            entry.direction = DIR_FORWARD;
-            return Ok(claim);
+            Some(old) => {
+                // SAFETY: a pointer to a live map value, read here.
+                if reusable == 0 && takeover(unsafe { &*old }, now) {
+                    reusable = reverse_key.dst_port;
+                }
+            }
         }
         stats::global(GlobalStat::SnatCollisions);
     }
+    if reusable != 0 {
+        reverse_key.dst_port = reusable;
+        // Looked up again (another CPU may have taken it over meanwhile).
+        if let Some(old) = conntrack::lookup(&reverse_key) {
+            // SAFETY: a pointer to a live map value, copied (the pair is removed below).
+            let old = unsafe { *old };
+            if takeover(&old, now) {
+                conntrack::remove_pair(&reverse_key, &old);
+                stats::global(GlobalStat::SnatReused);
+                if let Some(claim) = Claim::reverse(&reverse_key, entry)? {
+                    return Ok(complete_forward(claim, entry, cfg, &reverse_key));
+                }
+            }
+        }
+    }
     Err(DropReason::SnatExhausted)
+}
+
+/// Whether the SNAT port of the reverse entry `old` may be taken over by a new flow at `now`:
+/// its connection is closed and idle for [`SNAT_REUSE_IDLE_NS`], and for [`TIME_WAIT_NS`] if its
+/// backend closed first (it holds the 4-tuple in TIME_WAIT until then).
+#[inline(always)]
+fn takeover(old: &Flow, now: u64) -> bool {
+    let idle = now.saturating_sub(old.last_seen_ns);
+    is_closed(old.state)
+        && idle >= SNAT_REUSE_IDLE_NS
+        && (old.state & CT_BACKEND_CLOSED_FIRST == 0 || idle >= TIME_WAIT_NS)
+}
+
+/// The forward entry (client → public becomes SNAT → backend) of the pair `claim` made with the
+/// reverse key `reverse_key`, completed in `entry`.
+#[inline(always)]
+fn complete_forward(claim: Claim, entry: &mut Flow, cfg: &Config, reverse_key: &FlowKey4) -> Claim {
+    entry.nat_src_ip = cfg.snat_ip;
+    entry.nat_dst_ip = reverse_key.src_ip;
+    entry.nat_src_port = reverse_key.dst_port;
+    entry.nat_dst_port = reverse_key.src_port;
+    entry.direction = DIR_FORWARD;
+    claim
 }
 
 /// Completes the pair [`create`] claimed with the forward entry `forward` (key `key`; see

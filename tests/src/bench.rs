@@ -469,7 +469,7 @@ fn observability(flows: &[u32], apps: &[u32]) {
         filled = n;
         let pinned = aya::maps::MapData::from_pin(bpffs.path().join(maps::CONNTRACK4)).unwrap();
         let map: aya::maps::HashMap<_, FlowKey4, Flow> =
-            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(pinned)).unwrap();
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pinned)).unwrap();
         let iter = median_ms(3, || assert_eq!(map.iter().count(), n as usize));
         let walk = median_ms(3, || {
             let mut count = 0;

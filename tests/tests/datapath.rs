@@ -28,8 +28,8 @@ use gateway::datapath::{AttachMode, Datapath};
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
-        DIR_FORWARD, DIR_REVERSE, FlowKey4,
+        CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST,
+        CT_SYN_ACK_SEEN, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE, FlowKey4,
     },
 };
 use gateway_tests::{
@@ -706,6 +706,19 @@ fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
         (5, CT_SYN_SEEN | CT_FIN_FORWARD, 11, true),
         (6, CT_SYN_SEEN, 31, false),
         (7, CT_SYN_SEEN, 5, true),
+        // The backend closed first: its TIME_WAIT (60 s) holds the pair, and the SNAT port.
+        (
+            8,
+            CT_SYN_SEEN | CT_FIN_FORWARD | CT_FIN_REVERSE | CT_BACKEND_CLOSED_FIRST,
+            11,
+            true,
+        ),
+        (
+            9,
+            CT_SYN_SEEN | CT_FIN_FORWARD | CT_FIN_REVERSE | CT_BACKEND_CLOSED_FIRST,
+            61,
+            false,
+        ),
     ];
     let svc = Fixture::service();
     let backend = SocketAddrV4::new(backend_ip(0), BACKEND_PORT);
@@ -732,9 +745,9 @@ fn scan_reclaims_closed_and_idle_pairs_and_counts_live_ones() {
         dp.insert_flow(rev, to(fwd, DIR_REVERSE)).unwrap();
     }
     let scan = dp.scan(now, &Timeouts::default()).unwrap();
-    assert_eq!(scan.removed, 8, "4 pairs reclaimed");
-    // What is left: 3 pairs, all open (a FIN one way is not closed yet), all of app 0.
-    assert_eq!(scan.counts.entries, 6);
+    assert_eq!(scan.removed, 10, "5 pairs reclaimed");
+    // What is left: 4 pairs, 3 open (a FIN one way is not closed yet), all of app 0.
+    assert_eq!(scan.counts.entries, 8);
     assert_eq!(scan.counts.apps.get(&0), Some(&3));
     for (p, _, _, survives) in cases {
         let fwd = FlowKey4::from_addrs(client(p), svc);

@@ -32,7 +32,7 @@ fn forget(sb: &Sandbox, client: SocketAddrV4) {
     let pin = sb.daemon.bpffs.join(maps::CONNTRACK4);
     let map = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
     let mut ct: HashMap<_, FlowKey4, Flow> =
-        HashMap::try_from(Map::LruHashMap(map)).expect("the conntrack table's layout");
+        HashMap::try_from(Map::HashMap(map)).expect("the conntrack table's layout");
     let key = FlowKey4::from_addrs(client, web4());
     let forward = ct
         .get(&key, 0)

@@ -3,8 +3,9 @@
 //! and every setting.
 
 //!
-//! An upgrade from the previous release (whose conntrack was `gw_ct4_v1`, 80-byte values)
-//! carries every connection over into this build's table.
+//! An upgrade from an earlier release carries every connection over into this build's table:
+//! from the previous one (`gw_ct4_v2`, an LRU hash of the same values) or the one before
+//! (`gw_ct4_v1`, 80-byte values).
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -186,11 +187,67 @@ fn bpftool_create(path: &Path, kind: &str, key: usize, value: usize, entries: u3
 #[track_caller]
 fn pinned_table<V: aya::Pod>(path: &Path) -> HashMap<MapData, FlowKey4, V> {
     let map = MapData::from_pin(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    HashMap::try_from(Map::LruHashMap(map)).expect("a conntrack table's layout")
+    HashMap::try_from(Map::from_map_data(map).expect("a map type"))
+        .expect("a conntrack table's layout")
 }
 
-/// What the previous release would have pinned in `dir`: a `gw_ct4_v1` table (80-byte values)
-/// holding `entries` truncated to their first 80 bytes, and its global counters
+/// An earlier release's conntrack layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Release {
+    /// `gw_ct4_v2`: an LRU hash of this build's values; its counters `gw_global_v3`.
+    V2,
+    /// `gw_ct4_v1`: 80-byte values; its counters `gw_global_v2`.
+    V1,
+}
+
+impl Release {
+    fn conntrack(self) -> &'static str {
+        match self {
+            Release::V2 => maps::CONNTRACK4_V2,
+            Release::V1 => maps::CONNTRACK4_V1,
+        }
+    }
+
+    fn counters(self) -> &'static str {
+        match self {
+            Release::V2 => "gw_global_v3",
+            Release::V1 => "gw_global_v2",
+        }
+    }
+}
+
+/// What `release` would have pinned in `dir`: its conntrack table holding `entries` (as its
+/// values hold them) and its global counters.
+#[track_caller]
+fn pin_release(dir: &Path, release: Release, entries: &[(FlowKey4, Flow)]) {
+    if release == Release::V1 {
+        return pin_previous_release(dir, entries);
+    }
+    let path = dir.join(release.conntrack());
+    bpftool_create(
+        &path,
+        "lru_hash",
+        16,
+        size_of::<Flow>(),
+        1024,
+        release.conntrack(),
+    );
+    let mut table = pinned_table::<Flow>(&path);
+    for (key, flow) in entries {
+        table.insert(key, flow, 0).expect("fill gw_ct4_v2");
+    }
+    bpftool_create(
+        &dir.join(release.counters()),
+        "percpu_array",
+        4,
+        8,
+        16,
+        release.counters(),
+    );
+}
+
+/// What the release before the previous one would have pinned in `dir`: a `gw_ct4_v1` table
+/// (80-byte values) holding `entries` truncated to their first 80 bytes, and its global counters
 /// (`gw_global_v2`).
 #[track_caller]
 fn pin_previous_release(dir: &Path, entries: &[(FlowKey4, Flow)]) {
@@ -341,9 +398,9 @@ fn an_old_conntrack_table_is_carried_over_at_load_and_its_pins_removed() {
 }
 
 /// A connection exchanging data through the daemon of this build, whose pins are made to look
-/// like the previous release's while it is stopped (its conntrack `gw_ct4_v1`, 80-byte values):
-/// started again, the daemon carries the connection over, and it goes on byte-exact.
-fn upgrade_keeps_connections(mode: AttachMode) {
+/// like an earlier `release`'s while it is stopped: started again, the daemon carries the
+/// connection over, and it goes on byte-exact.
+fn upgrade_keeps_connections(mode: AttachMode, release: Release) {
     require_root();
     let topo = Topology::new(1);
     if mode == AttachMode::Xdp {
@@ -364,22 +421,22 @@ fn upgrade_keeps_connections(mode: AttachMode) {
     conn.echo(&payload(10_000, 2))
         .expect("the datapath goes on while no daemon runs");
 
-    // The previous release's pins: its conntrack holds the connection (without sequence
+    // The earlier release's pins: its conntrack holds the connection (v1: without sequence
     // tracking), this build's is not pinned (the running programs keep it alive until the
     // swap), its global counters are pinned under their old name.
     let dir = daemon.bpffs.clone();
-    let v2 = dir.join(maps::CONNTRACK4);
+    let current = dir.join(maps::CONNTRACK4);
     let forward = forward_key(conn.local_addr(), public);
     let (entries, before) = {
-        let table = pinned_table::<Flow>(&v2);
+        let table = pinned_table::<Flow>(&current);
         let f = table
             .get(&forward, 0)
             .expect("the connection's forward entry");
         let r = table.get(&f.peer_key(), 0).expect("its reverse entry");
         (vec![(forward, f), (f.peer_key(), r)], f)
     };
-    pin_previous_release(&dir, &entries);
-    std::fs::remove_file(&v2).unwrap();
+    pin_release(&dir, release, &entries);
+    std::fs::remove_file(&current).unwrap();
 
     daemon.restart();
     for i in 0..3 {
@@ -392,14 +449,16 @@ fn upgrade_keeps_connections(mode: AttachMode) {
         "{mode}: {log}"
     );
     assert!(
-        !dir.join(maps::CONNTRACK4_V1).exists(),
-        "{mode}: no gw_ct4_v1 left"
+        !dir.join(release.conntrack()).exists(),
+        "{mode}: no {} left",
+        release.conntrack()
     );
     assert!(
-        !dir.join("gw_global_v2").exists(),
-        "{mode}: no gw_global_v2 left"
+        !dir.join(release.counters()).exists(),
+        "{mode}: no {} left",
+        release.counters()
     );
-    let after = pinned_table::<Flow>(&v2)
+    let after = pinned_table::<Flow>(&current)
         .get(&forward, 0)
         .expect("the connection is in the new table");
     assert_eq!(
@@ -427,10 +486,15 @@ fn upgrade_keeps_connections(mode: AttachMode) {
 
 #[test]
 fn tc_upgrade_from_the_previous_conntrack_keeps_connections() {
-    upgrade_keeps_connections(AttachMode::Tc);
+    upgrade_keeps_connections(AttachMode::Tc, Release::V2);
 }
 
 #[test]
 fn xdp_upgrade_from_the_previous_conntrack_keeps_connections() {
-    upgrade_keeps_connections(AttachMode::Xdp);
+    upgrade_keeps_connections(AttachMode::Xdp, Release::V2);
+}
+
+#[test]
+fn tc_upgrade_from_the_release_before_keeps_connections() {
+    upgrade_keeps_connections(AttachMode::Tc, Release::V1);
 }

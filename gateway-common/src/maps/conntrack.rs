@@ -94,6 +94,17 @@ pub const CT_FIN_FORWARD: u8 = 8;
 pub const CT_FIN_REVERSE: u8 = 16;
 /// [`Flow::state`] bit: either side sent RST.
 pub const CT_RST: u8 = 32;
+/// [`Flow::state`] bit: the backend sent its FIN before the client's (set with
+/// [`CT_FIN_REVERSE`]). The backend's TCP then closes actively and keeps the connection's
+/// 4-tuple on its side (its address and port, the SNAT address and port) in TIME_WAIT for
+/// [`TIME_WAIT_NS`] (RFC 9293 §3.6.1): a new connection on that SNAT port toward it before then
+/// would meet the old one (a bare ACK for its SYN, or nothing with `tcp_rfc1337`).
+pub const CT_BACKEND_CLOSED_FIRST: u8 = 64;
+
+/// How long a backend that closed first holds the 4-tuple in TIME_WAIT: Linux's
+/// `TCP_TIMEWAIT_LEN` (60 s; RFC 9293 allows 2·MSL, up to 4 min). A SNAT port is not reused
+/// toward it before then ([`CT_BACKEND_CLOSED_FIRST`]).
+pub const TIME_WAIT_NS: u64 = 60_000_000_000;
 
 /// Value of [`super::CONNTRACK4`]: how to rewrite a packet of this flow and where to send it.
 /// Both entries of a connection carry the same `state` bits (a FIN or RST updates both).

@@ -18,17 +18,17 @@ pub mod service;
 pub use cache::{ClockCache, NextHopCache};
 pub use config::{ADDR_PUBLIC, ADDR_SNAT, Config, NEXTHOP_MAX_AGE_DEFAULT_NS};
 pub use conntrack::{
-    CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
-    DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE,
-    TRACK_ACK_SEEN, TRACK_LIBERAL, TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after,
-    seq_before,
+    CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST,
+    CT_SYN_ACK_SEEN, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4,
+    LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE, TIME_WAIT_NS, TRACK_ACK_SEEN, TRACK_LIBERAL,
+    TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after, seq_before,
 };
 pub use service::{BACKEND_ACCEPTING, Backend4, MaglevTable, Service, ServiceKey4};
 
 pub use crate::stats::TrafficStats;
 
 /// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
-pub const GLOBAL_STATS: &str = "gw_global_v3";
+pub const GLOBAL_STATS: &str = "gw_global_v4";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
@@ -40,9 +40,10 @@ pub const SERVICES4: &str = "gw_svc4_v1";
 pub const MAGLEV: &str = "gw_maglev_v1";
 /// Array `u32` backend id → [`Backend4`]. Id 0 is never used ("no backend").
 pub const BACKENDS4: &str = "gw_be4_v1";
-/// LRU hash [`FlowKey4`] → [`Flow`]: conntrack, forward and reverse entries. Global, not
-/// per-CPU: with full NAT, replies come back through us on any CPU.
-pub const CONNTRACK4: &str = "gw_ct4_v2";
+/// Hash [`FlowKey4`] → [`Flow`] (preallocated, never evicting: a full table refuses new flows,
+/// `conntrack_full`): conntrack, forward and reverse entries. Global, not per-CPU: with full
+/// NAT, replies come back through us on any CPU.
+pub const CONNTRACK4: &str = "gw_ct4_v3";
 /// Per-CPU array `u32` app id → [`TrafficStats`].
 pub const APP_STATS: &str = "gw_app_stats_v1";
 /// Per-CPU array `u32` backend id → [`TrafficStats`].
@@ -75,9 +76,11 @@ pub const ALL: &[&str] = &[
 ];
 
 /// Names this build no longer uses, from earlier layouts: an upgrade carries the conntrack
-/// table over from [`CONNTRACK4_V1`] (its entries are the first 80 bytes of a [`Flow`]) and
-/// removes these pins, as `gateway down` does.
-pub const RETIRED: &[&str] = &[CONNTRACK4_V1, "gw_global_v2"];
+/// table over from [`CONNTRACK4_V2`] (an LRU of the same values) or [`CONNTRACK4_V1`] (its
+/// entries are the first 80 bytes of a [`Flow`]) and removes these pins, as `gateway down` does.
+pub const RETIRED: &[&str] = &[CONNTRACK4_V2, CONNTRACK4_V1, "gw_global_v3", "gw_global_v2"];
+/// The conntrack table with sequence tracking, as an LRU hash (it evicted live flows when full).
+pub const CONNTRACK4_V2: &str = "gw_ct4_v2";
 /// The conntrack table before sequence tracking (values of 80 bytes).
 pub const CONNTRACK4_V1: &str = "gw_ct4_v1";
 /// Bytes of a [`CONNTRACK4_V1`] value: a [`Flow`] up to its sequence tracking.

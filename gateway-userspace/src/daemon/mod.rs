@@ -309,14 +309,19 @@ fn attach(core: &mut Core, settings: &Settings) -> Result<(), DaemonError> {
 /// release's conntrack table are all carried over, and the pins of retired maps removed.
 fn finish_upgrade(datapath: &mut Datapath) -> Result<(), DaemonError> {
     let upgrade = datapath.finish_upgrade()?;
-    if upgrade.carried_over > 0 || upgrade.removed.iter().any(|n| n == maps::CONNTRACK4_V1) {
+    if let Some(from) = upgrade.from {
         info!(
             entries = upgrade.carried_over,
             after_swap = upgrade.after_swap,
-            from = maps::CONNTRACK4_V1,
+            from,
             to = maps::CONNTRACK4,
-            "conntrack carried over from the previous release's table: {} entries (connections kept, their sequence tracking learned from their next packets)",
-            upgrade.carried_over
+            "conntrack carried over from the previous release's table: {} entries (connections kept{})",
+            upgrade.carried_over,
+            if from == maps::CONNTRACK4_V1 {
+                ", their sequence tracking learned from their next packets"
+            } else {
+                ""
+            }
         );
     }
     if !upgrade.removed.is_empty() {

@@ -2,7 +2,7 @@
 //! instead of two syscalls per entry (`get_next_key` then `lookup`), which is what aya 0.14's
 //! `HashMap::iter` does. On this VM a 1M-entry conntrack walk drops from seconds to a small
 //! fraction of one (`cargo xtask bench conntrack` measures both). aya 0.14 has no batch
-//! operations, so this is the one raw `bpf(2)` call of the crate.
+//! operations (the crate's other raw `bpf(2)` call is in `elem`).
 
 use std::os::fd::{AsFd, AsRawFd};
 

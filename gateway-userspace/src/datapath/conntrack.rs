@@ -6,7 +6,7 @@ use std::{os::fd::AsFd as _, time::Duration};
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError};
 use gateway_common::maps::{self, Flow, FlowKey4};
 
-use super::{DatapathError, batch};
+use super::{DatapathError, batch, elem};
 
 /// The conntrack map ([`maps::CONNTRACK4`]).
 pub struct Conntrack {
@@ -28,7 +28,7 @@ impl Conntrack {
             .try_clone_to_owned()
             .map_err(walk_err)?;
         let data = MapData::from_fd(fd).map_err(map_err)?;
-        let map = HashMap::try_from(Map::LruHashMap(data)).map_err(map_err)?;
+        let map = HashMap::try_from(Map::HashMap(data)).map_err(map_err)?;
         Ok(Conntrack { map })
     }
 
@@ -136,21 +136,88 @@ impl Conntrack {
     }
 
     /// One pass over the table: removes flows idle for longer than their state's timeout (both
-    /// entries of each) and counts the connections that remain.
+    /// entries of each) and counts the connections that remain. The walk ([`Conntrack::expired`])
+    /// and the removal ([`Conntrack::remove_expired`]) are the two halves.
     pub fn scan(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<Scan, DatapathError> {
+        let expired = self.expired(now_ns, timeouts)?;
+        self.remove_expired(expired, now_ns, timeouts)
+    }
+
+    /// The first half of a scan: walks the table, lists the entries expired at `now_ns` and
+    /// counts the connections of the others.
+    pub fn expired(&self, now_ns: u64, timeouts: &Timeouts) -> Result<Expired, DatapathError> {
         let mut counts = ConnectionCounts::default();
-        let mut expired = Vec::new();
+        let mut entries = Vec::new();
         self.walk(|key, flow| {
             if timeouts.expired(flow, now_ns) {
-                expired.extend([*key, flow.peer_key()]);
+                entries.push((*key, *flow));
             } else {
                 counts.add(flow);
             }
         })?;
-        // Each expired pair is listed twice (once from each entry): removed once.
-        let removed = self.remove(&expired);
-        Ok(Scan { counts, removed })
+        Ok(Expired { entries, counts })
     }
+
+    /// The second half of a scan: removes each entry `expired` listed, and its peer, only if the
+    /// table still holds that very flow, expired at `now_ns`. The datapath may have reused the
+    /// key meanwhile (a SYN starting a closed connection over, a SNAT port taken over): that new
+    /// flow is kept. An entry is taken atomically and put back (`BPF_NOEXIST`) if what was
+    /// taken is not what was checked, so only a reuse within that one syscall costs the new
+    /// flow a packet, never its entry.
+    pub fn remove_expired(
+        &mut self,
+        expired: Expired,
+        now_ns: u64,
+        timeouts: &Timeouts,
+    ) -> Result<Scan, DatapathError> {
+        let mut removed = 0;
+        for (key, flow) in &expired.entries {
+            // The flow's own entry: the same flow (its creation time), still expired.
+            let own = |f: &Flow| f.created_ns == flow.created_ns && timeouts.expired(f, now_ns);
+            // Its peer: an entry of the same connection (both are made at once).
+            let peer_key = flow.peer_key();
+            let peer = |f: &Flow| f.created_ns == flow.created_ns && f.peer_key() == *key;
+            // Each expired pair may be listed twice (once from each entry): removed once.
+            removed += usize::from(self.remove_if(key, own)?);
+            removed += usize::from(self.remove_if(&peer_key, peer)?);
+        }
+        Ok(Scan {
+            counts: expired.counts,
+            removed,
+        })
+    }
+
+    /// Removes the entry of `key` if it is there and `still` holds for it; returns whether it
+    /// went. Checked before the removal and on the value removed, which is put back if `still`
+    /// no longer holds for it (unless the datapath inserted another meanwhile).
+    fn remove_if(
+        &mut self,
+        key: &FlowKey4,
+        still: impl Fn(&Flow) -> bool,
+    ) -> Result<bool, DatapathError> {
+        match self.get(key)? {
+            Some(f) if still(&f) => {}
+            _ => return Ok(false),
+        }
+        let taken: Option<Flow> = elem::take(self.map.map().fd(), key).map_err(walk_err)?;
+        match taken {
+            None => Ok(false),
+            Some(f) if still(&f) => Ok(true),
+            Some(f) => {
+                self.insert_new(*key, f)?;
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// The entries a scan's walk found expired, and the connections of the others
+/// ([`Conntrack::expired`]).
+#[derive(Clone, Debug, Default)]
+pub struct Expired {
+    /// Each expired entry, as the walk read it.
+    pub entries: Vec<(FlowKey4, Flow)>,
+    pub counts: ConnectionCounts,
 }
 
 fn map_err(source: MapError) -> DatapathError {
@@ -233,6 +300,9 @@ pub struct Timeouts {
     pub established: Duration,
     /// A flow after RST, or FIN both ways: short, so SNAT ports recycle.
     pub closed: Duration,
+    /// A closed flow whose backend closed first ([`maps::CT_BACKEND_CLOSED_FIRST`]), at least:
+    /// the backend's TIME_WAIT, during which its SNAT port is not reused toward that backend.
+    pub time_wait: Duration,
 }
 
 impl Timeouts {
@@ -240,7 +310,11 @@ impl Timeouts {
     pub fn expired(&self, flow: &Flow, now_ns: u64) -> bool {
         let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
         let limit = if maps::is_closed(flow.state) {
-            self.closed
+            if flow.state & maps::CT_BACKEND_CLOSED_FIRST != 0 {
+                self.closed.max(self.time_wait)
+            } else {
+                self.closed
+            }
         } else if flow.state & maps::CT_ESTABLISHED != 0 {
             self.established
         } else {
@@ -257,6 +331,7 @@ impl Default for Timeouts {
             // As IPVS: long enough for idle SSH-like sessions.
             established: Duration::from_secs(900),
             closed: Duration::from_secs(10),
+            time_wait: Duration::from_nanos(maps::TIME_WAIT_NS),
         }
     }
 }

@@ -10,6 +10,7 @@
 mod attach;
 mod batch;
 mod conntrack;
+mod elem;
 mod error;
 mod stats;
 #[cfg(feature = "testing")]
@@ -36,7 +37,7 @@ use gateway_common::{
 };
 
 pub use attach::{AttachMode, Attachment, UnknownAttachMode, prune_links, remove_pins};
-pub use conntrack::{Connection, ConnectionCounts, Conntrack, Scan, Timeouts};
+pub use conntrack::{Connection, ConnectionCounts, Conntrack, Expired, Scan, Timeouts};
 pub use error::DatapathError;
 pub use stats::GlobalStats;
 #[cfg(feature = "testing")]

@@ -1,6 +1,7 @@
-//! An upgrade that keeps every connection: carrying the conntrack over from the previous
-//! release's table ([`maps::CONNTRACK4_V1`], values of [`maps::FLOW_V1_SIZE`] bytes, no sequence
-//! tracking) into this build's ([`maps::CONNTRACK4`]), as Cilium does when its CT layout changes.
+//! An upgrade that keeps every connection: carrying the conntrack over from an earlier
+//! release's table into this build's ([`maps::CONNTRACK4`]), as Cilium does when its CT layout
+//! changes: [`maps::CONNTRACK4_V2`] (an LRU hash of the same values: copied as they are) or
+//! [`maps::CONNTRACK4_V1`] (values of [`maps::FLOW_V1_SIZE`] bytes, no sequence tracking).
 //!
 //! The old programs keep running on the old table, in the pinned links, until this build's are
 //! swapped in. So the entries are copied twice: all of them into the new table at load, and
@@ -34,35 +35,76 @@ fn carried_over(v1: &FlowV1) -> Flow {
     flow
 }
 
-/// The previous release's conntrack table, pinned in the pin directory.
+/// The earlier layouts a conntrack table is carried over from, newest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OldLayout {
+    /// [`maps::CONNTRACK4_V2`]: this build's values, in an LRU hash.
+    V2,
+    /// [`maps::CONNTRACK4_V1`]: [`FlowV1`] values.
+    V1,
+}
+
+impl OldLayout {
+    fn name(self) -> &'static str {
+        match self {
+            OldLayout::V2 => maps::CONNTRACK4_V2,
+            OldLayout::V1 => maps::CONNTRACK4_V1,
+        }
+    }
+
+    fn value_size(self) -> usize {
+        match self {
+            OldLayout::V2 => size_of::<Flow>(),
+            OldLayout::V1 => FLOW_V1_SIZE,
+        }
+    }
+}
+
+/// An earlier release's conntrack table, pinned in the pin directory.
 pub(super) struct OldTable {
     map: MapData,
+    layout: OldLayout,
 }
 
 impl OldTable {
-    /// The old table pinned in `dir`, if there is one. One of another layout is refused
-    /// ([`DatapathError::PinnedLayout`]) and left as it is.
+    /// The old table pinned in `dir`, if there is one (the newest layout first). One of another
+    /// layout than its name says is refused ([`DatapathError::PinnedLayout`]) and left as it is.
     pub fn find(dir: &Path) -> Result<Option<OldTable>, DatapathError> {
-        let name = maps::CONNTRACK4_V1;
-        let path = dir.join(name);
-        if !path.exists() {
-            return Ok(None);
+        for layout in [OldLayout::V2, OldLayout::V1] {
+            let name = layout.name();
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            check_pinned_layout(name, &path, (size_of::<FlowKey4>(), layout.value_size()))?;
+            let map = MapData::from_pin(&path).map_err(map_err(name))?;
+            return Ok(Some(OldTable { map, layout }));
         }
-        check_pinned_layout(name, &path, (size_of::<FlowKey4>(), FLOW_V1_SIZE))?;
-        let map = MapData::from_pin(&path).map_err(map_err(name))?;
-        Ok(Some(OldTable { map }))
+        Ok(None)
     }
 
-    /// Copies every entry `into` does not have (see [`carried_over`]); returns how many.
+    /// The old table's pin name.
+    pub fn name(&self) -> &'static str {
+        self.layout.name()
+    }
+
+    /// Copies every entry `into` does not have (see [`carried_over`] for the v1 layout);
+    /// returns how many.
     pub fn copy_into(&self, into: &mut Conntrack) -> Result<usize, DatapathError> {
         let mut entries = Vec::new();
-        batch::for_each(self.map.fd(), |key: &FlowKey4, value: &FlowV1| {
-            entries.push((*key, carried_over(value)));
-        })
-        .map_err(|source| DatapathError::Walk {
-            name: maps::CONNTRACK4_V1,
+        let walk_err = |source| DatapathError::Walk {
+            name: self.layout.name(),
             source,
-        })?;
+        };
+        match self.layout {
+            OldLayout::V2 => batch::for_each(self.map.fd(), |key: &FlowKey4, value: &Flow| {
+                entries.push((*key, *value));
+            }),
+            OldLayout::V1 => batch::for_each(self.map.fd(), |key: &FlowKey4, value: &FlowV1| {
+                entries.push((*key, carried_over(value)));
+            }),
+        }
+        .map_err(walk_err)?;
         let mut copied = 0;
         for (key, flow) in entries {
             copied += usize::from(into.insert_new(key, flow)?);
@@ -81,6 +123,8 @@ pub struct Upgrade {
     pub after_swap: usize,
     /// The pins of retired maps removed (the old table's among them).
     pub removed: Vec<String>,
+    /// The old table's pin name, if there was one.
+    pub from: Option<&'static str>,
 }
 
 impl Datapath {
@@ -91,6 +135,7 @@ impl Datapath {
     pub fn finish_upgrade(&mut self) -> Result<Upgrade, DatapathError> {
         let mut upgrade = Upgrade::default();
         if let Some(old) = &self.old_table {
+            upgrade.from = Some(old.name());
             upgrade.after_swap = old.copy_into(&mut self.maps.conntrack)?;
             upgrade.carried_over = self.carried_at_load + upgrade.after_swap;
             // Only once copied: after a failed copy, another call copies again, and the old

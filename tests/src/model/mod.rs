@@ -26,9 +26,9 @@ use gateway::datapath::AttachMode;
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE,
-        Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS, MAGLEV_PROBES, MAGLEV_SIZE, ServiceKey4,
-        is_closed,
+        ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, CT_BACKEND_CLOSED_FIRST,
+        CT_FIN_FORWARD, CT_FIN_REVERSE, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4,
+        LAST_SEEN_GRANULARITY_NS, MAGLEV_PROBES, MAGLEV_SIZE, ServiceKey4, TIME_WAIT_NS, is_closed,
     },
     net::{
         port_from_net, port_to_net,
@@ -93,9 +93,10 @@ impl Clock {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PortState {
     Free,
-    /// Held by a closed connection idle 1 s or more: taken over.
+    /// Held by a closed connection idle 1 s or more (60 s if its backend closed first): taken
+    /// over when no probe finds a free port.
     Reusable,
-    /// Held by a closed connection at the edge of 1 s idle: either.
+    /// Held by a closed connection at the edge of that idle time: either.
     MaybeReusable,
     Taken,
 }
@@ -202,8 +203,14 @@ impl Model {
         if !is_closed(old.state) {
             return PortState::Taken;
         }
-        // Reusable once `now - last_seen >= 1 s`, i.e. `> 1 s - 1 ns`.
-        match clock.elapsed_over(old.last_seen_ns, LAST_SEEN_GRANULARITY_NS - 1) {
+        // Reusable once `now - last_seen >= 1 s`, i.e. `> 1 s - 1 ns`; once the backend's
+        // TIME_WAIT is over (60 s) if the backend closed first.
+        let idle = if old.state & CT_BACKEND_CLOSED_FIRST != 0 {
+            TIME_WAIT_NS
+        } else {
+            LAST_SEEN_GRANULARITY_NS
+        };
+        match clock.elapsed_over(old.last_seen_ns, idle - 1) {
             Some(true) => PortState::Reusable,
             Some(false) => PortState::Taken,
             None => PortState::MaybeReusable,
@@ -344,10 +351,15 @@ impl Step<'_> {
         if let Some(stat) = d.stat {
             self.x.stat(stat, 1);
         }
-        let changed = es.state | d.set != es.state;
+        let mut set = d.set;
+        // The backend's FIN before the client's: it keeps the 4-tuple in TIME_WAIT.
+        if set & CT_FIN_REVERSE != 0 && es.state & CT_FIN_FORWARD == 0 {
+            set |= CT_BACKEND_CLOSED_FIRST;
+        }
+        let changed = es.state | set != es.state;
         let mut exp = EntryExp::same();
         if changed {
-            es.state |= d.set;
+            es.state |= set;
             exp.last_seen = Time::Now;
             let peer = es.peer_key();
             if let Some(p) = self.m.ct.get_mut(&peer) {
@@ -358,7 +370,7 @@ impl Step<'_> {
                         ..er
                     };
                 }
-                p.state |= d.set;
+                p.state |= set;
                 let mut peer_exp = EntryExp::same();
                 peer_exp.last_seen = Time::Now;
                 self.x.entries.insert(peer, Some(peer_exp));
@@ -572,23 +584,32 @@ impl Step<'_> {
             return None;
         };
         let state = states[usize::from(port - min)];
+        let free = states.iter().filter(|s| **s == PortState::Free).count();
         match state {
-            PortState::Free => {}
+            PortState::Free => self.x.stat_range(
+                GlobalStat::SnatCollisions,
+                0..=if free < states.len() { 31 } else { 0 },
+            ),
             PortState::Reusable | PortState::MaybeReusable => {
+                // Taken over only when all 32 probes missed every free port.
+                let p = ((states.len() - free) as f64 / states.len() as f64).powi(32);
+                if p < 1e-9 {
+                    self.x.note(format!(
+                        "the datapath took over SNAT port {port} with {free} of {} ports free: probability {p:.1e}",
+                        states.len()
+                    ));
+                }
                 let k = rkey(port);
                 let old = self.m.ct[&k];
                 self.m.remove_pair(&k, &old, self.x);
                 self.x.stat(GlobalStat::SnatReused, 1);
+                self.x.stat(GlobalStat::SnatCollisions, 32);
             }
             PortState::Taken => self.x.note(format!(
                 "the datapath chose SNAT port {port}, held by an open or recently closed flow toward {}",
                 backend.addr()
             )),
         }
-        self.x.stat_range(
-            GlobalStat::SnatCollisions,
-            0..=if blocking > 0 { 31 } else { 0 },
-        );
         Some(port)
     }
 }

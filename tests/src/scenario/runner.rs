@@ -208,7 +208,6 @@ fn expect_eq<T: PartialEq + Debug>(problems: &mut Vec<String>, what: &str, got: 
     }
 }
 
-
 thread_local! {
     /// Whether this thread is inside [`catching`]: its panics are then reported by the runner,
     /// not printed (with a backtrace each) by the panic hook.
