@@ -11,6 +11,7 @@ pub mod hash;
 pub mod maps;
 pub mod net;
 pub mod stats;
+pub mod syncookie;
 
 pub use hash::flow_hash4;
 pub use stats::{DropReason, GlobalStat};

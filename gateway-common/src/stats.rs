@@ -65,6 +65,15 @@ indexed_names! {
         /// SYNs of a handshake that had not completed, balanced afresh (the old pair removed):
         /// their backend stopped accepting, or the client started over with a new ISN.
         SynRebalanced = "syn_rebalanced",
+        /// SYNs answered with a SYN cookie, no state kept: their app had its cap of half-open
+        /// flows (`Config::half_open_max`).
+        SynCookiesSent = "syn_cookies_sent",
+        /// ACKs without a flow that carried a valid SYN cookie: each made a proxied flow (the
+        /// ACK became the SYN to the backend).
+        SynCookiesAccepted = "syn_cookies_accepted",
+        /// Proxied flows whose backend answered the gateway's SYN: its SYN-ACK was answered
+        /// with the handshake's ACK, and the flow is established.
+        SynProxyEstablished = "syn_proxy_established",
     }
 }
 
@@ -105,6 +114,9 @@ indexed_names! {
         /// A SYN refused because the conntrack table is full: established flows are never
         /// evicted to make room (the new flow is refused, nothing else changes).
         ConntrackFull = "conntrack_full",
+        /// A SYN refused because its app has its cap of half-open flows and it cannot be
+        /// answered with a SYN cookie (its IPv4 header has options).
+        HalfOpenFull = "half_open_full",
     }
 }
 

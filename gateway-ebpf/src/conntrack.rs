@@ -8,13 +8,13 @@ use gateway_common::{
     maps::{
         CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST,
         CT_SYN_ACK_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
-        TCP_MAX_WSCALE, TRACK_ACK_SEEN, TRACK_LIBERAL, TRACK_WSCALE_OFFERED, max_window, seq_after,
-        seq_before,
+        TCP_MAX_WSCALE, TRACK_ACK_SEEN, TRACK_LIBERAL, TRACK_PROXIED, TRACK_WSCALE_OFFERED,
+        max_window, seq_after, seq_before,
     },
     net::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
-use crate::{csum, maps::CONNTRACK, parse::TcpPacket, stats};
+use crate::{csum, maps::CONNTRACK, parse::TcpPacket, stats, synproxy};
 
 /// The most data a SYN that creates a flow carries: its checksum is verified over at most
 /// [`csum::SEGMENT_MAX`] bytes of TCP segment, a header included (so in fact a little less).
@@ -184,6 +184,8 @@ pub fn track(
                 && pkt.ack == unsafe { (*p).seq_end }
             {
                 set |= CT_ESTABLISHED;
+                // A handshake made from a SYN completed: one half-open flow less.
+                synproxy::half_open_add(flow.app_id, -1);
             }
         }
         advance(flow, pkt, end);
@@ -267,6 +269,62 @@ pub fn syn(flow: &mut Flow, pkt: &TcpPacket, offered: Option<u8>) {
     }
     flow.packets += 1;
     flow.bytes += u64::from(pkt.l3_len);
+}
+
+/// A proxied flow's forward entry (`flow`, as `nat::create` left it) takes the client's ACK
+/// `pkt` that carried a valid SYN cookie: the client's numbers start at its ISN + 1 (the ACK's
+/// data, if any, is not taken), its acknowledgement the cookie + 1, its window unscaled (the
+/// cookie's SYN-ACK offered no scaling); the ACK is counted.
+#[inline(always)]
+pub fn proxied(flow: &mut Flow, pkt: &TcpPacket) {
+    flow.seq_end = pkt.seq;
+    flow.ack_max = pkt.ack;
+    flow.win_max = u32::from(pkt.window);
+    flow.track = TRACK_ACK_SEEN | TRACK_PROXIED;
+    flow.packets += 1;
+    flow.bytes += u64::from(pkt.l3_len);
+}
+
+/// A SYN-ACK from the backend of a proxied flow (`flow` its reverse entry), which answers the
+/// SYN the gateway sent: it must acknowledge the client's ISN + 1. The first one fixes
+/// `seq_delta` (its ISN less the client's cookie) in both entries, starts the backend's numbers
+/// in the client's view and establishes the flow; a retransmission must carry the same ISN.
+/// Returns the client's next sequence number and window, for the ACK that answers it
+/// (`synproxy::backend_ack`).
+#[inline(always)]
+pub fn proxy_syn_ack(flow: &mut Flow, pkt: &TcpPacket, now: u64) -> Result<(u32, u16), DropReason> {
+    let p = lookup(&flow.peer_key()).ok_or(DropReason::OutOfWindow)?;
+    // SAFETY: a conntrack value pointer; both entries of this connection are updated.
+    let client = unsafe { &mut *p };
+    if pkt.ack != client.seq_end {
+        return Err(DropReason::OutOfWindow);
+    }
+    let cookie = client.ack_max.wrapping_sub(1);
+    if flow.state & CT_SYN_ACK_SEEN == 0 {
+        let delta = pkt.seq.wrapping_sub(cookie);
+        flow.seq_delta = delta;
+        client.seq_delta = delta;
+        flow.seq_end = cookie.wrapping_add(1);
+        flow.ack_max = pkt.ack;
+        flow.win_max = u32::from(pkt.window);
+        flow.track = TRACK_ACK_SEEN | TRACK_PROXIED;
+        let set = CT_SYN_ACK_SEEN | CT_ESTABLISHED;
+        flow.state |= set;
+        client.state |= set;
+        flow.last_seen_ns = now;
+        client.last_seen_ns = now;
+        stats::global(GlobalStat::SynProxyEstablished);
+    } else if pkt.seq.wrapping_sub(flow.seq_delta) != cookie {
+        return Err(DropReason::OutOfWindow);
+    }
+    flow.packets += 1;
+    flow.bytes += u64::from(pkt.l3_len);
+    let window = if client.win_max > u32::from(u16::MAX) {
+        u16::MAX
+    } else {
+        client.win_max as u16
+    };
+    Ok((client.seq_end, window))
 }
 
 /// The first SYN-ACK (from the backend, `flow` its entry; `offered` its window scale)

@@ -8,7 +8,11 @@
 //! header rewrite (`csum`, `mac`) → redirect (`xdp` or `tc`); a segment without a flow is
 //! answered by `reset`; `stats` counts; `maps` declares every map.
 #![no_std]
+// `core::intrinsics::atomic_xadd`: the BPF target has no atomic types (see `synproxy`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod answer;
 mod clock;
 mod conntrack;
 pub mod csum;
@@ -21,6 +25,7 @@ pub mod parse;
 mod pipeline;
 mod reset;
 pub mod stats;
+mod synproxy;
 pub mod tc;
 pub mod xdp;
 

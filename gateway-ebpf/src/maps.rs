@@ -18,8 +18,12 @@ use gateway_common::maps::{
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
 /// `CONFIG`: the configuration, at index 0.
-#[map(name = "gw_config_v2")]
+#[map(name = "gw_config_v3")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// `HALF_OPEN`: app → its half-open flows (`i64`, atomic adds; see `synproxy`).
+#[map(name = "gw_half_open_v1")]
+pub static HALF_OPEN: Array<i64> = Array::with_max_entries(MAX_APPS, 0);
 
 /// `SERVICES4`: `(public ip, port)` → app.
 #[map(name = "gw_svc4_v1")]

@@ -6,9 +6,9 @@ use gateway_common::{
     DropReason, GlobalStat,
     maps::{
         CT_BACKEND_CLOSED_FIRST, CT_SYN_SEEN, Config, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4,
-        LAST_SEEN_GRANULARITY_NS, TIME_WAIT_NS, is_closed,
+        LAST_SEEN_GRANULARITY_NS, TIME_WAIT_NS, TRACK_PROXIED, is_closed,
     },
-    net::port_to_net,
+    net::{port_to_net, tcp_flags::ACK},
 };
 
 use crate::{
@@ -32,16 +32,18 @@ const SNAT_PROBES: u32 = 32;
 /// for a lost final ACK's retransmissions.
 const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
-/// Starts the flow of a SYN to the service of `app_id`: chooses the backend, allocates a SNAT
-/// port by inserting the reverse entry, and leaves the forward entry in `entry` (its
-/// translation, state and times; its tracking is the caller's: `conntrack::syn`), not inserted
-/// yet (see [`commit`]); returns the claim of the pair.
+/// Starts the flow of a SYN (or of a SYN cookie's ACK) to the service of `app_id`: chooses the
+/// backend, allocates a SNAT port by inserting the reverse entry (with `track` bits: a proxied
+/// flow's), and leaves the forward entry in `entry` (its translation, state, times and `track`;
+/// its tracking is the caller's: `conntrack::syn` or `conntrack::proxied`), not inserted yet
+/// (see [`commit`]); returns the claim of the pair.
 #[inline(always)]
 pub fn create(
     key: &FlowKey4,
     app_id: u32,
     cfg: &Config,
     now: u64,
+    track: u8,
     entry: &mut Flow,
 ) -> Result<Claim, DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
@@ -61,6 +63,7 @@ pub fn create(
         state: CT_SYN_SEEN,
         created_ns: now,
         last_seen_ns: now,
+        track,
         ..Flow::default()
     };
     let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);
@@ -176,15 +179,38 @@ pub struct Rewrite {
     pub dst_port: u16,
     /// Difference of the addresses (IPv4 header and TCP pseudo-header).
     pub addr_diff: u32,
-    /// Difference of the ports (TCP header only).
+    /// Difference of the ports, and of a proxied flow's sequence or acknowledgement number
+    /// (TCP header only).
     pub port_diff: u32,
+    /// A proxied flow's new sequence number (backend → client) or acknowledgement number
+    /// (client → backend), host order (see `Flow::seq_delta`).
+    pub seq: Option<u32>,
+    pub ack: Option<u32>,
 }
 
 impl Rewrite {
     #[inline(always)]
     fn new(pkt: &TcpPacket, flow: &Flow) -> Self {
         let k = &pkt.key;
+        let (mut seq, mut ack) = (None, None);
+        let mut numbers = 0;
+        if flow.track & TRACK_PROXIED != 0 && flow.seq_delta != 0 {
+            if flow.direction == DIR_FORWARD {
+                if pkt.flags & ACK != 0 {
+                    let new = pkt.ack.wrapping_add(flow.seq_delta);
+                    numbers = diff32(0, pkt.ack.to_be(), new.to_be());
+                    ack = Some(new);
+                }
+            } else {
+                // The pipeline put the client's view in `pkt.seq`; the wire has the backend's.
+                let wire = pkt.seq.wrapping_add(flow.seq_delta);
+                numbers = diff32(0, wire.to_be(), pkt.seq.to_be());
+                seq = Some(pkt.seq);
+            }
+        }
         Rewrite {
+            seq,
+            ack,
             src_ip: flow.nat_src_ip,
             dst_ip: flow.nat_dst_ip,
             src_port: flow.nat_src_port,
@@ -195,7 +221,7 @@ impl Rewrite {
                 flow.nat_dst_ip,
             ),
             port_diff: diff16(
-                diff16(0, k.src_port, flow.nat_src_port),
+                diff16(numbers, k.src_port, flow.nat_src_port),
                 k.dst_port,
                 flow.nat_dst_port,
             ),
@@ -219,7 +245,7 @@ impl Rewrite {
         let ip = b
             .words::<{ IPV4_MIN_LEN / 2 }>(crate::parse::ETH_LEN)
             .ok_or(DropReason::Truncated)?;
-        let tcp = b.words::<2>(pkt.l4_off()).ok_or(DropReason::Truncated)?;
+        let tcp = b.words::<6>(pkt.l4_off()).ok_or(DropReason::Truncated)?;
         // SAFETY: the pointers were bounds-checked above, 2-byte aligned (see `words`).
         unsafe {
             let eth = &mut *eth;
@@ -237,6 +263,16 @@ impl Rewrite {
             let tcp = &mut *tcp;
             tcp[0] = self.src_port;
             tcp[1] = self.dst_port;
+            if let Some(seq) = self.seq {
+                let v = seq.to_be();
+                tcp[2] = v as u16;
+                tcp[3] = (v >> 16) as u16;
+            }
+            if let Some(ack) = self.ack {
+                let v = ack.to_be();
+                tcp[4] = v as u16;
+                tcp[5] = (v >> 16) as u16;
+            }
         }
         Ok(())
     }

@@ -226,6 +226,7 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
 /// TCP option kinds (RFC 9293 §3.1, RFC 7323 §2.2).
 const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
+const OPT_MSS: u8 = 2;
 const OPT_WSCALE: u8 = 3;
 /// The most option bytes a TCP header holds.
 pub const OPTIONS_MAX: usize = 40;
@@ -239,11 +240,35 @@ pub trait LoadBytes {
 }
 
 /// The window scale shift a SYN or SYN-ACK offers (option kind 3, length 3), capped at 14 as
-/// RFC 7323 §2.3 says; `None` without one (see [`window_scale_in`] for how options are read). The options are copied out of the packet first
-/// (`load`): walking them in place with their variable strides was more than the verifier
-/// follows once inlined into the SYN path.
+/// RFC 7323 §2.3 says; `None` without one (see [`find_option`] for how options are read).
 #[inline(always)]
 pub fn window_scale(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<u8> {
+    let (options, len) = options(load, pkt)?;
+    let at = find_option(&options, len, OPT_WSCALE, 3)?;
+    let shift = *options.get(at + 2)?;
+    Some(if shift > TCP_MAX_WSCALE {
+        TCP_MAX_WSCALE
+    } else {
+        shift
+    })
+}
+
+/// The MSS a SYN announces (option kind 2, length 4; RFC 9293 §3.7.1); `None` without one.
+#[inline(always)]
+pub fn mss(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<u16> {
+    let (options, len) = options(load, pkt)?;
+    let at = find_option(&options, len, OPT_MSS, 4)?;
+    Some(u16::from_be_bytes([
+        *options.get(at + 2)?,
+        *options.get(at + 3)?,
+    ]))
+}
+
+/// The TCP options of `pkt` and their length (1..=40), copied out of the packet (`load`):
+/// walking them in place with their variable strides was more than the verifier follows once
+/// inlined into the SYN path. `None` without options.
+#[inline(always)]
+fn options(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<([u8; OPTIONS_MAX], usize)> {
     let len = usize::from(pkt.tcp_len).saturating_sub(TCP_MIN_LEN);
     // Verifier workaround: the helper needs a length the verifier knows is 1..=40; LLVM
     // otherwise drops this check (the parse already bounds `tcp_len`) on the way there.
@@ -256,43 +281,44 @@ pub fn window_scale(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<u8> {
     if !load.load_bytes(pkt.l4_off() + TCP_MIN_LEN, &mut options, len) {
         return None;
     }
-    window_scale_in(&options, len)
+    Some((options, len))
 }
 
-/// [`window_scale`] over the first `len` bytes of `options`, as the endpoints' TCP reads them
-/// (Linux's `tcp_parse_options`): a malformed option (a length below 2, or past the header)
-/// ends the walk, and an offer read before it stands. One difference: of two window scale
-/// options the first counts here, the last in Linux (walking on after the first is more than
-/// the verifier follows); only a client that sends two hurts, its own connection.
+/// Where the first option of `kind` with length `size` starts in the first `len` bytes of
+/// `options`, read as the endpoints' TCP reads them (Linux's `tcp_parse_options`): a malformed
+/// option (a length below 2, or past the header) ends the walk, and an option read before it
+/// stands. One difference: of two options of a kind the first counts here, the last in Linux
+/// (walking on after the first is more than the verifier follows); only a client that sends
+/// two hurts, its own connection.
 #[inline(always)]
-pub fn window_scale_in(options: &[u8; OPTIONS_MAX], len: usize) -> Option<u8> {
+pub fn find_option(
+    options: &[u8; OPTIONS_MAX],
+    len: usize,
+    kind: u8,
+    size: usize,
+) -> Option<usize> {
     let mut at = 0;
     // Every step consumes at least one byte.
     for _ in 0..OPTIONS_MAX {
         if at >= len {
             return None;
         }
-        let kind = *options.get(at)?;
-        if kind == OPT_END {
+        let k = *options.get(at)?;
+        if k == OPT_END {
             return None;
         }
-        if kind == OPT_NOP {
+        if k == OPT_NOP {
             at += 1;
             continue;
         }
-        let size = usize::from(*options.get(at + 1)?);
-        if size < 2 || at + size > len {
+        let n = usize::from(*options.get(at + 1)?);
+        if n < 2 || at + n > len {
             return None;
         }
-        if kind == OPT_WSCALE && size == 3 {
-            let shift = *options.get(at + 2)?;
-            return Some(if shift > TCP_MAX_WSCALE {
-                TCP_MAX_WSCALE
-            } else {
-                shift
-            });
+        if k == kind && n == size {
+            return Some(at);
         }
-        at += size;
+        at += n;
     }
     None
 }

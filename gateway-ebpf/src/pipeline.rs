@@ -12,7 +12,7 @@ use gateway_common::{
     DropReason, GlobalStat,
     maps::{
         ADDR_PUBLIC, ADDR_SNAT, CT_ESTABLISHED, CT_SYN_ACK_SEEN, DIR_FORWARD, Flow, ServiceKey4,
-        TRACK_LIBERAL, is_closed,
+        TRACK_LIBERAL, TRACK_PROXIED, is_closed,
     },
     net::{
         port_from_net,
@@ -21,14 +21,15 @@ use gateway_common::{
 };
 
 use crate::{
+    answer::Answer,
     clock::Now,
     conntrack::{self, Claim},
     csum, lb,
     maps::{CONFIG, SCRATCH, SERVICES},
     nat,
     nexthop::{self, NextHop},
-    parse::{self, Bounds, ETH_LEN, LoadBytes, Parsed, TcpPacket, parse},
-    reset, stats,
+    parse::{self, Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, Parsed, TcpPacket, parse},
+    reset, stats, synproxy,
 };
 
 /// What the attach mode's context gives the pipeline: packet bytes through its helper, and
@@ -48,6 +49,9 @@ pub trait Context: LoadBytes {
 
 /// A packet of a flow of ours, with where it goes next.
 pub struct Translation<'a> {
+    /// The segment the packet becomes before it is translated (a SYN cookie's ACK becomes the
+    /// SYN to the backend), if it changes.
+    pub pre: Option<Answer>,
     pub pkt: TcpPacket,
     /// Its conntrack entry (state, counters and next hop already updated), or for a new flow
     /// the copy that was inserted.
@@ -61,8 +65,10 @@ pub enum Verdict<'a> {
     Pass,
     /// Translate it and send it on.
     Translate(Translation<'a>),
-    /// Answer it with an RST (no flow; see `reset`).
-    Reset,
+    /// Write this segment over it and send it back where it came from (see `answer`): the RST
+    /// answering a segment without a flow (`reset`), the SYN proxy's SYN-ACK with a cookie or
+    /// ACK to the backend (`synproxy`).
+    Answer(Answer),
 }
 
 /// What both attach modes do first: decide, and for a packet of ours resolve its next hop.
@@ -81,27 +87,43 @@ pub fn prepare<C: Context>(
             stats::global(GlobalStat::Passed);
             Ok(Verdict::Pass)
         }
-        Action::Reset => {
+        Action::Reset(answer) => {
             stats::global(GlobalStat::RstNoFlow);
-            Ok(Verdict::Reset)
+            Ok(Verdict::Answer(answer))
         }
+        Action::Answer(answer) => Ok(Verdict::Answer(answer)),
         Action::Existing { pkt, flow, now } => {
             // SAFETY: a conntrack value pointer; this CPU updates it in place.
             let flow = unsafe { &mut *flow };
             let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
-            Ok(Verdict::Translate(Translation { pkt, flow, hop }))
+            Ok(Verdict::Translate(Translation {
+                pre: None,
+                pkt,
+                flow,
+                hop,
+            }))
         }
         Action::New {
             pkt,
             flow,
             claim,
             now,
+            syn,
         } => {
             // The whole forward entry (state, counters, next hop) is built before it is
             // inserted: no lookup of it afterwards, no update in the map.
             let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
             nat::commit(claim, &pkt.key, flow)?;
-            Ok(Verdict::Translate(Translation { pkt, flow, hop }))
+            if syn.is_none() {
+                // A flow made from a SYN is half-open until its handshake completes.
+                synproxy::half_open_add(flow.app_id, 1);
+            }
+            Ok(Verdict::Translate(Translation {
+                pre: syn,
+                pkt,
+                flow,
+                hop,
+            }))
         }
     }
 }
@@ -110,8 +132,10 @@ pub fn prepare<C: Context>(
 enum Action<'a> {
     /// Hand it to the kernel unchanged.
     Pass,
-    /// Answer it with an RST.
-    Reset,
+    /// Answer it with this RST (counted `rst_no_flow`).
+    Reset(Answer),
+    /// Answer it with this segment of the SYN proxy's.
+    Answer(Answer),
     /// Translate it with this conntrack entry (state and counters already updated); `now` is
     /// the time the decision was made (ns).
     Existing {
@@ -119,13 +143,15 @@ enum Action<'a> {
         flow: *mut Flow,
         now: Now,
     },
-    /// A SYN of a new flow: its reverse entry is in the table (`claim`), its forward entry is
-    /// `flow` (this CPU's scratch slot), to insert once complete.
+    /// A SYN of a new flow, or a SYN cookie's ACK (then `syn` is the SYN it becomes): its
+    /// reverse entry is in the table (`claim`), its forward entry is `flow` (this CPU's scratch
+    /// slot), to insert once complete.
     New {
         pkt: TcpPacket,
         flow: &'a mut Flow,
         claim: Claim,
         now: Now,
+        syn: Option<Answer>,
     },
 }
 
@@ -136,7 +162,7 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
         return Ok(Action::Pass);
     };
     let parsed = parse(b, |dst| cfg.addr_kind(dst))?;
-    let Parsed::Tcp(pkt) = parsed else {
+    let Parsed::Tcp(mut pkt) = parsed else {
         return Ok(Action::Pass);
     };
     // Only packets of ours read the clock, and the coarse one (CLOCK_MONOTONIC_COARSE, a few
@@ -151,6 +177,18 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
         check_flags(&pkt)?;
         // A SYN that starts its connection over goes on as a SYN without a flow (its old pair is
         // removed below, once it is known to make a new one).
+        if f.track & TRACK_PROXIED != 0 && f.direction != DIR_FORWARD {
+            if pkt.flags & (SYN | ACK | RST | FIN) == SYN | ACK {
+                // The backend's SYN-ACK to the proxy's SYN: answered with the handshake's ACK.
+                if pkt.ihl() != IPV4_MIN_LEN {
+                    return Err(DropReason::BadHeader);
+                }
+                let (seq, window) = conntrack::proxy_syn_ack(f, &pkt, now.ns)?;
+                return Ok(Action::Answer(synproxy::backend_ack(&pkt, seq, window)));
+            }
+            // The backend's numbers in the client's view, tracked and sent so.
+            pkt.seq = pkt.seq.wrapping_sub(f.seq_delta);
+        }
         if !(syn && f.direction == DIR_FORWARD && starts_over(f, &pkt)) {
             check_ttl(&pkt)?;
             // A SYN-ACK's window scale (only the first SYN-ACK of a flow uses it).
@@ -167,8 +205,39 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
         let svc = ServiceKey4::new(pkt.key.dst_ip, pkt.key.dst_port);
         if let Some(service) = SERVICES.get_ptr(svc) {
             check_flags(&pkt)?;
+            // SAFETY: a value of the map, read once.
+            let app_id = unsafe { (*service).app_id };
             if !syn {
-                return no_flow(pkt, DropReason::NoFlow);
+                // An ACK alone may complete a handshake the SYN proxy answered with a cookie.
+                let mss = if pkt.flags & (SYN | ACK | RST | FIN) == ACK && pkt.ihl() == IPV4_MIN_LEN
+                {
+                    synproxy::cookie_mss(cfg, &pkt, now.ns)
+                } else {
+                    None
+                };
+                let Some(mss) = mss else {
+                    return no_flow(pkt, DropReason::NoFlow);
+                };
+                check_ttl(&pkt)?;
+                // It makes a flow: verified as a SYN is.
+                if !(csum::ipv4_ok(b, &pkt)
+                    && (checks.tcp_trusted(b, &pkt) || tcp_sum_ok(b, checks, &pkt)))
+                {
+                    return Err(DropReason::BadChecksum);
+                }
+                stats::global(GlobalStat::SynCookiesAccepted);
+                let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
+                // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
+                let forward = unsafe { &mut *slot };
+                let claim = nat::create(&pkt.key, app_id, cfg, now.ns, TRACK_PROXIED, forward)?;
+                conntrack::proxied(forward, &pkt);
+                return Ok(Action::New {
+                    pkt,
+                    flow: forward,
+                    claim,
+                    now,
+                    syn: Some(synproxy::backend_syn(&pkt, mss)),
+                });
             }
             check_ttl(&pkt)?;
             // A SYN claims a SNAT port for the handshake's timeout: verify it first.
@@ -177,8 +246,17 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
             {
                 return Err(DropReason::BadChecksum);
             }
-            // SAFETY: a value of the map, read once.
-            let app_id = unsafe { (*service).app_id };
+            if synproxy::half_open_full(app_id, cfg) {
+                // A flood, or a very busy app: a cookie instead of a flow.
+                if pkt.ihl() != IPV4_MIN_LEN {
+                    return Err(DropReason::HalfOpenFull);
+                }
+                stats::global(GlobalStat::SynCookiesSent);
+                let mss = parse::mss(checks, &pkt);
+                return Ok(Action::Answer(synproxy::cookie_syn_ack(
+                    cfg, &pkt, mss, now.ns,
+                )));
+            }
             let wscale = parse::window_scale(checks, &pkt);
             // The forward entry is built in this CPU's scratch slot: a `Flow` does not fit the
             // BPF stack beside the rest of this path.
@@ -201,13 +279,14 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
                     conntrack::remove_pair(&pkt.key, old);
                 }
             }
-            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, forward)?;
+            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, 0, forward)?;
             conntrack::syn(forward, &pkt, wscale);
             return Ok(Action::New {
                 pkt,
                 flow: forward,
                 claim,
                 now,
+                syn: None,
             });
         }
     }
@@ -257,7 +336,7 @@ fn tcp_sum_ok<C: Context>(b: &mut Bounds, checks: &C, pkt: &TcpPacket) -> bool {
 #[inline(always)]
 fn no_flow(pkt: TcpPacket, reason: DropReason) -> Result<Action<'static>, DropReason> {
     if reset::answers(&pkt) {
-        Ok(Action::Reset)
+        Ok(Action::Reset(reset::answer(&pkt)))
     } else {
         Err(reason)
     }

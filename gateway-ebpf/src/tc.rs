@@ -1,10 +1,11 @@
 //! TC (tcx ingress): translate with `bpf_l4_csum_replace` and the pseudo-header flag, so
 //! CHECKSUM_PARTIAL and GSO packets stay correct, then redirect to the cached next hop, or
 //! through `bpf_redirect_neigh` when the neighbour is not known yet. A segment without a flow
-//! is turned into its RST and sent back out of the device it came in on.
+//! is turned into its RST, and a SYN the SYN proxy answers into its SYN-ACK, sent back out of
+//! the device it came in on.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, bpf_redir_neigh},
+    bindings::{BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, bpf_redir_neigh},
     cty::c_void,
     helpers::{
         bpf_csum_level, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
@@ -15,11 +16,12 @@ use aya_ebpf::{
 use gateway_common::{DropReason, GlobalStat};
 
 use crate::{
+    answer::{self, Answer},
     nat,
     nexthop::NextHop,
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
-    reset, stats,
+    stats,
 };
 
 /// Enough linear bytes for Ethernet, IPv4 with options and a TCP header: what the program reads
@@ -122,9 +124,16 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     let ingress = unsafe { (*skb).ifindex };
     let t = match pipeline::prepare(&mut b, &Skb(ctx), skb as *mut c_void, ingress)? {
         Verdict::Pass => return Ok(TC_ACT_OK),
-        Verdict::Reset => return send_reset(skb, &b, ingress),
+        Verdict::Answer(a) => {
+            rewrite(ctx, &mut b, &a)?;
+            // SAFETY: plain helper call: out of the device the segment came in on.
+            return Ok(unsafe { bpf_redirect(ingress, 0) } as i32);
+        }
         Verdict::Translate(t) => t,
     };
+    if let Some(pre) = &t.pre {
+        rewrite(ctx, &mut b, pre)?;
+    }
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
     let rw = unsafe { nat::write_headers(&b, &t.pkt, t.flow)? };
     let pkt = &t.pkt;
@@ -167,30 +176,42 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     Ok(ret as i32)
 }
 
-/// Rewrites the segment into the RST that answers it, trims the skb and sends it back out of
-/// `ingress`. The TCP checksum goes through the helper, from a zero field: the pseudo-header's
-/// sum with `BPF_F_PSEUDO_HDR`, the header's without, so a CHECKSUM_PARTIAL skb ends up with
-/// the pseudo-header sum its offload expects and any other with the whole checksum.
+/// Writes `a` (an RST, or the SYN proxy's segment) over the skb, sized to it first. The TCP
+/// checksum goes through the helper, from a zero field: the pseudo-header's sum with
+/// `BPF_F_PSEUDO_HDR`, the header's without, so a CHECKSUM_PARTIAL skb ends up with the
+/// pseudo-header sum its offload expects and any other with the whole checksum.
 #[inline(always)]
-fn send_reset(skb: *mut __sk_buff, b: &Bounds, ingress: u32) -> Result<i32, DropReason> {
-    // SAFETY: `b` is the packet the pipeline answers, unchanged since.
-    let sums = unsafe { reset::write(b)? };
-    let check_off = (ETH_LEN + IPV4_MIN_LEN + 16) as u32;
-    // SAFETY: helper calls on this program's skb; they validate lengths and offsets.
-    let ok = unsafe {
-        (b.len == reset::FRAME_LEN || bpf_skb_change_tail(skb, reset::FRAME_LEN as u32, 0) == 0)
-            && bpf_l4_csum_replace(
-                skb,
-                check_off,
-                0,
-                u64::from(sums.pseudo),
-                u64::from(BPF_F_PSEUDO_HDR),
-            ) == 0
-            && bpf_l4_csum_replace(skb, check_off, 0, u64::from(sums.header), 0) == 0
-    };
-    if !ok {
+fn rewrite(ctx: &TcContext, b: &mut Bounds, a: &Answer) -> Result<(), DropReason> {
+    let skb = ctx.skb.skb;
+    let len = a.frame_len();
+    // SAFETY: helper calls on this program's skb; they validate lengths.
+    if b.len != len && unsafe { bpf_skb_change_tail(skb, len as u32, 0) } != 0 {
         return Err(DropReason::Truncated);
     }
-    // SAFETY: plain helper call: out of the device the segment came in on.
-    Ok(unsafe { bpf_redirect(ingress, 0) } as i32)
+    if ctx.data_end() - ctx.data() < len {
+        let _ = ctx.pull_data(len as u32);
+    }
+    *b = bounds(ctx);
+    // SAFETY: `b` is the packet the pipeline decided on, its IPv4 header without options
+    // (`answer`'s callers check), only its length changed.
+    let sums = unsafe { answer::write(b, a)? };
+    let check_off = (ETH_LEN + IPV4_MIN_LEN + 16) as u32;
+    // SAFETY: helper calls on this program's skb; they validate offsets. The bounds are read
+    // again after them (they may move the packet).
+    let ok = unsafe {
+        bpf_l4_csum_replace(
+            skb,
+            check_off,
+            0,
+            u64::from(sums.pseudo),
+            u64::from(BPF_F_PSEUDO_HDR),
+        ) == 0
+            && bpf_l4_csum_replace(skb, check_off, 0, u64::from(sums.header), 0) == 0
+    };
+    *b = bounds(ctx);
+    if ok {
+        Ok(())
+    } else {
+        Err(DropReason::Truncated)
+    }
 }

@@ -2,8 +2,8 @@
 //! next hop. When the next hop's neighbour is unknown, the packet is passed untouched to the
 //! kernel, where the TC program (attached alongside in XDP mode) translates it and lets
 //! `bpf_redirect_neigh` resolve the neighbour: a connection never hangs on a missing entry.
-//! A segment without a flow is turned into its RST and sent back out of the interface it came
-//! in on.
+//! A segment without a flow is turned into its RST, and a SYN the SYN proxy answers into its
+//! SYN-ACK, sent back out of the interface it came in on.
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
@@ -14,11 +14,12 @@ use aya_ebpf::{
 use gateway_common::{DropReason, GlobalStat};
 
 use crate::{
+    answer::{self, Answer},
     csum, nat,
     nexthop::NextHop,
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
-    reset, stats,
+    stats,
 };
 
 /// The XDP context, as the pipeline needs it.
@@ -55,11 +56,7 @@ impl Context for Xdp<'_> {
 #[inline(always)]
 pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     stats::global(GlobalStat::XdpPackets);
-    let mut b = Bounds {
-        data: ctx.data(),
-        data_end: ctx.data_end(),
-        len: ctx.data_end() - ctx.data(),
-    };
+    let mut b = bounds(ctx);
     let t = match pipeline::prepare(
         &mut b,
         &Xdp(ctx),
@@ -67,9 +64,14 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         ctx.ingress_ifindex() as u32,
     )? {
         Verdict::Pass => return Ok(XDP_PASS),
-        Verdict::Reset => return send_reset(ctx, &b, ctx.ingress_ifindex() as u32),
+        Verdict::Answer(a) => return send_answer(ctx, &mut b, &a, ctx.ingress_ifindex() as u32),
         Verdict::Translate(t) => t,
     };
+    if let Some(pre) = &t.pre {
+        // Before the hop is looked at: a packet passed to the kernel below goes on as this
+        // segment (the TC program finds its flow and translates it).
+        rewrite(ctx, &mut b, pre)?;
+    }
     let ifindex = match t.hop {
         NextHop::Ready { ifindex } => ifindex,
         NextHop::NoNeigh { .. } => {
@@ -94,25 +96,49 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
 }
 
-/// Rewrites the segment into the RST that answers it, trims the frame and sends it back out of
+/// Writes `a` over the frame (sized to it first), with its checksums (see `answer`).
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, b: &mut Bounds, a: &Answer) -> Result<(), DropReason> {
+    let delta = a.frame_len() as i32 - (b.data_end - b.data) as i32;
+    // SAFETY: a helper on this program's context; it only moves the end of the frame.
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(DropReason::Truncated);
+    }
+    *b = bounds(ctx);
+    // SAFETY: `b` is the packet the pipeline decided on, its IPv4 header without options
+    // (`answer`'s callers check), only its length changed.
+    let sums = unsafe { answer::write(b, a)? };
+    let check = b
+        .words::<1>(ETH_LEN + IPV4_MIN_LEN + 16)
+        .ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds-checked and aligned (see `Bounds::words`).
+    unsafe { (*check)[0] = sums.checksum() };
+    Ok(())
+}
+
+/// Writes `a` (an RST, or the SYN proxy's segment) over the frame and sends it back out of
 /// `ingress`. Through a redirect to the ingress device rather than XDP_TX: on veth, XDP_TX
 /// wakes the peer's receive side only when the peer has an XDP program of its own
 /// (`veth_xdp_flush`), so a frame sent back to a host without one waits for its next packet;
 /// a redirect goes through `ndo_xdp_xmit`, which always does. (Both work on a NIC.)
 #[inline(always)]
-fn send_reset(ctx: &XdpContext, b: &Bounds, ingress: u32) -> Result<u32, DropReason> {
-    // SAFETY: `b` is the packet the pipeline answers, unchanged since.
-    let sums = unsafe { reset::write(b)? };
-    let check = b
-        .words::<1>(ETH_LEN + IPV4_MIN_LEN + 16)
-        .ok_or(DropReason::Truncated)?;
-    // SAFETY: bounds-checked and aligned (see `Bounds::words`).
-    unsafe { (*check)[0] = reset::checksum(&sums) };
-    let delta = reset::FRAME_LEN as i32 - (b.data_end - b.data) as i32;
-    // SAFETY: a helper on this program's context; it only moves the end of the frame.
-    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return Err(DropReason::Truncated);
-    }
+fn send_answer(
+    ctx: &XdpContext,
+    b: &mut Bounds,
+    a: &Answer,
+    ingress: u32,
+) -> Result<u32, DropReason> {
+    rewrite(ctx, b, a)?;
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
     Ok(unsafe { bpf_redirect(ingress, 0) } as u32)
+}
+
+/// The bounds of the frame in `ctx`.
+#[inline(always)]
+fn bounds(ctx: &XdpContext) -> Bounds {
+    Bounds {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+        len: ctx.data_end() - ctx.data(),
+    }
 }

@@ -102,6 +102,10 @@ pub struct DaemonArgs {
     /// Conntrack entries (two per connection) [default: 1048576]. A reused table keeps its size.
     #[arg(long, value_name = "N")]
     pub conntrack_size: Option<u32>,
+    /// Half-open flows (handshake not completed) an app may have before its SYNs are answered
+    /// with SYN cookies, no state kept (a SYN flood's defence) [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub half_open_max: Option<u32>,
     /// On exit, detach the programs and remove the pins (dropping every flow) instead of
     /// leaving the datapath running for the next start [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -146,6 +150,7 @@ pub struct FileConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub bpffs: Option<PathBuf>,
     pub conntrack_size: Option<u32>,
+    pub half_open_max: Option<u32>,
     pub detach_on_exit: Option<bool>,
     pub check_interval: Option<Dur>,
     pub check_timeout: Option<Dur>,
@@ -189,6 +194,8 @@ pub enum ConfigError {
     BadPublicHost(String),
     #[error("conntrack size {0} is too small (at least 1024)")]
     ConntrackTooSmall(u32),
+    #[error("half-open-max 0 would answer every SYN with a cookie (at least 1)")]
+    HalfOpenMaxZero,
     /// The daemon-wide health-check settings break the same rule as an app's.
     #[error(transparent)]
     Health(crate::state::StateError),
@@ -229,6 +236,8 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     pub bpffs: PathBuf,
     pub conntrack_size: u32,
+    /// Half-open flows per app before SYN cookies.
+    pub half_open_max: u32,
     pub detach_on_exit: bool,
     /// Health checks of apps that do not set their own.
     pub health: HealthConfig,
@@ -311,6 +320,13 @@ impl Settings {
         if conntrack_size < 1024 {
             return Err(ConfigError::ConntrackTooSmall(conntrack_size));
         }
+        let half_open_max = args
+            .half_open_max
+            .or(file.half_open_max)
+            .unwrap_or(gateway_common::maps::HALF_OPEN_MAX_DEFAULT);
+        if half_open_max == 0 {
+            return Err(ConfigError::HalfOpenMaxZero);
+        }
         let overrides = HealthOverrides {
             interval_ms: args.check_interval.or(file.check_interval).map(Dur::ms),
             timeout_ms: args.check_timeout.or(file.check_timeout).map(Dur::ms),
@@ -360,6 +376,7 @@ impl Settings {
                 .or(file.bpffs)
                 .unwrap_or_else(|| DEFAULT_BPFFS.into()),
             conntrack_size,
+            half_open_max,
             detach_on_exit: args.detach_on_exit.or(file.detach_on_exit).unwrap_or(false),
         })
     }

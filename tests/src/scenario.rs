@@ -49,7 +49,8 @@ mod conn;
 mod runner;
 
 pub use conn::{
-    Conn, Link, Rewrite, backend, backend_index, backend_ip, client, from_backend, from_client,
+    BACKEND_ISN, CLIENT_ISN, Conn, Link, Rewrite, backend, backend_index, backend_ip, client,
+    from_backend, from_client,
 };
 pub use runner::run;
 
@@ -210,6 +211,12 @@ impl Row {
         Self::new(name, frame, Verdict::Tx, Out::Bytes(rst)).counter(GlobalStat::RstNoFlow, 1..=1)
     }
 
+    /// Answered with a segment of the gateway's own sent back out of the interface it came in
+    /// on (the SYN proxy's SYN-ACK, or ACK to a backend), which `out` describes; nothing dropped.
+    pub fn sent_back(name: impl Into<String>, frame: impl Into<Input>, out: Out) -> Self {
+        Self::new(name, frame, Verdict::Tx, out)
+    }
+
     /// Handed to the kernel unchanged.
     pub fn passed(name: impl Into<String>, frame: impl Into<Input>) -> Self {
         Self::new(name, frame, Verdict::Pass, Out::Same)
@@ -266,12 +273,17 @@ impl Check {
     }
 }
 
+/// What builds an [`Input::Built`].
+pub type BuildBytes = dyn FnOnce(&Ctx) -> Vec<u8> + Send;
+
 /// A row's input frame.
 pub enum Input {
     /// These bytes (for what [`Frame`] does not build: cuts, a bad `ihl`, another ethertype).
     Bytes(Vec<u8>),
     /// A frame built when the row runs (it may read the fixture, e.g. a flow's SNAT port).
     Frame(Box<dyn FnOnce(&Ctx) -> Frame + Send>),
+    /// Bytes built when the row runs (a frame built then spoiled: [`Input::spoiled`]).
+    Built(Box<BuildBytes>),
 }
 
 impl From<Vec<u8>> for Input {
@@ -296,14 +308,26 @@ impl Input {
     pub fn map(self, change: impl FnOnce(Frame) -> Frame + Send + 'static) -> Self {
         match self {
             Input::Frame(build) => Input::Frame(Box::new(move |cx| change(build(cx)))),
-            Input::Bytes(_) => panic!("Input::map: bytes are not a Frame; change them directly"),
+            Input::Bytes(_) | Input::Built(_) => {
+                panic!("Input::map: bytes are not a Frame; change them directly")
+            }
         }
+    }
+
+    /// The frame's bytes, changed by `spoil` once built (checksums and all).
+    pub fn spoiled(self, spoil: impl FnOnce(&mut Vec<u8>) + Send + 'static) -> Self {
+        Input::Built(Box::new(move |cx| {
+            let mut bytes = self.bytes(cx);
+            spoil(&mut bytes);
+            bytes
+        }))
     }
 
     fn bytes(self, cx: &Ctx) -> Vec<u8> {
         match self {
             Input::Bytes(bytes) => bytes,
             Input::Frame(build) => build(cx).build(),
+            Input::Built(build) => build(cx),
         }
     }
 }

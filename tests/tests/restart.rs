@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use gateway::datapath::{AttachMode, Datapath, FlowV1, LoadOptions};
+use gateway::datapath::{AttachMode, Datapath, FlowV1, FlowV2, LoadOptions};
 use gateway_common::maps::{self, Flow, FlowKey4};
 use gateway_tests::{
     daemon::Daemon,
@@ -228,13 +228,14 @@ fn pin_release(dir: &Path, release: Release, entries: &[(FlowKey4, Flow)]) {
         &path,
         "lru_hash",
         16,
-        size_of::<Flow>(),
+        maps::FLOW_V2_SIZE,
         1024,
         release.conntrack(),
     );
-    let mut table = pinned_table::<Flow>(&path);
+    let mut table = pinned_table::<FlowV2>(&path);
     for (key, flow) in entries {
-        table.insert(key, flow, 0).expect("fill gw_ct4_v2");
+        let v2: FlowV2 = flow_bytes(flow)[..maps::FLOW_V2_SIZE].try_into().unwrap();
+        table.insert(key, v2, 0).expect("fill gw_ct4_v2");
     }
     bpftool_create(
         &dir.join(release.counters()),
@@ -277,9 +278,9 @@ fn pin_previous_release(dir: &Path, entries: &[(FlowKey4, Flow)]) {
 }
 
 /// The bytes of `flow` as the maps hold them.
-fn flow_bytes(flow: &Flow) -> [u8; 96] {
-    let mut bytes = [0u8; 96];
-    // SAFETY: `Flow` is `#[repr(C)]` plain old data of 96 bytes without padding (gateway-common
+fn flow_bytes(flow: &Flow) -> [u8; 104] {
+    let mut bytes = [0u8; 104];
+    // SAFETY: `Flow` is `#[repr(C)]` plain old data of 104 bytes without padding (gateway-common
     // derives bytemuck's `Pod` for it, which checks that at compile time).
     bytes.copy_from_slice(unsafe {
         std::slice::from_raw_parts((flow as *const Flow).cast::<u8>(), size_of::<Flow>())

@@ -13,6 +13,10 @@ pub const ADDR_SNAT: u32 = 2;
 /// The daemon configures this value too.
 pub const NEXTHOP_MAX_AGE_DEFAULT_NS: u64 = 1_000_000_000;
 
+/// Half-open flows per app before SYN cookies, when [`Config::half_open_max`] is 0. A busy app
+/// opening a thousand connections per round trip still makes flows; a flood reaches it at once.
+pub const HALF_OPEN_MAX_DEFAULT: u32 = 1024;
+
 /// The datapath's configuration (one entry of [`super::CONFIG`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -32,6 +36,12 @@ pub struct Config {
     pub addrs: [u32; MAX_ADDRS],
     /// What each address of `addrs` is: [`ADDR_PUBLIC`] and/or [`ADDR_SNAT`] bits.
     pub addr_kinds: [u32; MAX_ADDRS],
+    /// Half-open flows an app may have (`super::HALF_OPEN`) before its SYNs are answered with
+    /// SYN cookies; 0: [`HALF_OPEN_MAX_DEFAULT`].
+    pub half_open_max: u32,
+    pub _pad: u32,
+    /// The SYN cookies' SipHash key (`crate::syncookie`): random, the daemon's.
+    pub cookie_key: [u64; 2],
 }
 
 impl Config {
@@ -42,6 +52,16 @@ impl Config {
         match self.nexthop_max_age_ns {
             0 => NEXTHOP_MAX_AGE_DEFAULT_NS,
             age => age,
+        }
+    }
+
+    /// Half-open flows an app may have before SYN cookies: [`Config::half_open_max`], or
+    /// [`HALF_OPEN_MAX_DEFAULT`] when that is 0.
+    #[inline(always)]
+    pub const fn half_open_max(&self) -> u32 {
+        match self.half_open_max {
+            0 => HALF_OPEN_MAX_DEFAULT,
+            max => max,
         }
     }
 

@@ -166,6 +166,12 @@ pub struct Flow {
     /// `TRACK_*` bits.
     pub track: u8,
     pub _pad1: u8,
+    /// A proxied flow ([`TRACK_PROXIED`]): the backend's ISN less the cookie the gateway gave
+    /// the client as its own (host order, modulo 2^32). The backend's sequence numbers are the
+    /// client's view plus this: its segments' `seq` lose it on the way to the client, the
+    /// client's `ack` gain it on the way to the backend. Both entries hold it; 0 otherwise.
+    pub seq_delta: u32,
+    pub _pad2: u32,
 }
 
 /// [`Flow::track`] bit: `ack_max` holds an acknowledgement this side sent.
@@ -176,6 +182,11 @@ pub const TRACK_WSCALE_OFFERED: u8 = 2;
 /// upgrade): its fields are learned from its next packet, and its bounds are the widest
 /// (both shifts taken as [`TCP_MAX_WSCALE`]).
 pub const TRACK_LIBERAL: u8 = 4;
+/// [`Flow::track`] bit (both entries): the flow was made from a SYN cookie's ACK, the gateway
+/// doing the handshake with the backend itself (a SYN proxy, `crate::syncookie`). The backend's
+/// numbers are translated by [`Flow::seq_delta`] once its SYN-ACK came; the sequence tracking
+/// of both entries is kept in the client's view.
+pub const TRACK_PROXIED: u8 = 8;
 
 /// The largest window scale shift (RFC 7323 §2.3).
 pub const TCP_MAX_WSCALE: u8 = 14;

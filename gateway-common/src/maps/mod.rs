@@ -16,12 +16,14 @@ pub mod conntrack;
 pub mod service;
 
 pub use cache::{ClockCache, NextHopCache};
-pub use config::{ADDR_PUBLIC, ADDR_SNAT, Config, NEXTHOP_MAX_AGE_DEFAULT_NS};
+pub use config::{
+    ADDR_PUBLIC, ADDR_SNAT, Config, HALF_OPEN_MAX_DEFAULT, NEXTHOP_MAX_AGE_DEFAULT_NS,
+};
 pub use conntrack::{
     CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST,
     CT_SYN_ACK_SEEN, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4,
     LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE, TIME_WAIT_NS, TRACK_ACK_SEEN, TRACK_LIBERAL,
-    TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after, seq_before,
+    TRACK_PROXIED, TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after, seq_before,
 };
 pub use service::{BACKEND_ACCEPTING, Backend4, MaglevTable, Service, ServiceKey4};
 
@@ -33,7 +35,7 @@ pub const GLOBAL_STATS: &str = "gw_global_v4";
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
 /// Array with one [`Config`] at index 0 (its lookups are inlined by the verifier).
-pub const CONFIG: &str = "gw_config_v2";
+pub const CONFIG: &str = "gw_config_v3";
 /// Hash [`ServiceKey4`] → [`Service`]: `(public_ip, port)` → app.
 pub const SERVICES4: &str = "gw_svc4_v1";
 /// Hash `u32` app id → [`MaglevTable`]: the app's backend choice, computed in userspace.
@@ -46,6 +48,12 @@ pub const BACKENDS4: &str = "gw_be4_v1";
 pub const CONNTRACK4: &str = "gw_ct4_v3";
 /// Per-CPU array `u32` app id → [`TrafficStats`].
 pub const APP_STATS: &str = "gw_app_stats_v1";
+/// Array `u32` app id → `i64`: the app's half-open flows (handshake not completed), counted
+/// by the datapath (one more per flow a SYN makes, one less when its handshake completes) and
+/// set to the exact count by each conntrack scan. At [`Config::half_open_max`] the app's SYNs
+/// are answered with SYN cookies instead of making flows (`crate::syncookie`). Not per CPU:
+/// one atomic add per SYN.
+pub const HALF_OPEN: &str = "gw_half_open_v1";
 /// Per-CPU array `u32` backend id → [`TrafficStats`].
 pub const BACKEND_STATS: &str = "gw_be_stats_v1";
 /// Per-CPU array of [`NEXTHOP_SLOTS`] [`NextHopCache`] slots, indexed by a hash of the
@@ -70,21 +78,30 @@ pub const ALL: &[&str] = &[
     CONNTRACK4,
     APP_STATS,
     BACKEND_STATS,
+    HALF_OPEN,
     CLOCK,
     NEXTHOPS,
     SCRATCH,
 ];
 
 /// Names this build no longer uses, from earlier layouts: an upgrade carries the conntrack
-/// table over from [`CONNTRACK4_V2`] (an LRU of the same values) or [`CONNTRACK4_V1`] (its
+/// table over from [`CONNTRACK4_V2`] (an LRU of values of [`FLOW_V2_SIZE`] bytes) or [`CONNTRACK4_V1`] (its
 /// entries are the first 80 bytes of a [`Flow`]) and removes these pins, as `gateway down` does.
-pub const RETIRED: &[&str] = &[CONNTRACK4_V2, CONNTRACK4_V1, "gw_global_v3", "gw_global_v2"];
+pub const RETIRED: &[&str] = &[
+    CONNTRACK4_V2,
+    CONNTRACK4_V1,
+    "gw_global_v3",
+    "gw_global_v2",
+    "gw_config_v2",
+];
 /// The conntrack table with sequence tracking, as an LRU hash (it evicted live flows when full).
 pub const CONNTRACK4_V2: &str = "gw_ct4_v2";
 /// The conntrack table before sequence tracking (values of 80 bytes).
 pub const CONNTRACK4_V1: &str = "gw_ct4_v1";
 /// Bytes of a [`CONNTRACK4_V1`] value: a [`Flow`] up to its sequence tracking.
 pub const FLOW_V1_SIZE: usize = 80;
+/// Bytes of a [`CONNTRACK4_V2`] value: a [`Flow`] up to its SYN proxy's `seq_delta`.
+pub const FLOW_V2_SIZE: usize = 96;
 
 /// How many apps the maps hold (app ids are `1..MAX_APPS`).
 pub const MAX_APPS: u32 = 16_384;
@@ -135,11 +152,16 @@ mod tests {
     #[test]
     fn layouts_are_what_the_datapath_expects() {
         assert_eq!(size_of::<super::FlowKey4>(), 16);
-        assert_eq!(size_of::<super::Flow>(), 96);
+        assert_eq!(size_of::<super::Flow>(), 104);
         assert_eq!(
             core::mem::offset_of!(super::Flow, seq_end),
             super::FLOW_V1_SIZE,
-            "a v1 entry is a prefix of a v2 one"
+            "a v1 entry is a prefix of a v3 one"
+        );
+        assert_eq!(
+            core::mem::offset_of!(super::Flow, seq_delta),
+            super::FLOW_V2_SIZE,
+            "a v2 entry is a prefix of a v3 one"
         );
         assert_eq!(
             size_of::<super::MaglevTable>(),

@@ -48,6 +48,18 @@ impl Core {
         s.counts = scan.counts;
         s.scans += 1;
         s.expired += scan.removed as u64;
+        // The datapath's half-open counts, set to what the walk found (it counts on from there;
+        // this corrects what it cannot see: flows that expired, closed or started over).
+        for app in self.state.apps.values() {
+            let n = self
+                .scan
+                .counts
+                .half_open
+                .get(&app.id)
+                .copied()
+                .unwrap_or(0);
+            self.datapath.set_half_open(app.id, n as i64)?;
+        }
         let now = Instant::now();
         let mut traffic = HashMap::new();
         for app in self.state.apps.values() {

@@ -343,6 +343,10 @@ pub struct ConnectionCounts {
     pub backends: std::collections::HashMap<u32, u64>,
     /// Conntrack entries in use (two per connection).
     pub entries: u64,
+    /// Half-open flows per app, as the datapath counts them for its SYN cookies
+    /// ([`maps::HALF_OPEN`]): made from a SYN (not proxied), handshake not completed, not
+    /// closed.
+    pub half_open: std::collections::HashMap<u32, u64>,
 }
 
 impl ConnectionCounts {
@@ -352,6 +356,9 @@ impl ConnectionCounts {
         if flow.direction == maps::DIR_FORWARD && !maps::is_closed(flow.state) {
             *self.apps.entry(flow.app_id).or_default() += 1;
             *self.backends.entry(flow.backend_id).or_default() += 1;
+            if flow.state & maps::CT_ESTABLISHED == 0 && flow.track & maps::TRACK_PROXIED == 0 {
+                *self.half_open.entry(flow.app_id).or_default() += 1;
+            }
         }
     }
 }

@@ -88,6 +88,8 @@ pub enum DatapathError {
     Cpus(#[source] std::io::Error),
     #[error("the SNAT port range {min}-{max} is empty")]
     EmptyPortRange { min: u16, max: u16 },
+    #[error("reading the kernel's random source for the SYN cookies' key failed")]
+    Random(#[source] std::io::Error),
     /// The benchmark object shares the datapath's maps through their pins.
     #[cfg(feature = "testing")]
     #[error("the datapath's maps are not pinned: load it with a pin directory")]

@@ -42,7 +42,7 @@ pub use error::DatapathError;
 pub use stats::GlobalStats;
 #[cfg(feature = "testing")]
 pub use testing::{BENCH_PROGRAMS, BenchObject};
-pub use upgrade::{FlowV1, Upgrade};
+pub use upgrade::{FlowV1, FlowV2, Upgrade};
 
 use crate::maglev;
 
@@ -87,7 +87,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Every map's name with the key and value sizes this build gives it.
-const LAYOUTS: &[(&str, usize, usize); 11] = &[
+const LAYOUTS: &[(&str, usize, usize); 12] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
     (maps::CONFIG, 4, size_of::<Config>()),
     (
@@ -100,6 +100,7 @@ const LAYOUTS: &[(&str, usize, usize); 11] = &[
     (maps::CONNTRACK4, size_of::<FlowKey4>(), size_of::<Flow>()),
     (maps::APP_STATS, 4, size_of::<TrafficStats>()),
     (maps::BACKEND_STATS, 4, size_of::<TrafficStats>()),
+    (maps::HALF_OPEN, 4, 8),
     (maps::CLOCK, 4, size_of::<maps::ClockCache>()),
     (maps::NEXTHOPS, 4, size_of::<maps::NextHopCache>()),
     (maps::SCRATCH, 4, size_of::<Flow>()),
@@ -115,6 +116,7 @@ struct Maps {
     conntrack: Conntrack,
     app_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    half_open: Array<MapData, i64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -204,6 +206,7 @@ impl Datapath {
             conntrack: Conntrack::new(take(&mut ebpf, maps::CONNTRACK4)?),
             app_stats: take(&mut ebpf, maps::APP_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
+            half_open: take(&mut ebpf, maps::HALF_OPEN)?,
         };
         // Programs after maps: a reused map of the wrong layout is reported by its name above,
         // rather than as a verifier error here.
@@ -282,8 +285,39 @@ impl Datapath {
         config.snat_port_min = min;
         config.snat_port_max = max;
         config.nexthop_max_age_ns = nexthop_max_age.as_nanos() as u64;
+        if config.cookie_key == [0; 2] {
+            // Once per table: a reused configuration keeps its key, and the cookies it gave.
+            config.cookie_key = random_key()?;
+        }
         self.write_config(config)?;
         self.add_address(snat_ip, ADDR_SNAT)
+    }
+
+    /// Sets how many half-open flows an app may have before its SYNs get SYN cookies
+    /// (`Config::half_open_max`; 0: the default, [`maps::HALF_OPEN_MAX_DEFAULT`]).
+    pub fn set_half_open_max(&mut self, max: u32) -> Result<(), DatapathError> {
+        let mut config = self.config()?;
+        config.half_open_max = max;
+        self.write_config(config)
+    }
+
+    /// The half-open flows of app `app_id` as the datapath counts them ([`maps::HALF_OPEN`]).
+    pub fn half_open(&self, app_id: u32) -> Result<i64, DatapathError> {
+        check_id("app", app_id, maps::MAX_APPS)?;
+        self.maps
+            .half_open
+            .get(&app_id, 0)
+            .map_err(map_err(maps::HALF_OPEN))
+    }
+
+    /// Sets the half-open flows of app `app_id` to `n` (the exact count a scan found; the
+    /// datapath counts on from there).
+    pub fn set_half_open(&mut self, app_id: u32, n: i64) -> Result<(), DatapathError> {
+        check_id("app", app_id, maps::MAX_APPS)?;
+        self.maps
+            .half_open
+            .set(app_id, n, 0)
+            .map_err(map_err(maps::HALF_OPEN))
     }
 
     fn config(&self) -> Result<Config, DatapathError> {
@@ -470,6 +504,17 @@ fn put_address(config: &mut Config, ip: Ipv4Addr, kind: u32) -> Result<(), Datap
     config.addrs[slot] = key;
     config.addr_kinds[slot] |= kind;
     Ok(())
+}
+
+/// A key for the SYN cookies' SipHash, from the kernel's random source (`getrandom(2)`).
+fn random_key() -> Result<[u64; 2], DatapathError> {
+    let mut key = [0u64; 2];
+    // SAFETY: writes at most 16 bytes into `key`.
+    let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), 16, 0) };
+    if n != 16 {
+        return Err(DatapathError::Random(std::io::Error::last_os_error()));
+    }
+    Ok(key)
 }
 
 fn check_id(what: &'static str, id: u32, max: u32) -> Result<(), DatapathError> {

@@ -32,6 +32,11 @@ static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-bench"));
 
 impl Datapath {
+    /// The SYN cookies' key ([`gateway_common::maps::Config::cookie_key`]).
+    pub fn cookie_key(&self) -> Result<[u64; 2], DatapathError> {
+        Ok(self.config()?.cookie_key)
+    }
+
     /// The conntrack table, to change it (tests and benchmarks empty it between runs).
     pub fn conntrack_mut(&mut self) -> &mut super::Conntrack {
         &mut self.maps.conntrack

@@ -1,7 +1,8 @@
 //! An upgrade that keeps every connection: carrying the conntrack over from an earlier
 //! release's table into this build's ([`maps::CONNTRACK4`]), as Cilium does when its CT layout
-//! changes: [`maps::CONNTRACK4_V2`] (an LRU hash of the same values: copied as they are) or
-//! [`maps::CONNTRACK4_V1`] (values of [`maps::FLOW_V1_SIZE`] bytes, no sequence tracking).
+//! changes: [`maps::CONNTRACK4_V2`] (an LRU hash of values of [`maps::FLOW_V2_SIZE`] bytes:
+//! everything but the SYN proxy's `seq_delta`, which is 0 for them) or [`maps::CONNTRACK4_V1`]
+//! (values of [`maps::FLOW_V1_SIZE`] bytes, no sequence tracking).
 //!
 //! The old programs keep running on the old table, in the pinned links, until this build's are
 //! swapped in. So the entries are copied twice: all of them into the new table at load, and
@@ -13,7 +14,9 @@
 use std::path::Path;
 
 use aya::maps::MapData;
-use gateway_common::maps::{self, FLOW_V1_SIZE, Flow, FlowKey4, TCP_MAX_WSCALE, TRACK_LIBERAL};
+use gateway_common::maps::{
+    self, FLOW_V1_SIZE, FLOW_V2_SIZE, Flow, FlowKey4, TCP_MAX_WSCALE, TRACK_LIBERAL,
+};
 
 use super::{Conntrack, Datapath, DatapathError, batch, check_pinned_layout, map_err};
 
@@ -35,10 +38,22 @@ fn carried_over(v1: &FlowV1) -> Flow {
     flow
 }
 
+/// A value of the previous release's conntrack table: the first [`FLOW_V2_SIZE`] bytes of a
+/// [`Flow`].
+pub type FlowV2 = [u8; FLOW_V2_SIZE];
+
+/// The entry of this build's table for the v2 value `v2`: its bytes kept, the rest zero (a
+/// flow of that release was never proxied).
+fn carried_over_v2(v2: &FlowV2) -> Flow {
+    let mut bytes = [0u8; size_of::<Flow>()];
+    bytes[..FLOW_V2_SIZE].copy_from_slice(v2);
+    bytemuck::cast(bytes)
+}
+
 /// The earlier layouts a conntrack table is carried over from, newest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum OldLayout {
-    /// [`maps::CONNTRACK4_V2`]: this build's values, in an LRU hash.
+    /// [`maps::CONNTRACK4_V2`]: [`FlowV2`] values, in an LRU hash.
     V2,
     /// [`maps::CONNTRACK4_V1`]: [`FlowV1`] values.
     V1,
@@ -54,7 +69,7 @@ impl OldLayout {
 
     fn value_size(self) -> usize {
         match self {
-            OldLayout::V2 => size_of::<Flow>(),
+            OldLayout::V2 => FLOW_V2_SIZE,
             OldLayout::V1 => FLOW_V1_SIZE,
         }
     }
@@ -88,7 +103,7 @@ impl OldTable {
         self.layout.name()
     }
 
-    /// Copies every entry `into` does not have (see [`carried_over`] for the v1 layout);
+    /// Copies every entry `into` does not have (see [`carried_over_v2`] and [`carried_over`]);
     /// returns how many.
     pub fn copy_into(&self, into: &mut Conntrack) -> Result<usize, DatapathError> {
         let mut entries = Vec::new();
@@ -97,8 +112,8 @@ impl OldTable {
             source,
         };
         match self.layout {
-            OldLayout::V2 => batch::for_each(self.map.fd(), |key: &FlowKey4, value: &Flow| {
-                entries.push((*key, *value));
+            OldLayout::V2 => batch::for_each(self.map.fd(), |key: &FlowKey4, value: &FlowV2| {
+                entries.push((*key, carried_over_v2(value)));
             }),
             OldLayout::V1 => batch::for_each(self.map.fd(), |key: &FlowKey4, value: &FlowV1| {
                 entries.push((*key, carried_over(value)));
@@ -192,11 +207,11 @@ mod tests {
             _pad1: 0,
             ..Flow::default()
         };
-        let bytes: [u8; 96] = bytemuck::cast(old);
+        let bytes: [u8; 104] = bytemuck::cast(old);
         let v1: FlowV1 = bytes[..FLOW_V1_SIZE].try_into().unwrap();
 
         let new = carried_over(&v1);
-        let new_bytes: [u8; 96] = bytemuck::cast(new);
+        let new_bytes: [u8; 104] = bytemuck::cast(new);
         assert_eq!(
             new_bytes[..FLOW_V1_SIZE],
             v1,

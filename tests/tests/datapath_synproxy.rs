@@ -1,0 +1,398 @@
+//! The SYN proxy (issue 15, input 2), through BPF_PROG_TEST_RUN in both attach modes, as
+//! scenarios (see `gateway_tests::scenario`): an app at its cap of half-open flows has its SYNs
+//! answered with SYN cookies and keeps no state for them; a client's ACK with a valid cookie
+//! makes a proxied flow and becomes the SYN to the backend; the backend's SYN-ACK is answered
+//! with the handshake's ACK; then every segment's numbers are translated both ways. Forged,
+//! stale or corrupted cookie ACKs make nothing.
+
+use std::sync::{Arc, Mutex};
+
+use gateway::datapath::monotonic_ns;
+use gateway_common::{
+    DropReason, GlobalStat,
+    maps::{CT_ESTABLISHED, CT_SYN_ACK_SEEN, CT_SYN_SEEN, TRACK_PROXIED},
+    syncookie::{self, Handshake},
+};
+use gateway_tests::{
+    datapath::APP,
+    packet::{Frame, flags, parse_checked},
+    scenario::{
+        BACKEND_ISN, CLIENT_ISN, Conn, Ctx, Input, Out, Row, Scenario, from_backend, from_client,
+    },
+    scenario_tests,
+};
+
+scenario_tests! {
+    a_flooded_app_answers_with_cookies_and_proxies_the_handshake,
+    forged_or_corrupted_cookie_acks_make_nothing,
+    a_completed_handshake_frees_its_half_open_slot,
+}
+
+/// The client's window in its ACKs (unscaled: a proxied connection has no window scaling).
+const CLIENT_WINDOW: u16 = 29_200;
+
+/// What a test reads of a TCP frame beyond `parse_checked`: numbers, window, options (the
+/// frames here have IPv4 headers without options).
+struct Tcp {
+    seq: u32,
+    ack: u32,
+    window: u16,
+    options: Vec<u8>,
+}
+
+fn tcp_of(frame: &[u8]) -> Tcp {
+    let at = 14 + 20;
+    let doff = usize::from(frame[at + 12] >> 4) * 4;
+    let word = |i: usize| u32::from_be_bytes(frame[at + i..at + i + 4].try_into().unwrap());
+    Tcp {
+        seq: word(4),
+        ack: word(8),
+        window: u16::from_be_bytes([frame[at + 14], frame[at + 15]]),
+        options: frame[at + 20..at + doff].to_vec(),
+    }
+}
+
+/// An MSS option.
+fn mss_option(mss: u16) -> Vec<u8> {
+    let [hi, lo] = mss.to_be_bytes();
+    vec![2, 4, hi, lo]
+}
+
+/// `c`'s SYN announcing MSS 1400 (the cookie carries 1300, the table's entry below it).
+fn syn_with_mss(c: Conn) -> Frame {
+    Frame {
+        tcp_options: mss_option(1400),
+        ..c.syn()
+    }
+}
+
+/// The apps' cap of half-open flows set to `n`.
+fn cap(n: u32) -> impl FnOnce(&mut Ctx) + Send + 'static {
+    move |cx| cx.fx.dp.set_half_open_max(n).expect("half-open max")
+}
+
+/// The cookie a SYN-ACK the gateway sent (`cx.output`) carries, checked: back to `c`'s client
+/// from the service, the client's ISN + 1 acknowledged, a zero window, the cookie's MSS (1300),
+/// a cookie valid for `c` with the fixture's key.
+fn cookie_of(cx: &Ctx, c: Conn) -> u32 {
+    let p = parse_checked(&cx.output);
+    let t = tcp_of(&cx.output);
+    assert_eq!(p.tcp_flags, flags::SYN | flags::ACK, "a SYN-ACK");
+    assert_eq!((p.src, p.dst), (c.service, c.client), "back to the client");
+    assert_eq!((p.src_mac, p.dst_mac), (c.link.gw_mac(), c.link.host_mac()));
+    assert_eq!(t.ack, CLIENT_ISN.wrapping_add(1));
+    assert_eq!(
+        t.window, 0,
+        "a zero window until the backend's handshake is done"
+    );
+    assert_eq!(t.options, mss_option(1300));
+    let key = cx.fx.dp.cookie_key().unwrap();
+    let hs = Handshake {
+        src_ip: u32::from_ne_bytes(c.client.ip().octets()),
+        dst_ip: u32::from_ne_bytes(c.service.ip().octets()),
+        src_port: c.client.port().to_be(),
+        dst_port: c.service.port().to_be(),
+        isn: CLIENT_ISN,
+    };
+    assert_eq!(
+        syncookie::check(&key, &hs, t.seq, syncookie::counter(monotonic_ns())),
+        Some(1300),
+        "a valid cookie for this client"
+    );
+    t.seq
+}
+
+/// The client's ACK of `cookie` (changed by `change`).
+fn cookie_ack(c: Conn, cookie: &Arc<Mutex<u32>>, change: fn(&mut Frame)) -> Input {
+    let cookie = cookie.clone();
+    Input::with(move |_| {
+        let mut f = from_client(c.client, c.service, flags::ACK);
+        f.seq = CLIENT_ISN.wrapping_add(1);
+        f.ack = cookie.lock().unwrap().wrapping_add(1);
+        f.window = CLIENT_WINDOW;
+        change(&mut f);
+        f
+    })
+}
+
+/// The half-open flows the datapath counts for app 1.
+fn half_open(cx: &Ctx) -> i64 {
+    cx.fx.dp.half_open(APP).unwrap()
+}
+
+fn a_flooded_app_answers_with_cookies_and_proxies_the_handshake() -> Scenario {
+    let (first, c) = (Conn::new(48_000), Conn::new(48_001));
+    let cookie = Arc::new(Mutex::new(0u32));
+    let (got, delta_cookie) = (cookie.clone(), cookie.clone());
+    Scenario::new()
+        .backends(1)
+        .set("at most 1 half-open flow per app", cap(1))
+        .row(
+            Row::redirected(
+                "a first SYN makes a flow",
+                first.syn(),
+                first.to_maglev_backend(),
+            )
+            .entries(2)
+            .check("one half-open flow", |cx| assert_eq!(half_open(cx), 1)),
+        )
+        .row(
+            Row::sent_back(
+                "the next SYN is answered with a cookie",
+                syn_with_mss(c),
+                Out::Any,
+            )
+            .entries(0)
+            .counter(GlobalStat::SynCookiesSent, 1..=1)
+            .counter(GlobalStat::FlowsCreated, 0..=0)
+            .check("a valid cookie, no state", move |cx| {
+                *got.lock().unwrap() = cookie_of(cx, c);
+                assert_eq!(half_open(cx), 1);
+            }),
+        )
+        .row(
+            Row::redirected("its retransmission too", syn_with_mss(c), Out::Any)
+                .entries(0)
+                .counter(GlobalStat::SynCookiesSent, 1..=1),
+        )
+        .row(
+            Row::redirected(
+                "the client's ACK of the cookie becomes the SYN to the backend",
+                cookie_ack(c, &cookie, |_| {}),
+                Out::Any,
+            )
+            .entries(2)
+            .counter(GlobalStat::SynCookiesAccepted, 1..=1)
+            .counter(GlobalStat::FlowsCreated, 1..=1)
+            .check(
+                "a SYN to the backend from a SNAT port, the client's ISN and MSS",
+                move |cx| {
+                    let r = c.rewrite(cx);
+                    let p = parse_checked(&cx.output);
+                    let t = tcp_of(&cx.output);
+                    assert_eq!(p.tcp_flags, flags::SYN);
+                    assert_eq!((p.src, p.dst), (r.snat, r.backend));
+                    assert_eq!((t.seq, t.ack), (CLIENT_ISN, 0));
+                    assert_eq!(t.window, CLIENT_WINDOW);
+                    assert_eq!(t.options, mss_option(1300));
+                    assert!(p.payload.is_empty());
+                    let (fwd, rev) = (cx.flow(c.key()), cx.flow(c.reverse_key(cx)));
+                    for e in [fwd, rev] {
+                        assert_eq!(e.track & TRACK_PROXIED, TRACK_PROXIED, "proxied");
+                        assert_eq!(e.state, CT_SYN_SEEN);
+                    }
+                    assert_eq!(half_open(cx), 1, "a proxied flow is not half-open");
+                },
+            ),
+        )
+        .row(
+            Row::sent_back(
+                "the backend's SYN-ACK is answered with the handshake's ACK",
+                Input::with(move |cx| {
+                    let r = c.rewrite(cx);
+                    let mut f =
+                        from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
+                    f.seq = BACKEND_ISN;
+                    f.ack = CLIENT_ISN.wrapping_add(1);
+                    f.tcp_options = mss_option(1460);
+                    f
+                }),
+                Out::Any,
+            )
+            .counter(GlobalStat::SynProxyEstablished, 1..=1)
+            .check("an ACK back to the backend; established", move |cx| {
+                let r = c.rewrite(cx);
+                let p = parse_checked(&cx.output);
+                let t = tcp_of(&cx.output);
+                assert_eq!(p.tcp_flags, flags::ACK);
+                assert_eq!((p.src, p.dst), (r.snat, r.backend));
+                assert_eq!(
+                    (t.seq, t.ack),
+                    (CLIENT_ISN.wrapping_add(1), BACKEND_ISN.wrapping_add(1))
+                );
+                assert_eq!(t.window, CLIENT_WINDOW);
+                let cookie = *delta_cookie.lock().unwrap();
+                for e in [cx.flow(c.key()), cx.flow(c.reverse_key(cx))] {
+                    assert_eq!(
+                        e.state & (CT_SYN_ACK_SEEN | CT_ESTABLISHED),
+                        CT_SYN_ACK_SEEN | CT_ESTABLISHED
+                    );
+                    assert_eq!(e.seq_delta, BACKEND_ISN.wrapping_sub(cookie));
+                }
+            }),
+        )
+        .row(
+            Row::sent_back(
+                "a retransmitted SYN-ACK is answered again",
+                Input::with(move |cx| {
+                    let r = c.rewrite(cx);
+                    let mut f =
+                        from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
+                    f.seq = BACKEND_ISN;
+                    f.ack = CLIENT_ISN.wrapping_add(1);
+                    f
+                }),
+                Out::Any,
+            )
+            .counter(GlobalStat::SynProxyEstablished, 0..=0),
+        )
+        .row(Row::dropped(
+            "a SYN-ACK with another ISN is not",
+            Input::with(move |cx| {
+                let r = c.rewrite(cx);
+                let mut f =
+                    from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
+                f.seq = BACKEND_ISN ^ 0x8000;
+                f.ack = CLIENT_ISN.wrapping_add(1);
+                f
+            }),
+            DropReason::OutOfWindow,
+        ))
+        .row(
+            Row::redirected(
+                "the client's data: its ack translated to the backend's numbers",
+                cookie_ack(c, &cookie, |f| {
+                    f.tcp_flags = flags::ACK | flags::PSH;
+                    f.payload = b"request".to_vec();
+                }),
+                c.to_its_backend(),
+            )
+            .check("ack = the backend's ISN + 1", |cx| {
+                assert_eq!(tcp_of(&cx.output).ack, BACKEND_ISN.wrapping_add(1))
+            }),
+        )
+        .row({
+            let cookie = cookie.clone();
+            Row::redirected(
+                "the backend's data: its seq translated to the cookie's numbers",
+                Input::with(move |cx| {
+                    let r = c.rewrite(cx);
+                    let mut f =
+                        from_backend(r.backend_index, r.backend, r.snat, flags::ACK | flags::PSH);
+                    f.seq = BACKEND_ISN.wrapping_add(1);
+                    f.ack = CLIENT_ISN.wrapping_add(1 + 7);
+                    f.window = 500;
+                    f.payload = b"response".to_vec();
+                    f
+                }),
+                c.to_client(),
+            )
+            .check("seq = the cookie + 1", move |cx| {
+                assert_eq!(
+                    tcp_of(&cx.output).seq,
+                    cookie.lock().unwrap().wrapping_add(1)
+                )
+            })
+        })
+}
+
+fn forged_or_corrupted_cookie_acks_make_nothing() -> Scenario {
+    let (first, c, other) = (Conn::new(48_100), Conn::new(48_101), Conn::new(48_102));
+    let cookie = Arc::new(Mutex::new(0u32));
+    let got = cookie.clone();
+    let with_ip_options = |c: Conn| Frame {
+        ip_options: vec![1, 1, 1, 0],
+        ..syn_with_mss(c)
+    };
+    Scenario::new()
+        .backends(1)
+        .set("at most 1 half-open flow per app", cap(1))
+        .row(
+            Row::redirected(
+                "a first SYN makes a flow",
+                first.syn(),
+                first.to_maglev_backend(),
+            )
+            .entries(2),
+        )
+        .row(
+            Row::sent_back("a cookie", syn_with_mss(c), Out::Any).check("kept", move |cx| {
+                *got.lock().unwrap() = cookie_of(cx, c);
+            }),
+        )
+        .row(
+            Row::dropped(
+                "a SYN with IPv4 options cannot have a cookie",
+                with_ip_options(other),
+                DropReason::HalfOpenFull,
+            )
+            .entries(0),
+        )
+        .rows(
+            [
+                (
+                    "an ACK of the cookie + 1",
+                    cookie_ack(c, &cookie, |f| f.ack = f.ack.wrapping_add(1)),
+                ),
+                (
+                    "an ACK of the cookie with another ISN",
+                    cookie_ack(c, &cookie, |f| f.seq = f.seq.wrapping_add(1)),
+                ),
+                (
+                    "the cookie from another client port",
+                    cookie_ack(c, &cookie, |f| f.src.set_port(f.src.port() + 1)),
+                ),
+                (
+                    "the cookie with another MSS index",
+                    cookie_ack(c, &cookie, |f| f.ack ^= 1 << 28),
+                ),
+            ]
+            .into_iter()
+            .map(|(name, input)| {
+                Row::redirected(name, input, Out::Any)
+                    .entries(0)
+                    .counter(GlobalStat::SynCookiesAccepted, 0..=0)
+                    .counter(GlobalStat::RstNoFlow, 1..=1)
+                    .check("answered with an RST, as an ACK without a flow", |cx| {
+                        assert_eq!(parse_checked(&cx.output).tcp_flags, flags::RST)
+                    })
+            }),
+        )
+        .row(
+            Row::dropped(
+                "the right cookie with a wrong TCP checksum",
+                cookie_ack(c, &cookie, |_| {}).spoiled(|bytes| {
+                    let n = bytes.len();
+                    bytes[n - 1] ^= 0xff; // urgent pointer's low byte: the checksum no longer holds
+                }),
+                DropReason::BadChecksum,
+            )
+            .entries(0)
+            .counter(GlobalStat::SynCookiesAccepted, 0..=0),
+        )
+        .row(
+            Row::redirected(
+                "the right cookie makes the flow",
+                cookie_ack(c, &cookie, |_| {}),
+                Out::Any,
+            )
+            .entries(2)
+            .counter(GlobalStat::SynCookiesAccepted, 1..=1),
+        )
+}
+
+fn a_completed_handshake_frees_its_half_open_slot() -> Scenario {
+    let (a, b) = (Conn::new(48_200), Conn::new(48_201));
+    Scenario::new()
+        .backends(1)
+        .set("at most 1 half-open flow per app", cap(1))
+        .row(Row::redirected("SYN", a.syn(), a.to_maglev_backend()).entries(2))
+        .row(Row::redirected(
+            "SYN-ACK",
+            a.reply(flags::SYN | flags::ACK),
+            a.to_client(),
+        ))
+        .row(
+            Row::redirected("ACK", a.send(flags::ACK), a.to_its_backend())
+                .check("no half-open flow left", |cx| assert_eq!(half_open(cx), 0)),
+        )
+        .row(
+            Row::redirected(
+                "another SYN makes a flow, no cookie",
+                b.syn(),
+                b.to_maglev_backend(),
+            )
+            .entries(2)
+            .counter(GlobalStat::SynCookiesSent, 0..=0),
+        )
+}
