@@ -67,6 +67,54 @@ pub fn send_frames(ns: &Netns, iface: &str, frames: Vec<Vec<u8>>) {
     });
 }
 
+/// Sends `frames` (whole Ethernet frames of TCP over IPv4 without options) out of interface
+/// `iface` of the calling thread's namespace, round and round, as fast as one thread can, until
+/// `duration` has passed or `max` frames went; returns how many went. Each round moves every
+/// frame's source port on by one (its TCP checksum fixed incrementally, RFC 1624), so a flood
+/// of a few thousand frames is millions of connections. Bounded in time and count; a send that
+/// fails (a full queue) is not counted.
+pub fn flood(iface: &str, frames: &mut [Vec<u8>], duration: Duration, max: u64) -> io::Result<u64> {
+    const SPORT: usize = ETH_LEN + IPV4_LEN;
+    const CHECK: usize = ETH_LEN + IPV4_LEN + 16;
+    let fd = packet_socket(iface)?;
+    // The socket only sends: nothing queues up on its receive side (ETH_P_ALL would have it
+    // receive every frame of the link).
+    // SAFETY: a valid descriptor; SO_RCVBUF of the smallest size.
+    unsafe {
+        let small: libc::c_int = 0;
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const small).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+    }
+    let end = Instant::now() + duration;
+    let (mut sent, mut tried) = (0u64, 0u64);
+    'outer: loop {
+        for f in frames.iter_mut() {
+            // SAFETY: a valid descriptor and a buffer of `f.len()` bytes.
+            let n = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+            sent += u64::from(n == f.len() as isize);
+            tried += 1;
+            if sent >= max || tried % 1024 == 0 && Instant::now() >= end {
+                break 'outer;
+            }
+            // The next round's source port, and the checksum that goes with it.
+            let old = u16::from_be_bytes([f[SPORT], f[SPORT + 1]]);
+            let new = old.wrapping_add(1).max(1024);
+            let check = u16::from_be_bytes([f[CHECK], f[CHECK + 1]]);
+            let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+            let sum = (sum & 0xffff) + (sum >> 16);
+            let check = !((sum & 0xffff) + (sum >> 16)) as u16;
+            f[SPORT..SPORT + 2].copy_from_slice(&new.to_be_bytes());
+            f[CHECK..CHECK + 2].copy_from_slice(&check.to_be_bytes());
+        }
+    }
+    Ok(sent)
+}
+
 /// The IPv4 packet of `frame` (without its Ethernet header), for [`send_ipv4`].
 pub fn ipv4(frame: &Frame) -> Vec<u8> {
     frame.build()[ETH_LEN..].to_vec()
