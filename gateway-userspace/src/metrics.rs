@@ -27,7 +27,7 @@ use prometheus_client::{
 use std::collections::HashMap;
 
 use crate::{
-    datapath::{ConnectionCounts, Datapath, DatapathError, GlobalStats},
+    datapath::{ConnectionCounts, Datapath, DatapathError, GlobalStats, Phase, Phases},
     state::{BackendState, State},
 };
 
@@ -114,6 +114,8 @@ pub struct AppRow {
     pub name: String,
     pub traffic: TrafficStats,
     pub active: u64,
+    /// Those of its open connections whose handshake has not completed.
+    pub half_open: u64,
 }
 
 /// One backend's figures.
@@ -136,6 +138,8 @@ pub struct Snapshot {
     pub global: GlobalStats,
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
+    /// The connections in the table by phase.
+    pub conntrack_connections: Phases,
     pub daemon: DaemonFigures,
 }
 
@@ -172,6 +176,7 @@ impl Snapshot {
                 name: name.clone(),
                 traffic: datapath.app_stats(app.id)?,
                 active: counts.apps.get(&app.id).copied().unwrap_or(0),
+                half_open: counts.half_open.get(&app.id).copied().unwrap_or(0),
             });
             for b in &app.backends {
                 backends.push(BackendRow {
@@ -191,6 +196,7 @@ impl Snapshot {
             global: datapath.global_stats()?,
             conntrack_entries: counts.entries,
             conntrack_capacity: u64::from(datapath.conntrack_capacity()),
+            conntrack_connections: counts.phases,
             daemon,
         })
     }
@@ -343,6 +349,15 @@ impl Collector for Snapshot {
                 each(rows, |r| r.active),
             )?;
         }
+        family(
+            e,
+            "gateway_app_half_open_connections",
+            "Open connections to the app whose handshake has not completed, as of the last conntrack scan (a SYN flood toward the app shows here)",
+            Gauge,
+            self.apps
+                .iter()
+                .map(|a| (vec![("app", a.name.as_str())], a.half_open)),
+        )?;
         let backend = |f: fn(&BackendRow) -> u64| {
             self.backends.iter().map(move |b| (backend_labels(b), f(b)))
         };
@@ -400,7 +415,7 @@ impl Collector for Snapshot {
         single(
             e,
             "gateway_snat_port_reuses",
-            "SNAT ports taken over from connections closed for 1 s or more",
+            "SNAT ports taken over from closed connections when no free port was found (idle 1 s, or 60 s when the backend closed first and holds TIME_WAIT)",
             Counter,
             self.global.get(GlobalStat::SnatReused),
         )?;
@@ -483,9 +498,21 @@ impl Collector for Snapshot {
         single(
             e,
             "gateway_conntrack_capacity",
-            "Conntrack entries the table holds; at capacity the least recently used are evicted",
+            "Conntrack entries the table holds; when full, new connections are refused (gateway_drops_total{reason=\"conntrack_full\"}), none is evicted",
             Gauge,
             self.conntrack_capacity,
+        )?;
+        family(
+            e,
+            "gateway_conntrack_connections",
+            "Connections in the conntrack table (two entries each) by state, as of the last scan: half_open (handshake not completed), established, closing (a FIN one way), closed (RST or FIN both ways), time_wait (closed, the backend closed first: its SNAT port is kept 60 s)",
+            Gauge,
+            Phase::ALL.map(|p| {
+                (
+                    vec![("state", p.label())],
+                    self.conntrack_connections.get(p),
+                )
+            }),
         )?;
         single(
             e,
@@ -568,5 +595,49 @@ mod tests {
         )));
         assert!(!wants_openmetrics(Some("*/*")));
         assert!(!wants_openmetrics(None));
+    }
+
+    #[test]
+    fn table_pressure_series() {
+        let snapshot = Snapshot {
+            apps: vec![AppRow {
+                name: "web".to_owned(),
+                traffic: TrafficStats::default(),
+                active: 9,
+                half_open: 4,
+            }],
+            backends: Vec::new(),
+            global: GlobalStats::with_drops(&[
+                (DropReason::ConntrackFull, 7),
+                (DropReason::SnatExhausted, 2),
+            ]),
+            conntrack_entries: 24,
+            conntrack_capacity: 1024,
+            conntrack_connections: Phases {
+                half_open: 4,
+                established: 3,
+                closing: 2,
+                closed: 2,
+                time_wait: 1,
+            },
+            daemon: DaemonFigures::default(),
+        };
+        let text = to_prometheus_text(&render(snapshot, &HealthLatency::default()).unwrap());
+        for line in [
+            "gateway_app_half_open_connections{app=\"web\"} 4",
+            "gateway_app_active_connections{app=\"web\"} 9",
+            "gateway_conntrack_connections{state=\"half_open\"} 4",
+            "gateway_conntrack_connections{state=\"established\"} 3",
+            "gateway_conntrack_connections{state=\"closing\"} 2",
+            "gateway_conntrack_connections{state=\"closed\"} 2",
+            "gateway_conntrack_connections{state=\"time_wait\"} 1",
+            "gateway_conntrack_entries 24",
+            "gateway_conntrack_capacity 1024",
+            "gateway_drops_total{reason=\"conntrack_full\"} 7",
+            "gateway_drops_total{reason=\"snat_exhausted\"} 2",
+            "gateway_snat_port_allocation_failures_total 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
     }
 }

@@ -316,6 +316,37 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// One end's FIN: the backend's (`backend`) or the client's end shuts down its writing
+    /// side, and the other end reads the end of the stream. An error says what failed.
+    pub fn fin(&self, backend: bool) -> std::io::Result<()> {
+        let (from, mut to, name) = if backend {
+            (&self.backend, &self.client, "client")
+        } else {
+            (&self.client, &self.backend, "backend")
+        };
+        from.shutdown(Shutdown::Write)?;
+        let mut buf = [0u8; 16];
+        match to.read(&mut buf) {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(std::io::Error::other(format!(
+                "the {name} read {n} bytes instead of a FIN"
+            ))),
+            Err(e) => Err(std::io::Error::new(
+                e.kind(),
+                format!("the {name} reading the FIN: {e}"),
+            )),
+        }
+    }
+
+    /// Closes the connection with a FIN each way, the backend's first (`backend_first`) or
+    /// the client's, each read by the other end; both sockets go.
+    pub fn close(self, backend_first: bool) -> std::io::Result<()> {
+        self.fin(backend_first)?;
+        self.fin(!backend_first)
+    }
+}
+
 /// Writes `message` on `from` and reads it back whole on `to`; an error names the side and
 /// what failed.
 fn carry(
@@ -338,6 +369,99 @@ fn carry(
         )));
     }
     Ok(())
+}
+
+/// Connections started from inside a namespace without waiting for them (non-blocking
+/// connects): each one completes its handshake or stays in SYN_SENT, retransmitting its SYN,
+/// until it is dropped (which sends nothing). The test looks at which completed, never at how
+/// long they took.
+pub struct Connecting {
+    streams: Vec<TcpStream>,
+}
+
+impl Connecting {
+    /// Starts `n` connects to `to` from sockets created inside `ns`.
+    pub fn start(ns: &Netns, to: SocketAddr, n: usize) -> std::io::Result<Self> {
+        let streams = ns.run(move || {
+            (0..n)
+                .map(|_| {
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    s.set_nonblocking(true)?;
+                    match s.connect(&to.into()) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                        Err(e) => return Err(e),
+                    }
+                    Ok(TcpStream::from(s))
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        })?;
+        Ok(Connecting { streams })
+    }
+
+    /// How many connects were started.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// How many have completed their handshake.
+    pub fn connected(&self) -> usize {
+        self.streams.iter().filter(|s| is_connected(s)).count()
+    }
+
+    /// How many are still trying: in SYN_SENT, neither connected nor failed (a reset, an
+    /// ICMP error or too many retransmissions close the socket).
+    pub fn trying(&self) -> usize {
+        self.streams
+            .iter()
+            .filter(|s| tcp_state(s) == Some(TCP_SYN_SENT))
+            .count()
+    }
+
+    /// Splits them into those connected (blocking again, with [`IO_TIMEOUT`] on reads and
+    /// writes) and those still trying.
+    pub fn split(self) -> std::io::Result<(Vec<TcpStream>, Vec<TcpStream>)> {
+        let (done, pending): (Vec<_>, Vec<_>) = self.streams.into_iter().partition(is_connected);
+        for s in &done {
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+        }
+        Ok((done, pending))
+    }
+}
+
+/// Whether a (non-blocking) socket's connect has completed: it has a peer.
+pub fn is_connected(s: &TcpStream) -> bool {
+    s.peer_addr().is_ok()
+}
+
+/// `TCP_SYN_SENT` of the kernel's TCP states (`include/net/tcp_states.h`).
+pub const TCP_SYN_SENT: u8 = 2;
+
+/// The kernel's TCP state of a socket (`tcpi_state` of `TCP_INFO`), if it can be read.
+pub fn tcp_state(s: &TcpStream) -> Option<u8> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: plain data, all zeros is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(info.tcpi_state)
 }
 
 /// A deterministic payload of `len` bytes (a simple LCG, so corruption shows anywhere).

@@ -9,13 +9,14 @@ use std::{
     time::Duration,
 };
 
+use gateway::datapath::AttachMode;
 use gateway_tests::{
     daemon::Daemon,
     metrics::Scrape,
     netns::{Host, Topology},
     packet::{ETH_LEN, Frame, flags},
     require_root,
-    traffic::{EchoClient, payload, sock},
+    traffic::{Connecting, EchoClient, IO_TIMEOUT, payload, sock},
     wait_for,
 };
 
@@ -318,6 +319,89 @@ fn active_connection_gauges_follow_real_connections() {
     assert!(s.value("gateway_conntrack_capacity", &[]) >= 1024.0);
     drop(conns);
     wait(0.0);
+}
+
+/// Table pressure: connections by state (as the conntrack scan counts them), half-open ones
+/// per app, and the refusals' drop reasons, in the scrape and in `gateway status`, against
+/// connections the test holds both ends of, put in each state on purpose.
+#[test]
+fn table_pressure_shows_connections_by_state() {
+    let sb = gateway_tests::hostile::Sandbox::held(AttachMode::Tc, &["--conntrack-size", "1024"]);
+    let backend = &sb.topo.backends[0];
+    let pair = || sb.pair(IO_TIMEOUT);
+    let mut established = pair();
+    established.exchange(0).unwrap();
+    // Closing: a FIN one way, the client's or the backend's.
+    let client_fin = pair();
+    client_fin.fin(false).unwrap();
+    let backend_fin = pair();
+    backend_fin.fin(true).unwrap();
+    // Closed: FINs both ways, the client's first; TIME_WAIT: the backend's first.
+    pair().close(false).unwrap();
+    pair().close(true).unwrap();
+    // Half-open: the backend never sees these SYNs (dropped in its namespace; the health
+    // checks come from another address), so no SYN-ACK completes them.
+    backend.nft(&format!(
+        "table ip gwhalf {{
+           chain input {{
+             type filter hook input priority 0;
+             ip saddr {} tcp flags & (syn | ack) == syn drop
+           }}
+         }}\n",
+        Topology::SNAT_IP
+    ));
+    let half_open = Connecting::start(&sb.topo.client, web(), 3).unwrap();
+
+    // (half_open, established, closing, closed, time_wait) as the scrape shows them.
+    let states = ["half_open", "established", "closing", "closed", "time_wait"];
+    let by_state = |s: &Scrape| {
+        states.map(|state| s.value("gateway_conntrack_connections", &[("state", state)]))
+    };
+    let want = [3.0, 1.0, 2.0, 1.0, 1.0];
+    let mut s = sb.daemon.scrape();
+    let seen = wait_for(Duration::from_secs(5), || {
+        s = sb.daemon.scrape();
+        by_state(&s) == want
+    });
+    assert!(
+        seen.is_some(),
+        "connections by state {states:?}: {:?}, not {want:?}",
+        by_state(&s)
+    );
+    let app = [("app", "web")];
+    assert_eq!(s.value("gateway_app_half_open_connections", &app), 3.0);
+    // Open: half-open, established and closing.
+    assert_eq!(s.value("gateway_app_active_connections", &app), 6.0);
+    assert_eq!(s.value("gateway_conntrack_entries", &[]), 16.0);
+    // The refusals of a table or a SNAT range with no room are series of their own, there
+    // before the first refusal.
+    for reason in ["conntrack_full", "snat_exhausted"] {
+        assert_eq!(
+            s.value("gateway_drops_total", &[("reason", reason)]),
+            0.0,
+            "{reason}"
+        );
+    }
+
+    let status = sb.daemon.fresh_status();
+    let c = status.conntrack_connections;
+    assert_eq!(
+        [c.half_open, c.established, c.closing, c.closed, c.time_wait],
+        [3, 1, 2, 1, 1],
+        "{c:?}"
+    );
+    assert_eq!(status.apps[0].half_open, 3);
+    assert_eq!(status.refused, gateway::api::Refusals::default());
+    let text = sb.daemon.ok(&["status"]);
+    for part in [
+        "16 of 1024 entries in use (1.6%)",
+        "connections: 3 half-open, 1 established, 2 closing, 1 closed, 1 in TIME_WAIT",
+        "SYNs refused: 0 conntrack_full, 0 snat_exhausted",
+        "6 open connections (3 half-open)",
+    ] {
+        assert!(text.contains(part), "no {part:?} in:\n{text}");
+    }
+    assert_eq!(half_open.connected(), 0);
 }
 
 #[test]

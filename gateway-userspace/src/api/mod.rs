@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::AttachMode;
+use crate::datapath::{AttachMode, Phases};
 
 pub mod client;
 pub mod server;
@@ -113,6 +113,9 @@ pub struct AppView {
     pub backends: Vec<BackendView>,
     /// Open connections to the app (as of the last conntrack scan).
     pub connections: u64,
+    /// Those of them whose handshake has not completed (a SYN flood toward the app shows here).
+    #[serde(default)]
+    pub half_open: u64,
     /// Its traffic between the last two conntrack scans.
     #[serde(default)]
     pub rates: Rates,
@@ -195,9 +198,16 @@ pub struct Status {
     pub port_range: String,
     pub attachments: Vec<AttachmentView>,
     pub apps: Vec<AppView>,
-    /// Conntrack entries in use (two per connection) and the table's capacity.
+    /// Conntrack entries in use (two per connection) and the table's capacity: a full table
+    /// refuses new connections (it never evicts one).
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
+    /// The connections in the table by phase (as of the last conntrack scan).
+    #[serde(default)]
+    pub conntrack_connections: Phases,
+    /// New connections refused for want of room, since the datapath's counters were created.
+    #[serde(default)]
+    pub refused: Refusals,
     /// Health checks run, and failed, since the daemon started.
     #[serde(default)]
     pub health_checks: u64,
@@ -207,6 +217,16 @@ pub struct Status {
     /// time, ms).
     #[serde(default)]
     pub scanned_at_ms: u64,
+}
+
+/// New connections the datapath refused for want of room: SYNs dropped under these reasons
+/// (`gateway_drops_total{reason="..."}`; a client's SYN retransmissions count again).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusals {
+    /// The conntrack table was full (`conntrack_full`).
+    pub conntrack_full: u64,
+    /// No free SNAT port toward the chosen backend (`snat_exhausted`).
+    pub snat_exhausted: u64,
 }
 
 /// An error body.

@@ -178,6 +178,7 @@ mod tests {
             url: "tcp://203.0.113.10:20000".to_owned(),
             backends: vec![backend("10.0.0.2:8080", BackendState::Active, false)],
             connections: 12,
+            half_open: 0,
             rates: Rates::default(),
         };
         assert_eq!(

@@ -1,5 +1,6 @@
-//! `gateway status [--json]`: the daemon (version, addresses, attachments, conntrack use,
-//! health checks), then each app with its rates and its backends.
+//! `gateway status [--json]`: the daemon (version, addresses, attachments, conntrack use: how
+//! full, connections by phase, SYNs refused for want of room; health checks), then each app
+//! with its open (and half-open) connections, its rates and its backends.
 
 use std::fmt::{self, Display, Formatter};
 
@@ -47,12 +48,28 @@ impl Display for StatusReport<'_> {
             s.version, s.public_ip, s.snat_ip, s.port_range
         )?;
         writeln!(f, "attached to {}", attached.join(", "))?;
+        let fill = if s.conntrack_capacity == 0 {
+            0.0
+        } else {
+            100.0 * s.conntrack_entries as f64 / s.conntrack_capacity as f64
+        };
         writeln!(
             f,
-            "conntrack: {} of {} entries in use; apps: {}",
+            "conntrack: {} of {} entries in use ({fill:.1}%); apps: {}",
             s.conntrack_entries,
             s.conntrack_capacity,
             s.apps.len()
+        )?;
+        let c = &s.conntrack_connections;
+        writeln!(
+            f,
+            "  connections: {} half-open, {} established, {} closing, {} closed, {} in TIME_WAIT",
+            c.half_open, c.established, c.closing, c.closed, c.time_wait
+        )?;
+        writeln!(
+            f,
+            "  SYNs refused: {} conntrack_full, {} snat_exhausted",
+            s.refused.conntrack_full, s.refused.snat_exhausted
         )?;
         writeln!(
             f,
@@ -62,10 +79,11 @@ impl Display for StatusReport<'_> {
         for a in &s.apps {
             writeln!(
                 f,
-                "\napp {}  {}  {} open connections  {:.1} conn/s  {:.0} pkt/s  {}/s",
+                "\napp {}  {}  {} open connections ({} half-open)  {:.1} conn/s  {:.0} pkt/s  {}/s",
                 a.name,
                 a.url,
                 a.connections,
+                a.half_open,
                 a.rates.connections,
                 a.rates.packets,
                 human_bytes(a.rates.bytes)
@@ -106,8 +124,8 @@ fn human_bytes(b: f64) -> String {
 mod tests {
     use super::*;
     use crate::{
-        api::{AppView, AttachmentView, Rates},
-        datapath::AttachMode,
+        api::{AppView, AttachmentView, Rates, Refusals},
+        datapath::{AttachMode, Phases},
     };
 
     #[test]
@@ -136,14 +154,25 @@ mod tests {
                 url: "tcp://203.0.113.10:20000".to_owned(),
                 backends: vec![],
                 connections: 2,
+                half_open: 1,
                 rates: Rates {
                     connections: 1.26,
                     packets: 10.4,
                     bytes: 2048.0,
                 },
             }],
-            conntrack_entries: 4,
+            conntrack_entries: 6,
             conntrack_capacity: 1024,
+            conntrack_connections: Phases {
+                half_open: 1,
+                established: 1,
+                time_wait: 1,
+                ..Phases::default()
+            },
+            refused: Refusals {
+                conntrack_full: 12,
+                snat_exhausted: 3,
+            },
             health_checks: 9,
             health_checks_failed: 1,
             scanned_at_ms: 10_000,
@@ -156,10 +185,12 @@ mod tests {
             report.to_string(),
             "gateway 0.1.0  public 203.0.113.10  SNAT 10.0.0.1  app ports 20000-29999\n\
              attached to eth0 (tc)\n\
-             conntrack: 4 of 1024 entries in use; apps: 1\n\
+             conntrack: 6 of 1024 entries in use (0.6%); apps: 1\n  \
+             connections: 1 half-open, 1 established, 0 closing, 0 closed, 1 in TIME_WAIT\n  \
+             SYNs refused: 12 conntrack_full, 3 snat_exhausted\n\
              health checks since start: 9 run, 1 failed\n\
              \n\
-             app web  tcp://203.0.113.10:20000  2 open connections  1.3 conn/s  10 pkt/s  2.0 KiB/s\n  \
+             app web  tcp://203.0.113.10:20000  2 open connections (1 half-open)  1.3 conn/s  10 pkt/s  2.0 KiB/s\n  \
              no backends\n\
              \n\
              (connections and rates as of the conntrack scan 1.5 s ago)\n"

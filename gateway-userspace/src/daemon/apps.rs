@@ -3,20 +3,23 @@
 //! (datapath, then file) or refuses it with nothing changed. Removing a backend and deploys are
 //! rotation (`rotation.rs`).
 
+use gateway_common::DropReason;
 use tracing::info;
 
 use super::{Daemon, DaemonError, now_ms, resets::Whose};
 use crate::{
-    api::{AddBackend, AppView, BackendView, CreateApp, Status},
+    api::{AddBackend, AppView, BackendView, CreateApp, Refusals, Status},
     datapath::ConnectionCounts,
     state::{self, BackendState, WEIGHT_DEFAULT},
 };
 
 impl Daemon {
-    /// The whole gateway: addresses, attachments, apps, conntrack use, health-check counts.
+    /// The whole gateway: addresses, attachments, apps, conntrack use and refusals, health-check
+    /// counts.
     pub async fn status(&self) -> Result<Status, DaemonError> {
         self.with(|c| {
             let counts = c.counts();
+            let global = c.datapath.global_stats()?;
             Ok(Status {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 public_ip: c.settings.public_ip.to_string(),
@@ -28,6 +31,11 @@ impl Daemon {
                 health_checks: c.checks_run,
                 health_checks_failed: c.checks_failed,
                 conntrack_capacity: u64::from(c.datapath.conntrack_capacity()),
+                conntrack_connections: counts.phases,
+                refused: Refusals {
+                    conntrack_full: global.drops(DropReason::ConntrackFull),
+                    snat_exhausted: global.drops(DropReason::SnatExhausted),
+                },
                 scanned_at_ms: c.scan.started_ms,
             })
         })

@@ -121,6 +121,7 @@ impl Core {
                 .map(|b| self.backend_view(b, counts))
                 .collect(),
             connections: counts.apps.get(&app.id).copied().unwrap_or(0),
+            half_open: counts.half_open.get(&app.id).copied().unwrap_or(0),
             rates: self.scan.rates.get(&app.id).copied().unwrap_or_default(),
         }
     }

@@ -336,11 +336,120 @@ impl Default for Timeouts {
     }
 }
 
-/// Open connections per app and backend id, from a walk of the conntrack table.
+/// Where a connection is in its life, by the state bits its entries carry ([`Flow::state`]):
+/// the kinds the table's pressure is shown in (`gateway status`, metrics). Every connection is
+/// in exactly one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// The handshake has not completed (no [`maps::CT_ESTABLISHED`]), nor has the flow closed:
+    /// what a SYN flood fills the table with.
+    HalfOpen,
+    /// Established, no FIN yet.
+    Established,
+    /// A FIN one way (either side), not yet the other.
+    Closing,
+    /// Over (RST, or FIN both ways), kept for the closed timeout.
+    Closed,
+    /// Over, the backend closed first ([`maps::CT_BACKEND_CLOSED_FIRST`]): kept, with its SNAT
+    /// port, for the backend's TIME_WAIT ([`maps::TIME_WAIT_NS`]).
+    TimeWait,
+}
+
+impl Phase {
+    /// Every phase, in a connection's order.
+    pub const ALL: [Phase; 5] = [
+        Phase::HalfOpen,
+        Phase::Established,
+        Phase::Closing,
+        Phase::Closed,
+        Phase::TimeWait,
+    ];
+
+    /// The phase of a connection whose entries carry `state` bits.
+    pub const fn of(state: u8) -> Phase {
+        if maps::is_closed(state) {
+            if state & maps::CT_BACKEND_CLOSED_FIRST != 0 {
+                Phase::TimeWait
+            } else {
+                Phase::Closed
+            }
+        } else if state & (maps::CT_FIN_FORWARD | maps::CT_FIN_REVERSE) != 0 {
+            Phase::Closing
+        } else if state & maps::CT_ESTABLISHED != 0 {
+            Phase::Established
+        } else {
+            Phase::HalfOpen
+        }
+    }
+
+    /// Its label in metrics (`state="half_open"`) and the API's field name.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Phase::HalfOpen => "half_open",
+            Phase::Established => "established",
+            Phase::Closing => "closing",
+            Phase::Closed => "closed",
+            Phase::TimeWait => "time_wait",
+        }
+    }
+
+    /// Whether a connection in this phase is open (counted in the open connections of its app
+    /// and backend): not closed.
+    pub const fn is_open(self) -> bool {
+        matches!(self, Phase::HalfOpen | Phase::Established | Phase::Closing)
+    }
+}
+
+/// Connections in the conntrack table by [`Phase`], each counted once (by its forward entry).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Phases {
+    pub half_open: u64,
+    pub established: u64,
+    pub closing: u64,
+    pub closed: u64,
+    pub time_wait: u64,
+}
+
+impl Phases {
+    /// The count of `phase`.
+    pub fn get(&self, phase: Phase) -> u64 {
+        match phase {
+            Phase::HalfOpen => self.half_open,
+            Phase::Established => self.established,
+            Phase::Closing => self.closing,
+            Phase::Closed => self.closed,
+            Phase::TimeWait => self.time_wait,
+        }
+    }
+
+    fn slot(&mut self, phase: Phase) -> &mut u64 {
+        match phase {
+            Phase::HalfOpen => &mut self.half_open,
+            Phase::Established => &mut self.established,
+            Phase::Closing => &mut self.closing,
+            Phase::Closed => &mut self.closed,
+            Phase::TimeWait => &mut self.time_wait,
+        }
+    }
+
+    /// Every connection, whatever its phase.
+    pub fn total(&self) -> u64 {
+        Phase::ALL.iter().map(|p| self.get(*p)).sum()
+    }
+}
+
+/// What a walk of the conntrack table counts: open connections per app and backend id, the
+/// half-open ones per app, every connection by phase, and the entries in use.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionCounts {
+    /// Open connections ([`Phase::is_open`]) per app id.
     pub apps: std::collections::HashMap<u32, u64>,
+    /// Open connections per backend id.
     pub backends: std::collections::HashMap<u32, u64>,
+    /// Half-open connections per app id (a SYN flood toward one app shows here).
+    pub half_open: std::collections::HashMap<u32, u64>,
+    /// Every connection in the table (forward entries) by phase.
+    pub phases: Phases,
     /// Conntrack entries in use (two per connection).
     pub entries: u64,
     /// Half-open flows per app, as the datapath counts them for its SYN cookies
@@ -350,15 +459,24 @@ pub struct ConnectionCounts {
 }
 
 impl ConnectionCounts {
-    /// Counts one conntrack entry.
+    /// Counts one conntrack entry: every entry in [`ConnectionCounts::entries`], a connection
+    /// by its forward entry (both carry the same state).
     fn add(&mut self, flow: &Flow) {
         self.entries += 1;
-        if flow.direction == maps::DIR_FORWARD && !maps::is_closed(flow.state) {
+        if flow.direction != maps::DIR_FORWARD {
+            return;
+        }
+        let phase = Phase::of(flow.state);
+        *self.phases.slot(phase) += 1;
+        if phase.is_open() {
             *self.apps.entry(flow.app_id).or_default() += 1;
             *self.backends.entry(flow.backend_id).or_default() += 1;
             if flow.state & maps::CT_ESTABLISHED == 0 && flow.track & maps::TRACK_PROXIED == 0 {
                 *self.half_open.entry(flow.app_id).or_default() += 1;
             }
+        }
+        if phase == Phase::HalfOpen {
+            *self.half_open.entry(flow.app_id).or_default() += 1;
         }
     }
 }
@@ -367,7 +485,10 @@ impl ConnectionCounts {
 mod tests {
     use std::collections::HashMap;
 
-    use gateway_common::maps::{DIR_FORWARD, DIR_REVERSE};
+    use gateway_common::maps::{
+        CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST,
+        CT_SYN_ACK_SEEN, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE,
+    };
 
     use super::*;
 
@@ -432,5 +553,107 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_connection_is_in_the_phase_its_state_bits_say() {
+        let est = CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED;
+        let cases = [
+            (CT_SYN_SEEN, Phase::HalfOpen),
+            (CT_SYN_SEEN | CT_SYN_ACK_SEEN, Phase::HalfOpen),
+            (est, Phase::Established),
+            (est | CT_FIN_FORWARD, Phase::Closing),
+            // The backend's FIN first: closing until the client's, then TIME_WAIT.
+            (
+                est | CT_FIN_REVERSE | CT_BACKEND_CLOSED_FIRST,
+                Phase::Closing,
+            ),
+            (est | CT_FIN_FORWARD | CT_FIN_REVERSE, Phase::Closed),
+            (
+                est | CT_FIN_FORWARD | CT_FIN_REVERSE | CT_BACKEND_CLOSED_FIRST,
+                Phase::TimeWait,
+            ),
+            (CT_SYN_SEEN | CT_RST, Phase::Closed),
+            (est | CT_RST, Phase::Closed),
+            (
+                est | CT_FIN_REVERSE | CT_BACKEND_CLOSED_FIRST | CT_RST,
+                Phase::TimeWait,
+            ),
+            // A FIN before the handshake completed: closing, not half-open.
+            (
+                CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_FIN_FORWARD,
+                Phase::Closing,
+            ),
+        ];
+        for (state, phase) in cases {
+            assert_eq!(Phase::of(state), phase, "state {state:#04x}");
+        }
+        // Open means not closed, for every combination of bits.
+        for state in 0..=u8::MAX {
+            assert_eq!(
+                Phase::of(state).is_open(),
+                !maps::is_closed(state),
+                "state {state:#04x}"
+            );
+        }
+        let labels: std::collections::HashSet<_> = Phase::ALL.iter().map(|p| p.label()).collect();
+        assert_eq!(labels.len(), Phase::ALL.len());
+    }
+
+    #[test]
+    fn counts_give_each_connection_one_phase_and_half_open_ones_per_app() {
+        let est = CT_SYN_SEEN | CT_SYN_ACK_SEEN | CT_ESTABLISHED;
+        // (client, app, backend, state) of each connection, both entries in the table.
+        let connections = [
+            ("192.0.2.2:40000", 1, 10, CT_SYN_SEEN),
+            ("192.0.2.2:40001", 1, 10, CT_SYN_SEEN | CT_SYN_ACK_SEEN),
+            ("192.0.2.2:40002", 2, 20, CT_SYN_SEEN),
+            ("192.0.2.2:40003", 1, 11, est),
+            ("192.0.2.2:40004", 2, 20, est | CT_FIN_FORWARD),
+            (
+                "192.0.2.2:40005",
+                2,
+                20,
+                est | CT_FIN_FORWARD | CT_FIN_REVERSE,
+            ),
+            (
+                "192.0.2.2:40006",
+                1,
+                10,
+                est | CT_FIN_FORWARD | CT_FIN_REVERSE | CT_BACKEND_CLOSED_FIRST,
+            ),
+            ("192.0.2.2:40007", 1, 11, est | CT_RST),
+        ];
+        let mut counts = ConnectionCounts::default();
+        for (i, (client, app, backend, state)) in connections.into_iter().enumerate() {
+            for (_, mut flow) in pair(client, 41_000 + i as u16) {
+                (flow.app_id, flow.backend_id, flow.state) = (app, backend, state);
+                counts.add(&flow);
+            }
+        }
+        // An orphan reverse entry: an entry in use, no connection.
+        let [_, (_, orphan)] = pair("192.0.2.3:40000", 42_000);
+        counts.add(&Flow {
+            app_id: 1,
+            state: CT_SYN_SEEN,
+            ..orphan
+        });
+
+        assert_eq!(counts.entries, 17);
+        assert_eq!(
+            counts.phases,
+            Phases {
+                half_open: 3,
+                established: 1,
+                closing: 1,
+                closed: 2,
+                time_wait: 1,
+            }
+        );
+        assert_eq!(counts.phases.total(), 8);
+        assert_eq!(counts.half_open, HashMap::from([(1, 2), (2, 1)]));
+        // Open: half-open, established and closing.
+        assert_eq!(counts.apps, HashMap::from([(1, 3), (2, 2)]));
+        assert_eq!(counts.backends, HashMap::from([(10, 2), (11, 1), (20, 2)]));
     }
 }

@@ -37,7 +37,9 @@ use gateway_common::{
 };
 
 pub use attach::{AttachMode, Attachment, UnknownAttachMode, prune_links, remove_pins};
-pub use conntrack::{Connection, ConnectionCounts, Conntrack, Expired, Scan, Timeouts};
+pub use conntrack::{
+    Connection, ConnectionCounts, Conntrack, Expired, Phase, Phases, Scan, Timeouts,
+};
 pub use error::DatapathError;
 pub use stats::GlobalStats;
 #[cfg(feature = "testing")]

@@ -87,4 +87,14 @@ impl GlobalStats {
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.slots[reason.slot() as usize]
     }
+
+    /// Every counter zero but the drops of `drops` (unit tests of what reads them).
+    #[cfg(test)]
+    pub(crate) fn with_drops(drops: &[(DropReason, u64)]) -> Self {
+        let mut slots = vec![0; maps::GLOBAL_STATS_LEN as usize];
+        for (reason, n) in drops {
+            slots[reason.slot() as usize] = *n;
+        }
+        GlobalStats { slots }
+    }
 }
