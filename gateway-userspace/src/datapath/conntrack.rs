@@ -446,16 +446,14 @@ pub struct ConnectionCounts {
     pub apps: std::collections::HashMap<u32, u64>,
     /// Open connections per backend id.
     pub backends: std::collections::HashMap<u32, u64>,
-    /// Half-open connections per app id (a SYN flood toward one app shows here).
+    /// Half-open connections per app id (a SYN flood toward one app shows here): those a SYN
+    /// made ([`Phase::HalfOpen`], not proxied), as the datapath counts them for its SYN cookies
+    /// ([`maps::HALF_OPEN`]; the scan sets its count to this).
     pub half_open: std::collections::HashMap<u32, u64>,
     /// Every connection in the table (forward entries) by phase.
     pub phases: Phases,
     /// Conntrack entries in use (two per connection).
     pub entries: u64,
-    /// Half-open flows per app, as the datapath counts them for its SYN cookies
-    /// ([`maps::HALF_OPEN`]): made from a SYN (not proxied), handshake not completed, not
-    /// closed.
-    pub half_open: std::collections::HashMap<u32, u64>,
 }
 
 impl ConnectionCounts {
@@ -471,11 +469,8 @@ impl ConnectionCounts {
         if phase.is_open() {
             *self.apps.entry(flow.app_id).or_default() += 1;
             *self.backends.entry(flow.backend_id).or_default() += 1;
-            if flow.state & maps::CT_ESTABLISHED == 0 && flow.track & maps::TRACK_PROXIED == 0 {
-                *self.half_open.entry(flow.app_id).or_default() += 1;
-            }
         }
-        if phase == Phase::HalfOpen {
+        if phase == Phase::HalfOpen && flow.track & maps::TRACK_PROXIED == 0 {
             *self.half_open.entry(flow.app_id).or_default() += 1;
         }
     }
