@@ -487,6 +487,27 @@ impl Collector for Snapshot {
             Counter,
             self.global.get(GlobalStat::SynRebalanced),
         )?;
+        single(
+            e,
+            "gateway_syn_cookies_sent",
+            "SYNs answered with a SYN cookie, no state kept: their app had its cap of half-open connections (a SYN flood)",
+            Counter,
+            self.global.get(GlobalStat::SynCookiesSent),
+        )?;
+        single(
+            e,
+            "gateway_syn_cookies_accepted",
+            "ACKs that carried a valid SYN cookie: each made a connection through the SYN proxy",
+            Counter,
+            self.global.get(GlobalStat::SynCookiesAccepted),
+        )?;
+        single(
+            e,
+            "gateway_syn_proxy_established",
+            "Connections through the SYN proxy whose backend answered: established",
+            Counter,
+            self.global.get(GlobalStat::SynProxyEstablished),
+        )?;
 
         single(
             e,
