@@ -202,6 +202,17 @@ fn flood(mode: AttachMode) {
         accepted >= 1 && proxied >= 1,
         "{mode}: the legitimate client's connections went through the SYN proxy"
     );
+    // The flood in the metrics: cookies, and the flooded app's half-open connections at its
+    // cap (as of the last scan), the other app's none.
+    let s = daemon.scrape();
+    assert!(s.value("gateway_syn_cookies_sent_total", &[]) >= cookies as f64);
+    assert!(s.value("gateway_syn_proxy_established_total", &[]) >= 1.0);
+    let half_open = |app| s.value("gateway_app_half_open_connections", &[("app", app)]);
+    assert_eq!(
+        (half_open("web"), half_open("api")),
+        (HALF_OPEN_MAX.parse::<f64>().unwrap(), 0.0),
+        "{mode}: half-open connections per app"
+    );
 }
 
 #[test]
