@@ -327,6 +327,25 @@ pub fn proxy_syn_ack(flow: &mut Flow, pkt: &TcpPacket, now: u64) -> Result<(u32,
     Ok((client.seq_end, window))
 }
 
+/// An RST from the backend of a proxied flow (`flow` its reverse entry) before its SYN-ACK: if
+/// it refuses the gateway's SYN (acknowledges the client's ISN + 1), `seq_delta` is set in both
+/// entries so that the RST reaches the client at the cookie + 1, the sequence number the client
+/// expects (it has been established since its cookie's ACK), rather than at the backend's 0.
+/// The RST is then checked and forwarded as any backend's refusal (`track`).
+#[inline(always)]
+pub fn proxy_refused(flow: &mut Flow, pkt: &TcpPacket) {
+    let Some(p) = lookup(&flow.peer_key()) else {
+        return;
+    };
+    // SAFETY: a conntrack value pointer; both entries of this connection are updated.
+    let client = unsafe { &mut *p };
+    if pkt.flags & ACK != 0 && pkt.ack == client.seq_end {
+        let delta = pkt.seq.wrapping_sub(client.ack_max);
+        flow.seq_delta = delta;
+        client.seq_delta = delta;
+    }
+}
+
 /// The first SYN-ACK (from the backend, `flow` its entry; `offered` its window scale)
 /// acknowledged the client's SYN (`client` its entry): the backend's numbers start, and window
 /// scaling is on when both offered it (RFC 7323 §2.2), else off for both.

@@ -186,6 +186,11 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
                 let (seq, window) = conntrack::proxy_syn_ack(f, &pkt, now.ns)?;
                 return Ok(Action::Answer(synproxy::backend_ack(&pkt, seq, window)));
             }
+            if pkt.flags & RST != 0 && f.state & CT_SYN_ACK_SEEN == 0 {
+                // The backend refuses the proxy's SYN: the client, established since its
+                // cookie's ACK, gets the reset at the number it expects.
+                conntrack::proxy_refused(f, &pkt);
+            }
             // The backend's numbers in the client's view, tracked and sent so.
             pkt.seq = pkt.seq.wrapping_sub(f.seq_delta);
         }

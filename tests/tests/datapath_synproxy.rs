@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use gateway::datapath::monotonic_ns;
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{CT_ESTABLISHED, CT_SYN_ACK_SEEN, CT_SYN_SEEN, TRACK_PROXIED},
+    maps::{CT_ESTABLISHED, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN, TRACK_PROXIED},
     syncookie::{self, Handshake},
 };
 use gateway_tests::{
@@ -26,6 +26,7 @@ scenario_tests! {
     a_flooded_app_answers_with_cookies_and_proxies_the_handshake,
     forged_or_corrupted_cookie_acks_make_nothing,
     a_completed_handshake_frees_its_half_open_slot,
+    a_backend_refusing_the_proxys_syn_resets_the_client,
 }
 
 /// The client's window in its ACKs (unscaled: a proxied connection has no window scaling).
@@ -394,5 +395,56 @@ fn a_completed_handshake_frees_its_half_open_slot() -> Scenario {
             )
             .entries(2)
             .counter(GlobalStat::SynCookiesSent, 0..=0),
+        )
+}
+
+/// A backend that refuses the proxy's SYN (its port closed): the client, established since its
+/// cookie's ACK, gets the reset at the cookie + 1 (where it expects it: ECONNRESET), not at the
+/// backend's 0 (which it would ignore, and hang); the flow is closed.
+fn a_backend_refusing_the_proxys_syn_resets_the_client() -> Scenario {
+    let (first, c) = (Conn::new(48_300), Conn::new(48_301));
+    let cookie = Arc::new(Mutex::new(0u32));
+    let (got, want) = (cookie.clone(), cookie.clone());
+    Scenario::new()
+        .backends(1)
+        .set("at most 1 half-open flow per app", cap(1))
+        .row(
+            Row::redirected(
+                "a first SYN makes a flow",
+                first.syn(),
+                first.to_maglev_backend(),
+            )
+            .entries(2),
+        )
+        .row(
+            Row::sent_back("a cookie", syn_with_mss(c), Out::Any).check("kept", move |cx| {
+                *got.lock().unwrap() = cookie_of(cx, c);
+            }),
+        )
+        .row(
+            Row::redirected(
+                "the cookie's ACK: the SYN to the backend",
+                cookie_ack(c, &cookie, |_| {}),
+                Out::Any,
+            )
+            .entries(2),
+        )
+        .row(
+            Row::redirected(
+                "the backend's RST+ACK refusing it",
+                Input::with(move |cx| {
+                    let r = c.rewrite(cx);
+                    let mut f =
+                        from_backend(r.backend_index, r.backend, r.snat, flags::RST | flags::ACK);
+                    f.seq = 0;
+                    f.ack = CLIENT_ISN.wrapping_add(1);
+                    f
+                }),
+                c.to_client(),
+            )
+            .check("at the cookie + 1; the flow closed", move |cx| {
+                assert_eq!(tcp_of(&cx.output).seq, want.lock().unwrap().wrapping_add(1));
+                assert_eq!(cx.flow(c.key()).state & CT_RST, CT_RST);
+            }),
         )
 }
