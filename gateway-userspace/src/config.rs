@@ -474,6 +474,7 @@ mod tests {
         assert_eq!(s.api_socket, Path::new(DEFAULT_API_SOCKET));
         assert_eq!(s.bpffs, Path::new(DEFAULT_BPFFS));
         assert_eq!(s.attach, None);
+        assert_eq!(s.half_open_max, 1024);
         assert!(!s.detach_on_exit);
     }
 
@@ -499,6 +500,7 @@ mod tests {
             "bpffs",
             "detach-on-exit",
             "conntrack-size",
+            "half-open-max",
             "scan-interval",
             "check-interval",
             "check-timeout",
@@ -513,7 +515,7 @@ mod tests {
 
     #[test]
     fn unusable_settings_are_refused() {
-        let cases: [(DaemonArgs, &str); 10] = [
+        let cases: [(DaemonArgs, &str); 11] = [
             (
                 DaemonArgs {
                     check_rise: Some(0),
@@ -555,6 +557,13 @@ mod tests {
                     ..args()
                 },
                 "too small",
+            ),
+            (
+                DaemonArgs {
+                    half_open_max: Some(0),
+                    ..args()
+                },
+                "half-open-max 0",
             ),
             (
                 DaemonArgs {
