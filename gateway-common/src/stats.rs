@@ -65,6 +65,13 @@ indexed_names! {
         /// SYNs of a handshake that had not completed, balanced afresh (the old pair removed):
         /// their backend stopped accepting, or the client started over with a new ISN.
         SynRebalanced = "syn_rebalanced",
+        /// Packets of a flow whose cached next hop had aged, sent through the kernel's
+        /// neighbour output (`bpf_redirect_neigh`) so that the kernel revalidates the neighbour
+        /// as it does for a forwarded packet: a STALE entry is probed, and one whose host moved
+        /// to another MAC fails and is resolved afresh. At most one per destination, CPU and
+        /// next-hop age while its flows go on; counted by the TC program (in XDP mode the XDP
+        /// program hands such a packet to it untouched).
+        NeighRevalidations = "neigh_revalidations",
     }
 }
 

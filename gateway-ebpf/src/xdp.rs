@@ -1,9 +1,9 @@
 //! XDP: translate in place with incremental checksums (RFC 1624) and redirect to the cached
-//! next hop. When the next hop's neighbour is unknown, the packet is passed untouched to the
-//! kernel, where the TC program (attached alongside in XDP mode) translates it and lets
-//! `bpf_redirect_neigh` resolve the neighbour: a connection never hangs on a missing entry.
-//! A segment without a flow is turned into its RST and sent back out of the interface it came
-//! in on.
+//! next hop. When the next hop's neighbour is unknown, or a flow's aged hop is to be
+//! revalidated (see `nexthop`), the packet is passed untouched to the kernel, where the TC
+//! program (attached alongside in XDP mode) translates it and lets `bpf_redirect_neigh` resolve
+//! or revalidate the neighbour: a connection never hangs on a missing or moved entry. A segment
+//! without a flow is turned into its RST and sent back out of the interface it came in on.
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
@@ -41,6 +41,8 @@ impl LoadBytes for Xdp<'_> {
 }
 
 impl Context for Xdp<'_> {
+    const NEIGH_OUTPUT: bool = false;
+
     /// XDP sees frames before the kernel looked at them: nothing vouches for a checksum.
     #[inline(always)]
     fn tcp_trusted(&self, _b: &mut Bounds, _pkt: &TcpPacket) -> bool {
@@ -76,6 +78,8 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
             stats::global(GlobalStat::NeighFallbacks);
             return Ok(XDP_PASS);
         }
+        // Counted by TC, which sends it (`neigh_revalidations`).
+        NextHop::Kernel | NextHop::Revalidate { .. } => return Ok(XDP_PASS),
         NextHop::Unreachable => return Err(DropReason::NoRoute),
     };
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.

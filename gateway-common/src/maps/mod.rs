@@ -28,7 +28,7 @@ pub use service::{BACKEND_ACCEPTING, Backend4, MaglevTable, Service, ServiceKey4
 pub use crate::stats::TrafficStats;
 
 /// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
-pub const GLOBAL_STATS: &str = "gw_global_v4";
+pub const GLOBAL_STATS: &str = "gw_global_v5";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
@@ -78,7 +78,13 @@ pub const ALL: &[&str] = &[
 /// Names this build no longer uses, from earlier layouts: an upgrade carries the conntrack
 /// table over from [`CONNTRACK4_V2`] (an LRU of the same values) or [`CONNTRACK4_V1`] (its
 /// entries are the first 80 bytes of a [`Flow`]) and removes these pins, as `gateway down` does.
-pub const RETIRED: &[&str] = &[CONNTRACK4_V2, CONNTRACK4_V1, "gw_global_v3", "gw_global_v2"];
+pub const RETIRED: &[&str] = &[
+    CONNTRACK4_V2,
+    CONNTRACK4_V1,
+    "gw_global_v4",
+    "gw_global_v3",
+    "gw_global_v2",
+];
 /// The conntrack table with sequence tracking, as an LRU hash (it evicted live flows when full).
 pub const CONNTRACK4_V2: &str = "gw_ct4_v2";
 /// The conntrack table before sequence tracking (values of 80 bytes).
