@@ -72,6 +72,13 @@ indexed_names! {
         /// next-hop age while its flows go on; counted by the TC program (in XDP mode the XDP
         /// program hands such a packet to it untouched).
         NeighRevalidations = "neigh_revalidations",
+        /// TCP segments that reached the XDP program with only the pseudo-header's sum in their
+        /// checksum field (CHECKSUM_PARTIAL, left by a sender on this host with tx checksum
+        /// offload on, such as a veth peer): their checksum was computed in full before they
+        /// were translated (or, longer than the datapath computes, they were handed to the
+        /// kernel, whose TC program translates them). A sender to fix: `ethtool -K <dev> tx
+        /// off`, or attach in TC mode.
+        PartialChecksums = "partial_checksums",
     }
 }
 

@@ -51,16 +51,22 @@ fn short_run(mode: AttachMode) {
         );
     }
     // Issue 15: aged next hops revalidated (TC sends them through the neighbour output, XDP
-    // hands them over).
+    // hands them over), partial checksums completed by XDP.
     match mode {
         AttachMode::Tc => assert!(
             report.counted(GlobalStat::NeighRevalidations) > 0,
             "{s}: no aged next hop revalidated"
         ),
-        AttachMode::Xdp => assert!(
-            report.handed_over() > 0,
-            "{s}: nothing handed to the kernel"
-        ),
+        AttachMode::Xdp => {
+            assert!(
+                report.handed_over() > 0,
+                "{s}: nothing handed to the kernel"
+            );
+            assert!(
+                report.counted(GlobalStat::PartialChecksums) > 0,
+                "{s}: no partial checksum completed"
+            );
+        }
     }
 }
 

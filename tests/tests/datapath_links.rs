@@ -1,7 +1,9 @@
-//! What the links around the gateway do to the datapath (issue 15), through BPF_PROG_TEST_RUN
-//! in both attach modes, as scenarios (see `tests/datapath.rs` and `gateway_tests::scenario`):
-//! neighbours that must be revalidated because a host may move to another MAC
-//! (docs/datapath.md, "Next hop"). The namespace tests with real sockets are `tests/links.rs`.
+//! What the links around the gateway do to the datapath (issue 15, inputs 5 and 6), through
+//! BPF_PROG_TEST_RUN in both attach modes, as scenarios (see `tests/datapath.rs` and
+//! `gateway_tests::scenario`): neighbours that must be revalidated because a host may move to
+//! another MAC (docs/datapath.md, "Next hop"), and senders on this host that leave TCP
+//! checksums partial, for a NIC that XDP stands in front of (docs/datapath.md, "Checksums").
+//! The namespace tests with real sockets are `tests/links.rs`.
 
 use std::{
     sync::{
@@ -12,17 +14,18 @@ use std::{
 };
 
 use gateway::datapath::AttachMode::{Tc, Xdp};
-use gateway_common::GlobalStat;
+use gateway_common::{DropReason, GlobalStat};
 use gateway_tests::{
     datapath::Fixture,
     netns::Topology,
-    packet::flags,
+    packet::{Frame, flags, partial_checksum},
     scenario::{Conn, Ctx, Input, Row, Scenario},
     scenario_tests,
 };
 
 scenario_tests! {
     next_hop_revalidation,
+    partial_checksums,
 }
 
 /// How long next hops are trusted in these scenarios.
@@ -171,4 +174,145 @@ fn next_hop_revalidation() -> Scenario {
             data(a, b"fresh again"),
             a.to_its_backend(),
         )))
+}
+
+/// A SYN of `c` whose whole TCP checksum happens to equal the partial one of its pseudo-header
+/// (one segment in 65,536): two payload bytes chosen for it.
+fn syn_whole_equal_to_partial(c: Conn) -> Frame {
+    const TCP_CHECKSUM: usize = 14 + 20 + 16;
+    let fold = |mut s: u32| {
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    };
+    let base = c.syn().payload(&[0, 0]);
+    let bytes = base.build();
+    let whole = u16::from_be_bytes([bytes[TCP_CHECKSUM], bytes[TCP_CHECKSUM + 1]]);
+    let partial = partial_checksum(*c.client.ip(), *c.service.ip(), 22);
+    // One's complement: the word that takes the segment's sum from `!whole` to `!partial`.
+    let word = fold(u32::from(!partial) + u32::from(whole));
+    let frame = base.payload(&word.to_be_bytes());
+    let bytes = frame.build();
+    assert_eq!(
+        u16::from_be_bytes([bytes[TCP_CHECKSUM], bytes[TCP_CHECKSUM + 1]]),
+        partial
+    );
+    frame
+}
+
+/// Input 6. A sender on this host with tx checksum offload (a veth peer, by default) hands over
+/// segments whose TCP checksum field holds only the pseudo-header's sum, for the NIC to finish
+/// (CHECKSUM_PARTIAL). XDP sees the bytes without the skb that says so, and a redirected frame
+/// reaches its receiver without it: XDP completes such a checksum before the segment is
+/// validated or translated (`partial_checksums`), and hands one longer than it computes to the
+/// kernel, whose skb still says it (the TC program translates it then, as any CHECKSUM_PARTIAL
+/// skb). TC reads the skb instead (`tcp_trusted`): a bare frame, as BPF_PROG_TEST_RUN gives it
+/// (CHECKSUM_NONE), with a partial checksum is a wrong checksum there. A whole checksum that
+/// equals the partial value (1 in 65,536) comes out the same either way.
+fn partial_checksums() -> Scenario {
+    let (c, d) = (Conn::new(44_001), Conn::new(44_002));
+    let partial = |input: Input| input.map(Frame::partial);
+    Scenario::new()
+        .row(
+            Row::redirected(
+                "a SYN with a partial checksum is trusted, completed, and makes a flow",
+                c.syn().partial(),
+                c.to_maglev_backend(),
+            )
+            .entries(2)
+            .counter(GlobalStat::PartialChecksums, 1..=1)
+            .only(Xdp),
+        )
+        .row(
+            Row::dropped(
+                "a bare frame's partial checksum is a wrong one (no skb vouches for it)",
+                c.syn().partial(),
+                DropReason::BadChecksum,
+            )
+            .only(Tc),
+        )
+        .row(
+            Row::redirected(
+                "the SYN with its whole checksum",
+                c.syn(),
+                c.to_maglev_backend(),
+            )
+            .entries(2)
+            .only(Tc),
+        )
+        .row(
+            Row::redirected(
+                "a SYN-ACK with a partial checksum is completed",
+                partial(c.reply(flags::SYN | flags::ACK)),
+                c.to_client(),
+            )
+            .counter(GlobalStat::PartialChecksums, 1..=1)
+            .only(Xdp),
+        )
+        .row(
+            Row::redirected(
+                "the SYN-ACK with its whole checksum",
+                c.reply(flags::SYN | flags::ACK),
+                c.to_client(),
+            )
+            .only(Tc),
+        )
+        .row(Row::redirected(
+            "ACK",
+            c.send(flags::ACK),
+            c.to_its_backend(),
+        ))
+        .row(
+            Row::redirected(
+                "data of odd length with a partial checksum, to the backend",
+                partial(data(c, b"partial, and odd")),
+                c.to_its_backend(),
+            )
+            .counter(GlobalStat::PartialChecksums, 1..=1)
+            .only(Xdp),
+        )
+        .row(
+            Row::redirected(
+                "1400 bytes with a partial checksum, to the client",
+                partial(
+                    c.reply(flags::ACK | flags::PSH)
+                        .map(|f| f.payload(&[0x5a; 1400])),
+                ),
+                c.to_client(),
+            )
+            .counter(GlobalStat::PartialChecksums, 1..=1)
+            .only(Xdp),
+        )
+        .row(
+            Row::passed(
+                "a segment longer than the datapath sums (1600 bytes) goes to the kernel as it \
+                 came",
+                partial(data(c, &[0x33; 1600])),
+            )
+            .counter(GlobalStat::PartialChecksums, 1..=1)
+            .counter(GlobalStat::Forwarded, 0..=0)
+            .only(Xdp),
+        )
+        .row(
+            Row::redirected(
+                "a whole checksum that equals the partial value: XDP cannot tell, and computes \
+                 it again, the same",
+                syn_whole_equal_to_partial(d),
+                d.to_maglev_backend(),
+            )
+            .entries(2)
+            .counter(GlobalStat::PartialChecksums, 1..=1)
+            .only(Xdp),
+        )
+        .row(
+            Row::redirected(
+                "a whole checksum that equals the partial value: verified as any other",
+                syn_whole_equal_to_partial(d),
+                d.to_maglev_backend(),
+            )
+            .entries(2)
+            .counter(GlobalStat::PartialChecksums, 0..=0)
+            .only(Tc),
+        )
 }

@@ -25,7 +25,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{Program, ProgramError, SchedClassifier, Xdp},
 };
 use gateway_common::{
@@ -87,7 +87,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Every map's name with the key and value sizes this build gives it.
-const LAYOUTS: &[(&str, usize, usize); 11] = &[
+const LAYOUTS: &[(&str, usize, usize); 12] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
     (maps::CONFIG, 4, size_of::<Config>()),
     (
@@ -103,6 +103,7 @@ const LAYOUTS: &[(&str, usize, usize); 11] = &[
     (maps::CLOCK, 4, size_of::<maps::ClockCache>()),
     (maps::NEXTHOPS, 4, size_of::<maps::NextHopCache>()),
     (maps::SCRATCH, 4, size_of::<Flow>()),
+    (maps::PARTIAL_CSUM, 4, size_of::<u64>()),
 ];
 
 /// The typed maps.
@@ -115,6 +116,7 @@ struct Maps {
     conntrack: Conntrack,
     app_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    partial_csum: PerCpuHashMap<MapData, u32, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -204,6 +206,7 @@ impl Datapath {
             conntrack: Conntrack::new(take(&mut ebpf, maps::CONNTRACK4)?),
             app_stats: take(&mut ebpf, maps::APP_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
+            partial_csum: take(&mut ebpf, maps::PARTIAL_CSUM)?,
         };
         // Programs after maps: a reused map of the wrong layout is reported by its name above,
         // rather than as a verifier error here.

@@ -12,10 +12,13 @@
 //! ([`Clock`]), and the model then takes the datapath's values ([`Model::adopt_times`]). What
 //! the datapath observed is passed in as [`Observed`].
 //!
-//! Beyond spec 14, issue 15's rules (docs/datapath.md, "Next hop"): a flow whose next hop aged
-//! is revalidated through the kernel's neighbour output (TC: counted `neigh_revalidations`, or
-//! served by another flow's revalidated answer; XDP: the packet is handed to the kernel
-//! untouched, its tracking done). The fuzzer runs one attach mode per fixture: the XDP program alone never finds a revalidated
+//! Beyond spec 14, issue 15's rules (docs/datapath.md, "Next hop" and "Checksums"): a flow whose
+//! next hop aged is revalidated through the kernel's neighbour output (TC: counted
+//! `neigh_revalidations`, or served by another flow's revalidated answer; XDP: the packet is
+//! handed to the kernel untouched, its tracking done), and in XDP a TCP checksum field holding
+//! only its pseudo-header's sum (CHECKSUM_PARTIAL) is trusted and completed before translation
+//! (`partial_checksums`; a segment longer than 1535 bytes is handed to the kernel instead).
+//! The fuzzer runs one attach mode per fixture: the XDP program alone never finds a revalidated
 //! answer in the per-CPU cache (only TC writes them), so an aged hop is always handed over.
 //!
 //! [`Rules::Legacy`] is today's datapath (before spec 14: no flag, TTL, checksum or sequence
@@ -472,8 +475,18 @@ impl Step<'_> {
         })
     }
 
-    /// The translated output of this segment through `flow`, and its counters.
+    /// The translated output of this segment through `flow`, and its counters. In XDP, a
+    /// partial TCP checksum is completed first (or the segment, too long for that, handed to
+    /// the kernel).
     fn translated(&mut self, flow: &Flow) {
+        let mut frame = self.frame.to_vec();
+        if self.partial() {
+            self.x.stat(GlobalStat::PartialChecksums, 1);
+            if self.seg.l3_len as usize - self.seg.ihl > wire::SEGMENT_MAX {
+                return self.handed_over();
+            }
+            wire::complete_checksum(&mut frame, &self.seg);
+        }
         let t = Translation {
             src_ip: flow.nat_src_ip,
             dst_ip: flow.nat_dst_ip,
@@ -484,7 +497,7 @@ impl Step<'_> {
             ttl_dec: self.m.rules == Rules::Spec14,
         };
         self.x.verdict = Verdict::Redirect;
-        self.x.out = Some(wire::translate(self.frame, &self.seg, &t));
+        self.x.out = Some(wire::translate(&frame, &self.seg, &t));
         let bytes = u64::from(self.seg.l3_len);
         if flow.direction == DIR_FORWARD {
             self.x.stat(GlobalStat::Forwarded, 1);
@@ -501,13 +514,21 @@ impl Step<'_> {
         }
     }
 
+    /// Whether this is XDP meeting a partial TCP checksum (issue 15): trusted, and completed
+    /// before the segment is translated.
+    fn partial(&self) -> bool {
+        self.mode == AttachMode::Xdp
+            && self.m.rules == Rules::Spec14
+            && wire::partial_checksum(self.frame, &self.seg)
+    }
+
     /// A SYN to the service of `app` without a flow, or starting its flow `stale` over: spec §5
     /// (today: the same without checksums and tracking).
     fn new_flow(&mut self, app: u32, stale: Option<Stale>) {
         let spec = self.m.rules == Rules::Spec14;
         if spec
             && (wire::ip_residual(self.frame, self.seg.ihl) != 0xffff
-                || wire::tcp_residual(self.frame, &self.seg) != 0xffff)
+                || (wire::tcp_residual(self.frame, &self.seg) != 0xffff && !self.partial()))
         {
             return self.x.drop(DropReason::BadChecksum);
         }

@@ -227,3 +227,38 @@ fn an_aged_next_hop_is_revalidated_through_the_kernel() {
         }
     }
 }
+
+#[test]
+fn xdp_completes_a_partial_checksum_and_tc_trusts_only_its_skb() {
+    let partial = |mut s: Segment| {
+        s.partial_csum = true;
+        s
+    };
+    // XDP: a SYN with a partial checksum makes a flow, and leaves with a whole checksum.
+    let mut m = model();
+    let x = step(&mut m, partial(from_client(SYN, 1000, 0)), Some(40_000));
+    assert_eq!(x.verdict, Verdict::Redirect);
+    assert_eq!(x.stat_delta(GlobalStat::PartialChecksums), 1..=1);
+    crate::packet::parse_checked(x.out.as_deref().unwrap());
+    // TC on a bare frame (no skb saying CHECKSUM_PARTIAL): a wrong checksum.
+    let mut m = model();
+    let x = step_in(
+        &mut m,
+        AttachMode::Tc,
+        partial(from_client(SYN, 1000, 0)),
+        Some(40_000),
+    );
+    assert_eq!(x.drop, Some(DropReason::BadChecksum));
+    // XDP: a segment longer than the datapath sums goes to the kernel as it came.
+    let mut m = model();
+    established(&mut m);
+    let mut long = partial(from_client(ACK | PSH, 1001, 5001));
+    long.payload_len = 1600;
+    let frame = long.build();
+    let x = step(&mut m, long, None);
+    assert_eq!(
+        (x.verdict, x.out.as_deref()),
+        (Verdict::Pass, Some(&frame[..]))
+    );
+    assert_eq!(x.stat_delta(GlobalStat::PartialChecksums), 1..=1);
+}
