@@ -460,6 +460,13 @@ impl Collector for Snapshot {
         )?;
         single(
             e,
+            "gateway_partial_checksums",
+            "TCP segments XDP met with a partial checksum (a sender on this host with tx checksum offload on) and completed; the daemon's log names the interfaces",
+            Counter,
+            self.global.get(GlobalStat::PartialChecksums),
+        )?;
+        single(
+            e,
             "gateway_no_flow_resets",
             "RSTs the datapath answered segments without a flow with (a connection it no longer has)",
             Counter,

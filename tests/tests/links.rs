@@ -1,13 +1,15 @@
-//! What the links around the gateway do to real connections (issue 15), in network namespaces
-//! with real sockets: a client or a backend whose address moves to another MAC while the
-//! gateway's neighbour entry for it is stale, in both attach modes. The datapath's rows are
-//! `tests/datapath_links.rs`.
+//! What the links around the gateway do to real connections (issue 15, inputs 5 and 6), in
+//! network namespaces with real sockets: a client or a backend whose address moves to another
+//! MAC while the gateway's neighbour entry for it is stale (both attach modes), and XDP mode
+//! with the senders' tx checksum offload left on (the real daemon, which must say which
+//! interfaces). The datapath's rows for both are `tests/datapath_links.rs`.
 
 use std::{net::SocketAddrV4, time::Duration};
 
 use gateway::datapath::{AttachMode, Datapath, LoadOptions};
 use gateway_common::GlobalStat;
 use gateway_tests::{
+    daemon::Daemon,
     datapath::{APP, BACKEND_PORT, Fixture, SNAT_PORTS},
     netns::{Host, Netns, Topology, mac_str},
     require_root,
@@ -39,6 +41,7 @@ impl Gateway {
         require_root();
         let topo = Topology::new(1);
         if mode == AttachMode::Xdp {
+            // Input 6 apart: `xdp_partial_checksums_are_completed...` leaves them on.
             topo.xdp_offloads();
         }
         let b = &topo.backends[0];
@@ -184,4 +187,87 @@ fn a_backend_that_moved_to_another_mac_is_found_again_xdp() {
 #[test]
 fn a_backend_that_moved_to_another_mac_is_found_again_tc() {
     a_moved_host_is_found_again(AttachMode::Tc, Who::Backend);
+}
+
+/// The warnings of the daemon's log about partial checksums on `iface`.
+fn partial_warnings(log: &str, iface: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("partial checksums") && l.contains(&format!("{iface}:")))
+        .count()
+}
+
+/// Input 6: XDP mode forced on veths whose peers keep the default tx checksum offload: their
+/// segments reach XDP with partial checksums (CHECKSUM_PARTIAL, the pseudo-header's sum only).
+/// Real TCP must flow both ways, byte-exact (before: every SYN dropped `bad_checksum`, the
+/// connections timed out, and nothing said why), and the daemon names each interface once,
+/// with the fix.
+#[test]
+fn xdp_with_the_senders_checksum_offload_on_carries_tcp_and_says_where() {
+    require_root();
+    let topo = Topology::new(1);
+    // Not `xdp_offloads()`: every sender keeps its tx checksum offload. GRO on the receiving
+    // sides, which native XDP redirect into a veth needs whatever the checksums.
+    topo.xdp_napi();
+    let b = &topo.backends[0];
+    let _server = EchoServer::start(
+        b,
+        SocketAddrV4::new(b.ip, BACKEND_PORT),
+        "b0",
+        Duration::from_secs(120),
+    );
+    let daemon = Daemon::start(&topo, Some(AttachMode::Xdp), &[]);
+    daemon.app_with_backends("web", &[format!("{}:{BACKEND_PORT}", b.ip)]);
+    let public = sock(*Fixture::service().ip(), Fixture::service().port());
+    let mut client = EchoClient::connect_within(&topo.client, public, Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            panic!(
+                "connect through XDP with tx offload on: {e}; bad_checksum drops: {}\n{}",
+                daemon.drops("bad_checksum"),
+                daemon.log()
+            )
+        });
+    assert_eq!(client.server, "b0");
+    client
+        .echo(&payload(4 << 20, 6))
+        .expect("4 MiB echoed byte-exact both ways");
+    drop(client);
+    let partial = daemon
+        .counter("partial_checksums")
+        .expect("a counter of this build");
+    assert!(
+        partial > 0,
+        "no partial checksum met: the test tests nothing"
+    );
+    for reason in gateway_common::DropReason::ALL {
+        assert_eq!(
+            daemon.drops(reason.label()),
+            0.0,
+            "{} drops",
+            reason.label()
+        );
+    }
+    eprintln!(
+        "partial checksums completed: {partial}; translated {} in, {} out; XDP saw {}, TC {}",
+        daemon.counter("forwarded").unwrap_or(0),
+        daemon.counter("reversed").unwrap_or(0),
+        daemon.counter("xdp_packets").unwrap_or(0),
+        daemon.counter("tc_packets").unwrap_or(0)
+    );
+    let named = wait_for(Duration::from_secs(10), || {
+        let log = daemon.log();
+        partial_warnings(&log, "client0") > 0 && partial_warnings(&log, "b0") > 0
+    });
+    let log = daemon.log();
+    assert!(named.is_some(), "no warning naming client0 and b0:\n{log}");
+    for iface in ["client0", "b0"] {
+        assert_eq!(
+            partial_warnings(&log, iface),
+            1,
+            "once per interface:\n{log}"
+        );
+    }
+    assert!(
+        log.contains("ethtool -K") && log.contains("--attach tc"),
+        "the warning says the fix:\n{log}"
+    );
 }
