@@ -74,6 +74,20 @@ indexed_names! {
         /// Proxied flows whose backend answered the gateway's SYN: its SYN-ACK was answered
         /// with the handshake's ACK, and the flow is established.
         SynProxyEstablished = "syn_proxy_established",
+        /// Packets of a flow whose cached next hop had aged, sent through the kernel's
+        /// neighbour output (`bpf_redirect_neigh`) so that the kernel revalidates the neighbour
+        /// as it does for a forwarded packet: a STALE entry is probed, and one whose host moved
+        /// to another MAC fails and is resolved afresh. At most one per destination, CPU and
+        /// next-hop age while its flows go on; counted by the TC program (in XDP mode the XDP
+        /// program hands such a packet to it untouched).
+        NeighRevalidations = "neigh_revalidations",
+        /// TCP segments that reached the XDP program with only the pseudo-header's sum in their
+        /// checksum field (CHECKSUM_PARTIAL, left by a sender on this host with tx checksum
+        /// offload on, such as a veth peer): their checksum was computed in full before they
+        /// were translated (or, longer than the datapath computes, they were handed to the
+        /// kernel, whose TC program translates them). A sender to fix: `ethtool -K <dev> tx
+        /// off`, or attach in TC mode.
+        PartialChecksums = "partial_checksums",
     }
 }
 

@@ -104,3 +104,30 @@ pub fn tcp_ok(b: &crate::parse::Bounds, pkt: &crate::parse::TcpPacket) -> bool {
     sum_bytes(b, pkt.l4_off(), usize::from(tcp_len))
         .is_some_and(|s| fold(u32::from(s) + pseudo) == 0xffff)
 }
+
+/// The TCP checksum field of `pkt`, if its header is there.
+#[inline(always)]
+fn tcp_field(b: &crate::parse::Bounds, pkt: &crate::parse::TcpPacket) -> Option<u16> {
+    // SAFETY: bounds-checked and aligned (see `Bounds::words`).
+    b.words::<1>(pkt.l4_off() + 16).map(|w| unsafe { (*w)[0] })
+}
+
+/// Whether the TCP checksum field of `pkt` holds its pseudo-header's sum, folded, and no more:
+/// what a sender with tx checksum offload leaves for the NIC to finish (CHECKSUM_PARTIAL, from
+/// `csum_start` on). A veth peer hands such a segment over as it is, and XDP sees its bytes
+/// without the skb that says so. A whole checksum equals that value once in 65,536 segments;
+/// computing it again ([`complete_partial`]) then gives the same value.
+#[inline(always)]
+pub fn partial(b: &crate::parse::Bounds, pkt: &crate::parse::TcpPacket) -> bool {
+    let tcp_len = pkt.l3_len - pkt.ihl() as u16;
+    tcp_field(b, pkt) == Some(fold(pseudo_header(pkt.key.src_ip, pkt.key.dst_ip, tcp_len)))
+}
+
+/// The whole TCP checksum of a [`partial`] segment, as the NIC would have written it: the
+/// complement of the sum of the segment, whose checksum field already holds the pseudo-header's
+/// sum. `None` for a segment longer than [`SEGMENT_MAX`].
+#[inline(always)]
+pub fn complete_partial(b: &crate::parse::Bounds, pkt: &crate::parse::TcpPacket) -> Option<u16> {
+    let tcp_len = usize::from(pkt.l3_len) - pkt.ihl();
+    sum_bytes(b, pkt.l4_off(), tcp_len).map(|s| !s)
+}

@@ -5,16 +5,16 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use gateway_common::maps::{
     Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_APPS,
-    MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS, NextHopCache, Service, ServiceKey4,
-    TrafficStats,
+    MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS, NextHopCache, PARTIAL_CSUM_IFACES,
+    Service, ServiceKey4, TrafficStats,
 };
 
 /// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).
-#[map(name = "gw_global_v4")]
+#[map(name = "gw_global_v5")]
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
 /// `CONFIG`: the configuration, at index 0.
@@ -63,3 +63,9 @@ pub static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 /// `CLOCK`: the clock cache (per CPU).
 #[map(name = "gw_clock_v1")]
 pub static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// `PARTIAL_CSUM`: segments with a partial checksum seen by XDP, by ingress interface (per
+/// CPU).
+#[map(name = "gw_partial_v1")]
+pub static PARTIAL_CSUM: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(PARTIAL_CSUM_IFACES, 0);

@@ -35,6 +35,10 @@ use crate::{
 /// What the attach mode's context gives the pipeline: packet bytes through its helper, and
 /// what the kernel knows of a packet's checksum that its bytes do not say.
 pub trait Context: LoadBytes {
+    /// Whether this attach mode sends packets through the kernel's neighbour output itself
+    /// (TC: `bpf_redirect_neigh`); XDP hands them to the kernel instead (see `nexthop`).
+    const NEIGH_OUTPUT: bool;
+
     /// Whether the kernel vouches for the TCP checksum of `pkt` (a NIC verified it, or a
     /// sender on this host left it for the NIC to compute: CHECKSUM_UNNECESSARY or
     /// CHECKSUM_PARTIAL), so it need not be computed. Finding out may call helpers that move
@@ -95,7 +99,7 @@ pub fn prepare<C: Context>(
         Action::Existing { pkt, flow, now } => {
             // SAFETY: a conntrack value pointer; this CPU updates it in place.
             let flow = unsafe { &mut *flow };
-            let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
+            let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now, C::NEIGH_OUTPUT);
             Ok(Verdict::Translate(Translation {
                 pre: None,
                 pkt,
@@ -112,7 +116,7 @@ pub fn prepare<C: Context>(
         } => {
             // The whole forward entry (state, counters, next hop) is built before it is
             // inserted: no lookup of it afterwards, no update in the map.
-            let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now);
+            let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now, C::NEIGH_OUTPUT);
             nat::commit(claim, &pkt.key, flow)?;
             if syn.is_none() {
                 // A flow made from a SYN is half-open until its handshake completes.

@@ -1,11 +1,12 @@
 //! Per-CPU counters: global ones, drop reasons, and traffic per app and per backend.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{DIR_FORWARD, Flow, TrafficStats},
 };
 
-use crate::maps::{APP_STATS, BACKEND_STATS, GLOBAL};
+use crate::maps::{APP_STATS, BACKEND_STATS, GLOBAL, PARTIAL_CSUM};
 
 #[inline(always)]
 fn add(index: u32, n: u64) {
@@ -25,6 +26,22 @@ pub fn global(stat: GlobalStat) {
 #[inline(always)]
 pub fn drop(reason: DropReason) {
     add(reason.slot(), 1);
+}
+
+/// Counts a segment with a partial checksum (`partial_checksums`) that came in on `ifindex`,
+/// there too (`PARTIAL_CSUM`, for the daemon to name the interface).
+#[inline(always)]
+pub fn partial_checksum(ifindex: u32) {
+    global(GlobalStat::PartialChecksums);
+    match PARTIAL_CSUM.get_ptr_mut(ifindex) {
+        // SAFETY: this CPU's own value of a per-CPU hash.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            // Another CPU may have inserted it meanwhile (then this one count is lost); a full
+            // map counts nothing more by interface.
+            let _ = PARTIAL_CSUM.insert(ifindex, 1, u64::from(BPF_NOEXIST));
+        }
+    }
 }
 
 /// Counts a translated packet of `flow` (`bytes` of L3) for its app and backend.

@@ -1,8 +1,8 @@
 //! TC (tcx ingress): translate with `bpf_l4_csum_replace` and the pseudo-header flag, so
 //! CHECKSUM_PARTIAL and GSO packets stay correct, then redirect to the cached next hop, or
-//! through `bpf_redirect_neigh` when the neighbour is not known yet. A segment without a flow
-//! is turned into its RST, and a SYN the SYN proxy answers into its SYN-ACK, sent back out of
-//! the device it came in on.
+//! through `bpf_redirect_neigh` when the neighbour is not known yet or a flow's aged hop is
+//! revalidated (see `nexthop`). A segment without a flow is turned into its RST, and a SYN the
+//! SYN proxy answers into its SYN-ACK, sent back out of the device it came in on.
 
 use aya_ebpf::{
     bindings::{BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, bpf_redir_neigh},
@@ -60,6 +60,8 @@ impl LoadBytes for Skb<'_> {
 }
 
 impl Context for Skb<'_> {
+    const NEIGH_OUTPUT: bool = true;
+
     /// CHECKSUM_UNNECESSARY (a NIC verified it) is asked of `bpf_csum_level`. CHECKSUM_PARTIAL
     /// (a sender on this host, e.g. a veth peer with tx offload, left the field holding the
     /// pseudo-header's sum) cannot be read by a TC program; it is found by its effect: a
@@ -153,27 +155,41 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::Truncated);
     }
     stats::traffic(t.flow, u64::from(pkt.l3_len));
-    // SAFETY: plain helper calls.
     let ret = match t.hop {
+        // SAFETY: plain helper call.
         NextHop::Ready { ifindex } => unsafe { bpf_redirect(ifindex, 0) },
         NextHop::NoNeigh { ifindex, nexthop } => {
             stats::global(GlobalStat::NeighFallbacks);
-            // SAFETY: plain-old-data of the kernel's ABI.
-            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-            nh.nh_family = AF_INET;
-            nh.__bindgen_anon_1.ipv4_nh = nexthop;
-            unsafe {
-                bpf_redirect_neigh(
-                    ifindex,
-                    &mut nh,
-                    core::mem::size_of::<bpf_redir_neigh>() as i32,
-                    0,
-                )
-            }
+            redirect_neigh(ifindex, nexthop)
         }
-        NextHop::Unreachable => return Err(DropReason::NoRoute),
+        NextHop::Revalidate { ifindex, nexthop } => {
+            stats::global(GlobalStat::NeighRevalidations);
+            redirect_neigh(ifindex, nexthop)
+        }
+        // Only XDP is handed that (`Context::NEIGH_OUTPUT`).
+        NextHop::Kernel | NextHop::Unreachable => return Err(DropReason::NoRoute),
     };
     Ok(ret as i32)
+}
+
+/// `bpf_redirect_neigh` out of `ifindex` to the IPv4 next hop `nexthop` (network order): the
+/// kernel's neighbour output (`neigh_output`) fills the MACs in, resolving or revalidating the
+/// neighbour as for a forwarded packet.
+#[inline(always)]
+fn redirect_neigh(ifindex: u32, nexthop: u32) -> i64 {
+    // SAFETY: plain-old-data of the kernel's ABI.
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nh.nh_family = AF_INET;
+    nh.__bindgen_anon_1.ipv4_nh = nexthop;
+    // SAFETY: a helper reading `nh`, of the size given.
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    }
 }
 
 /// Writes `a` (an RST, or the SYN proxy's segment) over the skb, sized to it first. The TCP

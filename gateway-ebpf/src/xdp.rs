@@ -1,9 +1,11 @@
 //! XDP: translate in place with incremental checksums (RFC 1624) and redirect to the cached
-//! next hop. When the next hop's neighbour is unknown, the packet is passed untouched to the
-//! kernel, where the TC program (attached alongside in XDP mode) translates it and lets
-//! `bpf_redirect_neigh` resolve the neighbour: a connection never hangs on a missing entry.
-//! A segment without a flow is turned into its RST, and a SYN the SYN proxy answers into its
-//! SYN-ACK, sent back out of the interface it came in on.
+//! next hop. When the next hop's neighbour is unknown, or a flow's aged hop is to be
+//! revalidated (see `nexthop`), the packet is passed untouched to the kernel, where the TC
+//! program (attached alongside in XDP mode) translates it and lets `bpf_redirect_neigh` resolve
+//! or revalidate the neighbour: a connection never hangs on a missing or moved entry. A segment
+//! whose checksum a sender on this host left partial (`csum::partial`) gets its whole checksum
+//! first. A segment without a flow is turned into its RST, and a SYN the SYN proxy answers into
+//! its SYN-ACK, sent back out of the interface it came in on.
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
@@ -42,10 +44,14 @@ impl LoadBytes for Xdp<'_> {
 }
 
 impl Context for Xdp<'_> {
-    /// XDP sees frames before the kernel looked at them: nothing vouches for a checksum.
+    const NEIGH_OUTPUT: bool = false;
+
+    /// XDP sees frames before the kernel looked at them: nothing vouches for a checksum, but a
+    /// partial one (`csum::partial`) is computed whole before the segment is translated, and is
+    /// right by construction then, as the NIC's would be.
     #[inline(always)]
-    fn tcp_trusted(&self, _b: &mut Bounds, _pkt: &TcpPacket) -> bool {
-        false
+    fn tcp_trusted(&self, b: &mut Bounds, pkt: &TcpPacket) -> bool {
+        csum::partial(b, pkt)
     }
 
     /// A frame is linear whole (the program is not loaded for multi-buffer frames).
@@ -78,18 +84,34 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
             stats::global(GlobalStat::NeighFallbacks);
             return Ok(XDP_PASS);
         }
+        // Counted by TC, which sends it (`neigh_revalidations`).
+        NextHop::Kernel | NextHop::Revalidate { .. } => return Ok(XDP_PASS),
         NextHop::Unreachable => return Err(DropReason::NoRoute),
     };
-    // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
-    let rw = unsafe { nat::write_headers(&b, &t.pkt, t.flow)? };
     let pkt = &t.pkt;
     // The TCP checksum: word 8 of the header.
     let check = b
         .words::<1>(pkt.l4_off() + 16)
         .ok_or(DropReason::Truncated)?;
     // SAFETY: bounds-checked and aligned (see `Bounds::words`).
+    let mut field = unsafe { (*check)[0] };
+    // (A segment the SYN proxy wrote, `pre`, has its whole checksum: `pkt` no longer
+    // describes its lengths.)
+    if t.pre.is_none() && csum::partial(&b, pkt) {
+        // Completed here, before any byte changes: the redirected frame reaches its receiver
+        // without the skb that would have said CHECKSUM_PARTIAL. One too long for the datapath
+        // goes to the kernel as it came, where the skb still says it (TC translates it).
+        stats::partial_checksum(ctx.ingress_ifindex() as u32);
+        match csum::complete_partial(&b, pkt) {
+            Some(whole) => field = whole,
+            None => return Ok(XDP_PASS),
+        }
+    }
+    // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
+    let rw = unsafe { nat::write_headers(&b, &t.pkt, t.flow)? };
+    // SAFETY: as above (the headers' rewrite moved nothing).
     unsafe {
-        (*check)[0] = csum::apply((*check)[0], rw.addr_diff + rw.port_diff);
+        (*check)[0] = csum::apply(field, rw.addr_diff + rw.port_diff);
     }
     stats::traffic(t.flow, u64::from(pkt.l3_len));
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.

@@ -468,6 +468,20 @@ impl Collector for Snapshot {
         )?;
         single(
             e,
+            "gateway_neighbour_revalidations",
+            "Packets of flows whose next hop aged, sent through the kernel's neighbour output so that it revalidates the neighbour (a host that moved to another MAC is found again)",
+            Counter,
+            self.global.get(GlobalStat::NeighRevalidations),
+        )?;
+        single(
+            e,
+            "gateway_partial_checksums",
+            "TCP segments XDP met with a partial checksum (a sender on this host with tx checksum offload on) and completed; the daemon's log names the interfaces",
+            Counter,
+            self.global.get(GlobalStat::PartialChecksums),
+        )?;
+        single(
+            e,
             "gateway_no_flow_resets",
             "RSTs the datapath answered segments without a flow with (a connection it no longer has)",
             Counter,

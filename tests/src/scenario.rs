@@ -5,8 +5,9 @@
 //! and named [`Check`]s on the state after it), changes to the fixture between rows
 //! ([`Scenario::set`]), checks ([`Scenario::check`]) and waits ([`Scenario::wait`]). A row is
 //! one expression: [`Row::redirected`], [`Row::passed`] or [`Row::dropped`] with a frame, then
-//! `.entries(2)`, `.counter(stat, 1..=1)`, `.check("name", |cx| assert!(..))`, `.only(mode)`
-//! as needed; its fields are public for anything else (e.g. `out: Out::Bytes(expected)`).
+//! `.entries(2)`, `.counter(stat, 1..=1)`, `.check("name", |cx| assert!(..))`, `.only(mode)`,
+//! `.through(mode)` (the other program of the fixture) as needed; its fields are public for
+//! anything else (e.g. `out: Out::Bytes(expected)`).
 //!
 //! [`run`] plays one scenario in one attach mode on a topology and fixture of its own (so a
 //! scenario run alone behaves as in the whole suite). It does not stop at the first failure:
@@ -182,6 +183,9 @@ pub struct Row {
     pub checks: Vec<Check>,
     /// The attach modes this row runs in (default both).
     pub modes: &'static [AttachMode],
+    /// The program the row's packet goes through, if not the scenario's mode's: in XDP mode
+    /// the TC program is attached alongside and gets what XDP hands to the kernel.
+    pub program: Option<AttachMode>,
 }
 
 impl Row {
@@ -196,6 +200,7 @@ impl Row {
             counters: Vec::new(),
             checks: Vec::new(),
             modes: &AttachMode::ALL,
+            program: None,
         }
     }
 
@@ -248,6 +253,13 @@ impl Row {
         self
     }
 
+    /// Goes through `mode`'s program of the fixture instead of the scenario's (its verdict read
+    /// as that program's).
+    pub fn through(mut self, mode: AttachMode) -> Self {
+        self.program = Some(mode);
+        self
+    }
+
     /// Runs in `mode` only.
     pub fn only(mut self, mode: AttachMode) -> Self {
         self.modes = match mode {
@@ -284,6 +296,9 @@ pub enum Input {
     Frame(Box<dyn FnOnce(&Ctx) -> Frame + Send>),
     /// Bytes built when the row runs (a frame built then spoiled: [`Input::spoiled`]).
     Built(Box<BuildBytes>),
+    /// The frame the last row sent, byte for byte (the same packet through another program:
+    /// [`Row::through`]).
+    Last,
 }
 
 impl From<Vec<u8>> for Input {
@@ -308,7 +323,7 @@ impl Input {
     pub fn map(self, change: impl FnOnce(Frame) -> Frame + Send + 'static) -> Self {
         match self {
             Input::Frame(build) => Input::Frame(Box::new(move |cx| change(build(cx)))),
-            Input::Bytes(_) | Input::Built(_) => {
+            Input::Bytes(_) | Input::Built(_) | Input::Last => {
                 panic!("Input::map: bytes are not a Frame; change them directly")
             }
         }
@@ -328,6 +343,7 @@ impl Input {
             Input::Bytes(bytes) => bytes,
             Input::Frame(build) => build(cx).build(),
             Input::Built(build) => build(cx),
+            Input::Last => cx.input.clone(),
         }
     }
 }

@@ -25,7 +25,7 @@ fn short_run(mode: AttachMode) {
         panic!("{}\n{d}", report.summary());
     }
     // Without divergence the run proves something only if it played what it was asked to,
-    // and reached the checks of issue 14 it is there for.
+    // and reached the checks of issues 14 and 15 it is there for.
     let s = report.summary();
     assert_eq!(report.packets, packets, "{s}: packets played and compared");
     assert!(
@@ -49,6 +49,24 @@ fn short_run(mode: AttachMode) {
             "{s}: counter {} never went up",
             stat.label()
         );
+    }
+    // Issue 15: aged next hops revalidated (TC sends them through the neighbour output, XDP
+    // hands them over), partial checksums completed by XDP.
+    match mode {
+        AttachMode::Tc => assert!(
+            report.counted(GlobalStat::NeighRevalidations) > 0,
+            "{s}: no aged next hop revalidated"
+        ),
+        AttachMode::Xdp => {
+            assert!(
+                report.handed_over() > 0,
+                "{s}: nothing handed to the kernel"
+            );
+            assert!(
+                report.counted(GlobalStat::PartialChecksums) > 0,
+                "{s}: no partial checksum completed"
+            );
+        }
     }
 }
 

@@ -15,7 +15,8 @@ pub struct ClockCache {
 }
 
 /// Value of [`super::NEXTHOPS`] (per CPU): what `bpf_fib_lookup` answered for
-/// `src_ip → dst_ip` arriving on `ingress_ifindex`, and when.
+/// `src_ip → dst_ip` arriving on `ingress_ifindex`, and when; and whether the packet that asked
+/// went through the kernel's neighbour output (`revalidated`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NextHopCache {
@@ -29,5 +30,10 @@ pub struct NextHopCache {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad: [u8; 4],
+    /// 1: the answer of a flow whose own hop had aged, sent through the kernel's neighbour
+    /// output (which revalidates the neighbour); only such an answer serves other aged flows.
+    /// 0: a new flow's answer (new flows take either). Earlier builds left this byte 0 (it was
+    /// padding), which reads as "not revalidated": the layout and its name stay.
+    pub revalidated: u8,
+    pub _pad: [u8; 3],
 }

@@ -30,7 +30,7 @@ pub use service::{BACKEND_ACCEPTING, Backend4, MaglevTable, Service, ServiceKey4
 pub use crate::stats::TrafficStats;
 
 /// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
-pub const GLOBAL_STATS: &str = "gw_global_v4";
+pub const GLOBAL_STATS: &str = "gw_global_v5";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
@@ -61,6 +61,12 @@ pub const BACKEND_STATS: &str = "gw_be_stats_v1";
 pub const NEXTHOPS: &str = "gw_hops_v1";
 /// Slots of [`NEXTHOPS`] (a power of two).
 pub const NEXTHOP_SLOTS: u32 = 4096;
+/// Per-CPU hash `u32` ifindex → `u64`: TCP segments that reached the XDP program on that
+/// interface with a partial checksum (`GlobalStat::PartialChecksums`, by interface), so that the
+/// daemon can name the interfaces whose senders keep tx checksum offload on.
+pub const PARTIAL_CSUM: &str = "gw_partial_v1";
+/// Interfaces [`PARTIAL_CSUM`] holds (a front node has a handful; more are not counted there).
+pub const PARTIAL_CSUM_IFACES: u32 = 256;
 /// Per-CPU array with one [`ClockCache`]: the datapath's clock, read once per tick per CPU.
 pub const CLOCK: &str = "gw_clock_v1";
 /// Per-CPU array with one [`Flow`]: where the datapath builds a new flow's forward entry before
@@ -82,6 +88,7 @@ pub const ALL: &[&str] = &[
     CLOCK,
     NEXTHOPS,
     SCRATCH,
+    PARTIAL_CSUM,
 ];
 
 /// Names this build no longer uses, from earlier layouts: an upgrade carries the conntrack
@@ -90,6 +97,7 @@ pub const ALL: &[&str] = &[
 pub const RETIRED: &[&str] = &[
     CONNTRACK4_V2,
     CONNTRACK4_V1,
+    "gw_global_v4",
     "gw_global_v3",
     "gw_global_v2",
     "gw_config_v2",

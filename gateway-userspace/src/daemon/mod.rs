@@ -7,14 +7,15 @@
 //! commit), `reconcile` (desired state → datapath), `apps` (the operator's requests),
 //! `rotation` (deploy and drain), `resets` (ending connections: an RST to each end),
 //! `health` (check tasks and their reports), `scan` (conntrack scans, rates, flows, metrics),
-//! `bpffs` (pins), `error` ([`DaemonError`]). The HTTP side is
-//! `crate::api::server`.
+//! `offloads` (naming the interfaces whose senders leave checksums partial), `bpffs` (pins),
+//! `error` ([`DaemonError`]). The HTTP side is `crate::api::server`.
 
 mod apps;
 mod bpffs;
 mod core;
 mod error;
 mod health;
+mod offloads;
 mod reconcile;
 mod resets;
 mod rotation;
@@ -176,6 +177,7 @@ impl Tasks {
         Tasks(vec![
             tokio::spawn(api::server::serve_metrics(metrics, daemon.clone())),
             tokio::spawn(daemon.clone().scan_loop(settings.scan_interval)),
+            tokio::spawn(daemon.clone().offloads_loop(settings.scan_interval)),
             tokio::spawn(daemon.clone().health_loop(reports)),
             tokio::spawn(daemon.clone().drain_loop()),
             tokio::spawn(daemon.clone().signal_loop()),

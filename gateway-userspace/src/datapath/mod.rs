@@ -25,7 +25,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{Program, ProgramError, SchedClassifier, Xdp},
 };
 use gateway_common::{
@@ -89,7 +89,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Every map's name with the key and value sizes this build gives it.
-const LAYOUTS: &[(&str, usize, usize); 12] = &[
+const LAYOUTS: &[(&str, usize, usize); 13] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
     (maps::CONFIG, 4, size_of::<Config>()),
     (
@@ -106,6 +106,7 @@ const LAYOUTS: &[(&str, usize, usize); 12] = &[
     (maps::CLOCK, 4, size_of::<maps::ClockCache>()),
     (maps::NEXTHOPS, 4, size_of::<maps::NextHopCache>()),
     (maps::SCRATCH, 4, size_of::<Flow>()),
+    (maps::PARTIAL_CSUM, 4, size_of::<u64>()),
 ];
 
 /// The typed maps.
@@ -119,6 +120,7 @@ struct Maps {
     app_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     half_open: Array<MapData, i64>,
+    partial_csum: PerCpuHashMap<MapData, u32, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -209,6 +211,7 @@ impl Datapath {
             app_stats: take(&mut ebpf, maps::APP_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
             half_open: take(&mut ebpf, maps::HALF_OPEN)?,
+            partial_csum: take(&mut ebpf, maps::PARTIAL_CSUM)?,
         };
         // Programs after maps: a reused map of the wrong layout is reported by its name above,
         // rather than as a verifier error here.

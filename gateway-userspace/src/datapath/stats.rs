@@ -36,6 +36,20 @@ impl Datapath {
         sum_stats(&self.maps.backend_stats, id, maps::BACKEND_STATS)
     }
 
+    /// The interfaces (ifindex, in the datapath's namespace) on which the XDP program met
+    /// segments with a partial checksum (`partial_checksums`), with how many, summed over CPUs.
+    pub fn partial_checksum_ifaces(&self) -> Result<Vec<(u32, u64)>, DatapathError> {
+        let err = map_err(maps::PARTIAL_CSUM);
+        self.maps
+            .partial_csum
+            .iter()
+            .map(|r| {
+                r.map(|(ifindex, n)| (ifindex, n.iter().sum()))
+                    .map_err(&err)
+            })
+            .collect()
+    }
+
     /// Zeroes app `app_id`'s counters (an id handed to a new app).
     pub fn reset_app_stats(&mut self, app_id: u32) -> Result<(), DatapathError> {
         reset_stats(&mut self.maps.app_stats, app_id, maps::APP_STATS)

@@ -1,7 +1,8 @@
 //! The seeded generator of operations: connections of a pool of client tuples played by two
 //! simulated hosts (mostly right numbers, sometimes retransmitted, reordered, duplicated, at
 //! the window's edges as the model's entries put them, or random), every flag byte, options,
-//! and the frames' spoilers (TTL, truncation, IP options, fragments, checksums, lengths);
+//! and the frames' spoilers (TTL, truncation, IP options, fragments, checksums, partial ones
+//! as a sender with tx offload leaves them, lengths);
 //! strays to other ports and addresses and to SNAT ports without flows; health changes and
 //! aged flows. The same seed gives the same operations against the same model states.
 
@@ -677,7 +678,8 @@ impl Gen {
         self.spoil(Op::Raw { link, seg })
     }
 
-    /// Sometimes spoils a packet: TTL, IP options, a cut, fragment bits, checksums, lengths.
+    /// Sometimes spoils a packet: TTL, IP options, a cut, fragment bits, checksums (partial
+    /// ones too), lengths.
     fn spoil(&mut self, mut op: Op) -> Op {
         let seg = match &mut op {
             Op::Client { seg, .. } | Op::Backend { seg, .. } | Op::Raw { seg, .. } => seg,
@@ -687,7 +689,7 @@ impl Gen {
             return op;
         }
         let rng = &mut self.rng;
-        match rng.below(14) {
+        match rng.below(15) {
             0 | 1 => seg.ttl = rng.pick(&[0, 1, 2, 255, 64]),
             2 => {
                 let n = rng.range(1, 10) as usize * 4;
@@ -709,6 +711,8 @@ impl Gen {
             12 => {
                 seg.tcp_options = (0..rng.range(1, 40)).map(|_| rng.u32() as u8).collect();
             }
+            // What a sender with tx checksum offload hands a veth (CHECKSUM_PARTIAL).
+            13 => seg.partial_csum = true,
             _ => seg.ttl = 1,
         }
         op

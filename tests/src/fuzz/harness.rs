@@ -22,7 +22,7 @@ use super::ops::{Client, Op, hex};
 use crate::{
     datapath::{APP, Fixture, refuses},
     model::{
-        Clock, EntryExp, Hop, Model, Rules, diff_flows,
+        Clock, EntryExp, Hop, Model, Observed, Rules, Verdict, diff_flows,
         expect::check_time,
         show_flow,
         wire::{self, Parse},
@@ -319,7 +319,11 @@ impl Harness {
             Parse::Tcp(s) => Some(s.key),
             _ => None,
         };
-        let x = self.model.step(frame, mode, clock, snat_port);
+        let seen = Observed {
+            snat_port,
+            passed: ret == Verdict::Pass.code(mode),
+        };
+        let x = self.model.step(frame, mode, clock, seen);
         let stats = self.fx.dp.global_stats().expect("stats");
         let traffic = self.read_traffic();
         let mut problems = x.notes.clone();
@@ -377,6 +381,10 @@ impl Harness {
             }
         }
         self.cover(format!("verdict {:?}", x.verdict));
+        if x.verdict == Verdict::Pass && x.stat_delta(GlobalStat::Passed) == (0..=0) {
+            // A packet of ours handed to the kernel for its TC program (XDP).
+            self.cover(HANDED_OVER.to_owned());
+        }
         if let Some(r) = x.drop {
             self.cover(drop_key(r));
         }
@@ -531,6 +539,10 @@ impl Harness {
         }
     }
 }
+
+/// The coverage key of the packets of ours the model expected handed to the kernel untouched
+/// (XDP: an aged next hop to revalidate, a partial checksum too long to complete).
+pub const HANDED_OVER: &str = "handed to the kernel";
 
 /// The coverage key of the packets the model expected drop reason `r` of.
 pub fn drop_key(r: DropReason) -> String {

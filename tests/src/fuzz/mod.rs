@@ -112,6 +112,15 @@ impl Report {
             .unwrap_or(0)
     }
 
+    /// How many packets of ours the model expected handed to the kernel untouched (in the
+    /// coverage).
+    pub fn handed_over(&self) -> u64 {
+        self.coverage
+            .get(harness::HANDED_OVER)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// One line: mode, seed, packets, rate.
     pub fn summary(&self) -> String {
         format!(

@@ -9,10 +9,21 @@
 //! the SNAT port of a new flow is the one the datapath chose (its output's source port), if
 //! it is legal (in the range, free toward that backend or reusable by today's rule); SNAT
 //! collisions are bounded; times must lie within the bounds of the clock read around the run
-//! ([`Clock`]), and the model then takes the datapath's values ([`Model::adopt_times`]).
+//! ([`Clock`]), and the model then takes the datapath's values ([`Model::adopt_times`]). What
+//! the datapath observed is passed in as [`Observed`].
+//!
+//! Beyond spec 14, issue 15's rules (docs/datapath.md, "Next hop" and "Checksums"): a flow whose
+//! next hop aged is revalidated through the kernel's neighbour output (TC: counted
+//! `neigh_revalidations`, or served by another flow's revalidated answer; XDP: the packet is
+//! handed to the kernel untouched, its tracking done), and in XDP a TCP checksum field holding
+//! only its pseudo-header's sum (CHECKSUM_PARTIAL) is trusted and completed before translation
+//! (`partial_checksums`; a segment longer than 1535 bytes is handed to the kernel instead).
+//! The fuzzer runs one attach mode per fixture: the XDP program alone never finds a revalidated
+//! answer in the per-CPU cache (only TC writes them), so an aged hop is always handed over.
 //!
 //! [`Rules::Legacy`] is today's datapath (before spec 14: no flag, TTL, checksum or sequence
-//! checks, no RST answers), to run the fuzzer against a datapath without spec 14.
+//! checks, no RST answers, nor issue 15's rules), to run the fuzzer against a datapath without
+//! spec 14.
 
 pub mod expect;
 pub mod tcp;
@@ -56,6 +67,18 @@ pub struct Hop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+}
+
+/// What the datapath did with a frame that the model takes as given where its rules leave the
+/// choice to the datapath.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Observed {
+    /// The source port of its output when it translated to the SNAT address (its choice for a
+    /// new flow).
+    pub snat_port: Option<u16>,
+    /// Whether it handed the frame to the kernel: which side of the next-hop age its clock read
+    /// fell on, when the run's clock bounds straddle it (XDP hands an aged hop over).
+    pub passed: bool,
 }
 
 /// The bounds of the datapath's clock during a run (CLOCK_MONOTONIC_COARSE ns, read before and
@@ -146,15 +169,9 @@ impl Model {
     }
 
     /// Runs `frame` through the model in `mode`: what the datapath must do, the model's table
-    /// updated. `clock` bounds the datapath's time; `snat_port` is the source port of the
-    /// datapath's output when it translated to the SNAT address (its choice for a new flow).
-    pub fn step(
-        &mut self,
-        frame: &[u8],
-        mode: AttachMode,
-        clock: Clock,
-        snat_port: Option<u16>,
-    ) -> Expect {
+    /// updated. `clock` bounds the datapath's time; `seen` is what the datapath chose where the
+    /// rules let it.
+    pub fn step(&mut self, frame: &[u8], mode: AttachMode, clock: Clock, seen: Observed) -> Expect {
         let mut x = Expect::new(mode);
         match wire::parse(frame, |ip| self.addr_kind(ip)) {
             Parse::NotOurs => x.pass(frame),
@@ -164,8 +181,9 @@ impl Model {
                     m: self,
                     frame,
                     seg,
+                    mode,
                     clock,
-                    snat_port,
+                    seen,
                     x: &mut x,
                 };
                 match s.m.rules {
@@ -231,9 +249,20 @@ struct Step<'a> {
     m: &'a mut Model,
     frame: &'a [u8],
     seg: Seg,
+    mode: AttachMode,
     clock: Clock,
-    snat_port: Option<u16>,
+    seen: Observed,
     x: &'a mut Expect,
+}
+
+/// How a packet of a flow leaves, as far as its next hop decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Out {
+    /// Translated and redirected; the entry's `nexthop_ns` follows this rule.
+    Redirect(Time),
+    /// Handed to the kernel untouched (XDP, an aged hop to revalidate): nothing of the hop
+    /// changes.
+    Kernel,
 }
 
 impl Step<'_> {
@@ -387,38 +416,77 @@ impl Step<'_> {
         }
         es.packets += 1;
         es.bytes += u64::from(self.seg.l3_len);
-        exp.nexthop = self.resolve(&mut es);
+        let out = self.resolve(&mut es);
+        if let Out::Redirect(t) = out {
+            exp.nexthop = t;
+        }
         self.m.ct.insert(key, es);
         self.x.entries.insert(key, Some(exp));
-        self.translated(&es);
+        match out {
+            Out::Redirect(_) => self.translated(&es),
+            Out::Kernel => self.handed_over(),
+        }
+    }
+
+    /// Handed to the kernel untouched, for its TC program to finish (XDP): no counter of a
+    /// translation, and not `passed` either (the packet is ours).
+    fn handed_over(&mut self) {
+        self.x.verdict = Verdict::Pass;
+        self.x.out = Some(self.frame.to_vec());
     }
 
     /// The next hop of `flow`: kept while fresh, else resolved again (through the FIB or the
-    /// per-CPU cache of another flow's answer: at most one FIB lookup).
-    fn resolve(&mut self, flow: &mut Flow) -> Time {
+    /// per-CPU cache of another flow's answer: at most one FIB lookup). A flow's own aged hop
+    /// is revalidated: in TC its packet goes through the kernel's neighbour output
+    /// (`neigh_revalidations`, unless another flow's revalidated answer serves it), in XDP the
+    /// packet is handed to the kernel.
+    fn resolve(&mut self, flow: &mut Flow) -> Out {
         let hop = self.m.hops.get(&flow.nat_dst_ip).copied();
         let age = self
             .clock
             .elapsed_over(flow.nexthop_ns, self.m.nexthop_max_age_ns - 1);
         if flow.nexthop_ns != 0 && age == Some(false) {
-            return Time::Same;
+            return Out::Redirect(Time::Same);
+        }
+        let aged = flow.nexthop_ns != 0 && self.m.rules == Rules::Spec14;
+        if aged && self.mode == AttachMode::Xdp {
+            // Aged for every instant the run may have read, or the datapath says it was at
+            // the instant it read (it handed the packet over); else it was still fresh.
+            return if age == Some(true) || self.seen.passed {
+                Out::Kernel
+            } else {
+                Out::Redirect(Time::Same)
+            };
         }
         self.x.stat_range(GlobalStat::FibLookups, 0..=1);
+        if aged {
+            self.x.stat_range(GlobalStat::NeighRevalidations, 0..=1);
+        }
         if let Some(hop) = hop {
             flow.nexthop_ifindex = hop.ifindex;
             flow.nexthop_smac = hop.smac;
             flow.nexthop_dmac = hop.dmac;
         }
         // Stale for every instant the run may have read: resolved again, certainly.
-        if flow.nexthop_ns == 0 || age == Some(true) {
+        Out::Redirect(if flow.nexthop_ns == 0 || age == Some(true) {
             Time::Resolved
         } else {
             Time::SameOrResolved
-        }
+        })
     }
 
-    /// The translated output of this segment through `flow`, and its counters.
+    /// The translated output of this segment through `flow`, and its counters. In XDP, a
+    /// partial TCP checksum is completed first (or the segment, too long for that, handed to
+    /// the kernel).
     fn translated(&mut self, flow: &Flow) {
+        let mut frame = self.frame.to_vec();
+        if self.partial() {
+            self.x.stat(GlobalStat::PartialChecksums, 1);
+            if self.seg.l3_len as usize - self.seg.ihl > wire::SEGMENT_MAX {
+                return self.handed_over();
+            }
+            wire::complete_checksum(&mut frame, &self.seg);
+        }
         let t = Translation {
             src_ip: flow.nat_src_ip,
             dst_ip: flow.nat_dst_ip,
@@ -429,7 +497,7 @@ impl Step<'_> {
             ttl_dec: self.m.rules == Rules::Spec14,
         };
         self.x.verdict = Verdict::Redirect;
-        self.x.out = Some(wire::translate(self.frame, &self.seg, &t));
+        self.x.out = Some(wire::translate(&frame, &self.seg, &t));
         let bytes = u64::from(self.seg.l3_len);
         if flow.direction == DIR_FORWARD {
             self.x.stat(GlobalStat::Forwarded, 1);
@@ -446,13 +514,21 @@ impl Step<'_> {
         }
     }
 
+    /// Whether this is XDP meeting a partial TCP checksum (issue 15): trusted, and completed
+    /// before the segment is translated.
+    fn partial(&self) -> bool {
+        self.mode == AttachMode::Xdp
+            && self.m.rules == Rules::Spec14
+            && wire::partial_checksum(self.frame, &self.seg)
+    }
+
     /// A SYN to the service of `app` without a flow, or starting its flow `stale` over: spec §5
     /// (today: the same without checksums and tracking).
     fn new_flow(&mut self, app: u32, stale: Option<Stale>) {
         let spec = self.m.rules == Rules::Spec14;
         if spec
             && (wire::ip_residual(self.frame, self.seg.ihl) != 0xffff
-                || wire::tcp_residual(self.frame, &self.seg) != 0xffff)
+                || (wire::tcp_residual(self.frame, &self.seg) != 0xffff && !self.partial()))
         {
             return self.x.drop(DropReason::BadChecksum);
         }
@@ -501,7 +577,9 @@ impl Step<'_> {
         }
         forward.packets = 1;
         forward.bytes = u64::from(self.seg.l3_len);
-        let nexthop = self.resolve(&mut forward);
+        let Out::Redirect(nexthop) = self.resolve(&mut forward) else {
+            unreachable!("a new flow has no hop to revalidate");
+        };
         let reverse_key =
             FlowKey4::new(backend.ip, self.m.snat_ip, backend.port, port_to_net(port));
         let new = EntryExp {
@@ -551,7 +629,7 @@ impl Step<'_> {
             .iter()
             .filter(|s| matches!(s, PortState::Taken | PortState::MaybeReusable))
             .count();
-        let chosen = match self.snat_port {
+        let chosen = match self.seen.snat_port {
             Some(p) if (min..=max).contains(&p) => Some(p),
             Some(p) => {
                 self.x.note(format!(

@@ -15,7 +15,7 @@ use gateway_common::{
     },
 };
 
-use super::{Clock, Expect, Model, Rules, Verdict, wire::Segment};
+use super::{Clock, Expect, Model, Observed, Rules, Verdict, wire::Segment};
 
 fn addr(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
@@ -46,7 +46,15 @@ const CLOCK: Clock = Clock {
 };
 
 fn step(m: &mut Model, s: Segment, port: Option<u16>) -> Expect {
-    m.step(&s.build(), AttachMode::Xdp, CLOCK, port)
+    step_in(m, AttachMode::Xdp, s, port)
+}
+
+fn step_in(m: &mut Model, mode: AttachMode, s: Segment, port: Option<u16>) -> Expect {
+    let seen = Observed {
+        snat_port: port,
+        passed: false,
+    };
+    m.step(&s.build(), mode, CLOCK, seen)
 }
 
 fn from_client(flags: u8, seq: u32, ack: u32) -> Segment {
@@ -186,4 +194,71 @@ fn the_first_syn_ack_must_acknowledge_the_syn() {
     let x = step(&mut m, from_backend(SYN | ACK, 5000, 1002), None);
     assert_eq!(x.drop, Some(DropReason::OutOfWindow));
     assert_eq!(m.ct[&fwd_key()].state & CT_SYN_ACK_SEEN, 0);
+}
+
+#[test]
+fn an_aged_next_hop_is_revalidated_through_the_kernel() {
+    for mode in AttachMode::ALL {
+        let mut m = model();
+        established(&mut m);
+        let f = m.ct.get_mut(&fwd_key()).unwrap();
+        f.nexthop_ns = CLOCK.lo - 2 * m.nexthop_max_age_ns;
+        let (was, data) = (*f, from_client(ACK | PSH, 1001, 5001));
+        let frame = data.build();
+        let x = step_in(&mut m, mode, data, None);
+        let now = m.ct[&fwd_key()];
+        assert_eq!(now.packets, was.packets + 1, "{mode}: tracked either way");
+        match mode {
+            // Handed to the kernel as it came, for TC to send through the neighbour output.
+            AttachMode::Xdp => {
+                assert_eq!(
+                    (x.verdict, x.out.as_deref()),
+                    (Verdict::Pass, Some(&frame[..]))
+                );
+                assert_eq!(x.stat_delta(GlobalStat::Forwarded), 0..=0);
+                assert_eq!(x.stat_delta(GlobalStat::Passed), 0..=0);
+                assert_eq!(now.nexthop_ns, was.nexthop_ns);
+            }
+            AttachMode::Tc => {
+                assert_eq!(x.verdict, Verdict::Redirect);
+                assert_eq!(x.stat_delta(GlobalStat::NeighRevalidations), 0..=1);
+                assert_eq!(x.stat_delta(GlobalStat::Forwarded), 1..=1);
+            }
+        }
+    }
+}
+
+#[test]
+fn xdp_completes_a_partial_checksum_and_tc_trusts_only_its_skb() {
+    let partial = |mut s: Segment| {
+        s.partial_csum = true;
+        s
+    };
+    // XDP: a SYN with a partial checksum makes a flow, and leaves with a whole checksum.
+    let mut m = model();
+    let x = step(&mut m, partial(from_client(SYN, 1000, 0)), Some(40_000));
+    assert_eq!(x.verdict, Verdict::Redirect);
+    assert_eq!(x.stat_delta(GlobalStat::PartialChecksums), 1..=1);
+    crate::packet::parse_checked(x.out.as_deref().unwrap());
+    // TC on a bare frame (no skb saying CHECKSUM_PARTIAL): a wrong checksum.
+    let mut m = model();
+    let x = step_in(
+        &mut m,
+        AttachMode::Tc,
+        partial(from_client(SYN, 1000, 0)),
+        Some(40_000),
+    );
+    assert_eq!(x.drop, Some(DropReason::BadChecksum));
+    // XDP: a segment longer than the datapath sums goes to the kernel as it came.
+    let mut m = model();
+    established(&mut m);
+    let mut long = partial(from_client(ACK | PSH, 1001, 5001));
+    long.payload_len = 1600;
+    let frame = long.build();
+    let x = step(&mut m, long, None);
+    assert_eq!(
+        (x.verdict, x.out.as_deref()),
+        (Verdict::Pass, Some(&frame[..]))
+    );
+    assert_eq!(x.stat_delta(GlobalStat::PartialChecksums), 1..=1);
 }

@@ -168,6 +168,34 @@ pub fn tcp_residual(frame: &[u8], seg: &Seg) -> u16 {
     !l4_checksum(addr(&ip[12..16]), addr(&ip[16..20]), IPPROTO_TCP, tcp)
 }
 
+/// The longest TCP segment (header and payload) whose checksum the datapath computes
+/// (gateway-ebpf's `csum::SEGMENT_MAX`, docs/datapath.md).
+pub const SEGMENT_MAX: usize = 1535;
+
+/// Whether the TCP checksum field of `seg` holds what a sender with tx checksum offload leaves
+/// there ([`packet::partial_checksum`] of its own pseudo-header): CHECKSUM_PARTIAL.
+pub fn partial_checksum(frame: &[u8], seg: &Seg) -> bool {
+    let ip = &frame[ETH_LEN..];
+    let at = seg.l4_off() + 16;
+    be16(frame, at)
+        == packet::partial_checksum(
+            addr(&ip[12..16]),
+            addr(&ip[16..20]),
+            usize::from(seg.l3_len) - seg.ihl,
+        )
+}
+
+/// Writes the whole TCP checksum of `seg` into `frame` (computed from scratch over its
+/// pseudo-header and segment).
+pub fn complete_checksum(frame: &mut [u8], seg: &Seg) {
+    let at = seg.l4_off() + 16;
+    frame[at..at + 2].copy_from_slice(&[0, 0]);
+    let ip = &frame[ETH_LEN..];
+    let tcp = &ip[seg.ihl..usize::from(seg.l3_len)];
+    let sum = l4_checksum(addr(&ip[12..16]), addr(&ip[16..20]), IPPROTO_TCP, tcp);
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// The IPv4 address in these 4 bytes.
 fn addr(b: &[u8]) -> Ipv4Addr {
     Ipv4Addr::new(b[0], b[1], b[2], b[3])
@@ -272,6 +300,9 @@ pub struct Segment {
     /// Make both right checksums 0x0000 (through the urgent pointer and the identification)
     /// and write the other representation of zero, 0xffff: still right by RFC 1071's sum.
     pub negative_zero: bool,
+    /// Leave the TCP checksum as a sender with tx checksum offload does (the pseudo-header's
+    /// sum only: [`packet::partial_checksum`]), instead of the right one.
+    pub partial_csum: bool,
     /// Bytes after the IPv4 packet (an Ethernet pad).
     pub trailer: u8,
     /// Overrides of the first IPv4 byte (version and ihl) and of the TCP data offset nibble.
@@ -303,6 +334,7 @@ impl Segment {
             ip_csum_delta: 0,
             tcp_csum_delta: 0,
             negative_zero: false,
+            partial_csum: false,
             trailer: 0,
             version_ihl: None,
             doff: None,
@@ -342,8 +374,14 @@ impl Segment {
             let s = l4_checksum(src, dst, IPPROTO_TCP, &tcp);
             tcp[18..20].copy_from_slice(&s.to_be_bytes());
         }
-        let sum = l4_checksum(src, dst, IPPROTO_TCP, &tcp);
-        let sum = self.spoil(sum, self.tcp_csum_delta);
+        let sum = if self.partial_csum {
+            packet::partial_checksum(src, dst, tcp.len())
+        } else {
+            self.spoil(
+                l4_checksum(src, dst, IPPROTO_TCP, &tcp),
+                self.tcp_csum_delta,
+            )
+        };
         tcp[16..18].copy_from_slice(&sum.to_be_bytes());
         let total = self.total_len.unwrap_or((ihl + tcp.len()) as u16);
         let mut ip = Vec::with_capacity(ihl);
