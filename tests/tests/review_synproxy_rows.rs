@@ -1,7 +1,11 @@
 //! Review of issue 15 (the SYN proxy, XDP's partial checksums) as datapath rows. Each scenario
 //! here fails on the reviewed code (36adf0b): the row named in its doc comment is the one.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    net::SocketAddrV4,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use gateway::datapath::monotonic_ns;
 use gateway_common::{
@@ -10,6 +14,8 @@ use gateway_common::{
     syncookie::{self, Handshake},
 };
 use gateway_tests::{
+    datapath::Fixture,
+    netns::Topology,
     packet::{Frame, flags, parse_checked},
     scenario::{
         AttachMode, BACKEND_ISN, CLIENT_ISN, Conn, Ctx, Input, Out, Row, Scenario, from_backend,
@@ -23,6 +29,8 @@ scenario_tests! {
     a_lost_syn_to_the_backend_is_sent_again,
     a_backend_syn_ack_after_the_clients_rst_is_not_acknowledged,
     a_whole_checksum_equal_to_the_pseudo_headers_sum_is_not_counted_partial,
+    a_flood_that_exhausts_snat_ports_below_the_cap_still_gets_cookies,
+    a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections,
 }
 
 const CLIENT_WINDOW: u16 = 29_200;
@@ -248,5 +256,85 @@ fn a_whole_checksum_equal_to_the_pseudo_headers_sum_is_not_counted_partial() -> 
             )
             .counter(GlobalStat::PartialChecksums, 0..=0)
             .only(AttachMode::Xdp),
+        )
+}
+
+/// The SNAT ports toward a backend are fewer than the app's cap of half-open flows (the
+/// issue's own reproduction used 512 ports, 40000-40511, against a cap of 1024; or several apps
+/// share a backend and their caps add up): a flood takes every port with half-open flows before
+/// the count reaches the cap, so no SYN ever gets a cookie; every SYN, the legitimate clients'
+/// included, is dropped `snat_exhausted` for the handshake's 30 s, as before issue 15. Nothing
+/// in the configuration refuses or warns of it. A careful fix answers a SYN with a cookie when
+/// no SNAT port is free (the proxied flow is made only for a proven client), or checks the cap
+/// against the range at start.
+///
+/// Fails at row "a third SYN ...": dropped snat_exhausted.
+fn a_flood_that_exhausts_snat_ports_below_the_cap_still_gets_cookies() -> Scenario {
+    let (a, b, c) = (Conn::new(49_400), Conn::new(49_401), Conn::new(49_402));
+    Scenario::new()
+        .backends(1)
+        .set("at most 4 half-open flows per app", cap(4))
+        .set("2 SNAT ports", |cx| {
+            cx.fx
+                .dp
+                .configure(Topology::SNAT_IP, 40_000..=40_001, Duration::from_secs(60))
+                .expect("configure")
+        })
+        .row(Row::redirected("a spoofed SYN", a.syn(), a.to_maglev_backend()).entries(2))
+        .row(Row::redirected("another", b.syn(), b.to_maglev_backend()).entries(2))
+        .row(
+            Row::sent_back(
+                "a third SYN, no SNAT port left, 2 half-open of a cap of 4: a cookie",
+                c.syn(),
+                Out::Any,
+            )
+            .entries(0)
+            .counter(GlobalStat::SynCookiesSent, 1..=1),
+        )
+}
+
+/// The per-app caps do not bound the table: apps x cap x 2 entries of half-open flows fit in
+/// the table only while apps < table / (2 x cap): 512 apps with the defaults (1,048,576 entries,
+/// cap 1024), 32 apps with `--conntrack-size 65536` (the issue's input 2). A spoofed flood to
+/// every app's port fills the table with half-open flows, each app below or at its cap, and
+/// then every app's new connections are refused `conntrack_full` for the handshake's 30 s,
+/// the proxied ones too (a cookie's ACK needs two entries): "other apps are unaffected" does
+/// not hold. Here, to scale: a table of 8 entries, a cap of 2, three apps. A careful fix caps
+/// the half-open flows of the whole table too (cookies for every app past it), as Linux's
+/// `tcp_max_syn_backlog` is per listener but the kernel's SYN queue memory is bounded
+/// globally, or answers a SYN with a cookie when the table is full.
+///
+/// Fails at row "app 3's SYN ...": dropped conntrack_full.
+fn a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections() -> Scenario {
+    let svc = |port| SocketAddrV4::new(Topology::PUBLIC_IP, port);
+    let app2 = |p| Conn::new(p).to(svc(20_001));
+    let app3 = Conn::new(49_520).to(svc(20_002));
+    Scenario::new()
+        .backends(1)
+        .fixture(|mode, ips| Fixture::new(mode, ips, 8))
+        .set(
+            "a cap of 2 half-open flows per app; apps 2 and 3",
+            move |cx| {
+                cx.fx.dp.set_half_open_max(2).expect("cap");
+                let backends = cx.fx.backends.clone();
+                for (app, port) in [(2, 20_001), (3, 20_002)] {
+                    cx.fx.dp.set_app_backends(app, &backends).expect("maglev");
+                    cx.fx.dp.set_service(svc(port), app).expect("service");
+                }
+            },
+        )
+        .rows([
+            Row::redirected("flood: app 1", Conn::new(49_500).syn(), Out::Any).entries(2),
+            Row::redirected("flood: app 1", Conn::new(49_501).syn(), Out::Any).entries(2),
+            Row::redirected("flood: app 2", app2(49_510).syn(), Out::Any).entries(2),
+            Row::redirected("flood: app 2", app2(49_511).syn(), Out::Any).entries(2),
+        ])
+        .row(
+            Row::redirected(
+                "app 3's SYN (no half-open flow of its own): a flow, or at least a cookie",
+                app3.syn(),
+                Out::Any,
+            )
+            .counter(GlobalStat::FlowsCreated, 0..=1),
         )
 }
