@@ -43,6 +43,17 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// No segment yet: what the attach mode gives the pipeline to fill (every field set, so
+    /// nothing of it is undefined to LLVM: see `pipeline::prepare`).
+    pub const EMPTY: Answer = Answer {
+        back: false,
+        seq: 0,
+        ack: 0,
+        flags: 0,
+        window: 0,
+        mss: 0,
+    };
+
     /// The frame's length: [`FRAME_LEN`], or [`FRAME_LEN_MSS`] with an MSS option.
     #[inline(always)]
     pub const fn frame_len(&self) -> usize {

@@ -9,7 +9,7 @@ use gateway_common::{
         CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST,
         CT_SYN_ACK_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, LAST_SEEN_GRANULARITY_NS,
         TCP_MAX_WSCALE, TRACK_ACK_SEEN, TRACK_LIBERAL, TRACK_PROXIED, TRACK_WSCALE_OFFERED,
-        max_window, seq_after, seq_before,
+        is_closed, max_window, seq_after, seq_before,
     },
     net::tcp_flags::{ACK, FIN, RST, SYN},
 };
@@ -195,6 +195,15 @@ pub fn track(
         set |= CT_BACKEND_CLOSED_FIRST;
     }
     let new = flow.state | set;
+    if is_closed(new)
+        && !is_closed(flow.state)
+        && new & CT_ESTABLISHED == 0
+        && flow.track & TRACK_PROXIED == 0
+    {
+        // A handshake made from a SYN closed (RST, or FIN both ways) before it completed: one
+        // half-open flow less.
+        synproxy::half_open_add(flow.app_id, -1);
+    }
     // A state change writes the entry anyway: its time is exact then, which the SNAT port
     // reuse of closed connections relies on (see `nat::SNAT_REUSE_IDLE_NS`).
     let exact = new != flow.state;
@@ -272,12 +281,14 @@ pub fn syn(flow: &mut Flow, pkt: &TcpPacket, offered: Option<u8>) {
 }
 
 /// A proxied flow's forward entry (`flow`, as `nat::create` left it) takes the client's ACK
-/// `pkt` that carried a valid SYN cookie: the client's numbers start at its ISN + 1 (the ACK's
-/// data, if any, is not taken), its acknowledgement the cookie + 1, its window unscaled (the
-/// cookie's SYN-ACK offered no scaling); the ACK is counted.
+/// `pkt` that carried a valid SYN cookie (of MSS `mss`, for the client's ISN `isn`): the
+/// client's numbers start at its ISN + 1 (the ACK's data, if any, is not taken), its
+/// acknowledgement the cookie + 1, its window unscaled (the cookie's SYN-ACK offered no
+/// scaling); the ACK is counted.
 #[inline(always)]
-pub fn proxied(flow: &mut Flow, pkt: &TcpPacket) {
-    flow.seq_end = pkt.seq;
+pub fn proxied(flow: &mut Flow, pkt: &TcpPacket, isn: u32, mss: u16) {
+    flow.seq_end = isn.wrapping_add(1);
+    flow.proxy_mss = mss;
     flow.ack_max = pkt.ack;
     flow.win_max = u32::from(pkt.window);
     flow.track = TRACK_ACK_SEEN | TRACK_PROXIED;
@@ -293,6 +304,10 @@ pub fn proxied(flow: &mut Flow, pkt: &TcpPacket) {
 /// (`synproxy::backend_ack`).
 #[inline(always)]
 pub fn proxy_syn_ack(flow: &mut Flow, pkt: &TcpPacket, now: u64) -> Result<(u32, u16), DropReason> {
+    if is_closed(flow.state) {
+        // The client reset (or closed) before the backend answered: nobody to connect.
+        return Err(DropReason::OutOfWindow);
+    }
     let p = lookup(&flow.peer_key()).ok_or(DropReason::OutOfWindow)?;
     // SAFETY: a conntrack value pointer; both entries of this connection are updated.
     let client = unsafe { &mut *p };

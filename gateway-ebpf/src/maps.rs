@@ -25,6 +25,10 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "gw_half_open_v1")]
 pub static HALF_OPEN: Array<i64> = Array::with_max_entries(MAX_APPS, 0);
 
+/// `COOKIES`: app → the cookie counter when it last gave a cookie (see `synproxy`).
+#[map(name = "gw_cookies_v1")]
+pub static COOKIES: Array<u64> = Array::with_max_entries(MAX_APPS, 0);
+
 /// `SERVICES4`: `(public ip, port)` → app.
 #[map(name = "gw_svc4_v1")]
 pub static SERVICES: HashMap<ServiceKey4, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);

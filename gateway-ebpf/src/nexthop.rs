@@ -26,25 +26,48 @@ use crate::{clock::Now, mac::copy_mac, maps::NEXTHOPS, stats};
 
 const AF_INET: u8 = 2;
 
-/// The outcome of resolving a flow's next hop.
-#[derive(Clone, Copy)]
-pub enum NextHop {
+/// How a packet goes to its next hop ([`NextHop::how`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum How {
     /// Send out of `ifindex` with the MACs cached in the flow.
-    Ready { ifindex: u32 },
-    /// The flow's hop had aged; the FIB answered again (`ifindex`, the next hop's address in
-    /// network order, the MACs now in the flow): send through the kernel's neighbour output
-    /// (`bpf_redirect_neigh`) so that the neighbour is revalidated. Only for a program that can
-    /// (`neigh_output`).
-    Revalidate { ifindex: u32, nexthop: u32 },
+    Ready,
+    /// The flow's hop had aged; the FIB answered again (`ifindex`, the next hop's address
+    /// `nexthop` in network order, the MACs now in the flow): send through the kernel's
+    /// neighbour output (`bpf_redirect_neigh`) so that the neighbour is revalidated. Only for
+    /// a program that can (`neigh_output`).
+    Revalidate,
     /// The flow's hop had aged, in a program that cannot reach the kernel's neighbour output
     /// (XDP): hand the packet to the kernel untouched; the TC program attached alongside
     /// resolves it again (`Revalidate`). Nothing of the flow's hop changed.
     Kernel,
     /// The route is known but the neighbour is not: `ifindex` and the next hop's address
-    /// (network order) for `bpf_redirect_neigh`, or the kernel, to resolve.
-    NoNeigh { ifindex: u32, nexthop: u32 },
+    /// `nexthop` (network order) for `bpf_redirect_neigh`, or the kernel, to resolve.
+    NoNeigh,
     /// No route.
     Unreachable,
+}
+
+/// The outcome of resolving a flow's next hop: how, and where (fields a `How` does not use are
+/// 0). A struct rather than an enum with fields. Verifier workaround: the fields an enum
+/// variant leaves out are undefined to LLVM, which copies them with the rest and reads
+/// registers the verifier refuses (`!read_ok`).
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub how: How,
+    pub ifindex: u32,
+    pub nexthop: u32,
+}
+
+impl NextHop {
+    #[inline(always)]
+    const fn new(how: How, ifindex: u32, nexthop: u32) -> Self {
+        NextHop {
+            how,
+            ifindex,
+            nexthop,
+        }
+    }
 }
 
 /// Resolves (or reuses) the next hop of `flow`, whose rewritten destination is
@@ -56,7 +79,7 @@ pub enum NextHop {
 /// flow takes a fresh answer of the per-CPU cache, else asks the FIB, and goes out directly. A
 /// flow whose hop aged takes a fresh cache answer only if that one was revalidated (asked by an
 /// aged flow and sent through the neighbour output); else it asks the FIB and its packet is
-/// sent through the neighbour output ([`NextHop::Revalidate`]; XDP: [`NextHop::Kernel`], with
+/// sent through the neighbour output ([`How::Revalidate`]; XDP: [`How::Kernel`], with
 /// no FIB lookup and nothing written, so that TC finds the hop aged too).
 #[inline(always)]
 pub fn resolve(
@@ -70,9 +93,7 @@ pub fn resolve(
         resolved_ns != 0 && now.ns.wrapping_sub(resolved_ns) < now.nexthop_max_age
     };
     if fresh(flow.nexthop_ns) {
-        return NextHop::Ready {
-            ifindex: flow.nexthop_ifindex,
-        };
+        return NextHop::new(How::Ready, flow.nexthop_ifindex, 0);
     }
     let aged = flow.nexthop_ns != 0;
     // The new flows to one destination (from one source, through one ingress interface: what
@@ -97,11 +118,11 @@ pub fn resolve(
             copy_mac(&mut flow.nexthop_smac, &c.smac);
             copy_mac(&mut flow.nexthop_dmac, &c.dmac);
             flow.nexthop_ns = c.resolved_ns;
-            return NextHop::Ready { ifindex: c.ifindex };
+            return NextHop::new(How::Ready, c.ifindex, 0);
         }
     }
     if aged && !neigh_output {
-        return NextHop::Kernel;
+        return NextHop::new(How::Kernel, 0, 0);
     }
     stats::global(GlobalStat::FibLookups);
     // SAFETY: a plain-old-data struct of the kernel's ABI; all zeroes is valid.
@@ -145,25 +166,18 @@ pub fn resolve(
             };
         }
         if aged {
-            NextHop::Revalidate {
-                ifindex: params.ifindex,
-                // SAFETY: the kernel filled the IPv4 next hop (the gateway of the route, or
-                // the destination itself when on-link).
-                nexthop: unsafe { params.__bindgen_anon_4.ipv4_dst },
-            }
+            // SAFETY: the kernel filled the IPv4 next hop (the gateway of the route, or the
+            // destination itself when on-link).
+            let nexthop = unsafe { params.__bindgen_anon_4.ipv4_dst };
+            NextHop::new(How::Revalidate, params.ifindex, nexthop)
         } else {
-            NextHop::Ready {
-                ifindex: params.ifindex,
-            }
+            NextHop::new(How::Ready, params.ifindex, 0)
         }
     } else if ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         // SAFETY: as above.
         let nexthop = unsafe { params.__bindgen_anon_4.ipv4_dst };
-        NextHop::NoNeigh {
-            ifindex: params.ifindex,
-            nexthop,
-        }
+        NextHop::new(How::NoNeigh, params.ifindex, nexthop)
     } else {
-        NextHop::Unreachable
+        NextHop::new(How::Unreachable, 0, 0)
     }
 }

@@ -53,9 +53,9 @@ pub trait Context: LoadBytes {
 
 /// A packet of a flow of ours, with where it goes next.
 pub struct Translation<'a> {
-    /// The segment the packet becomes before it is translated (a SYN cookie's ACK becomes the
-    /// SYN to the backend), if it changes.
-    pub pre: Option<Answer>,
+    /// Whether the packet first becomes the segment written in `prepare`'s `answer` (a SYN
+    /// cookie's ACK, or a proxied flow's client segment, becomes the SYN to the backend).
+    pub pre: bool,
     pub pkt: TcpPacket,
     /// Its conntrack entry (state, counters and next hop already updated), or for a new flow
     /// the copy that was inserted.
@@ -69,39 +69,49 @@ pub enum Verdict<'a> {
     Pass,
     /// Translate it and send it on.
     Translate(Translation<'a>),
-    /// Write this segment over it and send it back where it came from (see `answer`): the RST
-    /// answering a segment without a flow (`reset`), the SYN proxy's SYN-ACK with a cookie or
-    /// ACK to the backend (`synproxy`).
-    Answer(Answer),
+    /// Write the segment `prepare` put in its `answer` over it and send it back where it came
+    /// from (see `answer`): the RST answering a segment without a flow (`reset`), the SYN
+    /// proxy's SYN-ACK with a cookie or ACK to the backend (`synproxy`).
+    Answer,
 }
 
 /// What both attach modes do first: decide, and for a packet of ours resolve its next hop.
 /// `ctx` is the program's context, `ingress_ifindex` the interface the packet came in on; a
 /// new flow is built in this CPU's `SCRATCH` slot and inserted from there. `b` may be
-/// refreshed (see [`Context`]).
+/// refreshed (see [`Context`]). A segment of the gateway's own (an answer, or what the packet
+/// becomes before it is translated) is written to `answer`, the caller's. Verifier workaround:
+/// carried in the enums instead, its narrow fields were packed into registers with the
+/// undefined rest of the other variants, which the verifier refuses to read (`!read_ok`).
 #[inline(always)]
 pub fn prepare<C: Context>(
     b: &mut Bounds,
     checks: &C,
     ctx: *mut c_void,
     ingress_ifindex: u32,
+    answer: &mut Answer,
 ) -> Result<Verdict<'static>, DropReason> {
-    match decide(b, checks)? {
+    match decide(b, checks, answer)? {
         Action::Pass => {
             stats::global(GlobalStat::Passed);
             Ok(Verdict::Pass)
         }
-        Action::Reset(answer) => {
+        Action::Reset => {
             stats::global(GlobalStat::RstNoFlow);
-            Ok(Verdict::Answer(answer))
+            Ok(Verdict::Answer)
         }
-        Action::Answer(answer) => Ok(Verdict::Answer(answer)),
+        Action::Answer => Ok(Verdict::Answer),
         Action::Existing { pkt, flow, now } => {
             // SAFETY: a conntrack value pointer; this CPU updates it in place.
             let flow = unsafe { &mut *flow };
+            // A proxied flow whose backend has not answered: the client's segment becomes the
+            // SYN to it again (`decide` let it through untracked).
+            let pre = synproxy::resends_syn(flow, &pkt);
+            if pre {
+                *answer = synproxy::backend_syn(&pkt, flow.seq_end.wrapping_sub(1), flow.proxy_mss);
+            }
             let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now, C::NEIGH_OUTPUT);
             Ok(Verdict::Translate(Translation {
-                pre: None,
+                pre,
                 pkt,
                 flow,
                 hop,
@@ -118,7 +128,7 @@ pub fn prepare<C: Context>(
             // inserted: no lookup of it afterwards, no update in the map.
             let hop = nexthop::resolve(ctx, ingress_ifindex, flow, now, C::NEIGH_OUTPUT);
             nat::commit(claim, &pkt.key, flow)?;
-            if syn.is_none() {
+            if !syn {
                 // A flow made from a SYN is half-open until its handshake completes.
                 synproxy::half_open_add(flow.app_id, 1);
             }
@@ -136,10 +146,10 @@ pub fn prepare<C: Context>(
 enum Action<'a> {
     /// Hand it to the kernel unchanged.
     Pass,
-    /// Answer it with this RST (counted `rst_no_flow`).
-    Reset(Answer),
-    /// Answer it with this segment of the SYN proxy's.
-    Answer(Answer),
+    /// Answer it with the RST written to the answer (counted `rst_no_flow`).
+    Reset,
+    /// Answer it with the segment of the SYN proxy's written to the answer.
+    Answer,
     /// Translate it with this conntrack entry (state and counters already updated); `now` is
     /// the time the decision was made (ns).
     Existing {
@@ -147,7 +157,8 @@ enum Action<'a> {
         flow: *mut Flow,
         now: Now,
     },
-    /// A SYN of a new flow, or a SYN cookie's ACK (then `syn` is the SYN it becomes): its
+    /// A SYN of a new flow, or a SYN cookie's ACK (then `syn`: the SYN it becomes is written to
+    /// the answer): its
     /// reverse entry is in the table (`claim`), its forward entry is `flow` (this CPU's scratch
     /// slot), to insert once complete.
     New {
@@ -155,13 +166,17 @@ enum Action<'a> {
         flow: &'a mut Flow,
         claim: Claim,
         now: Now,
-        syn: Option<Answer>,
+        syn: bool,
     },
 }
 
 /// Classifies the packet in `b` and finds (or starts) its flow.
 #[inline(always)]
-fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, DropReason> {
+fn decide<C: Context>(
+    b: &mut Bounds,
+    checks: &C,
+    answer: &mut Answer,
+) -> Result<Action<'static>, DropReason> {
     let Some(cfg) = CONFIG.get(0) else {
         return Ok(Action::Pass);
     };
@@ -179,8 +194,14 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
         // SAFETY: a conntrack value pointer; this CPU updates it in place.
         let f = unsafe { &mut *flow };
         check_flags(&pkt)?;
-        // A SYN that starts its connection over goes on as a SYN without a flow (its old pair is
-        // removed below, once it is known to make a new one).
+        if synproxy::resends_syn(f, &pkt) {
+            // The backend has not answered the proxy's SYN (lost, or slow): the client's next
+            // segment (its zero-window probe, or its ACK again) carries the SYN again (in
+            // `prepare`), as a client's own SYN retransmission would. Not tracked: nothing of
+            // the flow moves.
+            check_ttl(&pkt)?;
+            return Ok(Action::Existing { pkt, flow, now });
+        }
         if f.track & TRACK_PROXIED != 0 && f.direction != DIR_FORWARD {
             if pkt.flags & (SYN | ACK | RST | FIN) == SYN | ACK {
                 // The backend's SYN-ACK to the proxy's SYN: answered with the handshake's ACK.
@@ -188,7 +209,8 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
                     return Err(DropReason::BadHeader);
                 }
                 let (seq, window) = conntrack::proxy_syn_ack(f, &pkt, now.ns)?;
-                return Ok(Action::Answer(synproxy::backend_ack(&pkt, seq, window)));
+                *answer = synproxy::backend_ack(&pkt, seq, window);
+                return Ok(Action::Answer);
             }
             if pkt.flags & RST != 0 && f.state & CT_SYN_ACK_SEEN == 0 {
                 // The backend refuses the proxy's SYN: the client, established since its
@@ -207,6 +229,8 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
                 None
             };
             conntrack::track(f, &pkt, wscale, now.ns)?;
+            // A SYN that starts its connection over goes on below as a SYN without a flow (its
+            // old pair is removed there, once it is known to make a new one).
             return Ok(Action::Existing { pkt, flow, now });
         }
     }
@@ -218,15 +242,16 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
             let app_id = unsafe { (*service).app_id };
             if !syn {
                 // An ACK alone may complete a handshake the SYN proxy answered with a cookie.
-                let mss = if pkt.flags & (SYN | ACK | RST | FIN) == ACK && pkt.ihl() == IPV4_MIN_LEN
-                {
-                    synproxy::cookie_mss(cfg, &pkt, now.ns)
-                } else {
-                    None
-                };
-                let Some(mss) = mss else {
-                    return no_flow(pkt, DropReason::NoFlow);
-                };
+                let cookie =
+                    if pkt.flags & (SYN | ACK | RST | FIN) == ACK && pkt.ihl() == IPV4_MIN_LEN {
+                        synproxy::cookie_mss(cfg, app_id, &pkt, now.ns)
+                    } else {
+                        0
+                    };
+                if cookie == 0 {
+                    return no_flow(pkt, DropReason::NoFlow, answer);
+                }
+                let (mss, isn) = ((cookie >> 32) as u16, cookie as u32);
                 check_ttl(&pkt)?;
                 // It makes a flow: verified as a SYN is.
                 if !(csum::ipv4_ok(b, &pkt)
@@ -239,13 +264,14 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
                 // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
                 let forward = unsafe { &mut *slot };
                 let claim = nat::create(&pkt.key, app_id, cfg, now.ns, TRACK_PROXIED, forward)?;
-                conntrack::proxied(forward, &pkt);
+                conntrack::proxied(forward, &pkt, isn, mss);
+                *answer = synproxy::backend_syn(&pkt, isn, mss);
                 return Ok(Action::New {
                     pkt,
                     flow: forward,
                     claim,
                     now,
-                    syn: Some(synproxy::backend_syn(&pkt, mss)),
+                    syn: true,
                 });
             }
             check_ttl(&pkt)?;
@@ -255,27 +281,16 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
             {
                 return Err(DropReason::BadChecksum);
             }
-            if synproxy::half_open_full(app_id, cfg) {
-                // A flood, or a very busy app: a cookie instead of a flow.
-                if pkt.ihl() != IPV4_MIN_LEN {
-                    return Err(DropReason::HalfOpenFull);
-                }
-                stats::global(GlobalStat::SynCookiesSent);
-                let mss = parse::mss(checks, &pkt);
-                return Ok(Action::Answer(synproxy::cookie_syn_ack(
-                    cfg, &pkt, mss, now.ns,
-                )));
+            // A flood, or a very busy app: a cookie instead of a flow (below).
+            let full = synproxy::half_open_full(app_id, cfg);
+            if full && pkt.ihl() != IPV4_MIN_LEN {
+                return Err(DropReason::HalfOpenFull);
             }
-            let wscale = parse::window_scale(checks, &pkt);
-            // The forward entry is built in this CPU's scratch slot: a `Flow` does not fit the
-            // BPF stack beside the rest of this path.
-            let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
-            // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
-            let forward = unsafe { &mut *slot };
             // The flow this SYN starts over, if any, goes now that the SYN passed every check,
-            // not before. Verifier workaround: it is looked up again (a bucket the lookup above
-            // just read) rather than remembered from there: a pointer or none carried across
-            // the checks made two states of each, and verification took 45% longer.
+            // not before; with a cookie too (its ACK would meet the old flow). Verifier
+            // workaround: it is looked up again (a bucket the lookup above just read) rather
+            // than remembered from there: a pointer or none carried across the checks made two
+            // states of each, and verification took 45% longer.
             if let Some(old) = conntrack::lookup(&pkt.key) {
                 // SAFETY: a conntrack value pointer, read here.
                 let old = unsafe { &*old };
@@ -284,10 +299,26 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
                     // A connection that was not over is balanced afresh.
                     if !is_closed(old.state) {
                         stats::global(GlobalStat::SynRebalanced);
+                        if old.track & TRACK_PROXIED == 0 {
+                            // A handshake made from a SYN, not completed: one half-open less.
+                            synproxy::half_open_add(old.app_id, -1);
+                        }
                     }
                     conntrack::remove_pair(&pkt.key, old);
                 }
             }
+            if full {
+                stats::global(GlobalStat::SynCookiesSent);
+                let mss = parse::mss(checks, &pkt);
+                *answer = synproxy::cookie_syn_ack(cfg, app_id, &pkt, mss, now.ns);
+                return Ok(Action::Answer);
+            }
+            let wscale = parse::window_scale(checks, &pkt);
+            // The forward entry is built in this CPU's scratch slot: a `Flow` does not fit the
+            // BPF stack beside the rest of this path.
+            let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
+            // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
+            let forward = unsafe { &mut *slot };
             let claim = nat::create(&pkt.key, app_id, cfg, now.ns, 0, forward)?;
             conntrack::syn(forward, &pkt, wscale);
             return Ok(Action::New {
@@ -295,7 +326,7 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
                 flow: forward,
                 claim,
                 now,
-                syn: None,
+                syn: false,
             });
         }
     }
@@ -303,7 +334,7 @@ fn decide<C: Context>(b: &mut Bounds, checks: &C) -> Result<Action<'static>, Dro
         let port = port_from_net(pkt.key.dst_port);
         if (cfg.snat_port_min..=cfg.snat_port_max).contains(&port) {
             check_flags(&pkt)?;
-            return no_flow(pkt, DropReason::NoReplyFlow);
+            return no_flow(pkt, DropReason::NoReplyFlow, answer);
         }
     }
     Ok(Action::Pass)
@@ -343,9 +374,14 @@ fn tcp_sum_ok<C: Context>(b: &mut Bounds, checks: &C, pkt: &TcpPacket) -> bool {
 /// A segment without a flow: answered with an RST when it can be (`reset::answers`), else
 /// dropped for `reason`.
 #[inline(always)]
-fn no_flow(pkt: TcpPacket, reason: DropReason) -> Result<Action<'static>, DropReason> {
+fn no_flow(
+    pkt: TcpPacket,
+    reason: DropReason,
+    answer: &mut Answer,
+) -> Result<Action<'static>, DropReason> {
     if reset::answers(&pkt) {
-        Ok(Action::Reset(reset::answer(&pkt)))
+        *answer = reset::answer(&pkt);
+        Ok(Action::Reset)
     } else {
         Err(reason)
     }

@@ -18,7 +18,7 @@ use gateway_common::{DropReason, GlobalStat};
 use crate::{
     answer::{self, Answer},
     nat,
-    nexthop::NextHop,
+    nexthop::How,
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
     stats,
@@ -124,17 +124,18 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     // At TC ingress, the skb's device is the one it arrived on.
     // SAFETY: the context pointer the kernel gave this program.
     let ingress = unsafe { (*skb).ifindex };
-    let t = match pipeline::prepare(&mut b, &Skb(ctx), skb as *mut c_void, ingress)? {
+    let mut answer = Answer::EMPTY;
+    let t = match pipeline::prepare(&mut b, &Skb(ctx), skb as *mut c_void, ingress, &mut answer)? {
         Verdict::Pass => return Ok(TC_ACT_OK),
-        Verdict::Answer(a) => {
-            rewrite(ctx, &mut b, &a)?;
+        Verdict::Answer => {
+            rewrite(ctx, &mut b, &answer)?;
             // SAFETY: plain helper call: out of the device the segment came in on.
             return Ok(unsafe { bpf_redirect(ingress, 0) } as i32);
         }
         Verdict::Translate(t) => t,
     };
-    if let Some(pre) = &t.pre {
-        rewrite(ctx, &mut b, pre)?;
+    if t.pre {
+        rewrite(ctx, &mut b, &answer)?;
     }
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
     let rw = unsafe { nat::write_headers(&b, &t.pkt, t.flow)? };
@@ -155,19 +156,20 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::Truncated);
     }
     stats::traffic(t.flow, u64::from(pkt.l3_len));
-    let ret = match t.hop {
+    let (ifindex, nexthop) = (t.hop.ifindex, t.hop.nexthop);
+    let ret = match t.hop.how {
         // SAFETY: plain helper call.
-        NextHop::Ready { ifindex } => unsafe { bpf_redirect(ifindex, 0) },
-        NextHop::NoNeigh { ifindex, nexthop } => {
+        How::Ready => unsafe { bpf_redirect(ifindex, 0) },
+        How::NoNeigh => {
             stats::global(GlobalStat::NeighFallbacks);
             redirect_neigh(ifindex, nexthop)
         }
-        NextHop::Revalidate { ifindex, nexthop } => {
+        How::Revalidate => {
             stats::global(GlobalStat::NeighRevalidations);
             redirect_neigh(ifindex, nexthop)
         }
         // Only XDP is handed that (`Context::NEIGH_OUTPUT`).
-        NextHop::Kernel | NextHop::Unreachable => return Err(DropReason::NoRoute),
+        How::Kernel | How::Unreachable => return Err(DropReason::NoRoute),
     };
     Ok(ret as i32)
 }

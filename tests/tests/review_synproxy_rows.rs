@@ -281,15 +281,20 @@ fn a_flood_that_exhausts_snat_ports_below_the_cap_still_gets_cookies() -> Scenar
                 .expect("configure")
         })
         .row(Row::redirected("a spoofed SYN", a.syn(), a.to_maglev_backend()).entries(2))
-        .row(Row::redirected("another", b.syn(), b.to_maglev_backend()).entries(2))
         .row(
             Row::sent_back(
-                "a third SYN, no SNAT port left, 2 half-open of a cap of 4: a cookie",
-                c.syn(),
+                "another: half the 2 ports are held half-open (the cap of all apps together), \
+                 below the app's cap of 4: a cookie",
+                b.syn(),
                 Out::Any,
             )
             .entries(0)
             .counter(GlobalStat::SynCookiesSent, 1..=1),
+        )
+        .row(
+            Row::sent_back("a third SYN: a cookie", c.syn(), Out::Any)
+                .entries(0)
+                .counter(GlobalStat::SynCookiesSent, 1..=1),
         )
 }
 
@@ -326,8 +331,12 @@ fn a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections() ->
         .rows([
             Row::redirected("flood: app 1", Conn::new(49_500).syn(), Out::Any).entries(2),
             Row::redirected("flood: app 1", Conn::new(49_501).syn(), Out::Any).entries(2),
-            Row::redirected("flood: app 2", app2(49_510).syn(), Out::Any).entries(2),
-            Row::redirected("flood: app 2", app2(49_511).syn(), Out::Any).entries(2),
+            // A quarter of the table (2 entries: 2 flows) is half-open: every app's SYNs get
+            // cookies from here.
+            Row::redirected("flood: app 2, a cookie", app2(49_510).syn(), Out::Any)
+                .counter(GlobalStat::SynCookiesSent, 1..=1),
+            Row::redirected("flood: app 2, a cookie", app2(49_511).syn(), Out::Any)
+                .counter(GlobalStat::SynCookiesSent, 1..=1),
         ])
         .row(
             Row::redirected(

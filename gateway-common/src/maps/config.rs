@@ -39,7 +39,10 @@ pub struct Config {
     /// Half-open flows an app may have (`super::HALF_OPEN`) before its SYNs are answered with
     /// SYN cookies; 0: [`HALF_OPEN_MAX_DEFAULT`].
     pub half_open_max: u32,
-    pub _pad: u32,
+    /// Half-open flows of all apps together before every app's SYNs get cookies (slot 0 of
+    /// `super::HALF_OPEN`): the per-app caps alone do not bound the table or a backend's SNAT
+    /// ports. The daemon sets a quarter of the table and half the SNAT range; 0: none.
+    pub half_open_global_max: u32,
     /// The SYN cookies' SipHash key (`crate::syncookie`): random, the daemon's.
     pub cookie_key: [u64; 2],
 }
@@ -63,6 +66,14 @@ impl Config {
             0 => HALF_OPEN_MAX_DEFAULT,
             max => max,
         }
+    }
+
+    /// Whether the app with `app` half-open flows, of `all` in all, is at a cap: its SYNs get
+    /// SYN cookies.
+    #[inline(always)]
+    pub const fn half_open_full(&self, app: i64, all: i64) -> bool {
+        app >= self.half_open_max() as i64
+            || (self.half_open_global_max != 0 && all >= self.half_open_global_max as i64)
     }
 
     /// The kind bits of `ip` (network order), 0 when it is not a gateway address.

@@ -171,7 +171,11 @@ pub struct Flow {
     /// client's view plus this: its segments' `seq` lose it on the way to the client, the
     /// client's `ack` gain it on the way to the backend. Both entries hold it; 0 otherwise.
     pub seq_delta: u32,
-    pub _pad2: u32,
+    /// A proxied flow's MSS, the cookie's (host order): its SYN to the backend carries it, and
+    /// carries it again if the backend has not answered when the client's next segment comes.
+    /// 0 otherwise.
+    pub proxy_mss: u16,
+    pub _pad2: u16,
 }
 
 /// [`Flow::track`] bit: `ack_max` holds an acknowledgement this side sent.

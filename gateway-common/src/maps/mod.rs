@@ -50,10 +50,16 @@ pub const CONNTRACK4: &str = "gw_ct4_v3";
 pub const APP_STATS: &str = "gw_app_stats_v1";
 /// Array `u32` app id → `i64`: the app's half-open flows (handshake not completed), counted
 /// by the datapath (one more per flow a SYN makes, one less when its handshake completes) and
-/// set to the exact count by each conntrack scan. At [`Config::half_open_max`] the app's SYNs
-/// are answered with SYN cookies instead of making flows (`crate::syncookie`). Not per CPU:
-/// one atomic add per SYN.
+/// set to the exact count by each conntrack scan; slot 0 (no app) holds all apps' together.
+/// At [`Config::half_open_max`] (or [`Config::half_open_global_max`] for slot 0) the app's
+/// SYNs are answered with SYN cookies instead of making flows (`crate::syncookie`). Not per
+/// CPU: one atomic add per SYN.
 pub const HALF_OPEN: &str = "gw_half_open_v1";
+/// Array `u32` app id → `u64`: the cookie counter (`crate::syncookie::counter`) when the app
+/// last answered a SYN with a cookie. An ACK without a flow is checked for a cookie only if
+/// its app gave cookies in this counter step or the last (a cookie's lifetime): no SipHash
+/// per stray ACK, no window for forging, while there is no flood.
+pub const COOKIES: &str = "gw_cookies_v1";
 /// Per-CPU array `u32` backend id → [`TrafficStats`].
 pub const BACKEND_STATS: &str = "gw_be_stats_v1";
 /// Per-CPU array of [`NEXTHOP_SLOTS`] [`NextHopCache`] slots, indexed by a hash of the
@@ -85,6 +91,7 @@ pub const ALL: &[&str] = &[
     APP_STATS,
     BACKEND_STATS,
     HALF_OPEN,
+    COOKIES,
     CLOCK,
     NEXTHOPS,
     SCRATCH,

@@ -49,17 +49,15 @@ impl Core {
         s.scans += 1;
         s.expired += scan.removed as u64;
         // The datapath's half-open counts, set to what the walk found (it counts on from there;
-        // this corrects what it cannot see: flows that expired, closed or started over).
+        // this corrects what it cannot see: flows that expired, closed or started over), and
+        // all apps' together in slot 0.
+        let half_open = &self.scan.counts.half_open;
         for app in self.state.apps.values() {
-            let n = self
-                .scan
-                .counts
-                .half_open
-                .get(&app.id)
-                .copied()
-                .unwrap_or(0);
+            let n = half_open.get(&app.id).copied().unwrap_or(0);
             self.datapath.set_half_open(app.id, n as i64)?;
         }
+        let all: u64 = half_open.values().sum();
+        self.datapath.set_half_open(0, all as i64)?;
         let now = Instant::now();
         let mut traffic = HashMap::new();
         for app in self.state.apps.values() {

@@ -89,7 +89,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Every map's name with the key and value sizes this build gives it.
-const LAYOUTS: &[(&str, usize, usize); 13] = &[
+const LAYOUTS: &[(&str, usize, usize); 14] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
     (maps::CONFIG, 4, size_of::<Config>()),
     (
@@ -103,6 +103,7 @@ const LAYOUTS: &[(&str, usize, usize); 13] = &[
     (maps::APP_STATS, 4, size_of::<TrafficStats>()),
     (maps::BACKEND_STATS, 4, size_of::<TrafficStats>()),
     (maps::HALF_OPEN, 4, 8),
+    (maps::COOKIES, 4, 8),
     (maps::CLOCK, 4, size_of::<maps::ClockCache>()),
     (maps::NEXTHOPS, 4, size_of::<maps::NextHopCache>()),
     (maps::SCRATCH, 4, size_of::<Flow>()),
@@ -290,6 +291,11 @@ impl Datapath {
         config.snat_port_min = min;
         config.snat_port_max = max;
         config.nexthop_max_age_ns = nexthop_max_age.as_nanos() as u64;
+        // All apps' half-open flows together: at most a quarter of the table and half the
+        // SNAT range (toward one backend, the ports a flood to one app can take), so that
+        // neither fills before the SYN cookies start.
+        let ports = u32::from(max - min) + 1;
+        config.half_open_global_max = (self.conntrack_capacity / 4).min(ports / 2).max(1);
         if config.cookie_key == [0; 2] {
             // Once per table: a reused configuration keeps its key, and the cookies it gave.
             config.cookie_key = random_key()?;
@@ -306,9 +312,21 @@ impl Datapath {
         self.write_config(config)
     }
 
-    /// The half-open flows of app `app_id` as the datapath counts them ([`maps::HALF_OPEN`]).
+    /// Sets how many half-open flows all apps together may have before every app's SYNs get
+    /// SYN cookies (`Config::half_open_global_max`; 0: no such cap). [`Datapath::configure`]
+    /// sets a quarter of the table and half the SNAT range.
+    pub fn set_half_open_global_max(&mut self, max: u32) -> Result<(), DatapathError> {
+        let mut config = self.config()?;
+        config.half_open_global_max = max;
+        self.write_config(config)
+    }
+
+    /// The half-open flows of app `app_id` as the datapath counts them ([`maps::HALF_OPEN`]);
+    /// app 0: all apps together.
     pub fn half_open(&self, app_id: u32) -> Result<i64, DatapathError> {
-        check_id("app", app_id, maps::MAX_APPS)?;
+        if app_id != 0 {
+            check_id("app", app_id, maps::MAX_APPS)?;
+        }
         self.maps
             .half_open
             .get(&app_id, 0)
@@ -316,9 +334,11 @@ impl Datapath {
     }
 
     /// Sets the half-open flows of app `app_id` to `n` (the exact count a scan found; the
-    /// datapath counts on from there).
+    /// datapath counts on from there); app 0: all apps together.
     pub fn set_half_open(&mut self, app_id: u32, n: i64) -> Result<(), DatapathError> {
-        check_id("app", app_id, maps::MAX_APPS)?;
+        if app_id != 0 {
+            check_id("app", app_id, maps::MAX_APPS)?;
+        }
         self.maps
             .half_open
             .set(app_id, n, 0)
