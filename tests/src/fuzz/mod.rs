@@ -116,6 +116,15 @@ impl Report {
             .unwrap_or(0)
     }
 
+    /// How many packets were translated with a proxied flow's numbers (issue 15; in the
+    /// coverage).
+    pub fn proxied_translated(&self) -> u64 {
+        self.coverage
+            .get(harness::PROXIED_TRANSLATED)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// One line: mode, seed, packets, rate.
     pub fn summary(&self) -> String {
         format!(
@@ -184,6 +193,7 @@ fn play(options: Options, ips: &[std::net::Ipv4Addr]) -> Report {
             diverged = Some(d);
             break;
         }
+        g.observe(&op, h.last_out.as_deref());
     }
     if diverged.is_none() {
         let mut problems = Vec::new();
