@@ -16,6 +16,7 @@ use gateway_common::{
         ServiceKey4, TRACK_LIBERAL, TRACK_PROXIED, TrafficStats,
     },
     net::{ip_to_net, port_from_net},
+    syncookie,
 };
 
 use super::ops::{Client, Op, hex};
@@ -444,6 +445,14 @@ impl Harness {
                 .is_some_and(|f| f.track & TRACK_PROXIED != 0 && f.seq_delta != 0)
         {
             self.cover(PROXIED_TRANSLATED.to_owned());
+        }
+        if syncookie::counter(clock.lo) != syncookie::counter(clock.hi)
+            && [GlobalStat::SynCookiesSent, GlobalStat::SynCookiesAccepted]
+                .iter()
+                .any(|st| *x.stat_delta(*st).end() > 0)
+        {
+            // Issue 15: a cookie made or checked when either counter was the datapath's.
+            self.cover("cookie at a counter step".to_owned());
         }
         self.last_out = (x.verdict != Verdict::Drop)
             .then(|| x.out.clone())

@@ -336,3 +336,87 @@ fn the_half_open_count_follows_handshakes_and_scans() {
     step(&mut m, from_client(RST, 1001, 0), None);
     assert_eq!((m.half_open(1), m.half_open_exact(1)), (1, 0));
 }
+
+/// Issue 15: when the run's clock straddles a cookie counter step, the model takes the counter
+/// the datapath's answer shows: the low bits heading the cookie it sent, or (for a cookie valid
+/// in one of the two counters only) whether it answered the ACK with an RST.
+#[test]
+fn a_clock_straddling_a_counter_step_takes_the_datapaths_counter() {
+    use gateway_common::syncookie::{self, Handshake};
+    let step_ns = 1u64 << 36;
+    let k = 1000u64;
+    let clock = Clock {
+        lo: k * step_ns - 5_000_000,
+        hi: k * step_ns + 5_000_000,
+    };
+    let mut m = model();
+    m.snat_ports = (40_000, 40_001);
+    m.half_open_max = 1;
+    m.cookie_key = [3, 4];
+    let seen = |out_seg| Observed {
+        out_seg,
+        ..Observed::default()
+    };
+    m.step(
+        &from_client(SYN, 1000, 0).build(),
+        AttachMode::Tc,
+        clock,
+        Observed {
+            snat_port: Some(40_000),
+            ..Observed::default()
+        },
+    );
+    let c2 = addr("192.0.2.2:40001");
+    let hs = Handshake {
+        src_ip: ip_to_net(*c2.ip()),
+        dst_ip: ip_to_net(*addr(SVC).ip()),
+        src_port: c2.port().to_be(),
+        dst_port: addr(SVC).port().to_be(),
+        isn: 7000,
+    };
+    let mut syn = from_client(SYN, 7000, 0);
+    syn.src = c2;
+    for counter in [k - 1, k] {
+        let cookie = syncookie::make(&m.cookie_key, &hs, counter, 0);
+        let x = m.step(
+            &syn.build(),
+            AttachMode::Tc,
+            clock,
+            seen(Some((SYN | ACK, cookie))),
+        );
+        assert_eq!(
+            numbers(&x.out.unwrap()).0,
+            cookie,
+            "made in counter {counter}"
+        );
+    }
+    // A cookie made two counters before the later one: valid in the earlier counter only.
+    let old = syncookie::make(&m.cookie_key, &hs, k - 2, 0);
+    let mut ack = from_client(ACK, 7001, old.wrapping_add(1));
+    ack.src = c2;
+    let x = m.clone().step(
+        &ack.build(),
+        AttachMode::Tc,
+        clock,
+        seen(Some((RST, old.wrapping_add(1)))),
+    );
+    assert_eq!(
+        x.stat_delta(GlobalStat::RstNoFlow),
+        1..=1,
+        "read the later counter"
+    );
+    let x = m.step(
+        &ack.build(),
+        AttachMode::Tc,
+        clock,
+        Observed {
+            snat_port: Some(40_001),
+            out_seg: Some((SYN, 7000)),
+        },
+    );
+    assert_eq!(
+        x.stat_delta(GlobalStat::SynCookiesAccepted),
+        1..=1,
+        "read the earlier counter"
+    );
+}
