@@ -217,8 +217,8 @@ impl Model {
     }
 
     /// The half-open flows of `app` a conntrack scan finds (what it sets the count to): its
-    /// connections neither established, closing nor closed, made from a SYN (a proxied flow
-    /// never holds a SNAT port half-open for a client that did not prove its address).
+    /// connections neither established, closing nor closed, made from a SYN (a proxied flow's
+    /// client proved its address: it is not what a flood fills the table with).
     pub fn half_open_exact(&self, app: u32) -> i64 {
         let past = CT_ESTABLISHED | CT_FIN_FORWARD | CT_FIN_REVERSE | CT_RST;
         self.ct
