@@ -208,6 +208,12 @@ fn decide<C: Context>(
                 if pkt.ihl() != IPV4_MIN_LEN {
                     return Err(DropReason::BadHeader);
                 }
+                // It fixes the flow's numbers for good: verified as a SYN is.
+                if !(csum::ipv4_ok(b, &pkt)
+                    && (checks.tcp_trusted(b, &pkt) || tcp_sum_ok(b, checks, &pkt)))
+                {
+                    return Err(DropReason::BadChecksum);
+                }
                 let (seq, window) = conntrack::proxy_syn_ack(f, &pkt, now.ns)?;
                 *answer = synproxy::backend_ack(&pkt, seq, window);
                 return Ok(Action::Answer);

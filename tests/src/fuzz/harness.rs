@@ -13,9 +13,10 @@ use gateway_common::{
     DropReason, GlobalStat,
     maps::{
         ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, DIR_FORWARD, Flow, FlowKey4,
-        ServiceKey4, TRACK_LIBERAL, TrafficStats,
+        ServiceKey4, TRACK_LIBERAL, TRACK_PROXIED, TrafficStats,
     },
     net::{ip_to_net, port_from_net},
+    syncookie,
 };
 
 use super::ops::{Client, Op, hex};
@@ -81,27 +82,33 @@ pub struct Harness {
     pub refused: u64,
     /// How often each verdict, drop reason and counter came up (what the run exercised).
     pub coverage: std::collections::BTreeMap<String, u64>,
+    /// The output the model expected of the last packet played (not for a drop): what the
+    /// generator's hosts answer (a cookie's SYN-ACK, the SYN proxy's segments).
+    pub last_out: Option<Vec<u8>>,
 }
 
 impl Harness {
     /// A fixture in `mode` over `backend_ips` (call inside the topology's gateway namespace),
-    /// SNAT ports `snat_ports`, and the model of it following `rules`.
+    /// SNAT ports `snat_ports`, at most `half_open_max` half-open flows per app before SYN
+    /// cookies, and the model of it following `rules`.
     pub fn new(
         mode: AttachMode,
         rules: Rules,
         backend_ips: &[Ipv4Addr],
         snat_ports: std::ops::RangeInclusive<u16>,
+        half_open_max: u32,
     ) -> Self {
         let mut fx = Fixture::new(mode, backend_ips, 1 << 14);
         let max_age = Duration::from_secs(60);
         fx.dp
             .configure(Topology::SNAT_IP, snat_ports.clone(), max_age)
             .expect("configure");
-        // The model has no SYN proxy yet: no app ever reaches its cap of half-open flows (no
-        // scan corrects the datapath's count here, and handshakes the fuzzer abandons keep it).
-        // The SYN proxy's rules are tests/datapath_synproxy.rs's rows.
-        fx.dp.set_half_open_max(u32::MAX).expect("half-open max");
+        fx.dp
+            .set_half_open_max(half_open_max)
+            .expect("half-open max");
         let mut m = Model::new(rules);
+        m.half_open_max = half_open_max;
+        m.cookie_key = fx.dp.cookie_key().expect("cookie key");
         m.snat_ip = ip_to_net(Topology::SNAT_IP);
         m.snat_ports = (*snat_ports.start(), *snat_ports.end());
         m.nexthop_max_age_ns = max_age.as_nanos() as u64;
@@ -144,6 +151,7 @@ impl Harness {
             packets: 0,
             refused: 0,
             coverage: Default::default(),
+            last_out: None,
         };
         h.traffic = h.read_traffic();
         h
@@ -159,6 +167,11 @@ impl Harness {
         for b in self.fx.backends.clone() {
             self.fx.dp.set_backend(b.id, b.addr, true).expect("backend");
         }
+        self.fx.dp.set_half_open(APP, 0).expect("half-open count");
+        self.fx
+            .dp
+            .set_half_open_max(self.initial.half_open_max)
+            .expect("half-open max");
         self.model = self.initial.clone();
         self.last_flow.clear();
         self.stats = self.fx.dp.global_stats().expect("stats");
@@ -220,6 +233,7 @@ impl Harness {
 
     /// Plays `op` on both sides and compares.
     pub fn exec(&mut self, op: &Op) -> Result<(), Box<Divergence>> {
+        self.last_out = None;
         if let Some(c) = op.client()
             && let Some(f) = self.model.ct.get(&c.key())
         {
@@ -258,11 +272,40 @@ impl Harness {
                 });
                 Ok(())
             }
+            Op::Scan => self.scan(),
+            Op::Cap { max } => {
+                self.fx.dp.set_half_open_max(*max).expect("half-open max");
+                self.model.half_open_max = *max;
+                Ok(())
+            }
             _ => {
                 let frame = self.frame(op).expect("a packet");
                 self.packet(&frame)
             }
         }
+    }
+
+    /// What the daemon's conntrack scan does to the half-open count: app 1's set to what a walk
+    /// of the datapath's table finds (the daemon's own count), and the model's to what its rule
+    /// finds in its table; the two must agree.
+    fn scan(&mut self) -> Result<(), Box<Divergence>> {
+        let counts = self.fx.dp.conntrack().counts().expect("conntrack counts");
+        let dp = counts.half_open.get(&APP).copied().unwrap_or(0) as i64;
+        let m = self.model.half_open_exact(APP);
+        self.fx.dp.set_half_open(APP, dp).expect("half-open count");
+        self.model.half_open.insert(APP, m);
+        if dp == m {
+            return Ok(());
+        }
+        Err(Box::new(Divergence {
+            problems: vec![format!(
+                "scan: the daemon counts {dp} half-open flows of app {APP} in the datapath's table, the model {m} in its own"
+            )],
+            frame: Vec::new(),
+            got: Vec::new(),
+            want: None,
+            entries: Vec::new(),
+        }))
     }
 
     /// Changes both entries of `client`'s flow alike on both sides (if both sides have them).
@@ -319,9 +362,14 @@ impl Harness {
             Parse::Tcp(s) => Some(s.key),
             _ => None,
         };
+        let out_seg = match wire::parse(&out, |_| 1) {
+            Parse::Tcp(s) if ret == Verdict::Redirect.code(mode) => Some((s.flags, s.seq)),
+            _ => None,
+        };
         let seen = Observed {
             snat_port,
             passed: ret == Verdict::Pass.code(mode),
+            out_seg,
         };
         let x = self.model.step(frame, mode, clock, seen);
         let stats = self.fx.dp.global_stats().expect("stats");
@@ -380,11 +428,43 @@ impl Harness {
                 ));
             }
         }
+        if self.model.rules == Rules::Spec14 {
+            let (dp, m) = (
+                self.fx.dp.half_open(APP).expect("half-open count"),
+                self.model.half_open(APP),
+            );
+            if dp != m {
+                problems.push(format!(
+                    "half-open flows of app {APP}: datapath {dp}, model {m}"
+                ));
+            }
+        }
         self.cover(format!("verdict {:?}", x.verdict));
         if x.verdict == Verdict::Pass && x.stat_delta(GlobalStat::Passed) == (0..=0) {
             // A packet of ours handed to the kernel for its TC program (XDP).
             self.cover(HANDED_OVER.to_owned());
         }
+        if x.verdict == Verdict::Redirect
+            && let Some(k) = key
+            && self
+                .model
+                .ct
+                .get(&k)
+                .is_some_and(|f| f.track & TRACK_PROXIED != 0 && f.seq_delta != 0)
+        {
+            self.cover(PROXIED_TRANSLATED.to_owned());
+        }
+        if syncookie::counter(clock.lo) != syncookie::counter(clock.hi)
+            && [GlobalStat::SynCookiesSent, GlobalStat::SynCookiesAccepted]
+                .iter()
+                .any(|st| *x.stat_delta(*st).end() > 0)
+        {
+            // Issue 15: a cookie made or checked when either counter was the datapath's.
+            self.cover("cookie at a counter step".to_owned());
+        }
+        self.last_out = (x.verdict != Verdict::Drop)
+            .then(|| x.out.clone())
+            .flatten();
         if let Some(r) = x.drop {
             self.cover(drop_key(r));
         }
@@ -543,6 +623,9 @@ impl Harness {
 /// The coverage key of the packets of ours the model expected handed to the kernel untouched
 /// (XDP: an aged next hop to revalidate, a partial checksum too long to complete).
 pub const HANDED_OVER: &str = "handed to the kernel";
+/// The coverage key of the packets translated on a proxied flow whose backend's numbers differ
+/// from the client's view (issue 15).
+pub const PROXIED_TRANSLATED: &str = "translated with a proxied flow's numbers";
 
 /// The coverage key of the packets the model expected drop reason `r` of.
 pub fn drop_key(r: DropReason) -> String {

@@ -61,6 +61,12 @@ pub enum Op {
     },
     /// Both entries of `client`'s flow made as an upgrade carries them over (spec §12).
     Liberal { client: Client },
+    /// A conntrack scan's correction of the half-open count (issue 15): app 1's count set on
+    /// both sides to what a walk of the table finds, as the daemon's scan sets it.
+    Scan,
+    /// App 1's cap of half-open flows before SYN cookies set to `max` on both sides (0: the
+    /// datapath's default).
+    Cap { max: u32 },
 }
 
 impl Op {
@@ -200,6 +206,8 @@ impl fmt::Display for Op {
                     show_client(client)
                 )
             }
+            Op::Scan => write!(f, "scan: the half-open count set to the table's"),
+            Op::Cap { max } => write!(f, "at most {max} half-open flows per app"),
         }
     }
 }

@@ -193,7 +193,9 @@ pub fn diff_flows(model: &Flow, dp: &Flow) -> Vec<String> {
         wscale,
         peer_wscale,
         track,
-        _pad1
+        _pad1,
+        seq_delta,
+        _pad2
     );
     out
 }
@@ -201,7 +203,7 @@ pub fn diff_flows(model: &Flow, dp: &Flow) -> Vec<String> {
 /// An entry for a person: direction, rewrite, ids, state and tracking, counters, times.
 pub fn show_flow(f: &Flow) -> String {
     format!(
-        "{} → rewrite {} → {}, app {} backend {}, state {:#04x}, seq_end {:#x} ack_max {:#x} win_max {} wscale {}/{} track {:#x}, {} packets {} bytes, created {} last_seen {} nexthop {} (if {} {:02x?} → {:02x?})",
+        "{} → rewrite {} → {}, app {} backend {}, state {:#04x}, seq_end {:#x} ack_max {:#x} win_max {} wscale {}/{} track {:#x} seq_delta {:#x}, {} packets {} bytes, created {} last_seen {} nexthop {} (if {} {:02x?} → {:02x?})",
         if f.direction == gateway_common::maps::DIR_FORWARD {
             "forward"
         } else {
@@ -218,6 +220,7 @@ pub fn show_flow(f: &Flow) -> String {
         f.wscale,
         f.peer_wscale,
         f.track,
+        f.seq_delta,
         f.packets,
         f.bytes,
         f.created_ns,

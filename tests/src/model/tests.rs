@@ -7,7 +7,7 @@ use gateway_common::{
     DropReason, GlobalStat,
     maps::{
         ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, CT_ESTABLISHED, CT_RST,
-        CT_SYN_ACK_SEEN, FlowKey4, MAGLEV_SIZE, ServiceKey4, TRACK_ACK_SEEN,
+        CT_SYN_ACK_SEEN, FlowKey4, MAGLEV_SIZE, ServiceKey4, TRACK_ACK_SEEN, TRACK_PROXIED,
     },
     net::{
         ip_to_net,
@@ -52,7 +52,7 @@ fn step(m: &mut Model, s: Segment, port: Option<u16>) -> Expect {
 fn step_in(m: &mut Model, mode: AttachMode, s: Segment, port: Option<u16>) -> Expect {
     let seen = Observed {
         snat_port: port,
-        passed: false,
+        ..Observed::default()
     };
     m.step(&s.build(), mode, CLOCK, seen)
 }
@@ -261,4 +261,234 @@ fn xdp_completes_a_partial_checksum_and_tc_trusts_only_its_skb() {
         (Verdict::Pass, Some(&frame[..]))
     );
     assert_eq!(x.stat_delta(GlobalStat::PartialChecksums), 1..=1);
+}
+
+/// Issue 15: what a TCP output says beyond `parse_checked` (IPv4 without options): `seq`,
+/// `ack`, window and options.
+fn numbers(out: &[u8]) -> (u32, u32, u16, Vec<u8>) {
+    let t = &out[14 + 20..];
+    let word = |i: usize| u32::from_be_bytes(t[i..i + 4].try_into().unwrap());
+    let doff = usize::from(t[12] >> 4) * 4;
+    (
+        word(4),
+        word(8),
+        u16::from_be_bytes([t[14], t[15]]),
+        t[20..doff].to_vec(),
+    )
+}
+
+/// Issue 15: the SYN proxy, through the model alone: at the cap a cookie, its ACK a proxied
+/// flow and the SYN to the backend, the backend's SYN-ACK answered, then the backend's numbers
+/// translated both ways.
+#[test]
+fn at_the_cap_a_cookie_then_a_proxied_handshake() {
+    use crate::packet::parse_checked;
+    use gateway_common::syncookie::{self, Handshake};
+    let mut m = model();
+    m.snat_ports = (40_000, 40_001);
+    m.half_open_max = 1;
+    m.cookie_key = [0x1111, 0x2222];
+    step(&mut m, from_client(SYN, 1000, 0), Some(40_000));
+    assert_eq!(m.half_open(1), 1);
+    // Another client port at the cap: a cookie, nothing kept.
+    let c2 = addr("192.0.2.2:40001");
+    let mut syn = from_client(SYN, 7000, 0);
+    syn.src = c2;
+    syn.tcp_options = vec![2, 4, 0x05, 0x78]; // MSS 1400: the cookie carries 1300
+    let x = step(&mut m, syn.clone(), None);
+    assert_eq!(x.verdict, Verdict::Tx);
+    assert_eq!(x.stat_delta(GlobalStat::SynCookiesSent), 1..=1);
+    let out = x.out.unwrap();
+    let p = parse_checked(&out);
+    assert_eq!((p.src, p.dst, p.tcp_flags), (addr(SVC), c2, SYN | ACK));
+    let (cookie, ack, window, options) = numbers(&out);
+    assert_eq!((ack, window, options), (7001, 0, vec![2, 4, 0x05, 0x14]));
+    let hs = Handshake {
+        src_ip: ip_to_net(*c2.ip()),
+        dst_ip: ip_to_net(*addr(SVC).ip()),
+        src_port: c2.port().to_be(),
+        dst_port: addr(SVC).port().to_be(),
+        isn: 7000,
+    };
+    let counter = syncookie::counter(CLOCK.lo);
+    assert_eq!(
+        syncookie::check(&m.cookie_key, &hs, cookie, counter),
+        Some(1300)
+    );
+    assert_eq!(m.ct.len(), 2);
+    // A SYN with IPv4 options cannot have one.
+    let mut opts = syn.clone();
+    opts.ip_options = vec![1, 1, 1, 0];
+    assert_eq!(
+        step(&mut m, opts, None).drop,
+        Some(DropReason::HalfOpenFull)
+    );
+    // A forged ACK: answered as any ACK without a flow.
+    let mut forged = from_client(ACK, 7001, cookie.wrapping_add(2));
+    forged.src = c2;
+    let x = step(&mut m, forged, None);
+    assert_eq!(
+        (x.verdict, x.stat_delta(GlobalStat::RstNoFlow)),
+        (Verdict::Tx, 1..=1)
+    );
+    // The right ACK: a proxied flow, and the SYN to the backend.
+    let mut ack = from_client(ACK, 7001, cookie.wrapping_add(1));
+    ack.src = c2;
+    ack.window = 29_200;
+    let x = step(&mut m, ack, Some(40_001));
+    assert_eq!(x.verdict, Verdict::Redirect);
+    assert_eq!(x.stat_delta(GlobalStat::SynCookiesAccepted), 1..=1);
+    let out = x.out.unwrap();
+    let p = parse_checked(&out);
+    assert_eq!(
+        (p.src, p.dst, p.tcp_flags, p.ttl),
+        (addr("198.51.100.253:40001"), addr(BACKEND), SYN, 63)
+    );
+    assert_eq!(numbers(&out), (7000, 0, 29_200, vec![2, 4, 0x05, 0x14]));
+    assert_eq!(m.half_open(1), 1, "a proxied flow is not half-open");
+    let key = FlowKey4::from_addrs(c2, addr(SVC));
+    let f = m.ct[&key];
+    assert_eq!(f.track, TRACK_ACK_SEEN | TRACK_PROXIED);
+    assert_eq!((f.seq_end, f.ack_max), (7001, cookie.wrapping_add(1)));
+    // The backend's SYN-ACK: answered with the handshake's ACK.
+    let snat = addr("198.51.100.253:40001");
+    let mut sa = from_backend(SYN | ACK, 9000, 7001);
+    sa.dst = snat;
+    let x = step(&mut m, sa.clone(), None);
+    assert_eq!(x.verdict, Verdict::Tx);
+    assert_eq!(x.stat_delta(GlobalStat::SynProxyEstablished), 1..=1);
+    let out = x.out.unwrap();
+    let p = parse_checked(&out);
+    assert_eq!((p.src, p.dst, p.tcp_flags), (snat, addr(BACKEND), ACK));
+    assert_eq!(numbers(&out), (7001, 9001, 29_200, vec![]));
+    let delta = 9000u32.wrapping_sub(cookie);
+    for k in [key, m.ct[&key].peer_key()] {
+        assert_eq!(m.ct[&k].seq_delta, delta);
+        assert_eq!(m.ct[&k].state & CT_ESTABLISHED, CT_ESTABLISHED);
+    }
+    // Retransmitted: answered again; another ISN: not.
+    assert_eq!(step(&mut m, sa.clone(), None).verdict, Verdict::Tx);
+    sa.seq ^= 0x8000;
+    assert_eq!(step(&mut m, sa, None).drop, Some(DropReason::OutOfWindow));
+    // Data both ways, translated.
+    let mut data = from_client(ACK | PSH, 7001, cookie.wrapping_add(1));
+    data.src = c2;
+    data.payload_len = 5;
+    let x = step(&mut m, data, None);
+    assert_eq!(x.verdict, Verdict::Redirect);
+    let out = x.out.unwrap();
+    parse_checked(&out);
+    assert_eq!(numbers(&out).1, 9001);
+    let mut back = from_backend(ACK | PSH, 9001, 7006);
+    back.dst = snat;
+    back.payload_len = 3;
+    let x = step(&mut m, back, None);
+    assert_eq!(x.verdict, Verdict::Redirect);
+    let out = x.out.unwrap();
+    parse_checked(&out);
+    assert_eq!(numbers(&out).0, cookie.wrapping_add(1));
+    // Tracked in the client's view.
+    assert_eq!(m.ct[&m.ct[&key].peer_key()].seq_end, cookie.wrapping_add(4));
+}
+
+/// Issue 15: a handshake completed from a SYN takes its flow off the half-open count; a scan
+/// sets the count to the table's.
+#[test]
+fn the_half_open_count_follows_handshakes_and_scans() {
+    let mut m = model();
+    step(&mut m, from_client(SYN, 1000, 0), Some(40_000));
+    assert_eq!((m.half_open(1), m.half_open_exact(1)), (1, 1));
+    step(&mut m, from_backend(SYN | ACK, 5000, 1001), None);
+    step(&mut m, from_client(ACK, 1001, 5001), None);
+    assert_eq!((m.half_open(1), m.half_open_exact(1)), (0, 0));
+    // Reset before it completes: still counted, until a scan.
+    let mut m = model();
+    step(&mut m, from_client(SYN, 1000, 0), Some(40_000));
+    step(&mut m, from_client(RST, 1001, 0), None);
+    assert_eq!((m.half_open(1), m.half_open_exact(1)), (1, 0));
+}
+
+/// Issue 15: when the run's clock straddles a cookie counter step, the model takes the counter
+/// the datapath's answer shows: the low bits heading the cookie it sent, or (for a cookie valid
+/// in one of the two counters only) whether it answered the ACK with an RST.
+#[test]
+fn a_clock_straddling_a_counter_step_takes_the_datapaths_counter() {
+    use gateway_common::syncookie::{self, Handshake};
+    let step_ns = 1u64 << 36;
+    let k = 1000u64;
+    let clock = Clock {
+        lo: k * step_ns - 5_000_000,
+        hi: k * step_ns + 5_000_000,
+    };
+    let mut m = model();
+    m.snat_ports = (40_000, 40_001);
+    m.half_open_max = 1;
+    m.cookie_key = [3, 4];
+    let seen = |out_seg| Observed {
+        out_seg,
+        ..Observed::default()
+    };
+    m.step(
+        &from_client(SYN, 1000, 0).build(),
+        AttachMode::Tc,
+        clock,
+        Observed {
+            snat_port: Some(40_000),
+            ..Observed::default()
+        },
+    );
+    let c2 = addr("192.0.2.2:40001");
+    let hs = Handshake {
+        src_ip: ip_to_net(*c2.ip()),
+        dst_ip: ip_to_net(*addr(SVC).ip()),
+        src_port: c2.port().to_be(),
+        dst_port: addr(SVC).port().to_be(),
+        isn: 7000,
+    };
+    let mut syn = from_client(SYN, 7000, 0);
+    syn.src = c2;
+    for counter in [k - 1, k] {
+        let cookie = syncookie::make(&m.cookie_key, &hs, counter, 0);
+        let x = m.step(
+            &syn.build(),
+            AttachMode::Tc,
+            clock,
+            seen(Some((SYN | ACK, cookie))),
+        );
+        assert_eq!(
+            numbers(&x.out.unwrap()).0,
+            cookie,
+            "made in counter {counter}"
+        );
+    }
+    // A cookie made two counters before the later one: valid in the earlier counter only.
+    let old = syncookie::make(&m.cookie_key, &hs, k - 2, 0);
+    let mut ack = from_client(ACK, 7001, old.wrapping_add(1));
+    ack.src = c2;
+    let x = m.clone().step(
+        &ack.build(),
+        AttachMode::Tc,
+        clock,
+        seen(Some((RST, old.wrapping_add(1)))),
+    );
+    assert_eq!(
+        x.stat_delta(GlobalStat::RstNoFlow),
+        1..=1,
+        "read the later counter"
+    );
+    let x = m.step(
+        &ack.build(),
+        AttachMode::Tc,
+        clock,
+        Observed {
+            snat_port: Some(40_001),
+            out_seg: Some((SYN, 7000)),
+            ..Observed::default()
+        },
+    );
+    assert_eq!(
+        x.stat_delta(GlobalStat::SynCookiesAccepted),
+        1..=1,
+        "read the earlier counter"
+    );
 }

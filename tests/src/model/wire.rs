@@ -122,37 +122,43 @@ pub fn parse(frame: &[u8], addr_kind: impl Fn(u32) -> u32) -> Parse {
 }
 
 /// The window scale shift a SYN or SYN-ACK offers (spec §5), as the endpoints' TCP reads it
-/// (Linux's `tcp_parse_options`): options walked from the end of the fixed header to `doff`,
-/// kinds 0 (end) and 1 (NOP) alone, others by their length byte; kind 3 with length 3 is the
-/// offer (shift capped at 14), the first one counting (Linux takes the last: a deliberate
-/// difference, docs/datapath.md). A malformed option (a length below 2, or past the header)
-/// ends the walk; what was read before it stands.
+/// (Linux's `tcp_parse_options`; see [`option`]): kind 3 with length 3, the shift capped at 14.
 pub fn wscale_option(frame: &[u8], seg: &Seg) -> Option<u8> {
+    option(frame, seg, 3, 3).map(|o| o[2].min(TCP_MAX_WSCALE))
+}
+
+/// The MSS a SYN announces (RFC 9293 §3.7.1): kind 2 with length 4 (see [`option`]).
+pub fn mss_option(frame: &[u8], seg: &Seg) -> Option<u16> {
+    option(frame, seg, 2, 4).map(|o| u16::from_be_bytes([o[2], o[3]]))
+}
+
+/// The first TCP option of `kind` with length `len` (its bytes), options walked as the
+/// endpoints' TCP walks them (Linux's `tcp_parse_options`): from the end of the fixed header
+/// to `doff`, kinds 0 (end) and 1 (NOP) alone, others by their length byte. The first one
+/// counts (Linux takes the last: a deliberate difference, docs/datapath.md). A malformed option
+/// (a length below 2, or past the header) ends the walk; what was read before it stands.
+fn option<'a>(frame: &'a [u8], seg: &Seg, kind: u8, len: usize) -> Option<&'a [u8]> {
     let start = seg.l4_off() + TCP_MIN_LEN;
     let end = seg.l4_off() + seg.doff;
     let opts = &frame[start..end];
     let mut i = 0;
-    let mut found = None;
     while i < opts.len() {
         match opts[i] {
             0 => break,
             1 => i += 1,
-            kind => {
-                let Some(&len) = opts.get(i + 1) else {
-                    break;
-                };
-                let len = usize::from(len);
-                if len < 2 || i + len > opts.len() {
+            k => {
+                let n = usize::from(*opts.get(i + 1)?);
+                if n < 2 || i + n > opts.len() {
                     break;
                 }
-                if kind == 3 && len == 3 && found.is_none() {
-                    found = Some(opts[i + 2].min(TCP_MAX_WSCALE));
+                if k == kind && n == len {
+                    return Some(&opts[i..i + n]);
                 }
-                i += len;
+                i += n;
             }
         }
     }
-    found
+    None
 }
 
 /// The IPv4 header's sum with its checksum field: 0xffff when the checksum is right.
@@ -264,6 +270,78 @@ pub fn rst_answer(frame: &[u8], seg: &Seg) -> Vec<u8> {
         ack: seg.ack,
         ..Frame::tcp(seg.key.src(), seg.key.dst(), seg.flags)
     })
+}
+
+/// A segment the gateway writes itself over the frame of `seg` (the SYN proxy's: its SYN-ACK
+/// with a cookie, its ACK to a backend, the SYN a cookie's ACK becomes): Ethernet, IPv4
+/// without options (TTL 64, DF, identification 0), TCP with at most an MSS option, no payload,
+/// right checksums. Addresses, ports and MACs are the frame's, swapped if `back` (it goes back
+/// to the sender).
+#[derive(Clone, Copy, Debug)]
+pub struct Own {
+    pub back: bool,
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub window: u16,
+    pub mss: Option<u16>,
+}
+
+impl Own {
+    /// The frame's bytes, written over `frame`.
+    pub fn build(&self, frame: &[u8], seg: &Seg) -> Vec<u8> {
+        let (mut src_mac, mut dst_mac): ([u8; 6], [u8; 6]) = (
+            frame[6..12].try_into().unwrap(),
+            frame[0..6].try_into().unwrap(),
+        );
+        let (mut src, mut dst) = (seg.key.src(), seg.key.dst());
+        if self.back {
+            (src_mac, dst_mac) = (dst_mac, src_mac);
+            (src, dst) = (dst, src);
+        }
+        Frame {
+            src_mac,
+            dst_mac,
+            seq: self.seq,
+            ack: self.ack,
+            ttl: 64,
+            frag: 0x4000,
+            ip_id: 0,
+            window: self.window,
+            tcp_options: self.mss.map_or(Vec::new(), |m| {
+                let [hi, lo] = m.to_be_bytes();
+                vec![2, 4, hi, lo]
+            }),
+            ..Frame::tcp(src, dst, self.flags)
+        }
+        .build()
+    }
+}
+
+/// Writes a proxied flow's translated numbers into the translated frame `out`: `seq` and/or
+/// `ack` (host order), its TCP checksum computed from scratch with the residual it had (the
+/// datapath adds their difference to its incremental update, so an error in stays as wrong).
+pub fn renumber(out: &mut [u8], seq: Option<u32>, ack: Option<u32>) {
+    let Parse::Tcp(seg) = parse(out, |_| 1) else {
+        return;
+    };
+    let residual = tcp_residual(out, &seg);
+    let l4 = seg.l4_off();
+    if let Some(seq) = seq {
+        out[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+    }
+    if let Some(ack) = ack {
+        out[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
+    }
+    out[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let ip = &out[ETH_LEN..];
+    let correct = l4_checksum(
+        addr(&ip[12..16]),
+        addr(&ip[16..20]),
+        IPPROTO_TCP,
+        &ip[seg.ihl..usize::from(seg.l3_len)],
+    );
+    out[l4 + 16..l4 + 18].copy_from_slice(&field_for(correct, residual).to_be_bytes());
 }
 
 /// The flow key's ends, for messages.
