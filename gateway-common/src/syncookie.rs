@@ -6,12 +6,12 @@
 //! functions; the key is the daemon's ([`crate::maps::Config::cookie_key`]).
 //!
 //! A cookie (32 bits, host order) is:
-//! - bits 31..30: the low two bits of the time counter ([`counter`], ~64 s per step);
+//! - bits 31..30: the low two bits of the time counter ([`counter`], 2^36 ns, ~68.7 s per step);
 //! - bits 29..28: the MSS index in [`MSS_TABLE`] (the largest entry not above the SYN's MSS);
 //! - bits 27..0: SipHash-2-4 (128-bit key) of the connection's addresses and ports, the client's
 //!   ISN, the full counter and the MSS index, truncated.
 //!
-//! It is valid for the counter it was made in and the next one (64 to 128 s), for those
+//! It is valid for the counter it was made in and the next one (~69 to ~137 s), for those
 //! addresses, ports and ISN only: a forger must guess 28 bits per attempt (Linux: 24).
 //! What a cookie cannot carry (window scaling, SACK, timestamps) the proxied connection does
 //! without, as with Linux's cookies when the client sends no timestamps.
