@@ -458,6 +458,9 @@ impl Harness {
             }
         }
         self.cover(format!("verdict {:?}", x.verdict));
+        for p in &x.paths {
+            self.cover((*p).to_owned());
+        }
         if x.verdict == Verdict::Pass && x.stat_delta(GlobalStat::Passed) == (0..=0) {
             // A packet of ours handed to the kernel for its TC program (XDP).
             self.cover(HANDED_OVER.to_owned());

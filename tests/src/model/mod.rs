@@ -267,7 +267,7 @@ impl Model {
 
     /// Whether `app` has its cap of half-open flows, or all apps together theirs
     /// (`Config::half_open_full`): its SYNs get cookies.
-    fn half_open_full(&self, app: u32) -> bool {
+    pub fn half_open_full(&self, app: u32) -> bool {
         let max = match self.half_open_max {
             0 => HALF_OPEN_MAX_DEFAULT,
             n => n,
@@ -687,6 +687,9 @@ impl Step<'_> {
             }
         }
         if full {
+            if stale.is_some() {
+                self.x.paths.push(PATH_COOKIE_OVER);
+            }
             return self.cookie_syn_ack(app);
         }
         if self.m.snat_ip == 0 || self.m.snat_ports.1 < self.m.snat_ports.0 {
@@ -839,7 +842,7 @@ impl Step<'_> {
     /// zero-window probe), for ISN `seq`. When the run's clock straddles a step and the two
     /// counters disagree, the datapath's answer says which it read: an RST if the cookie was
     /// not valid there.
-    fn cookie_ack(&self, app: u32) -> Option<(u16, u32)> {
+    fn cookie_ack(&mut self, app: u32) -> Option<(u16, u32)> {
         if self.seg.flags & (SYN | ACK | RST | FIN) != ACK || self.seg.ihl != wire::IPV4_MIN_LEN {
             return None;
         }
@@ -863,11 +866,16 @@ impl Step<'_> {
         };
         let (lo, hi) = self.cookie_counters();
         let (at_lo, at_hi) = (check(lo), check(hi));
-        if at_lo == at_hi {
-            return at_lo;
+        let found = if at_lo == at_hi {
+            at_lo
+        } else {
+            let refused = self.seen.out_seg.is_some_and(|(f, _)| f & RST != 0);
+            if refused { None } else { at_lo.or(at_hi) }
+        };
+        if found.is_some_and(|(_, isn)| isn == self.seg.seq) {
+            self.x.paths.push(PATH_PROBE_COOKIE);
         }
-        let refused = self.seen.out_seg.is_some_and(|(f, _)| f & RST != 0);
-        if refused { None } else { at_lo.or(at_hi) }
+        found
     }
 
     /// An ACK without a flow carrying a valid cookie (of MSS `mss`) to the service of `app`:
@@ -1002,6 +1010,7 @@ impl Step<'_> {
         }
         self.m.ct.insert(key, es);
         self.x.entries.insert(key, Some(exp));
+        self.x.paths.push(PATH_SYN_AGAIN);
         self.proxy_syn(&es, es.seq_end.wrapping_sub(1), es.proxy_mss, out);
     }
 
@@ -1018,6 +1027,7 @@ impl Step<'_> {
             let delta = self.seg.seq.wrapping_sub(client.ack_max);
             client.seq_delta = delta;
             es.seq_delta = delta;
+            self.x.paths.push(PATH_REFUSED);
             let key = self.seg.key;
             let mut mine = self.m.ct[&key];
             mine.seq_delta = delta;
@@ -1195,6 +1205,16 @@ impl Step<'_> {
         Some(port)
     }
 }
+
+/// Coverage ([`Expect::paths`]): a SYN started a flow over at the cap (its old pair removed,
+/// then a cookie).
+pub const PATH_COOKIE_OVER: &str = "a flow started over at the cap, then a cookie";
+/// Coverage: a cookie's ISN found at `seq` (the client's zero-window probe).
+pub const PATH_PROBE_COOKIE: &str = "a zero-window probe took as the cookie's ACK";
+/// Coverage: a client's segment carried the SYN to the backend again.
+pub const PATH_SYN_AGAIN: &str = "the SYN to a proxied flow's backend sent again";
+/// Coverage: a backend's RST refused the proxy's SYN (`seq_delta` set from it).
+pub const PATH_REFUSED: &str = "a backend refused the proxy's SYN";
 
 /// Whether the client's segment `seg` on the proxied flow `f` (its forward entry) carries the
 /// SYN to the backend again (`synproxy::resends_syn`): the backend has not answered (no
