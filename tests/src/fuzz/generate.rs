@@ -254,6 +254,11 @@ impl Gen {
                 let max = self.rng.pick(&[1, 2, 3, 4, 6, 8, 0, u32::MAX]);
                 return Op::Cap { max };
             }
+            if r < 9 {
+                // All apps' cap (the fixture's one app shares it): configure's, or another.
+                let max = self.rng.pick(&[0, 1, 3, 8, 100]);
+                return Op::GlobalCap { max };
+            }
         }
         // Closed flows aged past the SNAT reuse idle time, so that new flows take their ports
         // over: the more there are, the more often.
@@ -329,7 +334,8 @@ impl Gen {
         // The hosts start over when the gateway has no open flow for them (gone, or closed).
         // A client holding a cookie has none, and rarely gives up on it; but as often as the
         // others when the gateway kept a flow its SYN would have started over, which its
-        // cookie's ACK then meets (tests/datapath_synproxy.rs's known problems).
+        // cookie's ACK then meets (since dc1e317 the datapath removes a flow its SYN starts
+        // over before the cookie: the flow there is one the SYN did not start over).
         let (lost, give_up) = match (self.sims[i].phase, fwd) {
             (Phase::Idle, _) => (false, 0),
             (Phase::Cookie, None) => (true, 20),

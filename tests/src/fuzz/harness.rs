@@ -290,6 +290,14 @@ impl Harness {
                 self.model.half_open_max = *max;
                 Ok(())
             }
+            Op::GlobalCap { max } => {
+                self.fx
+                    .dp
+                    .set_half_open_global_max(*max)
+                    .expect("global half-open max");
+                self.model.half_open_global_max = *max;
+                Ok(())
+            }
             _ => {
                 let frame = self.frame(op).expect("a packet");
                 self.packet(&frame)

@@ -31,6 +31,16 @@
 //! the datapath's clock read is checked, not predicted, when the run's clock straddles a step
 //! ([`Observed::out_seg`]).
 //!
+//! The SYN proxy after review (dc1e317, 87468b6): all apps' half-open flows are capped too
+//! (slot 0 of the count, [`Model::half_open_global_max`]); the count also goes down when a
+//! handshake made from a SYN closes or is started over; at the cap a SYN that starts a flow
+//! over removes its old pair before its cookie is sent; an ACK is checked for a cookie only
+//! while its app gives them ([`Model::cookies`]), and a bare one for the ISN `seq` too (the
+//! client's zero-window probe after its cookie ACK was lost); a proxied flow whose backend has
+//! not answered sends it the SYN again on the client's bare ACK; a backend's RST refusing the
+//! proxy's SYN reaches the client at the cookie + 1; XDP counts a partial checksum only if it
+//! completes to something else.
+//!
 //! [`Rules::Legacy`] is today's datapath (before spec 14: no flag, TTL, checksum or sequence
 //! checks, no RST answers, nor issue 15's rules), to run the fuzzer against a datapath without
 //! spec 14.
@@ -1044,8 +1054,8 @@ impl Step<'_> {
     /// `seq_delta` (its ISN less the cookie the client was given, the forward entry's
     /// `ack_max - 1`) in both entries, starts the backend's tracking in the client's view and
     /// establishes the flow (`syn_proxy_established`); a retransmission must carry the same
-    /// ISN. No TTL or checksum check (today's datapath; it looks wrong that a SYN-ACK with a
-    /// bad checksum fixes `seq_delta`: see the known problems in tests/datapath_synproxy.rs).
+    /// ISN. Its checksums are verified first, as a SYN's (87468b6); a flow the client closed
+    /// (or reset) meanwhile refuses it (out_of_window). No TTL check.
     fn proxy_syn_ack(&mut self, es: Flow) {
         if self.seg.ihl != wire::IPV4_MIN_LEN {
             return self.x.drop(DropReason::BadHeader);
