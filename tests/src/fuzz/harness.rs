@@ -317,7 +317,9 @@ impl Harness {
         // Slot 0: all apps' together (the daemon's sum).
         let all = counts.half_open.values().sum::<u64>() as i64;
         self.fx.dp.set_half_open(0, all).expect("half-open count");
-        self.model.half_open.insert(0, self.model.half_open_exact(0));
+        self.model
+            .half_open
+            .insert(0, self.model.half_open_exact(0));
         if dp == m {
             return Ok(());
         }

@@ -437,7 +437,11 @@ fn the_global_cap_gives_cookies_and_a_closed_flow_goes_first() {
     assert!(m.half_open_full(1), "all apps at the global cap");
     let x = step(&mut m, from_client(SYN, 50_000, 0), None);
     assert_eq!(x.stat_delta(GlobalStat::SynCookiesSent), 1..=1);
-    assert_eq!(x.entries.get(&fwd_key()), Some(&None), "the old pair removed");
+    assert_eq!(
+        x.entries.get(&fwd_key()),
+        Some(&None),
+        "the old pair removed"
+    );
     assert!(!m.ct.contains_key(&fwd_key()));
     // With IPv4 options at the cap: dropped, nothing removed.
     let mut m2 = m.clone();
