@@ -6,7 +6,10 @@
 
 use gateway::datapath::AttachMode;
 use gateway_common::{DropReason, GlobalStat};
-use gateway_tests::fuzz::{self, Options};
+use gateway_tests::{
+    fuzz::{self, Options},
+    model,
+};
 
 /// The short run's seed unless `GATEWAY_FUZZ_SEED` says otherwise.
 const SEED: u64 = 0x5eed_0014;
@@ -81,6 +84,15 @@ fn short_run(mode: AttachMode) {
         report.proxied_translated() > 0,
         "{s}: nothing translated with a proxied flow's numbers"
     );
+    // Issue 15, after review (dc1e317): the SYN proxy's recoveries and the cap's start-overs.
+    for path in [
+        model::PATH_COOKIE_OVER,
+        model::PATH_PROBE_COOKIE,
+        model::PATH_SYN_AGAIN,
+        model::PATH_REFUSED,
+    ] {
+        assert!(report.took(path) > 0, "{s}: never {path}");
+    }
 }
 
 #[test]

@@ -127,6 +127,9 @@ pub struct Gen {
     backends: usize,
     rules: Rules,
     snat_ports: (u16, u16),
+    /// Whether app 1 was at its cap of half-open flows (or all apps at theirs) when the
+    /// operation was chosen: its SYNs get cookies (issue 15).
+    at_cap: bool,
 }
 
 use crate::model::tcp::VALID_FLAGS;
@@ -159,6 +162,7 @@ impl Gen {
             backends,
             rules,
             snat_ports,
+            at_cap: false,
         }
     }
 
@@ -192,11 +196,12 @@ impl Gen {
                     s.phase = Phase::SynSent;
                 }
             }
-            // The cookie's ACK became the SYN to the backend.
+            // The cookie's ACK (or the client's zero-window probe: `seq` its ISN) became the
+            // SYN to the backend, at the client's ISN.
             Op::Client { seg, .. }
                 if core(seg.flags) == ACK && from_snat && core(o.flags) == SYN =>
             {
-                (s.c_isn, s.c_nxt) = (seg.seq.wrapping_sub(1), seg.seq);
+                (s.c_isn, s.c_nxt) = (o.seq, o.seq.wrapping_add(1));
                 s.cookie = seg.ack.wrapping_sub(1);
                 s.phase = Phase::Proxied;
             }
@@ -229,6 +234,7 @@ impl Gen {
     }
 
     fn choose(&mut self, model: &Model) -> Op {
+        self.at_cap = self.rules == Rules::Spec14 && model.half_open_full(1);
         let r = self.rng.below(1000);
         if r < 8 {
             let id = self.rng.range(1, self.backends as u32);
@@ -247,6 +253,11 @@ impl Gen {
             if r < 8 {
                 let max = self.rng.pick(&[1, 2, 3, 4, 6, 8, 0, u32::MAX]);
                 return Op::Cap { max };
+            }
+            if r < 9 {
+                // All apps' cap (the fixture's one app shares it): configure's, or another.
+                let max = self.rng.pick(&[0, 1, 3, 8, 100]);
+                return Op::GlobalCap { max };
             }
         }
         // Closed flows aged past the SNAT reuse idle time, so that new flows take their ports
@@ -323,7 +334,8 @@ impl Gen {
         // The hosts start over when the gateway has no open flow for them (gone, or closed).
         // A client holding a cookie has none, and rarely gives up on it; but as often as the
         // others when the gateway kept a flow its SYN would have started over, which its
-        // cookie's ACK then meets (tests/datapath_synproxy.rs's known problems).
+        // cookie's ACK then meets (since dc1e317 the datapath removes a flow its SYN starts
+        // over before the cookie: the flow there is one the SYN did not start over).
         let (lost, give_up) = match (self.sims[i].phase, fwd) {
             (Phase::Idle, _) => (false, 0),
             (Phase::Cookie, None) => (true, 20),
@@ -343,7 +355,10 @@ impl Gen {
         }
         match s.phase {
             Phase::Idle => {
-                if fwd.is_none_or(|f| is_closed(f.state)) && self.rng.chance(300) {
+                // At the cap, a SYN mostly starts its closed flow over (its old pair goes before
+                // the cookie is sent).
+                let keep = self.at_cap && fwd.is_some();
+                if fwd.is_none_or(|f| is_closed(f.state)) && !keep && self.rng.chance(300) {
                     self.sims[i].client.port = self.rng.range(1024, 65_535) as u16;
                 }
                 self.syn(i, true)
@@ -524,7 +539,7 @@ impl Gen {
         let mut seg = self.seg(flags, isn, 0);
         seg.payload_len = payload;
         seg.tcp_options = self.syn_options();
-        if self.rng.chance(20) {
+        if self.rng.chance(if self.at_cap { 80 } else { 20 }) {
             // A SYN with IPv4 options (a record-route, say) makes a flow, but cannot have a
             // cookie (issue 15).
             seg.ip_options = vec![1, 1, 1, 0];
@@ -733,7 +748,10 @@ impl Gen {
         };
         let now = syncookie::counter(monotonic_ns());
         let (seq, ack, payload, port) = match self.rng.below(20) {
-            0..=10 => (seq, ack, 0, client.port),
+            0..=8 => (seq, ack, 0, client.port),
+            // Its ACK was lost: the client's zero-window probe (Linux's `snd_una - 1`: its
+            // ISN), which the gateway takes as the cookie's ACK.
+            9 | 10 => (s.c_isn, ack, 0, client.port),
             11 => (seq, ack, self.rng.range(1, 300), client.port),
             12 => {
                 let d = self

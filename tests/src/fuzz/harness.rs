@@ -108,6 +108,9 @@ impl Harness {
             .expect("half-open max");
         let mut m = Model::new(rules);
         m.half_open_max = half_open_max;
+        // What `Datapath::configure` set: a quarter of the table, half the SNAT range.
+        let ports = u32::from(snat_ports.end() - snat_ports.start()) + 1;
+        m.half_open_global_max = (fx.dp.conntrack_capacity() / 4).min(ports / 2).max(1);
         m.cookie_key = fx.dp.cookie_key().expect("cookie key");
         m.snat_ip = ip_to_net(Topology::SNAT_IP);
         m.snat_ports = (*snat_ports.start(), *snat_ports.end());
@@ -167,12 +170,21 @@ impl Harness {
         for b in self.fx.backends.clone() {
             self.fx.dp.set_backend(b.id, b.addr, true).expect("backend");
         }
-        self.fx.dp.set_half_open(APP, 0).expect("half-open count");
+        for slot in [APP, 0] {
+            self.fx.dp.set_half_open(slot, 0).expect("half-open count");
+        }
         self.fx
             .dp
             .set_half_open_max(self.initial.half_open_max)
             .expect("half-open max");
+        self.fx
+            .dp
+            .set_half_open_global_max(self.initial.half_open_global_max)
+            .expect("global half-open max");
+        // The datapath's `gw_cookies_v1` is not cleared: the model keeps its own copy.
+        let cookies = std::mem::take(&mut self.model.cookies);
         self.model = self.initial.clone();
+        self.model.cookies = cookies;
         self.last_flow.clear();
         self.stats = self.fx.dp.global_stats().expect("stats");
         self.traffic = self.read_traffic();
@@ -278,6 +290,14 @@ impl Harness {
                 self.model.half_open_max = *max;
                 Ok(())
             }
+            Op::GlobalCap { max } => {
+                self.fx
+                    .dp
+                    .set_half_open_global_max(*max)
+                    .expect("global half-open max");
+                self.model.half_open_global_max = *max;
+                Ok(())
+            }
             _ => {
                 let frame = self.frame(op).expect("a packet");
                 self.packet(&frame)
@@ -294,6 +314,12 @@ impl Harness {
         let m = self.model.half_open_exact(APP);
         self.fx.dp.set_half_open(APP, dp).expect("half-open count");
         self.model.half_open.insert(APP, m);
+        // Slot 0: all apps' together (the daemon's sum).
+        let all = counts.half_open.values().sum::<u64>() as i64;
+        self.fx.dp.set_half_open(0, all).expect("half-open count");
+        self.model
+            .half_open
+            .insert(0, self.model.half_open_exact(0));
         if dp == m {
             return Ok(());
         }
@@ -429,17 +455,22 @@ impl Harness {
             }
         }
         if self.model.rules == Rules::Spec14 {
-            let (dp, m) = (
-                self.fx.dp.half_open(APP).expect("half-open count"),
-                self.model.half_open(APP),
-            );
-            if dp != m {
-                problems.push(format!(
-                    "half-open flows of app {APP}: datapath {dp}, model {m}"
-                ));
+            for slot in [APP, 0] {
+                let (dp, m) = (
+                    self.fx.dp.half_open(slot).expect("half-open count"),
+                    self.model.half_open(slot),
+                );
+                if dp != m {
+                    problems.push(format!(
+                        "half-open flows of app {slot} (0: all): datapath {dp}, model {m}"
+                    ));
+                }
             }
         }
         self.cover(format!("verdict {:?}", x.verdict));
+        for p in &x.paths {
+            self.cover((*p).to_owned());
+        }
         if x.verdict == Verdict::Pass && x.stat_delta(GlobalStat::Passed) == (0..=0) {
             // A packet of ours handed to the kernel for its TC program (XDP).
             self.cover(HANDED_OVER.to_owned());

@@ -134,6 +134,12 @@ impl Report {
             .unwrap_or(0)
     }
 
+    /// How many packets took the model's path `what` (one of `crate::model`'s `PATH_*`; in
+    /// the coverage).
+    pub fn took(&self, what: &str) -> u64 {
+        self.coverage.get(what).copied().unwrap_or(0)
+    }
+
     /// One line: mode, seed, packets, rate.
     pub fn summary(&self) -> String {
         format!(

@@ -67,6 +67,9 @@ pub enum Op {
     /// App 1's cap of half-open flows before SYN cookies set to `max` on both sides (0: the
     /// datapath's default).
     Cap { max: u32 },
+    /// All apps' cap of half-open flows together set to `max` on both sides (0: none;
+    /// `Datapath::set_half_open_global_max`).
+    GlobalCap { max: u32 },
 }
 
 impl Op {
@@ -208,6 +211,7 @@ impl fmt::Display for Op {
             }
             Op::Scan => write!(f, "scan: the half-open count set to the table's"),
             Op::Cap { max } => write!(f, "at most {max} half-open flows per app"),
+            Op::GlobalCap { max } => write!(f, "at most {max} half-open flows in all"),
         }
     }
 }

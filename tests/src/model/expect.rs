@@ -66,6 +66,9 @@ pub struct Expect {
     /// What the model found wrong with the datapath's own choices (a SNAT port it may not
     /// take): each a divergence.
     pub notes: Vec<String>,
+    /// The model's paths this frame took that the fuzzer's coverage counts (issue 15's
+    /// rarer SYN proxy rules).
+    pub paths: Vec<&'static str>,
 }
 
 impl Expect {
@@ -78,6 +81,7 @@ impl Expect {
             traffic: HashMap::new(),
             entries: HashMap::new(),
             notes: Vec::new(),
+            paths: Vec::new(),
         };
         x.stat(
             match mode {

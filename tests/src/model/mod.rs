@@ -31,6 +31,16 @@
 //! the datapath's clock read is checked, not predicted, when the run's clock straddles a step
 //! ([`Observed::out_seg`]).
 //!
+//! The SYN proxy after review (dc1e317, 87468b6): all apps' half-open flows are capped too
+//! (slot 0 of the count, [`Model::half_open_global_max`]); the count also goes down when a
+//! handshake made from a SYN closes or is started over; at the cap a SYN that starts a flow
+//! over removes its old pair before its cookie is sent; an ACK is checked for a cookie only
+//! while its app gives them ([`Model::cookies`]), and a bare one for the ISN `seq` too (the
+//! client's zero-window probe after its cookie ACK was lost); a proxied flow whose backend has
+//! not answered sends it the SYN again on the client's bare ACK; a backend's RST refusing the
+//! proxy's SYN reaches the client at the cookie + 1; XDP counts a partial checksum only if it
+//! completes to something else.
+//!
 //! [`Rules::Legacy`] is today's datapath (before spec 14: no flag, TTL, checksum or sequence
 //! checks, no RST answers, nor issue 15's rules), to run the fuzzer against a datapath without
 //! spec 14.
@@ -163,12 +173,19 @@ pub struct Model {
     /// default), and the cookies' key (`Config::cookie_key`).
     pub half_open_max: u32,
     pub cookie_key: [u64; 2],
-    /// Each app's half-open flows as the datapath counts them (its `HALF_OPEN` map): one more
-    /// for each flow a SYN makes, one less when a handshake's last ACK establishes a flow, set
-    /// whole by a conntrack scan (to [`Model::half_open_exact`]). Flows that close, expire or
-    /// start over before their handshake completes are not taken off: the count drifts up
+    /// Half-open flows of all apps together before every app's SYNs get cookies
+    /// (`Config::half_open_global_max`; 0: no such cap).
+    pub half_open_global_max: u32,
+    /// Each app's half-open flows as the datapath counts them (its `HALF_OPEN` map), slot 0 all
+    /// apps' together: one more for each flow a SYN makes, one less when a handshake's last ACK
+    /// establishes a flow, when a handshake made from a SYN closes (RST, FIN both ways) or is
+    /// started over before it completes; set whole by a conntrack scan (to
+    /// [`Model::half_open_exact`]). Flows that expire are not taken off: the count drifts up
     /// until the next scan, as the datapath's does.
     pub half_open: HashMap<u32, i64>,
+    /// The cookie counter when each app last answered a SYN with a cookie (the datapath's
+    /// `gw_cookies_v1`): an ACK is checked for a cookie only within one step of it.
+    pub cookies: HashMap<u32, u64>,
 }
 
 impl Model {
@@ -186,7 +203,9 @@ impl Model {
             ct: HashMap::new(),
             half_open_max: 0,
             cookie_key: [0; 2],
+            half_open_global_max: 0,
             half_open: HashMap::new(),
+            cookies: HashMap::new(),
         }
     }
 
@@ -234,26 +253,38 @@ impl Model {
     /// The half-open flows of `app` a conntrack scan finds (what it sets the count to): its
     /// connections neither established, closing nor closed, made from a SYN (a proxied flow's
     /// client proved its address: it is not what a flood fills the table with).
+    /// App 0: all apps' together (what the scan sets slot 0 to).
     pub fn half_open_exact(&self, app: u32) -> i64 {
         let past = CT_ESTABLISHED | CT_FIN_FORWARD | CT_FIN_REVERSE | CT_RST;
         self.ct
             .values()
             .filter(|f| {
                 f.direction == DIR_FORWARD
-                    && f.app_id == app
+                    && (app == 0 || f.app_id == app)
                     && f.state & past == 0
                     && f.track & TRACK_PROXIED == 0
             })
             .count() as i64
     }
 
-    /// Whether `app` has its cap of half-open flows: its SYNs get cookies.
-    fn half_open_full(&self, app: u32) -> bool {
+    /// Adds `n` to the half-open flows of `app` and of all apps (slot 0), as the datapath's
+    /// `synproxy::half_open_add`.
+    fn half_open_add(&mut self, app: u32, n: i64) {
+        for slot in [app, 0] {
+            *self.half_open.entry(slot).or_default() += n;
+        }
+    }
+
+    /// Whether `app` has its cap of half-open flows, or all apps together theirs
+    /// (`Config::half_open_full`): its SYNs get cookies.
+    pub fn half_open_full(&self, app: u32) -> bool {
         let max = match self.half_open_max {
             0 => HALF_OPEN_MAX_DEFAULT,
             n => n,
         };
         self.half_open(app) >= i64::from(max)
+            || (self.half_open_global_max != 0
+                && self.half_open(0) >= i64::from(self.half_open_global_max))
     }
 
     /// Takes the datapath's time fields for `key` once [`Expect::check_entry`] found them
@@ -382,15 +413,26 @@ impl Step<'_> {
         }
         let syn_only = flags & (SYN | ACK | FIN | RST) == SYN;
         let mut stale = None;
-        if let Some(es) = es {
+        if let Some(mut es) = es {
+            // Issue 15: a proxied flow whose backend has not answered: the client's bare ACK of
+            // the cookie (again, or its zero-window probe) carries the SYN to it again,
+            // untracked (`synproxy::resends_syn`).
+            if resends_syn(&es, &self.seg) {
+                if self.seg.ttl <= 1 {
+                    return self.x.drop(DropReason::TtlExceeded);
+                }
+                return self.resend_syn(es);
+            }
             // Issue 15: a proxied flow's backend. Its SYN-ACK is the SYN proxy's to answer; any
             // other segment is tracked (and sent on) in the client's view, which is its own
-            // until that SYN-ACK fixes `seq_delta` (so an RST refusing the proxy's SYN reaches
-            // the client in the backend's numbers: today's datapath, which looks wrong; see the
-            // known problems in tests/datapath_synproxy.rs).
+            // until that SYN-ACK fixes `seq_delta`, or an RST refusing the proxy's SYN does
+            // (`conntrack::proxy_refused`: it reaches the client at the cookie + 1).
             if es.track & TRACK_PROXIED != 0 && es.direction != DIR_FORWARD {
                 if flags & (SYN | ACK | RST | FIN) == SYN | ACK {
                     return self.proxy_syn_ack(es);
+                }
+                if flags & RST != 0 && es.state & CT_SYN_ACK_SEEN == 0 {
+                    self.proxy_refused(&mut es);
                 }
                 self.seg.seq = self.seg.seq.wrapping_sub(es.seq_delta);
             }
@@ -429,9 +471,9 @@ impl Step<'_> {
         let has_ack = flags & ACK != 0 && flags & RST == 0 && self.seg.ihl == wire::IPV4_MIN_LEN;
         // Issue 15: an ACK may complete a handshake the SYN proxy answered with a cookie.
         if let Some(app) = service
-            && let Some(mss) = self.cookie_ack()
+            && let Some((mss, isn)) = self.cookie_ack(app)
         {
-            return self.cookie_flow(app, mss);
+            return self.cookie_flow(app, mss, isn);
         }
         match service {
             Some(app) if syn_only => self.new_flow(app, stale),
@@ -466,7 +508,18 @@ impl Step<'_> {
         if set & CT_ESTABLISHED != 0 && es.state & CT_ESTABLISHED == 0 {
             // Issue 15: a handshake made from a SYN completed (a proxied flow is established
             // by its backend's SYN-ACK, never here): one half-open flow less.
-            *self.m.half_open.entry(es.app_id).or_default() -= 1;
+            self.m.half_open_add(es.app_id, -1);
+        }
+        let new = es.state | set;
+        if self.m.rules == Rules::Spec14
+            && is_closed(new)
+            && !is_closed(es.state)
+            && new & CT_ESTABLISHED == 0
+            && es.track & TRACK_PROXIED == 0
+        {
+            // A handshake made from a SYN closed (RST, or FIN both ways) before it completed:
+            // one half-open flow less (`conntrack::track`).
+            self.m.half_open_add(es.app_id, -1);
         }
         let changed = es.state | set != es.state;
         let mut exp = EntryExp::same();
@@ -567,11 +620,16 @@ impl Step<'_> {
     fn translated(&mut self, flow: &Flow) {
         let mut frame = self.frame.to_vec();
         if self.partial() {
-            self.x.stat(GlobalStat::PartialChecksums, 1);
             if self.seg.l3_len as usize - self.seg.ihl > wire::SEGMENT_MAX {
+                self.x.stat(GlobalStat::PartialChecksums, 1);
                 return self.handed_over();
             }
             wire::complete_checksum(&mut frame, &self.seg);
+            // A whole checksum equal to its pseudo-header's sum completes to itself: not
+            // counted (xdp.rs).
+            if frame != self.frame {
+                self.x.stat(GlobalStat::PartialChecksums, 1);
+            }
         }
         let t = Translation {
             src_ip: flow.nat_src_ip,
@@ -618,17 +676,31 @@ impl Step<'_> {
         {
             return self.x.drop(DropReason::BadChecksum);
         }
-        // Issue 15: at the app's cap, a cookie instead of a flow, and a flow it would start
-        // over stays (so the cookie's ACK meets it: today's datapath, which looks wrong; see
-        // the known problems in tests/datapath_synproxy.rs).
-        if spec && self.m.half_open_full(app) {
-            return self.cookie_syn_ack();
+        // Issue 15: at the app's cap (or all apps'), a cookie instead of a flow; one with IPv4
+        // options cannot have one (the answer would move the TCP header): dropped, nothing
+        // removed. The flow it starts over goes first either way (the cookie's ACK would meet
+        // it).
+        let full = spec && self.m.half_open_full(app);
+        if full && self.seg.ihl != wire::IPV4_MIN_LEN {
+            return self.x.drop(DropReason::HalfOpenFull);
         }
         if let Some(old) = stale {
             self.m.remove_pair(&self.seg.key, &old.flow, self.x);
-            if old.rebalanced {
+            if spec && !is_closed(old.flow.state) {
+                self.x.stat(GlobalStat::SynRebalanced, 1);
+                if old.flow.track & TRACK_PROXIED == 0 {
+                    // A handshake made from a SYN, not completed: one half-open less.
+                    self.m.half_open_add(old.flow.app_id, -1);
+                }
+            } else if old.rebalanced {
                 self.x.stat(GlobalStat::SynRebalanced, 1);
             }
+        }
+        if full {
+            if stale.is_some() {
+                self.x.paths.push(PATH_COOKIE_OVER);
+            }
+            return self.cookie_syn_ack(app);
         }
         if self.m.snat_ip == 0 || self.m.snat_ports.1 < self.m.snat_ports.0 {
             return self.x.drop(DropReason::NotConfigured);
@@ -689,7 +761,7 @@ impl Step<'_> {
         self.x.traffic(app, backend_id, |s| s.new_flows += 1);
         if spec {
             // Issue 15: half-open until its handshake completes.
-            *self.m.half_open.entry(app).or_default() += 1;
+            self.m.half_open_add(app, 1);
         }
         self.translated(&forward);
     }
@@ -743,10 +815,7 @@ impl Step<'_> {
     /// nothing kept: `ack` its ISN + 1 (its data, if any, not taken), a zero window, only an MSS
     /// option (the cookie's: the table's largest not above the SYN's, 536 without one). A SYN
     /// with IPv4 options cannot have one (the answer would move the TCP header): dropped.
-    fn cookie_syn_ack(&mut self) {
-        if self.seg.ihl != wire::IPV4_MIN_LEN {
-            return self.x.drop(DropReason::HalfOpenFull);
-        }
+    fn cookie_syn_ack(&mut self, app: u32) {
         let mss = wire::mss_option(self.frame, &self.seg).unwrap_or(MSS_TABLE[0]);
         let index = syncookie::mss_index(mss);
         // Its clock's counter: the one whose low bits head the cookie it sent, if the run's
@@ -758,6 +827,8 @@ impl Step<'_> {
         };
         let hs = self.handshake(self.seg.seq);
         let cookie = syncookie::make(&self.m.cookie_key, &hs, counter, index);
+        // The app gives cookies (`synproxy::gave_cookies`).
+        self.m.cookies.insert(app, counter);
         self.x.stat(GlobalStat::SynCookiesSent, 1);
         self.x.verdict = Verdict::Tx;
         self.x.out = Some(
@@ -773,25 +844,48 @@ impl Step<'_> {
         );
     }
 
-    /// The MSS of the cookie this segment (without a flow) carries, if it is the ACK of a
-    /// cookie's SYN-ACK: flags ACK alone (PSH allowed), no IPv4 options, `ack - 1` a cookie valid
-    /// for its addresses, ports and ISN (`seq - 1`) in the clock's counter or the one before.
-    /// When the run's clock straddles a step and the two counters disagree, the datapath's
-    /// answer says which it read: an RST if the cookie was not valid there.
-    fn cookie_ack(&self) -> Option<u16> {
+    /// The MSS of the cookie this segment (without a flow) carries and the client's ISN, if it
+    /// is the ACK of a cookie's SYN-ACK (`synproxy::cookie_mss`): flags ACK alone (PSH
+    /// allowed), no IPv4 options, its app `app` gave cookies in the clock's counter step or the
+    /// one before (`gw_cookies_v1`), `ack - 1` a cookie valid for its addresses, ports and ISN
+    /// `seq - 1` in the clock's counter or the one before; or, for a bare ACK (the client's
+    /// zero-window probe), for ISN `seq`. When the run's clock straddles a step and the two
+    /// counters disagree, the datapath's answer says which it read: an RST if the cookie was
+    /// not valid there.
+    fn cookie_ack(&mut self, app: u32) -> Option<(u16, u32)> {
         if self.seg.flags & (SYN | ACK | RST | FIN) != ACK || self.seg.ihl != wire::IPV4_MIN_LEN {
             return None;
         }
-        let hs = self.handshake(self.seg.seq.wrapping_sub(1));
         let cookie = self.seg.ack.wrapping_sub(1);
-        let check = |c| syncookie::check(&self.m.cookie_key, &hs, cookie, c);
+        let at = self.m.cookies.get(&app).copied().unwrap_or(0);
+        let check = |counter: u64| {
+            if at == 0 || counter.wrapping_sub(at) > 1 {
+                return None;
+            }
+            let isn = self.seg.seq.wrapping_sub(1);
+            let hs = self.handshake(isn);
+            if let Some(mss) = syncookie::check(&self.m.cookie_key, &hs, cookie, counter) {
+                return Some((mss, isn));
+            }
+            if self.seg.payload != 0 {
+                return None;
+            }
+            let isn = self.seg.seq;
+            let hs = self.handshake(isn);
+            syncookie::check(&self.m.cookie_key, &hs, cookie, counter).map(|mss| (mss, isn))
+        };
         let (lo, hi) = self.cookie_counters();
         let (at_lo, at_hi) = (check(lo), check(hi));
-        if at_lo == at_hi {
-            return at_lo;
+        let found = if at_lo == at_hi {
+            at_lo
+        } else {
+            let refused = self.seen.out_seg.is_some_and(|(f, _)| f & RST != 0);
+            if refused { None } else { at_lo.or(at_hi) }
+        };
+        if found.is_some_and(|(_, isn)| isn == self.seg.seq) {
+            self.x.paths.push(PATH_PROBE_COOKIE);
         }
-        let refused = self.seen.out_seg.is_some_and(|(f, _)| f & RST != 0);
-        if refused { None } else { at_lo.or(at_hi) }
+        found
     }
 
     /// An ACK without a flow carrying a valid cookie (of MSS `mss`) to the service of `app`:
@@ -801,12 +895,12 @@ impl Step<'_> {
     /// cookie's MSS, no data (the ACK's is not taken). The forward entry starts the client's
     /// numbers at ISN + 1, its acknowledgement at the cookie + 1; the reverse entry's wait for
     /// the backend's SYN-ACK.
-    fn cookie_flow(&mut self, app: u32, mss: u16) {
+    fn cookie_flow(&mut self, app: u32, mss: u16, isn: u32) {
         if self.seg.ttl <= 1 {
             return self.x.drop(DropReason::TtlExceeded);
         }
         if wire::ip_residual(self.frame, self.seg.ihl) != 0xffff
-            || wire::tcp_residual(self.frame, &self.seg) != 0xffff
+            || (wire::tcp_residual(self.frame, &self.seg) != 0xffff && !self.partial())
         {
             return self.x.drop(DropReason::BadChecksum);
         }
@@ -839,7 +933,8 @@ impl Step<'_> {
             nat_src_port: port_to_net(port),
             nat_dst_port: backend.port,
             direction: DIR_FORWARD,
-            seq_end: seg.seq,
+            seq_end: isn.wrapping_add(1),
+            proxy_mss: mss,
             ack_max: seg.ack,
             win_max: u32::from(seg.window),
             track: TRACK_ACK_SEEN | TRACK_PROXIED,
@@ -865,17 +960,30 @@ impl Step<'_> {
             .insert(key, Some(EntryExp { nexthop, ..new }));
         self.x.stat(GlobalStat::FlowsCreated, 1);
         self.x.traffic(app, backend_id, |s| s.new_flows += 1);
-        // The SYN, written over the ACK, then translated as the flow's packets are (the
-        // counters count the ACK that came in).
+        self.proxy_syn(&forward, isn, mss, Out::Redirect(nexthop));
+    }
+
+    /// The SYN to the backend of the proxied flow `forward` (its forward entry), written over
+    /// this segment of its client (`synproxy::backend_syn`: the client's ISN `isn`, its window,
+    /// the cookie's MSS `mss`, no data), then translated as the flow's packets are, or (XDP, an
+    /// aged hop: `out`) handed to the kernel as it was written; the counters count the segment
+    /// that came in.
+    fn proxy_syn(&mut self, forward: &Flow, isn: u32, mss: u16, out: Out) {
+        let seg = self.seg;
         let syn = Own {
             back: false,
             flags: SYN,
-            seq: seg.seq.wrapping_sub(1),
+            seq: isn,
             ack: 0,
             window: seg.window,
             mss: Some(mss),
         }
         .build(self.frame, &seg);
+        if out == Out::Kernel {
+            self.x.verdict = Verdict::Pass;
+            self.x.out = Some(syn);
+            return;
+        }
         let Parse::Tcp(syn_seg) = wire::parse(&syn, |_| 1) else {
             unreachable!("the model's own SYN parses");
         };
@@ -892,10 +1000,51 @@ impl Step<'_> {
         self.x.out = Some(wire::translate(&syn, &syn_seg, &t));
         self.x.stat(GlobalStat::Forwarded, 1);
         let bytes = u64::from(seg.l3_len);
-        self.x.traffic(app, backend_id, |s| {
+        self.x.traffic(forward.app_id, forward.backend_id, |s| {
             s.packets_in += 1;
             s.bytes_in += bytes;
         });
+    }
+
+    /// A client's segment on the proxied flow `es` (its forward entry) whose backend has not
+    /// answered ([`resends_syn`]): not tracked (the entry's counters and times stay), its next
+    /// hop resolved, and it becomes the SYN to the backend again (ISN `seq_end - 1`, the
+    /// flow's `proxy_mss`).
+    fn resend_syn(&mut self, es: Flow) {
+        let key = self.seg.key;
+        let mut es = es;
+        let out = self.resolve(&mut es);
+        let mut exp = EntryExp::same();
+        if let Out::Redirect(t) = out {
+            exp.nexthop = t;
+        }
+        self.m.ct.insert(key, es);
+        self.x.entries.insert(key, Some(exp));
+        self.x.paths.push(PATH_SYN_AGAIN);
+        self.proxy_syn(&es, es.seq_end.wrapping_sub(1), es.proxy_mss, out);
+    }
+
+    /// A backend's RST on a proxied flow (`es` its reverse entry) before its SYN-ACK
+    /// (`conntrack::proxy_refused`): if it acknowledges the client's ISN + 1, `seq_delta` in
+    /// both entries becomes its `seq` less the client's `ack_max`, so that it reaches the client
+    /// at the cookie + 1; kept whatever becomes of the RST.
+    fn proxy_refused(&mut self, es: &mut Flow) {
+        let peer = es.peer_key();
+        let Some(client) = self.m.ct.get_mut(&peer) else {
+            return;
+        };
+        if self.seg.flags & ACK != 0 && self.seg.ack == client.seq_end {
+            let delta = self.seg.seq.wrapping_sub(client.ack_max);
+            client.seq_delta = delta;
+            es.seq_delta = delta;
+            self.x.paths.push(PATH_REFUSED);
+            let key = self.seg.key;
+            let mut mine = self.m.ct[&key];
+            mine.seq_delta = delta;
+            self.m.ct.insert(key, mine);
+            self.x.entries.insert(peer, Some(EntryExp::same()));
+            self.x.entries.insert(key, Some(EntryExp::same()));
+        }
     }
 
     /// The backend's SYN-ACK on a proxied flow (`es` its reverse entry), which answers the
@@ -905,11 +1054,21 @@ impl Step<'_> {
     /// `seq_delta` (its ISN less the cookie the client was given, the forward entry's
     /// `ack_max - 1`) in both entries, starts the backend's tracking in the client's view and
     /// establishes the flow (`syn_proxy_established`); a retransmission must carry the same
-    /// ISN. No TTL or checksum check (today's datapath; it looks wrong that a SYN-ACK with a
-    /// bad checksum fixes `seq_delta`: see the known problems in tests/datapath_synproxy.rs).
+    /// ISN. Its checksums are verified first, as a SYN's (87468b6); a flow the client closed
+    /// (or reset) meanwhile refuses it (out_of_window). No TTL check.
     fn proxy_syn_ack(&mut self, es: Flow) {
         if self.seg.ihl != wire::IPV4_MIN_LEN {
             return self.x.drop(DropReason::BadHeader);
+        }
+        // It fixes the flow's numbers for good: verified as a SYN is.
+        if wire::ip_residual(self.frame, self.seg.ihl) != 0xffff
+            || (wire::tcp_residual(self.frame, &self.seg) != 0xffff && !self.partial())
+        {
+            return self.x.drop(DropReason::BadChecksum);
+        }
+        // The client reset (or closed) before the backend answered: nobody to connect.
+        if is_closed(es.state) {
+            return self.x.drop(DropReason::OutOfWindow);
         }
         let (key, seg) = (self.seg.key, self.seg);
         let peer = es.peer_key();
@@ -1055,4 +1214,30 @@ impl Step<'_> {
         }
         Some(port)
     }
+}
+
+/// Coverage ([`Expect::paths`]): a SYN started a flow over at the cap (its old pair removed,
+/// then a cookie).
+pub const PATH_COOKIE_OVER: &str = "a flow started over at the cap, then a cookie";
+/// Coverage: a cookie's ISN found at `seq` (the client's zero-window probe).
+pub const PATH_PROBE_COOKIE: &str = "a zero-window probe took as the cookie's ACK";
+/// Coverage: a client's segment carried the SYN to the backend again.
+pub const PATH_SYN_AGAIN: &str = "the SYN to a proxied flow's backend sent again";
+/// Coverage: a backend's RST refused the proxy's SYN (`seq_delta` set from it).
+pub const PATH_REFUSED: &str = "a backend refused the proxy's SYN";
+
+/// Whether the client's segment `seg` on the proxied flow `f` (its forward entry) carries the
+/// SYN to the backend again (`synproxy::resends_syn`): the backend has not answered (no
+/// SYN-ACK seen, not closed), and it is a bare ACK of the cookie at the client's ISN + 1 or its
+/// ISN (a zero-window probe), flags ACK alone (PSH, URG, ECE, CWR allowed), in an IPv4 header
+/// without options.
+fn resends_syn(f: &Flow, seg: &Seg) -> bool {
+    f.track & TRACK_PROXIED != 0
+        && f.direction == DIR_FORWARD
+        && f.state & CT_SYN_ACK_SEEN == 0
+        && !is_closed(f.state)
+        && seg.flags & (SYN | ACK | RST | FIN) == ACK
+        && seg.ack == f.ack_max
+        && f.seq_end.wrapping_sub(seg.seq) <= 1
+        && seg.ihl == wire::IPV4_MIN_LEN
 }

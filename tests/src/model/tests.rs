@@ -401,11 +401,56 @@ fn the_half_open_count_follows_handshakes_and_scans() {
     step(&mut m, from_backend(SYN | ACK, 5000, 1001), None);
     step(&mut m, from_client(ACK, 1001, 5001), None);
     assert_eq!((m.half_open(1), m.half_open_exact(1)), (0, 0));
-    // Reset before it completes: still counted, until a scan.
+    assert_eq!((m.half_open(0), m.half_open_exact(0)), (0, 0));
+    // Reset before it completes: one less too (dc1e317), in slot 0 as well.
     let mut m = model();
     step(&mut m, from_client(SYN, 1000, 0), Some(40_000));
+    assert_eq!(m.half_open(0), 1);
     step(&mut m, from_client(RST, 1001, 0), None);
-    assert_eq!((m.half_open(1), m.half_open_exact(1)), (1, 0));
+    assert_eq!((m.half_open(1), m.half_open_exact(1)), (0, 0));
+    assert_eq!(m.half_open(0), 0);
+    // Started over before it completes (another ISN): one less, one more.
+    let mut m = model();
+    step(&mut m, from_client(SYN, 1000, 0), Some(40_000));
+    let x = step(&mut m, from_client(SYN, 90_000, 0), Some(40_000));
+    assert_eq!(x.stat_delta(GlobalStat::SynRebalanced), 1..=1);
+    assert_eq!((m.half_open(1), m.half_open(0)), (1, 1));
+}
+
+/// Issue 15 (dc1e317): all apps' half-open flows together are capped too (slot 0); at the cap
+/// a SYN that starts a closed flow over removes its old pair before its cookie is sent.
+#[test]
+fn the_global_cap_gives_cookies_and_a_closed_flow_goes_first() {
+    let mut m = model();
+    m.snat_ports = (40_000, 40_001);
+    m.half_open_max = 100;
+    m.half_open_global_max = 1;
+    step(&mut m, from_client(SYN, 1000, 0), Some(40_000));
+    step(&mut m, from_client(FIN, 1001, 0), None); // dropped: no SYN-ACK yet
+    // Closed by an RST: one less; then a new SYN starts it over.
+    step(&mut m, from_client(RST, 1001, 0), None);
+    assert_eq!(m.half_open(0), 0);
+    let c2 = addr("192.0.2.2:40001");
+    let mut other = from_client(SYN, 3000, 0);
+    other.src = c2;
+    step(&mut m, other, Some(40_001));
+    assert!(m.half_open_full(1), "all apps at the global cap");
+    let x = step(&mut m, from_client(SYN, 50_000, 0), None);
+    assert_eq!(x.stat_delta(GlobalStat::SynCookiesSent), 1..=1);
+    assert_eq!(
+        x.entries.get(&fwd_key()),
+        Some(&None),
+        "the old pair removed"
+    );
+    assert!(!m.ct.contains_key(&fwd_key()));
+    // With IPv4 options at the cap: dropped, nothing removed.
+    let mut m2 = m.clone();
+    step(&mut m2, from_client(SYN, 1000, 0), None);
+    let mut opts = from_client(SYN, 60_000, 0);
+    opts.ip_options = vec![1, 1, 1, 0];
+    let x = step(&mut m2, opts, None);
+    assert_eq!(x.drop, Some(DropReason::HalfOpenFull));
+    assert!(x.entries.is_empty());
 }
 
 /// Issue 15: when the run's clock straddles a cookie counter step, the model takes the counter
@@ -447,7 +492,9 @@ fn a_clock_straddling_a_counter_step_takes_the_datapaths_counter() {
     };
     let mut syn = from_client(SYN, 7000, 0);
     syn.src = c2;
-    for counter in [k - 1, k] {
+    // The later first: the app last gave cookies in the earlier counter (`gw_cookies_v1`), so
+    // that ACKs are checked in both.
+    for counter in [k, k - 1] {
         let cookie = syncookie::make(&m.cookie_key, &hs, counter, 0);
         let x = m.step(
             &syn.build(),
@@ -491,4 +538,64 @@ fn a_clock_straddling_a_counter_step_takes_the_datapaths_counter() {
         1..=1,
         "read the earlier counter"
     );
+}
+
+/// Issue 15 (dc1e317): ACKs are checked for cookies only while the app gives them; a lost
+/// cookie ACK: the client's zero-window probe (`seq` its ISN) is taken as it; a lost SYN to the
+/// backend: the client's bare ACK carries it again, untracked; the backend's refusal reaches
+/// the client at the cookie + 1.
+#[test]
+fn a_lost_cookie_ack_and_a_lost_proxy_syn_recover() {
+    use crate::packet::parse_checked;
+    use gateway_common::syncookie::{self, Handshake};
+    let mut m = model();
+    m.snat_ports = (40_000, 40_001);
+    m.half_open_max = 1;
+    m.cookie_key = [5, 6];
+    step(&mut m, from_client(SYN, 1000, 0), Some(40_000));
+    let c2 = addr("192.0.2.2:40001");
+    let hs = Handshake {
+        src_ip: ip_to_net(*c2.ip()),
+        dst_ip: ip_to_net(*addr(SVC).ip()),
+        src_port: c2.port().to_be(),
+        dst_port: addr(SVC).port().to_be(),
+        isn: 7000,
+    };
+    let cookie = syncookie::make(&m.cookie_key, &hs, syncookie::counter(CLOCK.lo), 0);
+    // The app gave no cookie yet: even a valid one is not checked.
+    let mut ack = from_client(ACK, 7001, cookie.wrapping_add(1));
+    ack.src = c2;
+    let x = step(&mut m.clone(), ack, Some(40_001));
+    assert_eq!(x.stat_delta(GlobalStat::RstNoFlow), 1..=1);
+    let mut syn = from_client(SYN, 7000, 0);
+    syn.src = c2;
+    let x = step(&mut m, syn, None);
+    assert_eq!(numbers(&x.out.unwrap()).0, cookie);
+    // The zero-window probe at the ISN: the cookie's ACK.
+    let mut probe = from_client(ACK, 7000, cookie.wrapping_add(1));
+    probe.src = c2;
+    probe.window = 1000;
+    let x = step(&mut m, probe.clone(), Some(40_001));
+    assert_eq!(x.stat_delta(GlobalStat::SynCookiesAccepted), 1..=1);
+    let out = x.out.unwrap();
+    assert_eq!(parse_checked(&out).tcp_flags, SYN);
+    assert_eq!(numbers(&out), (7000, 0, 1000, vec![2, 4, 0x02, 0x18]));
+    let key = FlowKey4::from_addrs(c2, addr(SVC));
+    let f = m.ct[&key];
+    assert_eq!((f.seq_end, f.proxy_mss, f.packets), (7001, 536, 1));
+    // Again: the SYN again, nothing tracked.
+    let x = step(&mut m, probe, None);
+    assert_eq!(x.verdict, Verdict::Redirect);
+    assert_eq!(x.stat_delta(GlobalStat::SynCookiesAccepted), 0..=0);
+    let out = x.out.unwrap();
+    assert_eq!(parse_checked(&out).tcp_flags, SYN);
+    assert_eq!(numbers(&out).0, 7000);
+    assert_eq!(m.ct[&key].packets, 1);
+    // The backend refuses the SYN: its RST reaches the client at the cookie + 1.
+    let mut rst = from_backend(RST | ACK, 0, 7001);
+    rst.dst = addr("198.51.100.253:40001");
+    let x = step(&mut m, rst, None);
+    assert_eq!(x.verdict, Verdict::Redirect);
+    assert_eq!(numbers(&x.out.unwrap()).0, cookie.wrapping_add(1));
+    assert_eq!(m.ct[&key].state & CT_RST, CT_RST);
 }
