@@ -159,8 +159,8 @@ pub fn cookie_mss(cfg: &Config, app_id: u32, pkt: &TcpPacket, now_ns: u64) -> u6
 
 /// Whether the client's segment `pkt` on the proxied flow `flow` (its forward entry) carries the
 /// SYN to the backend again: the backend has not answered (no SYN-ACK seen, not closed), and it
-/// is a bare ACK of the cookie at the client's ISN + 1 or its ISN (a zero-window probe), in an
-/// IPv4 header without options.
+/// is an ACK of the cookie (no SYN, FIN or RST; any data it carries is not taken) at the
+/// client's ISN + 1 or its ISN (a zero-window probe), in an IPv4 header without options.
 #[inline(always)]
 pub fn resends_syn(flow: &Flow, pkt: &TcpPacket) -> bool {
     flow.track & TRACK_PROXIED != 0
