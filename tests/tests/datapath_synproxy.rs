@@ -489,13 +489,13 @@ fn proxied_flow(first: Conn, c: Conn) -> (Scenario, Arc<Mutex<u32>>) {
 
 /// A client's new connection from the port of its closed one, while its app is at the cap:
 /// the SYN starts the closed flow over (as it would below the cap), so the cookie's ACK makes
-/// the new flow. Today the SYN gets a cookie but the closed pair stays, and the cookie's ACK
-/// is taken for a segment of the closed flow: dropped out_of_window. A client whose ephemeral
-/// port comes round within the closed timeout (10 s; 60 s when the backend closed first, as
-/// HTTP servers do) cannot connect during a flood.
+/// the new flow (the closed pair goes with the cookie's SYN-ACK). Before the fix the closed
+/// pair stayed, and the cookie's ACK was taken for a segment of the closed flow: dropped
+/// out_of_window. A client whose ephemeral port comes round within the closed timeout (10 s; 60
+/// s when the backend closed first, as HTTP servers do) could not connect during a flood.
 fn a_flow_started_over_at_the_cap_completes_through_the_proxy() -> Scenario {
     const ISN: u32 = CLIENT_ISN ^ 0x4000_0000;
-    let c = Conn::new(48_300);
+    let (c, other) = (Conn::new(48_300), Conn::new(48_310));
     let cookie = Arc::new(Mutex::new(0u32));
     let got = cookie.clone();
     Scenario::new()
@@ -504,13 +504,21 @@ fn a_flow_started_over_at_the_cap_completes_through_the_proxy() -> Scenario {
         .row(Row::redirected("SYN", c.syn(), c.to_maglev_backend()).entries(2))
         .row(
             Row::redirected(
-                "refused by the backend: the flow is closed (and still counted half-open)",
+                "refused by the backend: the flow is closed (and no longer half-open)",
                 c.reply(flags::RST | flags::ACK),
                 c.to_client(),
             )
             .check("closed", move |cx| {
                 assert_ne!(cx.state(c.key()) & CT_RST, 0)
             }),
+        )
+        .row(
+            Row::redirected(
+                "another client's SYN takes the app's one half-open slot",
+                other.syn(),
+                other.to_maglev_backend(),
+            )
+            .entries(2),
         )
         .row(
             Row::sent_back(
@@ -521,6 +529,7 @@ fn a_flow_started_over_at_the_cap_completes_through_the_proxy() -> Scenario {
                 },
                 Out::Any,
             )
+            .entries(-2)
             .check("kept", move |cx| {
                 *got.lock().unwrap() = cookie_for(cx, c, ISN)
             }),
@@ -536,6 +545,7 @@ fn a_flow_started_over_at_the_cap_completes_through_the_proxy() -> Scenario {
                 }),
                 Out::Any,
             )
+            .entries(2)
             .counter(GlobalStat::SynCookiesAccepted, 1..=1)
             .check("a SYN with the new ISN", |cx| {
                 let p = parse_checked(&cx.output);
@@ -550,7 +560,7 @@ fn a_flow_started_over_at_the_cap_completes_through_the_proxy() -> Scenario {
 /// client expects, the cookie + 1, or the client's TCP drops it as out of its window and waits
 /// on its zero window (its probes are then dropped: the flow is closed) instead of failing
 /// with ECONNREFUSED. netfilter's SYNPROXY moves such an RST to the cookie + 1 (`seqadj` in
-/// `ipv4_synproxy_hook`). Today it goes out with `seq` 0.
+/// `ipv4_synproxy_hook`). Before the fix it went out with `seq` 0.
 fn a_backends_refusal_reaches_the_client_in_its_numbers() -> Scenario {
     let (first, c) = (Conn::new(48_400), Conn::new(48_401));
     let (s, cookie) = proxied_flow(first, c);
@@ -579,7 +589,7 @@ fn a_backends_refusal_reaches_the_client_in_its_numbers() -> Scenario {
 
 /// The backend's SYN-ACK to the proxy's SYN is not forwarded but answered, and the first one
 /// fixes `seq_delta` for good: one with a wrong TCP checksum (its ISN may be what is wrong)
-/// must be dropped as a SYN with one is, not answered. Today it is answered and fixes the
+/// must be dropped as a SYN with one is, not answered. Before the fix it was answered and fixed the
 /// delta; the backend then takes the gateway's ACK for a wrong one and resets.
 fn a_corrupted_syn_ack_fixes_no_proxied_flow() -> Scenario {
     let (first, c) = (Conn::new(48_500), Conn::new(48_501));
