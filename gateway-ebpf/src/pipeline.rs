@@ -220,7 +220,9 @@ fn decide<C: Context>(
             }
             if pkt.flags & RST != 0 && f.state & CT_SYN_ACK_SEEN == 0 {
                 // The backend refuses the proxy's SYN: the client, established since its
-                // cookie's ACK, gets the reset at the number it expects.
+                // cookie's ACK, gets the reset at the number it expects. Only an RST that goes
+                // on (its TTL checked first) changes the flow's numbers.
+                check_ttl(&pkt)?;
                 conntrack::proxy_refused(f, &pkt);
             }
             // The backend's numbers in the client's view, tracked and sent so.

@@ -30,6 +30,7 @@ scenario_tests! {
     a_flow_started_over_at_the_cap_completes_through_the_proxy,
     a_backends_refusal_reaches_the_client_in_its_numbers,
     a_corrupted_syn_ack_fixes_no_proxied_flow,
+    a_refusal_dropped_for_its_ttl_changes_no_numbers,
 }
 
 /// The client's window in its ACKs (unscaled: a proxied connection has no window scaling).
@@ -614,6 +615,44 @@ fn a_corrupted_syn_ack_fixes_no_proxied_flow() -> Scenario {
         .counter(GlobalStat::SynProxyEstablished, 0..=0)
         .check("nothing fixed", move |cx| {
             assert_eq!(cx.flow(c.key()).state & CT_ESTABLISHED, 0)
+        }),
+    )
+}
+
+/// A backend RST refusing the proxy's SYN that expires on the way (TTL 1) is dropped, and
+/// changes nothing: the SYN the client's next ACK carries again goes out with `ack` 0. Found by
+/// the fuzzer: the refusal's `seq_delta` was set before the TTL check, and the SYN sent again
+/// had its `ack` field "translated" by it.
+fn a_refusal_dropped_for_its_ttl_changes_no_numbers() -> Scenario {
+    let (first, c) = (Conn::new(48_600), Conn::new(48_601));
+    let (s, cookie) = proxied_flow(first, c);
+    s.row(
+        Row::dropped(
+            "the backend's RST+ACK with TTL 1",
+            Input::with(move |cx| {
+                let r = c.rewrite(cx);
+                let mut f =
+                    from_backend(r.backend_index, r.backend, r.snat, flags::RST | flags::ACK);
+                f.seq = 0x57e6_36a0;
+                f.ack = CLIENT_ISN.wrapping_add(1);
+                f.ttl = 1;
+                f
+            }),
+            DropReason::TtlExceeded,
+        )
+        .check("no numbers changed", move |cx| {
+            assert_eq!(cx.flow(c.key()).seq_delta, 0)
+        }),
+    )
+    .row(
+        Row::redirected(
+            "the client's ACK again: the SYN to the backend, ack 0",
+            cookie_ack(c, &cookie, |_| {}),
+            Out::Any,
+        )
+        .check("a SYN with ack 0", |cx| {
+            assert_eq!(parse_checked(&cx.output).tcp_flags, flags::SYN);
+            assert_eq!(tcp_of(&cx.output).ack, 0);
         }),
     )
 }

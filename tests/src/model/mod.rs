@@ -432,6 +432,10 @@ impl Step<'_> {
                     return self.proxy_syn_ack(es);
                 }
                 if flags & RST != 0 && es.state & CT_SYN_ACK_SEEN == 0 {
+                    // Only an RST that goes on changes the numbers: its TTL first.
+                    if self.seg.ttl <= 1 {
+                        return self.x.drop(DropReason::TtlExceeded);
+                    }
                     self.proxy_refused(&mut es);
                 }
                 self.seg.seq = self.seg.seq.wrapping_sub(es.seq_delta);
