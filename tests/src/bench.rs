@@ -230,6 +230,9 @@ fn datapath(sizes: &[u32]) {
         // The rows' own SYNs never meet the SYN proxy (nothing here corrects the half-open
         // counts as the daemon's scan does): only the flood row sets a cap.
         fx.dp.set_half_open_max(u32::MAX).expect("half-open max");
+        fx.dp
+            .set_half_open_global_max(0)
+            .expect("no cap of all apps together");
         let svc = Fixture::service();
         let client = SocketAddrV4::new(Topology::CLIENT_IP, 33_333);
         let (kf, ff) = identity_flow(client, svc, DIR_FORWARD);
