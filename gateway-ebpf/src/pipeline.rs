@@ -104,7 +104,10 @@ pub fn prepare<C: Context>(
             // SAFETY: a conntrack value pointer; this CPU updates it in place.
             let flow = unsafe { &mut *flow };
             // A proxied flow whose backend has not answered: the client's segment becomes the
-            // SYN to it again (`decide` let it through untracked).
+            // SYN to it again (`decide` let it through untracked). Verifier workaround: asked
+            // again here (its first test, one bit of the flow, fails for every other flow)
+            // rather than carried from `decide` in the action: a flag carried there doubled the
+            // states of everything after and went past the verifier's million instructions.
             let pre = synproxy::resends_syn(flow, &pkt);
             if pre {
                 *answer = synproxy::backend_syn(&pkt, flow.seq_end.wrapping_sub(1), flow.proxy_mss);
