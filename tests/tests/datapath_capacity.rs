@@ -11,9 +11,7 @@ use std::{
 use gateway::datapath::{Expired, Timeouts, monotonic_ns};
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{
-        CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN, is_closed,
-    },
+    maps::{CT_BACKEND_CLOSED_FIRST, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN, is_closed},
 };
 use gateway_tests::{
     datapath::Fixture,
@@ -29,18 +27,6 @@ scenario_tests! {
     a_backend_in_time_wait_keeps_its_snat_port,
     a_client_that_closed_first_frees_its_snat_port,
     free_snat_ports_go_before_closed_ones,
-}
-
-/// A connection opened: SYN, SYN-ACK, ACK (established).
-fn open(c: Conn) -> Vec<Row> {
-    vec![
-        Row::redirected("SYN", c.syn(), c.to_maglev_backend()).entries(2),
-        Row::redirected("SYN-ACK", c.reply(flags::SYN | flags::ACK), c.to_client()),
-        Row::redirected("ACK", c.send(flags::ACK), c.to_its_backend())
-            .check("established", move |cx| {
-                assert_eq!(cx.state(c.key()) & CT_ESTABLISHED, CT_ESTABLISHED)
-            }),
-    ]
 }
 
 /// `c`'s connection closed with FINs, the backend's first (`backend_first`) or the client's.
@@ -123,8 +109,8 @@ fn a_full_table_refuses_new_flows() -> Scenario {
     };
     Scenario::new()
         .fixture(|mode, backend_ips| Fixture::new(mode, backend_ips, 4))
-        .rows(open(a))
-        .rows(open(b))
+        .rows(a.handshake())
+        .rows(b.handshake())
         .row(
             Row::dropped(
                 "a third connection's SYN in a table of 4 entries",
@@ -172,7 +158,7 @@ fn a_scan_keeps_a_flow_that_reused_an_expired_key() -> Scenario {
     let walked: Arc<Mutex<Option<(Expired, u64)>>> = Arc::default();
     let (walk, remove) = (walked.clone(), walked);
     Scenario::new()
-        .rows(open(c))
+        .rows(c.handshake())
         .row(
             Row::redirected(
                 "the client resets",
@@ -233,7 +219,7 @@ fn a_backend_in_time_wait_keeps_its_snat_port() -> Scenario {
     Scenario::new()
         .backends(1)
         .set("one SNAT port", one_snat_port)
-        .rows(open(a))
+        .rows(a.handshake())
         .rows(close(a, true))
         .check("the backend closed first", move |cx| {
             assert_eq!(
@@ -263,7 +249,7 @@ fn a_client_that_closed_first_frees_its_snat_port() -> Scenario {
     Scenario::new()
         .backends(1)
         .set("one SNAT port", one_snat_port)
-        .rows(open(a))
+        .rows(a.handshake())
         .rows(close(a, false))
         .check("the client closed first", move |cx| {
             assert_eq!(whole(cx, a) & CT_BACKEND_CLOSED_FIRST, 0)
@@ -294,7 +280,7 @@ fn free_snat_ports_go_before_closed_ones() -> Scenario {
             .expect("configure");
     });
     for c in &old {
-        s = s.rows(open(*c)).rows(close(*c, false));
+        s = s.rows(c.handshake()).rows(close(*c, false));
     }
     s = s.wait(Duration::from_millis(1_200));
     for c in &new {

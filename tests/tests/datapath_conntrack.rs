@@ -54,13 +54,8 @@ fn ack_shifted(input: Input, by: u32) -> Input {
 /// A connection opened: SYN, SYN-ACK, ACK, and a little data each way (so each side has
 /// acknowledged the other's).
 fn open(c: Conn) -> Vec<Row> {
-    vec![
-        Row::redirected("SYN", c.syn(), c.to_maglev_backend()).entries(2),
-        Row::redirected("SYN-ACK", c.reply(flags::SYN | flags::ACK), c.to_client()),
-        Row::redirected("ACK", c.send(flags::ACK), c.to_its_backend())
-            .check("established", move |cx| {
-                assert_eq!(cx.state(c.key()) & CT_ESTABLISHED, CT_ESTABLISHED)
-            }),
+    let mut rows = c.handshake();
+    rows.extend([
         Row::redirected(
             "data to the backend",
             c.send(flags::ACK | flags::PSH)
@@ -73,7 +68,8 @@ fn open(c: Conn) -> Vec<Row> {
                 .map(|f| f.payload(b"response!")),
             c.to_client(),
         ),
-    ]
+    ]);
+    rows
 }
 
 /// The state bits of both entries of `c`, which must agree.

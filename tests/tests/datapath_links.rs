@@ -48,15 +48,6 @@ fn one_cpu_and_age(cx: &mut Ctx) {
         .expect("configure");
 }
 
-/// SYN, SYN-ACK and the handshake's last ACK of `c`.
-fn open(c: Conn) -> Vec<Row> {
-    vec![
-        Row::redirected("SYN", c.syn(), c.to_maglev_backend()).entries(2),
-        Row::redirected("SYN-ACK", c.reply(flags::SYN | flags::ACK), c.to_client()),
-        Row::redirected("ACK", c.send(flags::ACK), c.to_its_backend()),
-    ]
-}
-
 /// `row` asked neither the FIB nor the kernel's neighbour output.
 fn no_lookup(row: Row) -> Row {
     row.counter(GlobalStat::FibLookups, 0..=0)
@@ -96,8 +87,8 @@ fn next_hop_revalidation() -> Scenario {
             "this thread on CPU 0; next hops age after 500 ms",
             one_cpu_and_age,
         )
-        .rows(open(a))
-        .rows(open(b))
+        .rows(a.handshake())
+        .rows(b.handshake())
         .row(no_lookup(Row::redirected(
             "data on a fresh hop: no lookup, no neighbour output",
             data(a, b"fresh"),

@@ -5,7 +5,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use gateway_common::{maps::FlowKey4, net::socket_from_net};
 
-use super::{Ctx, Input, Out};
+use gateway_common::maps::CT_ESTABLISHED;
+
+use super::{Ctx, Input, Out, Row};
 use crate::{
     datapath::{BACKEND_PORT, Fixture},
     netns::Topology,
@@ -108,6 +110,24 @@ pub struct Rewrite {
 }
 
 impl Conn {
+    /// The rows of this connection's handshake, as well-behaved ends make it: the SYN (a new
+    /// flow to the backend Maglev chooses), the SYN-ACK, and the last ACK, checked to
+    /// establish the flow.
+    pub fn handshake(self) -> Vec<Row> {
+        vec![
+            Row::redirected("SYN", self.syn(), self.to_maglev_backend()).entries(2),
+            Row::redirected(
+                "SYN-ACK",
+                self.reply(flags::SYN | flags::ACK),
+                self.to_client(),
+            ),
+            Row::redirected("ACK", self.send(flags::ACK), self.to_its_backend())
+                .check("established", move |cx| {
+                    assert_eq!(cx.state(self.key()) & CT_ESTABLISHED, CT_ESTABLISHED)
+                }),
+        ]
+    }
+
     /// From the client host's port `port` to app 1's service.
     pub fn new(port: u16) -> Self {
         Self::on(Link::Client, port)
