@@ -578,6 +578,39 @@ impl Step<'_> {
         self.x.out = Some(self.frame.to_vec());
     }
 
+    /// A new flow's pair in the table, with the expectations it makes: the forward entry
+    /// `forward` (its next hop resolved here, which it returns) under `key`, the reverse one
+    /// `reverse` toward `backend` from SNAT port `port`; a flow created for its app and backend.
+    fn insert_pair(
+        &mut self,
+        key: FlowKey4,
+        forward: &mut Flow,
+        reverse: Flow,
+        backend: Backend4,
+        port: u16,
+    ) -> Time {
+        let Out::Redirect(nexthop) = self.resolve(forward) else {
+            unreachable!("a new flow has no hop to revalidate");
+        };
+        let reverse_key =
+            FlowKey4::new(backend.ip, self.m.snat_ip, backend.port, port_to_net(port));
+        let new = EntryExp {
+            created: Time::Now,
+            last_seen: Time::Now,
+            nexthop: Time::Same,
+        };
+        self.m.ct.insert(reverse_key, reverse);
+        self.x.entries.insert(reverse_key, Some(new));
+        self.m.ct.insert(key, *forward);
+        self.x
+            .entries
+            .insert(key, Some(EntryExp { nexthop, ..new }));
+        self.x.stat(GlobalStat::FlowsCreated, 1);
+        self.x
+            .traffic(forward.app_id, forward.backend_id, |s| s.new_flows += 1);
+        nexthop
+    }
+
     /// The next hop of `flow`: kept while fresh, else resolved again (through the FIB or the
     /// per-CPU cache of another flow's answer: at most one FIB lookup). A flow's own aged hop
     /// is revalidated: in TC its packet goes through the kernel's neighbour output
@@ -745,24 +778,7 @@ impl Step<'_> {
         }
         forward.packets = 1;
         forward.bytes = u64::from(self.seg.l3_len);
-        let Out::Redirect(nexthop) = self.resolve(&mut forward) else {
-            unreachable!("a new flow has no hop to revalidate");
-        };
-        let reverse_key =
-            FlowKey4::new(backend.ip, self.m.snat_ip, backend.port, port_to_net(port));
-        let new = EntryExp {
-            created: Time::Now,
-            last_seen: Time::Now,
-            nexthop: Time::Same,
-        };
-        self.m.ct.insert(reverse_key, reverse);
-        self.x.entries.insert(reverse_key, Some(new));
-        self.m.ct.insert(key, forward);
-        self.x
-            .entries
-            .insert(key, Some(EntryExp { nexthop, ..new }));
-        self.x.stat(GlobalStat::FlowsCreated, 1);
-        self.x.traffic(app, backend_id, |s| s.new_flows += 1);
+        self.insert_pair(key, &mut forward, reverse, backend, port);
         if spec {
             // Issue 15: half-open until its handshake completes.
             self.m.half_open_add(app, 1);
@@ -946,24 +962,7 @@ impl Step<'_> {
             bytes: u64::from(seg.l3_len),
             ..reverse
         };
-        let Out::Redirect(nexthop) = self.resolve(&mut forward) else {
-            unreachable!("a new flow has no hop to revalidate");
-        };
-        let reverse_key =
-            FlowKey4::new(backend.ip, self.m.snat_ip, backend.port, port_to_net(port));
-        let new = EntryExp {
-            created: Time::Now,
-            last_seen: Time::Now,
-            nexthop: Time::Same,
-        };
-        self.m.ct.insert(reverse_key, reverse);
-        self.x.entries.insert(reverse_key, Some(new));
-        self.m.ct.insert(key, forward);
-        self.x
-            .entries
-            .insert(key, Some(EntryExp { nexthop, ..new }));
-        self.x.stat(GlobalStat::FlowsCreated, 1);
-        self.x.traffic(app, backend_id, |s| s.new_flows += 1);
+        let nexthop = self.insert_pair(key, &mut forward, reverse, backend, port);
         self.proxy_syn(&forward, isn, mss, Out::Redirect(nexthop));
     }
 
