@@ -88,6 +88,22 @@ indexed_names! {
         /// kernel, whose TC program translates them). A sender to fix: `ethtool -K <dev> tx
         /// off`, or attach in TC mode.
         PartialChecksums = "partial_checksums",
+        /// ICMP "fragmentation needed" errors (destination unreachable, code 4: path MTU
+        /// discovery, RFC 1191) about a flow's packet, translated and sent to the flow's other
+        /// end (see `docs/datapath.md`, "ICMP errors").
+        IcmpFragNeeded = "icmp_frag_needed",
+        /// Other ICMP destination-unreachable errors (port, host, network unreachable,
+        /// administratively prohibited...) about a flow's packet, translated.
+        IcmpUnreachable = "icmp_unreachable",
+        /// ICMP time-exceeded errors about a flow's packet, translated.
+        IcmpTimeExceeded = "icmp_time_exceeded",
+        /// ICMP parameter-problem errors about a flow's packet, translated.
+        IcmpParamProblem = "icmp_param_problem",
+        /// ICMP errors to a gateway address quoting a TCP packet of no flow: handed to the
+        /// kernel unchanged (also counted `passed`).
+        IcmpNoFlow = "icmp_no_flow",
+        /// SYNs and SYN-ACKs whose MSS option was lowered to their app's MSS clamp.
+        MssClamped = "mss_clamped",
     }
 }
 
@@ -131,6 +147,12 @@ indexed_names! {
         /// A SYN refused because its app has its cap of half-open flows and it cannot be
         /// answered with a SYN cookie (its IPv4 header has options).
         HalfOpenFull = "half_open_full",
+        /// An ICMP error about a flow over the rate of translated errors (`--icmp-rate`): the
+        /// gateway never relays more errors than that, whatever arrives.
+        IcmpRateLimited = "icmp_rate_limited",
+        /// An ICMP error about a flow whose quoted packet is malformed, or whose own length
+        /// or checksum is wrong.
+        BadIcmp = "bad_icmp",
     }
 }
 

@@ -8,17 +8,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use gateway_common::maps::{
-    Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN, MAX_APPS,
+    AppConfig, Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN,
+    IcmpBucket, MAX_APPS,
     MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS, NextHopCache, PARTIAL_CSUM_IFACES,
     Service, ServiceKey4, TrafficStats,
 };
 
 /// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).
-#[map(name = "gw_global_v5")]
+#[map(name = "gw_global_v6")]
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
 /// `CONFIG`: the configuration, at index 0.
-#[map(name = "gw_config_v3")]
+#[map(name = "gw_config_v4")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 /// `HALF_OPEN`: app → its half-open flows (`i64`, atomic adds; see `synproxy`).
@@ -32,6 +33,14 @@ pub static COOKIES: Array<u64> = Array::with_max_entries(MAX_APPS, 0);
 /// `SERVICES4`: `(public ip, port)` → app.
 #[map(name = "gw_svc4_v1")]
 pub static SERVICES: HashMap<ServiceKey4, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// `APP_CONFIG`: app → its datapath settings (MSS clamp).
+#[map(name = "gw_app_cfg_v1")]
+pub static APP_CONFIG: Array<AppConfig> = Array::with_max_entries(MAX_APPS, 0);
+
+/// `ICMP_BUCKETS`: the token bucket of translated ICMP errors (per CPU).
+#[map(name = "gw_icmp_rl_v1")]
+pub static ICMP_BUCKETS: PerCpuArray<IcmpBucket> = PerCpuArray::with_max_entries(1, 0);
 
 /// `MAGLEV`: app → its Maglev table.
 #[map(name = "gw_maglev_v1")]

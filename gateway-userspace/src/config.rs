@@ -19,6 +19,9 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a deploy waits for its new backends before it aborts.
 pub const DEFAULT_DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(2);
+/// ICMP errors about flows the node translates per second, at most (`--icmp-rate`): as
+/// Linux's own `icmp_msgs_per_sec`.
+pub const DEFAULT_ICMP_RATE: u32 = 1000;
 
 /// A duration written as humans do: `500ms`, `2s`, `5m`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -106,6 +109,12 @@ pub struct DaemonArgs {
     /// with SYN cookies, no state kept (a SYN flood's defence) [default: 1024].
     #[arg(long, value_name = "N")]
     pub half_open_max: Option<u32>,
+    /// ICMP errors about connections (fragmentation needed, unreachable, time exceeded)
+    /// translated and relayed per second, at most, by the whole node; 0 turns the translation
+    /// off (such errors then reach no one, and path MTU discovery through the gateway fails)
+    /// [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub icmp_rate: Option<u32>,
     /// On exit, detach the programs and remove the pins (dropping every flow) instead of
     /// leaving the datapath running for the next start [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -151,6 +160,7 @@ pub struct FileConfig {
     pub bpffs: Option<PathBuf>,
     pub conntrack_size: Option<u32>,
     pub half_open_max: Option<u32>,
+    pub icmp_rate: Option<u32>,
     pub detach_on_exit: Option<bool>,
     pub check_interval: Option<Dur>,
     pub check_timeout: Option<Dur>,
@@ -238,6 +248,8 @@ pub struct Settings {
     pub conntrack_size: u32,
     /// Half-open flows per app before SYN cookies.
     pub half_open_max: u32,
+    /// ICMP errors about flows translated per second by the node (0: off).
+    pub icmp_rate: u32,
     pub detach_on_exit: bool,
     /// Health checks of apps that do not set their own.
     pub health: HealthConfig,
@@ -377,6 +389,10 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_BPFFS.into()),
             conntrack_size,
             half_open_max,
+            icmp_rate: args
+                .icmp_rate
+                .or(file.icmp_rate)
+                .unwrap_or(DEFAULT_ICMP_RATE),
             detach_on_exit: args.detach_on_exit.or(file.detach_on_exit).unwrap_or(false),
         })
     }

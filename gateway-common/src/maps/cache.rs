@@ -1,5 +1,5 @@
-//! The datapath's per-CPU caches: its clock ([`super::CLOCK`]) and the FIB answers shared by
-//! new flows ([`super::NEXTHOPS`]).
+//! The datapath's per-CPU caches: its clock ([`super::CLOCK`]), the FIB answers shared by
+//! new flows ([`super::NEXTHOPS`]) and the ICMP errors' token buckets ([`super::ICMP_BUCKETS`]).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -36,4 +36,16 @@ pub struct NextHopCache {
     /// padding), which reads as "not revalidated": the layout and its name stay.
     pub revalidated: u8,
     pub _pad: [u8; 3],
+}
+
+/// Value of [`super::ICMP_BUCKETS`] (per CPU): a token bucket of translated ICMP errors, kept in
+/// nanoseconds of credit. Each error costs `1e9 / Config::icmp_rate` ns; credit accrues with the
+/// datapath's clock and is capped at one second (`1e9` ns: a burst of `icmp_rate` errors).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct IcmpBucket {
+    /// Credit (ns), at most one second.
+    pub credit_ns: u64,
+    /// When credit was last added (ns, the datapath's clock); 0: never (a full bucket).
+    pub last_ns: u64,
 }

@@ -15,7 +15,7 @@ pub mod config;
 pub mod conntrack;
 pub mod service;
 
-pub use cache::{ClockCache, NextHopCache};
+pub use cache::{ClockCache, IcmpBucket, NextHopCache};
 pub use config::{
     ADDR_PUBLIC, ADDR_SNAT, Config, HALF_OPEN_MAX_DEFAULT, NEXTHOP_MAX_AGE_DEFAULT_NS,
 };
@@ -25,19 +25,26 @@ pub use conntrack::{
     LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE, TIME_WAIT_NS, TRACK_ACK_SEEN, TRACK_LIBERAL,
     TRACK_PROXIED, TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after, seq_before,
 };
-pub use service::{BACKEND_ACCEPTING, Backend4, MaglevTable, Service, ServiceKey4};
+pub use service::{
+    AppConfig, BACKEND_ACCEPTING, Backend4, MSS_CLAMP_MIN, MaglevTable, Service, ServiceKey4,
+};
 
 pub use crate::stats::TrafficStats;
 
 /// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
-pub const GLOBAL_STATS: &str = "gw_global_v5";
+pub const GLOBAL_STATS: &str = "gw_global_v6";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
 /// Array with one [`Config`] at index 0 (its lookups are inlined by the verifier).
-pub const CONFIG: &str = "gw_config_v3";
+pub const CONFIG: &str = "gw_config_v4";
 /// Hash [`ServiceKey4`] → [`Service`]: `(public_ip, port)` → app.
 pub const SERVICES4: &str = "gw_svc4_v1";
+/// Array `u32` app id → [`AppConfig`]: an app's datapath settings (its MSS clamp), looked up
+/// only by a SYN or SYN-ACK.
+pub const APP_CONFIG: &str = "gw_app_cfg_v1";
+/// Per-CPU array with one [`IcmpBucket`]: the token bucket of translated ICMP errors.
+pub const ICMP_BUCKETS: &str = "gw_icmp_rl_v1";
 /// Hash `u32` app id → [`MaglevTable`]: the app's backend choice, computed in userspace.
 pub const MAGLEV: &str = "gw_maglev_v1";
 /// Array `u32` backend id → [`Backend4`]. Id 0 is never used ("no backend").
@@ -85,6 +92,7 @@ pub const ALL: &[&str] = &[
     GLOBAL_STATS,
     CONFIG,
     SERVICES4,
+    APP_CONFIG,
     MAGLEV,
     BACKENDS4,
     CONNTRACK4,
@@ -96,6 +104,7 @@ pub const ALL: &[&str] = &[
     NEXTHOPS,
     SCRATCH,
     PARTIAL_CSUM,
+    ICMP_BUCKETS,
 ];
 
 /// Names this build no longer uses, from earlier layouts: an upgrade carries the conntrack
@@ -104,9 +113,11 @@ pub const ALL: &[&str] = &[
 pub const RETIRED: &[&str] = &[
     CONNTRACK4_V2,
     CONNTRACK4_V1,
+    "gw_global_v5",
     "gw_global_v4",
     "gw_global_v3",
     "gw_global_v2",
+    "gw_config_v3",
     "gw_config_v2",
 ];
 /// The conntrack table with sequence tracking, as an LRU hash (it evicted live flows when full).
@@ -148,6 +159,8 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ServiceKey4 {}
     unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for AppConfig {}
+    unsafe impl aya::Pod for IcmpBucket {}
     unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for Backend4 {}
     unsafe impl aya::Pod for FlowKey4 {}

@@ -54,6 +54,25 @@ pub struct Service {
     pub app_id: u32,
 }
 
+/// Value of [`super::APP_CONFIG`]: an app's datapath settings (all zero: none, the default).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AppConfig {
+    /// The largest MSS (bytes, host order) the app's SYNs (client → backend) and SYN-ACKs
+    /// (backend → client) may announce: a larger MSS option is lowered to it, with the TCP
+    /// checksum updated (as netfilter's `TCPMSS --set-mss`). 0: no clamp. A segment without an
+    /// MSS option is left as it is (its receiver assumes 536, RFC 9293 §3.7.1, below any
+    /// clamp the control plane accepts: [`MSS_CLAMP_MIN`]).
+    pub mss_clamp: u16,
+    pub _pad: u16,
+    /// Bits for later settings; 0.
+    pub flags: u32,
+}
+
+/// The smallest MSS clamp an app may have: IPv4's default MSS (RFC 9293 §3.7.1), what a peer
+/// assumes without the option.
+pub const MSS_CLAMP_MIN: u16 = 536;
+
 /// Value of [`super::MAGLEV`]: backend ids (0: none) indexed by `flow_hash % MAGLEV_SIZE`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]

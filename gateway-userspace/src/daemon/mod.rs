@@ -267,6 +267,7 @@ fn load_datapath(settings: &Settings) -> Result<Datapath, DaemonError> {
         std::time::Duration::from_nanos(gateway_common::maps::NEXTHOP_MAX_AGE_DEFAULT_NS),
     )?;
     datapath.set_half_open_max(settings.half_open_max)?;
+    datapath.set_icmp_rate(settings.icmp_rate)?;
     datapath.set_addresses(&[
         (settings.public_ip, ADDR_PUBLIC),
         (settings.snat_ip, ADDR_SNAT),

@@ -30,7 +30,7 @@ use aya::{
 };
 use gateway_common::{
     maps::{
-        self, ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, Config, Flow, FlowKey4,
+        self, ADDR_PUBLIC, ADDR_SNAT, AppConfig, BACKEND_ACCEPTING, Backend4, Config, Flow, FlowKey4,
         MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
     },
     net::ip_to_net,
@@ -89,7 +89,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Every map's name with the key and value sizes this build gives it.
-const LAYOUTS: &[(&str, usize, usize); 14] = &[
+const LAYOUTS: &[(&str, usize, usize); 16] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
     (maps::CONFIG, 4, size_of::<Config>()),
     (
@@ -97,6 +97,7 @@ const LAYOUTS: &[(&str, usize, usize); 14] = &[
         size_of::<ServiceKey4>(),
         size_of::<Service>(),
     ),
+    (maps::APP_CONFIG, 4, size_of::<AppConfig>()),
     (maps::MAGLEV, 4, size_of::<MaglevTable>()),
     (maps::BACKENDS4, 4, size_of::<Backend4>()),
     (maps::CONNTRACK4, size_of::<FlowKey4>(), size_of::<Flow>()),
@@ -108,6 +109,7 @@ const LAYOUTS: &[(&str, usize, usize); 14] = &[
     (maps::NEXTHOPS, 4, size_of::<maps::NextHopCache>()),
     (maps::SCRATCH, 4, size_of::<Flow>()),
     (maps::PARTIAL_CSUM, 4, size_of::<u64>()),
+    (maps::ICMP_BUCKETS, 4, size_of::<maps::IcmpBucket>()),
 ];
 
 /// The typed maps.
@@ -115,6 +117,7 @@ struct Maps {
     global: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     services: HashMap<MapData, ServiceKey4, Service>,
+    app_config: Array<MapData, AppConfig>,
     maglev: HashMap<MapData, u32, MaglevTable>,
     backends: Array<MapData, Backend4>,
     conntrack: Conntrack,
@@ -206,6 +209,7 @@ impl Datapath {
             global: take(&mut ebpf, maps::GLOBAL_STATS)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             services: take(&mut ebpf, maps::SERVICES4)?,
+            app_config: take(&mut ebpf, maps::APP_CONFIG)?,
             maglev: take(&mut ebpf, maps::MAGLEV)?,
             backends: take(&mut ebpf, maps::BACKENDS4)?,
             conntrack: Conntrack::new(take(&mut ebpf, maps::CONNTRACK4)?),
@@ -343,6 +347,39 @@ impl Datapath {
             .half_open
             .set(app_id, n, 0)
             .map_err(map_err(maps::HALF_OPEN))
+    }
+
+    /// Sets how many ICMP errors about flows the node translates per second, at most:
+    /// `per_second` shared evenly by the CPUs (each has its own bucket, `Config::icmp_rate`, at
+    /// least 1 per second). 0: ICMP errors are not translated (handed to the kernel unchanged).
+    pub fn set_icmp_rate(&mut self, per_second: u32) -> Result<(), DatapathError> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| DatapathError::Cpus(e))?
+            .max(1) as u32;
+        let mut config = self.config()?;
+        config.icmp_rate = match per_second {
+            0 => 0,
+            n => (n / cpus).max(1),
+        };
+        self.write_config(config)
+    }
+
+    /// Sets app `app_id`'s datapath settings ([`maps::APP_CONFIG`]; all zero: none).
+    pub fn set_app_config(&mut self, app_id: u32, config: AppConfig) -> Result<(), DatapathError> {
+        check_id("app", app_id, maps::MAX_APPS)?;
+        self.maps
+            .app_config
+            .set(app_id, config, 0)
+            .map_err(map_err(maps::APP_CONFIG))
+    }
+
+    /// App `app_id`'s datapath settings.
+    pub fn app_config(&self, app_id: u32) -> Result<AppConfig, DatapathError> {
+        check_id("app", app_id, maps::MAX_APPS)?;
+        self.maps
+            .app_config
+            .get(&app_id, 0)
+            .map_err(map_err(maps::APP_CONFIG))
     }
 
     fn config(&self) -> Result<Config, DatapathError> {
