@@ -15,6 +15,31 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 
 /// IP protocol number of TCP (the `proto` field of keys, byte 9 of an IPv4 header).
 pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of ICMP (RFC 792).
+pub const IPPROTO_ICMP: u8 = 1;
+
+/// ICMP types the gateway translates (RFC 792, RFC 1191, RFC 1812): errors that quote the
+/// packet they are about. Echo, redirect, source quench and the rest are not errors about a
+/// flow the gateway relays: they go to its kernel.
+pub mod icmp {
+    /// Destination unreachable (type 3).
+    pub const DEST_UNREACH: u8 = 3;
+    /// Destination unreachable's code 4: fragmentation needed and DF set; bytes 6..8 of the
+    /// ICMP header hold the next hop's MTU (RFC 1191).
+    pub const FRAG_NEEDED: u8 = 4;
+    /// Time exceeded (type 11).
+    pub const TIME_EXCEEDED: u8 = 11;
+    /// Parameter problem (type 12).
+    pub const PARAM_PROBLEM: u8 = 12;
+    /// Bytes of the ICMP header before the quoted packet.
+    pub const HEADER_LEN: usize = 8;
+
+    /// Whether an ICMP message of `kind` is an error the gateway translates.
+    #[inline(always)]
+    pub const fn is_error(kind: u8) -> bool {
+        matches!(kind, DEST_UNREACH | TIME_EXCEEDED | PARAM_PROBLEM)
+    }
+}
 
 /// The flag bits of a TCP header's byte 13, as on the wire (RFC 9293, RFC 3168). The
 /// conntrack's state bits are another thing: `maps::conntrack::CT_*`.

@@ -37,14 +37,33 @@ pub const SEGMENT_MAX: usize = CHUNK * (CHUNKS_MAX + 1) - 1;
 /// chunks go through `bpf_csum_diff` (a loop of 16-bit loads that long is more than the
 /// verifier follows), the rest word by word.
 ///
-/// A function of its own in the object (a BPF-to-BPF call): every way out of its loops ends at
+/// Its work is a function of its own in the object ([`sum_packet`], a BPF-to-BPF call): every way out of its loops ends at
 /// its return, where the caller's state is the same whatever the loops did. Inlined, each exit
 /// of each loop carried its own state into the rest of the SYN path, and verifying took ten
 /// times as long. (Inside it, LLVM cannot see the caller's checks either, so it keeps its own.)
-#[inline(never)]
+#[inline(always)]
 pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<u16> {
+    match sum_packet(b.data, b.data_end, offset, len) {
+        NO_SUM => None,
+        sum => Some(sum as u16),
+    }
+}
+
+/// What [`sum_packet`] returns for "no sum".
+const NO_SUM: u32 = u32::MAX;
+
+/// [`sum_bytes`]'s work, with the packet's bounds in registers and the answer as a `u32`
+/// ([`NO_SUM`]: none): fewer values on its stack. Verifier workaround: the frames of a program
+/// share 512 bytes, and this one is under the datapath's largest.
+#[inline(never)]
+fn sum_packet(data: usize, data_end: usize, offset: usize, len: usize) -> u32 {
+    let b = crate::parse::Bounds {
+        data,
+        data_end,
+        len: data_end - data,
+    };
     if len > SEGMENT_MAX {
-        return None;
+        return NO_SUM;
     }
     let chunks = len / CHUNK;
     let mut sum = 0u64;
@@ -52,7 +71,9 @@ pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<
         if i >= chunks {
             break;
         }
-        let chunk = b.ptr_at::<[u8; CHUNK]>(offset + i * CHUNK)?;
+        let Some(chunk) = b.ptr_at::<[u8; CHUNK]>(offset + i * CHUNK) else {
+            return NO_SUM;
+        };
         // SAFETY: a helper reading the bounds-checked chunk; it writes nothing.
         let partial = unsafe {
             aya_ebpf::helpers::bpf_csum_diff(
@@ -64,7 +85,7 @@ pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<
             )
         };
         if partial < 0 {
-            return None;
+            return NO_SUM;
         }
         sum += partial as u64 & 0xffff_ffff;
     }
@@ -74,19 +95,23 @@ pub fn sum_bytes(b: &crate::parse::Bounds, offset: usize, len: usize) -> Option<
         if 2 * i + 1 >= left {
             break;
         }
-        let w = b.words::<1>(at + 2 * i)?;
+        let Some(w) = b.words::<1>(at + 2 * i) else {
+            return NO_SUM;
+        };
         // SAFETY: bounds-checked and aligned (see `Bounds::words`).
         sum += u64::from(unsafe { (*w)[0] });
     }
     if left & 1 != 0 {
         // Checked through `ptr_at_checked`: LLVM folds the `- 1` into the pointer otherwise,
         // and the verifier refuses a negative constant offset.
-        let last = b.ptr_at_checked::<u8>(at + left - 1)?;
+        let Some(last) = b.ptr_at_checked::<u8>(at + left - 1) else {
+            return NO_SUM;
+        };
         // SAFETY: bounds-checked by `ptr_at_checked`. On the wire it is the first byte of a
         // word: the low half of a word as read here.
         sum += u64::from(unsafe { *last });
     }
-    Some(fold64(sum))
+    u32::from(fold64(sum))
 }
 
 /// Whether the IPv4 header of `pkt` has a right checksum (RFC 791: the sum of its words,

@@ -16,6 +16,7 @@ mod answer;
 mod clock;
 mod conntrack;
 pub mod csum;
+mod icmp;
 mod lb;
 mod mac;
 pub mod maps;

@@ -5,7 +5,7 @@ use gateway_common::{
     DropReason,
     maps::{FlowKey4, TCP_MAX_WSCALE},
     net::{
-        IPPROTO_TCP,
+        IPPROTO_ICMP, IPPROTO_TCP, icmp,
         tcp_flags::{FIN, SYN},
     },
 };
@@ -145,12 +145,48 @@ impl TcpPacket {
     }
 }
 
+/// An ICMP error (`gateway_common::net::icmp::is_error`) to one of the gateway's addresses,
+/// its IPv4 header at [`ETH_LEN`]; what it quotes is read by `icmp`.
+#[derive(Clone, Copy)]
+pub struct IcmpPacket {
+    /// IPv4 header length (bytes: 20..=60). Read through [`IcmpPacket::ihl`].
+    ihl: u8,
+    /// ICMP type and code.
+    pub kind: u8,
+    pub code: u8,
+    /// IPv4 TTL.
+    pub ttl: u8,
+    /// IPv4 total length (host order).
+    pub l3_len: u16,
+    /// Source and destination addresses (network order).
+    pub src_ip: u32,
+    pub dst_ip: u32,
+}
+
+impl IcmpPacket {
+    /// The IPv4 header length (bytes); see [`TcpPacket::ihl`] for why it is read so.
+    #[inline(always)]
+    pub fn ihl(&self) -> usize {
+        // SAFETY: reading a field of `self`.
+        usize::from(unsafe { core::ptr::read_volatile(&self.ihl) })
+    }
+
+    /// Offset of the ICMP header.
+    #[inline(always)]
+    pub fn l4_off(&self) -> usize {
+        ETH_LEN + self.ihl()
+    }
+}
+
 /// What the parser found.
 pub enum Parsed {
-    /// Not IPv4, or not to a gateway address, or not TCP: hand to the kernel unchanged.
+    /// Not IPv4, or not to a gateway address, or neither TCP nor an ICMP error: hand to the
+    /// kernel unchanged.
     NotOurs,
     /// TCP to a gateway address.
     Tcp(TcpPacket),
+    /// An ICMP error to a gateway address.
+    Icmp(IcmpPacket),
 }
 
 /// Parses Ethernet/IPv4/TCP. `addr_kind` tells whether an IPv4 destination is one of the
@@ -189,11 +225,38 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
     if frag & 0x3fff != 0 {
         return Err(DropReason::Fragment);
     }
+    let l4_off = l3_off + ihl;
+    let l3_len = u16::from_be(ip[1]);
     // Byte 9 of the header: the high half of word 4.
-    if (ip[4] >> 8) as u8 != IPPROTO_TCP {
+    let proto = (ip[4] >> 8) as u8;
+    if proto == IPPROTO_ICMP {
+        // An error's header and the quoted IPv4 header's first bytes at least, or not an error
+        // the gateway relays (the kernel has it, as it has every other ICMP message).
+        let Some(head) = b.words::<1>(l4_off) else {
+            return Ok(Parsed::NotOurs);
+        };
+        // SAFETY: bounds-checked by `words`.
+        let head = unsafe { (*head)[0] };
+        let (kind, code) = (head as u8, (head >> 8) as u8);
+        if !icmp::is_error(kind)
+            || usize::from(l3_len) < ihl + icmp::HEADER_LEN
+            || usize::from(l3_len) > b.len - l3_off
+        {
+            return Ok(Parsed::NotOurs);
+        }
+        return Ok(Parsed::Icmp(IcmpPacket {
+            ihl: ihl as u8,
+            kind,
+            code,
+            ttl: ip[4] as u8,
+            l3_len,
+            src_ip: join(ip[6], ip[7]),
+            dst_ip,
+        }));
+    }
+    if proto != IPPROTO_TCP {
         return Ok(Parsed::NotOurs);
     }
-    let l4_off = l3_off + ihl;
     let tcp = b
         .words::<{ TCP_MIN_LEN / 2 }>(l4_off)
         .ok_or(DropReason::Truncated)?;
@@ -201,7 +264,6 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
     // Bytes 12 (data offset) and 13 (flags): word 6.
     let doff = usize::from((tcp[6] as u8) >> 4) * 4;
     let flags = (tcp[6] >> 8) as u8;
-    let l3_len = u16::from_be(ip[1]);
     if doff < TCP_MIN_LEN
         || usize::from(l3_len) < ihl + doff
         || usize::from(l3_len) > b.len - l3_off

@@ -69,6 +69,10 @@ pub enum Verdict<'a> {
     Pass,
     /// Translate it and send it on.
     Translate(Translation<'a>),
+    /// An ICMP error to a gateway address: `icmp::prepare` decides again, in a function of
+    /// the attach mode's own (a BPF-to-BPF call). Verifier workaround: decided here, its
+    /// states joined the TCP path's and went past the verifier's million instructions.
+    Icmp,
     /// Write the segment `prepare` put in its `answer` over it and send it back where it came
     /// from (see `answer`): the RST answering a segment without a flow (`reset`), the SYN
     /// proxy's SYN-ACK with a cookie or ACK to the backend (`synproxy`).
@@ -100,6 +104,7 @@ pub fn prepare<C: Context>(
             Ok(Verdict::Answer)
         }
         Action::Answer => Ok(Verdict::Answer),
+        Action::Icmp => Ok(Verdict::Icmp),
         Action::Existing { pkt, flow, now } => {
             // SAFETY: a conntrack value pointer; this CPU updates it in place.
             let flow = unsafe { &mut *flow };
@@ -153,6 +158,8 @@ enum Action<'a> {
     Reset,
     /// Answer it with the segment of the SYN proxy's written to the answer.
     Answer,
+    /// An ICMP error to a gateway address (see [`Verdict::Icmp`]).
+    Icmp,
     /// Translate it with this conntrack entry (state and counters already updated); `now` is
     /// the time the decision was made (ns).
     Existing {
@@ -183,9 +190,10 @@ fn decide<C: Context>(
     let Some(cfg) = CONFIG.get(0) else {
         return Ok(Action::Pass);
     };
-    let parsed = parse(b, |dst| cfg.addr_kind(dst))?;
-    let Parsed::Tcp(mut pkt) = parsed else {
-        return Ok(Action::Pass);
+    let mut pkt = match parse(b, |dst| cfg.addr_kind(dst))? {
+        Parsed::Tcp(pkt) => pkt,
+        Parsed::Icmp(_) => return Ok(Action::Icmp),
+        Parsed::NotOurs => return Ok(Action::Pass),
     };
     // Only packets of ours read the clock, and the coarse one (CLOCK_MONOTONIC_COARSE, a few
     // ms of resolution, cached per tick): it serves idle times and next-hop ages.

@@ -5,7 +5,10 @@
 //! SYN proxy answers into its SYN-ACK, sent back out of the device it came in on.
 
 use aya_ebpf::{
-    bindings::{BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, bpf_redir_neigh},
+    bindings::{
+        __sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_redir_neigh,
+    },
     cty::c_void,
     helpers::{
         bpf_csum_level, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
@@ -17,8 +20,8 @@ use gateway_common::{DropReason, GlobalStat};
 
 use crate::{
     answer::{self, Answer},
-    nat,
-    nexthop::How,
+    icmp, nat,
+    nexthop::{How, NextHop},
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
     stats,
@@ -110,6 +113,37 @@ impl Context for Skb<'_> {
     }
 }
 
+/// What [`try_gateway_tc`] returns for an ICMP error to a gateway address (`Verdict::Icmp`):
+/// not a TC action; [`run`] hands the packet to [`icmp_error`] then.
+const ICMP_ERROR: i32 = i32::MIN;
+
+/// The TC program: returns its action, a drop counted by its reason. Two functions of their
+/// own in the object (BPF-to-BPF calls), siblings under this one: [`packet`] (every packet
+/// first) and [`icmp_error`] (an ICMP error to a gateway address). Verifier workaround: the
+/// stack of a program's frames together is at most 512 bytes, and each of these two takes
+/// more than half of it.
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> i32 {
+    match packet(ctx.skb.skb) {
+        ICMP_ERROR => icmp_error(ctx.skb.skb),
+        action => action,
+    }
+}
+
+/// [`try_gateway_tc`] on the raw context, a drop counted.
+#[inline(never)]
+fn packet(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    match try_gateway_tc(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Every packet's handling but an ICMP error's ([`ICMP_ERROR`]).
 #[inline(always)]
 pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     stats::global(GlobalStat::TcPackets);
@@ -132,6 +166,7 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             // SAFETY: plain helper call: out of the device the segment came in on.
             return Ok(unsafe { bpf_redirect(ingress, 0) } as i32);
         }
+        Verdict::Icmp => return Ok(ICMP_ERROR),
         Verdict::Translate(t) => t,
     };
     if t.pre {
@@ -156,22 +191,64 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::Truncated);
     }
     stats::traffic(t.flow, u64::from(pkt.l3_len));
-    let (ifindex, nexthop) = (t.hop.ifindex, t.hop.nexthop);
-    let ret = match t.hop.how {
-        // SAFETY: plain helper call.
-        How::Ready => unsafe { bpf_redirect(ifindex, 0) },
+    if matches!(t.hop.how, How::Kernel | How::Unreachable) {
+        // Only XDP is handed `Kernel` (`Context::NEIGH_OUTPUT`).
+        return Err(DropReason::NoRoute);
+    }
+    Ok(send(t.hop) as i32)
+}
+
+/// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the
+/// program's action, a drop counted.
+#[inline(never)]
+fn icmp_error(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    match send_icmp(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Translates an ICMP error about a flow and sends it to the flow's next hop; one about no
+/// flow goes to the kernel.
+#[inline(always)]
+fn send_icmp(ctx: &TcContext) -> Result<i32, DropReason> {
+    let skb = ctx.skb.skb;
+    let mut b = bounds(ctx);
+    // SAFETY: the context pointer the kernel gave this program.
+    let ingress = unsafe { (*skb).ifindex };
+    let Some(t) = icmp::prepare(&mut b, &Skb(ctx), skb as *mut c_void, ingress)? else {
+        return Ok(TC_ACT_OK);
+    };
+    if matches!(t.hop.how, How::Kernel | How::Unreachable) {
+        return Err(DropReason::NoRoute);
+    }
+    icmp::admit()?;
+    // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
+    unsafe { icmp::write(&b, &t.err, t.flow)? };
+    t.err.count();
+    Ok(send(t.hop) as i32)
+}
+
+/// Redirects the packet to `hop` (neither `Kernel` nor `Unreachable`): directly, or through
+/// the kernel's neighbour output to resolve or revalidate the neighbour.
+#[inline(always)]
+fn send(hop: NextHop) -> i64 {
+    match hop.how {
         How::NoNeigh => {
             stats::global(GlobalStat::NeighFallbacks);
-            redirect_neigh(ifindex, nexthop)
+            redirect_neigh(hop.ifindex, hop.nexthop)
         }
         How::Revalidate => {
             stats::global(GlobalStat::NeighRevalidations);
-            redirect_neigh(ifindex, nexthop)
+            redirect_neigh(hop.ifindex, hop.nexthop)
         }
-        // Only XDP is handed that (`Context::NEIGH_OUTPUT`).
-        How::Kernel | How::Unreachable => return Err(DropReason::NoRoute),
-    };
-    Ok(ret as i32)
+        // SAFETY: plain helper call.
+        _ => unsafe { bpf_redirect(hop.ifindex, 0) },
+    }
 }
 
 /// `bpf_redirect_neigh` out of `ifindex` to the IPv4 next hop `nexthop` (network order): the

@@ -8,7 +8,10 @@
 //! its SYN-ACK, sent back out of the interface it came in on.
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, xdp_md},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS},
+        xdp_md,
+    },
     cty::c_void,
     helpers::{bpf_redirect, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
     programs::XdpContext,
@@ -17,7 +20,7 @@ use gateway_common::{DropReason, GlobalStat};
 
 use crate::{
     answer::{self, Answer},
-    csum, nat,
+    csum, icmp, nat,
     nexthop::How,
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
@@ -59,6 +62,37 @@ impl Context for Xdp<'_> {
     fn linearize(&self, _b: &mut Bounds, _len: usize) {}
 }
 
+/// What [`try_gateway_xdp`] returns for an ICMP error to a gateway address (`Verdict::Icmp`):
+/// not an XDP action; [`run`] hands the packet to [`icmp_error`] then.
+const ICMP_ERROR: u32 = u32::MAX;
+
+/// The XDP program: returns its action, a drop counted by its reason. Two functions of their
+/// own in the object (BPF-to-BPF calls), siblings under this one: [`packet`] (every packet
+/// first) and [`icmp_error`] (an ICMP error to a gateway address). Verifier workaround: the
+/// stack of a program's frames together is at most 512 bytes, and each of these two takes
+/// more than half of it.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    match packet(ctx.ctx) {
+        ICMP_ERROR => icmp_error(ctx.ctx),
+        action => action,
+    }
+}
+
+/// [`try_gateway_xdp`] on the raw context, a drop counted.
+#[inline(never)]
+fn packet(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    match try_gateway_xdp(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::drop(reason);
+            XDP_DROP
+        }
+    }
+}
+
+/// Every packet's handling but an ICMP error's ([`ICMP_ERROR`]).
 #[inline(always)]
 pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     stats::global(GlobalStat::XdpPackets);
@@ -73,6 +107,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     )? {
         Verdict::Pass => return Ok(XDP_PASS),
         Verdict::Answer => return send_answer(ctx, &mut b, &answer, ctx.ingress_ifindex() as u32),
+        Verdict::Icmp => return Ok(ICMP_ERROR),
         Verdict::Translate(t) => t,
     };
     if t.pre {
@@ -130,6 +165,52 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     stats::traffic(t.flow, u64::from(pkt.l3_len));
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+}
+
+/// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the
+/// program's action, a drop counted.
+#[inline(never)]
+fn icmp_error(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    match send_icmp(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::drop(reason);
+            XDP_DROP
+        }
+    }
+}
+
+/// Translates an ICMP error about a flow and redirects it to the flow's next hop; one whose
+/// hop the kernel must resolve or revalidate goes to it untouched (the TC program translates
+/// it, and counts it then), as does one about no flow.
+#[inline(always)]
+fn send_icmp(ctx: &XdpContext) -> Result<u32, DropReason> {
+    let mut b = bounds(ctx);
+    let Some(t) = icmp::prepare(
+        &mut b,
+        &Xdp(ctx),
+        ctx.ctx as *mut c_void,
+        ctx.ingress_ifindex() as u32,
+    )?
+    else {
+        return Ok(XDP_PASS);
+    };
+    match t.hop.how {
+        How::Ready => {}
+        How::NoNeigh => {
+            stats::global(GlobalStat::NeighFallbacks);
+            return Ok(XDP_PASS);
+        }
+        How::Kernel | How::Revalidate => return Ok(XDP_PASS),
+        How::Unreachable => return Err(DropReason::NoRoute),
+    }
+    icmp::admit()?;
+    // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
+    unsafe { icmp::write(&b, &t.err, t.flow)? };
+    t.err.count();
+    // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
+    Ok(unsafe { bpf_redirect(t.hop.ifindex, 0) } as u32)
 }
 
 /// Writes `a` over the frame (sized to it first), with its checksums (see `answer`); `b` is

@@ -135,6 +135,8 @@ pub const APP: u32 = 1;
 pub const SERVICE_PORT: u16 = 20_000;
 pub const BACKEND_PORT: u16 = 8080;
 pub const SNAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=49_999;
+/// ICMP errors the fixture translates per second (the daemon's default).
+pub const ICMP_RATE: u32 = gateway::config::DEFAULT_ICMP_RATE;
 
 /// A loaded datapath with app 1 configured over the topology's backends.
 pub struct Fixture {
@@ -179,6 +181,8 @@ impl Fixture {
             std::time::Duration::from_secs(60),
         )
         .expect("configure");
+        // ICMP errors translated, as the daemon has them.
+        dp.set_icmp_rate(ICMP_RATE).expect("icmp rate");
         let backends: Vec<maglev::Entry> = backend_ips
             .iter()
             .enumerate()

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod fuzz;
 pub mod hostile;
+pub mod icmp;
 pub mod metrics;
 pub mod model;
 pub mod netns;

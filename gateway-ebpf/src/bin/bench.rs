@@ -7,8 +7,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
+        BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT,
+        xdp_action::{XDP_PASS, XDP_REDIRECT},
     },
     helpers::{bpf_get_prandom_u32, bpf_l4_csum_replace},
     macros::{classifier, xdp},
@@ -75,13 +75,7 @@ pub fn bench_csum_tc(ctx: TcContext) -> i32 {
 /// is a load, two stores and a fold: well under a nanosecond of the row.
 #[xdp]
 pub fn bench_hop_xdp(ctx: XdpContext) -> u32 {
-    let action = match gateway_ebpf::xdp::try_gateway_xdp(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            gateway_ebpf::stats::drop(reason);
-            XDP_DROP
-        }
-    };
+    let action = gateway_ebpf::xdp::run(&ctx);
     if action == XDP_REDIRECT {
         undo_hop(ctx.data(), ctx.data_end());
     }
@@ -91,13 +85,7 @@ pub fn bench_hop_xdp(ctx: XdpContext) -> u32 {
 /// [`bench_hop_xdp`] for the TC program.
 #[classifier]
 pub fn bench_hop_tc(ctx: TcContext) -> i32 {
-    let action = match gateway_ebpf::tc::try_gateway_tc(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            gateway_ebpf::stats::drop(reason);
-            TC_ACT_SHOT
-        }
-    };
+    let action = gateway_ebpf::tc::run(&ctx);
     if action == TC_ACT_REDIRECT {
         // After the helpers: the packet's bounds are read again.
         undo_hop(ctx.data(), ctx.data_end());

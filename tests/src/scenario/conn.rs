@@ -64,6 +64,11 @@ impl Link {
         }
     }
 
+    /// The (source, destination) MACs of a frame the host sends to the gateway.
+    pub fn in_macs(self) -> ([u8; 6], [u8; 6]) {
+        (self.host_mac(), self.gw_mac())
+    }
+
     /// The (source, destination) MACs of a frame the gateway sends to the host.
     pub fn out_macs(self) -> ([u8; 6], [u8; 6]) {
         (self.gw_mac(), self.host_mac())
