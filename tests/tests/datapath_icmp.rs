@@ -10,12 +10,20 @@ use std::net::Ipv4Addr;
 
 use gateway_common::{DropReason, GlobalStat};
 use gateway_tests::{
-    icmp::{self, icmp as kinds, message, mtu, quote, quote_as_sent},
+    icmp::{
+        self, BACKEND_ROUTER, CLIENT_ROUTER, MTU, RFC792, RFC1812, Side, WHOLE, error_about_last,
+        frag_needed, icmp as kinds, message, mtu, quote, translated,
+    },
     netns::Topology,
     packet::{ETH_LEN, flags},
-    scenario::{Conn, Ctx, Input, Link, Out, Row, Scenario},
+    scenario::{Conn, Input, Link, Out, Row, Scenario},
     scenario_tests,
 };
+
+/// A full-sized segment's payload (MSS 1460).
+const FULL: [u8; 1460] = [0x5a; 1460];
+
+
 
 scenario_tests! {
     frag_needed_from_the_client_side_reaches_the_backend,
@@ -26,78 +34,6 @@ scenario_tests! {
     damaged_errors_are_dropped,
     errors_are_relayed_at_most_at_the_rate,
     translation_switched_off_passes_errors_to_the_kernel,
-}
-
-/// A router on the client's side of the gateway, and one on the backends' side.
-const CLIENT_ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
-const BACKEND_ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 250);
-/// What a frag-needed announces: a tunnel's MTU.
-const MTU: u16 = 1280;
-/// A full-sized segment's payload (MSS 1460).
-const FULL: [u8; 1460] = [0x5a; 1460];
-/// The quote RFC 792 asks for: the IPv4 header and 8 bytes of TCP (ports, sequence number).
-const RFC792: usize = 8;
-/// A quote long enough for the whole segment (RFC 1812 asks for as much as fits in 576 bytes;
-/// Linux quotes that much).
-const WHOLE: usize = 1500;
-
-/// Which end of `c` an error comes from, or goes to.
-#[derive(Clone, Copy)]
-enum Side {
-    Client,
-    Backend,
-}
-
-impl Side {
-    /// The link of this side's end of `c` (the backend's from its flow).
-    fn link(self, cx: &Ctx, c: Conn) -> Link {
-        match self {
-            Side::Client => c.link,
-            Side::Backend => Link::Backend(c.rewrite(cx).backend_index),
-        }
-    }
-}
-
-/// An ICMP error `kind`/`code` (`rest`: bytes 4..8) from `from`, on the `side` of `c`, about
-/// the packet the last row made (its output): quoting it cut at `tcp_bytes` bytes of TCP, sent
-/// where the quote came from (its source), as a router sends it.
-fn error_about_last(
-    c: Conn,
-    side: Side,
-    from: Ipv4Addr,
-    (kind, code, rest): (u8, u8, [u8; 4]),
-    tcp_bytes: usize,
-) -> Input {
-    Input::with(move |cx| {
-        let q = quote(&cx.output, tcp_bytes);
-        let to = Ipv4Addr::new(q[12], q[13], q[14], q[15]);
-        let link = side.link(cx, c);
-        icmp::frame(
-            link.in_macs(),
-            from,
-            to,
-            message(kind, code, rest, &q),
-        )
-    })
-}
-
-/// That error translated: to the end of `c` on `to` (the one that sent the last row's input),
-/// from the gateway's address `via`, quoting the last row's input as that end sent it, the TTL
-/// one less.
-fn translated(c: Conn, to: Side, via: Ipv4Addr, (kind, code, rest): (u8, u8, [u8; 4]), tcp_bytes: usize) -> Out {
-    Out::with(move |cx| {
-        let seen = quote(&cx.output, tcp_bytes);
-        let q = quote_as_sent(&cx.input, &seen);
-        let sender = Ipv4Addr::new(q[12], q[13], q[14], q[15]);
-        let link = to.link(cx, c);
-        let mut f = icmp::frame(link.out_macs(), via, sender, message(kind, code, rest, &q));
-        f.ttl -= 1;
-        Out::Bytes(f.build())
-    })
-}
-
-fn frag_needed() -> (u8, u8, [u8; 4]) {
-    (kinds::DEST_UNREACH, kinds::FRAG_NEEDED, mtu(MTU))
 }
 
 /// A full-sized segment from `c`'s backend (translated to the client).
@@ -121,12 +57,16 @@ fn client_data(c: Conn) -> Row {
 /// A router between the gateway and the client cannot forward the backend's full-sized
 /// segment: its "fragmentation needed" (to the public address the segment came from) goes to
 /// the backend, from the SNAT address, quoting the segment as the backend sent it, whether the
-/// router quotes 8 bytes of TCP or the whole segment. The backend's TCP lowers its MSS then;
+/// router quotes 8 bytes of TCP, 576 bytes or the whole segment. The backend's TCP lowers its MSS then;
 /// without this it resends the same segment until the connection times out.
 fn frag_needed_from_the_client_side_reaches_the_backend() -> Scenario {
     let c = Conn::new(44_001);
     let mut s = Scenario::new().rows(c.handshake());
-    for (cut, what) in [(RFC792, "8 bytes of TCP"), (20, "the TCP header"), (WHOLE, "the whole segment")] {
+    for (cut, what) in [
+        (RFC792, "8 bytes of TCP"),
+        (20, "the TCP header"),
+        (RFC1812, "what fits in 576 bytes"),
+    ] {
         s = s.row(backend_data(c)).row(
             Row::redirected(
                 format!("frag needed quoting {what}: to the backend, from the SNAT address"),
@@ -137,7 +77,19 @@ fn frag_needed_from_the_client_side_reaches_the_backend() -> Scenario {
             .counter(GlobalStat::IcmpNoFlow, 0..=0),
         );
     }
-    s
+    s.row(Row::redirected(
+        "a short segment from the backend",
+        c.reply(flags::ACK | flags::PSH).map(|f| f.payload(&FULL[..100])),
+        c.to_client(),
+    ))
+    .row(
+        Row::redirected(
+            "an error quoting the whole of it: to the backend",
+            error_about_last(c, Side::Client, CLIENT_ROUTER, frag_needed(), WHOLE),
+            translated(c, Side::Backend, Topology::SNAT_IP, frag_needed(), WHOLE),
+        )
+        .counter(GlobalStat::IcmpFragNeeded, 1..=1),
+    )
 }
 
 /// The same from the other side: a router between the gateway and the backend cannot forward
@@ -147,7 +99,7 @@ fn frag_needed_from_the_client_side_reaches_the_backend() -> Scenario {
 fn frag_needed_from_the_backend_side_reaches_the_client() -> Scenario {
     let c = Conn::new(44_002);
     let mut s = Scenario::new().rows(c.handshake());
-    for (cut, what) in [(RFC792, "8 bytes of TCP"), (WHOLE, "the whole segment")] {
+    for (cut, what) in [(RFC792, "8 bytes of TCP"), (RFC1812, "what fits in 576 bytes")] {
         s = s.row(client_data(c)).row(
             Row::redirected(
                 format!("frag needed quoting {what}: to the client, from the public address"),
@@ -173,8 +125,8 @@ fn frag_needed_from_the_backend_side_reaches_the_client() -> Scenario {
         .row(
             Row::redirected(
                 "parameter problem: to the client",
-                error_about_last(c, Side::Backend, BACKEND_ROUTER, param_problem, WHOLE),
-                translated(c, Side::Client, *c.service.ip(), param_problem, WHOLE),
+                error_about_last(c, Side::Backend, BACKEND_ROUTER, param_problem, RFC1812),
+                translated(c, Side::Client, *c.service.ip(), param_problem, RFC1812),
             )
             .counter(GlobalStat::IcmpParamProblem, 1..=1),
         )
@@ -346,7 +298,7 @@ fn fix_ip_checksum(ip: &mut [u8]) {
 /// where every fragment to a gateway address goes (`fragment`).
 fn damaged_errors_are_dropped() -> Scenario {
     let c = Conn::new(44_006);
-    let about_last = || error_about_last(c, Side::Client, CLIENT_ROUTER, frag_needed(), WHOLE);
+    let about_last = || error_about_last(c, Side::Client, CLIENT_ROUTER, frag_needed(), RFC1812);
     Scenario::new()
         .rows(c.handshake())
         .row(backend_data(c))

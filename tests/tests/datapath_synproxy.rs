@@ -44,6 +44,7 @@ scenario_tests! {
     a_whole_checksum_equal_to_the_pseudo_headers_sum_is_not_counted_partial,
     a_flood_that_exhausts_snat_ports_below_the_cap_still_gets_cookies,
     a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections,
+    icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers,
 }
 
 /// The client's window in its ACKs (unscaled: a proxied connection has no window scaling).
@@ -938,4 +939,67 @@ fn a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections() ->
             )
             .counter(GlobalStat::FlowsCreated, 0..=1),
         )
+}
+
+/// ICMP errors about a proxied flow's packets (issue 16): the quoted numbers go back to what
+/// the quoted packet's sender sent. The backend's segment lost `seq_delta` on its way to the
+/// client: a frag-needed quoting it reaches the backend with the backend's own `seq` (its TCP
+/// ignores an error whose `seq` is outside what it has in flight, RFC 5927 §4.1: without this,
+/// path MTU discovery fails on every connection made during a flood). The client's segment's
+/// `ack` gained the delta: an error quoting it reaches the client with the client's `ack`.
+fn icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers() -> Scenario {
+    use gateway_tests::icmp::{
+        BACKEND_ROUTER, CLIENT_ROUTER, RFC792, RFC1812, Side, error_about_last, frag_needed,
+        translated,
+    };
+    const FULL: [u8; 1460] = [0x5a; 1460];
+    let (first, c) = (Conn::new(48_900), Conn::new(48_901));
+    let (s, cookie) = proxied_flow(first, c);
+    s.row(Row::sent_back(
+        "the backend's SYN-ACK",
+        Input::with(move |cx| {
+            let r = c.rewrite(cx);
+            let mut f = from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
+            f.seq = BACKEND_ISN;
+            f.ack = CLIENT_ISN.wrapping_add(1);
+            f
+        }),
+        Out::Any,
+    ))
+    .row(Row::redirected(
+        "the client's full-sized segment: its ack gains the delta",
+        cookie_ack(c, &cookie, |f| {
+            f.tcp_flags = flags::ACK | flags::PSH;
+            f.payload = FULL.to_vec();
+        }),
+        c.to_its_backend(),
+    ))
+    .row(
+        Row::redirected(
+            "frag needed quoting 576 bytes of it: to the client, with the client's ack",
+            error_about_last(c, Side::Backend, BACKEND_ROUTER, frag_needed(), RFC1812),
+            translated(c, Side::Client, *c.service.ip(), frag_needed(), RFC1812),
+        )
+        .counter(GlobalStat::IcmpFragNeeded, 1..=1),
+    )
+    .row(Row::redirected(
+        "the backend's full-sized segment: its seq loses the delta",
+        Input::with(move |cx| {
+            let r = c.rewrite(cx);
+            let mut f = from_backend(r.backend_index, r.backend, r.snat, flags::ACK | flags::PSH);
+            f.seq = BACKEND_ISN.wrapping_add(1);
+            f.ack = CLIENT_ISN.wrapping_add(1 + FULL.len() as u32);
+            f.payload = FULL.to_vec();
+            f
+        }),
+        c.to_client(),
+    ))
+    .row(
+        Row::redirected(
+            "frag needed quoting 8 bytes of it: to the backend, with the backend's seq",
+            error_about_last(c, Side::Client, CLIENT_ROUTER, frag_needed(), RFC792),
+            translated(c, Side::Backend, Topology::SNAT_IP, frag_needed(), RFC792),
+        )
+        .counter(GlobalStat::IcmpFragNeeded, 1..=1),
+    )
 }
