@@ -27,7 +27,14 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
                 rise: check_rise,
                 fall: check_fall,
             };
-            let app = client.create_app(&CreateApp { name, port, health }).await?;
+            let app = client
+                .create_app(&CreateApp {
+                    name,
+                    port,
+                    health,
+                    mss_clamp: None,
+                })
+                .await?;
             println!("{}", app.url);
         }
         AppCommand::List { json } => {

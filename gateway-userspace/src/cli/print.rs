@@ -176,6 +176,7 @@ mod tests {
             name: "web".to_owned(),
             port: 20000,
             url: "tcp://203.0.113.10:20000".to_owned(),
+            mss_clamp: None,
             backends: vec![backend("10.0.0.2:8080", BackendState::Active, false)],
             connections: 12,
             half_open: 0,
