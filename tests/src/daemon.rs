@@ -344,6 +344,50 @@ impl Daemon {
         Some(global.get(&slot, 0).expect("a counter slot").iter().sum())
     }
 
+    /// The app id the datapath routes public port `port` to, read from the pinned services
+    /// map; `None` when nothing is routed there.
+    #[track_caller]
+    pub fn app_id(&self, port: u16) -> Option<u32> {
+        use gateway_common::maps::{self, Service, ServiceKey4};
+        let map = aya::maps::MapData::from_pin(self.bpffs.join(maps::SERVICES4))
+            .expect("the pinned services");
+        let services: aya::maps::HashMap<_, ServiceKey4, Service> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))
+                .expect("the services' layout");
+        let key = ServiceKey4::from_addr(std::net::SocketAddrV4::new(Topology::PUBLIC_IP, port));
+        match services.get(&key, 0) {
+            Ok(service) => Some(service.app_id),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => panic!("reading the service of port {port}: {e}"),
+        }
+    }
+
+    /// The pinned map of the apps' datapath settings ([`gateway_common::maps::APP_CONFIG`]),
+    /// which the datapath reads: to read, or to write as a stale map would hold.
+    #[track_caller]
+    pub fn app_configs(
+        &self,
+    ) -> aya::maps::Array<aya::maps::MapData, gateway_common::maps::AppConfig> {
+        let map = aya::maps::MapData::from_pin(self.bpffs.join(gateway_common::maps::APP_CONFIG))
+            .expect("the pinned app settings");
+        aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("the app settings' layout")
+    }
+
+    /// App `app_id`'s MSS clamp as the datapath reads it (0: none).
+    #[track_caller]
+    pub fn mss_clamp(&self, app_id: u32) -> u16 {
+        self.app_configs()
+            .get(&app_id, 0)
+            .unwrap_or_else(|e| panic!("the settings of app id {app_id}: {e}"))
+            .mss_clamp
+    }
+
+    /// `gateway app show APP --json`, parsed.
+    #[track_caller]
+    pub fn app(&self, app: &str) -> gateway::api::AppView {
+        serde_json::from_str(&self.ok(&["app", "show", app, "--json"])).expect("app JSON")
+    }
+
     /// `gateway status --json`, parsed.
     #[track_caller]
     pub fn status(&self) -> gateway::api::Status {

@@ -468,3 +468,151 @@ fn detach_on_exit_removes_the_datapath_on_sigterm() {
         "nothing answers any more"
     );
 }
+
+/// The MSS clamps the datapath reads, by app id (those that are not 0).
+#[track_caller]
+fn clamps(daemon: &Daemon) -> BTreeMap<u32, u16> {
+    daemon
+        .app_configs()
+        .iter()
+        .enumerate()
+        .filter_map(|(id, config)| {
+            let config = config.unwrap_or_else(|e| panic!("app id {id}: {e}"));
+            (config.mss_clamp != 0).then_some((id as u32, config.mss_clamp))
+        })
+        .collect()
+}
+
+/// An app's MSS clamp (`--mss`) reaches the map the datapath reads: at create, changed and
+/// removed live by `app set`, written again from the state file at start over what the map
+/// held, zeroed on delete. A bad value, or a change that cannot be saved, leaves the state and
+/// the map as they were.
+#[test]
+fn an_apps_mss_clamp_is_programmed_changed_restored_and_cleared() {
+    require_root();
+    let topo = Topology::new(1);
+    let mut daemon = Daemon::start(&topo, None, &[]);
+    assert_eq!(
+        daemon.ok(&["app", "create", "web", "--mss", "1360"]),
+        "tcp://203.0.113.10:20000\n"
+    );
+    daemon.ok(&["app", "create", "db"]);
+    let web = daemon.app_id(20000).expect("web is routed");
+    let db = daemon.app_id(20001).expect("db is routed");
+    assert_eq!(clamps(&daemon), BTreeMap::from([(web, 1360)]));
+    assert_eq!(daemon.app("web").mss_clamp, Some(1360));
+    assert_eq!(daemon.app("db").mss_clamp, None);
+    let show = daemon.ok(&["app", "show", "web"]);
+    assert!(show.contains("  MSS clamp 1360  "), "{show}");
+    let list: Vec<gateway::api::AppView> =
+        serde_json::from_str(&daemon.ok(&["app", "list", "--json"])).unwrap();
+    let listed: Vec<_> = list
+        .iter()
+        .map(|a| (a.name.as_str(), a.mss_clamp))
+        .collect();
+    assert_eq!(listed, [("db", None), ("web", Some(1360))]);
+    let list = daemon.ok(&["app", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" 1360 ")),
+        "{list}"
+    );
+
+    // Changed live, set and removed.
+    assert_eq!(
+        daemon.ok(&["app", "set", "db", "--mss", "1400"]),
+        "app db: MSS clamp 1400\n"
+    );
+    assert_eq!(
+        daemon.ok(&["app", "set", "web", "--no-mss"]),
+        "app web: no MSS clamp\n"
+    );
+    assert_eq!(clamps(&daemon), BTreeMap::from([(db, 1400)]));
+    assert_eq!(daemon.app("web").mss_clamp, None);
+    daemon.ok(&["app", "set", "web", "--mss", "536"]);
+    let programmed = BTreeMap::from([(web, 536), (db, 1400)]);
+    assert_eq!(clamps(&daemon), programmed);
+
+    // Refused with one line; nothing changed, in the state or in the map.
+    let snapshot = settled(&daemon);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["app", "create", "x", "--mss", "535"],
+            "MSS clamp 535 is out of range: an MSS clamp is 536 to 65495 bytes",
+        ),
+        (
+            &["app", "create", "x", "--mss", "65496"],
+            "MSS clamp 65496 is out of range",
+        ),
+        (
+            &["app", "create", "x", "--mss", "0"],
+            "MSS clamp 0 is out of range",
+        ),
+        (&["app", "create", "X", "--mss", "1360"], "bad app name"),
+        (
+            &["app", "set", "web", "--mss", "100"],
+            "MSS clamp 100 is out of range",
+        ),
+        (
+            &["app", "set", "web", "--mss", "70000"],
+            "MSS clamp 70000 is out of range",
+        ),
+        (
+            &["app", "set", "nope", "--mss", "1360"],
+            "no app named \"nope\"",
+        ),
+        (&["app", "set", "nope", "--no-mss"], "no app named \"nope\""),
+    ];
+    for (args, wants) in cases {
+        let err = daemon.fails(args);
+        assert!(err.contains(wants), "gateway {}: {err}", args.join(" "));
+        assert_eq!(settled(&daemon), snapshot, "after {args:?}");
+        assert_eq!(clamps(&daemon), programmed, "after {args:?}");
+    }
+    assert_eq!(daemon.app_id(20002), None, "no app was created");
+    // What clap refuses (with its usage) never reaches the daemon.
+    let usage: &[&[&str]] = &[
+        &["app", "set", "web"],
+        &["app", "set", "web", "--mss", "1400", "--no-mss"],
+        &["app", "create", "x", "--mss", "abc"],
+    ];
+    for args in usage {
+        assert!(!daemon.cli(args).status.success(), "{args:?}");
+        assert_eq!(settled(&daemon), snapshot, "after {args:?}");
+    }
+
+    // A change the state file cannot take is undone in the datapath too.
+    let tmp = daemon.dir.path().join("state/state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    let set = daemon.fails(&["app", "set", "web", "--mss", "1400"]);
+    let create = daemon.fails(&["app", "create", "x", "--mss", "1400"]);
+    std::fs::remove_dir(&tmp).unwrap();
+    assert!(
+        set.contains("state.json.tmp") && create.contains("state.json.tmp"),
+        "{set}{create}"
+    );
+    assert_eq!(settled(&daemon), snapshot);
+    assert_eq!(clamps(&daemon), programmed, "the datapath was put back");
+
+    // A start programs the clamps of the state file over whatever the pinned map holds: a
+    // wrong value, a missing one, one of an app the state does not have.
+    daemon.kill9();
+    let mut configs = daemon.app_configs();
+    let clamp = |mss_clamp| gateway_common::maps::AppConfig {
+        mss_clamp,
+        ..Default::default()
+    };
+    configs.set(web, clamp(9000), 0).unwrap();
+    configs.set(db, clamp(0), 0).unwrap();
+    configs.set(77, clamp(1200), 0).unwrap();
+    drop(configs);
+    daemon.restart();
+    assert_eq!(clamps(&daemon), programmed, "{}", daemon.log());
+    assert_eq!(settled(&daemon), snapshot, "the state survived");
+
+    // Deleting an app zeroes its clamp.
+    daemon.ok(&["app", "delete", "web"]);
+    assert_eq!(clamps(&daemon), BTreeMap::from([(db, 1400)]));
+    daemon.ok(&["app", "delete", "db"]);
+    assert_eq!(clamps(&daemon), BTreeMap::new());
+}

@@ -12,7 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     AddBackend, AppView, BackendView, CreateApp, Deploy, ErrorBody, FlowList, FlowQuery,
-    RemoveBackend, Status,
+    RemoveBackend, Status, UpdateApp,
 };
 
 /// A failed API call. Each variant's message is one line; the causes follow as its sources.
@@ -102,6 +102,12 @@ impl Client {
     /// `GET /v1/apps/{name}`.
     pub async fn app(&self, name: &str) -> Result<AppView, ClientError> {
         self.call(Method::GET, &path::app(name)).await
+    }
+
+    /// `PATCH /v1/apps/{name}`: changes the app's settings; the app as changed.
+    pub async fn update_app(&self, name: &str, update: &UpdateApp) -> Result<AppView, ClientError> {
+        self.call_with(Method::PATCH, &path::app(name), update)
+            .await
     }
 
     /// `DELETE /v1/apps/{name}`: the app as it was.
@@ -303,7 +309,7 @@ mod path {
 #[cfg(test)]
 mod tests {
     use super::path;
-    use crate::api::{AddBackend, CreateApp, Deploy, FlowQuery, RemoveBackend};
+    use crate::api::{AddBackend, CreateApp, Deploy, FlowQuery, RemoveBackend, UpdateApp};
     use crate::state::HealthOverrides;
 
     #[test]
@@ -368,6 +374,7 @@ mod tests {
                 rise: Some(3),
                 ..HealthOverrides::default()
             },
+            mss_clamp: None,
         };
         let json = serde_json::to_value(&create).unwrap();
         assert_eq!(
@@ -383,6 +390,15 @@ mod tests {
             {"interval_ms": null, "timeout_ms": null, "rise": 3, "fall": null}});
         let back: CreateApp = serde_json::from_value(before).unwrap();
         assert_eq!(back.health, create.health);
+
+        let clamped = CreateApp {
+            mss_clamp: Some(1360),
+            ..create.clone()
+        };
+        let json = serde_json::to_value(&clamped).unwrap();
+        assert_eq!(json["mss_clamp"], 1360);
+        let back: CreateApp = serde_json::from_value(json).unwrap();
+        assert_eq!(back.mss_clamp, Some(1360));
 
         let deploy = Deploy {
             backends: vec!["10.0.0.2:8080".to_owned()],
@@ -409,5 +425,31 @@ mod tests {
         };
         let back: AddBackend = serde_json::from_slice(&serde_json::to_vec(&add).unwrap()).unwrap();
         assert_eq!((back.address, back.weight), (add.address, None));
+    }
+
+    /// `PATCH /v1/apps/{name}` as a JSON merge patch: an absent field is left as it is, `null`
+    /// removes the setting, a value sets it; the client writes each so.
+    #[test]
+    fn app_updates_tell_absent_from_null() {
+        let cases = [
+            (UpdateApp::default(), serde_json::json!({})),
+            (
+                UpdateApp {
+                    mss_clamp: Some(None),
+                },
+                serde_json::json!({"mss_clamp": null}),
+            ),
+            (
+                UpdateApp {
+                    mss_clamp: Some(Some(1360)),
+                },
+                serde_json::json!({"mss_clamp": 1360}),
+            ),
+        ];
+        for (update, json) in cases {
+            assert_eq!(serde_json::to_value(&update).unwrap(), json);
+            assert_eq!(serde_json::from_value::<UpdateApp>(json).unwrap(), update);
+        }
+        assert!(serde_json::from_value::<UpdateApp>(serde_json::json!({"mss": 1360})).is_err());
     }
 }

@@ -7,6 +7,7 @@
 //! | `GET /v1/apps`                           |                 | `[`[`AppView`]`]`   |
 //! | `POST /v1/apps`                          | [`CreateApp`]   | [`AppView`] (201)   |
 //! | `GET /v1/apps/{name}`                    |                 | [`AppView`]         |
+//! | `PATCH /v1/apps/{name}`                  | [`UpdateApp`]   | [`AppView`]         |
 //! | `DELETE /v1/apps/{name}`                 |                 | [`AppView`]         |
 //! | `GET /v1/apps/{name}/backends`           |                 | `[`[`BackendView`]`]` |
 //! | `POST /v1/apps/{name}/backends`          | [`AddBackend`]  | [`BackendView`] (201) |
@@ -17,7 +18,7 @@
 //!
 //! Errors are `{"error": "one line"}` with a 4xx/5xx status.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::datapath::{AttachMode, Phases};
 
@@ -37,6 +38,32 @@ pub struct CreateApp {
     /// Health-check settings of its own (each falls back to the daemon's).
     #[serde(default)]
     pub health: crate::state::HealthOverrides,
+    /// An MSS clamp (bytes, 536 to 65495): a larger MSS option of the app's SYNs and SYN-ACKs
+    /// is lowered to it. None when absent. Left out when `None`, so that a daemon of the release
+    /// before clamps still takes the body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mss_clamp: Option<u32>,
+}
+
+/// `PATCH /v1/apps/{name}`: changes settings of an existing app, live. Each field reads as in a
+/// JSON merge patch (RFC 7396): absent, the setting is left as it is; `null`, it is removed; a
+/// value, it is set. `{}` changes nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateApp {
+    /// The MSS clamp (bytes, 536 to 65495), or `null` for none.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mss_clamp: Option<Option<u32>>,
+}
+
+/// A field that is present, as `Some` of its value (also of `null`: `Some(None)`); with
+/// `#[serde(default)]`, an absent one is `None`.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// `POST /v1/apps/{name}/deploy`: replace the app's backends with these.
@@ -110,6 +137,9 @@ pub struct AppView {
     pub port: u16,
     /// `tcp://HOST:PORT`.
     pub url: String,
+    /// Its MSS clamp (bytes), if it has one.
+    #[serde(default)]
+    pub mss_clamp: Option<u16>,
     pub backends: Vec<BackendView>,
     /// Open connections to the app (as of the last conntrack scan).
     pub connections: u64,

@@ -18,7 +18,7 @@ use tracing::warn;
 
 use super::{
     AddBackend, AppView, BackendView, CreateApp, Deploy, ErrorBody, FlowList, FlowQuery,
-    RemoveBackend, Status,
+    RemoveBackend, Status, UpdateApp,
 };
 use crate::{
     daemon::{Daemon, DaemonError},
@@ -95,6 +95,15 @@ async fn show_app(State(d): State<Daemon>, UrlPath(name): UrlPath<String>) -> An
     Ok(Json(d.app(name).await?))
 }
 
+async fn update_app(
+    State(d): State<Daemon>,
+    UrlPath(name): UrlPath<String>,
+    bytes: Bytes,
+) -> Answer<AppView> {
+    let req: UpdateApp = body(&bytes)?;
+    Ok(Json(d.update_app(name, req).await?))
+}
+
 async fn delete_app(State(d): State<Daemon>, UrlPath(name): UrlPath<String>) -> Answer<AppView> {
     Ok(Json(d.delete_app(name).await?))
 }
@@ -153,7 +162,10 @@ fn router(daemon: Daemon) -> Router {
     Router::new()
         .route("/v1/status", get(get_status))
         .route("/v1/apps", get(list_apps).post(create_app))
-        .route("/v1/apps/{name}", get(show_app).delete(delete_app))
+        .route(
+            "/v1/apps/{name}",
+            get(show_app).patch(update_app).delete(delete_app),
+        )
         .route(
             "/v1/apps/{name}/backends",
             get(list_backends).post(add_backend),

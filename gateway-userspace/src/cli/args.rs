@@ -78,6 +78,17 @@ pub enum AppCommand {
         /// Health checks: failures in a row to become unhealthy [default: the daemon's].
         #[arg(long, value_name = "N")]
         check_fall: Option<u32>,
+        /// Clamp the MSS: a larger MSS option of the app's SYNs (client to backend) and
+        /// SYN-ACKs (backend to client) is lowered to BYTES, 536 to 65495 (e.g. a tunnel's MTU
+        /// less 40) [default: none].
+        #[arg(long, value_name = "BYTES")]
+        mss: Option<u32>,
+    },
+    /// Change an app's settings, live (its connections go on).
+    Set {
+        name: String,
+        #[command(flatten)]
+        settings: AppSettings,
     },
     /// List the apps.
     List {
@@ -92,6 +103,19 @@ pub enum AppCommand {
     },
     /// Delete an app: frees its port; its connections end.
     Delete { name: String },
+}
+
+/// What `gateway app set` changes: at least one setting; those not given are left as they are.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = true)]
+pub struct AppSettings {
+    /// Clamp the MSS of the app's SYNs and SYN-ACKs to BYTES, 536 to 65495 (see `app create`);
+    /// new handshakes get it.
+    #[arg(long, value_name = "BYTES")]
+    pub mss: Option<u32>,
+    /// Remove the app's MSS clamp.
+    #[arg(long, conflicts_with = "mss")]
+    pub no_mss: bool,
 }
 
 /// `gateway backend ...`.

@@ -16,7 +16,8 @@ pub(super) fn json<T: Serialize>(value: &T) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `gateway app list`: one line per app (name, port, URL, backends, connections).
+/// `gateway app list`: one line per app (name, port, URL, MSS clamp or `-`, backends,
+/// connections).
 pub(super) struct AppsTable<'a>(pub &'a [AppView]);
 
 impl Display for AppsTable<'_> {
@@ -28,16 +29,18 @@ impl Display for AppsTable<'_> {
         let w = apps.iter().map(|a| a.name.len()).max().unwrap_or(0).max(4);
         writeln!(
             f,
-            "{:w$}  {:>5}  {:30}  {:>8}  {:>11}",
-            "NAME", "PORT", "URL", "BACKENDS", "CONNECTIONS"
+            "{:w$}  {:>5}  {:30}  {:>5}  {:>8}  {:>11}",
+            "NAME", "PORT", "URL", "MSS", "BACKENDS", "CONNECTIONS"
         )?;
         for a in apps {
+            let mss = a.mss_clamp.map_or("-".to_owned(), |m| m.to_string());
             writeln!(
                 f,
-                "{:w$}  {:>5}  {:30}  {:>8}  {:>11}",
+                "{:w$}  {:>5}  {:30}  {:>5}  {:>8}  {:>11}",
                 a.name,
                 a.port,
                 a.url,
+                mss,
                 a.backends.len(),
                 a.connections
             )?;
@@ -176,15 +179,24 @@ mod tests {
             name: "web".to_owned(),
             port: 20000,
             url: "tcp://203.0.113.10:20000".to_owned(),
+            mss_clamp: None,
             backends: vec![backend("10.0.0.2:8080", BackendState::Active, false)],
             connections: 12,
             half_open: 0,
             rates: Rates::default(),
         };
+        let clamped = AppView {
+            name: "db".to_owned(),
+            port: 20001,
+            url: "tcp://203.0.113.10:20001".to_owned(),
+            mss_clamp: Some(1360),
+            ..app.clone()
+        };
         assert_eq!(
-            AppsTable(&[app]).to_string(),
-            "NAME   PORT  URL                             BACKENDS  CONNECTIONS\n\
-             web   20000  tcp://203.0.113.10:20000               1           12\n"
+            AppsTable(&[app, clamped]).to_string(),
+            "NAME   PORT  URL                               MSS  BACKENDS  CONNECTIONS\n\
+             web   20000  tcp://203.0.113.10:20000            -         1           12\n\
+             db    20001  tcp://203.0.113.10:20001         1360         1           12\n"
         );
     }
 

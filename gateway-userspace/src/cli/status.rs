@@ -152,6 +152,7 @@ mod tests {
                 name: "web".to_owned(),
                 port: 20000,
                 url: "tcp://203.0.113.10:20000".to_owned(),
+                mss_clamp: None,
                 backends: vec![],
                 connections: 2,
                 half_open: 1,

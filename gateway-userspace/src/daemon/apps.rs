@@ -1,14 +1,14 @@
-//! The operator's requests about apps and backends: status, create, show, delete, add a
-//! backend. Each checks the request against the desired state's rules and commits the change
-//! (datapath, then file) or refuses it with nothing changed. Removing a backend and deploys are
-//! rotation (`rotation.rs`).
+//! The operator's requests about apps and backends: status, create, show, change settings,
+//! delete, add a backend. Each checks the request against the desired state's rules and
+//! commits the change (datapath, then file) or refuses it with nothing changed. Removing a
+//! backend and deploys are rotation (`rotation.rs`).
 
 use gateway_common::DropReason;
 use tracing::info;
 
 use super::{Daemon, DaemonError, now_ms, resets::Whose};
 use crate::{
-    api::{AddBackend, AppView, BackendView, CreateApp, Refusals, Status},
+    api::{AddBackend, AppView, BackendView, CreateApp, Refusals, Status, UpdateApp},
     datapath::ConnectionCounts,
     state::{self, BackendState, WEIGHT_DEFAULT},
 };
@@ -51,11 +51,18 @@ impl Daemon {
     pub async fn create_app(&self, req: CreateApp) -> Result<AppView, DaemonError> {
         self.with(move |c| {
             let mut next = c.state.clone();
-            let app = next
-                .create_app_with(&req.name, req.port, c.settings.port_range, req.health)?
-                .clone();
+            next.create_app_with(&req.name, req.port, c.settings.port_range, req.health)?;
+            if let Some(mss) = req.mss_clamp {
+                next.set_mss_clamp(&req.name, Some(mss))?;
+            }
+            let app = next.app(&req.name)?.clone();
             c.commit(&req.name, next)?;
-            info!(app = req.name, port = app.port, "app created");
+            info!(
+                app = req.name,
+                port = app.port,
+                mss_clamp = app.mss_clamp,
+                "app created"
+            );
             Ok(c.app_view(&req.name, &app, &ConnectionCounts::default()))
         })
         .await
@@ -64,6 +71,33 @@ impl Daemon {
     /// App `name`.
     pub async fn app(&self, name: String) -> Result<AppView, DaemonError> {
         self.with(move |c| {
+            let app = c.state.app(&name)?.clone();
+            let counts = c.counts();
+            Ok(c.app_view(&name, &app, &counts))
+        })
+        .await
+    }
+
+    /// Changes app `name`'s settings live (each present field of `req`; see [`UpdateApp`]).
+    /// Answers the app as changed.
+    pub async fn update_app(&self, name: String, req: UpdateApp) -> Result<AppView, DaemonError> {
+        self.with(move |c| {
+            let mut next = c.state.clone();
+            // The app first, so that an unknown app is named as such whatever the settings.
+            next.app(&name)?;
+            let UpdateApp { mss_clamp } = req;
+            if let Some(mss) = mss_clamp {
+                next.set_mss_clamp(&name, mss)?;
+            }
+            if next != c.state {
+                c.commit(&name, next)?;
+                let app = c.state.app(&name)?;
+                info!(
+                    app = name,
+                    mss_clamp = app.mss_clamp,
+                    "app settings changed"
+                );
+            }
             let app = c.state.app(&name)?.clone();
             let counts = c.counts();
             Ok(c.app_view(&name, &app, &counts))

@@ -115,6 +115,7 @@ impl Core {
             name: name.to_owned(),
             port: app.port,
             url: self.settings.url(app.port),
+            mss_clamp: app.mss_clamp,
             backends: app
                 .backends
                 .iter()

@@ -2,12 +2,21 @@
 //! changes ([`Core::program`]), and all of it at start ([`Core::restore`]), removing what the
 //! state no longer has.
 
-use std::net::SocketAddrV4;
+use std::{collections::HashSet, net::SocketAddrV4};
 
+use gateway_common::maps::{AppConfig, MAX_APPS};
 use tracing::{info, warn};
 
 use super::{Core, DaemonError, resets::Whose};
 use crate::{datapath::DatapathError, state::App};
+
+/// `app`'s datapath settings ([`gateway_common::maps::APP_CONFIG`]).
+fn app_config(app: &App) -> AppConfig {
+    AppConfig {
+        mss_clamp: app.mss_clamp.unwrap_or(0),
+        ..AppConfig::default()
+    }
+}
 
 impl Core {
     /// Programs the datapath from `old` to `new` for one app. `fresh`: ids new to the
@@ -29,6 +38,11 @@ impl Core {
                 if fresh && !known(b.id) {
                     d.reset_backend_stats(b.id)?;
                 }
+            }
+            // Its settings before the service, so that the first SYN finds them. Always for an
+            // app new to the datapath: its id may hold a deleted app's.
+            if old.is_none_or(|o| app_config(o) != app_config(new)) {
+                d.set_app_config(new.id, app_config(new))?;
             }
             // Backends joining first, then the table in one update, then those leaving: a
             // SYN never meets a table whose backends all refuse it.
@@ -52,6 +66,7 @@ impl Core {
                 let d = &mut self.datapath;
                 d.remove_service(SocketAddrV4::new(public_ip, old.port))?;
                 d.remove_app_table(old.id)?;
+                d.set_app_config(old.id, AppConfig::default())?;
             }
             for b in old.backends.iter().filter(|b| !kept(b.id)) {
                 // Out of the table already; its established flows go on.
@@ -62,8 +77,8 @@ impl Core {
     }
 
     /// Brings the datapath in line with the persisted state at start: a deploy the restart
-    /// interrupted is aborted, every app programmed, services and tables of apps that no
-    /// longer exist removed.
+    /// interrupted is aborted, every app programmed, services, tables and settings of apps
+    /// that no longer exist removed.
     pub(super) fn restore(&mut self) -> Result<(), DaemonError> {
         let interrupted: Vec<String> = self
             .state
@@ -104,6 +119,17 @@ impl Core {
                     resets = ended.resets,
                     "ended the connections of an app the state does not have ({} RSTs sent)",
                     ended.resets
+                );
+            }
+        }
+        // An array has no keys to list: every slot is read (MAX_APPS lookups, at start only).
+        let ids: HashSet<u32> = apps.iter().map(|a| a.id).collect();
+        for id in 1..MAX_APPS {
+            if !ids.contains(&id) && self.datapath.app_config(id)? != AppConfig::default() {
+                self.datapath.set_app_config(id, AppConfig::default())?;
+                info!(
+                    app.id = id,
+                    "cleared the settings of an app the state does not have"
                 );
             }
         }

@@ -30,8 +30,8 @@ use aya::{
 };
 use gateway_common::{
     maps::{
-        self, ADDR_PUBLIC, ADDR_SNAT, AppConfig, BACKEND_ACCEPTING, Backend4, Config, Flow, FlowKey4,
-        MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
+        self, ADDR_PUBLIC, ADDR_SNAT, AppConfig, BACKEND_ACCEPTING, Backend4, Config, Flow,
+        FlowKey4, MAGLEV_SIZE, MaglevTable, Service, ServiceKey4, TrafficStats,
     },
     net::ip_to_net,
 };

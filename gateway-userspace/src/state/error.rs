@@ -3,9 +3,9 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use gateway_common::maps::{MAX_APPS, MAX_BACKENDS};
+use gateway_common::maps::{MAX_APPS, MAX_BACKENDS, MSS_CLAMP_MIN};
 
-use super::{PortRange, WEIGHT_MAX};
+use super::{MSS_CLAMP_MAX, PortRange, WEIGHT_MAX};
 
 /// What kind of failure a [`StateError`] is (the API maps it to an HTTP status).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +59,10 @@ pub enum StateError {
         "bad health-check setting: interval and timeout are 10ms to 1h, rise and fall 1 to 100"
     )]
     Health,
+    #[error(
+        "MSS clamp {0} is out of range: an MSS clamp is {MSS_CLAMP_MIN} to {MSS_CLAMP_MAX} bytes"
+    )]
+    MssClamp(u32),
     #[error("a deploy of app {0:?} is in progress")]
     DeployInProgress(String),
     #[error("a deploy needs at least one backend")]
@@ -99,6 +103,7 @@ impl StateError {
             | NotUnicast(_)
             | Weight(_)
             | Health
+            | MssClamp(_)
             | EmptyDeploy
             | Quorum { .. } => ErrorKind::Invalid,
             DeployTimeout { .. } => ErrorKind::Timeout,

@@ -167,4 +167,50 @@ mod tests {
         drop(file);
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// An app's MSS clamp is saved and loaded back; a state without clamps is written as the
+    /// release before them wrote it, and that release's files load (no clamp).
+    #[test]
+    fn mss_clamps_round_trip_and_files_without_them_load() {
+        let dir = std::env::temp_dir().join(format!("gateway-state-mss-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let file = StateFile::open(&dir).unwrap();
+        let mut s = State::default();
+        s.create_app("a", None, RANGE).unwrap();
+        s.create_app("b", None, RANGE).unwrap();
+        file.save(&s).unwrap();
+        let text = fs::read_to_string(file.path()).unwrap();
+        assert!(!text.contains("mss"), "no clamp, no field: {text}");
+        s.set_mss_clamp("a", Some(1360)).unwrap();
+        file.save(&s).unwrap();
+        let loaded = file.load().unwrap();
+        assert_eq!(loaded, s);
+        assert_eq!(loaded.apps["a"].mss_clamp, Some(1360));
+        assert_eq!(loaded.apps["b"].mss_clamp, None);
+
+        // As the release before MSS clamps wrote it.
+        let old = r#"{
+  "format": 1,
+  "apps": {
+    "web": {
+      "id": 1,
+      "port": 20000,
+      "backends": [
+        {"id": 1, "addr": "198.51.100.2:80", "weight": 1, "state": "active", "since_ms": 5}
+      ],
+      "health": {"rise": 3}
+    }
+  },
+  "next_backend_id": 2
+}
+"#;
+        fs::write(file.path(), old).unwrap();
+        let loaded = file.load().unwrap();
+        let web = &loaded.apps["web"];
+        assert_eq!((web.id, web.port, web.mss_clamp), (1, 20000, None));
+        assert_eq!(web.health.rise, Some(3));
+        assert_eq!(web.backends[0].addr, addr("198.51.100.2:80"));
+        drop(file);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

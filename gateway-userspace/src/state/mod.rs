@@ -10,7 +10,7 @@ mod rotation;
 
 use std::{collections::BTreeMap, fmt, net::SocketAddrV4, str::FromStr};
 
-use gateway_common::maps::{MAX_APPS, MAX_BACKENDS};
+use gateway_common::maps::{MAX_APPS, MAX_BACKENDS, MSS_CLAMP_MIN};
 use serde::{Deserialize, Serialize};
 
 pub use self::{
@@ -25,6 +25,10 @@ pub const NAME_MAX: usize = 63;
 pub const WEIGHT_MAX: u32 = 256;
 /// The weight of a backend added without one.
 pub const WEIGHT_DEFAULT: u32 = 1;
+/// The largest MSS clamp an app may have: the largest MSS an IPv4 segment can carry (65535
+/// bytes less 20 of IPv4 header and 20 of TCP header). The smallest is
+/// [`MSS_CLAMP_MIN`], what a peer assumes without the option.
+pub const MSS_CLAMP_MAX: u16 = 65495;
 /// The version of the state file's format.
 pub const STATE_FORMAT: u32 = 1;
 
@@ -125,6 +129,14 @@ pub fn check_weight(weight: u32) -> Result<(), StateError> {
         Ok(())
     } else {
         Err(StateError::Weight(weight))
+    }
+}
+
+/// Checks an app's MSS clamp (bytes): [`MSS_CLAMP_MIN`] to [`MSS_CLAMP_MAX`].
+pub fn check_mss_clamp(mss: u32) -> Result<u16, StateError> {
+    match u16::try_from(mss) {
+        Ok(mss) if (MSS_CLAMP_MIN..=MSS_CLAMP_MAX).contains(&mss) => Ok(mss),
+        _ => Err(StateError::MssClamp(mss)),
     }
 }
 
@@ -258,6 +270,11 @@ pub struct App {
     pub backends: Vec<Backend>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub health: HealthOverrides,
+    /// The largest MSS (bytes) its SYNs and SYN-ACKs may announce: a larger MSS option is
+    /// lowered to it by the datapath. `None`: no clamp. Absent from the files of releases
+    /// before it (and left out when `None`, so that those releases still read the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mss_clamp: Option<u16>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -380,6 +397,7 @@ impl State {
             port,
             backends: Vec::new(),
             health,
+            mss_clamp: None,
         };
         Ok(self.apps.entry(name.to_owned()).or_insert(app))
     }
@@ -389,6 +407,16 @@ impl State {
         self.apps
             .remove(name)
             .ok_or_else(|| StateError::UnknownApp(name.to_owned()))
+    }
+
+    /// Sets app `name`'s MSS clamp to `mss` bytes (checked by [`check_mss_clamp`]), or removes
+    /// it (`None`).
+    pub fn set_mss_clamp(&mut self, name: &str, mss: Option<u32>) -> Result<&App, StateError> {
+        self.app(name)?;
+        let mss = mss.map(check_mss_clamp).transpose()?;
+        let app = self.app_mut(name)?;
+        app.mss_clamp = mss;
+        Ok(app)
     }
 
     /// Adds backend `addr` with `weight` to app `name`, active (see [`State::add_backend_as`]).
@@ -693,6 +721,37 @@ pub(crate) mod tests {
         );
         let next = s.add_backend("a", addr("198.51.100.4:80"), 1).unwrap().id;
         assert!(next != first && (1..MAX_BACKENDS).contains(&next), "{next}");
+    }
+
+    #[test]
+    fn mss_clamps_are_checked_set_and_removed() {
+        for ok in [536, 1360, 1460, 65495] {
+            assert_eq!(check_mss_clamp(ok), Ok(ok as u16), "{ok}");
+        }
+        for bad in [0, 1, 535, 65496, 65535, 65536, u32::MAX] {
+            assert_eq!(
+                check_mss_clamp(bad),
+                Err(StateError::MssClamp(bad)),
+                "{bad}"
+            );
+        }
+        let mut s = State::default();
+        assert_eq!(s.create_app("a", None, RANGE).unwrap().mss_clamp, None);
+        assert_eq!(
+            s.set_mss_clamp("a", Some(1360)).unwrap().mss_clamp,
+            Some(1360)
+        );
+        let before = s.clone();
+        for (name, mss, err) in [
+            ("a", Some(535), StateError::MssClamp(535)),
+            ("a", Some(65496), StateError::MssClamp(65496)),
+            ("x", Some(1360), StateError::UnknownApp("x".into())),
+            ("x", None, StateError::UnknownApp("x".into())),
+        ] {
+            assert_eq!(s.set_mss_clamp(name, mss).unwrap_err(), err);
+            assert_eq!(s, before, "a refused change leaves the state as it was");
+        }
+        assert_eq!(s.set_mss_clamp("a", None).unwrap().mss_clamp, None);
     }
 
     #[test]
