@@ -226,7 +226,11 @@ pub fn admit() -> Result<(), DropReason> {
         BUCKET_NS
     } else {
         let earned = bucket.credit_ns + now.saturating_sub(bucket.last_ns);
-        if earned > BUCKET_NS { BUCKET_NS } else { earned }
+        if earned > BUCKET_NS {
+            BUCKET_NS
+        } else {
+            earned
+        }
     };
     bucket.last_ns = now;
     if credit >= cost {

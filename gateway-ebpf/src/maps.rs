@@ -9,9 +9,8 @@ use aya_ebpf::{
 };
 use gateway_common::maps::{
     AppConfig, Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN,
-    IcmpBucket, MAX_APPS,
-    MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS, NextHopCache, PARTIAL_CSUM_IFACES,
-    Service, ServiceKey4, TrafficStats,
+    IcmpBucket, MAX_APPS, MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS, NextHopCache,
+    PARTIAL_CSUM_IFACES, Service, ServiceKey4, TrafficStats,
 };
 
 /// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).

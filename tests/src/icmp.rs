@@ -106,19 +106,20 @@ pub fn error_about_last(
         let q = quote(&cx.output, tcp_bytes);
         let to = Ipv4Addr::new(q[12], q[13], q[14], q[15]);
         let link = side.link(cx, c);
-        frame(
-            link.in_macs(),
-            from,
-            to,
-            message(kind, code, rest, &q),
-        )
+        frame(link.in_macs(), from, to, message(kind, code, rest, &q))
     })
 }
 
 /// That error translated: to the end of `c` on `to` (the one that sent the last row's input),
 /// from the gateway's address `via`, quoting the last row's input as that end sent it, the TTL
 /// one less.
-pub fn translated(c: Conn, to: Side, via: Ipv4Addr, (kind, code, rest): (u8, u8, [u8; 4]), tcp_bytes: usize) -> Out {
+pub fn translated(
+    c: Conn,
+    to: Side,
+    via: Ipv4Addr,
+    (kind, code, rest): (u8, u8, [u8; 4]),
+    tcp_bytes: usize,
+) -> Out {
     Out::with(move |cx| {
         let seen = quote(&cx.output, tcp_bytes);
         let q = quote_as_sent(&cx.input, &seen);

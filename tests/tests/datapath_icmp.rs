@@ -23,8 +23,6 @@ use gateway_tests::{
 /// A full-sized segment's payload (MSS 1460).
 const FULL: [u8; 1460] = [0x5a; 1460];
 
-
-
 scenario_tests! {
     frag_needed_from_the_client_side_reaches_the_backend,
     frag_needed_from_the_backend_side_reaches_the_client,
@@ -79,7 +77,8 @@ fn frag_needed_from_the_client_side_reaches_the_backend() -> Scenario {
     }
     s.row(Row::redirected(
         "a short segment from the backend",
-        c.reply(flags::ACK | flags::PSH).map(|f| f.payload(&FULL[..100])),
+        c.reply(flags::ACK | flags::PSH)
+            .map(|f| f.payload(&FULL[..100])),
         c.to_client(),
     ))
     .row(
@@ -99,12 +98,21 @@ fn frag_needed_from_the_client_side_reaches_the_backend() -> Scenario {
 fn frag_needed_from_the_backend_side_reaches_the_client() -> Scenario {
     let c = Conn::new(44_002);
     let mut s = Scenario::new().rows(c.handshake());
-    for (cut, what) in [(RFC792, "8 bytes of TCP"), (RFC1812, "what fits in 576 bytes")] {
+    for (cut, what) in [
+        (RFC792, "8 bytes of TCP"),
+        (RFC1812, "what fits in 576 bytes"),
+    ] {
         s = s.row(client_data(c)).row(
             Row::redirected(
                 format!("frag needed quoting {what}: to the client, from the public address"),
                 error_about_last(c, Side::Backend, BACKEND_ROUTER, frag_needed(), cut),
-                translated(c, Side::Client, *Conn::new(0).service.ip(), frag_needed(), cut),
+                translated(
+                    c,
+                    Side::Client,
+                    *Conn::new(0).service.ip(),
+                    frag_needed(),
+                    cut,
+                ),
             )
             .counter(GlobalStat::IcmpFragNeeded, 1..=1),
         );
@@ -179,17 +187,22 @@ fn quotes_with_ip_options_are_translated() -> Scenario {
         .row(
             Row::redirected(
                 "frag needed quoting it, itself with options: to the client",
-                error_about_last(c, Side::Backend, BACKEND_ROUTER, frag_needed(), RFC792)
-                    .map(|mut f| {
+                error_about_last(c, Side::Backend, BACKEND_ROUTER, frag_needed(), RFC792).map(
+                    |mut f| {
                         f.ip_options = vec![1; 12];
                         f
-                    }),
+                    },
+                ),
                 Out::with(move |cx| {
-                    let Out::With(f) = translated(c, Side::Client, *c.service.ip(), frag_needed(), RFC792) else {
+                    let Out::With(f) =
+                        translated(c, Side::Client, *c.service.ip(), frag_needed(), RFC792)
+                    else {
                         unreachable!()
                     };
                     // The same translation, the error's own options kept.
-                    let Out::Bytes(plain) = f(cx) else { unreachable!() };
+                    let Out::Bytes(plain) = f(cx) else {
+                        unreachable!()
+                    };
                     Out::Bytes(with_ip_options(&plain, &[1; 12]))
                 }),
             )
@@ -240,12 +253,20 @@ fn errors_about_no_flow_go_to_the_kernel() -> Scenario {
     };
     let mut s = Scenario::new().rows(c.handshake());
     let cases: [(&str, fn(&mut Vec<u8>), usize); 3] = [
-        ("a tuple of no flow (another client port)", |q| q[22] ^= 0x40, RFC792),
+        (
+            "a tuple of no flow (another client port)",
+            |q| q[22] ^= 0x40,
+            RFC792,
+        ),
         ("a quote too short for the sequence number", |_| {}, 7),
-        ("a quote of a later fragment", |q| {
-            q[6..8].copy_from_slice(&0x00b9u16.to_be_bytes());
-            fix_ip_checksum(q);
-        }, RFC792),
+        (
+            "a quote of a later fragment",
+            |q| {
+                q[6..8].copy_from_slice(&0x00b9u16.to_be_bytes());
+                fix_ip_checksum(q);
+            },
+            RFC792,
+        ),
     ];
     for (name, spoil, cut) in cases {
         s = s.row(backend_data(c)).row(no_flow(name, error(spoil, cut)));
@@ -361,7 +382,11 @@ fn errors_are_relayed_at_most_at_the_rate() -> Scenario {
         ))
         .wait(std::time::Duration::from_millis(1100))
         .row(backend_data(c))
-        .row(Row::redirected("a second later one goes again", third, third_out))
+        .row(Row::redirected(
+            "a second later one goes again",
+            third,
+            third_out,
+        ))
 }
 
 /// Pins the calling thread to CPU 0 (the token buckets are per CPU).
@@ -382,7 +407,9 @@ fn on_cpu_0() {
 fn translation_switched_off_passes_errors_to_the_kernel() -> Scenario {
     let c = Conn::new(44_008);
     Scenario::new()
-        .set("translation off", |cx| cx.fx.dp.set_icmp_rate(0).expect("icmp rate"))
+        .set("translation off", |cx| {
+            cx.fx.dp.set_icmp_rate(0).expect("icmp rate")
+        })
         .rows(c.handshake())
         .row(backend_data(c))
         .row(
