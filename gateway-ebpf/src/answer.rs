@@ -40,6 +40,9 @@ pub struct Answer {
     pub window: u16,
     /// The MSS option's value; 0: no option.
     pub mss: u16,
+    /// The app of a SYN-ACK with an MSS option (the SYN proxy's cookie), for its MSS clamp
+    /// (`mss::mark`); 0 otherwise.
+    pub app_id: u32,
 }
 
 impl Answer {
@@ -52,6 +55,7 @@ impl Answer {
         flags: 0,
         window: 0,
         mss: 0,
+        app_id: 0,
     };
 
     /// The frame's length: [`FRAME_LEN`], or [`FRAME_LEN_MSS`] with an MSS option.

@@ -6,7 +6,10 @@
 //! gateway address?), `conntrack` (lookup, reply direction first, timed by `clock`; a SYN to a
 //! service creates a flow through `nat` and `lb`), `nexthop` (cached FIB result) → `nat`'s
 //! header rewrite (`csum`, `mac`) → redirect (`xdp` or `tc`); a segment without a flow is
-//! answered by `reset`; `stats` counts; `maps` declares every map.
+//! answered by `reset`; the SYN proxy is `synproxy` (its segments written by `answer`); `stats`
+//! counts; `maps` declares every map. An ICMP error to a gateway address goes to `icmp`
+//! (translated for the flow it quotes), and a translated SYN or SYN-ACK of an app with an MSS
+//! clamp to `mss`, each in a function of its own beside the packet's (`xdp::run`, `tc::run`).
 #![no_std]
 // `core::intrinsics::atomic_xadd`: the BPF target has no atomic types (see `synproxy`).
 #![allow(internal_features)]
@@ -19,6 +22,7 @@ pub mod csum;
 mod icmp;
 mod lb;
 mod mac;
+mod mss;
 pub mod maps;
 mod nat;
 mod nexthop;

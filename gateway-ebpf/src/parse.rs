@@ -288,7 +288,7 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
 /// TCP option kinds (RFC 9293 §3.1, RFC 7323 §2.2).
 const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
-const OPT_MSS: u8 = 2;
+pub const OPT_MSS: u8 = 2;
 const OPT_WSCALE: u8 = 3;
 /// The most option bytes a TCP header holds.
 pub const OPTIONS_MAX: usize = 40;

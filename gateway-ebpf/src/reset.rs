@@ -32,5 +32,6 @@ pub fn answer(pkt: &TcpPacket) -> Answer {
         flags: RST,
         window: 0,
         mss: 0,
+        app_id: 0,
     }
 }

@@ -124,6 +124,7 @@ pub fn cookie_syn_ack(
         flags: SYN | ACK,
         window: 0,
         mss: MSS_TABLE[(index & 3) as usize],
+        app_id,
     }
 }
 
@@ -185,6 +186,7 @@ pub fn backend_syn(pkt: &TcpPacket, isn: u32, mss: u16) -> Answer {
         flags: SYN,
         window: pkt.window,
         mss,
+        app_id: 0,
     }
 }
 
@@ -200,5 +202,6 @@ pub fn backend_ack(pkt: &TcpPacket, client_seq: u32, window: u16) -> Answer {
         flags: ACK,
         window,
         mss: 0,
+        app_id: 0,
     }
 }

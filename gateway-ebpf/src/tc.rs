@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh,
+        __sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_redir_neigh,
     },
     cty::c_void,
     helpers::{
@@ -19,7 +19,7 @@ use gateway_common::{DropReason, GlobalStat};
 
 use crate::{
     answer::{self, Answer},
-    icmp, nat,
+    icmp, mss, nat,
     nexthop::{How, NextHop},
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
@@ -113,19 +113,27 @@ impl Context for Skb<'_> {
 }
 
 /// What [`try_gateway_tc`] returns for an ICMP error to a gateway address (`Verdict::Icmp`):
-/// not a TC action; [`run`] hands the packet to [`icmp_error`] then.
+/// not a TC action; [`run`] hands the packet to [`icmp_error`] then. (It returns a translated
+/// segment's action marked for the MSS clamp: `mss::mark`.)
 const ICMP_ERROR: i32 = i32::MIN;
 
-/// The TC program: returns its action, a drop counted by its reason. Two functions of their
-/// own in the object (BPF-to-BPF calls), siblings under this one: [`packet`] (every packet
-/// first) and [`icmp_error`] (an ICMP error to a gateway address). Verifier workaround: the
+/// The TC program: returns its action, a drop counted by its reason. Functions of their own in
+/// the object (BPF-to-BPF calls), siblings under this one: [`packet`] (every packet first),
+/// [`icmp_error`] (an ICMP error to a gateway address) and [`mss_clamp`] (a translated SYN or
+/// SYN-ACK). Verifier workaround: the
 /// stack of a program's frames together is at most 512 bytes, and each of these two takes
 /// more than half of it.
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     match packet(ctx.skb.skb) {
         ICMP_ERROR => icmp_error(ctx.skb.skb),
-        action => action,
+        marked => {
+            let action = mss::action(marked as u32);
+            if marked as u32 & mss::CLAMP != 0 && action as i32 == TC_ACT_REDIRECT {
+                mss_clamp(ctx.skb.skb, mss::app(marked as u32));
+            }
+            action as i32
+        }
     }
 }
 
@@ -163,7 +171,9 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         Verdict::Answer => {
             rewrite(ctx, &mut b, &answer)?;
             // SAFETY: plain helper call: out of the device the segment came in on.
-            return Ok(unsafe { bpf_redirect(ingress, 0) } as i32);
+            let action = unsafe { bpf_redirect(ingress, 0) } as u32;
+            // The SYN proxy's SYN-ACK is clamped by `run` (`answer.app_id`: its app's).
+            return Ok(mss::mark(action, answer.flags, answer.app_id) as i32);
         }
         Verdict::Icmp => return Ok(ICMP_ERROR),
         Verdict::Translate(t) => t,
@@ -194,7 +204,9 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         // Only XDP is handed `Kernel` (`Context::NEIGH_OUTPUT`).
         return Err(DropReason::NoRoute);
     }
-    Ok(send(t.hop) as i32)
+    // A SYN or SYN-ACK is clamped by `run`, if its app has a clamp (the proxy's own SYN too:
+    // its MSS is the cookie's, clamped already, so it stays).
+    Ok(mss::mark(send(t.hop) as u32, pkt.flags, t.flow.app_id) as i32)
 }
 
 /// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the
@@ -230,6 +242,22 @@ fn send_icmp(ctx: &TcContext) -> Result<i32, DropReason> {
     unsafe { icmp::write(&b, &t.err, t.flow)? };
     t.err.count();
     Ok(send(t.hop) as i32)
+}
+
+/// Clamps the MSS of the translated (redirected) SYN or SYN-ACK of app `app_id` in `skb`
+/// (`mss::CLAMP`), its TCP checksum updated through the helper (a CHECKSUM_PARTIAL skb's field
+/// left alone); in a function of its own in the object (a BPF-to-BPF call, see `mss::CLAMP`).
+#[inline(never)]
+fn mss_clamp(skb: *mut __sk_buff, app_id: u32) {
+    let ctx = TcContext::new(skb);
+    let mut b = bounds(&ctx);
+    let Ok((diff, l4_off)) = mss::clamp(&mut b, &Skb(&ctx), app_id) else {
+        return;
+    };
+    if diff != 0 {
+        // SAFETY: a helper on this program's skb; it validates the offset.
+        unsafe { bpf_l4_csum_replace(skb, (l4_off + 16) as u32, 0, u64::from(diff), 0) };
+    }
 }
 
 /// Redirects the packet to `hop` (neither `Kernel` nor `Unreachable`): directly, or through

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{
-        xdp_action::{XDP_DROP, XDP_PASS},
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
         xdp_md,
     },
     cty::c_void,
@@ -20,7 +20,7 @@ use gateway_common::{DropReason, GlobalStat};
 
 use crate::{
     answer::{self, Answer},
-    csum, icmp, nat,
+    csum, icmp, mss, nat,
     nexthop::How,
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
@@ -63,19 +63,27 @@ impl Context for Xdp<'_> {
 }
 
 /// What [`try_gateway_xdp`] returns for an ICMP error to a gateway address (`Verdict::Icmp`):
-/// not an XDP action; [`run`] hands the packet to [`icmp_error`] then.
+/// not an XDP action; [`run`] hands the packet to [`icmp_error`] then. (It returns a translated
+/// segment's action marked for the MSS clamp: `mss::mark`.)
 const ICMP_ERROR: u32 = u32::MAX;
 
-/// The XDP program: returns its action, a drop counted by its reason. Two functions of their
-/// own in the object (BPF-to-BPF calls), siblings under this one: [`packet`] (every packet
-/// first) and [`icmp_error`] (an ICMP error to a gateway address). Verifier workaround: the
+/// The XDP program: returns its action, a drop counted by its reason. Functions of their own in
+/// the object (BPF-to-BPF calls), siblings under this one: [`packet`] (every packet first),
+/// [`icmp_error`] (an ICMP error to a gateway address) and [`mss_clamp`] (a translated SYN or
+/// SYN-ACK). Verifier workaround: the
 /// stack of a program's frames together is at most 512 bytes, and each of these two takes
 /// more than half of it.
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
     match packet(ctx.ctx) {
         ICMP_ERROR => icmp_error(ctx.ctx),
-        action => action,
+        marked => {
+            let action = mss::action(marked);
+            if marked & mss::CLAMP != 0 && action == XDP_REDIRECT {
+                mss_clamp(ctx.ctx, mss::app(marked));
+            }
+            action
+        }
     }
 }
 
@@ -106,7 +114,11 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         &mut answer,
     )? {
         Verdict::Pass => return Ok(XDP_PASS),
-        Verdict::Answer => return send_answer(ctx, &mut b, &answer, ctx.ingress_ifindex() as u32),
+        Verdict::Answer => {
+            let action = send_answer(ctx, &mut b, &answer, ctx.ingress_ifindex() as u32)?;
+            // The SYN proxy's SYN-ACK is clamped by `run` (`answer.app_id`: its app's).
+            return Ok(mss::mark(action, answer.flags, answer.app_id));
+        }
         Verdict::Icmp => return Ok(ICMP_ERROR),
         Verdict::Translate(t) => t,
     };
@@ -164,7 +176,10 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     }
     stats::traffic(t.flow, u64::from(pkt.l3_len));
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+    let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+    // A SYN or SYN-ACK is clamped by `run`, if its app has a clamp (the proxy's own SYN too:
+    // its MSS is the cookie's, clamped already, so it stays).
+    Ok(mss::mark(action, pkt.flags, t.flow.app_id))
 }
 
 /// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the
@@ -211,6 +226,25 @@ fn send_icmp(ctx: &XdpContext) -> Result<u32, DropReason> {
     t.err.count();
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
     Ok(unsafe { bpf_redirect(t.hop.ifindex, 0) } as u32)
+}
+
+/// Clamps the MSS of the translated (redirected) SYN or SYN-ACK of app `app_id` in `ctx`
+/// (`mss::CLAMP`), its whole TCP checksum updated; in a function of its own in the object (a
+/// BPF-to-BPF call, see `mss::CLAMP`).
+#[inline(never)]
+fn mss_clamp(ctx: *mut xdp_md, app_id: u32) {
+    let ctx = XdpContext::new(ctx);
+    let mut b = bounds(&ctx);
+    let Ok((diff, l4_off)) = mss::clamp(&mut b, &Xdp(&ctx), app_id) else {
+        return;
+    };
+    if diff == 0 {
+        return;
+    }
+    if let Some(check) = b.words::<1>(l4_off + 16) {
+        // SAFETY: bounds-checked and aligned (see `Bounds::words`).
+        unsafe { (*check)[0] = csum::apply((*check)[0], diff) };
+    }
 }
 
 /// Writes `a` over the frame (sized to it first), with its checksums (see `answer`); `b` is

@@ -1,0 +1,118 @@
+//! The per-app MSS clamp (`AppConfig::mss_clamp`, `gateway app create --mss`): the MSS option
+//! of the app's SYNs (client → backend) and SYN-ACKs (backend → client) is lowered to the clamp
+//! when it is larger, as netfilter's `TCPMSS --set-mss` does, for platforms that know a path
+//! MTU smaller than their links' (tunnels): each end then sends segments that fit, and path
+//! MTU discovery is not needed at all. A segment without the option is left as it is: its peer
+//! assumes 536 (RFC 9293 §3.7.1), below any clamp (`MSS_CLAMP_MIN`). The SYN proxy's own SYN-ACK
+//! (its cookie's MSS) and SYN to the backend are clamped the same way as they leave.
+//!
+//! The clamp is applied by the attach mode once the segment is translated and its checksum
+//! whole ([`CLAMP`], [`clamp`]): the option's value is rewritten in place and the TCP checksum
+//! updated by its difference (XDP in the field; TC through `bpf_l4_csum_replace`, which leaves
+//! a CHECKSUM_PARTIAL skb's field alone, as it must).
+
+use gateway_common::{DropReason, GlobalStat, net::tcp_flags::SYN};
+
+use crate::{
+    csum::diff16,
+    maps::APP_CONFIG,
+    parse::{self, Bounds, ETH_LEN, OPTIONS_MAX, TCP_MIN_LEN},
+    pipeline::Context,
+    stats,
+};
+
+/// App `app_id`'s clamp (0: none).
+#[inline(always)]
+pub fn of(app_id: u32) -> u16 {
+    APP_CONFIG.get(app_id).map_or(0, |c| c.mss_clamp)
+}
+
+/// What an attach mode's packet function or's into its action for a translated segment
+/// ([`mark`]): the app id, and [`CLAMP`] for a SYN or SYN-ACK; its `run` then clamps that
+/// segment ([`clamp`], in a function of its own) and returns the action alone ([`action`]).
+/// Verifier workaround: clamped where it is translated, or even asked there whether to clamp,
+/// every state of the translation went through the test, past the verifier's million
+/// instructions; the marks are arithmetic, no branch. Actions are below 2^16 and non-negative;
+/// app ids below `MAX_APPS` (2^14).
+pub const CLAMP: u32 = 1 << 30;
+const APP_SHIFT: u32 = 16;
+const APP_MASK: u32 = (1 << 14) - 1;
+
+/// `action` (of a translated segment with `flags`, of app `app_id`) with its marks.
+#[inline(always)]
+pub fn mark(action: u32, flags: u8, app_id: u32) -> u32 {
+    action | (u32::from(flags & SYN) << 29) | ((app_id & APP_MASK) << APP_SHIFT)
+}
+
+/// The action of a marked return value.
+#[inline(always)]
+pub const fn action(marked: u32) -> u32 {
+    marked & ((1 << APP_SHIFT) - 1)
+}
+
+/// The app of a marked return value that has [`CLAMP`].
+#[inline(always)]
+pub const fn app(marked: u32) -> u32 {
+    (marked >> APP_SHIFT) & APP_MASK
+}
+
+/// Lowers the MSS option of the translated IPv4/TCP segment in `b` to app `app_id`'s clamp, if
+/// the option is larger: writes the new value and returns the TCP checksum's difference (0:
+/// nothing changed), and the TCP header's offset. The segment is made linear up to its options
+/// first (`b` refreshed). Counted `mss_clamped`.
+#[inline(always)]
+pub fn clamp<C: Context>(
+    b: &mut Bounds,
+    checks: &C,
+    app_id: u32,
+) -> Result<(u32, usize), DropReason> {
+    let clamp = of(app_id);
+    let ip = b.words::<1>(ETH_LEN).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds-checked by `words`.
+    let ihl = usize::from(unsafe { (*ip)[0] } as u8 & 0x0f) * 4;
+    let l4_off = ETH_LEN + ihl;
+    let tcp = b.words::<7>(l4_off).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds-checked by `words`.
+    let tcp_len = usize::from((unsafe { (*tcp)[6] } as u8) >> 4) * 4;
+    if clamp == 0 {
+        return Ok((0, l4_off));
+    }
+    let len = tcp_len.saturating_sub(TCP_MIN_LEN);
+    // Verifier workaround: a length the verifier knows is 1..=40 (see `parse::options`).
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&len) };
+    if len == 0 || len > OPTIONS_MAX {
+        return Ok((0, l4_off));
+    }
+    let mut options = [0u8; OPTIONS_MAX];
+    if !checks.load_bytes(l4_off + TCP_MIN_LEN, &mut options, len) {
+        return Ok((0, l4_off));
+    }
+    let Some(at) = parse::find_option(&options, len, parse::OPT_MSS, 4) else {
+        return Ok((0, l4_off));
+    };
+    let (Some(&hi), Some(&lo)) = (options.get(at + 2), options.get(at + 3)) else {
+        return Ok((0, l4_off));
+    };
+    if u16::from_be_bytes([hi, lo]) <= clamp {
+        return Ok((0, l4_off));
+    }
+    let value = l4_off + TCP_MIN_LEN + at + 2;
+    checks.linearize(b, value + 2);
+    let field = b
+        .ptr_at_checked::<[u8; 2]>(value)
+        .ok_or(DropReason::Truncated)?;
+    let new = clamp.to_be_bytes();
+    // SAFETY: bounds-checked by `ptr_at_checked`; bytes have no alignment.
+    unsafe { *field = new };
+    stats::global(GlobalStat::MssClamped);
+    // The checksum sums 16-bit words from the header's start (an even offset): the value's
+    // bytes are one word's high and low halves at an even offset, or straddle two words (the
+    // low half of one, the high half of the next) at an odd one, where it counts byte-swapped.
+    let (old, new) = if (value - l4_off) % 2 == 0 {
+        (u16::from_ne_bytes([hi, lo]), u16::from_ne_bytes(new))
+    } else {
+        (u16::from_ne_bytes([lo, hi]), u16::from_ne_bytes([new[1], new[0]]))
+    };
+    Ok((diff16(0, old, new), l4_off))
+}
