@@ -12,6 +12,7 @@ pub mod model;
 pub mod netns;
 pub mod packet;
 pub mod raw;
+pub mod routed;
 pub mod scenario;
 pub mod traffic;
 
