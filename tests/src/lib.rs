@@ -2,6 +2,7 @@
 //! tests) packet building. The tests themselves live in `tests/tests/`; they need root.
 
 pub mod bench;
+pub mod bulk;
 pub mod compare;
 pub mod daemon;
 pub mod datapath;
