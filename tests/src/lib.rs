@@ -2,6 +2,7 @@
 //! tests) packet building. The tests themselves live in `tests/tests/`; they need root.
 
 pub mod bench;
+pub mod bulk;
 pub mod compare;
 pub mod daemon;
 pub mod datapath;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod netns;
 pub mod packet;
 pub mod raw;
+pub mod routed;
 pub mod scenario;
 pub mod traffic;
 

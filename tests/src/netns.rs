@@ -727,7 +727,7 @@ pub fn mac_str(mac: [u8; 6]) -> String {
 /// Joins `host_ns` (interface `eth0`) to the gateway (interface `gw_iface`) with a veth pair,
 /// addresses, a default route on the host via the gateway and permanent neighbour entries.
 #[track_caller]
-fn link(
+pub(crate) fn link(
     gateway: &Netns,
     host_ns: Netns,
     gw_iface: &str,

@@ -21,7 +21,7 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A listening socket inside a namespace and the thread that accepts on it, handing each
 /// connection, with the peer's address and the server's deadline, to `on_accept`. Stopped on
 /// drop.
-struct Listening {
+pub(crate) struct Listening {
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -29,7 +29,7 @@ struct Listening {
 impl Listening {
     /// Listens on `addr` inside `ns` (bound before this returns) for at most `lifetime`.
     #[track_caller]
-    fn start(
+    pub(crate) fn start(
         ns: &Netns,
         addr: SocketAddrV4,
         lifetime: Duration,
