@@ -320,3 +320,52 @@ fn port_unreachable_refuses_the_connect_xdp() {
 fn port_unreachable_refuses_the_connect_tc() {
     port_unreachable(AttachMode::Tc);
 }
+
+/// The platform that knows its path MTU: the app's MSS clamp (`app create --mss 1240`, the
+/// narrow link's 1280 less 40) makes both ends send segments that fit from the start, so both
+/// transfers complete even with the ICMP translation off, no sender ever needing path MTU
+/// discovery through the gateway (the backend learns no MTU) and the gateway counting the
+/// SYN and SYN-ACK it clamped. One topology per attach mode.
+fn mss_clamp(narrow: Narrow, mode: AttachMode) {
+    require_root();
+    let routed = Routed::new(narrow);
+    if mode == AttachMode::Xdp {
+        routed.xdp_offloads();
+    }
+    let topo = &routed.topo;
+    let b = &topo.backends[0];
+    let _server = BulkServer::start(b, SocketAddrV4::new(b.ip, BACKEND_PORT), SERVER_LIFETIME);
+    let daemon = Daemon::start(topo, Some(mode), &["--icmp-rate", "0"]);
+    let mss = (NARROW_MTU - 40).to_string();
+    daemon.ok(&["app", "create", "web", "--mss", &mss]);
+    daemon.ok(&["backend", "add", "web", &format!("{}:{BACKEND_PORT}", b.ip)]);
+    daemon.wait_active("web", 1);
+    let public = sock(*Fixture::service().ip(), Fixture::service().port());
+    let (down, up) = both_ways(&topo.client, public);
+    let (sender, peer) = match narrow {
+        Narrow::Client => (&b.ns, Topology::SNAT_IP),
+        Narrow::Backend => (&topo.client.ns, Topology::PUBLIC_IP),
+    };
+    let clamped = daemon.counter("mss_clamped").expect("a counter of this build");
+    let report = format!(
+        "{narrow}, {mode}, translation off, MSS clamp {mss}: {down}; {up}; mss_clamped \
+         {clamped}; MTU learnt by {} toward {peer}: {:?}",
+        sender.name(),
+        learnt_mtu(sender, peer),
+    );
+    eprintln!("{report}");
+    assert!(down.completed() && up.completed(), "{report}");
+    // Each connection's SYN and SYN-ACK (Linux offers 1460 on a 1500-byte link).
+    assert!(clamped >= 4, "{report}");
+    assert_eq!(learnt_mtu(sender, peer), None, "{report}");
+}
+
+#[test]
+fn mss_clamp_needs_no_path_mtu_discovery_narrow_client_side_xdp() {
+    mss_clamp(Narrow::Client, AttachMode::Xdp);
+}
+
+#[test]
+fn mss_clamp_needs_no_path_mtu_discovery_narrow_backend_side_tc() {
+    mss_clamp(Narrow::Backend, AttachMode::Tc);
+}
