@@ -11,7 +11,7 @@
 //! updated by its difference (XDP in the field; TC through `bpf_l4_csum_replace`, which leaves
 //! a CHECKSUM_PARTIAL skb's field alone, as it must).
 
-use gateway_common::{DropReason, GlobalStat, net::tcp_flags::SYN};
+use gateway_common::{DropReason, GlobalStat, maps::CT_ESTABLISHED, net::tcp_flags::SYN};
 
 use crate::{
     csum::diff16,
@@ -28,19 +28,30 @@ pub fn of(app_id: u32) -> u16 {
 }
 
 /// What an attach mode's packet function or's into its action for a translated segment
-/// ([`mark`]): the app id, and [`CLAMP`] for a SYN or SYN-ACK; its `run` then clamps that
-/// segment ([`clamp`], in a function of its own) and returns the action alone ([`action`]).
-/// Verifier workaround: clamped where it is translated, or even asked there whether to clamp,
-/// every state of the translation went through the test, past the verifier's million
-/// instructions; the marks are arithmetic, no branch. Actions are below 2^16 and non-negative;
-/// app ids below `MAX_APPS` (2^14).
+/// ([`mark`]): the app id, and [`CLAMP`] for a segment of a handshake; its `run` then clamps
+/// that segment if it is a SYN or SYN-ACK ([`clamp`], in a function of its own) and returns the
+/// action alone ([`action`]). Verifier workaround: clamped where it is translated, or even asked
+/// there whether to clamp, every state of the translation went through the test, past the
+/// verifier's million instructions; the marks are arithmetic on values live there anyway, no
+/// branch. Actions are below 2^16 and non-negative; app ids below `MAX_APPS` (2^14).
 pub const CLAMP: u32 = 1 << 30;
 const APP_SHIFT: u32 = 16;
 const APP_MASK: u32 = (1 << 14) - 1;
 
-/// `action` (of a translated segment with `flags`, of app `app_id`) with its marks.
+/// `action` (of a translated segment of a flow in conntrack state `state`, of app `app_id`)
+/// with its marks: [`CLAMP`] while the flow is not established (its SYN, SYN-ACK, the SYN
+/// proxy's SYN to the backend; an established flow's segments are never clamped).
 #[inline(always)]
-pub fn mark(action: u32, flags: u8, app_id: u32) -> u32 {
+pub fn mark(action: u32, state: u8, app_id: u32) -> u32 {
+    action
+        | (u32::from((state & CT_ESTABLISHED) ^ CT_ESTABLISHED) << 28)
+        | ((app_id & APP_MASK) << APP_SHIFT)
+}
+
+/// `action` of a segment the gateway answers with (`answer`), of flags `flags` (an app's: the SYN
+/// proxy's SYN-ACK), with its marks: [`CLAMP`] for a SYN-ACK.
+#[inline(always)]
+pub fn mark_answer(action: u32, flags: u8, app_id: u32) -> u32 {
     action | (u32::from(flags & SYN) << 29) | ((app_id & APP_MASK) << APP_SHIFT)
 }
 
@@ -56,8 +67,8 @@ pub const fn app(marked: u32) -> u32 {
     (marked >> APP_SHIFT) & APP_MASK
 }
 
-/// Lowers the MSS option of the translated IPv4/TCP segment in `b` to app `app_id`'s clamp, if
-/// the option is larger: writes the new value and returns the TCP checksum's difference (0:
+/// Lowers the MSS option of the translated IPv4/TCP segment in `b`, if it is a SYN or SYN-ACK,
+/// to app `app_id`'s clamp, if the option is larger: writes the new value and returns the TCP checksum's difference (0:
 /// nothing changed), and the TCP header's offset. The segment is made linear up to its options
 /// first (`b` refreshed). Counted `mss_clamped`.
 #[inline(always)]
@@ -72,9 +83,11 @@ pub fn clamp<C: Context>(
     let ihl = usize::from(unsafe { (*ip)[0] } as u8 & 0x0f) * 4;
     let l4_off = ETH_LEN + ihl;
     let tcp = b.words::<7>(l4_off).ok_or(DropReason::Truncated)?;
+    // Bytes 12 (data offset) and 13 (flags): word 6.
     // SAFETY: bounds-checked by `words`.
-    let tcp_len = usize::from((unsafe { (*tcp)[6] } as u8) >> 4) * 4;
-    if clamp == 0 {
+    let word = unsafe { (*tcp)[6] };
+    let tcp_len = usize::from((word as u8) >> 4) * 4;
+    if clamp == 0 || (word >> 8) as u8 & SYN == 0 {
         return Ok((0, l4_off));
     }
     let len = tcp_len.saturating_sub(TCP_MIN_LEN);
@@ -112,7 +125,10 @@ pub fn clamp<C: Context>(
     let (old, new) = if (value - l4_off) % 2 == 0 {
         (u16::from_ne_bytes([hi, lo]), u16::from_ne_bytes(new))
     } else {
-        (u16::from_ne_bytes([lo, hi]), u16::from_ne_bytes([new[1], new[0]]))
+        (
+            u16::from_ne_bytes([lo, hi]),
+            u16::from_ne_bytes([new[1], new[0]]),
+        )
     };
     Ok((diff16(0, old, new), l4_off))
 }

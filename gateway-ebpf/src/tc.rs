@@ -6,7 +6,8 @@
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_redir_neigh,
+        __sk_buff, BPF_CSUM_LEVEL_QUERY, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_redir_neigh,
     },
     cty::c_void,
     helpers::{
@@ -173,7 +174,7 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             // SAFETY: plain helper call: out of the device the segment came in on.
             let action = unsafe { bpf_redirect(ingress, 0) } as u32;
             // The SYN proxy's SYN-ACK is clamped by `run` (`answer.app_id`: its app's).
-            return Ok(mss::mark(action, answer.flags, answer.app_id) as i32);
+            return Ok(mss::mark_answer(action, answer.flags, answer.app_id) as i32);
         }
         Verdict::Icmp => return Ok(ICMP_ERROR),
         Verdict::Translate(t) => t,
@@ -204,9 +205,13 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         // Only XDP is handed `Kernel` (`Context::NEIGH_OUTPUT`).
         return Err(DropReason::NoRoute);
     }
-    // A SYN or SYN-ACK is clamped by `run`, if its app has a clamp (the proxy's own SYN too:
-    // its MSS is the cookie's, clamped already, so it stays).
-    Ok(mss::mark(send(t.hop) as u32, pkt.flags, t.flow.app_id) as i32)
+    // A segment of a handshake (the flow not established: SYN, SYN-ACK, the SYN the proxy
+    // wrote over the client's segment) goes by `run`'s MSS clamp, if its app has one.
+    Ok(mss::mark(
+        send(t.hop) as u32,
+        pkt.flags | (u8::from(t.pre) << 1),
+        t.flow.app_id,
+    ) as i32)
 }
 
 /// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the

@@ -117,7 +117,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         Verdict::Answer => {
             let action = send_answer(ctx, &mut b, &answer, ctx.ingress_ifindex() as u32)?;
             // The SYN proxy's SYN-ACK is clamped by `run` (`answer.app_id`: its app's).
-            return Ok(mss::mark(action, answer.flags, answer.app_id));
+            return Ok(mss::mark_answer(action, answer.flags, answer.app_id));
         }
         Verdict::Icmp => return Ok(ICMP_ERROR),
         Verdict::Translate(t) => t,
@@ -177,9 +177,13 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     stats::traffic(t.flow, u64::from(pkt.l3_len));
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
     let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
-    // A SYN or SYN-ACK is clamped by `run`, if its app has a clamp (the proxy's own SYN too:
-    // its MSS is the cookie's, clamped already, so it stays).
-    Ok(mss::mark(action, pkt.flags, t.flow.app_id))
+    // A segment of a handshake (the flow not established: SYN, SYN-ACK, the SYN the proxy
+    // wrote over the client's segment) goes by `run`'s MSS clamp, if its app has one.
+    Ok(mss::mark(
+        action,
+        pkt.flags | (u8::from(t.pre) << 1),
+        t.flow.app_id,
+    ))
 }
 
 /// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the

@@ -45,6 +45,7 @@ scenario_tests! {
     a_flood_that_exhausts_snat_ports_below_the_cap_still_gets_cookies,
     a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections,
     icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers,
+    the_proxys_own_syn_ack_and_syn_respect_the_apps_mss_clamp,
 }
 
 /// The client's window in its ACKs (unscaled: a proxied connection has no window scaling).
@@ -1002,4 +1003,51 @@ fn icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers() -> Scenario {
         )
         .counter(GlobalStat::IcmpFragNeeded, 1..=1),
     )
+}
+
+/// The MSS clamp (issue 16) on the segments the SYN proxy writes itself: its SYN-ACK with a
+/// cookie announces the cookie's MSS class (1300 for the client's 1400), and its SYN to the
+/// backend the same; an app clamped at 1200 has both leave with 1200, checksums right.
+fn the_proxys_own_syn_ack_and_syn_respect_the_apps_mss_clamp() -> Scenario {
+    let (first, c) = (Conn::new(49_000), Conn::new(49_001));
+    let cookie = Arc::new(Mutex::new(0u32));
+    let got = cookie.clone();
+    Scenario::new()
+        .backends(1)
+        .set(
+            "at most 1 half-open flow per app; app 1 clamps the MSS to 1200",
+            |cx| {
+                cx.fx.dp.set_half_open_max(1).expect("half-open max");
+                let clamp = gateway_common::maps::AppConfig {
+                    mss_clamp: 1200,
+                    ..Default::default()
+                };
+                cx.fx.dp.set_app_config(APP, clamp).expect("app config");
+            },
+        )
+        .row(Row::redirected("a first SYN", first.syn(), first.to_maglev_backend()).entries(2))
+        .row(
+            Row::sent_back("a cookie", syn_with_mss(c), Out::Any)
+                .counter(GlobalStat::MssClamped, 1..=1)
+                .check("the SYN-ACK announces 1200, checksums right", move |cx| {
+                    parse_checked(&cx.output);
+                    let t = tcp_of(&cx.output);
+                    assert_eq!(t.options, mss_option(1200));
+                    *got.lock().unwrap() = t.seq;
+                }),
+        )
+        .row(
+            Row::redirected(
+                "its ACK: the SYN to the backend announces 1200",
+                cookie_ack(c, &cookie, |_| {}),
+                Out::Any,
+            )
+            .entries(2)
+            .counter(GlobalStat::MssClamped, 1..=1)
+            .check("MSS 1200, checksums right", |cx| {
+                let p = parse_checked(&cx.output);
+                assert_eq!(p.tcp_flags, flags::SYN);
+                assert_eq!(tcp_of(&cx.output).options, mss_option(1200));
+            }),
+        )
 }

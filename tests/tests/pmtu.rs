@@ -346,7 +346,9 @@ fn mss_clamp(narrow: Narrow, mode: AttachMode) {
         Narrow::Client => (&b.ns, Topology::SNAT_IP),
         Narrow::Backend => (&topo.client.ns, Topology::PUBLIC_IP),
     };
-    let clamped = daemon.counter("mss_clamped").expect("a counter of this build");
+    let clamped = daemon
+        .counter("mss_clamped")
+        .expect("a counter of this build");
     let report = format!(
         "{narrow}, {mode}, translation off, MSS clamp {mss}: {down}; {up}; mss_clamped \
          {clamped}; MTU learnt by {} toward {peer}: {:?}",
