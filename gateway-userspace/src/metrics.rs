@@ -522,6 +522,33 @@ impl Collector for Snapshot {
             Counter,
             self.global.get(GlobalStat::SynProxyEstablished),
         )?;
+        family(
+            e,
+            "gateway_icmp_errors_translated",
+            "ICMP errors about connections translated and relayed to the connection's other end, by type: frag_needed (path MTU discovery), unreachable (other destination-unreachable codes), time_exceeded, param_problem",
+            Counter,
+            [
+                ("frag_needed", GlobalStat::IcmpFragNeeded),
+                ("unreachable", GlobalStat::IcmpUnreachable),
+                ("time_exceeded", GlobalStat::IcmpTimeExceeded),
+                ("param_problem", GlobalStat::IcmpParamProblem),
+            ]
+            .map(|(t, s)| (vec![("type", t)], self.global.get(s))),
+        )?;
+        single(
+            e,
+            "gateway_icmp_errors_no_flow",
+            "ICMP errors to a gateway address quoting no connection the gateway has: handed to its kernel",
+            Counter,
+            self.global.get(GlobalStat::IcmpNoFlow),
+        )?;
+        single(
+            e,
+            "gateway_mss_clamped",
+            "SYNs and SYN-ACKs whose MSS option was lowered to their app's MSS clamp",
+            Counter,
+            self.global.get(GlobalStat::MssClamped),
+        )?;
 
         single(
             e,

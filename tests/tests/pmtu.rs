@@ -164,6 +164,11 @@ fn path_mtu(narrow: Narrow, mode: AttachMode, translate: bool) {
     if translate {
         assert!(translated.completed(), "{report}");
         assert!(frag_needed > 0, "{report}");
+        let scraped = daemon.scrape().value(
+            "gateway_icmp_errors_translated_total",
+            &[("type", "frag_needed")],
+        );
+        assert_eq!(scraped, frag_needed as f64, "the metric: {report}");
         assert_eq!(learnt, Some(NARROW_MTU), "{report}");
     } else {
         assert!(
@@ -359,6 +364,11 @@ fn mss_clamp(narrow: Narrow, mode: AttachMode) {
     assert!(down.completed() && up.completed(), "{report}");
     // Each connection's SYN and SYN-ACK (Linux offers 1460 on a 1500-byte link).
     assert!(clamped >= 4, "{report}");
+    assert_eq!(
+        daemon.scrape().value("gateway_mss_clamped_total", &[]),
+        clamped as f64,
+        "the metric: {report}"
+    );
     assert_eq!(learnt_mtu(sender, peer), None, "{report}");
 }
 
