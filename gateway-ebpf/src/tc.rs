@@ -207,11 +207,7 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     }
     // A segment of a handshake (the flow not established: SYN, SYN-ACK, the SYN the proxy
     // wrote over the client's segment) goes by `run`'s MSS clamp, if its app has one.
-    Ok(mss::mark(
-        send(t.hop) as u32,
-        pkt.flags | (u8::from(t.pre) << 1),
-        t.flow.app_id,
-    ) as i32)
+    Ok(mss::mark(send(t.hop) as u32, t.flow.state, t.flow.app_id) as i32)
 }
 
 /// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the

@@ -179,11 +179,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
     // A segment of a handshake (the flow not established: SYN, SYN-ACK, the SYN the proxy
     // wrote over the client's segment) goes by `run`'s MSS clamp, if its app has one.
-    Ok(mss::mark(
-        action,
-        pkt.flags | (u8::from(t.pre) << 1),
-        t.flow.app_id,
-    ))
+    Ok(mss::mark(action, t.flow.state, t.flow.app_id))
 }
 
 /// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the
