@@ -122,7 +122,7 @@ pub fn clamp<C: Context>(
     // The checksum sums 16-bit words from the header's start (an even offset): the value's
     // bytes are one word's high and low halves at an even offset, or straddle two words (the
     // low half of one, the high half of the next) at an odd one, where it counts byte-swapped.
-    let (old, new) = if (value - l4_off) % 2 == 0 {
+    let (old, new) = if (value - l4_off).is_multiple_of(2) {
         (u16::from_ne_bytes([hi, lo]), u16::from_ne_bytes(new))
     } else {
         (

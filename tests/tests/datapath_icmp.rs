@@ -252,7 +252,8 @@ fn errors_about_no_flow_go_to_the_kernel() -> Scenario {
         })
     };
     let mut s = Scenario::new().rows(c.handshake());
-    let cases: [(&str, fn(&mut Vec<u8>), usize); 3] = [
+    type Spoil = fn(&mut Vec<u8>);
+    let cases: [(&str, Spoil, usize); 3] = [
         (
             "a tuple of no flow (another client port)",
             |q| q[22] ^= 0x40,
