@@ -390,6 +390,77 @@ fn errors_are_relayed_at_most_at_the_rate() -> Scenario {
         ))
 }
 
+/// Known weakness, not fixed (ignored below): the bucket is shared by every error of every
+/// flow, so anyone with a connection of their own (or any flow whose tuple they know) who sends
+/// the gateway `--icmp-rate` errors a second quoting it (time exceeded, say: their checksums
+/// are right, the outer source is not looked at, so they can be spread over every CPU's
+/// bucket) leaves no room for the routers' "fragmentation needed" about everyone else's
+/// connections: path MTU discovery through the gateway stops for all, and connections behind
+/// a narrow link stall. Linux never rate-limits PMTU errors (`icmpv4_mask_allow`: "Don't limit
+/// PMTU discovery"; a router relays errors unlimited, and netfilter's NAT translates them
+/// unlimited). Expected: a frag-needed about another flow goes through an exhausted bucket
+/// (exempt, or a bucket of its own per destination). Fails at row "frag needed about another
+/// client's segment": dropped `icmp_rate_limited`.
+fn frag_needed_is_not_starved_by_other_errors() -> Scenario {
+    let (attacker, victim) = (Conn::new(44_009), Conn::new(44_010));
+    let time_exceeded = (kinds::TIME_EXCEEDED, 0, [0; 4]);
+    Scenario::new()
+        .set("this thread on CPU 0; one error per second and CPU", |cx| {
+            on_cpu_0();
+            let cpus = aya::util::nr_cpus().expect("cpus") as u32;
+            cx.fx.dp.set_icmp_rate(cpus).expect("icmp rate");
+        })
+        .rows(attacker.handshake())
+        .rows(victim.handshake())
+        .row(backend_data(attacker))
+        .row(Row::redirected(
+            "an error quoting the attacker's own flow takes the CPU's token",
+            error_about_last(attacker, Side::Client, CLIENT_ROUTER, time_exceeded, RFC792),
+            translated(
+                attacker,
+                Side::Backend,
+                Topology::SNAT_IP,
+                time_exceeded,
+                RFC792,
+            ),
+        ))
+        .row(backend_data(victim))
+        .row(
+            Row::redirected(
+                "frag needed about another client's segment: still to its backend",
+                error_about_last(victim, Side::Client, CLIENT_ROUTER, frag_needed(), RFC792),
+                translated(
+                    victim,
+                    Side::Backend,
+                    Topology::SNAT_IP,
+                    frag_needed(),
+                    RFC792,
+                ),
+            )
+            .counter(GlobalStat::IcmpFragNeeded, 1..=1),
+        )
+}
+
+#[test]
+#[ignore = "design: one bucket for all errors lets anyone starve PMTU errors"]
+fn frag_needed_is_not_starved_by_other_errors_xdp() {
+    gateway_tests::scenario::run(
+        "frag_needed_is_not_starved_by_other_errors",
+        frag_needed_is_not_starved_by_other_errors,
+        gateway_tests::scenario::AttachMode::Xdp,
+    );
+}
+
+#[test]
+#[ignore = "design: one bucket for all errors lets anyone starve PMTU errors"]
+fn frag_needed_is_not_starved_by_other_errors_tc() {
+    gateway_tests::scenario::run(
+        "frag_needed_is_not_starved_by_other_errors",
+        frag_needed_is_not_starved_by_other_errors,
+        gateway_tests::scenario::AttachMode::Tc,
+    );
+}
+
 /// Pins the calling thread to CPU 0 (the token buckets are per CPU).
 fn on_cpu_0() {
     // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
