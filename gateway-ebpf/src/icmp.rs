@@ -24,12 +24,13 @@
 //!   quoted TCP checksum and the ICMP checksum are updated incrementally (RFC 1624).
 //! - The quoted packet's source must be the error's destination (where the error was sent).
 //! - At most `Config::icmp_rate` errors per second and CPU are translated (a token bucket,
-//!   `ICMP_BUCKETS`); the excess is dropped (`icmp_rate_limited`): one error in, at most one
-//!   out, never faster than that. `icmp_rate` 0: nothing is translated.
+//!   `ICMP_BUCKETS`); the excess is dropped (`icmp_rate_limited`) before its flow's next hop is
+//!   resolved: one error in, at most one out, never faster than that. `icmp_rate` 0: nothing
+//!   is translated.
 
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{Config, DIR_FORWARD, Flow, FlowKey4, TRACK_PROXIED},
+    maps::{Config, DIR_FORWARD, Flow, FlowKey4, IcmpBucket, TRACK_PROXIED},
     net::{IPPROTO_TCP, icmp, tcp_flags::ACK},
 };
 
@@ -125,6 +126,13 @@ pub fn prepare<C: Context>(
         stats::global(GlobalStat::Passed);
         return Ok(None);
     };
+    // Over the rate, before the hop is resolved: an aged hop's resolution is written into the
+    // flow and the per-CPU cache (as revalidated), and stands for a whole age only if its
+    // packet goes through the kernel's neighbour output; a dropped error's would not have.
+    // (Asked again, and charged, where the error is sent: `admit`.)
+    if !has_credit() {
+        return Err(DropReason::IcmpRateLimited);
+    }
     // SAFETY: a conntrack value pointer; this CPU updates its next hop in place.
     let flow = unsafe { &mut *flow };
     let hop = nexthop::resolve(ctx, ingress_ifindex, flow, Now::read(cfg), C::NEIGH_OUTPUT);
@@ -210,17 +218,9 @@ fn quoted(b: &Bounds, pkt: IcmpPacket) -> Option<IcmpError> {
     })
 }
 
-/// Whether this CPU's token bucket lets one more error through now; asked only of an error
-/// that is sent on (one a program hands to the kernel is asked there). `Err(IcmpRateLimited)`
-/// when it does not.
+/// The credit of `bucket` at `now` (ns), and what one error costs at `cfg`'s rate.
 #[inline(always)]
-pub fn admit() -> Result<(), DropReason> {
-    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get_ptr_mut(0)) else {
-        return Err(DropReason::IcmpRateLimited);
-    };
-    let now = clock::now_ns();
-    // SAFETY: this CPU's own slot of a per-CPU array.
-    let bucket = unsafe { &mut *bucket };
+fn credit(cfg: &Config, bucket: &IcmpBucket, now: u64) -> (u64, u64) {
     let cost = BUCKET_NS / u64::from(cfg.icmp_rate.max(1));
     let credit = if bucket.last_ns == 0 {
         BUCKET_NS
@@ -232,6 +232,32 @@ pub fn admit() -> Result<(), DropReason> {
             earned
         }
     };
+    (credit, cost)
+}
+
+/// Whether this CPU's token bucket has room for one more error now, taking nothing: what
+/// [`prepare`] asks before anything of the flow changes.
+#[inline(always)]
+fn has_credit() -> bool {
+    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get(0)) else {
+        return false;
+    };
+    let (credit, cost) = credit(cfg, bucket, clock::now_ns());
+    credit >= cost
+}
+
+/// Whether this CPU's token bucket lets one more error through now; asked only of an error
+/// that is sent on (one a program hands to the kernel is asked there). `Err(IcmpRateLimited)`
+/// when it does not.
+#[inline(always)]
+pub fn admit() -> Result<(), DropReason> {
+    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get_ptr_mut(0)) else {
+        return Err(DropReason::IcmpRateLimited);
+    };
+    let now = clock::now_ns();
+    // SAFETY: this CPU's own slot of a per-CPU array.
+    let bucket = unsafe { &mut *bucket };
+    let (credit, cost) = credit(cfg, bucket, now);
     bucket.last_ns = now;
     if credit >= cost {
         bucket.credit_ns = credit - cost;

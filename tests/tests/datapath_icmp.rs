@@ -32,6 +32,7 @@ scenario_tests! {
     damaged_errors_are_dropped,
     errors_are_relayed_at_most_at_the_rate,
     translation_switched_off_passes_errors_to_the_kernel,
+    a_rate_limited_error_does_not_take_its_flows_neighbour_revalidation,
 }
 
 /// A full-sized segment from `c`'s backend (translated to the client).
@@ -459,6 +460,112 @@ fn frag_needed_is_not_starved_by_other_errors_tc() {
         frag_needed_is_not_starved_by_other_errors,
         gateway_tests::scenario::AttachMode::Tc,
     );
+}
+
+/// An error dropped over the rate must leave its flow's next hop as it found it. An error about
+/// a flow whose hop aged asks the FIB again and would go through the kernel's neighbour output,
+/// which revalidates the neighbour (docs/datapath.md, "Next hop"); that resolution was written
+/// into the flow (its hop fresh) and into the per-CPU cache (marked revalidated, for the other
+/// aged flows to that destination) before the rate was asked, and the error then dropped: the
+/// neighbour output never saw a packet, yet for a whole age neither that flow nor any other
+/// aged flow to the destination revalidated it (one error a second per CPU at the right times,
+/// over the rate, would keep a host that moved to another MAC from being found again).
+///
+/// Failed before the fix at row "the client's data on the aged hop: through the neighbour
+/// output" (TC: no FIB lookup, no revalidation, the hop taken as fresh) and in XDP at the
+/// error's row (handed to the TC program alongside, whose drop left the same). The error is
+/// now dropped before its hop is resolved, in XDP too.
+fn a_rate_limited_error_does_not_take_its_flows_neighbour_revalidation() -> Scenario {
+    use gateway::datapath::AttachMode::{Tc, Xdp};
+    const AGE: std::time::Duration = std::time::Duration::from_millis(500);
+    let a = Conn::new(44_011);
+    let time_exceeded = (kinds::TIME_EXCEEDED, 0, [0; 4]);
+    let to_backend = || {
+        (
+            error_about_last(a, Side::Client, CLIENT_ROUTER, time_exceeded, RFC792),
+            translated(a, Side::Backend, Topology::SNAT_IP, time_exceeded, RFC792),
+        )
+    };
+    let (first, first_out) = to_backend();
+    let (second, _) = to_backend();
+    let client_data = || {
+        a.send(flags::ACK | flags::PSH)
+            .map(|f| f.payload(b"after the error"))
+    };
+    Scenario::new()
+        .backends(1)
+        .set(
+            "this thread on CPU 0; next hops age after 500 ms; one error per second and CPU",
+            |cx| {
+                on_cpu_0();
+                cx.fx
+                    .dp
+                    .configure(Topology::SNAT_IP, gateway_tests::datapath::SNAT_PORTS, AGE)
+                    .expect("configure");
+                let cpus = aya::util::nr_cpus().expect("cpus") as u32;
+                cx.fx.dp.set_icmp_rate(cpus).expect("icmp rate");
+            },
+        )
+        .rows(a.handshake())
+        .row(backend_data(a))
+        .row(Row::redirected(
+            "an error on a fresh hop takes the CPU's token",
+            first,
+            first_out,
+        ))
+        .wait(AGE + std::time::Duration::from_millis(100))
+        .row(
+            Row::redirected(
+                "the backend's data on its aged hop",
+                a.reply(flags::ACK | flags::PSH).map(|f| f.payload(&FULL)),
+                a.to_client(),
+            )
+            .only(Tc),
+        )
+        .row(
+            Row::passed(
+                "the backend's data on its aged hop: to TC",
+                a.reply(flags::ACK | flags::PSH).map(|f| f.payload(&FULL)),
+            )
+            .counter(GlobalStat::Passed, 0..=0)
+            .only(Xdp),
+        )
+        .row(
+            Row::redirected("TC sends it", Input::Last, a.to_client())
+                .through(Tc)
+                .only(Xdp),
+        )
+        .row(Row::dropped(
+            "an error about it, its flow's hop toward the backend aged: over the rate",
+            second,
+            DropReason::IcmpRateLimited,
+        ))
+        .row(
+            Row::redirected(
+                "the client's data on the aged hop: through the neighbour output",
+                client_data(),
+                a.to_its_backend(),
+            )
+            .counter(GlobalStat::FibLookups, 1..=1)
+            .counter(GlobalStat::NeighRevalidations, 1..=1)
+            .only(Tc),
+        )
+        .row(
+            Row::passed("the client's data on the aged hop: to TC", client_data())
+                .counter(GlobalStat::Passed, 0..=0)
+                .only(Xdp),
+        )
+        .row(
+            Row::redirected(
+                "TC: through the neighbour output",
+                Input::Last,
+                a.to_its_backend(),
+            )
+            .counter(GlobalStat::FibLookups, 1..=1)
+            .counter(GlobalStat::NeighRevalidations, 1..=1)
+            .through(Tc)
+            .only(Xdp),
+        )
 }
 
 /// Pins the calling thread to CPU 0 (the token buckets are per CPU).
