@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use gateway_common::{
     DropReason,
     maps::{FlowKey4, TCP_MAX_WSCALE},
-    net::{IPPROTO_TCP, ip_from_net},
+    net::{IPPROTO_ICMP, IPPROTO_TCP, icmp, ip_from_net},
 };
 
 use crate::packet::{self, Frame, checksum, l4_checksum};
@@ -54,6 +54,9 @@ pub enum Parse {
     NotOurs,
     Drop(DropReason),
     Tcp(Seg),
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem) to a gateway
+    /// address: the datapath looks for the flow its quote names (`gateway-ebpf/src/icmp.rs`).
+    IcmpError,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -89,6 +92,18 @@ pub fn parse(frame: &[u8], addr_kind: impl Fn(u32) -> u32) -> Parse {
     }
     if be16(ip, 6) & 0x3fff != 0 {
         return Parse::Drop(DropReason::Fragment);
+    }
+    if ip[9] == IPPROTO_ICMP {
+        let l3_len = usize::from(be16(ip, 2));
+        let error = ETH_LEN + ihl + 2 <= len
+            && icmp::is_error(ip[ihl])
+            && l3_len >= ihl + icmp::HEADER_LEN
+            && l3_len <= len - ETH_LEN;
+        return if error {
+            Parse::IcmpError
+        } else {
+            Parse::NotOurs
+        };
     }
     if ip[9] != IPPROTO_TCP {
         return Parse::NotOurs;
