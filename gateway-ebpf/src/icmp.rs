@@ -29,8 +29,8 @@
 //!   is translated.
 
 use gateway_common::{
-    DropReason, GlobalStat,
-    maps::{Config, DIR_FORWARD, Flow, FlowKey4, IcmpBucket, TRACK_PROXIED},
+    DropReason, GlobalStat, flow_hash4,
+    maps::{Config, DIR_FORWARD, Flow, FlowKey4, ICMP_BUCKET_SLOTS, IcmpBucket, TRACK_PROXIED},
     net::{IPPROTO_TCP, icmp, tcp_flags::ACK},
 };
 
@@ -64,6 +64,8 @@ pub struct IcmpError {
     pub tcp_len: u16,
     /// The quoted packet's 5-tuple (network order): what the gateway sent.
     pub quoted: FlowKey4,
+    /// Its slot of `ICMP_BUCKETS` (the tuple's hash).
+    slot: u32,
 }
 
 impl IcmpError {
@@ -130,7 +132,7 @@ pub fn prepare<C: Context>(
     // flow and the per-CPU cache (as revalidated), and stands for a whole age only if its
     // packet goes through the kernel's neighbour output; a dropped error's would not have.
     // (Asked again, and charged, where the error is sent: `admit`.)
-    if !has_credit() {
+    if !has_credit(&err) {
         return Err(DropReason::IcmpRateLimited);
     }
     // SAFETY: a conntrack value pointer; this CPU updates its next hop in place.
@@ -215,6 +217,7 @@ fn quoted(b: &Bounds, pkt: IcmpPacket) -> Option<IcmpError> {
         quoted_ihl: ihl as u8,
         tcp_len: if tcp_len > 60 { 60 } else { tcp_len as u16 },
         quoted: FlowKey4::new(src_ip, join(ip[8], ip[9]), tcp[0], tcp[1]),
+        slot: flow_hash4(src_ip, join(ip[8], ip[9]), tcp[0], tcp[1]) & (ICMP_BUCKET_SLOTS - 1),
     })
 }
 
@@ -235,23 +238,23 @@ fn credit(cfg: &Config, bucket: &IcmpBucket, now: u64) -> (u64, u64) {
     (credit, cost)
 }
 
-/// Whether this CPU's token bucket has room for one more error now, taking nothing: what
-/// [`prepare`] asks before anything of the flow changes.
+/// Whether this CPU's token bucket of `err`'s connection has room for one more error now,
+/// taking nothing: what [`prepare`] asks before anything of the flow changes.
 #[inline(always)]
-fn has_credit() -> bool {
-    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get(0)) else {
+fn has_credit(err: &IcmpError) -> bool {
+    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get(err.slot)) else {
         return false;
     };
     let (credit, cost) = credit(cfg, bucket, clock::now_ns());
     credit >= cost
 }
 
-/// Whether this CPU's token bucket lets one more error through now; asked only of an error
-/// that is sent on (one a program hands to the kernel is asked there). `Err(IcmpRateLimited)`
-/// when it does not.
+/// Whether this CPU's token bucket of `err`'s connection lets one more error through now;
+/// asked only of an error that is sent on (one a program hands to the kernel is asked there).
+/// `Err(IcmpRateLimited)` when it does not.
 #[inline(always)]
-pub fn admit() -> Result<(), DropReason> {
-    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get_ptr_mut(0)) else {
+pub fn admit(err: &IcmpError) -> Result<(), DropReason> {
+    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get_ptr_mut(err.slot)) else {
         return Err(DropReason::IcmpRateLimited);
     };
     let now = clock::now_ns();

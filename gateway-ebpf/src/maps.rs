@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use gateway_common::maps::{
     AppConfig, Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN,
-    IcmpBucket, MAX_APPS, MAX_BACKENDS, MAX_SERVICES, MaglevTable, NEXTHOP_SLOTS, NextHopCache,
-    PARTIAL_CSUM_IFACES, Service, ServiceKey4, TrafficStats,
+    ICMP_BUCKET_SLOTS, IcmpBucket, MAX_APPS, MAX_BACKENDS, MAX_SERVICES, MaglevTable,
+    NEXTHOP_SLOTS, NextHopCache, PARTIAL_CSUM_IFACES, Service, ServiceKey4, TrafficStats,
 };
 
 /// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).
@@ -39,7 +39,8 @@ pub static APP_CONFIG: Array<AppConfig> = Array::with_max_entries(MAX_APPS, 0);
 
 /// `ICMP_BUCKETS`: the token bucket of translated ICMP errors (per CPU).
 #[map(name = "gw_icmp_rl_v1")]
-pub static ICMP_BUCKETS: PerCpuArray<IcmpBucket> = PerCpuArray::with_max_entries(1, 0);
+pub static ICMP_BUCKETS: PerCpuArray<IcmpBucket> =
+    PerCpuArray::with_max_entries(ICMP_BUCKET_SLOTS, 0);
 
 /// `MAGLEV`: app → its Maglev table.
 #[map(name = "gw_maglev_v1")]

@@ -238,7 +238,7 @@ fn send_icmp(ctx: &TcContext) -> Result<i32, DropReason> {
     if matches!(t.hop.how, How::Kernel | How::Unreachable) {
         return Err(DropReason::NoRoute);
     }
-    icmp::admit()?;
+    icmp::admit(&t.err)?;
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
     unsafe { icmp::write(&b, &t.err, t.flow)? };
     t.err.count();

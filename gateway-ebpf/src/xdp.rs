@@ -220,7 +220,7 @@ fn send_icmp(ctx: &XdpContext) -> Result<u32, DropReason> {
         How::Kernel | How::Revalidate => return Ok(XDP_PASS),
         How::Unreachable => return Err(DropReason::NoRoute),
     }
-    icmp::admit()?;
+    icmp::admit(&t.err)?;
     // SAFETY: `b` is the packet `t` was prepared from, unchanged since.
     unsafe { icmp::write(&b, &t.err, t.flow)? };
     t.err.count();

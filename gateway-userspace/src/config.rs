@@ -19,9 +19,10 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a deploy waits for its new backends before it aborts.
 pub const DEFAULT_DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(2);
-/// ICMP errors about flows the node translates per second, at most (`--icmp-rate`): as
-/// Linux's own `icmp_msgs_per_sec`.
-pub const DEFAULT_ICMP_RATE: u32 = 1000;
+/// ICMP errors about one connection the datapath translates per second, at most
+/// (`--icmp-rate`): a connection meeting a narrow link gets one frag-needed per segment in
+/// flight, a few dozen at once; no one gets more than this.
+pub const DEFAULT_ICMP_RATE: u32 = 100;
 
 /// A duration written as humans do: `500ms`, `2s`, `5m`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -109,10 +110,10 @@ pub struct DaemonArgs {
     /// with SYN cookies, no state kept (a SYN flood's defence) [default: 1024].
     #[arg(long, value_name = "N")]
     pub half_open_max: Option<u32>,
-    /// ICMP errors about connections (fragmentation needed, unreachable, time exceeded)
-    /// translated and relayed per second, at most, by the whole node; 0 turns the translation
-    /// off (such errors then reach no one, and path MTU discovery through the gateway fails)
-    /// [default: 1000].
+    /// ICMP errors about one connection (fragmentation needed, unreachable, time exceeded)
+    /// translated and relayed per second, at most (per direction and CPU); 0 turns the
+    /// translation off (such errors then reach no one, and path MTU discovery through the
+    /// gateway fails) [default: 100].
     #[arg(long, value_name = "N")]
     pub icmp_rate: Option<u32>,
     /// On exit, detach the programs and remove the pins (dropping every flow) instead of
@@ -248,7 +249,7 @@ pub struct Settings {
     pub conntrack_size: u32,
     /// Half-open flows per app before SYN cookies.
     pub half_open_max: u32,
-    /// ICMP errors about flows translated per second by the node (0: off).
+    /// ICMP errors about one connection translated per second (0: off).
     pub icmp_rate: u32,
     pub detach_on_exit: bool,
     /// Health checks of apps that do not set their own.

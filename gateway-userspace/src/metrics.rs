@@ -702,4 +702,34 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }
     }
+
+    #[test]
+    fn every_datapath_counter_has_a_series() {
+        let value = |i: usize| 7_000_001 + i as u64;
+        let counters: Vec<(GlobalStat, u64)> = GlobalStat::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, value(i)))
+            .collect();
+        let snapshot = Snapshot {
+            apps: Vec::new(),
+            backends: Vec::new(),
+            global: GlobalStats::with_counters(&counters),
+            conntrack_entries: 0,
+            conntrack_capacity: 0,
+            conntrack_connections: Phases::default(),
+            daemon: DaemonFigures::default(),
+        };
+        let text = to_prometheus_text(&render(snapshot, &HealthLatency::default()).unwrap());
+        let missing: Vec<&str> = counters
+            .iter()
+            .filter(|(_, v)| {
+                !text
+                    .lines()
+                    .any(|l| !l.starts_with('#') && l.ends_with(&format!(" {v}")))
+            })
+            .map(|(s, _)| s.label())
+            .collect();
+        assert!(missing.is_empty(), "counters without a series: {missing:?}");
+    }
 }

@@ -14,7 +14,7 @@ use std::{
 use gateway::datapath::monotonic_ns;
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{CT_ESTABLISHED, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN, TRACK_PROXIED},
+    maps::{AppConfig, CT_ESTABLISHED, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN, TRACK_PROXIED},
     net::{fold, pseudo_header},
     syncookie::{self, Handshake},
 };
@@ -46,6 +46,7 @@ scenario_tests! {
     a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections,
     icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers,
     the_proxys_own_syn_ack_and_syn_respect_the_apps_mss_clamp,
+    an_apps_mss_clamp_holds_for_the_proxys_syn_to_the_backend,
 }
 
 /// The client's window in its ACKs (unscaled: a proxied connection has no window scaling).
@@ -1049,5 +1050,71 @@ fn the_proxys_own_syn_ack_and_syn_respect_the_apps_mss_clamp() -> Scenario {
                 assert_eq!(p.tcp_flags, flags::SYN);
                 assert_eq!(tcp_of(&cx.output).options, mss_option(1200));
             }),
+        )
+}
+
+/// An app with an MSS clamp at its cap of half-open flows (issue 16): the client's MSS (1460)
+/// goes into the cookie, and comes back out of it as the MSS of the proxy's SYN to the backend.
+/// The cookie's SYN-ACK is clamped as it leaves; the SYN to the backend must be too (first
+/// sent, and sent again at the client's zero-window probe), or the backend sends the client
+/// segments of 1460 bytes through the path the clamp is there for.
+///
+/// Failed before the fix at rows "the cookie's ACK: ..." and "the client's zero-window probe:
+/// ...": the SYN to the backend carried MSS 1460 (the packet function marked the segment for
+/// the clamp by the flags of the client's ACK it was written over, not of the SYN it became).
+fn an_apps_mss_clamp_holds_for_the_proxys_syn_to_the_backend() -> Scenario {
+    const CLAMP: u16 = 1360;
+    let (first, c) = (Conn::new(49_600), Conn::new(49_601));
+    let cookie = Arc::new(Mutex::new(0u32));
+    let got = cookie.clone();
+    let syn_1460 = Frame {
+        tcp_options: mss_option(1460),
+        ..c.syn()
+    };
+    let a_clamped_syn = |cx: &Ctx| {
+        assert_eq!(parse_checked(&cx.output).tcp_flags, flags::SYN, "a SYN");
+        assert_eq!(
+            tcp_of(&cx.output).options,
+            mss_option(CLAMP),
+            "its MSS option"
+        );
+    };
+    Scenario::new()
+        .backends(1)
+        .set("at most 1 half-open flow per app", cap(1))
+        .set("app 1 clamps the MSS to 1360", |cx| {
+            let config = AppConfig {
+                mss_clamp: CLAMP,
+                ..AppConfig::default()
+            };
+            cx.fx.dp.set_app_config(APP, config).expect("app config")
+        })
+        .row(Row::redirected("a first SYN", first.syn(), first.to_maglev_backend()).entries(2))
+        .row(
+            Row::sent_back("a SYN offering 1460 gets a cookie", syn_1460, Out::Any)
+                .counter(GlobalStat::MssClamped, 1..=1)
+                .check("its SYN-ACK clamped", move |cx| {
+                    *got.lock().unwrap() = cookie_for(cx, c, CLIENT_ISN);
+                    assert_eq!(tcp_of(&cx.output).options, mss_option(CLAMP));
+                }),
+        )
+        .row(
+            Row::redirected(
+                "the cookie's ACK: the SYN to the backend, clamped",
+                client_ack(c, &cookie, CLIENT_ISN.wrapping_add(1), flags::ACK),
+                Out::Any,
+            )
+            .entries(2)
+            .counter(GlobalStat::MssClamped, 1..=1)
+            .check("MSS 1360", a_clamped_syn),
+        )
+        .row(
+            Row::redirected(
+                "the client's zero-window probe: the SYN again, clamped",
+                client_ack(c, &cookie, CLIENT_ISN, flags::ACK),
+                Out::Any,
+            )
+            .counter(GlobalStat::MssClamped, 1..=1)
+            .check("MSS 1360", a_clamped_syn),
         )
 }

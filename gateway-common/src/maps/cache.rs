@@ -38,8 +38,9 @@ pub struct NextHopCache {
     pub _pad: [u8; 3],
 }
 
-/// Value of [`super::ICMP_BUCKETS`] (per CPU): a token bucket of translated ICMP errors, kept in
-/// nanoseconds of credit. Each error costs `1e9 / Config::icmp_rate` ns; credit accrues with the
+/// Value of [`super::ICMP_BUCKETS`] (per CPU and slot): a token bucket of translated ICMP
+/// errors about the connections whose quoted tuple hashes to its slot, kept in nanoseconds of
+/// credit. Each error costs `1e9 / Config::icmp_rate` ns; credit accrues with the
 /// datapath's clock and is capped at one second (`1e9` ns: a burst of `icmp_rate` errors).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

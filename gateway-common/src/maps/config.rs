@@ -45,11 +45,13 @@ pub struct Config {
     pub half_open_global_max: u32,
     /// The SYN cookies' SipHash key (`crate::syncookie`): random, the daemon's.
     pub cookie_key: [u64; 2],
-    /// ICMP errors about flows each CPU translates per second, at most (a token bucket per
-    /// CPU, `super::ICMP_BUCKETS`, holding one second's worth); the excess is dropped
-    /// (`icmp_rate_limited`). The daemon sets its node-wide `--icmp-rate` divided by the
-    /// CPUs. 0: ICMP errors are not translated at all, but handed to the kernel unchanged
-    /// (what earlier builds did: path MTU discovery through the gateway fails).
+    /// ICMP errors about one connection (and direction: the quoted tuple) each CPU translates
+    /// per second, at most (a token bucket per CPU and slot of `super::ICMP_BUCKETS`, chosen by
+    /// the quoted tuple's hash, holding one second's worth); the excess is dropped
+    /// (`icmp_rate_limited`). Per connection, so that no one's errors starve another
+    /// connection's path MTU discovery. 0: ICMP errors are not translated at all, but handed to
+    /// the kernel unchanged (what earlier builds did: path MTU discovery through the gateway
+    /// fails).
     pub icmp_rate: u32,
     pub _pad: u32,
 }

@@ -43,8 +43,12 @@ pub const SERVICES4: &str = "gw_svc4_v1";
 /// Array `u32` app id → [`AppConfig`]: an app's datapath settings (its MSS clamp), looked up
 /// only by a SYN or SYN-ACK.
 pub const APP_CONFIG: &str = "gw_app_cfg_v1";
-/// Per-CPU array with one [`IcmpBucket`]: the token bucket of translated ICMP errors.
+/// Per-CPU array of [`ICMP_BUCKET_SLOTS`] [`IcmpBucket`]s: the token buckets of translated ICMP
+/// errors, one per slot of the quoted tuple's hash (a connection and direction; two share a
+/// slot once in 4096).
 pub const ICMP_BUCKETS: &str = "gw_icmp_rl_v1";
+/// Slots of [`ICMP_BUCKETS`] (a power of two).
+pub const ICMP_BUCKET_SLOTS: u32 = 4096;
 /// Hash `u32` app id → [`MaglevTable`]: the app's backend choice, computed in userspace.
 pub const MAGLEV: &str = "gw_maglev_v1";
 /// Array `u32` backend id → [`Backend4`]. Id 0 is never used ("no backend").

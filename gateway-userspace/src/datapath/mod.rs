@@ -349,18 +349,12 @@ impl Datapath {
             .map_err(map_err(maps::HALF_OPEN))
     }
 
-    /// Sets how many ICMP errors about flows the node translates per second, at most:
-    /// `per_second` shared evenly by the CPUs (each has its own bucket, `Config::icmp_rate`, at
-    /// least 1 per second). 0: ICMP errors are not translated (handed to the kernel unchanged).
+    /// Sets how many ICMP errors about one connection (and direction) the datapath translates
+    /// per second and CPU, at most (`Config::icmp_rate`). 0: ICMP errors are not translated
+    /// (handed to the kernel unchanged).
     pub fn set_icmp_rate(&mut self, per_second: u32) -> Result<(), DatapathError> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| DatapathError::Cpus(e))?
-            .max(1) as u32;
         let mut config = self.config()?;
-        config.icmp_rate = match per_second {
-            0 => 0,
-            n => (n / cpus).max(1),
-        };
+        config.icmp_rate = per_second;
         self.write_config(config)
     }
 

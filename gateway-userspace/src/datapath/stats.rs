@@ -111,4 +111,14 @@ impl GlobalStats {
         }
         GlobalStats { slots }
     }
+
+    /// Every counter zero but those of `counters` (unit tests of what reads them).
+    #[cfg(test)]
+    pub(crate) fn with_counters(counters: &[(GlobalStat, u64)]) -> Self {
+        let mut slots = vec![0; maps::GLOBAL_STATS_LEN as usize];
+        for (stat, n) in counters {
+            slots[stat.index() as usize] = *n;
+        }
+        GlobalStats { slots }
+    }
 }
