@@ -275,7 +275,7 @@ fn attempt(topo: &Topology, fx: &Fixture) -> Attempt {
 
 /// A connect through the gateway (the datapath loaded directly in `mode`) to a backend that
 /// answers SYNs with ICMP port unreachable: with translation off (as a freshly loaded datapath
-/// has it) the connect times out; switched on (`set_icmp_rate(1000)`, the daemon's default) on
+/// has it) the connect times out; switched on (`set_icmp_rate(100)`, the daemon's default) on
 /// the same gateway, the next one is refused at once. Off first, so that both are reported
 /// whichever fails.
 fn port_unreachable(mode: AttachMode) {
@@ -301,7 +301,7 @@ fn port_unreachable(mode: AttachMode) {
         fx
     });
     let off = attempt(&topo, &fx);
-    fx.dp.set_icmp_rate(1000).expect("the ICMP rate");
+    fx.dp.set_icmp_rate(gateway::config::DEFAULT_ICMP_RATE).expect("the ICMP rate");
     let on = attempt(&topo, &fx);
     let report = format!("{mode}: translation off: {off}; on: {on}");
     eprintln!("{report}");
