@@ -14,5 +14,17 @@ pub(super) fn run() -> Result<(), CliError> {
         "datapath loaded and verified: programs {XDP_PROGRAM} and {TC_PROGRAM}, maps {}",
         gateway_common::maps::ALL.join(", ")
     );
+    if let Ok(counts) = datapath.verified_instructions() {
+        let counts: Vec<String> = counts
+            .iter()
+            .filter_map(|(name, n)| n.map(|n| format!("{name} {n}")))
+            .collect();
+        if !counts.is_empty() {
+            println!(
+                "instructions the verifier processed (of at most 1000000): {}",
+                counts.join(", ")
+            );
+        }
+    }
     Ok(())
 }

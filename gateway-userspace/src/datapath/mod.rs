@@ -257,6 +257,25 @@ impl Datapath {
         })
     }
 
+    /// The instructions the verifier processed for each program (`verified_insns`, Linux
+    /// ≥ 5.16; `None` on older kernels): what a change to the datapath costs at load, and how
+    /// close each program is to the verifier's limit of one million.
+    pub fn verified_instructions(&self) -> Result<Vec<(&'static str, Option<u32>)>, DatapathError> {
+        [XDP_PROGRAM, TC_PROGRAM]
+            .into_iter()
+            .map(|name| {
+                let program = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(DatapathError::MissingProgram { name })?;
+                let info = program
+                    .info()
+                    .map_err(|source| DatapathError::ProgramLoad { name, source })?;
+                Ok((name, info.verified_instruction_count()))
+            })
+            .collect()
+    }
+
     /// The maps that were found pinned and reused at load.
     pub fn reused_maps(&self) -> &[&'static str] {
         &self.reused
