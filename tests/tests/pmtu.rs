@@ -301,7 +301,9 @@ fn port_unreachable(mode: AttachMode) {
         fx
     });
     let off = attempt(&topo, &fx);
-    fx.dp.set_icmp_rate(gateway::config::DEFAULT_ICMP_RATE).expect("the ICMP rate");
+    fx.dp
+        .set_icmp_rate(gateway::config::DEFAULT_ICMP_RATE)
+        .expect("the ICMP rate");
     let on = attempt(&topo, &fx);
     let report = format!("{mode}: translation off: {off}; on: {on}");
     eprintln!("{report}");
