@@ -351,8 +351,9 @@ fn options(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<([u8; OPTIONS_MAX],
 /// `options`, read as the endpoints' TCP reads them (Linux's `tcp_parse_options`): a malformed
 /// option (a length below 2, or past the header) ends the walk, and an option read before it
 /// stands. One difference: of two options of a kind the first counts here, the last in Linux
-/// (walking on after the first is more than the verifier follows); only a client that sends
-/// two hurts, its own connection.
+/// (kept from when the walk was inlined and walking on was more than the verifier followed; as
+/// a `bpf_loop` callback it could walk on); only a client that sends two hurts, its own
+/// connection.
 #[inline(always)]
 pub fn find_option(
     options: &[u8; OPTIONS_MAX],
