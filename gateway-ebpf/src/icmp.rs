@@ -23,10 +23,10 @@
 //!   `csum::SEGMENT_MAX` bytes: a router quotes at most 576); the quoted IPv4 header's, the
 //!   quoted TCP checksum and the ICMP checksum are updated incrementally (RFC 1624).
 //! - The quoted packet's source must be the error's destination (where the error was sent).
-//! - At most `Config::icmp_rate` errors per second and CPU are translated (a token bucket,
-//!   `ICMP_BUCKETS`); the excess is dropped (`icmp_rate_limited`) before its flow's next hop is
-//!   resolved: one error in, at most one out, never faster than that. `icmp_rate` 0: nothing
-//!   is translated.
+//! - At most `Config::icmp_rate` errors per second about one connection and direction are
+//!   translated, per CPU (a token bucket per slot of the quoted tuple's hash, `ICMP_BUCKETS`);
+//!   the excess is dropped (`icmp_rate_limited`) before its flow's next hop is resolved: one
+//!   error in, at most one out. `icmp_rate` 0: nothing is translated.
 
 use gateway_common::{
     DropReason, GlobalStat, flow_hash4,
@@ -64,8 +64,6 @@ pub struct IcmpError {
     pub tcp_len: u16,
     /// The quoted packet's 5-tuple (network order): what the gateway sent.
     pub quoted: FlowKey4,
-    /// Its slot of `ICMP_BUCKETS` (the tuple's hash).
-    slot: u32,
 }
 
 impl IcmpError {
@@ -86,6 +84,13 @@ impl IcmpError {
     #[inline(always)]
     fn quoted_tcp_off(&self) -> usize {
         self.quoted_ip_off() + self.quoted_ihl()
+    }
+
+    /// Its connection's slot of `ICMP_BUCKETS`: the quoted tuple's hash.
+    #[inline(always)]
+    fn slot(&self) -> u32 {
+        let q = &self.quoted;
+        flow_hash4(q.src_ip, q.dst_ip, q.src_port, q.dst_port) & (ICMP_BUCKET_SLOTS - 1)
     }
 
     /// Counts the translated error by its type (and code 4 of type 3, fragmentation needed).
@@ -217,7 +222,6 @@ fn quoted(b: &Bounds, pkt: IcmpPacket) -> Option<IcmpError> {
         quoted_ihl: ihl as u8,
         tcp_len: if tcp_len > 60 { 60 } else { tcp_len as u16 },
         quoted: FlowKey4::new(src_ip, join(ip[8], ip[9]), tcp[0], tcp[1]),
-        slot: flow_hash4(src_ip, join(ip[8], ip[9]), tcp[0], tcp[1]) & (ICMP_BUCKET_SLOTS - 1),
     })
 }
 
@@ -242,7 +246,7 @@ fn credit(cfg: &Config, bucket: &IcmpBucket, now: u64) -> (u64, u64) {
 /// taking nothing: what [`prepare`] asks before anything of the flow changes.
 #[inline(always)]
 fn has_credit(err: &IcmpError) -> bool {
-    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get(err.slot)) else {
+    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get(err.slot())) else {
         return false;
     };
     let (credit, cost) = credit(cfg, bucket, clock::now_ns());
@@ -254,7 +258,7 @@ fn has_credit(err: &IcmpError) -> bool {
 /// `Err(IcmpRateLimited)` when it does not.
 #[inline(always)]
 pub fn admit(err: &IcmpError) -> Result<(), DropReason> {
-    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get_ptr_mut(err.slot)) else {
+    let (Some(cfg), Some(bucket)) = (CONFIG.get(0), ICMP_BUCKETS.get_ptr_mut(err.slot())) else {
         return Err(DropReason::IcmpRateLimited);
     };
     let now = clock::now_ns();

@@ -37,7 +37,8 @@ pub static SERVICES: HashMap<ServiceKey4, Service> = HashMap::with_max_entries(M
 #[map(name = "gw_app_cfg_v1")]
 pub static APP_CONFIG: Array<AppConfig> = Array::with_max_entries(MAX_APPS, 0);
 
-/// `ICMP_BUCKETS`: the token bucket of translated ICMP errors (per CPU).
+/// `ICMP_BUCKETS`: the token buckets of translated ICMP errors, one per slot of the quoted
+/// tuple's hash (per CPU).
 #[map(name = "gw_icmp_rl_v1")]
 pub static ICMP_BUCKETS: PerCpuArray<IcmpBucket> =
     PerCpuArray::with_max_entries(ICMP_BUCKET_SLOTS, 0);

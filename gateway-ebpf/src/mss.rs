@@ -16,16 +16,10 @@ use gateway_common::{DropReason, GlobalStat, maps::CT_ESTABLISHED, net::tcp_flag
 use crate::{
     csum::diff16,
     maps::APP_CONFIG,
-    parse::{self, Bounds, ETH_LEN, OPTIONS_MAX, TCP_MIN_LEN},
+    parse::{self, Bounds, ETH_LEN},
     pipeline::Context,
     stats,
 };
-
-/// App `app_id`'s clamp (0: none).
-#[inline(always)]
-pub fn of(app_id: u32) -> u16 {
-    APP_CONFIG.get(app_id).map_or(0, |c| c.mss_clamp)
-}
 
 /// What an attach mode's packet function or's into its action for a translated segment
 /// ([`mark`]): the app id, and [`CLAMP`] for a segment of a handshake; its `run` then clamps
@@ -68,8 +62,8 @@ pub const fn app(marked: u32) -> u32 {
 }
 
 /// Lowers the MSS option of the translated IPv4/TCP segment in `b`, if it is a SYN or SYN-ACK,
-/// to app `app_id`'s clamp, if the option is larger: writes the new value and returns the TCP checksum's difference (0:
-/// nothing changed), and the TCP header's offset. The segment is made linear up to its options
+/// to app `app_id`'s clamp, if the option is larger: writes the new value and returns the TCP
+/// checksum's difference (0: nothing changed), and the TCP header's offset. The segment is made linear up to its options
 /// first (`b` refreshed). Counted `mss_clamped`.
 #[inline(always)]
 pub fn clamp<C: Context>(
@@ -77,7 +71,7 @@ pub fn clamp<C: Context>(
     checks: &C,
     app_id: u32,
 ) -> Result<(u32, usize), DropReason> {
-    let clamp = of(app_id);
+    let clamp = APP_CONFIG.get(app_id).map_or(0, |c| c.mss_clamp);
     let ip = b.words::<1>(ETH_LEN).ok_or(DropReason::Truncated)?;
     // SAFETY: bounds-checked by `words`.
     let ihl = usize::from(unsafe { (*ip)[0] } as u8 & 0x0f) * 4;
@@ -90,27 +84,13 @@ pub fn clamp<C: Context>(
     if clamp == 0 || (word >> 8) as u8 & SYN == 0 {
         return Ok((0, l4_off));
     }
-    let len = tcp_len.saturating_sub(TCP_MIN_LEN);
-    // Verifier workaround: a length the verifier knows is 1..=40 (see `parse::options`).
-    // SAFETY: reading a local.
-    let len = unsafe { core::ptr::read_volatile(&len) };
-    if len == 0 || len > OPTIONS_MAX {
-        return Ok((0, l4_off));
-    }
-    let mut options = [0u8; OPTIONS_MAX];
-    if !checks.load_bytes(l4_off + TCP_MIN_LEN, &mut options, len) {
-        return Ok((0, l4_off));
-    }
-    let Some(at) = parse::find_option(&options, len, parse::OPT_MSS, 4) else {
+    let Some((value, mss)) = parse::mss_field(checks, l4_off, tcp_len) else {
         return Ok((0, l4_off));
     };
-    let (Some(&hi), Some(&lo)) = (options.get(at + 2), options.get(at + 3)) else {
-        return Ok((0, l4_off));
-    };
-    if u16::from_be_bytes([hi, lo]) <= clamp {
+    if mss <= clamp {
         return Ok((0, l4_off));
     }
-    let value = l4_off + TCP_MIN_LEN + at + 2;
+    let [hi, lo] = mss.to_be_bytes();
     checks.linearize(b, value + 2);
     let field = b
         .ptr_at_checked::<[u8; 2]>(value)

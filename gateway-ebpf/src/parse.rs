@@ -289,7 +289,7 @@ pub fn parse(b: &Bounds, addr_kind: impl FnOnce(u32) -> u32) -> Result<Parsed, D
 /// TCP option kinds (RFC 9293 §3.1, RFC 7323 §2.2).
 const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
-pub const OPT_MSS: u8 = 2;
+const OPT_MSS: u8 = 2;
 const OPT_WSCALE: u8 = 3;
 /// The most option bytes a TCP header holds.
 pub const OPTIONS_MAX: usize = 40;
@@ -319,20 +319,36 @@ pub fn window_scale(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<u8> {
 /// The MSS a SYN announces (option kind 2, length 4; RFC 9293 §3.7.1); `None` without one.
 #[inline(always)]
 pub fn mss(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<u16> {
-    let (options, len) = options(load, pkt)?;
-    let at = find_option(&options, len, OPT_MSS, 4)?;
-    Some(u16::from_be_bytes([
-        *options.get(at + 2)?,
-        *options.get(at + 3)?,
-    ]))
+    mss_field(load, pkt.l4_off(), usize::from(pkt.tcp_len)).map(|(_, mss)| mss)
 }
 
-/// The TCP options of `pkt` and their length (1..=40), copied out of the packet (`load`):
-/// walking them in place with their variable strides was more than the verifier follows once
-/// inlined into the SYN path. `None` without options.
+/// The MSS option of the TCP header of `tcp_len` bytes at `l4_off` (see [`mss`]): the offset
+/// of its value in the packet, and the value (host order). For what rewrites it (the MSS
+/// clamp, `mss`).
+#[inline(always)]
+pub fn mss_field(load: &impl LoadBytes, l4_off: usize, tcp_len: usize) -> Option<(usize, u16)> {
+    let (options, len) = options_at(load, l4_off, tcp_len)?;
+    let at = find_option(&options, len, OPT_MSS, 4)?;
+    let value = u16::from_be_bytes([*options.get(at + 2)?, *options.get(at + 3)?]);
+    Some((l4_off + TCP_MIN_LEN + at + 2, value))
+}
+
+/// The TCP options of `pkt` and their length (1..=40) (see [`options_at`]).
 #[inline(always)]
 fn options(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<([u8; OPTIONS_MAX], usize)> {
-    let len = usize::from(pkt.tcp_len).saturating_sub(TCP_MIN_LEN);
+    options_at(load, pkt.l4_off(), usize::from(pkt.tcp_len))
+}
+
+/// The TCP options of the header of `tcp_len` bytes at `l4_off` and their length (1..=40),
+/// copied out of the packet (`load`): walking them in place with their variable strides was
+/// more than the verifier follows once inlined into the SYN path. `None` without options.
+#[inline(always)]
+fn options_at(
+    load: &impl LoadBytes,
+    l4_off: usize,
+    tcp_len: usize,
+) -> Option<([u8; OPTIONS_MAX], usize)> {
+    let len = tcp_len.saturating_sub(TCP_MIN_LEN);
     // Verifier workaround: the helper needs a length the verifier knows is 1..=40; LLVM
     // otherwise drops this check (the parse already bounds `tcp_len`) on the way there.
     // SAFETY: reading a local.
@@ -341,7 +357,7 @@ fn options(load: &impl LoadBytes, pkt: &TcpPacket) -> Option<([u8; OPTIONS_MAX],
         return None;
     }
     let mut options = [0u8; OPTIONS_MAX];
-    if !load.load_bytes(pkt.l4_off() + TCP_MIN_LEN, &mut options, len) {
+    if !load.load_bytes(l4_off + TCP_MIN_LEN, &mut options, len) {
         return None;
     }
     Some((options, len))

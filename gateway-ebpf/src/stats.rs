@@ -28,6 +28,19 @@ pub fn drop(reason: DropReason) {
     add(reason.slot(), 1);
 }
 
+/// A program's action from what its handling gave: the action, or `drop` (its attach mode's
+/// drop action) with the reason counted.
+#[inline(always)]
+pub fn or_drop<A>(handled: Result<A, DropReason>, drop_action: A) -> A {
+    match handled {
+        Ok(action) => action,
+        Err(reason) => {
+            drop(reason);
+            drop_action
+        }
+    }
+}
+
 /// Counts a segment with a partial checksum (`partial_checksums`) that came in on `ifindex`,
 /// there too (`PARTIAL_CSUM`, for the daemon to name the interface).
 #[inline(always)]

@@ -141,14 +141,7 @@ pub fn run(ctx: &TcContext) -> i32 {
 /// [`try_gateway_tc`] on the raw context, a drop counted.
 #[inline(never)]
 fn packet(skb: *mut __sk_buff) -> i32 {
-    let ctx = TcContext::new(skb);
-    match try_gateway_tc(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            stats::drop(reason);
-            TC_ACT_SHOT
-        }
-    }
+    stats::or_drop(try_gateway_tc(&TcContext::new(skb)), TC_ACT_SHOT)
 }
 
 /// Every packet's handling but an ICMP error's ([`ICMP_ERROR`]).
@@ -214,14 +207,7 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
 /// program's action, a drop counted.
 #[inline(never)]
 fn icmp_error(skb: *mut __sk_buff) -> i32 {
-    let ctx = TcContext::new(skb);
-    match send_icmp(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            stats::drop(reason);
-            TC_ACT_SHOT
-        }
-    }
+    stats::or_drop(send_icmp(&TcContext::new(skb)), TC_ACT_SHOT)
 }
 
 /// Translates an ICMP error about a flow and sends it to the flow's next hop; one about no

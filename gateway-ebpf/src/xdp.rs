@@ -90,14 +90,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
 /// [`try_gateway_xdp`] on the raw context, a drop counted.
 #[inline(never)]
 fn packet(ctx: *mut xdp_md) -> u32 {
-    let ctx = XdpContext::new(ctx);
-    match try_gateway_xdp(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            stats::drop(reason);
-            XDP_DROP
-        }
-    }
+    stats::or_drop(try_gateway_xdp(&XdpContext::new(ctx)), XDP_DROP)
 }
 
 /// Every packet's handling but an ICMP error's ([`ICMP_ERROR`]).
@@ -186,14 +179,7 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
 /// program's action, a drop counted.
 #[inline(never)]
 fn icmp_error(ctx: *mut xdp_md) -> u32 {
-    let ctx = XdpContext::new(ctx);
-    match send_icmp(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            stats::drop(reason);
-            XDP_DROP
-        }
-    }
+    stats::or_drop(send_icmp(&XdpContext::new(ctx)), XDP_DROP)
 }
 
 /// Translates an ICMP error about a flow and redirects it to the flow's next hop; one whose
