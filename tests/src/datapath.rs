@@ -128,6 +128,20 @@ impl Verdict {
     }
 }
 
+/// Pins the calling thread (a scenario's, or a test's) to CPU 0, for what the datapath keeps per
+/// CPU (the next-hop cache, the ICMP token buckets): every row then meets the same CPU's.
+pub fn pin_to_cpu_0() {
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
 /// The service every fixture has: app 1 on `PUBLIC:20000`, backends 1..=3 (`b0..b2:8080`).
 pub const APP: u32 = 1;
 /// App 1's port: also the one the daemon gives its first app (the first of its default

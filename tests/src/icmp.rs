@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 pub use gateway_common::net::{IPPROTO_ICMP, icmp};
 
 use crate::{
-    packet::{ETH_LEN, Frame, checksum},
+    packet::{ETH_LEN, Frame, checksum, set_ipv4_checksum},
     scenario::{Conn, Ctx, Input, Link, Out},
 };
 
@@ -54,11 +54,8 @@ pub fn quote(frame: &[u8], tcp_bytes: usize) -> Vec<u8> {
 /// it.
 pub fn quote_as_sent(frame: &[u8], seen: &[u8]) -> Vec<u8> {
     let mut q = frame[ETH_LEN..ETH_LEN + seen.len()].to_vec();
-    let ihl = usize::from(q[0] & 0x0f) * 4;
     q[8] = seen[8];
-    q[10..12].copy_from_slice(&[0, 0]);
-    let sum = checksum(&q[..ihl]);
-    q[10..12].copy_from_slice(&sum.to_be_bytes());
+    set_ipv4_checksum(&mut q);
     q
 }
 

@@ -154,6 +154,21 @@ pub fn wscale_option(shift: u8) -> Vec<u8> {
     ]
 }
 
+/// The MSS option announcing `mss` (kind 2, length 4; RFC 9293 §3.7.1).
+pub fn mss_option(mss: u16) -> Vec<u8> {
+    let [hi, lo] = mss.to_be_bytes();
+    vec![2, 4, hi, lo]
+}
+
+/// Computes again the checksum of the IPv4 header at the start of `ip` (its `ihl` bytes), as
+/// after changing a field of it.
+pub fn set_ipv4_checksum(ip: &mut [u8]) {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&ip[..ihl]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// The frame a host without a socket answers `segment` with (RFC 9293 §3.10.7.1, for a
 /// segment with ACK): an RST from its destination to its source with `seq` = its `ack`, as the
 /// gateway builds it (MACs swapped, TTL 64, DF, id 0, no options, window 0, no payload).

@@ -33,7 +33,7 @@ use gateway_common::{
     },
 };
 use gateway_tests::{
-    datapath::{APP, BACKEND_PORT, Fixture, SNAT_PORTS, Verdict},
+    datapath::{APP, BACKEND_PORT, Fixture, SNAT_PORTS, Verdict, pin_to_cpu_0},
     netns::Topology,
     packet::{Frame, flags},
     require_root,
@@ -613,15 +613,7 @@ fn next_hop_ageing() -> Scenario {
         .backends(1)
         .fixture(|mode, backend_ips| Fixture::new(mode, backend_ips, 1 << 12))
         .set("this thread on CPU 0; next hops age after 300 ms", |cx| {
-            // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(0, &mut set);
-                assert_eq!(
-                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-                    0
-                );
-            }
+            pin_to_cpu_0();
             cx.fx
                 .dp
                 .configure(Topology::SNAT_IP, SNAT_PORTS, AGE)

@@ -10,12 +10,13 @@ use std::net::Ipv4Addr;
 
 use gateway_common::{DropReason, GlobalStat};
 use gateway_tests::{
+    datapath::pin_to_cpu_0,
     icmp::{
         self, BACKEND_ROUTER, CLIENT_ROUTER, MTU, RFC792, RFC1812, Side, WHOLE, error_about_last,
         frag_needed, icmp as kinds, message, mtu, quote, translated,
     },
     netns::Topology,
-    packet::{ETH_LEN, flags},
+    packet::{ETH_LEN, flags, set_ipv4_checksum},
     scenario::{Conn, Input, Link, Out, Row, Scenario},
     scenario_tests,
 };
@@ -221,9 +222,7 @@ fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
     ip[0] = 0x40 | ((20 + options.len()) / 4) as u8;
     let total = (ip.len() as u16).to_be_bytes();
     ip[2..4].copy_from_slice(&total);
-    ip[10..12].copy_from_slice(&[0, 0]);
-    let sum = gateway_tests::packet::checksum(&ip[..20 + options.len()]);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    set_ipv4_checksum(ip);
     out
 }
 
@@ -265,7 +264,7 @@ fn errors_about_no_flow_go_to_the_kernel() -> Scenario {
             "a quote of a later fragment",
             |q| {
                 q[6..8].copy_from_slice(&0x00b9u16.to_be_bytes());
-                fix_ip_checksum(q);
+                set_ipv4_checksum(q);
             },
             RFC792,
         ),
@@ -306,14 +305,6 @@ fn errors_about_no_flow_go_to_the_kernel() -> Scenario {
             )
             .counter(GlobalStat::IcmpNoFlow, 0..=0),
         )
-}
-
-/// The IPv4 header checksum of the header at the start of `ip`, computed again.
-fn fix_ip_checksum(ip: &mut [u8]) {
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    ip[10..12].copy_from_slice(&[0, 0]);
-    let sum = gateway_tests::packet::checksum(&ip[..ihl]);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// An error about a flow that is damaged goes no further: a wrong ICMP checksum
@@ -371,7 +362,7 @@ fn errors_are_relayed_at_most_at_the_rate() -> Scenario {
         .set(
             "this thread on CPU 0; one error per second and connection",
             |cx| {
-                on_cpu_0();
+                pin_to_cpu_0();
                 cx.fx.dp.set_icmp_rate(1).expect("icmp rate");
             },
         )
@@ -407,7 +398,7 @@ fn frag_needed_is_not_starved_by_other_errors() -> Scenario {
         .set(
             "this thread on CPU 0; one error per second and connection",
             |cx| {
-                on_cpu_0();
+                pin_to_cpu_0();
                 cx.fx.dp.set_icmp_rate(1).expect("icmp rate");
             },
         )
@@ -501,7 +492,7 @@ fn a_rate_limited_error_does_not_take_its_flows_neighbour_revalidation() -> Scen
         .set(
             "this thread on CPU 0; next hops age after 500 ms; one error per second and connection",
             |cx| {
-                on_cpu_0();
+                pin_to_cpu_0();
                 cx.fx
                     .dp
                     .configure(Topology::SNAT_IP, gateway_tests::datapath::SNAT_PORTS, AGE)
@@ -569,19 +560,6 @@ fn a_rate_limited_error_does_not_take_its_flows_neighbour_revalidation() -> Scen
             .through(Tc)
             .only(Xdp),
         )
-}
-
-/// Pins the calling thread to CPU 0 (the token buckets are per CPU).
-fn on_cpu_0() {
-    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
 }
 
 /// `--icmp-rate 0`: errors about flows go to the kernel unchanged, as before the translation

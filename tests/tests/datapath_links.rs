@@ -16,7 +16,7 @@ use std::{
 use gateway::datapath::AttachMode::{Tc, Xdp};
 use gateway_common::{DropReason, GlobalStat};
 use gateway_tests::{
-    datapath::Fixture,
+    datapath::{Fixture, pin_to_cpu_0},
     netns::Topology,
     packet::{Frame, flags, partial_checksum},
     scenario::{Conn, Ctx, Input, Row, Scenario},
@@ -33,15 +33,7 @@ const AGE: Duration = Duration::from_millis(500);
 
 /// Pins the calling thread to CPU 0 (the next-hop cache is per CPU) and sets the next-hop age.
 fn one_cpu_and_age(cx: &mut Ctx) {
-    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
+    pin_to_cpu_0();
     cx.fx
         .dp
         .configure(Topology::SNAT_IP, gateway_tests::datapath::SNAT_PORTS, AGE)

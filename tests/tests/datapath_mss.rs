@@ -7,7 +7,7 @@
 use gateway_common::{GlobalStat, maps::AppConfig};
 use gateway_tests::{
     datapath::APP,
-    packet::{ETH_LEN, Frame, flags, wscale_option},
+    packet::{ETH_LEN, Frame, flags, mss_option, wscale_option},
     scenario::{Conn, Ctx, Input, Row, Scenario},
     scenario_tests,
 };
@@ -61,12 +61,6 @@ fn mss_of(frame: &[u8]) -> Option<u16> {
         }
     }
     None
-}
-
-/// The MSS option `mss` (4 bytes).
-fn mss_option(mss: u16) -> Vec<u8> {
-    let [hi, lo] = mss.to_be_bytes();
-    vec![2, 4, hi, lo]
 }
 
 /// `c`'s SYN with `options`.
@@ -135,13 +129,26 @@ fn syns_and_syn_acks_above_the_clamp_are_lowered() -> Scenario {
 }
 
 fn what_is_not_above_the_clamp_is_left_as_it_is() -> Scenario {
-    let (a, b, c) = (Conn::new(45_011), Conn::new(45_012), Conn::new(45_013));
+    let (a, b, c, d) = (
+        Conn::new(45_011),
+        Conn::new(45_012),
+        Conn::new(45_013),
+        Conn::new(45_014),
+    );
     let unchanged = |row: Row, mss: Option<u16>| {
         row.counter(GlobalStat::MssClamped, 0..=0)
             .check("MSS as it came", leaves_with(mss))
     };
     Scenario::new()
         .set("app 1 clamps the MSS to 1360", clamp(CLAMP))
+        .row(clamped(
+            Row::redirected(
+                "the control: a SYN offering 1460 is clamped",
+                syn_with(d, mss_option(1460)),
+                d.to_maglev_backend(),
+            )
+            .entries(2),
+        ))
         .row(unchanged(
             Row::redirected(
                 "a SYN offering 1200",

@@ -21,7 +21,7 @@ use gateway_common::{
 use gateway_tests::{
     datapath::{APP, Fixture},
     netns::Topology,
-    packet::{Frame, flags, parse_checked},
+    packet::{Frame, flags, mss_option, parse_checked},
     scenario::{
         AttachMode, BACKEND_ISN, CLIENT_ISN, Conn, Ctx, Input, Out, Row, Scenario, from_backend,
         from_client,
@@ -45,7 +45,6 @@ scenario_tests! {
     a_flood_that_exhausts_snat_ports_below_the_cap_still_gets_cookies,
     a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections,
     icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers,
-    the_proxys_own_syn_ack_and_syn_respect_the_apps_mss_clamp,
     an_apps_mss_clamp_holds_for_the_proxys_syn_to_the_backend,
 }
 
@@ -71,12 +70,6 @@ fn tcp_of(frame: &[u8]) -> Tcp {
         window: u16::from_be_bytes([frame[at + 14], frame[at + 15]]),
         options: frame[at + 20..at + doff].to_vec(),
     }
-}
-
-/// An MSS option.
-fn mss_option(mss: u16) -> Vec<u8> {
-    let [hi, lo] = mss.to_be_bytes();
-    vec![2, 4, hi, lo]
 }
 
 /// `c`'s SYN announcing MSS 1400 (the cookie carries 1300, the table's entry below it).
@@ -145,6 +138,18 @@ fn client_ack(c: Conn, cookie: &Arc<Mutex<u32>>, seq: u32, tcp_flags: u8) -> Inp
     cookie_ack(c, cookie, move |f| {
         f.seq = seq;
         f.tcp_flags = tcp_flags;
+    })
+}
+
+/// `c`'s backend's SYN-ACK to the proxy's SYN (ISN [`BACKEND_ISN`], acknowledging the
+/// client's ISN, which the proxy's SYN carries).
+fn backend_syn_ack(c: Conn) -> Input {
+    Input::with(move |cx| {
+        let r = c.rewrite(cx);
+        let mut f = from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
+        f.seq = BACKEND_ISN;
+        f.ack = CLIENT_ISN.wrapping_add(1);
+        f
     })
 }
 
@@ -221,12 +226,7 @@ fn a_flooded_app_answers_with_cookies_and_proxies_the_handshake() -> Scenario {
         .row(
             Row::sent_back(
                 "the backend's SYN-ACK is answered with the handshake's ACK",
-                Input::with(move |cx| {
-                    let r = c.rewrite(cx);
-                    let mut f =
-                        from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
-                    f.seq = BACKEND_ISN;
-                    f.ack = CLIENT_ISN.wrapping_add(1);
+                backend_syn_ack(c).map(|mut f| {
                     f.tcp_options = mss_option(1460);
                     f
                 }),
@@ -257,26 +257,15 @@ fn a_flooded_app_answers_with_cookies_and_proxies_the_handshake() -> Scenario {
         .row(
             Row::sent_back(
                 "a retransmitted SYN-ACK is answered again",
-                Input::with(move |cx| {
-                    let r = c.rewrite(cx);
-                    let mut f =
-                        from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
-                    f.seq = BACKEND_ISN;
-                    f.ack = CLIENT_ISN.wrapping_add(1);
-                    f
-                }),
+                backend_syn_ack(c),
                 Out::Any,
             )
             .counter(GlobalStat::SynProxyEstablished, 0..=0),
         )
         .row(Row::dropped(
             "a SYN-ACK with another ISN is not",
-            Input::with(move |cx| {
-                let r = c.rewrite(cx);
-                let mut f =
-                    from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
+            backend_syn_ack(c).map(|mut f| {
                 f.seq = BACKEND_ISN ^ 0x8000;
-                f.ack = CLIENT_ISN.wrapping_add(1);
                 f
             }),
             DropReason::OutOfWindow,
@@ -633,15 +622,7 @@ fn a_corrupted_syn_ack_fixes_no_proxied_flow() -> Scenario {
     s.row(
         Row::dropped(
             "a SYN-ACK with a wrong checksum",
-            Input::with(move |cx| {
-                let r = c.rewrite(cx);
-                let mut f =
-                    from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
-                f.seq = BACKEND_ISN;
-                f.ack = CLIENT_ISN.wrapping_add(1);
-                f
-            })
-            .spoiled(|bytes| {
+            backend_syn_ack(c).spoiled(|bytes| {
                 let n = bytes.len();
                 bytes[n - 1] ^= 0xff; // urgent pointer's low byte: the checksum no longer holds
             }),
@@ -783,14 +764,7 @@ fn a_backend_syn_ack_after_the_clients_rst_is_not_acknowledged() -> Scenario {
     .row(
         Row::dropped(
             "the backend's SYN-ACK after it: not acknowledged",
-            Input::with(move |cx| {
-                let r = c.rewrite(cx);
-                let mut f =
-                    from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
-                f.seq = BACKEND_ISN;
-                f.ack = CLIENT_ISN.wrapping_add(1);
-                f
-            }),
+            backend_syn_ack(c),
             DropReason::OutOfWindow,
         )
         .counter(GlobalStat::SynProxyEstablished, 0..=0),
@@ -959,13 +933,7 @@ fn icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers() -> Scenario {
     let (s, cookie) = proxied_flow(first, c);
     s.row(Row::sent_back(
         "the backend's SYN-ACK",
-        Input::with(move |cx| {
-            let r = c.rewrite(cx);
-            let mut f = from_backend(r.backend_index, r.backend, r.snat, flags::SYN | flags::ACK);
-            f.seq = BACKEND_ISN;
-            f.ack = CLIENT_ISN.wrapping_add(1);
-            f
-        }),
+        backend_syn_ack(c),
         Out::Any,
     ))
     .row(Row::redirected(
@@ -1004,53 +972,6 @@ fn icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers() -> Scenario {
         )
         .counter(GlobalStat::IcmpFragNeeded, 1..=1),
     )
-}
-
-/// The MSS clamp (issue 16) on the segments the SYN proxy writes itself: its SYN-ACK with a
-/// cookie announces the cookie's MSS class (1300 for the client's 1400), and its SYN to the
-/// backend the same; an app clamped at 1200 has both leave with 1200, checksums right.
-fn the_proxys_own_syn_ack_and_syn_respect_the_apps_mss_clamp() -> Scenario {
-    let (first, c) = (Conn::new(49_000), Conn::new(49_001));
-    let cookie = Arc::new(Mutex::new(0u32));
-    let got = cookie.clone();
-    Scenario::new()
-        .backends(1)
-        .set(
-            "at most 1 half-open flow per app; app 1 clamps the MSS to 1200",
-            |cx| {
-                cx.fx.dp.set_half_open_max(1).expect("half-open max");
-                let clamp = gateway_common::maps::AppConfig {
-                    mss_clamp: 1200,
-                    ..Default::default()
-                };
-                cx.fx.dp.set_app_config(APP, clamp).expect("app config");
-            },
-        )
-        .row(Row::redirected("a first SYN", first.syn(), first.to_maglev_backend()).entries(2))
-        .row(
-            Row::sent_back("a cookie", syn_with_mss(c), Out::Any)
-                .counter(GlobalStat::MssClamped, 1..=1)
-                .check("the SYN-ACK announces 1200, checksums right", move |cx| {
-                    parse_checked(&cx.output);
-                    let t = tcp_of(&cx.output);
-                    assert_eq!(t.options, mss_option(1200));
-                    *got.lock().unwrap() = t.seq;
-                }),
-        )
-        .row(
-            Row::redirected(
-                "its ACK: the SYN to the backend announces 1200",
-                cookie_ack(c, &cookie, |_| {}),
-                Out::Any,
-            )
-            .entries(2)
-            .counter(GlobalStat::MssClamped, 1..=1)
-            .check("MSS 1200, checksums right", |cx| {
-                let p = parse_checked(&cx.output);
-                assert_eq!(p.tcp_flags, flags::SYN);
-                assert_eq!(tcp_of(&cx.output).options, mss_option(1200));
-            }),
-        )
 }
 
 /// An app with an MSS clamp at its cap of half-open flows (issue 16): the client's MSS (1460)

@@ -23,7 +23,7 @@
 
 use std::{
     io::ErrorKind,
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -109,32 +109,74 @@ fn routers_answer_the_senders_narrow_backend_side() {
     routers_answer_the_senders(Narrow::Backend);
 }
 
+/// A routed topology with a bulk server on its backend, and the real daemon in `mode`, started
+/// with `daemon_args`, serving app `web` (created with `create_args`) on that backend. Fields
+/// drop in declaration order: the daemon, the server, then the namespaces.
+struct Gateway {
+    daemon: Daemon,
+    _server: BulkServer,
+    routed: Routed,
+}
+
+impl Gateway {
+    fn start(narrow: Narrow, mode: AttachMode, daemon_args: &[&str], create_args: &[&str]) -> Self {
+        require_root();
+        let routed = Routed::new(narrow);
+        if mode == AttachMode::Xdp {
+            routed.xdp_offloads();
+        }
+        let b = &routed.topo.backends[0];
+        let server = BulkServer::start(b, SocketAddrV4::new(b.ip, BACKEND_PORT), SERVER_LIFETIME);
+        let daemon = Daemon::start(&routed.topo, Some(mode), daemon_args);
+        let create: Vec<&str> = ["app", "create", "web"]
+            .into_iter()
+            .chain(create_args.iter().copied())
+            .collect();
+        daemon.ok(&create);
+        daemon.ok(&["backend", "add", "web", &format!("{}:{BACKEND_PORT}", b.ip)]);
+        daemon.wait_active("web", 1);
+        Gateway {
+            daemon,
+            _server: server,
+            routed,
+        }
+    }
+
+    /// A download and an upload through the app's public endpoint (see [`both_ways`]).
+    fn both_ways(&self) -> (Transfer, Transfer) {
+        let public = sock(*Fixture::service().ip(), Fixture::service().port());
+        both_ways(&self.routed.topo.client, public)
+    }
+
+    /// The end whose errors the gateway must translate (the one across the gateway from the
+    /// narrow link) and the gateway address it sends to.
+    fn far_sender(&self, narrow: Narrow) -> (&Netns, Ipv4Addr) {
+        let topo = &self.routed.topo;
+        match narrow {
+            Narrow::Client => (&topo.backends[0].ns, Topology::SNAT_IP),
+            Narrow::Backend => (&topo.client.ns, Topology::PUBLIC_IP),
+        }
+    }
+}
+
 /// Both transfers through the real daemon in `mode`, its ICMP translation on (the default) or
 /// off (`--icmp-rate 0`): see the module's doc for what each must do.
 fn path_mtu(narrow: Narrow, mode: AttachMode, translate: bool) {
-    require_root();
-    let routed = Routed::new(narrow);
-    if mode == AttachMode::Xdp {
-        routed.xdp_offloads();
-    }
-    let topo = &routed.topo;
-    let b = &topo.backends[0];
-    let _server = BulkServer::start(b, SocketAddrV4::new(b.ip, BACKEND_PORT), SERVER_LIFETIME);
     let extra: &[&str] = if translate {
         &[]
     } else {
         &["--icmp-rate", "0"]
     };
-    let daemon = Daemon::start(topo, Some(mode), extra);
-    daemon.app_with_backends("web", &[format!("{}:{BACKEND_PORT}", b.ip)]);
-    let public = sock(*Fixture::service().ip(), Fixture::service().port());
-    let (down, up) = both_ways(&topo.client, public);
+    let gw = Gateway::start(narrow, mode, extra, &[]);
+    let (routed, daemon) = (&gw.routed, &gw.daemon);
+    let (down, up) = gw.both_ways();
     // The direction whose errors the gateway must translate, its sender and the address that
     // sender sends to; the direction whose router answers its sender directly.
-    let (translated, direct, sender, peer) = match narrow {
-        Narrow::Client => (&down, &up, &b.ns, Topology::SNAT_IP),
-        Narrow::Backend => (&up, &down, &topo.client.ns, Topology::PUBLIC_IP),
+    let (translated, direct) = match narrow {
+        Narrow::Client => (&down, &up),
+        Narrow::Backend => (&up, &down),
     };
+    let (sender, peer) = gw.far_sender(narrow);
     let errors = dest_unreachs_sent(routed.router_near_gateway());
     let counter = |label| daemon.counter(label).expect("a counter of this build");
     let frag_needed = counter("icmp_frag_needed");
@@ -342,25 +384,11 @@ fn port_unreachable_refuses_the_connect_tc() {
 /// discovery through the gateway (the backend learns no MTU) and the gateway counting the
 /// SYN and SYN-ACK it clamped. One topology per attach mode.
 fn mss_clamp(narrow: Narrow, mode: AttachMode) {
-    require_root();
-    let routed = Routed::new(narrow);
-    if mode == AttachMode::Xdp {
-        routed.xdp_offloads();
-    }
-    let topo = &routed.topo;
-    let b = &topo.backends[0];
-    let _server = BulkServer::start(b, SocketAddrV4::new(b.ip, BACKEND_PORT), SERVER_LIFETIME);
-    let daemon = Daemon::start(topo, Some(mode), &["--icmp-rate", "0"]);
     let mss = (NARROW_MTU - 40).to_string();
-    daemon.ok(&["app", "create", "web", "--mss", &mss]);
-    daemon.ok(&["backend", "add", "web", &format!("{}:{BACKEND_PORT}", b.ip)]);
-    daemon.wait_active("web", 1);
-    let public = sock(*Fixture::service().ip(), Fixture::service().port());
-    let (down, up) = both_ways(&topo.client, public);
-    let (sender, peer) = match narrow {
-        Narrow::Client => (&b.ns, Topology::SNAT_IP),
-        Narrow::Backend => (&topo.client.ns, Topology::PUBLIC_IP),
-    };
+    let gw = Gateway::start(narrow, mode, &["--icmp-rate", "0"], &["--mss", &mss]);
+    let daemon = &gw.daemon;
+    let (down, up) = gw.both_ways();
+    let (sender, peer) = gw.far_sender(narrow);
     let clamped = daemon
         .counter("mss_clamped")
         .expect("a counter of this build");
