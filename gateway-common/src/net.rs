@@ -41,6 +41,42 @@ pub mod icmp {
     }
 }
 
+/// TOA ("TCP option address"), the option through which LVS FULLNAT and DPVS tell a backend the
+/// client's address, in their format (no RFC; kind 254 is RFC 6994's shared experimental kind,
+/// used without its experiment identifier): kind 254, length 8, the client's port (2 bytes), then
+/// its IPv4 address (4 bytes), both in network order. The gateway adds it to what a client sends
+/// a backend of an app with `--client-address toa` until that backend has certainly seen it,
+/// and removes any a client sent itself; `gateway agent` (or a backend's toa kernel module)
+/// reads it. docs/client-address.md.
+pub mod toa {
+    /// The option's kind.
+    pub const KIND: u8 = 254;
+    /// The option's length (bytes, kind and length included).
+    pub const LEN: u8 = 8;
+
+    /// The option's 8 bytes for a client at `ip:port` (both network order, as parsed from the
+    /// wire).
+    #[inline(always)]
+    pub const fn option(ip: u32, port: u16) -> [u8; 8] {
+        let [p0, p1] = port.to_ne_bytes();
+        let [a0, a1, a2, a3] = ip.to_ne_bytes();
+        [KIND, LEN, p0, p1, a0, a1, a2, a3]
+    }
+
+    /// The client's address and port (network order) in an option's 8 bytes, if they are a TOA
+    /// option.
+    #[inline(always)]
+    pub const fn parse(bytes: [u8; 8]) -> Option<(u32, u16)> {
+        if bytes[0] != KIND || bytes[1] != LEN {
+            return None;
+        }
+        Some((
+            u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+            u16::from_ne_bytes([bytes[2], bytes[3]]),
+        ))
+    }
+}
+
 /// The flag bits of a TCP header's byte 13, as on the wire (RFC 9293, RFC 3168). The
 /// conntrack's state bits are another thing: `maps::conntrack::CT_*`.
 pub mod tcp_flags {
@@ -208,6 +244,16 @@ mod tests {
         assert_eq!(sum_words(&[0x12]).to_ne_bytes(), [0x12, 0]);
         assert_eq!(fold(0x1_fffe), 0xffff);
         assert_eq!(fold(0xffff_ffff), 0xffff);
+    }
+
+    #[test]
+    fn a_toa_option_is_kind_length_port_then_address_in_network_order() {
+        let (ip, port) = (ip_to_net(Ipv4Addr::new(192, 0, 2, 2)), port_to_net(40_000));
+        let bytes = toa::option(ip, port);
+        assert_eq!(bytes, [254, 8, 0x9c, 0x40, 192, 0, 2, 2]);
+        assert_eq!(toa::parse(bytes), Some((ip, port)));
+        assert_eq!(toa::parse([254, 10, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(toa::parse([253, 8, 0, 0, 0, 0, 0, 0]), None);
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub use conntrack::{
     TRACK_PROXIED, TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after, seq_before,
 };
 pub use service::{
-    AppConfig, BACKEND_ACCEPTING, Backend4, MSS_CLAMP_MIN, MaglevTable, Service, ServiceKey4,
+    APP_CLIENT_ADDRESS_TOA, AppConfig, BACKEND_ACCEPTING, Backend4, MSS_CLAMP_MIN, MaglevTable,
+    Service, ServiceKey4,
 };
 
 pub use crate::stats::TrafficStats;

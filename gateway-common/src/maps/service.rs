@@ -65,9 +65,15 @@ pub struct AppConfig {
     /// clamp the control plane accepts: [`MSS_CLAMP_MIN`]).
     pub mss_clamp: u16,
     pub _pad: u16,
-    /// Bits for later settings; 0.
+    /// `APP_*` bits: [`APP_CLIENT_ADDRESS_TOA`]; 0: none.
     pub flags: u32,
 }
+
+/// [`AppConfig::flags`] bit: the app's backends are told each connection's client address in a
+/// TOA option (`crate::net::toa`, `gateway app create --client-address toa`), added by the
+/// datapath to what the client sends until the backend has certainly seen it. Taken by a flow at
+/// its SYN (a change applies to new connections).
+pub const APP_CLIENT_ADDRESS_TOA: u32 = 1;
 
 /// The smallest MSS clamp an app may have: IPv4's default MSS (RFC 9293 §3.7.1), what a peer
 /// assumes without the option.
