@@ -104,6 +104,17 @@ indexed_names! {
         IcmpNoFlow = "icmp_no_flow",
         /// SYNs and SYN-ACKs whose MSS option was lowered to their app's MSS clamp.
         MssClamped = "mss_clamped",
+        /// Client segments to a backend that got a TOA option with the client's address (an
+        /// app with `--client-address toa`, until its backend has seen it).
+        ToaAdded = "toa_added",
+        /// TOA options a client sent itself, removed (overwritten with NOPs) before its segment
+        /// reached a backend: a client never chooses the address an app is told.
+        ToaStripped = "toa_stripped",
+        /// Client segments that should have got a TOA option but went on without it: no room
+        /// left in their TCP header (40 bytes of options), larger than the egress MTU with it,
+        /// or (TC) a GSO packet. The backend learns the address from a later segment, if one
+        /// comes before its connection is established.
+        ToaSkipped = "toa_skipped",
     }
 }
 

@@ -2,28 +2,31 @@
 //! segment without a flow (`reset`), and the SYN proxy's segments (`synproxy`): the SYN-ACK
 //! with a cookie, the ACK that completes a backend's handshake, and the SYN a cookie's ACK
 //! becomes. The segment has an IPv4 header without options (TTL 64, DF) and a TCP header with
-//! at most an MSS option, no payload. The caller sizes the frame first ([`Answer::frame_len`]),
+//! at most an MSS option or a TOA option (the ACK to the backend, `toa`), no payload. The caller sizes the frame first ([`Answer::frame_len`]),
 //! then has it written, then writes the TCP checksum its own way from the [`Sums`] (XDP as is,
 //! TC through the helper, so a CHECKSUM_PARTIAL skb stays consistent).
 
 use gateway_common::{
-    DropReason,
-    net::{IPPROTO_TCP, pseudo_header},
+    DropReason, GlobalStat,
+    net::{IPPROTO_TCP, pseudo_header, toa},
 };
 
 use crate::{
     csum,
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, TCP_MIN_LEN, join},
+    stats,
 };
 
 /// Bytes of a frame without TCP options: Ethernet, IPv4, TCP.
 pub const FRAME_LEN: usize = ETH_LEN + IPV4_MIN_LEN + TCP_MIN_LEN;
 /// Bytes of a frame with an MSS option (4 bytes).
 pub const FRAME_LEN_MSS: usize = FRAME_LEN + 4;
+/// Bytes of a frame with a TOA option (8 bytes: `gateway_common::net::toa`).
+pub const FRAME_LEN_TOA: usize = FRAME_LEN + 8;
 /// The TTL of the gateway's own segments (a host's default).
 const TTL: u16 = 64;
-/// TCP option kind of the MSS (RFC 9293 §3.2), and its length.
-const OPT_MSS: u16 = 2;
+/// TCP option kind of the MSS (RFC 9293 §3.2).
+const OPT_MSS: u16 = OPTION_MSS as u16;
 
 /// The segment to write. Addresses and ports are the packet's: kept (`back` false: the segment
 /// goes on the packet's way, e.g. a SYN toward the backend) or swapped (`back`: it goes back to
@@ -38,12 +41,24 @@ pub struct Answer {
     pub flags: u8,
     /// Window (host order, unscaled).
     pub window: u16,
-    /// The MSS option's value; 0: no option.
-    pub mss: u16,
-    /// The app of a SYN-ACK with an MSS option (the SYN proxy's cookie), for its MSS clamp
-    /// (`mss::mark`); 0 otherwise.
-    pub app_id: u32,
+    /// The TCP option, by its kind: [`OPTION_NONE`], [`OPTION_MSS`] or [`OPTION_TOA`]. One
+    /// option with two values, rather than a field per value of each: the answer lives on the
+    /// packet function's stack, which has no 8 bytes to spare (its frames share 512).
+    pub option: u8,
+    /// [`OPTION_MSS`]: the MSS (host order). [`OPTION_TOA`]: the client's port (network order).
+    pub value: u16,
+    /// [`OPTION_MSS`]: the app, for its MSS clamp (a SYN-ACK: the SYN proxy's cookie;
+    /// `mss::mark_answer`). [`OPTION_TOA`]: the client's IPv4 address (network order).
+    pub arg: u32,
 }
+
+/// [`Answer::option`]: none.
+pub const OPTION_NONE: u8 = 0;
+/// [`Answer::option`]: an MSS option (its kind, RFC 9293 §3.2).
+pub const OPTION_MSS: u8 = 2;
+/// [`Answer::option`]: a TOA option (its kind, `gateway_common::net::toa`): the SYN proxy's ACK
+/// to the backend of an app that is told the client's address (`toa`).
+pub const OPTION_TOA: u8 = toa::KIND;
 
 impl Answer {
     /// No segment yet: what the attach mode gives the pipeline to fill (every field set, so
@@ -54,15 +69,19 @@ impl Answer {
         ack: 0,
         flags: 0,
         window: 0,
-        mss: 0,
-        app_id: 0,
+        option: OPTION_NONE,
+        value: 0,
+        arg: 0,
     };
 
-    /// The frame's length: [`FRAME_LEN`], or [`FRAME_LEN_MSS`] with an MSS option.
+    /// The frame's length: [`FRAME_LEN`], [`FRAME_LEN_MSS`] with an MSS option, or
+    /// [`FRAME_LEN_TOA`] with a TOA option.
     #[inline(always)]
     pub const fn frame_len(&self) -> usize {
-        if self.mss != 0 {
+        if self.option == OPTION_MSS {
             FRAME_LEN_MSS
+        } else if self.option == OPTION_TOA {
+            FRAME_LEN_TOA
         } else {
             FRAME_LEN
         }
@@ -94,9 +113,12 @@ impl Sums {
 /// but for its length.
 #[inline(always)]
 pub unsafe fn write(b: &Bounds, a: &Answer) -> Result<Sums, DropReason> {
-    if a.mss != 0 {
+    if a.option == OPTION_MSS {
         // SAFETY: the caller's promise.
         unsafe { write_words::<{ FRAME_LEN_MSS / 2 }>(b, a) }
+    } else if a.option == OPTION_TOA {
+        // SAFETY: the caller's promise.
+        unsafe { write_words::<{ FRAME_LEN_TOA / 2 }>(b, a) }
     } else {
         // SAFETY: the caller's promise.
         unsafe { write_words::<{ FRAME_LEN / 2 }>(b, a) }
@@ -155,12 +177,17 @@ unsafe fn write_words<const W: usize>(b: &Bounds, a: &Answer) -> Result<Sums, Dr
     w[TCP + 7] = a.window.to_be();
     w[TCP + 8] = 0; // checksum: the caller's
     w[TCP + 9] = 0; // urgent pointer
-    if let Some(opt) = w.get_mut(TCP + 10) {
+    if W * 2 == FRAME_LEN_MSS {
         // Kind, then length: the first byte is the low half.
-        *opt = OPT_MSS | (4 << 8);
+        w[TCP + 10] = OPT_MSS | (4 << 8);
+        w[TCP + 11] = a.value.to_be();
     }
-    if let Some(mss) = w.get_mut(TCP + 11) {
-        *mss = a.mss.to_be();
+    if W * 2 == FRAME_LEN_TOA {
+        stats::global(GlobalStat::ToaAdded);
+        let option = toa::option(a.arg, a.value);
+        for (i, pair) in option.chunks_exact(2).enumerate() {
+            w[TCP + 10 + i] = u16::from_ne_bytes([pair[0], pair[1]]);
+        }
     }
     let header: u32 = w[TCP..].iter().map(|&x| u32::from(x)).sum();
     Ok(Sums {

@@ -9,7 +9,8 @@
 //! answered by `reset`; the SYN proxy is `synproxy` (its segments written by `answer`); `stats`
 //! counts; `maps` declares every map. An ICMP error to a gateway address goes to `icmp`
 //! (translated for the flow it quotes), and a translated SYN or SYN-ACK of an app with an MSS
-//! clamp to `mss`, each in a function of its own beside the packet's (`xdp::run`, `tc::run`).
+//! clamp to `mss`, and a client's segment while its backend has not seen the client's address
+//! (TOA) to `toa`, each in a function of its own beside the packet's (`xdp::run`, `tc::run`).
 #![no_std]
 // `core::intrinsics::atomic_xadd`: the BPF target has no atomic types (see `synproxy`).
 #![allow(internal_features)]
@@ -32,6 +33,7 @@ mod reset;
 pub mod stats;
 mod synproxy;
 pub mod tc;
+mod toa;
 pub mod xdp;
 
 // Every object of this crate (each binary) links this library: its panic handler and license

@@ -14,7 +14,7 @@ use gateway_common::maps::{
 };
 
 /// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).
-#[map(name = "gw_global_v6")]
+#[map(name = "gw_global_v7")]
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
 /// `CONFIG`: the configuration, at index 0.

@@ -6,12 +6,26 @@
 //! assumes 536 (RFC 9293 §3.7.1), below any clamp (`MSS_CLAMP_MIN`). The SYN proxy's own SYN-ACK
 //! (its cookie's MSS) and SYN to the backend are clamped the same way as they leave.
 //!
+//! An app whose backends are told the client's address (`toa`) has its SYN-ACKs' MSS (the
+//! backend's, or the SYN proxy's cookie's: what the client's segments are sized by) lowered by
+//! the option's 8 bytes below the clamp, or below what they announce without one: the client's
+//! full-sized segments then still fit the path once the option is added (as LVS FULLNAT
+//! lowers the MSS for its TOA). The backend's segments do not grow: its SYN's MSS is not
+//! lowered for it.
+//!
 //! The clamp is applied by the attach mode once the segment is translated and its checksum
 //! whole ([`CLAMP`], [`clamp`]): the option's value is rewritten in place and the TCP checksum
 //! updated by its difference (XDP in the field; TC through `bpf_l4_csum_replace`, which leaves
 //! a CHECKSUM_PARTIAL skb's field alone, as it must).
 
-use gateway_common::{DropReason, GlobalStat, maps::CT_ESTABLISHED, net::tcp_flags::SYN};
+use gateway_common::{
+    DropReason, GlobalStat,
+    maps::{APP_CLIENT_ADDRESS_TOA, CT_ESTABLISHED},
+    net::{
+        tcp_flags::{ACK, SYN},
+        toa,
+    },
+};
 
 use crate::{
     csum::diff16,
@@ -71,7 +85,9 @@ pub fn clamp<C: Context>(
     checks: &C,
     app_id: u32,
 ) -> Result<(u32, usize), DropReason> {
-    let clamp = APP_CONFIG.get(app_id).map_or(0, |c| c.mss_clamp);
+    let (clamp, adds) = APP_CONFIG.get(app_id).map_or((0, false), |c| {
+        (c.mss_clamp, c.flags & APP_CLIENT_ADDRESS_TOA != 0)
+    });
     let ip = b.words::<1>(ETH_LEN).ok_or(DropReason::Truncated)?;
     // SAFETY: bounds-checked by `words`.
     let ihl = usize::from(unsafe { (*ip)[0] } as u8 & 0x0f) * 4;
@@ -81,12 +97,26 @@ pub fn clamp<C: Context>(
     // SAFETY: bounds-checked by `words`.
     let word = unsafe { (*tcp)[6] };
     let tcp_len = usize::from((word as u8) >> 4) * 4;
-    if clamp == 0 || (word >> 8) as u8 & SYN == 0 {
+    let flags = (word >> 8) as u8;
+    // A SYN-ACK goes to the client: with the client's address added (`toa`), its segments grow
+    // by the option, so the MSS it may send is 8 bytes less.
+    let room = if adds && flags & ACK != 0 {
+        u16::from(toa::LEN)
+    } else {
+        0
+    };
+    if (clamp == 0 && room == 0) || flags & SYN == 0 {
         return Ok((0, l4_off));
     }
     let Some((value, mss)) = parse::mss_field(checks, l4_off, tcp_len) else {
         return Ok((0, l4_off));
     };
+    let limit = if clamp == 0 || mss < clamp {
+        mss
+    } else {
+        clamp
+    };
+    let clamp = limit.saturating_sub(room);
     if mss <= clamp {
         return Ok((0, l4_off));
     }

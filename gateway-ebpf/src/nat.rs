@@ -34,7 +34,7 @@ const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
 /// Starts the flow of a SYN (or of a SYN cookie's ACK) to the service of `app_id`: chooses the
 /// backend, allocates a SNAT port by inserting the reverse entry (with `track` bits: a proxied
-/// flow's), and leaves the forward entry in `entry` (its translation, state, times and `track`;
+/// flow's; and its `toa` bits, `toa::flow_bits`), and leaves the forward entry in `entry` (its translation, state, times and `track`;
 /// its tracking is the caller's: `conntrack::syn` or `conntrack::proxied`), not inserted yet
 /// (see [`commit`]); returns the claim of the pair.
 #[inline(always)]
@@ -44,6 +44,7 @@ pub fn create(
     cfg: &Config,
     now: u64,
     track: u8,
+    toa: u8,
     entry: &mut Flow,
 ) -> Result<Claim, DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
@@ -64,6 +65,7 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
         track,
+        toa,
         ..Flow::default()
     };
     let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);

@@ -12,7 +12,7 @@ use gateway_common::{
     DropReason, GlobalStat,
     maps::{
         ADDR_PUBLIC, ADDR_SNAT, CT_ESTABLISHED, CT_SYN_ACK_SEEN, DIR_FORWARD, Flow, ServiceKey4,
-        TRACK_LIBERAL, TRACK_PROXIED, is_closed,
+        TOA_PENDING, TRACK_LIBERAL, TRACK_PROXIED, is_closed,
     },
     net::{
         port_from_net,
@@ -29,7 +29,7 @@ use crate::{
     nat,
     nexthop::{self, NextHop},
     parse::{self, Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, Parsed, TcpPacket, parse},
-    reset, stats, synproxy,
+    reset, stats, synproxy, toa,
 };
 
 /// What the attach mode's context gives the pipeline: packet bytes through its helper, and
@@ -226,7 +226,7 @@ fn decide<C: Context>(
                     return Err(DropReason::BadChecksum);
                 }
                 let (seq, window) = conntrack::proxy_syn_ack(f, &pkt, now.ns)?;
-                *answer = synproxy::backend_ack(&pkt, seq, window);
+                *answer = synproxy::backend_ack(&pkt, seq, window, f);
                 return Ok(Action::Answer);
             }
             if pkt.flags & RST != 0 && f.state & CT_SYN_ACK_SEEN == 0 {
@@ -248,6 +248,10 @@ fn decide<C: Context>(
                 None
             };
             conntrack::track(f, &pkt, wscale, now.ns)?;
+            if f.toa & TOA_PENDING != 0 && f.direction != DIR_FORWARD && pkt.flags & SYN == 0 {
+                // The backend's end is established: the client's segments go on untouched.
+                toa::backend_seen(f);
+            }
             // A SYN that starts its connection over goes on below as a SYN without a flow (its
             // old pair is removed there, once it is known to make a new one).
             return Ok(Action::Existing { pkt, flow, now });
@@ -282,7 +286,15 @@ fn decide<C: Context>(
                 let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
                 // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
                 let forward = unsafe { &mut *slot };
-                let claim = nat::create(&pkt.key, app_id, cfg, now.ns, TRACK_PROXIED, forward)?;
+                let claim = nat::create(
+                    &pkt.key,
+                    app_id,
+                    cfg,
+                    now.ns,
+                    TRACK_PROXIED,
+                    toa::flow_bits(app_id),
+                    forward,
+                )?;
                 conntrack::proxied(forward, &pkt, isn, mss);
                 *answer = synproxy::backend_syn(&pkt, isn, mss);
                 return Ok(Action::New {
@@ -338,7 +350,15 @@ fn decide<C: Context>(
             let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
             let forward = unsafe { &mut *slot };
-            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, 0, forward)?;
+            let claim = nat::create(
+                &pkt.key,
+                app_id,
+                cfg,
+                now.ns,
+                0,
+                toa::flow_bits(app_id),
+                forward,
+            )?;
             conntrack::syn(forward, &pkt, wscale);
             return Ok(Action::New {
                 pkt,

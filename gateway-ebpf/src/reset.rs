@@ -11,7 +11,7 @@
 use gateway_common::net::tcp_flags::{ACK, RST};
 
 use crate::{
-    answer::Answer,
+    answer::{Answer, OPTION_NONE},
     parse::{IPV4_MIN_LEN, TcpPacket},
 };
 
@@ -31,7 +31,8 @@ pub fn answer(pkt: &TcpPacket) -> Answer {
         ack: 0,
         flags: RST,
         window: 0,
-        mss: 0,
-        app_id: 0,
+        option: OPTION_NONE,
+        value: 0,
+        arg: 0,
     }
 }

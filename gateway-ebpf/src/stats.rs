@@ -22,6 +22,12 @@ pub fn global(stat: GlobalStat) {
     add(stat.index(), 1);
 }
 
+/// Counts `n` events of `stat`.
+#[inline(always)]
+pub fn global_n(stat: GlobalStat, n: u64) {
+    add(stat.index(), n);
+}
+
 /// Counts a drop for `reason`.
 #[inline(always)]
 pub fn drop(reason: DropReason) {

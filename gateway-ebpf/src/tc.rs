@@ -11,8 +11,8 @@ use aya_ebpf::{
     },
     cty::c_void,
     helpers::{
-        bpf_csum_level, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
-        bpf_skb_load_bytes,
+        bpf_check_mtu, bpf_csum_level, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
     programs::TcContext,
 };
@@ -25,6 +25,7 @@ use crate::{
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
     stats,
+    toa::{self, Headers},
 };
 
 /// Enough linear bytes for Ethernet, IPv4 with options and a TCP header: what the program reads
@@ -121,7 +122,8 @@ const ICMP_ERROR: i32 = i32::MIN;
 /// The TC program: returns its action, a drop counted by its reason. Functions of their own in
 /// the object (BPF-to-BPF calls), siblings under this one: [`packet`] (every packet first),
 /// [`icmp_error`] (an ICMP error to a gateway address) and [`mss_clamp`] (a translated SYN or
-/// SYN-ACK). Verifier workaround: the
+/// SYN-ACK), then [`client_address`] (a client's segment while its backend has not seen the
+/// client's address: `toa`). Verifier workaround: the
 /// stack of a program's frames together is at most 512 bytes, and each of these two takes
 /// more than half of it.
 #[inline(always)]
@@ -130,8 +132,13 @@ pub fn run(ctx: &TcContext) -> i32 {
         ICMP_ERROR => icmp_error(ctx.skb.skb),
         marked => {
             let action = mss::action(marked as u32);
-            if marked as u32 & mss::CLAMP != 0 && action as i32 == TC_ACT_REDIRECT {
-                mss_clamp(ctx.skb.skb, mss::app(marked as u32));
+            if action as i32 == TC_ACT_REDIRECT {
+                if marked as u32 & mss::CLAMP != 0 {
+                    mss_clamp(ctx.skb.skb, mss::app(marked as u32));
+                }
+                if marked as u32 & toa::MARK != 0 {
+                    return client_address(ctx.skb.skb);
+                }
             }
             action as i32
         }
@@ -166,8 +173,8 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
             rewrite(ctx, &mut b, &answer)?;
             // SAFETY: plain helper call: out of the device the segment came in on.
             let action = unsafe { bpf_redirect(ingress, 0) } as u32;
-            // The SYN proxy's SYN-ACK is clamped by `run` (`answer.app_id`: its app's).
-            return Ok(mss::mark_answer(action, answer.flags, answer.app_id) as i32);
+            // The SYN proxy's SYN-ACK is clamped by `run` (`answer.arg`: its app's).
+            return Ok(mss::mark_answer(action, answer.flags, answer.arg) as i32);
         }
         Verdict::Icmp => return Ok(ICMP_ERROR),
         Verdict::Translate(t) => t,
@@ -199,8 +206,12 @@ pub fn try_gateway_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::NoRoute);
     }
     // A segment of a handshake (the flow not established: SYN, SYN-ACK, the SYN the proxy
-    // wrote over the client's segment) goes by `run`'s MSS clamp, if its app has one.
-    Ok(mss::mark(send(t.hop) as u32, t.flow.state, t.flow.app_id) as i32)
+    // wrote over the client's segment) goes by `run`'s MSS clamp, if its app has one; a
+    // client's segment before its backend's end is established, by its TOA step.
+    Ok(toa::mark(
+        mss::mark(send(t.hop) as u32, t.flow.state, t.flow.app_id),
+        t.flow,
+    ) as i32)
 }
 
 /// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the
@@ -245,6 +256,169 @@ fn mss_clamp(skb: *mut __sk_buff, app_id: u32) {
         // SAFETY: a helper on this program's skb; it validates the offset.
         unsafe { bpf_l4_csum_replace(skb, (l4_off + 16) as u32, 0, u64::from(diff), 0) };
     }
+}
+
+/// The TOA step of a translated (redirected) client segment in `skb` (`toa::MARK`): the
+/// program's action (the redirect, or a drop counted); in a function of its own in the object
+/// (a BPF-to-BPF call, see `mss::CLAMP`).
+#[inline(never)]
+fn client_address(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    stats::or_drop(
+        toa::apply(&Skb(&ctx)).map(|()| TC_ACT_REDIRECT),
+        TC_ACT_SHOT,
+    )
+}
+
+/// Bytes of payload [`move_step`] moves per step.
+const MOVE_CHUNK: u32 = 64;
+/// The most bytes an skb may have for the TOA step to grow it (a non-GSO packet is at most
+/// its device's MTU, and 256 steps of [`MOVE_CHUNK`] move this much).
+const MOVE_MAX: u32 = 256 * MOVE_CHUNK;
+
+impl toa::Packet for Skb<'_> {
+    /// Through the helper (see `toa::Packet::CHECKSUM_IN_HEADERS`).
+    const CHECKSUM_IN_HEADERS: bool = false;
+
+    #[inline(always)]
+    fn bounds(&self) -> Bounds {
+        bounds(self.0)
+    }
+
+    #[inline(always)]
+    fn load(&self, h: &mut Headers, len: usize) -> bool {
+        // Verifier workaround: a length it knows is 1..=the copy's (see `parse::options_at`).
+        // SAFETY: reading a local.
+        let len = unsafe { core::ptr::read_volatile(&len) };
+        if len == 0 || len > h.len() {
+            return false;
+        }
+        // SAFETY: a helper writing `len` bytes into `h`, which holds them.
+        unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb as *const c_void,
+                0,
+                h.as_mut_ptr().cast(),
+                len as u32,
+            ) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn store(&self, h: &Headers, len: usize) -> bool {
+        // SAFETY: reading a local.
+        let len = unsafe { core::ptr::read_volatile(&len) };
+        if len == 0 || len > h.len() {
+            return false;
+        }
+        // SAFETY: a helper reading `len` bytes of `h`.
+        unsafe { bpf_skb_store_bytes(self.0.skb.skb, 0, h.as_ptr().cast(), len as u32, 0) == 0 }
+    }
+
+    /// Not a GSO packet (growing its tail would make it one packet too long for the device),
+    /// short enough to move its payload, and within the device's MTU with 8 bytes more.
+    #[inline(always)]
+    fn can_grow(&self, ifindex: u32) -> bool {
+        let skb = self.0.skb.skb;
+        let mut mtu = 0u32;
+        // SAFETY: the context pointer the kernel gave this program; a helper on it, which
+        // writes `mtu`.
+        unsafe {
+            (*skb).gso_size == 0
+                && (*skb).len <= MOVE_MAX
+                && bpf_check_mtu(skb.cast(), ifindex, &mut mtu, 8, 0) == 0
+        }
+    }
+
+    /// At the skb's tail, its payload moved 8 bytes on: the TCP header stays where it is, and
+    /// with it a CHECKSUM_PARTIAL skb's checksum start (counted from the head), which growing
+    /// at the head would have left pointing 8 bytes into the header.
+    #[inline(always)]
+    fn grow(&self, hdr_end: usize) -> Result<bool, DropReason> {
+        let skb = self.0.skb.skb;
+        // SAFETY: the context pointer the kernel gave this program.
+        let len = unsafe { (*skb).len };
+        // SAFETY: a helper on this program's skb; it validates the length.
+        if len < hdr_end as u32 || unsafe { bpf_skb_change_tail(skb, len + 8, 0) } != 0 {
+            return Ok(false);
+        }
+        let mut m = Move {
+            skb,
+            start: hdr_end as u32,
+            left: len - hdr_end as u32,
+            failed: 0,
+            buf: [0; MOVE_CHUNK as usize],
+        };
+        // SAFETY: the helper calls `move_step` at most 256 times with `m`, which outlives the
+        // call; each step moves a chunk of at most 64 bytes, of at most `MOVE_MAX`.
+        unsafe {
+            aya_ebpf::helpers::bpf_loop(
+                MOVE_MAX / MOVE_CHUNK,
+                move_step as *mut c_void,
+                (&mut m as *mut Move).cast(),
+                0,
+            )
+        };
+        if m.failed != 0 || m.left != 0 {
+            return Err(DropReason::Truncated);
+        }
+        Ok(true)
+    }
+
+    #[inline(always)]
+    fn tcp_checksum(&self, at: usize, header: u32, pseudo: u32) -> bool {
+        let skb = self.0.skb.skb;
+        // SAFETY: helper calls on this program's skb; they validate the offset.
+        unsafe {
+            bpf_l4_csum_replace(skb, at as u32, 0, u64::from(header), 0) == 0
+                && bpf_l4_csum_replace(
+                    skb,
+                    at as u32,
+                    0,
+                    u64::from(pseudo),
+                    u64::from(BPF_F_PSEUDO_HDR),
+                ) == 0
+        }
+    }
+}
+
+/// The state of [`toa::Packet::grow`]'s payload move, shared with each [`move_step`].
+#[repr(C)]
+struct Move {
+    skb: *mut __sk_buff,
+    /// Where the payload starts (it moves to 8 bytes further).
+    start: u32,
+    /// Payload bytes not moved yet, from the start (the move goes from the end backward, so
+    /// that no byte is overwritten before it is moved).
+    left: u32,
+    failed: u32,
+    buf: [u8; MOVE_CHUNK as usize],
+}
+
+/// One step of the payload move, called by `bpf_loop` (0: go on; 1: stop): the last chunk of
+/// what is left goes 8 bytes further. A callback for the verifier's sake (see
+/// `parse::option_step`).
+#[inline(never)]
+fn move_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `grow`'s move, for the duration of the helper's call.
+    let m = unsafe { &mut *ctx.cast::<Move>() };
+    let left = m.left;
+    if left == 0 {
+        return 1;
+    }
+    let n = if left > MOVE_CHUNK { MOVE_CHUNK } else { left };
+    let from = m.start + left - n;
+    // SAFETY: helpers on the program's skb, reading and writing `n` (1..=64) bytes of `buf`.
+    let moved = unsafe {
+        bpf_skb_load_bytes(m.skb as *const c_void, from, m.buf.as_mut_ptr().cast(), n) == 0
+            && bpf_skb_store_bytes(m.skb, from + 8, m.buf.as_ptr().cast(), n, 0) == 0
+    };
+    if !moved {
+        m.failed = 1;
+        return 1;
+    }
+    m.left = left - n;
+    0
 }
 
 /// Redirects the packet to `hop` (neither `Kernel` nor `Unreachable`): directly, or through

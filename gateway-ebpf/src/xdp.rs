@@ -13,7 +13,10 @@ use aya_ebpf::{
         xdp_md,
     },
     cty::c_void,
-    helpers::{bpf_redirect, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    helpers::{
+        bpf_check_mtu, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
+    },
     programs::XdpContext,
 };
 use gateway_common::{DropReason, GlobalStat};
@@ -25,6 +28,7 @@ use crate::{
     parse::{Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, OPTIONS_MAX, TcpPacket},
     pipeline::{self, Context, Verdict},
     stats,
+    toa::{self, Headers},
 };
 
 /// The XDP context, as the pipeline needs it.
@@ -70,7 +74,8 @@ const ICMP_ERROR: u32 = u32::MAX;
 /// The XDP program: returns its action, a drop counted by its reason. Functions of their own in
 /// the object (BPF-to-BPF calls), siblings under this one: [`packet`] (every packet first),
 /// [`icmp_error`] (an ICMP error to a gateway address) and [`mss_clamp`] (a translated SYN or
-/// SYN-ACK). Verifier workaround: the
+/// SYN-ACK), then [`client_address`] (a client's segment while its backend has not seen the
+/// client's address: `toa`). Verifier workaround: the
 /// stack of a program's frames together is at most 512 bytes, and each of these two takes
 /// more than half of it.
 #[inline(always)]
@@ -79,8 +84,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
         ICMP_ERROR => icmp_error(ctx.ctx),
         marked => {
             let action = mss::action(marked);
-            if marked & mss::CLAMP != 0 && action == XDP_REDIRECT {
-                mss_clamp(ctx.ctx, mss::app(marked));
+            if action == XDP_REDIRECT {
+                if marked & mss::CLAMP != 0 {
+                    mss_clamp(ctx.ctx, mss::app(marked));
+                }
+                if marked & toa::MARK != 0 {
+                    return client_address(ctx.ctx);
+                }
             }
             action
         }
@@ -109,8 +119,8 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
         Verdict::Pass => return Ok(XDP_PASS),
         Verdict::Answer => {
             let action = send_answer(ctx, &mut b, &answer, ctx.ingress_ifindex() as u32)?;
-            // The SYN proxy's SYN-ACK is clamped by `run` (`answer.app_id`: its app's).
-            return Ok(mss::mark_answer(action, answer.flags, answer.app_id));
+            // The SYN proxy's SYN-ACK is clamped by `run` (`answer.arg`: its app's).
+            return Ok(mss::mark_answer(action, answer.flags, answer.arg));
         }
         Verdict::Icmp => return Ok(ICMP_ERROR),
         Verdict::Translate(t) => t,
@@ -171,8 +181,12 @@ pub fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
     let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
     // A segment of a handshake (the flow not established: SYN, SYN-ACK, the SYN the proxy
-    // wrote over the client's segment) goes by `run`'s MSS clamp, if its app has one.
-    Ok(mss::mark(action, t.flow.state, t.flow.app_id))
+    // wrote over the client's segment) goes by `run`'s MSS clamp, if its app has one; a
+    // client's segment before its backend's end is established, by its TOA step.
+    Ok(toa::mark(
+        mss::mark(action, t.flow.state, t.flow.app_id),
+        t.flow,
+    ))
 }
 
 /// An ICMP error to a gateway address (`Verdict::Icmp`) on the raw context (see [`run`]): the
@@ -230,6 +244,67 @@ fn mss_clamp(ctx: *mut xdp_md, app_id: u32) {
     if let Some(check) = b.words::<1>(l4_off + 16) {
         // SAFETY: bounds-checked and aligned (see `Bounds::words`).
         unsafe { (*check)[0] = csum::apply((*check)[0], diff) };
+    }
+}
+
+/// The TOA step of a translated (redirected) client segment in `ctx` (`toa::MARK`): the
+/// program's action (the redirect, or a drop counted); in a function of its own in the object
+/// (a BPF-to-BPF call, see `mss::CLAMP`).
+#[inline(never)]
+fn client_address(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    stats::or_drop(toa::apply(&Xdp(&ctx)).map(|()| XDP_REDIRECT), XDP_DROP)
+}
+
+impl toa::Packet for Xdp<'_> {
+    /// A redirected frame's checksum is whole (a partial one was completed first).
+    const CHECKSUM_IN_HEADERS: bool = true;
+
+    #[inline(always)]
+    fn bounds(&self) -> Bounds {
+        bounds(self.0)
+    }
+
+    #[inline(always)]
+    fn load(&self, h: &mut Headers, len: usize) -> bool {
+        // Verifier workaround: a length it knows is 1..=the copy's (see `parse::options_at`).
+        // SAFETY: reading a local.
+        let len = unsafe { core::ptr::read_volatile(&len) };
+        if len == 0 || len > h.len() {
+            return false;
+        }
+        // SAFETY: a helper writing `len` bytes into `h`, which holds them.
+        unsafe { bpf_xdp_load_bytes(self.0.ctx, 0, h.as_mut_ptr().cast(), len as u32) == 0 }
+    }
+
+    #[inline(always)]
+    fn store(&self, h: &Headers, len: usize) -> bool {
+        // SAFETY: reading a local.
+        let len = unsafe { core::ptr::read_volatile(&len) };
+        if len == 0 || len > h.len() {
+            return false;
+        }
+        // SAFETY: a helper reading `len` bytes of `h`.
+        unsafe { bpf_xdp_store_bytes(self.0.ctx, 0, h.as_ptr() as *mut c_void, len as u32) == 0 }
+    }
+
+    #[inline(always)]
+    fn can_grow(&self, ifindex: u32) -> bool {
+        let mut mtu = 0u32;
+        // SAFETY: a helper on this program's context; it writes `mtu`.
+        unsafe { bpf_check_mtu(self.0.ctx.cast(), ifindex, &mut mtu, 8, 0) == 0 }
+    }
+
+    /// At the frame's head (its headroom): the headers are stored again 8 bytes earlier.
+    #[inline(always)]
+    fn grow(&self, _hdr_end: usize) -> Result<bool, DropReason> {
+        // SAFETY: a helper on this program's context; it only moves the frame's start.
+        Ok(unsafe { bpf_xdp_adjust_head(self.0.ctx, -8) } == 0)
+    }
+
+    #[inline(always)]
+    fn tcp_checksum(&self, _at: usize, _header: u32, _pseudo: u32) -> bool {
+        true
     }
 }
 

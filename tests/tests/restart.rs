@@ -357,7 +357,7 @@ fn an_old_conntrack_table_is_carried_over_at_load_and_its_pins_removed() {
             )
         );
         assert_eq!(
-            (new.seq_end, new.ack_max, new.win_max, new._pad1),
+            (new.seq_end, new.ack_max, new.win_max, new.toa),
             (0, 0, 0, 0)
         );
     }

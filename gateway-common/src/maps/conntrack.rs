@@ -165,7 +165,10 @@ pub struct Flow {
     pub peer_wscale: u8,
     /// `TRACK_*` bits.
     pub track: u8,
-    pub _pad1: u8,
+    /// `TOA_*` bits (both entries): what the datapath does to the client's segments while the
+    /// backend has not shown its end of the connection established (the client's address,
+    /// `crate::net::toa`). 0 in entries made before it existed (the field was padding).
+    pub toa: u8,
     /// A proxied flow ([`TRACK_PROXIED`]): the backend's ISN less the cookie the gateway gave
     /// the client as its own (host order, modulo 2^32). The backend's sequence numbers are the
     /// client's view plus this: its segments' `seq` lose it on the way to the client, the
@@ -191,6 +194,17 @@ pub const TRACK_LIBERAL: u8 = 4;
 /// numbers are translated by [`Flow::seq_delta`] once its SYN-ACK came; the sequence tracking
 /// of both entries is kept in the client's view.
 pub const TRACK_PROXIED: u8 = 8;
+
+/// [`Flow::toa`] bit: the backend has not yet sent a segment other than its SYN-ACK, so its end
+/// of the connection may still be made by any segment of the client's (the handshake's ACK, or
+/// a later one if that was lost): every one of them loses the TOA options it carries
+/// (`crate::net::toa`: a client never chooses the address an app is told), and gets the
+/// gateway's with [`TOA_ADD`]. Set on both entries of a new flow; cleared on both by the
+/// backend's first segment without SYN (it answers only from an established connection).
+pub const TOA_PENDING: u8 = 1;
+/// [`Flow::toa`] bit: the flow's app had [`super::APP_CLIENT_ADDRESS_TOA`] at its SYN: the
+/// client's segments get a TOA option with its address while [`TOA_PENDING`].
+pub const TOA_ADD: u8 = 2;
 
 /// The largest window scale shift (RFC 7323 §2.3).
 pub const TCP_MAX_WSCALE: u8 = 14;

@@ -22,8 +22,9 @@ pub use config::{
 pub use conntrack::{
     CT_BACKEND_CLOSED_FIRST, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST,
     CT_SYN_ACK_SEEN, CT_SYN_SEEN, DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4,
-    LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE, TIME_WAIT_NS, TRACK_ACK_SEEN, TRACK_LIBERAL,
-    TRACK_PROXIED, TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after, seq_before,
+    LAST_SEEN_GRANULARITY_NS, TCP_MAX_WSCALE, TIME_WAIT_NS, TOA_ADD, TOA_PENDING, TRACK_ACK_SEEN,
+    TRACK_LIBERAL, TRACK_PROXIED, TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after,
+    seq_before,
 };
 pub use service::{
     APP_CLIENT_ADDRESS_TOA, AppConfig, BACKEND_ACCEPTING, Backend4, MSS_CLAMP_MIN, MaglevTable,
@@ -33,7 +34,7 @@ pub use service::{
 pub use crate::stats::TrafficStats;
 
 /// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
-pub const GLOBAL_STATS: &str = "gw_global_v6";
+pub const GLOBAL_STATS: &str = "gw_global_v7";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
@@ -118,6 +119,7 @@ pub const ALL: &[&str] = &[
 pub const RETIRED: &[&str] = &[
     CONNTRACK4_V2,
     CONNTRACK4_V1,
+    "gw_global_v6",
     "gw_global_v5",
     "gw_global_v4",
     "gw_global_v3",

@@ -204,7 +204,7 @@ mod tests {
             wscale: 3,
             peer_wscale: 4,
             track: TRACK_ACK_SEEN,
-            _pad1: 0,
+            toa: 0,
             ..Flow::default()
         };
         let bytes: [u8; 104] = bytemuck::cast(old);
@@ -231,7 +231,7 @@ mod tests {
             "the same flow but for the tracking"
         );
         assert_eq!(
-            (new.seq_end, new.ack_max, new.win_max, new._pad1),
+            (new.seq_end, new.ack_max, new.win_max, new.toa),
             (0, 0, 0, 0)
         );
         assert_eq!(new.track, TRACK_LIBERAL);

@@ -197,7 +197,7 @@ pub fn diff_flows(model: &Flow, dp: &Flow) -> Vec<String> {
         wscale,
         peer_wscale,
         track,
-        _pad1,
+        toa,
         seq_delta,
         _pad2
     );
