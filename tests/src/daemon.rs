@@ -373,6 +373,39 @@ impl Daemon {
         aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("the app settings' layout")
     }
 
+    /// One request to the API as any HTTP client sends it (not through the CLI's types, so that
+    /// it may be one they cannot write): `METHOD PATH` with JSON `body` (none when empty). The
+    /// answer's status and body.
+    #[track_caller]
+    pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.socket.display()));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer: {answer:?}"));
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{method} {path}: no status: {head:?}"));
+        (status, body.to_owned())
+    }
+
     /// App `app_id`'s MSS clamp as the datapath reads it (0: none).
     #[track_caller]
     pub fn mss_clamp(&self, app_id: u32) -> u16 {

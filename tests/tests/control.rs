@@ -13,7 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::datapath::AttachMode;
+use gateway::{datapath::AttachMode, state::ClientAddress};
+use gateway_common::maps::{APP_CLIENT_ADDRESS_TOA as TOA, AppConfig};
 use gateway_tests::{
     daemon::Daemon,
     netns::Topology,
@@ -503,7 +504,10 @@ fn an_apps_mss_clamp_is_programmed_changed_restored_and_cleared() {
     assert_eq!(daemon.app("web").mss_clamp, Some(1360));
     assert_eq!(daemon.app("db").mss_clamp, None);
     let show = daemon.ok(&["app", "show", "web"]);
-    assert!(show.contains("  MSS clamp 1360  "), "{show}");
+    assert!(
+        show.contains("  MSS clamp 1360, client address none  "),
+        "{show}"
+    );
     let list: Vec<gateway::api::AppView> =
         serde_json::from_str(&daemon.ok(&["app", "list", "--json"])).unwrap();
     let listed: Vec<_> = list
@@ -521,11 +525,11 @@ fn an_apps_mss_clamp_is_programmed_changed_restored_and_cleared() {
     // Changed live, set and removed.
     assert_eq!(
         daemon.ok(&["app", "set", "db", "--mss", "1400"]),
-        "app db: MSS clamp 1400\n"
+        "app db: MSS clamp 1400, client address none\n"
     );
     assert_eq!(
         daemon.ok(&["app", "set", "web", "--no-mss"]),
-        "app web: no MSS clamp\n"
+        "app web: no MSS clamp, client address none\n"
     );
     assert_eq!(clamps(&daemon), BTreeMap::from([(db, 1400)]));
     assert_eq!(daemon.app("web").mss_clamp, None);
@@ -615,4 +619,270 @@ fn an_apps_mss_clamp_is_programmed_changed_restored_and_cleared() {
     assert_eq!(clamps(&daemon), BTreeMap::from([(db, 1400)]));
     daemon.ok(&["app", "delete", "db"]);
     assert_eq!(clamps(&daemon), BTreeMap::new());
+}
+
+/// The settings the datapath reads, by app id (those that are not all zero): the MSS clamp and
+/// the flags.
+#[track_caller]
+fn app_settings(daemon: &Daemon) -> BTreeMap<u32, (u16, u32)> {
+    daemon
+        .app_configs()
+        .iter()
+        .enumerate()
+        .filter_map(|(id, config)| {
+            let config = config.unwrap_or_else(|e| panic!("app id {id}: {e}"));
+            (config != AppConfig::default())
+                .then_some((id as u32, (config.mss_clamp, config.flags)))
+        })
+        .collect()
+}
+
+/// An app's client address setting (`--client-address toa`, issue 17) reaches the map the
+/// datapath reads, as a flag beside the MSS clamp, each kept when the other changes: at create,
+/// changed live by `app set` and the API's merge patch, written again from the state file at
+/// start over what the map held, zeroed on delete. A bad value, from the CLI or the API, or a
+/// change that cannot be saved, leaves the state and the map as they were.
+#[test]
+fn an_apps_client_address_is_programmed_changed_restored_and_cleared() {
+    require_root();
+    let topo = Topology::new(1);
+    let mut daemon = Daemon::start(&topo, None, &[]);
+    assert_eq!(
+        daemon.ok(&[
+            "app",
+            "create",
+            "web",
+            "--client-address",
+            "toa",
+            "--mss",
+            "1360"
+        ]),
+        "tcp://203.0.113.10:20000\n"
+    );
+    daemon.ok(&["app", "create", "db"]);
+    daemon.ok(&["app", "create", "api", "--client-address", "none"]);
+    let web = daemon.app_id(20000).expect("web is routed");
+    let db = daemon.app_id(20001).expect("db is routed");
+    assert_eq!(app_settings(&daemon), BTreeMap::from([(web, (1360, TOA))]));
+    assert_eq!(daemon.app("web").client_address, ClientAddress::Toa);
+    assert_eq!(daemon.app("db").client_address, ClientAddress::None);
+    assert_eq!(daemon.app("api").client_address, ClientAddress::None);
+    let state = std::fs::read_to_string(daemon.dir.path().join("state/state.json")).unwrap();
+    assert_eq!(
+        state.matches(r#""client_address": "toa""#).count(),
+        1,
+        "{state}"
+    );
+    let show = daemon.ok(&["app", "show", "web"]);
+    assert!(
+        show.contains("  MSS clamp 1360, client address toa  "),
+        "{show}"
+    );
+    let list = daemon.ok(&["app", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" toa ")),
+        "{list}"
+    );
+    assert!(
+        !list
+            .lines()
+            .any(|l| !l.starts_with("web ") && l.contains(" toa ")),
+        "{list}"
+    );
+    let status = daemon.ok(&["status"]);
+    assert!(
+        status.contains("\napp web  tcp://203.0.113.10:20000  client address toa  0 open"),
+        "{status}"
+    );
+    assert_eq!(status.matches("client address").count(), 1, "{status}");
+    let (code, body) = daemon.api("GET", "/v1/apps/web", "");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""client_address":"toa""#), "{body}");
+
+    // Changed live, each setting kept when the other changes.
+    assert_eq!(
+        daemon.ok(&["app", "set", "web", "--client-address", "none"]),
+        "app web: MSS clamp 1360, client address none\n"
+    );
+    assert_eq!(app_settings(&daemon), BTreeMap::from([(web, (1360, 0))]));
+    assert_eq!(
+        daemon.ok(&["app", "set", "db", "--client-address", "toa"]),
+        "app db: no MSS clamp, client address toa\n"
+    );
+    daemon.ok(&["app", "set", "db", "--mss", "1400"]);
+    daemon.ok(&["app", "set", "web", "--client-address", "toa"]);
+    assert_eq!(
+        app_settings(&daemon),
+        BTreeMap::from([(web, (1360, TOA)), (db, (1400, TOA))])
+    );
+    assert_eq!(daemon.app("db").client_address, ClientAddress::Toa);
+    // The API: a merge patch (`null` removes the setting), and a create.
+    let (code, body) = daemon.api("PATCH", "/v1/apps/db", r#"{"client_address": null}"#);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""client_address":"none""#), "{body}");
+    assert_eq!(
+        app_settings(&daemon),
+        BTreeMap::from([(web, (1360, TOA)), (db, (1400, 0))])
+    );
+    let (code, body) = daemon.api("PATCH", "/v1/apps/db", r#"{"client_address": "toa"}"#);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = daemon.api("PATCH", "/v1/apps/db", r#"{"mss_clamp": 1400}"#);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = daemon.api(
+        "POST",
+        "/v1/apps",
+        r#"{"name": "ftp", "client_address": "toa"}"#,
+    );
+    assert_eq!(code, 201, "{body}");
+    let ftp = daemon.app_id(20003).expect("ftp is routed");
+    let programmed = BTreeMap::from([(web, (1360, TOA)), (db, (1400, TOA)), (ftp, (0, TOA))]);
+    assert_eq!(app_settings(&daemon), programmed);
+
+    // Refused with one clear error; nothing changed, in the state or in the map.
+    let snapshot = settled(&daemon);
+    let bad = "client address must be toa or none";
+    for args in [
+        &["app", "create", "x", "--client-address", "foo"][..],
+        &["app", "set", "web", "--client-address", "foo"],
+        &["app", "set", "web", "--client-address", "TOA"],
+        &["app", "set", "web", "--client-address", ""],
+    ] {
+        let out = daemon.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr.lines().next().is_some_and(|l| l.contains(bad)),
+            "gateway {}: {stderr}",
+            args.join(" ")
+        );
+        assert_eq!(settled(&daemon), snapshot, "after {args:?}");
+        assert_eq!(app_settings(&daemon), programmed, "after {args:?}");
+    }
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["app", "set", "nope", "--client-address", "toa"],
+            "no app named \"nope\"",
+        ),
+        (
+            &["app", "create", "X", "--client-address", "toa"],
+            "bad app name",
+        ),
+        (
+            &[
+                "app",
+                "set",
+                "web",
+                "--client-address",
+                "none",
+                "--mss",
+                "1",
+            ],
+            "MSS clamp 1 is out of range",
+        ),
+    ];
+    for (args, wants) in cases {
+        let err = daemon.fails(args);
+        assert!(err.contains(wants), "gateway {}: {err}", args.join(" "));
+        assert_eq!(settled(&daemon), snapshot, "after {args:?}");
+        assert_eq!(app_settings(&daemon), programmed, "after {args:?}");
+    }
+    let api: &[(&str, &str, &str, u16, &str)] = &[
+        (
+            "POST",
+            "/v1/apps",
+            r#"{"name": "x", "client_address": "foo"}"#,
+            400,
+            bad,
+        ),
+        (
+            "POST",
+            "/v1/apps",
+            r#"{"name": "x", "client_address": "Toa"}"#,
+            400,
+            bad,
+        ),
+        (
+            "PATCH",
+            "/v1/apps/web",
+            r#"{"client_address": "foo"}"#,
+            400,
+            bad,
+        ),
+        (
+            "PATCH",
+            "/v1/apps/web",
+            r#"{"client_address": 1}"#,
+            400,
+            "bad request body",
+        ),
+        (
+            "PATCH",
+            "/v1/apps/web",
+            r#"{"client_address": "none", "mss_clamp": 1}"#,
+            400,
+            "MSS clamp 1 is out of range",
+        ),
+        (
+            "PATCH",
+            "/v1/apps/nope",
+            r#"{"client_address": "toa"}"#,
+            404,
+            "no app named",
+        ),
+    ];
+    for &(method, path, body, status, wants) in api {
+        let (code, answer) = daemon.api(method, path, body);
+        assert_eq!(code, status, "{method} {path} {body}: {answer}");
+        assert!(answer.contains(wants), "{method} {path} {body}: {answer}");
+        assert_eq!(settled(&daemon), snapshot, "after {method} {path} {body}");
+        assert_eq!(
+            app_settings(&daemon),
+            programmed,
+            "after {method} {path} {body}"
+        );
+    }
+    assert_eq!(daemon.app_id(20004), None, "no app was created");
+
+    // A change the state file cannot take is undone in the datapath too.
+    let tmp = daemon.dir.path().join("state/state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    let set = daemon.fails(&["app", "set", "web", "--client-address", "none"]);
+    std::fs::remove_dir(&tmp).unwrap();
+    assert!(set.contains("state.json.tmp"), "{set}");
+    assert_eq!(settled(&daemon), snapshot);
+    assert_eq!(
+        app_settings(&daemon),
+        programmed,
+        "the datapath was put back"
+    );
+
+    // A start programs the settings of the state file over whatever the pinned map holds: a
+    // flag missing, a flag too many, one of an app the state does not have.
+    daemon.kill9();
+    let mut configs = daemon.app_configs();
+    let config = |mss_clamp, flags| AppConfig {
+        mss_clamp,
+        flags,
+        ..Default::default()
+    };
+    configs.set(web, config(1360, 0), 0).unwrap();
+    configs.set(db, config(1400, 0), 0).unwrap();
+    let api_id = daemon.app_id(20002).expect("api is routed");
+    configs.set(api_id, config(0, TOA), 0).unwrap();
+    configs.set(77, config(0, TOA), 0).unwrap();
+    drop(configs);
+    daemon.restart();
+    assert_eq!(app_settings(&daemon), programmed, "{}", daemon.log());
+    assert_eq!(settled(&daemon), snapshot, "the state survived");
+
+    // Deleting an app zeroes its settings.
+    daemon.ok(&["app", "delete", "web"]);
+    assert_eq!(
+        app_settings(&daemon),
+        BTreeMap::from([(db, (1400, TOA)), (ftp, (0, TOA))])
+    );
+    daemon.ok(&["app", "delete", "db"]);
+    daemon.ok(&["app", "delete", "ftp"]);
+    assert_eq!(app_settings(&daemon), BTreeMap::new());
 }

@@ -310,7 +310,7 @@ mod path {
 mod tests {
     use super::path;
     use crate::api::{AddBackend, CreateApp, Deploy, FlowQuery, RemoveBackend, UpdateApp};
-    use crate::state::HealthOverrides;
+    use crate::state::{ClientAddress, HealthOverrides};
 
     #[test]
     fn paths_percent_encode_names_and_keep_addresses() {
@@ -375,6 +375,7 @@ mod tests {
                 ..HealthOverrides::default()
             },
             mss_clamp: None,
+            client_address: None,
         };
         let json = serde_json::to_value(&create).unwrap();
         assert_eq!(
@@ -399,6 +400,32 @@ mod tests {
         assert_eq!(json["mss_clamp"], 1360);
         let back: CreateApp = serde_json::from_value(json).unwrap();
         assert_eq!(back.mss_clamp, Some(1360));
+
+        let told = CreateApp {
+            client_address: Some(ClientAddress::Toa),
+            ..create.clone()
+        };
+        let json = serde_json::to_value(&told).unwrap();
+        assert_eq!(json["client_address"], "toa");
+        let back: CreateApp = serde_json::from_value(json).unwrap();
+        assert_eq!(back.client_address, Some(ClientAddress::Toa));
+        let none: CreateApp =
+            serde_json::from_value(serde_json::json!({"name": "web", "client_address": "none"}))
+                .unwrap();
+        assert_eq!(none.client_address, Some(ClientAddress::None));
+        let null: CreateApp =
+            serde_json::from_value(serde_json::json!({"name": "web", "client_address": null}))
+                .unwrap();
+        assert_eq!(null.client_address, None);
+        let err = serde_json::from_value::<CreateApp>(
+            serde_json::json!({"name": "web", "client_address": "foo"}),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("client address must be toa or none, not \"foo\""),
+            "{err}"
+        );
 
         let deploy = Deploy {
             backends: vec!["10.0.0.2:8080".to_owned()],
@@ -436,14 +463,44 @@ mod tests {
             (
                 UpdateApp {
                     mss_clamp: Some(None),
+                    ..UpdateApp::default()
                 },
                 serde_json::json!({"mss_clamp": null}),
             ),
             (
                 UpdateApp {
                     mss_clamp: Some(Some(1360)),
+                    ..UpdateApp::default()
                 },
                 serde_json::json!({"mss_clamp": 1360}),
+            ),
+            (
+                UpdateApp {
+                    client_address: Some(Some(ClientAddress::Toa)),
+                    ..UpdateApp::default()
+                },
+                serde_json::json!({"client_address": "toa"}),
+            ),
+            (
+                UpdateApp {
+                    client_address: Some(Some(ClientAddress::None)),
+                    ..UpdateApp::default()
+                },
+                serde_json::json!({"client_address": "none"}),
+            ),
+            (
+                UpdateApp {
+                    client_address: Some(None),
+                    ..UpdateApp::default()
+                },
+                serde_json::json!({"client_address": null}),
+            ),
+            (
+                UpdateApp {
+                    mss_clamp: Some(Some(1360)),
+                    client_address: Some(Some(ClientAddress::Toa)),
+                },
+                serde_json::json!({"mss_clamp": 1360, "client_address": "toa"}),
             ),
         ];
         for (update, json) in cases {
@@ -451,5 +508,12 @@ mod tests {
             assert_eq!(serde_json::from_value::<UpdateApp>(json).unwrap(), update);
         }
         assert!(serde_json::from_value::<UpdateApp>(serde_json::json!({"mss": 1360})).is_err());
+        let err = serde_json::from_value::<UpdateApp>(serde_json::json!({"client_address": "TOA"}))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("client address must be toa or none"),
+            "{err}"
+        );
     }
 }

@@ -20,7 +20,10 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::datapath::{AttachMode, Phases};
+use crate::{
+    datapath::{AttachMode, Phases},
+    state::ClientAddress,
+};
 
 pub mod client;
 pub mod server;
@@ -43,6 +46,10 @@ pub struct CreateApp {
     /// before clamps still takes the body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mss_clamp: Option<u32>,
+    /// Whether its backends are told each connection's client address: `"toa"` or `"none"`.
+    /// `none` when absent (or `null`). Left out when `None`, as `mss_clamp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<ClientAddress>,
 }
 
 /// `PATCH /v1/apps/{name}`: changes settings of an existing app, live. Each field reads as in a
@@ -58,6 +65,14 @@ pub struct UpdateApp {
         skip_serializing_if = "Option::is_none"
     )]
     pub mss_clamp: Option<Option<u32>>,
+    /// Whether its backends are told each connection's client address: `"toa"`, or `"none"`
+    /// (also `null`).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_address: Option<Option<ClientAddress>>,
 }
 
 /// A field that is present, as `Some` of its value (also of `null`: `Some(None)`); with
@@ -140,6 +155,10 @@ pub struct AppView {
     /// Its MSS clamp (bytes), if it has one.
     #[serde(default)]
     pub mss_clamp: Option<u16>,
+    /// Whether its backends are told each connection's client address (`toa`), or not
+    /// (`none`).
+    #[serde(default)]
+    pub client_address: ClientAddress,
     pub backends: Vec<BackendView>,
     /// Open connections to the app (as of the last conntrack scan).
     pub connections: u64,

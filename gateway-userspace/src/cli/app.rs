@@ -21,6 +21,7 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
             check_rise,
             check_fall,
             mss,
+            client_address,
         } => {
             let health = HealthOverrides {
                 interval_ms: check_interval.map(Dur::ms),
@@ -34,6 +35,7 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
                     port,
                     health,
                     mss_clamp: mss,
+                    client_address,
                 })
                 .await?;
             println!("{}", app.url);
@@ -82,19 +84,21 @@ fn update(settings: &AppSettings) -> UpdateApp {
         } else {
             settings.mss.map(Some)
         },
+        client_address: settings.client_address.map(Some),
     }
 }
 
-/// An app's settings in words, as `app set` and `app show` print them: `MSS clamp 1360`, or
-/// `no MSS clamp`.
+/// An app's settings in words, as `app set` and `app show` print them: `MSS clamp 1360` or
+/// `no MSS clamp`, then `client address toa` or `client address none`.
 struct Settings<'a>(&'a AppView);
 
 impl std::fmt::Display for Settings<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0.mss_clamp {
-            Some(mss) => write!(f, "MSS clamp {mss}"),
-            None => write!(f, "no MSS clamp"),
+            Some(mss) => write!(f, "MSS clamp {mss}")?,
+            None => write!(f, "no MSS clamp")?,
         }
+        write!(f, ", client address {}", self.0.client_address)
     }
 }
 
@@ -103,7 +107,10 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::cli::{Args, CliCommand, Command};
+    use crate::{
+        cli::{Args, CliCommand, Command},
+        state::ClientAddress,
+    };
 
     /// `gateway ARGS...`'s app command, or clap's refusal.
     fn parse(args: &[&str]) -> Result<AppCommand, clap::Error> {
@@ -134,6 +141,34 @@ mod tests {
     }
 
     #[test]
+    fn create_takes_a_client_address() {
+        let client_address = |args: &[&str]| match parse(args) {
+            Ok(AppCommand::Create {
+                client_address,
+                mss,
+                ..
+            }) => Ok((client_address, mss)),
+            Ok(other) => panic!("not app create: {other:?}"),
+            Err(e) => Err(e),
+        };
+        let create = ["app", "create", "web"];
+        assert_eq!(client_address(&create).unwrap(), (None, None));
+        for (value, ca) in [("toa", ClientAddress::Toa), ("none", ClientAddress::None)] {
+            let args = [&create[..], &["--client-address", value, "--mss", "1360"]].concat();
+            assert_eq!(client_address(&args).unwrap(), (Some(ca), Some(1360)));
+        }
+        // A bad value is refused with the daemon's words.
+        let err =
+            client_address(&[&create[..], &["--client-address", "foo"]].concat()).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(
+            err.to_string()
+                .contains("client address must be toa or none, not \"foo\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn set_sends_only_what_it_is_given_and_needs_something() {
         let set = |args: &[&str]| match parse(args) {
             Ok(AppCommand::Set { name, settings }) => Ok((name, update(&settings))),
@@ -145,7 +180,8 @@ mod tests {
             Ok((
                 "web".to_owned(),
                 UpdateApp {
-                    mss_clamp: Some(Some(1400))
+                    mss_clamp: Some(Some(1400)),
+                    client_address: None,
                 }
             ))
         );
@@ -154,9 +190,46 @@ mod tests {
             Ok((
                 "web".to_owned(),
                 UpdateApp {
-                    mss_clamp: Some(None)
+                    mss_clamp: Some(None),
+                    client_address: None,
                 }
             ))
+        );
+        assert_eq!(
+            set(&["app", "set", "web", "--client-address", "toa"]),
+            Ok((
+                "web".to_owned(),
+                UpdateApp {
+                    mss_clamp: None,
+                    client_address: Some(Some(ClientAddress::Toa)),
+                }
+            ))
+        );
+        assert_eq!(
+            set(&[
+                "app",
+                "set",
+                "web",
+                "--client-address",
+                "none",
+                "--mss",
+                "1400"
+            ]),
+            Ok((
+                "web".to_owned(),
+                UpdateApp {
+                    mss_clamp: Some(Some(1400)),
+                    client_address: Some(Some(ClientAddress::None)),
+                }
+            ))
+        );
+        assert_eq!(
+            set(&["app", "set", "web", "--client-address", "foo"]),
+            Err(clap::error::ErrorKind::ValueValidation)
+        );
+        assert_eq!(
+            set(&["app", "set", "web", "--client-address"]),
+            Err(clap::error::ErrorKind::InvalidValue)
         );
         assert_eq!(
             set(&["app", "set", "web"]),
@@ -179,13 +252,25 @@ mod tests {
             port: 20000,
             url: "tcp://203.0.113.10:20000".to_owned(),
             mss_clamp: Some(1360),
+            client_address: ClientAddress::None,
             backends: vec![],
             connections: 0,
             half_open: 0,
             rates: Default::default(),
         };
-        assert_eq!(Settings(&app).to_string(), "MSS clamp 1360");
+        assert_eq!(
+            Settings(&app).to_string(),
+            "MSS clamp 1360, client address none"
+        );
         app.mss_clamp = None;
-        assert_eq!(Settings(&app).to_string(), "no MSS clamp");
+        assert_eq!(
+            Settings(&app).to_string(),
+            "no MSS clamp, client address none"
+        );
+        app.client_address = ClientAddress::Toa;
+        assert_eq!(
+            Settings(&app).to_string(),
+            "no MSS clamp, client address toa"
+        );
     }
 }

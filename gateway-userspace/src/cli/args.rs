@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, DaemonArgs, Dur};
+use crate::{
+    config::{self, DaemonArgs, Dur},
+    state::{ClientAddress, StateError},
+};
 
 /// An eBPF full-NAT TCP load balancer.
 #[derive(Debug, Parser)]
@@ -83,6 +86,10 @@ pub enum AppCommand {
         /// less 40) [default: none].
         #[arg(long, value_name = "BYTES")]
         mss: Option<u32>,
+        /// Tell the app's backends each connection's client address and port: `toa`, in a TCP
+        /// option (see docs/client-address.md), or `none` [default: none].
+        #[arg(long, value_name = "toa|none", value_parser = client_address)]
+        client_address: Option<ClientAddress>,
     },
     /// Change an app's settings, live (its connections go on).
     Set {
@@ -116,6 +123,16 @@ pub struct AppSettings {
     /// Remove the app's MSS clamp.
     #[arg(long, conflicts_with = "mss")]
     pub no_mss: bool,
+    /// Tell the app's backends each connection's client address (`toa`) or not (`none`), see
+    /// `app create`; new connections get it.
+    #[arg(long, value_name = "toa|none", value_parser = client_address)]
+    pub client_address: Option<ClientAddress>,
+}
+
+/// `--client-address`'s value: the daemon's own words for a bad one (clap's value enum would
+/// list the values instead).
+fn client_address(s: &str) -> Result<ClientAddress, StateError> {
+    s.parse()
 }
 
 /// `gateway backend ...`.

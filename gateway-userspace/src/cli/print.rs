@@ -7,7 +7,10 @@ use std::fmt::{self, Display, Formatter};
 use serde::Serialize;
 
 use super::CliError;
-use crate::api::{AppView, BackendView, FlowList};
+use crate::{
+    api::{AppView, BackendView, FlowList},
+    state::ClientAddress,
+};
 
 /// Prints `value` as pretty JSON on stdout (`--json`).
 pub(super) fn json<T: Serialize>(value: &T) -> Result<(), CliError> {
@@ -16,8 +19,8 @@ pub(super) fn json<T: Serialize>(value: &T) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `gateway app list`: one line per app (name, port, URL, MSS clamp or `-`, backends,
-/// connections).
+/// `gateway app list`: one line per app (name, port, URL, MSS clamp or `-`, client address
+/// (`toa`) or `-`, backends, connections).
 pub(super) struct AppsTable<'a>(pub &'a [AppView]);
 
 impl Display for AppsTable<'_> {
@@ -29,18 +32,23 @@ impl Display for AppsTable<'_> {
         let w = apps.iter().map(|a| a.name.len()).max().unwrap_or(0).max(4);
         writeln!(
             f,
-            "{:w$}  {:>5}  {:30}  {:>5}  {:>8}  {:>11}",
-            "NAME", "PORT", "URL", "MSS", "BACKENDS", "CONNECTIONS"
+            "{:w$}  {:>5}  {:30}  {:>5}  {:6}  {:>8}  {:>11}",
+            "NAME", "PORT", "URL", "MSS", "CLIENT", "BACKENDS", "CONNECTIONS"
         )?;
         for a in apps {
             let mss = a.mss_clamp.map_or("-".to_owned(), |m| m.to_string());
+            let client = match a.client_address {
+                ClientAddress::None => "-".to_owned(),
+                other => other.to_string(),
+            };
             writeln!(
                 f,
-                "{:w$}  {:>5}  {:30}  {:>5}  {:>8}  {:>11}",
+                "{:w$}  {:>5}  {:30}  {:>5}  {:6}  {:>8}  {:>11}",
                 a.name,
                 a.port,
                 a.url,
                 mss,
+                client,
                 a.backends.len(),
                 a.connections
             )?;
@@ -180,6 +188,7 @@ mod tests {
             port: 20000,
             url: "tcp://203.0.113.10:20000".to_owned(),
             mss_clamp: None,
+            client_address: ClientAddress::None,
             backends: vec![backend("10.0.0.2:8080", BackendState::Active, false)],
             connections: 12,
             half_open: 0,
@@ -192,11 +201,19 @@ mod tests {
             mss_clamp: Some(1360),
             ..app.clone()
         };
+        let told = AppView {
+            name: "api".to_owned(),
+            port: 20002,
+            url: "tcp://203.0.113.10:20002".to_owned(),
+            client_address: ClientAddress::Toa,
+            ..app.clone()
+        };
         assert_eq!(
-            AppsTable(&[app, clamped]).to_string(),
-            "NAME   PORT  URL                               MSS  BACKENDS  CONNECTIONS\n\
-             web   20000  tcp://203.0.113.10:20000            -         1           12\n\
-             db    20001  tcp://203.0.113.10:20001         1360         1           12\n"
+            AppsTable(&[app, clamped, told]).to_string(),
+            "NAME   PORT  URL                               MSS  CLIENT  BACKENDS  CONNECTIONS\n\
+             web   20000  tcp://203.0.113.10:20000            -  -              1           12\n\
+             db    20001  tcp://203.0.113.10:20001         1360  -              1           12\n\
+             api   20002  tcp://203.0.113.10:20002            -  toa            1           12\n"
         );
     }
 

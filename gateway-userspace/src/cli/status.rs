@@ -9,7 +9,10 @@ use super::{
     args::StatusArgs,
     print::{self, BackendsTable},
 };
-use crate::api::{Client, Status};
+use crate::{
+    api::{Client, Status},
+    state::ClientAddress,
+};
 
 pub(super) async fn run(client: &Client, args: StatusArgs) -> Result<(), CliError> {
     let status = client.status().await?;
@@ -77,9 +80,14 @@ impl Display for StatusReport<'_> {
             s.health_checks, s.health_checks_failed
         )?;
         for a in &s.apps {
+            // A setting is shown when the app has it.
+            let client = match a.client_address {
+                ClientAddress::None => String::new(),
+                other => format!("client address {other}  "),
+            };
             writeln!(
                 f,
-                "\napp {}  {}  {} open connections ({} half-open)  {:.1} conn/s  {:.0} pkt/s  {}/s",
+                "\napp {}  {}  {client}{} open connections ({} half-open)  {:.1} conn/s  {:.0} pkt/s  {}/s",
                 a.name,
                 a.url,
                 a.connections,
@@ -153,6 +161,7 @@ mod tests {
                 port: 20000,
                 url: "tcp://203.0.113.10:20000".to_owned(),
                 mss_clamp: None,
+                client_address: ClientAddress::None,
                 backends: vec![],
                 connections: 2,
                 half_open: 1,
@@ -178,6 +187,15 @@ mod tests {
             health_checks_failed: 1,
             scanned_at_ms: 10_000,
         };
+        // An app with a setting shows it.
+        let mut status = status;
+        let told = AppView {
+            name: "api".to_owned(),
+            url: "tcp://203.0.113.10:20001".to_owned(),
+            client_address: ClientAddress::Toa,
+            ..status.apps[0].clone()
+        };
+        status.apps.push(told);
         let report = StatusReport {
             status: &status,
             now_ms: 11_500,
@@ -186,12 +204,15 @@ mod tests {
             report.to_string(),
             "gateway 0.1.0  public 203.0.113.10  SNAT 10.0.0.1  app ports 20000-29999\n\
              attached to eth0 (tc)\n\
-             conntrack: 6 of 1024 entries in use (0.6%); apps: 1\n  \
+             conntrack: 6 of 1024 entries in use (0.6%); apps: 2\n  \
              connections: 1 half-open, 1 established, 0 closing, 0 closed, 1 in TIME_WAIT\n  \
              SYNs refused: 12 conntrack_full, 3 snat_exhausted\n\
              health checks since start: 9 run, 1 failed\n\
              \n\
              app web  tcp://203.0.113.10:20000  2 open connections (1 half-open)  1.3 conn/s  10 pkt/s  2.0 KiB/s\n  \
+             no backends\n\
+             \n\
+             app api  tcp://203.0.113.10:20001  client address toa  2 open connections (1 half-open)  1.3 conn/s  10 pkt/s  2.0 KiB/s\n  \
              no backends\n\
              \n\
              (connections and rates as of the conntrack scan 1.5 s ago)\n"

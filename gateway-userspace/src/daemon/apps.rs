@@ -55,12 +55,16 @@ impl Daemon {
             if let Some(mss) = req.mss_clamp {
                 next.set_mss_clamp(&req.name, Some(mss))?;
             }
+            if let Some(client_address) = req.client_address {
+                next.set_client_address(&req.name, client_address)?;
+            }
             let app = next.app(&req.name)?.clone();
             c.commit(&req.name, next)?;
             info!(
                 app = req.name,
                 port = app.port,
                 mss_clamp = app.mss_clamp,
+                %app.client_address,
                 "app created"
             );
             Ok(c.app_view(&req.name, &app, &ConnectionCounts::default()))
@@ -85,9 +89,16 @@ impl Daemon {
             let mut next = c.state.clone();
             // The app first, so that an unknown app is named as such whatever the settings.
             next.app(&name)?;
-            let UpdateApp { mss_clamp } = req;
+            let UpdateApp {
+                mss_clamp,
+                client_address,
+            } = req;
             if let Some(mss) = mss_clamp {
                 next.set_mss_clamp(&name, mss)?;
+            }
+            if let Some(client_address) = client_address {
+                // `null` removes the setting: none.
+                next.set_client_address(&name, client_address.unwrap_or_default())?;
             }
             if next != c.state {
                 c.commit(&name, next)?;
@@ -95,6 +106,7 @@ impl Daemon {
                 info!(
                     app = name,
                     mss_clamp = app.mss_clamp,
+                    %app.client_address,
                     "app settings changed"
                 );
             }

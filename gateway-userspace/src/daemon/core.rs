@@ -116,6 +116,7 @@ impl Core {
             port: app.port,
             url: self.settings.url(app.port),
             mss_clamp: app.mss_clamp,
+            client_address: app.client_address,
             backends: app
                 .backends
                 .iter()

@@ -10,10 +10,12 @@ use tracing::{info, warn};
 use super::{Core, DaemonError, resets::Whose};
 use crate::{datapath::DatapathError, state::App};
 
-/// `app`'s datapath settings ([`gateway_common::maps::APP_CONFIG`]).
+/// `app`'s datapath settings ([`gateway_common::maps::APP_CONFIG`]): all of them, written
+/// together, so that a change of one keeps the others.
 fn app_config(app: &App) -> AppConfig {
     AppConfig {
         mss_clamp: app.mss_clamp.unwrap_or(0),
+        flags: app.client_address.flags(),
         ..AppConfig::default()
     }
 }

@@ -63,6 +63,8 @@ pub enum StateError {
         "MSS clamp {0} is out of range: an MSS clamp is {MSS_CLAMP_MIN} to {MSS_CLAMP_MAX} bytes"
     )]
     MssClamp(u32),
+    #[error("client address must be toa or none, not {0:?}")]
+    ClientAddress(String),
     #[error("a deploy of app {0:?} is in progress")]
     DeployInProgress(String),
     #[error("a deploy needs at least one backend")]
@@ -104,6 +106,7 @@ impl StateError {
             | Weight(_)
             | Health
             | MssClamp(_)
+            | ClientAddress(_)
             | EmptyDeploy
             | Quorum { .. } => ErrorKind::Invalid,
             DeployTimeout { .. } => ErrorKind::Timeout,

@@ -133,7 +133,10 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{RANGE, addr};
+    use crate::state::{
+        ClientAddress,
+        tests::{RANGE, addr},
+    };
 
     #[test]
     fn the_state_file_round_trips_and_a_corrupt_one_is_refused_and_kept() {
@@ -207,9 +210,55 @@ mod tests {
         fs::write(file.path(), old).unwrap();
         let loaded = file.load().unwrap();
         let web = &loaded.apps["web"];
-        assert_eq!((web.id, web.port, web.mss_clamp), (1, 20000, None));
+        assert_eq!(
+            (web.id, web.port, web.mss_clamp, web.client_address),
+            (1, 20000, None, ClientAddress::None)
+        );
         assert_eq!(web.health.rise, Some(3));
         assert_eq!(web.backends[0].addr, addr("198.51.100.2:80"));
+        drop(file);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An app's client address is saved when it is `toa` and loaded back; files without it
+    /// (those of the releases before it, and those of apps with `none`) load as `none`; a value
+    /// this build does not know is refused, the file kept.
+    #[test]
+    fn client_addresses_round_trip_and_files_without_them_load() {
+        let dir = std::env::temp_dir().join(format!("gateway-state-toa-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let file = StateFile::open(&dir).unwrap();
+        let mut s = State::default();
+        s.create_app("a", None, RANGE).unwrap();
+        s.create_app("b", None, RANGE).unwrap();
+        s.set_mss_clamp("b", Some(1360)).unwrap();
+        file.save(&s).unwrap();
+        let text = fs::read_to_string(file.path()).unwrap();
+        assert!(!text.contains("client_address"), "none, no field: {text}");
+        s.set_client_address("a", ClientAddress::Toa).unwrap();
+        file.save(&s).unwrap();
+        let text = fs::read_to_string(file.path()).unwrap();
+        assert_eq!(
+            text.matches(r#""client_address": "toa""#).count(),
+            1,
+            "{text}"
+        );
+        let loaded = file.load().unwrap();
+        assert_eq!(loaded, s);
+        assert_eq!(loaded.apps["a"].client_address, ClientAddress::Toa);
+        assert_eq!(
+            (loaded.apps["b"].client_address, loaded.apps["b"].mss_clamp),
+            (ClientAddress::None, Some(1360))
+        );
+
+        let bad = text.replace(r#""client_address": "toa""#, r#""client_address": "proxy""#);
+        fs::write(file.path(), &bad).unwrap();
+        let err = file.load().unwrap_err().to_string();
+        assert!(
+            err.contains("corrupt") && err.contains("client address must be toa or none"),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(file.path()).unwrap(), bad);
         drop(file);
         fs::remove_dir_all(&dir).unwrap();
     }

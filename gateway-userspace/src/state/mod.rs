@@ -10,7 +10,7 @@ mod rotation;
 
 use std::{collections::BTreeMap, fmt, net::SocketAddrV4, str::FromStr};
 
-use gateway_common::maps::{MAX_APPS, MAX_BACKENDS, MSS_CLAMP_MIN};
+use gateway_common::maps::{APP_CLIENT_ADDRESS_TOA, MAX_APPS, MAX_BACKENDS, MSS_CLAMP_MIN};
 use serde::{Deserialize, Serialize};
 
 pub use self::{
@@ -137,6 +137,59 @@ pub fn check_mss_clamp(mss: u32) -> Result<u16, StateError> {
     match u16::try_from(mss) {
         Ok(mss) if (MSS_CLAMP_MIN..=MSS_CLAMP_MAX).contains(&mss) => Ok(mss),
         _ => Err(StateError::MssClamp(mss)),
+    }
+}
+
+/// Whether an app's backends are told each connection's client address, and how
+/// (`--client-address`, `client_address` in the API and the state file).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum ClientAddress {
+    /// Not told: a backend sees the gateway's SNAT address (the default).
+    #[default]
+    None,
+    /// In a TOA option (TCP option 254) the datapath adds to what the client sends, until the
+    /// backend has certainly seen it: see docs/client-address.md. Taken by a connection at its
+    /// SYN, so that a change applies to new connections.
+    Toa,
+}
+
+impl ClientAddress {
+    /// The app flags ([`gateway_common::maps::AppConfig::flags`]) of this setting.
+    pub const fn flags(self) -> u32 {
+        match self {
+            ClientAddress::None => 0,
+            ClientAddress::Toa => APP_CLIENT_ADDRESS_TOA,
+        }
+    }
+}
+
+impl fmt::Display for ClientAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientAddress::None => "none",
+            ClientAddress::Toa => "toa",
+        })
+    }
+}
+
+impl FromStr for ClientAddress {
+    type Err = StateError;
+
+    /// `toa` or `none`, as the CLI, the API and the state file spell it.
+    fn from_str(s: &str) -> Result<Self, StateError> {
+        <Self as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| StateError::ClientAddress(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for ClientAddress {
+    type Error = StateError;
+
+    fn try_from(s: String) -> Result<Self, StateError> {
+        s.parse()
     }
 }
 
@@ -275,6 +328,10 @@ pub struct App {
     /// before it (and left out when `None`, so that those releases still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mss_clamp: Option<u16>,
+    /// Whether its backends are told each connection's client address (a TOA option). Absent
+    /// from the files of releases before it, and left out when `none`, as `mss_clamp`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub client_address: ClientAddress,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -398,6 +455,7 @@ impl State {
             backends: Vec::new(),
             health,
             mss_clamp: None,
+            client_address: ClientAddress::None,
         };
         Ok(self.apps.entry(name.to_owned()).or_insert(app))
     }
@@ -416,6 +474,18 @@ impl State {
         let mss = mss.map(check_mss_clamp).transpose()?;
         let app = self.app_mut(name)?;
         app.mss_clamp = mss;
+        Ok(app)
+    }
+
+    /// Sets app `name`'s client address setting (`none` removes it). Its other settings are
+    /// left as they are.
+    pub fn set_client_address(
+        &mut self,
+        name: &str,
+        client_address: ClientAddress,
+    ) -> Result<&App, StateError> {
+        let app = self.app_mut(name)?;
+        app.client_address = client_address;
         Ok(app)
     }
 
@@ -752,6 +822,63 @@ pub(crate) mod tests {
             assert_eq!(s, before, "a refused change leaves the state as it was");
         }
         assert_eq!(s.set_mss_clamp("a", None).unwrap().mss_clamp, None);
+    }
+
+    #[test]
+    fn client_addresses_are_read_written_and_set_apart_from_the_mss_clamp() {
+        for (text, ca, flags) in [
+            ("none", ClientAddress::None, 0),
+            ("toa", ClientAddress::Toa, APP_CLIENT_ADDRESS_TOA),
+        ] {
+            assert_eq!(text.parse(), Ok(ca));
+            assert_eq!(ca.to_string(), text);
+            assert_eq!(ca.flags(), flags);
+            assert_eq!(serde_json::to_value(ca).unwrap(), text);
+            assert_eq!(
+                serde_json::from_value::<ClientAddress>(text.into()).unwrap(),
+                ca
+            );
+        }
+        for bad in ["", "TOA", "Toa", " toa", "proxy", "foo"] {
+            assert_eq!(
+                bad.parse::<ClientAddress>(),
+                Err(StateError::ClientAddress(bad.to_owned()))
+            );
+            let err = serde_json::from_value::<ClientAddress>(bad.into()).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("client address must be toa or none, not"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            StateError::ClientAddress("foo".into()).to_string(),
+            "client address must be toa or none, not \"foo\""
+        );
+        assert_eq!(
+            StateError::ClientAddress("foo".into()).kind(),
+            ErrorKind::Invalid
+        );
+
+        let mut s = State::default();
+        let a = s.create_app("a", None, RANGE).unwrap();
+        assert_eq!(a.client_address, ClientAddress::None);
+        s.set_mss_clamp("a", Some(1360)).unwrap();
+        let a = s.set_client_address("a", ClientAddress::Toa).unwrap();
+        assert_eq!(
+            (a.client_address, a.mss_clamp),
+            (ClientAddress::Toa, Some(1360))
+        );
+        let a = s.set_mss_clamp("a", None).unwrap();
+        assert_eq!((a.client_address, a.mss_clamp), (ClientAddress::Toa, None));
+        let before = s.clone();
+        assert_eq!(
+            s.set_client_address("x", ClientAddress::Toa).unwrap_err(),
+            StateError::UnknownApp("x".into())
+        );
+        assert_eq!(s, before);
+        let a = s.set_client_address("a", ClientAddress::None).unwrap();
+        assert_eq!(a.client_address, ClientAddress::None);
     }
 
     #[test]
