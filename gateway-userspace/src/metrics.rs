@@ -549,6 +549,18 @@ impl Collector for Snapshot {
             Counter,
             self.global.get(GlobalStat::MssClamped),
         )?;
+        family(
+            e,
+            "gateway_toa",
+            "The client's address for backends (TOA options, docs/client-address.md), by what happened: added (a client segment given the gateway's option, apps with --client-address toa), stripped (an option a client sent itself, removed: every app), skipped (a segment that went on without it: no room in its header, too large for the egress MTU with it, or a TC GSO packet)",
+            Counter,
+            [
+                ("added", GlobalStat::ToaAdded),
+                ("stripped", GlobalStat::ToaStripped),
+                ("skipped", GlobalStat::ToaSkipped),
+            ]
+            .map(|(what, s)| (vec![("what", what)], self.global.get(s))),
+        )?;
 
         single(
             e,

@@ -14,8 +14,11 @@ use std::{
 use gateway::datapath::monotonic_ns;
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{AppConfig, CT_ESTABLISHED, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN, TRACK_PROXIED},
-    net::{fold, pseudo_header},
+    maps::{
+        APP_CLIENT_ADDRESS_TOA, AppConfig, CT_ESTABLISHED, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
+        TOA_ADD, TOA_PENDING, TRACK_PROXIED,
+    },
+    net::{fold, ip_to_net, port_to_net, pseudo_header, toa},
     syncookie::{self, Handshake},
 };
 use gateway_tests::{
@@ -46,6 +49,7 @@ scenario_tests! {
     a_flood_to_every_app_at_its_cap_leaves_room_for_another_apps_connections,
     icmp_errors_about_a_proxied_flow_quote_each_ends_own_numbers,
     an_apps_mss_clamp_holds_for_the_proxys_syn_to_the_backend,
+    the_proxys_ack_tells_the_backend_the_client_address,
 }
 
 /// The client's window in its ACKs (unscaled: a proxied connection has no window scaling).
@@ -1037,5 +1041,79 @@ fn an_apps_mss_clamp_holds_for_the_proxys_syn_to_the_backend() -> Scenario {
             )
             .counter(GlobalStat::MssClamped, 1..=1)
             .check("MSS 1360", a_clamped_syn),
+        )
+}
+
+/// An app whose backends are told the client's address (issue 17), at its cap: the cookie's
+/// SYN-ACK announces the cookie's MSS less the option's 8 bytes, and the ACK that answers the
+/// backend's SYN-ACK (the segment that makes the backend's end) carries the client's address;
+/// the client's segments carry it too until the backend's first segment without SYN.
+fn the_proxys_ack_tells_the_backend_the_client_address() -> Scenario {
+    let (first, c) = (Conn::new(48_400), Conn::new(48_401));
+    let cookie = Arc::new(Mutex::new(0u32));
+    let got = cookie.clone();
+    let client = toa::option(ip_to_net(*c.client.ip()), port_to_net(c.client.port())).to_vec();
+    let ours = client.clone();
+    let again = client.clone();
+    Scenario::new()
+        .backends(1)
+        .set("app 1 tells its backends the client's address", |cx| {
+            cx.fx
+                .dp
+                .set_app_config(
+                    APP,
+                    AppConfig {
+                        flags: APP_CLIENT_ADDRESS_TOA,
+                        ..AppConfig::default()
+                    },
+                )
+                .expect("app config")
+        })
+        .set("at most 1 half-open flow per app", cap(1))
+        .row(Row::redirected("a first SYN", first.syn(), first.to_maglev_backend()).entries(2))
+        .row(Row::sent_back("a cookie", syn_with_mss(c), Out::Any).check(
+            "its MSS 8 bytes below the cookie's 1300",
+            move |cx| {
+                let t = tcp_of(&cx.output);
+                assert_eq!(t.options, mss_option(1292));
+                *got.lock().unwrap() = t.seq;
+            },
+        ))
+        .row(
+            Row::redirected(
+                "its ACK: the SYN to the backend, without the option",
+                cookie_ack(c, &cookie, |_| {}),
+                Out::Any,
+            )
+            .entries(2)
+            .counter(GlobalStat::ToaAdded, 0..=0)
+            .check("a SYN with the cookie's MSS", |cx| {
+                assert_eq!(tcp_of(&cx.output).options, mss_option(1300))
+            }),
+        )
+        .row(
+            Row::sent_back(
+                "the backend's SYN-ACK: answered with the ACK that carries the address",
+                backend_syn_ack(c),
+                Out::Any,
+            )
+            .counter(GlobalStat::ToaAdded, 1..=1)
+            .check("the ACK, with the client's address", move |cx| {
+                let p = parse_checked(&cx.output);
+                assert_eq!(p.tcp_flags, flags::ACK);
+                assert_eq!(tcp_of(&cx.output).options, ours);
+                assert_eq!(cx.flow(c.key()).toa, TOA_PENDING | TOA_ADD);
+            }),
+        )
+        .row(
+            Row::redirected(
+                "the client's request before the backend's first segment",
+                c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"GET /")),
+                c.to_its_backend(),
+            )
+            .counter(GlobalStat::ToaAdded, 1..=1)
+            .check("with it", move |cx| {
+                assert_eq!(tcp_of(&cx.output).options, again)
+            }),
         )
 }
