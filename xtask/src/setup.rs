@@ -24,6 +24,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "haproxy",           // a benchmark contender (the smoke version runs in the tests)
     "iperf3",            // benchmark throughput
     "fonts-dejavu-core", // the benchmark chart's labels
+    "redis-server",      // the client-address tests: an unmodified app behind the agent
+    "python3",           // the client-address tests: a plain accept() server
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
