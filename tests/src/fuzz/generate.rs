@@ -965,7 +965,7 @@ impl Gen {
             return op;
         }
         let rng = &mut self.rng;
-        match rng.below(15) {
+        match rng.below(16) {
             0 | 1 => seg.ttl = rng.pick(&[0, 1, 2, 255, 64]),
             2 => {
                 let n = rng.range(1, 10) as usize * 4;
@@ -989,6 +989,25 @@ impl Gen {
             }
             // What a sender with tx checksum offload hands a veth (CHECKSUM_PARTIAL).
             13 => seg.partial_csum = true,
+            // A client claiming an address in a TOA option (issue 17), among other options,
+            // maybe twice, maybe behind an End of Option List.
+            14 => {
+                let claim = [254, 8, 0x10, 0x92, 203, 0, 113, rng.u32() as u8];
+                let mut o = Vec::new();
+                if rng.chance(500) {
+                    o.extend_from_slice(&[1, 1, 8, 10, 1, 2, 3, 4, 0, 0, 0, 0]);
+                }
+                match rng.below(4) {
+                    0 => o.push(0),
+                    1 => o.extend_from_slice(&[30, 1]),
+                    _ => {}
+                }
+                o.extend_from_slice(&claim);
+                if rng.chance(300) {
+                    o.extend_from_slice(&claim);
+                }
+                seg.tcp_options = o;
+            }
             _ => seg.ttl = 1,
         }
         op

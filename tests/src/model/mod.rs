@@ -60,8 +60,8 @@ use gateway_common::{
         ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, CT_BACKEND_CLOSED_FIRST,
         CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
         DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, HALF_OPEN_MAX_DEFAULT, LAST_SEEN_GRANULARITY_NS,
-        MAGLEV_PROBES, MAGLEV_SIZE, ServiceKey4, TIME_WAIT_NS, TRACK_ACK_SEEN, TRACK_PROXIED,
-        is_closed,
+        MAGLEV_PROBES, MAGLEV_SIZE, ServiceKey4, TIME_WAIT_NS, TOA_PENDING, TRACK_ACK_SEEN,
+        TRACK_PROXIED, is_closed,
     },
     net::{
         port_from_net, port_to_net,
@@ -561,6 +561,18 @@ impl Step<'_> {
                 None => Time::SameOrNow,
             };
         }
+        // Issue 17: the backend's first segment without SYN shows its end is made: the flow's
+        // client segments go on untouched from now on (both entries; `toa::backend_seen`).
+        if self.m.rules == Rules::Spec14
+            && es.direction != DIR_FORWARD
+            && es.toa & TOA_PENDING != 0
+            && self.seg.flags & SYN == 0
+        {
+            es.toa = 0;
+            if let Some(p) = self.m.ct.get_mut(&es.peer_key()) {
+                p.toa = 0;
+            }
+        }
         es.packets += 1;
         es.bytes += u64::from(self.seg.l3_len);
         let out = self.resolve(&mut es);
@@ -685,7 +697,20 @@ impl Step<'_> {
             ttl_dec: self.m.rules == Rules::Spec14,
         };
         self.x.verdict = Verdict::Redirect;
-        self.x.out = Some(wire::translate(&frame, &self.seg, &t));
+        let mut out = wire::translate(&frame, &self.seg, &t);
+        // Issue 17: a client segment (not a SYN or RST) before its backend made its end loses
+        // the TOA options it carries, and what an End of Option List or a malformed option ends
+        // becomes NOPs (`toa::apply`).
+        if flow.direction == DIR_FORWARD
+            && flow.toa & TOA_PENDING != 0
+            && self.seg.flags & (SYN | RST) == 0
+        {
+            let stripped = wire::strip_toa(&mut out, &self.seg);
+            if stripped != 0 {
+                self.x.stat(GlobalStat::ToaStripped, stripped);
+            }
+        }
+        self.x.out = Some(out);
         let bytes = u64::from(self.seg.l3_len);
         if flow.direction == DIR_FORWARD {
             self.x.stat(GlobalStat::Forwarded, 1);
@@ -776,6 +801,10 @@ impl Step<'_> {
             ..reverse
         };
         if spec {
+            // Issue 17: the backend has made nothing yet (no app of the fuzzer's adds the
+            // client's address: `TOA_ADD` never).
+            reverse.toa = TOA_PENDING;
+            forward.toa = TOA_PENDING;
             let wscale = wire::wscale_option(self.frame, &self.seg);
             tcp::new_flow_tracking(&mut forward, &self.seg, wscale);
         } else {
@@ -952,6 +981,7 @@ impl Step<'_> {
             direction: DIR_REVERSE,
             state: CT_SYN_SEEN,
             track: TRACK_PROXIED,
+            toa: TOA_PENDING,
             ..Flow::default()
         };
         let mut forward = Flow {

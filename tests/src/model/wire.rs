@@ -275,6 +275,45 @@ pub fn translate(frame: &[u8], seg: &Seg, t: &Translation) -> Vec<u8> {
     out
 }
 
+/// Issue 17's treatment of a translated client segment `out` (parsed as `seg`: the same
+/// offsets) before its backend made its end, in place: options walked as [`option`] walks them;
+/// each TOA option (kind 254, length 8) becomes 8 NOPs; an End of Option List or a malformed
+/// option, and every byte after it in the header, become NOPs. The TCP checksum carries the
+/// residual it had. Returns the TOA options removed.
+pub fn strip_toa(out: &mut [u8], seg: &Seg) -> u64 {
+    let residual = tcp_residual(out, seg);
+    let start = seg.l4_off() + TCP_MIN_LEN;
+    let end = seg.l4_off() + seg.doff;
+    let mut stripped = 0;
+    let mut i = start;
+    while i < end {
+        match out[i] {
+            1 => i += 1,
+            kind => {
+                let len = if kind == 0 || i + 1 >= end {
+                    0
+                } else {
+                    usize::from(out[i + 1])
+                };
+                if len < 2 || i + len > end {
+                    out[i..end].fill(1);
+                    break;
+                }
+                if kind == 254 && len == 8 {
+                    out[i..i + 8].fill(1);
+                    stripped += 1;
+                }
+                i += len;
+            }
+        }
+    }
+    let l4 = seg.l4_off();
+    out[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let correct = !tcp_residual(out, seg);
+    out[l4 + 16..l4 + 18].copy_from_slice(&field_for(correct, residual).to_be_bytes());
+    stripped
+}
+
 /// Spec §7's answer to a segment with ACK and without a flow: [`packet::rst_answer`] (a
 /// 54-byte RST back to its sender, `seq` = the segment's ACK) to the parsed `seg` of `frame`.
 pub fn rst_answer(frame: &[u8], seg: &Seg) -> Vec<u8> {
