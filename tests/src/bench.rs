@@ -288,6 +288,46 @@ fn datapath(sizes: &[u32]) {
                     size,
                     established(&fx, &mut bench, mode, &reverse, REPEAT),
                 ));
+                // Issue 17: a client segment before its backend's first one (the handshake's
+                // ACK, the first request), one run per call (a repeated run would grow the
+                // packet it grew): with the client's address added, with only the check for a
+                // client's own TOA, and, for the same method, once the backend answered (the
+                // established path every later segment takes).
+                for (case, toa) in [
+                    (
+                        "client segment before the backend's first, address added (median)",
+                        maps::TOA_PENDING | maps::TOA_ADD,
+                    ),
+                    (
+                        "client segment before the backend's first, no setting (median)",
+                        maps::TOA_PENDING,
+                    ),
+                    ("established, client → backend, one run per call (median)", 0),
+                ] {
+                    let client = SocketAddrV4::new(Topology::CLIENT_IP, 33_334);
+                    let (kf, ff) = identity_flow(client, svc, DIR_FORWARD);
+                    // The reverse entry the TOA step finds: the translated (identical) segment's
+                    // tuple reversed. Both entries are written afresh for each case.
+                    let (kr, fr) = identity_flow(svc, client, DIR_REVERSE);
+                    fx.dp.insert_flow(kf, Flow { toa, ..ff }).unwrap();
+                    fx.dp.insert_flow(kr, Flow { toa, ..fr }).unwrap();
+                    let segment = Frame {
+                        tcp_options: vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2],
+                        ..Frame::tcp(client, svc, flags::ACK | flags::PSH)
+                    }
+                    .payload(&[7; 64])
+                    .build();
+                    let before = fx.dp.global_stats().expect("stats");
+                    let ns = crate::compare::median((0..SYNS).map(|_| fx.time(&segment, 1)));
+                    let after = fx.dp.global_stats().expect("stats");
+                    let added = after.get(GlobalStat::ToaAdded) - before.get(GlobalStat::ToaAdded);
+                    assert_eq!(
+                        added,
+                        if toa & maps::TOA_ADD != 0 { u64::from(SYNS) } else { 0 },
+                        "{case}: the option added to every run, or to none"
+                    );
+                    rows.push((case.into(), mode, size, ns));
+                }
                 // SYNs: one call per new tuple (repeat would find the flow the first made).
                 let before = fx.dp.global_stats().expect("stats");
                 let mut times = Vec::with_capacity(usize::from(SYNS));
