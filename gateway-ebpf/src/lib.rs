@@ -10,11 +10,14 @@
 //! counts; `maps` declares every map. An ICMP error to a gateway address goes to `icmp`
 //! (translated for the flow it quotes), and a translated SYN or SYN-ACK of an app with an MSS
 //! clamp to `mss`, each in a function of its own beside the packet's (`xdp::run`, `tc::run`).
+//! `agent` is `gateway agent`'s: a sock_ops and a getpeername program for a container host's
+//! cgroup, which read the TOA option the datapath adds, with maps of their own.
 #![no_std]
 // `core::intrinsics::atomic_xadd`: the BPF target has no atomic types (see `synproxy`).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+pub mod agent;
 mod answer;
 mod clock;
 mod conntrack;
