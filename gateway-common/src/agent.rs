@@ -122,7 +122,8 @@ crate::stats::indexed_names! {
     /// The agent's per-CPU counters (slots of [`crate::maps::AGENT_STATS`]).
     AgentStat {
         /// Connections accepted in the cgroup whose establishing segment the sock_ops program
-        /// saw (`BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB`), IPv4 only.
+        /// saw (`BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB`): IPv4 connections, of IPv4 sockets or of
+        /// dual-stack IPv6 ones.
         Established = "established",
         /// Of those, the ones from a trusted source (a gateway SNAT address, `--trusted`).
         Trusted = "trusted",

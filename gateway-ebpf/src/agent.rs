@@ -13,7 +13,9 @@
 //! - [`getpeername4`] (`BPF_CGROUP_INET4_GETPEERNAME`): `inet_getname` runs it for
 //!   `getpeername()` and for `accept()`'s peer address (`do_accept` calls the socket's
 //!   `getname` with peer 2, net/socket.c; net/ipv4/af_inet.c): a mapped socket answers with its
-//!   client address.
+//!   client address. [`getpeername6`] (`BPF_CGROUP_INET6_GETPEERNAME`, from `inet6_getname`)
+//!   does the same for IPv4 clients of dual-stack IPv6 sockets (`::ffff:a.b.c.d`), which the
+//!   sock_ops program maps too.
 //!
 //! Neither ever refuses anything (both return 1). The agent's maps are declared here rather
 //! than in `maps`: no datapath program uses them, and the daemon, which loads the same object,
@@ -31,6 +33,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
 };
+use core::ptr::read_volatile;
+
 use gateway_common::{
     agent::{AgentStat, OPTIONS_MAX, PeerAddr4, Step, read_toa, step},
     maps::{AGENT_STATS_LEN, AGENT_TRUSTED_MAX},
@@ -49,8 +53,13 @@ pub static SOCKETS: LruHashMap<u64, PeerAddr4> = LruHashMap::with_max_entries(1,
 #[map(name = "gw_agt_stats_v1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(AGENT_STATS_LEN, 0);
 
-/// `AF_INET`: the sock_ops program looks at IPv4 sockets only.
+/// `AF_INET`, `AF_INET6`: the sock_ops program looks at IPv4 connections, of IPv4 sockets or
+/// of dual-stack IPv6 ones.
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`, RFC 4291 §2.5.5.2),
+/// network order.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// A TCP header's length without options.
 const TCP_MIN_LEN: usize = 20;
 
@@ -77,11 +86,30 @@ pub fn sock_ops(ctx: &SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn established(ctx: &SockOpsContext) {
-    if ctx.family() != AF_INET {
-        return;
-    }
+    // Verifier workaround: every field read, volatile, before any branch; LLVM otherwise loads
+    // `remote_ip4` or `remote_ip6[3]` through one pointer it computes from either offset after
+    // the branches join, and the verifier refuses a context access at a variable offset.
+    let ops = ctx.ops;
+    // SAFETY: reads of the context's fields.
+    let (family, ip4, ip6) = unsafe {
+        (
+            read_volatile(&raw const (*ops).family),
+            read_volatile(&raw const (*ops).remote_ip4),
+            [
+                read_volatile(&raw const (*ops).remote_ip6[0]),
+                read_volatile(&raw const (*ops).remote_ip6[1]),
+                read_volatile(&raw const (*ops).remote_ip6[2]),
+                read_volatile(&raw const (*ops).remote_ip6[3]),
+            ],
+        )
+    };
+    let remote = match (family, ip6) {
+        (AF_INET, _) => ip4,
+        // An IPv4 client of a dual-stack socket: its address is IPv4-mapped (::ffff:a.b.c.d).
+        (AF_INET6, [0, 0, V4_MAPPED, ip]) => ip,
+        _ => return,
+    };
     count(AgentStat::Established);
-    let remote = ctx.remote_ip4();
     // SAFETY: a plain lookup; the value is not kept.
     let trusted = unsafe { TRUSTED.get(remote) }.is_some();
     let toa = match options(ctx) {
@@ -165,7 +193,7 @@ fn options(ctx: &SockOpsContext) -> Option<([u8; OPTIONS_MAX], usize)> {
 /// bytes of `options` (gateway-common's `agent::find_toa`, the same [`step`]s, walked by a
 /// `bpf_loop` callback). Verifier workaround: the walk inlined as a loop of up to 40 steps cost
 /// 558,663 verified instructions (each state that reaches the loop is walked through it
-/// again); a callback is verified once (1,396 for the whole program).
+/// again); a callback is verified once (2,291 for the whole program).
 #[inline(always)]
 fn find_toa(options: &[u8; OPTIONS_MAX], len: usize) -> Option<(u32, u16)> {
     let mut walk = Walk {
@@ -224,20 +252,44 @@ fn walk_step(_index: u64, ctx: *mut c_void) -> i64 {
     }
 }
 
+/// The client address of the socket of `ctx`, if it is mapped.
+#[inline(always)]
+fn mapped(ctx: &SockAddrContext) -> Option<(u32, u16)> {
+    // SAFETY: the helper reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    unsafe { SOCKETS.get(cookie) }.map(|peer| (peer.ip, peer.port))
+}
+
 /// The `getpeername4` program: a mapped socket's peer is its client. Returns 1 (the kernel
 /// requires it of this hook).
 #[inline(always)]
 pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
-    // SAFETY: the helper reads the context's socket.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    if let Some(peer) = unsafe { SOCKETS.get(cookie) } {
-        let (ip, port) = (peer.ip, peer.port);
+    if let Some((ip, port)) = mapped(ctx) {
         // SAFETY: `user_ip4` and `user_port` are writable in this hook (`user_port`: the port
         // in network order in its low 16 bits, include/uapi/linux/bpf.h).
         unsafe {
             (*ctx.sock_addr).user_ip4 = ip;
             (*ctx.sock_addr).user_port = u32::from(port);
+        }
+        count(AgentStat::GetpeernameRewritten);
+    }
+    1
+}
+
+/// The `getpeername6` program, for IPv4 clients of dual-stack sockets (only those are mapped):
+/// the client, IPv4-mapped. Returns 1 (the kernel requires it of this hook).
+#[inline(always)]
+pub fn getpeername6(ctx: &SockAddrContext) -> i32 {
+    if let Some((ip, port)) = mapped(ctx) {
+        // SAFETY: `user_ip6` (in 32-bit words) and `user_port` are writable in this hook.
+        unsafe {
+            let addr = &mut *ctx.sock_addr;
+            addr.user_ip6[0] = 0;
+            addr.user_ip6[1] = 0;
+            addr.user_ip6[2] = V4_MAPPED;
+            addr.user_ip6[3] = ip;
+            addr.user_port = u32::from(port);
         }
         count(AgentStat::GetpeernameRewritten);
     }

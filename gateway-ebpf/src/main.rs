@@ -1,5 +1,5 @@
 //! The `gateway` object: the two programs the gateway attaches, as thin wrappers of their
-//! attach mode's `run` (which counts every drop by its reason), and the two of `gateway agent`
+//! attach mode's `run` (which counts every drop by its reason), and the three of `gateway agent`
 //! (`agent`), which the daemon never loads. The datapath itself is this crate's library
 //! (`lib.rs`, with the panic handler and license of every object).
 #![no_std]
@@ -29,4 +29,9 @@ pub fn gateway_agent_sockops(ctx: SockOpsContext) -> u32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn gateway_agent_getpeername4(ctx: SockAddrContext) -> i32 {
     agent::getpeername4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn gateway_agent_getpeername6(ctx: SockAddrContext) -> i32 {
+    agent::getpeername6(&ctx)
 }

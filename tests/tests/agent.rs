@@ -32,6 +32,8 @@ const TRUSTED_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 77), 4242);
 const PORT: u16 = 8080;
+/// The server's dual-stack socket's port.
+const PORT6: u16 = 8081;
 const METRICS: &str = "127.0.0.1:9718";
 
 /// The TOA option for [`CLIENT`].
@@ -40,15 +42,11 @@ fn toa_option() -> [u8; 8] {
 }
 
 /// Answers each message of each connection with `accept=IP:PORT peer=IP:PORT`: the address
-/// `accept()` gave and what `getpeername()` gives now. Exits after 60 s whatever happens.
+/// `accept()` gave and what `getpeername()` gives now; on an IPv4 socket at `argv[1]:argv[2]`
+/// and a dual-stack IPv6 one at `[::]:argv[3]`. Exits after 60 s whatever happens.
 const SERVER: &str = r#"
-import signal, socket, sys, threading
+import signal, socket, sys, threading, time
 signal.alarm(60)
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(16)
-print("listening", flush=True)
 def serve(c, a):
     with c:
         while True:
@@ -60,9 +58,23 @@ def serve(c, a):
                 return
             p = c.getpeername()
             c.sendall(f"accept={a[0]}:{a[1]} peer={p[0]}:{p[1]}\n".encode())
+def accept(s):
+    while True:
+        c, a = s.accept()
+        threading.Thread(target=serve, args=(c, a), daemon=True).start()
+def listen(family, ip, port):
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((ip, port))
+    s.listen(16)
+    threading.Thread(target=accept, args=(s,), daemon=True).start()
+listen(socket.AF_INET, sys.argv[1], int(sys.argv[2]))
+listen(socket.AF_INET6, "::", int(sys.argv[3]))
+print("listening", flush=True)
 while True:
-    c, a = s.accept()
-    threading.Thread(target=serve, args=(c, a), daemon=True).start()
+    time.sleep(1)
 "#;
 
 /// The two namespaces, the cgroup, the pin directory and a directory for logs.
@@ -113,7 +125,7 @@ impl Sandbox {
         let out = self.dir.path().join("server.log");
         let log = std::fs::File::create(&out).expect("server log");
         let shell = format!(
-            "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 {} {HOST_IP} {PORT}",
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 {} {HOST_IP} {PORT} {PORT6}",
             self.cgroup.path().display(),
             self.host.name(),
             script.display()
@@ -180,10 +192,17 @@ impl Sandbox {
         }
     }
 
-    /// A connection from `src` whose handshake's ACK carries `options`.
+    /// A connection from `src` to the server's IPv4 socket whose handshake's ACK carries
+    /// `options`.
     #[track_caller]
     fn connect(&self, src: SocketAddrV4, options: &[u8]) -> RawTcpClient {
-        RawTcpClient::connect(&self.client, src, SocketAddrV4::new(HOST_IP, PORT), options)
+        self.connect_to(src, PORT, options)
+    }
+
+    /// The same to the server's socket on `port`.
+    #[track_caller]
+    fn connect_to(&self, src: SocketAddrV4, port: u16, options: &[u8]) -> RawTcpClient {
+        RawTcpClient::connect(&self.client, src, SocketAddrV4::new(HOST_IP, port), options)
             .unwrap_or_else(|e| panic!("connect from {src}: {e}"))
     }
 
@@ -286,6 +305,12 @@ fn the_app_sees_the_client_of_a_trusted_toa_option_and_nothing_else() {
     let mut a = sandbox.connect(src_a, &toa_option());
     assert_eq!(ask(&mut a), seen_as(CLIENT, CLIENT));
 
+    // The same to a dual-stack socket: the client, IPv4-mapped (getpeername6).
+    let src_g = SocketAddrV4::new(TRUSTED_IP, 40_007);
+    let mut g = sandbox.connect_to(src_g, PORT6, &toa_option());
+    let mapped = format!("::ffff:{}:{}", CLIENT.ip(), CLIENT.port());
+    assert_eq!(ask(&mut g), seen_as(&mapped, &mapped));
+
     // From another source with the option: as it is.
     let src_b = SocketAddrV4::new(OTHER_IP, 40_002);
     let mut b = sandbox.connect(src_b, &toa_option());
@@ -304,36 +329,36 @@ fn the_app_sees_the_client_of_a_trusted_toa_option_and_nothing_else() {
     let answer = String::from_utf8(d.recv(Duration::from_secs(3)).expect("recv")).unwrap();
     assert_eq!(answer.trim(), seen_as(src_d, src_d));
 
-    // What the agent says: its cgroup, one connection mapped, each case counted.
+    // What the agent says: its cgroup, two connections mapped (a, g), each case counted.
     let status = sandbox.status();
     let cgroup = sandbox.cgroup.path().canonicalize().unwrap();
     assert_eq!(status["cgroup"], cgroup.display().to_string(), "{status}");
-    assert_eq!(status["connections_mapped"], 1, "{status}");
+    assert_eq!(status["connections_mapped"], 2, "{status}");
     assert_eq!(
         status["trusted"],
         serde_json::json!([TRUSTED_IP]),
         "{status}"
     );
-    assert_eq!(status["programs"].as_array().unwrap().len(), 2, "{status}");
-    assert_eq!(counter(&status, "established"), 4, "{status}");
-    assert_eq!(counter(&status, "trusted"), 3, "{status}");
-    assert_eq!(counter(&status, "mapped"), 1, "{status}");
+    assert_eq!(status["programs"].as_array().unwrap().len(), 3, "{status}");
+    assert_eq!(counter(&status, "established"), 5, "{status}");
+    assert_eq!(counter(&status, "trusted"), 4, "{status}");
+    assert_eq!(counter(&status, "mapped"), 2, "{status}");
     assert_eq!(counter(&status, "trusted_without_option"), 2, "{status}");
     assert_eq!(counter(&status, "untrusted_options"), 1, "{status}");
-    // accept() and getpeername() of connection a.
-    assert_eq!(counter(&status, "getpeername_rewritten"), 2, "{status}");
+    // accept() and getpeername() of connections a and g.
+    assert_eq!(counter(&status, "getpeername_rewritten"), 4, "{status}");
     let text = sandbox.cli(&["status"], true);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains(&cgroup.display().to_string()), "{text}");
-    assert!(text.contains("connections mapped:  1"), "{text}");
+    assert!(text.contains("connections mapped:  2"), "{text}");
     let metrics = sandbox.scrape();
-    assert_eq!(metrics.value("gateway_agent_mapped_total", &[]), 1.0);
+    assert_eq!(metrics.value("gateway_agent_mapped_total", &[]), 2.0);
     assert_eq!(
         metrics.value("gateway_agent_untrusted_options_total", &[]),
         1.0
     );
-    assert_eq!(metrics.value("gateway_agent_connections_mapped", &[]), 1.0);
-    for client in [b, c, d] {
+    assert_eq!(metrics.value("gateway_agent_connections_mapped", &[]), 2.0);
+    for client in [b, c, d, g] {
         client.reset().expect("reset");
     }
 
@@ -351,18 +376,23 @@ fn the_app_sees_the_client_of_a_trusted_toa_option_and_nothing_else() {
     let src_e = SocketAddrV4::new(OTHER_IP, 40_005);
     let mut e = sandbox.connect(src_e, &toa_option());
     assert_eq!(ask(&mut e), seen_as(CLIENT, CLIENT));
+    // g's mapping went when it closed (reset above); a's and e's are there.
+    let mapped = |n: u64, closed: u64| {
+        wait_for(Duration::from_secs(3), || {
+            let s = sandbox.status();
+            s["connections_mapped"] == n && counter(&s, "closed") == closed
+        })
+        .is_some()
+    };
+    assert!(mapped(2, 1), "{}", sandbox.status());
     let status = sandbox.status();
-    assert_eq!(status["connections_mapped"], 2, "{status}");
-    assert_eq!(counter(&status, "mapped"), 2, "{status}");
+    assert_eq!(counter(&status, "mapped"), 3, "{status}");
     assert_eq!(status["trusted"], serde_json::json!([TRUSTED_IP, OTHER_IP]));
 
     // A mapped connection that closes loses its mapping.
     a.reset().expect("reset");
-    let closed = wait_for(Duration::from_secs(3), || {
-        let s = sandbox.status();
-        s["connections_mapped"] == 1 && counter(&s, "closed") == 1
-    });
-    assert!(closed.is_some(), "{}", sandbox.status());
+    let closed = mapped(1, 2);
+    assert!(closed, "{}", sandbox.status());
 
     // `agent down` is refused while the agent runs, then detaches.
     let refused = sandbox.cli(&["down"], true);

@@ -1,4 +1,4 @@
-//! The agent's kernel side: loading its two programs from the embedded object (with the
+//! The agent's kernel side: loading its three programs from the embedded object (with the
 //! agent's maps pinned, reused when they are there), attaching them to a cgroup through pinned
 //! bpf links (or putting the new programs into the links an earlier run pinned), and reading
 //! its maps, from the loaded object or from the pins alone (`status`).
@@ -28,11 +28,14 @@ use super::{AgentError, cgroup::Cgroup};
 pub const SOCKOPS_PROGRAM: &str = "gateway_agent_sockops";
 /// The getpeername4 program's name in the object.
 pub const GETPEERNAME4_PROGRAM: &str = "gateway_agent_getpeername4";
+/// The getpeername6 program's name in the object (IPv4 clients of dual-stack sockets).
+pub const GETPEERNAME6_PROGRAM: &str = "gateway_agent_getpeername6";
 
 /// The agent's programs, each with the file name of its link's pin.
-pub const PROGRAMS: [(&str, &str); 2] = [
+pub const PROGRAMS: [(&str, &str); 3] = [
     (SOCKOPS_PROGRAM, "link_sockops"),
     (GETPEERNAME4_PROGRAM, "link_getpeername4"),
+    (GETPEERNAME6_PROGRAM, "link_getpeername6"),
 ];
 
 /// Every agent map with the key and value sizes this build gives it.
@@ -247,16 +250,14 @@ impl Loaded {
             .try_into()
             .map_err(program_err(SOCKOPS_PROGRAM))?;
         sockops.load().map_err(program_err(SOCKOPS_PROGRAM))?;
-        let getpeername: &mut CgroupSockAddr = ebpf
-            .program_mut(GETPEERNAME4_PROGRAM)
-            .ok_or(AgentError::MissingProgram {
-                name: GETPEERNAME4_PROGRAM,
-            })?
-            .try_into()
-            .map_err(program_err(GETPEERNAME4_PROGRAM))?;
-        getpeername
-            .load()
-            .map_err(program_err(GETPEERNAME4_PROGRAM))?;
+        for name in [GETPEERNAME4_PROGRAM, GETPEERNAME6_PROGRAM] {
+            let getpeername: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(AgentError::MissingProgram { name })?
+                .try_into()
+                .map_err(program_err(name))?;
+            getpeername.load().map_err(program_err(name))?;
+        }
         Ok(Loaded { ebpf, maps, reused })
     }
 
@@ -275,7 +276,7 @@ impl Loaded {
             .collect()
     }
 
-    /// Attaches both programs to `cgroup` through links pinned in `pin_dir`. A link pinned
+    /// Attaches the programs to `cgroup` through links pinned in `pin_dir`. A link pinned
     /// there by an earlier run (on this cgroup: [`check_pinned_cgroup`]) gets this run's
     /// program in one step (`BPF_LINK_UPDATE`), so the cgroup is never without one.
     pub fn attach(&mut self, cgroup: &Cgroup, pin_dir: &Path) -> Result<Vec<Attached>, AgentError> {

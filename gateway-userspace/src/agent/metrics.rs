@@ -54,7 +54,9 @@ impl Snapshot {
 /// The help text of each counter.
 fn help(stat: AgentStat) -> &'static str {
     match stat {
-        AgentStat::Established => "Accepted IPv4 connections the agent saw become established",
+        AgentStat::Established => {
+            "Accepted IPv4 connections (of IPv4 or dual-stack sockets) the agent saw become established"
+        }
         AgentStat::Trusted => {
             "Of those, connections from a trusted source (a gateway SNAT address)"
         }

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 pub use args::{AgentArgs, AgentCommand, DEFAULT_PIN_DIR, DownArgs, RunArgs, StatusArgs};
 pub use cgroup::Cgroup;
-pub use kernel::{GETPEERNAME4_PROGRAM, SOCKOPS_PROGRAM};
+pub use kernel::{GETPEERNAME4_PROGRAM, GETPEERNAME6_PROGRAM, SOCKOPS_PROGRAM};
 pub use status::AgentStatus;
 
 /// Why an agent command failed: one line for the operator, its causes as sources.
