@@ -396,7 +396,12 @@ fn the_app_sees_the_client_of_a_trusted_toa_option_and_nothing_else() {
 
     // `agent down` is refused while the agent runs, then detaches.
     let refused = sandbox.cli(&["down"], true);
-    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && why.contains("an agent is running"),
+        "{why}"
+    );
+    assert!(sandbox.pin_dir().join("link_sockops").exists());
     agent.stop();
     let down = sandbox.cli(&["down"], true);
     assert!(
