@@ -6,6 +6,7 @@
 //! whenever a layout does.
 #![no_std]
 
+pub mod agent;
 pub mod bench;
 pub mod hash;
 pub mod maps;

@@ -31,6 +31,7 @@ macro_rules! indexed_names {
         }
     };
 }
+pub(crate) use indexed_names;
 
 indexed_names! {
     /// Global per-CPU counters (slots `0..GlobalStat::COUNT` of `GLOBAL_STATS`).

@@ -11,11 +11,14 @@
 //! (translated for the flow it quotes), and a translated SYN or SYN-ACK of an app with an MSS
 //! clamp to `mss`, and a client's segment while its backend has not seen the client's address
 //! (TOA) to `toa`, each in a function of its own beside the packet's (`xdp::run`, `tc::run`).
+//! `agent` is `gateway agent`'s: a sock_ops and getpeername programs for a container host's
+//! cgroup, which read the TOA option the datapath adds, with maps of their own.
 #![no_std]
 // `core::intrinsics::atomic_xadd`: the BPF target has no atomic types (see `synproxy`).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+pub mod agent;
 mod answer;
 mod clock;
 mod conntrack;

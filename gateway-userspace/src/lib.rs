@@ -1,7 +1,9 @@
 //! The gateway's userspace: the loader that owns the datapath's programs and maps
 //! ([`datapath`]), the desired state ([`state`]), the daemon ([`daemon`]) and its API
-//! ([`api`]), and the operator's CLI ([`cli`]) that the `gateway` binary runs.
+//! ([`api`]), and the operator's CLI ([`cli`]) that the `gateway` binary runs; [`agent`] is
+//! `gateway agent`, which runs on container hosts rather than on the gateway.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bulk;
+pub mod cgroup;
 pub mod compare;
 pub mod daemon;
 pub mod datapath;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod netns;
 pub mod packet;
 pub mod raw;
+pub mod rawtcp;
 pub mod routed;
 pub mod scenario;
 pub mod traffic;

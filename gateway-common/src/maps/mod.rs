@@ -113,6 +113,30 @@ pub const ALL: &[&str] = &[
     ICMP_BUCKETS,
 ];
 
+/// `gateway agent`'s maps (docs/agent-section.md), pinned in its own directory: not the
+/// daemon's, which never pins, upgrades nor removes them (they are not in [`ALL`]). They are in
+/// the same object as the datapath's; the daemon creates them unpinned at its load, the socket
+/// map at one entry (the object's size, which the agent sets at its own load).
+///
+/// Hash `u32` IPv4 address (network order) → `u32` (1): the sources whose TOA options the
+/// agent believes (gateway SNAT addresses, `--trusted`).
+pub const AGENT_TRUSTED: &str = "gw_agt_trust_v1";
+/// Entries of [`AGENT_TRUSTED`].
+pub const AGENT_TRUSTED_MAX: u32 = 64;
+/// LRU hash `u64` socket cookie → [`crate::agent::PeerAddr4`]: the client address of each accepted socket
+/// whose establishing segment carried a trusted TOA option, removed when the socket closes.
+pub const AGENT_SOCKETS: &str = "gw_agt_sock_v1";
+/// The agent's default capacity of [`AGENT_SOCKETS`] (`--max-connections`): the least
+/// recently used entry goes when it is full.
+pub const AGENT_SOCKETS_DEFAULT: u32 = 65_536;
+/// Per-CPU array of `u64`: the agent's counters, one slot per [`crate::agent::AgentStat`].
+pub const AGENT_STATS: &str = "gw_agt_stats_v1";
+/// Slots of [`AGENT_STATS`].
+pub const AGENT_STATS_LEN: u32 = crate::agent::AgentStat::COUNT;
+
+/// Every map name of the agent.
+pub const AGENT: &[&str] = &[AGENT_TRUSTED, AGENT_SOCKETS, AGENT_STATS];
+
 /// Names this build no longer uses, from earlier layouts: an upgrade carries the conntrack
 /// table over from [`CONNTRACK4_V2`] (an LRU of values of [`FLOW_V2_SIZE`] bytes) or [`CONNTRACK4_V1`] (its
 /// entries are the first 80 bytes of a [`Flow`]) and removes these pins, as `gateway down` does.
@@ -173,13 +197,14 @@ mod user {
     unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for TrafficStats {}
+    unsafe impl aya::Pod for crate::agent::PeerAddr4 {}
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn map_names_fit_the_kernel_limit() {
-        for name in super::ALL {
+        for name in super::ALL.iter().chain(super::AGENT) {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
     }

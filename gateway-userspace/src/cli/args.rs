@@ -32,6 +32,9 @@ pub struct Args {
 pub enum Command {
     /// Run the daemon: attach the datapath and serve the API.
     Daemon(Box<DaemonArgs>),
+    /// On a container host: show apps the client address the gateway's TOA option carries
+    /// (`gateway agent --cgroup PATH --trusted IP`; `status`, `down`).
+    Agent(crate::agent::AgentArgs),
     #[command(flatten)]
     Cli(CliCommand),
 }
