@@ -302,7 +302,10 @@ fn datapath(sizes: &[u32]) {
                         "client segment before the backend's first, no setting (median)",
                         maps::TOA_PENDING,
                     ),
-                    ("established, client → backend, one run per call (median)", 0),
+                    (
+                        "established, client → backend, one run per call (median)",
+                        0,
+                    ),
                 ] {
                     let client = SocketAddrV4::new(Topology::CLIENT_IP, 33_334);
                     let (kf, ff) = identity_flow(client, svc, DIR_FORWARD);
@@ -323,7 +326,11 @@ fn datapath(sizes: &[u32]) {
                     let added = after.get(GlobalStat::ToaAdded) - before.get(GlobalStat::ToaAdded);
                     assert_eq!(
                         added,
-                        if toa & maps::TOA_ADD != 0 { u64::from(SYNS) } else { 0 },
+                        if toa & maps::TOA_ADD != 0 {
+                            u64::from(SYNS)
+                        } else {
+                            0
+                        },
                         "{case}: the option added to every run, or to none"
                     );
                     rows.push((case.into(), mode, size, ns));

@@ -1,6 +1,7 @@
 //! Test support for the gateway: the namespace harness, real TCP traffic and (for the datapath
 //! tests) packet building. The tests themselves live in `tests/tests/`; they need root.
 
+pub mod agent;
 pub mod bench;
 pub mod bulk;
 pub mod cgroup;

@@ -20,6 +20,7 @@ use std::{
 
 use gateway_common::net::{ip_to_net, port_to_net, toa};
 use gateway_tests::{
+    agent::{Agent, ask, peer_server, seen_as},
     cgroup::{CgroupGuard, cgroup2_root},
     daemon::gateway_bin,
     netns::{Bpffs, ChildGuard, Netns, RunDir, sweep_stale, unique_prefix},
@@ -40,42 +41,6 @@ const METRICS: &str = "127.0.0.1:9718";
 fn toa_option() -> [u8; 8] {
     toa::option(ip_to_net(*CLIENT.ip()), port_to_net(CLIENT.port()))
 }
-
-/// Answers each message of each connection with `accept=IP:PORT peer=IP:PORT`: the address
-/// `accept()` gave and what `getpeername()` gives now; on an IPv4 socket at `argv[1]:argv[2]`
-/// and a dual-stack IPv6 one at `[::]:argv[3]`. Exits after 60 s whatever happens.
-const SERVER: &str = r#"
-import signal, socket, sys, threading, time
-signal.alarm(60)
-def serve(c, a):
-    with c:
-        while True:
-            try:
-                d = c.recv(4096)
-            except OSError:
-                return
-            if not d:
-                return
-            p = c.getpeername()
-            c.sendall(f"accept={a[0]}:{a[1]} peer={p[0]}:{p[1]}\n".encode())
-def accept(s):
-    while True:
-        c, a = s.accept()
-        threading.Thread(target=serve, args=(c, a), daemon=True).start()
-def listen(family, ip, port):
-    s = socket.socket(family)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind((ip, port))
-    s.listen(16)
-    threading.Thread(target=accept, args=(s,), daemon=True).start()
-listen(socket.AF_INET, sys.argv[1], int(sys.argv[2]))
-listen(socket.AF_INET6, "::", int(sys.argv[3]))
-print("listening", flush=True)
-while True:
-    time.sleep(1)
-"#;
 
 /// The two namespaces, the cgroup, the pin directory and a directory for logs.
 struct Sandbox {
@@ -117,79 +82,28 @@ impl Sandbox {
         self.pins.path()
     }
 
-    /// The Python server, in the cgroup (joined before it execs, so its listening socket and
-    /// every socket it accepts are the cgroup's) and in the host namespace.
+    /// The Python server ([`PEER_SERVER`]) in the cgroup and the host namespace.
     fn server(&self) -> ChildGuard {
-        let script = self.dir.path().join("server.py");
-        std::fs::write(&script, SERVER).expect("write the server");
-        let out = self.dir.path().join("server.log");
-        let log = std::fs::File::create(&out).expect("server log");
-        let shell = format!(
-            "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 {} {HOST_IP} {PORT} {PORT6}",
-            self.cgroup.path().display(),
+        peer_server(
+            &self.cgroup,
             self.host.name(),
-            script.display()
-        );
-        let child = Command::new("sh")
-            .args(["-c", &shell])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn the server");
-        let mut guard = ChildGuard::from(child);
-        let ready = wait_for(Duration::from_secs(10), || {
-            if let Some(status) = guard.exited() {
-                panic!(
-                    "the server exited ({status}): {}",
-                    std::fs::read_to_string(&out).unwrap_or_default()
-                );
-            }
-            std::fs::read_to_string(&out).is_ok_and(|s| s.contains("listening"))
-        });
-        assert!(ready.is_some(), "the server did not listen within 10 s");
-        assert!(
-            self.cgroup.pids().contains(&(guard.id() as i32)),
-            "the server is not in the cgroup"
-        );
-        guard
+            self.dir.path(),
+            HOST_IP,
+            PORT,
+            PORT6,
+        )
     }
 
-    /// `gateway agent --cgroup CG --trusted TRUSTED --pin-dir PINS --metrics ...`, in the host
-    /// namespace (for its metrics address), started and attached. Through `nsenter`, which
-    /// joins the network namespace only: `ip netns exec` mounts a sysfs of its own on /sys,
-    /// without the cgroup2 mount under it.
+    /// The agent, in the host namespace (for its metrics address), started and attached.
     fn agent(&self, trusted: &str, run: u32) -> Agent {
-        let log_path = self.dir.path().join(format!("agent-{run}.log"));
-        let log = std::fs::File::create(&log_path).expect("agent log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.host.name()))
-            .arg(gateway_bin())
-            .arg("agent")
-            .arg("--cgroup")
-            .arg(self.cgroup.path())
-            .args(["--trusted", trusted, "--metrics", METRICS])
-            .arg("--pin-dir")
-            .arg(self.pin_dir())
-            .env("GATEWAY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn the agent");
-        let mut child = ChildGuard::from(child);
-        let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
-        let attached = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = child.exited() {
-                panic!("the agent exited ({status}) at start:\n{}", read());
-            }
-            read().contains("serving metrics")
-        });
-        assert!(attached.is_some(), "the agent did not start:\n{}", read());
-        Agent {
-            child: Some(child),
-            log: log_path,
-        }
+        Agent::start(
+            self.host.name(),
+            self.cgroup.path(),
+            trusted,
+            METRICS,
+            self.pin_dir(),
+            self.dir.path().join(format!("agent-{run}.log")),
+        )
     }
 
     /// A connection from `src` to the server's IPv4 socket whose handshake's ACK carries
@@ -244,45 +158,6 @@ impl Sandbox {
         assert!(head.contains(" 200 "), "{head}");
         gateway_tests::metrics::Scrape::parse(body)
     }
-}
-
-/// A running agent.
-struct Agent {
-    child: Option<ChildGuard>,
-    log: PathBuf,
-}
-
-impl Agent {
-    /// SIGTERM: the agent exits and leaves its programs attached.
-    #[track_caller]
-    fn stop(&mut self) {
-        let status = self
-            .child
-            .take()
-            .expect("running")
-            .terminate(Duration::from_secs(10));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "the agent did not exit cleanly ({status:?}):\n{}",
-            self.log()
-        );
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// Sends a message and returns the server's answer: `accept=... peer=...`.
-#[track_caller]
-fn ask(client: &mut RawTcpClient) -> String {
-    client.send(b"who am i?\n").expect("send");
-    let answer = client.recv(Duration::from_secs(3)).expect("recv");
-    String::from_utf8(answer).expect("utf-8").trim().to_owned()
-}
-
-fn seen_as(accept: impl std::fmt::Display, peer: impl std::fmt::Display) -> String {
-    format!("accept={accept} peer={peer}")
 }
 
 fn counter(status: &serde_json::Value, label: &str) -> u64 {
