@@ -1,4 +1,4 @@
-//! `gateway agent`, the container host's side of the client address (docs/agent-section.md):
+//! `gateway agent`, the container host's side of the client address (docs/client-address.md):
 //! its counters ([`AgentStat`]), what it remembers per socket ([`PeerAddr4`]) and the walk of a
 //! TCP header's options that finds a TOA option ([`find_toa`]), shared by its sock_ops program
 //! (gateway-ebpf's `agent`) and the unit tests here. Its maps' names are in [`crate::maps`]

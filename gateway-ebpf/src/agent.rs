@@ -1,4 +1,4 @@
-//! `gateway agent`'s programs, for a container host's cgroup (docs/agent-section.md): they make
+//! `gateway agent`'s programs, for a container host's cgroup (docs/client-address.md): they make
 //! the client address a gateway's TOA option carries the peer address apps see.
 //!
 //! - [`sock_ops`] (a `BPF_PROG_TYPE_SOCK_OPS` program): when an accepted connection becomes

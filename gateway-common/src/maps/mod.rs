@@ -113,7 +113,7 @@ pub const ALL: &[&str] = &[
     ICMP_BUCKETS,
 ];
 
-/// `gateway agent`'s maps (docs/agent-section.md), pinned in its own directory: not the
+/// `gateway agent`'s maps (docs/client-address.md), pinned in its own directory: not the
 /// daemon's, which never pins, upgrades nor removes them (they are not in [`ALL`]). They are in
 /// the same object as the datapath's; the daemon creates them unpinned at its load, the socket
 /// map at one entry (the object's size, which the agent sets at its own load).

@@ -1,4 +1,4 @@
-//! `gateway agent`: the container host's side of the client address (docs/agent-section.md).
+//! `gateway agent`: the container host's side of the client address (docs/client-address.md).
 //! The gateway adds a TOA option (the client's address and port) to the segment that completes
 //! each handshake toward a backend; the agent's programs (gateway-ebpf's `agent`), attached to
 //! a cgroup v2 of the container host, remember it per socket when the segment comes from a
