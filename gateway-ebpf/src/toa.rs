@@ -241,7 +241,7 @@ pub fn apply<P: Packet>(p: &P) -> Result<(), DropReason> {
     } else {
         hdr_end
     };
-    if !p.store(&h, len) {
+    if !p.store(h, len) {
         return Err(DropReason::Truncated);
     }
     if !P::CHECKSUM_IN_HEADERS && !p.tcp_checksum(check, header, pseudo) {
