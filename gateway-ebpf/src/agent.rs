@@ -60,6 +60,8 @@ const AF_INET6: u32 = 10;
 /// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`, RFC 4291 §2.5.5.2),
 /// network order.
 const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+/// The SYN bit of a TCP header's flags (`skb_tcp_flags`).
+const TCP_SYN: u32 = 0x02;
 /// A TCP header's length without options.
 const TCP_MIN_LEN: usize = 20;
 
@@ -91,7 +93,7 @@ fn established(ctx: &SockOpsContext) {
     // the branches join, and the verifier refuses a context access at a variable offset.
     let ops = ctx.ops;
     // SAFETY: reads of the context's fields.
-    let (family, ip4, ip6) = unsafe {
+    let (family, ip4, ip6, tcp_flags) = unsafe {
         (
             read_volatile(&raw const (*ops).family),
             read_volatile(&raw const (*ops).remote_ip4),
@@ -101,6 +103,7 @@ fn established(ctx: &SockOpsContext) {
                 read_volatile(&raw const (*ops).remote_ip6[2]),
                 read_volatile(&raw const (*ops).remote_ip6[3]),
             ],
+            read_volatile(&raw const (*ops).skb_tcp_flags),
         )
     };
     let remote = match (family, ip6) {
@@ -112,9 +115,12 @@ fn established(ctx: &SockOpsContext) {
     count(AgentStat::Established);
     // SAFETY: a plain lookup; the value is not kept.
     let trusted = unsafe { TRUSTED.get(remote) }.is_some();
+    // A connection established by its SYN (TCP Fast Open: `tcp_fastopen_create_child` runs
+    // this callback with the SYN) is never believed: a gateway adds the option to no SYN (nor
+    // does LVS or DPVS), so one there is a client's own; the gateway removes those too.
     let toa = match options(ctx) {
-        Some((options, len)) => find_toa(&options, len),
-        None => None,
+        Some((options, len)) if tcp_flags & TCP_SYN == 0 => find_toa(&options, len),
+        _ => None,
     };
     match (trusted, toa) {
         (true, Some((ip, port))) => {

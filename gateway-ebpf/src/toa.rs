@@ -28,7 +28,7 @@ use gateway_common::{
     DropReason, GlobalStat,
     maps::{APP_CLIENT_ADDRESS_TOA, Flow, FlowKey4, TOA_ADD, TOA_PENDING},
     net::{
-        tcp_flags::{RST, SYN},
+        tcp_flags::{ACK, RST, SYN},
         toa,
     },
 };
@@ -111,8 +111,9 @@ pub trait Packet {
 }
 
 /// Gives the translated, redirected client segment in `p` its flow's TOA treatment (see the
-/// module's docs): its client's TOA options out, the gateway's in with [`TOA_ADD`]. A SYN or
-/// RST, or a segment whose flow is no longer [`TOA_PENDING`], is left as it is. An error
+/// module's docs): its client's TOA options out, the gateway's in with [`TOA_ADD`] (not in a
+/// SYN, which only loses the client's). An RST, or a segment whose flow is no longer
+/// [`TOA_PENDING`], is left as it is. An error
 /// leaves the packet broken (it is dropped).
 #[inline(always)]
 pub fn apply<P: Packet>(p: &P) -> Result<(), DropReason> {
@@ -127,7 +128,11 @@ pub fn apply<P: Packet>(p: &P) -> Result<(), DropReason> {
     let tcp = unsafe { *tcp };
     // Bytes 12 (data offset) and 13 (flags): word 6.
     let tcp_len = usize::from((tcp[6] as u8) >> 4) * 4;
-    if (tcp[6] >> 8) as u8 & (SYN | RST) != 0 || tcp_len < TCP_MIN_LEN {
+    let flags = (tcp[6] >> 8) as u8;
+    // A SYN-ACK is not a client's; an RST makes no connection. A SYN loses the client's TOA
+    // options but gets none (nor does LVS or DPVS add it to a SYN): a backend with TCP Fast
+    // Open makes its end of the connection from the SYN, and its agent believes no SYN's.
+    if flags & RST != 0 || flags & (SYN | ACK) == SYN | ACK || tcp_len < TCP_MIN_LEN {
         return Ok(());
     }
     // Translated: SNAT → backend, the reverse entry's key reversed.
@@ -140,7 +145,7 @@ pub fn apply<P: Packet>(p: &P) -> Result<(), DropReason> {
     if reverse.toa & TOA_PENDING == 0 {
         return Ok(());
     }
-    let add = reverse.toa & TOA_ADD != 0;
+    let add = reverse.toa & TOA_ADD != 0 && flags & SYN == 0;
     let hdr_end = l4_off + tcp_len;
     // Room for 8 more bytes in the header, and on the way out (the forward entry's hop).
     let can_grow = add

@@ -253,12 +253,13 @@ fn a_lost_handshake_ack_is_made_up_for_by_the_next_segment() -> Scenario {
 }
 
 fn a_clients_own_toa_options_never_reach_a_backend() -> Scenario {
-    let (a, b, c, d, e) = (
+    let (a, b, c, d, e, f) = (
         Conn::new(46_021),
         Conn::new(46_022),
         Conn::new(46_023),
         Conn::new(46_024),
         Conn::new(46_025),
+        Conn::new(46_026),
     );
     let liar: SocketAddrV4 = "203.0.113.66:4242".parse().unwrap();
     Scenario::new()
@@ -332,6 +333,20 @@ fn a_clients_own_toa_options_never_reach_a_backend() -> Scenario {
             )
             .counter(GlobalStat::ToaStripped, 0..=0),
             forged(liar),
+        ))
+        .row(leaves_with(
+            Row::redirected(
+                "a SYN claiming another address: NOPs, and no option of the gateway's",
+                Frame {
+                    tcp_options: [mss_option(1460), forged(liar)].concat(),
+                    ..f.syn()
+                },
+                f.to_maglev_backend(),
+            )
+            .entries(2)
+            .counter(GlobalStat::ToaStripped, 1..=1)
+            .counter(GlobalStat::ToaAdded, 0..=0),
+            [mss_option(1460), nops(8)].concat(),
         ))
         .set("app 1 without the setting", client_address(false))
         .rows(opened(e, 1460))

@@ -698,12 +698,13 @@ impl Step<'_> {
         };
         self.x.verdict = Verdict::Redirect;
         let mut out = wire::translate(&frame, &self.seg, &t);
-        // Issue 17: a client segment (not a SYN or RST) before its backend made its end loses
+        // Issue 17: a client segment (its SYN too; not an RST) before its backend made its end loses
         // the TOA options it carries, and what an End of Option List or a malformed option ends
         // becomes NOPs (`toa::apply`).
         if flow.direction == DIR_FORWARD
             && flow.toa & TOA_PENDING != 0
-            && self.seg.flags & (SYN | RST) == 0
+            && self.seg.flags & RST == 0
+            && self.seg.flags & (SYN | ACK) != SYN | ACK
         {
             let stripped = wire::strip_toa(&mut out, &self.seg);
             if stripped != 0 {
