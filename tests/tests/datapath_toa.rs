@@ -323,8 +323,13 @@ fn a_clients_own_toa_options_never_reach_a_backend() -> Scenario {
             [nops(12), toa_of(d)].concat(),
         ))
         .row(
-            Row::redirected("d's backend answers", d.reply(flags::ACK), d.to_client())
-                .check("done with it", toa_bits(d, 0)),
+            Row::redirected(
+                "d's backend answers (data)",
+                d.reply(flags::ACK | flags::PSH)
+                    .map(|f| f.payload(b"+OK\r\n")),
+                d.to_client(),
+            )
+            .check("done with it", toa_bits(d, 0)),
         )
         .row(leaves_with(
             Row::redirected(
@@ -503,16 +508,14 @@ fn a_backend_still_in_syn_recv_acknowledging_only_the_syn_has_not_made_its_end()
             client_address(true),
         )
         .rows(opened(a, 1452))
-        .row(
-            Row::redirected(
-                "an ACK at the ISN (outside the backend's window: it answers with an ACK)",
-                a.send(flags::ACK).map(|f| Frame {
-                    seq: f.seq.wrapping_sub(1),
-                    ..f
-                }),
-                a.to_its_backend(),
-            ),
-        )
+        .row(Row::redirected(
+            "an ACK at the ISN (outside the backend's window: it answers with an ACK)",
+            a.send(flags::ACK).map(|f| Frame {
+                seq: f.seq.wrapping_sub(1),
+                ..f
+            }),
+            a.to_its_backend(),
+        ))
         .row(
             Row::redirected(
                 "the backend in SYN-RECV: a bare ACK of the SYN only",
@@ -534,7 +537,8 @@ fn a_backend_still_in_syn_recv_acknowledging_only_the_syn_has_not_made_its_end()
         .row(
             Row::redirected(
                 "the backend's first data (a banner)",
-                a.reply(flags::ACK | flags::PSH).map(|f| f.payload(b"220 hello\r\n")),
+                a.reply(flags::ACK | flags::PSH)
+                    .map(|f| f.payload(b"220 hello\r\n")),
                 a.to_client(),
             )
             .check("done with it", toa_bits(a, 0)),
