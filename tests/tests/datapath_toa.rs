@@ -524,6 +524,18 @@ fn a_backend_still_in_syn_recv_acknowledging_only_the_syn_has_not_made_its_end()
             )
             .check("still pending", toa_bits(a, TOA_PENDING | TOA_ADD)),
         )
+        .row(
+            Row::redirected(
+                "its listener's RST to an ACK of a wrong number (in the window, not exact)",
+                a.reply(flags::RST).map(|f| Frame {
+                    seq: f.seq.wrapping_add(1),
+                    ..f
+                }),
+                a.to_client(),
+            )
+            .counter(GlobalStat::RstInWindow, 1..=1)
+            .check("still pending", toa_bits(a, TOA_PENDING | TOA_ADD)),
+        )
         .row(leaves_with(
             Row::redirected(
                 "the ACK that makes the backend's end, claiming another address",
