@@ -247,8 +247,13 @@ fn decide<C: Context>(
             } else {
                 None
             };
+            // What the backend acknowledged before this segment (its SYN-ACK: the SYN).
+            let acked = f.ack_max;
             conntrack::track(f, &pkt, wscale, now.ns)?;
-            if f.toa & TOA_PENDING != 0 && f.direction != DIR_FORWARD && pkt.flags & SYN == 0 {
+            if f.toa & TOA_PENDING != 0
+                && f.direction != DIR_FORWARD
+                && toa::shows_established(&pkt, acked)
+            {
                 // The backend's end is established: the client's segments go on untouched.
                 toa::backend_seen(f);
             }

@@ -5,9 +5,11 @@
 //! app asked for it (`TOA_ADD`), and loses every TOA option the client put there itself, in
 //! every app: a client never chooses the address an app is told (the backend host's agent, or
 //! its toa module, believes the option from a gateway's SNAT address). The backend's first
-//! segment without SYN ends that (`backend_seen`): a socket in SYN-RECV sends only SYN-ACKs, so
-//! its end was made by a segment that carried the option, whichever one it was (the handshake's
-//! ACK, or the next segment if that ACK was lost).
+//! segment that shows its end established ends that (`shows_established`, `backend_seen`):
+//! data, a FIN, or an acknowledgement beyond the SYN, none of which a socket in SYN-RECV sends
+//! (it sends SYN-ACKs, and bare ACKs of the SYN to segments outside its window), so its end
+//! was made by a segment that carried the option, whichever one it was (the handshake's ACK, or
+//! the next segment if that ACK was lost).
 //!
 //! Done by the attach mode after the segment is translated, in a function of its own ([`MARK`],
 //! [`apply`]), on a copy of its headers: the client's TOA options become NOPs (or the first
@@ -26,9 +28,9 @@
 use aya_ebpf::cty::c_void;
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{APP_CLIENT_ADDRESS_TOA, Flow, FlowKey4, TOA_ADD, TOA_PENDING},
+    maps::{APP_CLIENT_ADDRESS_TOA, Flow, FlowKey4, TOA_ADD, TOA_PENDING, seq_after},
     net::{
-        tcp_flags::{ACK, RST, SYN},
+        tcp_flags::{ACK, FIN, RST, SYN},
         toa,
     },
 };
@@ -37,7 +39,7 @@ use crate::{
     conntrack,
     csum::{self, diff16},
     maps::APP_CONFIG,
-    parse::{Bounds, ETH_LEN, OPTIONS_MAX, TCP_MIN_LEN, join},
+    parse::{Bounds, ETH_LEN, OPTIONS_MAX, TCP_MIN_LEN, TcpPacket, join},
     stats,
 };
 
@@ -67,8 +69,24 @@ pub fn flow_bits(app_id: u32) -> u8 {
     }
 }
 
-/// The backend sent a segment without SYN on the flow of the reverse entry `f` (tracked: in its
-/// window): its end is established; the client's segments go on untouched from now on (both
+/// Whether the backend's segment `pkt` (tracked, in its window; `acked`: the most it had
+/// acknowledged before, its SYN-ACK's acknowledgement of the SYN at first) shows its end of the
+/// connection established: data, a FIN, or an acknowledgement of more than it had. Not any
+/// segment without SYN: a socket in SYN-RECV answers a segment outside its window (an old
+/// sequence number, a PAWS failure) with a bare ACK of the SYN (Linux's `tcp_check_req`,
+/// `tcp_v4_reqsk_send_ack`), and its listener answers a wrong acknowledgement with an RST,
+/// both without leaving SYN-RECV: a client could make either happen, then send its own TOA
+/// option on the ACK that does make the backend's end. An RST never shows it.
+#[inline(always)]
+pub fn shows_established(pkt: &TcpPacket, acked: u32) -> bool {
+    pkt.flags & (SYN | RST) == 0
+        && (pkt.flags & FIN != 0
+            || pkt.payload_len() != 0
+            || (pkt.flags & ACK != 0 && seq_after(pkt.ack, acked)))
+}
+
+/// The backend sent a segment that shows its end established ([`shows_established`]) on the
+/// flow of the reverse entry `f`: its end is established; the client's segments go on untouched from now on (both
 /// entries lose their `toa` bits).
 #[inline(always)]
 pub fn backend_seen(f: &mut Flow) {

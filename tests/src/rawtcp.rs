@@ -68,6 +68,15 @@ impl RawTcpClient {
         dst: SocketAddrV4,
         options_on_ack: &[u8],
     ) -> io::Result<Self> {
+        let client = Self::handshake(ns, src, dst)?;
+        client.ack(options_on_ack)?;
+        Ok(client)
+    }
+
+    /// The handshake's first two segments (SYN, the server's SYN-ACK), as [`Self::connect`]
+    /// plays them, without the ACK that completes it (see [`Self::ack`]): the server's end
+    /// is still in SYN-RECV.
+    pub fn handshake(ns: &Netns, src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<Self> {
         ns.nft(&format!(
             "table ip {table} {{\n\
              \tchain out {{\n\
@@ -122,8 +131,29 @@ impl RawTcpClient {
                 break;
             }
         }
-        client.segment(flags::ACK, options_on_ack, &[])?;
         Ok(client)
+    }
+
+    /// An ACK at the current numbers carrying TCP `options` (padded as in [`Self::connect`]):
+    /// the handshake's, after [`Self::handshake`].
+    pub fn ack(&self, options: &[u8]) -> io::Result<()> {
+        self.segment(flags::ACK, options, &[])
+    }
+
+    /// A bare ACK one sequence number behind the current one (an old duplicate): outside a
+    /// receiver's window, which a server in SYN-RECV answers with an ACK (`tcp_check_req`).
+    pub fn stale_ack(&self) -> io::Result<()> {
+        let mut frame = Frame::tcp(self.src, self.dst, flags::ACK);
+        frame.seq = self.snd_nxt.wrapping_sub(1);
+        frame.ack = self.rcv_nxt;
+        let packet = &frame.build()[ETH_LEN..];
+        let to = SockAddr::from(SocketAddrV4::new(*self.dst.ip(), 0));
+        self.send.send_to(packet, &to).map(drop)
+    }
+
+    /// The server's next segment within `timeout`, as it came (nothing acknowledged).
+    pub fn next(&self, timeout: Duration) -> io::Result<Option<Segment>> {
+        self.next_segment(Instant::now() + timeout)
     }
 
     /// Sends `data` in one segment (PSH, ACK).

@@ -309,3 +309,58 @@ fn the_app_sees_the_client_through_xdp() {
 fn the_app_sees_the_client_through_tc() {
     the_app_sees_the_client(AttachMode::Tc);
 }
+
+/// Review of issue 17: a client provokes its backend, still in SYN-RECV, into a segment
+/// without SYN (a bare ACK, Linux's answer to a segment outside the request's window), then
+/// sends its own TOA option on the ACK that makes the backend's end: the app must still see the
+/// client, not what it claims.
+fn a_backend_in_syn_recv_provoked_into_an_ack_still_hears_the_truth(mode: AttachMode) {
+    require_root();
+    let topo = Topology::new(1);
+    if mode == AttachMode::Xdp {
+        topo.xdp_offloads();
+    }
+    let host = BackendHost::new(&topo);
+    let daemon = Daemon::start(&topo, Some(mode), &[]);
+    let backend = topo.backends[0].ip;
+    daemon.ok(&[
+        "app",
+        "create",
+        "py",
+        "--port",
+        &APP_PY.to_string(),
+        "--client-address",
+        "toa",
+    ]);
+    daemon.ok(&["backend", "add", "py", &format!("{backend}:{PY}")]);
+    daemon.wait_active("py", 1);
+
+    let public = SocketAddrV4::new(Topology::PUBLIC_IP, APP_PY);
+    let mut liar = RawTcpClient::handshake(&topo.client, client(41_101), public)
+        .expect("SYN, SYN-ACK through the gateway");
+    liar.stale_ack().expect("an old ACK");
+    let answer = liar
+        .next(Duration::from_secs(3))
+        .expect("recv")
+        .expect("the backend in SYN-RECV answers an old ACK with an ACK");
+    assert_eq!(answer.flags & 0x12, 0x10, "a bare ACK: {answer:?}");
+    liar.ack(&forged())
+        .expect("the handshake's ACK, with a forged option");
+    assert_eq!(
+        ask(&mut liar),
+        seen_as(client(41_101), client(41_101)),
+        "agent: {}",
+        host.agent.log()
+    );
+    let _ = liar.reset();
+}
+
+#[test]
+fn a_backend_in_syn_recv_provoked_into_an_ack_still_hears_the_truth_through_xdp() {
+    a_backend_in_syn_recv_provoked_into_an_ack_still_hears_the_truth(AttachMode::Xdp);
+}
+
+#[test]
+fn a_backend_in_syn_recv_provoked_into_an_ack_still_hears_the_truth_through_tc() {
+    a_backend_in_syn_recv_provoked_into_an_ack_still_hears_the_truth(AttachMode::Tc);
+}

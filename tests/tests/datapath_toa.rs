@@ -28,6 +28,7 @@ scenario_tests! {
     a_clients_own_toa_options_never_reach_a_backend,
     an_app_without_the_setting_is_told_nothing,
     without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it,
+    a_backend_still_in_syn_recv_acknowledging_only_the_syn_has_not_made_its_end,
 }
 
 /// App 1 with `--client-address toa` (`on`) or without.
@@ -322,8 +323,13 @@ fn a_clients_own_toa_options_never_reach_a_backend() -> Scenario {
             [nops(12), toa_of(d)].concat(),
         ))
         .row(
-            Row::redirected("d's backend answers", d.reply(flags::ACK), d.to_client())
-                .check("done with it", toa_bits(d, 0)),
+            Row::redirected(
+                "d's backend answers (data)",
+                d.reply(flags::ACK | flags::PSH)
+                    .map(|f| f.payload(b"+OK\r\n")),
+                d.to_client(),
+            )
+            .check("done with it", toa_bits(d, 0)),
         )
         .row(leaves_with(
             Row::redirected(
@@ -483,4 +489,70 @@ fn without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it() ->
             .counter(GlobalStat::ToaAdded, 1..=1),
             [timestamps(), toa_of(d)].concat(),
         ))
+}
+
+/// Review of issue 17: a socket in SYN-RECV does not send only SYN-ACKs. Linux's
+/// `tcp_check_req` answers a segment outside the request's window (an old sequence number, or
+/// a PAWS failure) with a bare ACK (`tcp_v4_reqsk_send_ack`: seq ISN + 1, ack the client's ISN
+/// + 1, no data) and stays in SYN-RECV. A client that sends such a segment first makes the
+/// backend send a non-SYN segment before its end exists; if that ends the flow's TOA treatment,
+/// the client's next ACK, which does make the backend's end, goes on with the client's own
+/// forged TOA option, and the agent (the source is the trusted SNAT address) believes it.
+/// What proves the backend's end made: data, a FIN, or an acknowledgement of more than the SYN.
+fn a_backend_still_in_syn_recv_acknowledging_only_the_syn_has_not_made_its_end() -> Scenario {
+    let a = Conn::new(46_051);
+    let liar: SocketAddrV4 = "203.0.113.66:4242".parse().unwrap();
+    Scenario::new()
+        .set(
+            "app 1 tells its backends the client's address",
+            client_address(true),
+        )
+        .rows(opened(a, 1452))
+        .row(Row::redirected(
+            "an ACK at the ISN (outside the backend's window: it answers with an ACK)",
+            a.send(flags::ACK).map(|f| Frame {
+                seq: f.seq.wrapping_sub(1),
+                ..f
+            }),
+            a.to_its_backend(),
+        ))
+        .row(
+            Row::redirected(
+                "the backend in SYN-RECV: a bare ACK of the SYN only",
+                a.reply(flags::ACK),
+                a.to_client(),
+            )
+            .check("still pending", toa_bits(a, TOA_PENDING | TOA_ADD)),
+        )
+        .row(
+            Row::redirected(
+                "its listener's RST to an ACK of a wrong number (in the window, not exact)",
+                a.reply(flags::RST).map(|f| Frame {
+                    seq: f.seq.wrapping_add(1),
+                    ..f
+                }),
+                a.to_client(),
+            )
+            .counter(GlobalStat::RstInWindow, 1..=1)
+            .check("still pending", toa_bits(a, TOA_PENDING | TOA_ADD)),
+        )
+        .row(leaves_with(
+            Row::redirected(
+                "the ACK that makes the backend's end, claiming another address",
+                send(a, flags::ACK, forged(liar), b""),
+                a.to_its_backend(),
+            )
+            .counter(GlobalStat::ToaStripped, 1..=1)
+            .counter(GlobalStat::ToaAdded, 1..=1),
+            toa_of(a),
+        ))
+        .row(
+            Row::redirected(
+                "the backend's first data (a banner)",
+                a.reply(flags::ACK | flags::PSH)
+                    .map(|f| f.payload(b"220 hello\r\n")),
+                a.to_client(),
+            )
+            .check("done with it", toa_bits(a, 0)),
+        )
 }

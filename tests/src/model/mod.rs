@@ -561,12 +561,19 @@ impl Step<'_> {
                 None => Time::SameOrNow,
             };
         }
-        // Issue 17: the backend's first segment without SYN shows its end is made: the flow's
-        // client segments go on untouched from now on (both entries; `toa::backend_seen`).
+        // Issue 17: the backend's first segment that shows its end is made (data, a FIN, or an
+        // acknowledgement beyond what it had acknowledged; no SYN, no RST: a socket in SYN-RECV
+        // sends bare ACKs of the SYN, and its listener RSTs): the flow's client segments go on
+        // untouched from now on (both entries; `toa::shows_established`, `toa::backend_seen`).
+        let acked = self.m.ct.get(&key).map_or(es.ack_max, |e| e.ack_max);
+        let flags = self.seg.flags;
         if self.m.rules == Rules::Spec14
             && es.direction != DIR_FORWARD
             && es.toa & TOA_PENDING != 0
-            && self.seg.flags & SYN == 0
+            && flags & (SYN | RST) == 0
+            && (flags & FIN != 0
+                || self.seg.payload != 0
+                || (flags & ACK != 0 && gateway_common::maps::seq_after(self.seg.ack, acked)))
         {
             es.toa = 0;
             if let Some(p) = self.m.ct.get_mut(&es.peer_key()) {
