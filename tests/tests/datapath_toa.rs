@@ -17,8 +17,8 @@ use gateway_common::{
 };
 use gateway_tests::{
     datapath::APP,
-    packet::{ETH_LEN, Frame, flags, mss_option, wscale_option},
-    scenario::{Conn, Ctx, Input, Row, Scenario},
+    packet::{ETH_LEN, Frame, flags, mss_option, parse_checked, wscale_option},
+    scenario::{Conn, Ctx, Input, Out, Row, Scenario},
     scenario_tests,
 };
 
@@ -422,11 +422,12 @@ fn an_app_without_the_setting_is_told_nothing() -> Scenario {
 }
 
 fn without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it() -> Scenario {
-    let (a, b, c, d) = (
+    let (a, b, c, d, e) = (
         Conn::new(46_041),
         Conn::new(46_042),
         Conn::new(46_043),
         Conn::new(46_044),
+        Conn::new(46_045),
     );
     // A full-sized segment for the links' 1500-byte MTU: the option would make it 1508.
     static FULL: [u8; 1460] = [0x5a; 1460];
@@ -476,6 +477,26 @@ fn without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it() ->
             .counter(GlobalStat::ToaAdded, 1..=1),
             toa_of(c),
         ))
+        .rows(opened(e, 1452))
+        .row(
+            Row::redirected(
+                "a bare ACK padded to Ethernet's 60 bytes (a NIC's padding after the IPv4 packet)",
+                e.send(flags::ACK)
+                    .spoiled(|bytes| bytes.extend_from_slice(&[0; 6])),
+                Out::Any,
+            )
+            .counter(GlobalStat::ToaAdded, 1..=1)
+            .check("grown before the padding, which still trails", move |cx| {
+                assert_eq!(cx.output.len(), cx.input.len() + 8, "8 bytes more");
+                let ip_len = usize::from(u16::from_be_bytes([cx.output[16], cx.output[17]]));
+                let packet = &cx.output[..ETH_LEN + ip_len];
+                assert_eq!(&cx.output[ETH_LEN + ip_len..], &[0; 6], "the padding");
+                let p = parse_checked(packet);
+                assert_eq!(p.tcp_flags, flags::ACK);
+                assert!(p.payload.is_empty(), "no payload");
+                assert_eq!(options_of(packet), toa_of(e));
+            }),
+        )
         .rows(opened(d, 1452))
         .row(leaves_with(
             Row::redirected(
