@@ -514,8 +514,8 @@ fn without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it() ->
 
 /// Review of issue 17: a socket in SYN-RECV does not send only SYN-ACKs. Linux's
 /// `tcp_check_req` answers a segment outside the request's window (an old sequence number, or
-/// a PAWS failure) with a bare ACK (`tcp_v4_reqsk_send_ack`: seq ISN + 1, ack the client's ISN
-/// + 1, no data) and stays in SYN-RECV. A client that sends such a segment first makes the
+/// a PAWS failure) with a bare ACK (`tcp_v4_reqsk_send_ack`: seq ISN + 1, ack the client's
+/// ISN + 1, no data) and stays in SYN-RECV. A client that sends such a segment first makes the
 /// backend send a non-SYN segment before its end exists; if that ends the flow's TOA treatment,
 /// the client's next ACK, which does make the backend's end, goes on with the client's own
 /// forged TOA option, and the agent (the source is the trusted SNAT address) believes it.

@@ -12,8 +12,8 @@ use gateway::datapath::{AttachMode, GlobalStats, monotonic_ns};
 use gateway_common::{
     DropReason, GlobalStat,
     maps::{
-        ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, DIR_FORWARD, Flow, FlowKey4,
-        ServiceKey4, TRACK_LIBERAL, TRACK_PROXIED, TrafficStats,
+        ADDR_PUBLIC, ADDR_SNAT, APP_CLIENT_ADDRESS_TOA, AppConfig, BACKEND_ACCEPTING, Backend4,
+        DIR_FORWARD, Flow, FlowKey4, ServiceKey4, TRACK_LIBERAL, TRACK_PROXIED, TrafficStats,
     },
     net::{ip_to_net, port_from_net},
     syncookie,
@@ -97,6 +97,7 @@ impl Harness {
         backend_ips: &[Ipv4Addr],
         snat_ports: std::ops::RangeInclusive<u16>,
         half_open_max: u32,
+        client_address: bool,
     ) -> Self {
         let mut fx = Fixture::new(mode, backend_ips, 1 << 14);
         let max_age = Duration::from_secs(60);
@@ -108,6 +109,18 @@ impl Harness {
             .expect("half-open max");
         let mut m = Model::new(rules);
         m.half_open_max = half_open_max;
+        if client_address && rules == Rules::Spec14 {
+            fx.dp
+                .set_app_config(
+                    APP,
+                    AppConfig {
+                        flags: APP_CLIENT_ADDRESS_TOA,
+                        ..AppConfig::default()
+                    },
+                )
+                .expect("app config");
+            m.client_address.insert(APP);
+        }
         // What `Datapath::configure` set: a quarter of the table, half the SNAT range.
         let ports = u32::from(snat_ports.end() - snat_ports.start()) + 1;
         m.half_open_global_max = (fx.dp.conntrack_capacity() / 4).min(ports / 2).max(1);

@@ -60,12 +60,13 @@ use gateway_common::{
         ADDR_PUBLIC, ADDR_SNAT, BACKEND_ACCEPTING, Backend4, CT_BACKEND_CLOSED_FIRST,
         CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REVERSE, CT_RST, CT_SYN_ACK_SEEN, CT_SYN_SEEN,
         DIR_FORWARD, DIR_REVERSE, Flow, FlowKey4, HALF_OPEN_MAX_DEFAULT, LAST_SEEN_GRANULARITY_NS,
-        MAGLEV_PROBES, MAGLEV_SIZE, ServiceKey4, TIME_WAIT_NS, TOA_PENDING, TRACK_ACK_SEEN,
-        TRACK_PROXIED, is_closed,
+        MAGLEV_PROBES, MAGLEV_SIZE, ServiceKey4, TIME_WAIT_NS, TOA_ADD, TOA_PENDING,
+        TRACK_ACK_SEEN, TRACK_PROXIED, is_closed,
     },
     net::{
         port_from_net, port_to_net,
         tcp_flags::{ACK, FIN, RST, SYN},
+        toa,
     },
     syncookie::{self, Handshake, MSS_TABLE},
 };
@@ -186,6 +187,8 @@ pub struct Model {
     /// The cookie counter when each app last answered a SYN with a cookie (the datapath's
     /// `gw_cookies_v1`): an ACK is checked for a cookie only within one step of it.
     pub cookies: HashMap<u32, u64>,
+    /// The apps with `--client-address toa` (issue 17: `APP_CLIENT_ADDRESS_TOA`).
+    pub client_address: std::collections::HashSet<u32>,
 }
 
 impl Model {
@@ -206,6 +209,16 @@ impl Model {
             half_open_global_max: 0,
             half_open: HashMap::new(),
             cookies: HashMap::new(),
+            client_address: std::collections::HashSet::new(),
+        }
+    }
+
+    /// The `Flow::toa` bits of a new flow of `app` (`toa::flow_bits`).
+    fn toa_bits(&self, app: u32) -> u8 {
+        if self.client_address.contains(&app) {
+            TOA_PENDING | TOA_ADD
+        } else {
+            TOA_PENDING
         }
     }
 
@@ -708,15 +721,39 @@ impl Step<'_> {
         // Issue 17: a client segment (its SYN too; not an RST) before its backend made its end loses
         // the TOA options it carries, and what an End of Option List or a malformed option ends
         // becomes NOPs (`toa::apply`).
+        let flags = self.seg.flags;
         if flow.direction == DIR_FORWARD
             && flow.toa & TOA_PENDING != 0
-            && self.seg.flags & RST == 0
-            && self.seg.flags & (SYN | ACK) != SYN | ACK
+            && flags & RST == 0
+            && flags & (SYN | ACK) != SYN | ACK
         {
-            let stripped = wire::strip_toa(&mut out, &self.seg);
-            if stripped != 0 {
-                self.x.stat(GlobalStat::ToaStripped, stripped);
+            // ...and gets the gateway's with `TOA_ADD` (not a SYN), in place of the client's
+            // first or appended if the segment then fits the link (`toa::apply`).
+            let key = self.seg.key;
+            let ours = (flow.toa & TOA_ADD != 0 && flags & SYN == 0)
+                .then(|| toa::option(key.src_ip, key.src_port));
+            let can_grow = out.len() + 8 <= wire::LINK_MTU + wire::ETH_LEN
+                && (self.mode == AttachMode::Xdp || out.len() <= wire::TC_GROW_MAX);
+            let done = wire::toa(&mut out, &self.seg, ours, can_grow);
+            if done.found != 0 {
+                self.x.stat(GlobalStat::ToaStripped, done.found);
             }
+            if done.added {
+                self.x.stat(GlobalStat::ToaAdded, 1);
+            }
+            if done.skipped {
+                self.x.stat(GlobalStat::ToaSkipped, 1);
+            }
+        }
+        // Issue 17: a SYN-ACK of an app with the client's address, its flow not established,
+        // announces an MSS 8 bytes lower (`mss::clamp`; the backend's, to the client, or a
+        // client's own in a simultaneous open, which loses 8 bytes for nothing).
+        if flags & (SYN | ACK) == SYN | ACK
+            && flow.state & CT_ESTABLISHED == 0
+            && self.m.client_address.contains(&flow.app_id)
+            && wire::lower_mss(&mut out, &self.seg, u16::from(toa::LEN))
+        {
+            self.x.stat(GlobalStat::MssClamped, 1);
         }
         self.x.out = Some(out);
         let bytes = u64::from(self.seg.l3_len);
@@ -809,10 +846,9 @@ impl Step<'_> {
             ..reverse
         };
         if spec {
-            // Issue 17: the backend has made nothing yet (no app of the fuzzer's adds the
-            // client's address: `TOA_ADD` never).
-            reverse.toa = TOA_PENDING;
-            forward.toa = TOA_PENDING;
+            // Issue 17: the backend has made nothing yet.
+            reverse.toa = self.m.toa_bits(app);
+            forward.toa = reverse.toa;
             let wscale = wire::wscale_option(self.frame, &self.seg);
             tcp::new_flow_tracking(&mut forward, &self.seg, wscale);
         } else {
@@ -894,6 +930,12 @@ impl Step<'_> {
         // The app gives cookies (`synproxy::gave_cookies`).
         self.m.cookies.insert(app, counter);
         self.x.stat(GlobalStat::SynCookiesSent, 1);
+        // Issue 17: an app with the client's address announces 8 bytes less (`mss::clamp`).
+        let mut mss_out = MSS_TABLE[index as usize];
+        if self.m.client_address.contains(&app) {
+            mss_out -= u16::from(toa::LEN);
+            self.x.stat(GlobalStat::MssClamped, 1);
+        }
         self.x.verdict = Verdict::Tx;
         self.x.out = Some(
             Own {
@@ -902,7 +944,8 @@ impl Step<'_> {
                 seq: cookie,
                 ack: self.seg.seq.wrapping_add(1),
                 window: 0,
-                mss: Some(MSS_TABLE[index as usize]),
+                mss: Some(mss_out),
+                toa: None,
             }
             .build(self.frame, &self.seg),
         );
@@ -989,7 +1032,7 @@ impl Step<'_> {
             direction: DIR_REVERSE,
             state: CT_SYN_SEEN,
             track: TRACK_PROXIED,
-            toa: TOA_PENDING,
+            toa: self.m.toa_bits(app),
             ..Flow::default()
         };
         let mut forward = Flow {
@@ -1025,6 +1068,7 @@ impl Step<'_> {
             ack: 0,
             window: seg.window,
             mss: Some(mss),
+            toa: None,
         }
         .build(self.frame, &seg);
         if out == Out::Kernel {
@@ -1156,6 +1200,12 @@ impl Step<'_> {
         es.bytes += u64::from(seg.l3_len);
         self.m.ct.insert(key, es);
         self.x.entries.insert(key, Some(exp));
+        // Issue 17: the ACK that makes the backend's end carries the client's address
+        // (`synproxy::backend_ack`; the reverse entry's destination).
+        let toa_ack = (es.toa & TOA_ADD != 0).then(|| toa::option(es.nat_dst_ip, es.nat_dst_port));
+        if toa_ack.is_some() {
+            self.x.stat(GlobalStat::ToaAdded, 1);
+        }
         self.x.verdict = Verdict::Tx;
         self.x.out = Some(
             Own {
@@ -1165,6 +1215,7 @@ impl Step<'_> {
                 ack: seg.seq.wrapping_add(1),
                 window: client.win_max.min(u32::from(u16::MAX)) as u16,
                 mss: None,
+                toa: toa_ack,
             }
             .build(self.frame, &seg),
         );

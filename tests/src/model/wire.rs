@@ -275,16 +275,37 @@ pub fn translate(frame: &[u8], seg: &Seg, t: &Translation) -> Vec<u8> {
     out
 }
 
+/// The egress links' MTU (the harness's veths): a segment the TOA option would make larger is
+/// not grown (`bpf_check_mtu`).
+pub const LINK_MTU: usize = 1500;
+/// The most bytes a TC packet may have for the datapath to grow it (`tc::MOVE_MAX`).
+pub const TC_GROW_MAX: usize = 16_384;
+
+/// What [`toa`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ToaDone {
+    /// The client's own TOA options met (removed, or the first replaced by `ours`).
+    pub found: u64,
+    /// The gateway's option went in (in place of the client's first, or appended).
+    pub added: bool,
+    /// It should have, but there was no room (or the segment would be too large).
+    pub skipped: bool,
+}
+
 /// Issue 17's treatment of a translated client segment `out` (parsed as `seg`: the same
-/// offsets) before its backend made its end, in place: options walked as [`option`] walks them;
-/// each TOA option (kind 254, length 8) becomes 8 NOPs; an End of Option List or a malformed
-/// option, and every byte after it in the header, become NOPs. The TCP checksum carries the
-/// residual it had. Returns the TOA options removed.
-pub fn strip_toa(out: &mut [u8], seg: &Seg) -> u64 {
+/// offsets) before its backend made its end (`toa::apply`), in place: options walked as
+/// [`option`] walks them; each TOA option (kind 254, length 8) becomes 8 NOPs, or the first
+/// becomes `ours`; an End of Option List or a malformed option, and every byte after it in the
+/// header, become NOPs; then, if `ours` took no client option's place and `can_grow`, it is
+/// appended after the options (the header 8 bytes longer, the IPv4 total length too, what
+/// followed the header moved on). Both checksums carry the residuals they had.
+pub fn toa(out: &mut Vec<u8>, seg: &Seg, ours: Option<[u8; 8]>, can_grow: bool) -> ToaDone {
     let residual = tcp_residual(out, seg);
+    let ip_residual = ip_residual(out, seg.ihl);
     let start = seg.l4_off() + TCP_MIN_LEN;
     let end = seg.l4_off() + seg.doff;
-    let mut stripped = 0;
+    let mut done = ToaDone::default();
+    let mut placed = false;
     let mut i = start;
     while i < end {
         match out[i] {
@@ -300,10 +321,70 @@ pub fn strip_toa(out: &mut [u8], seg: &Seg) -> u64 {
                     break;
                 }
                 if kind == 254 && len == 8 {
-                    out[i..i + 8].fill(1);
-                    stripped += 1;
+                    done.found += 1;
+                    match ours {
+                        Some(o) if !placed => {
+                            out[i..i + 8].copy_from_slice(&o);
+                            placed = true;
+                        }
+                        _ => out[i..i + 8].fill(1),
+                    }
                 }
                 i += len;
+            }
+        }
+    }
+    let mut grown = *seg;
+    match ours {
+        Some(o) if !placed && can_grow && seg.doff + 8 <= 60 => {
+            out.splice(end..end, o);
+            out[seg.l4_off() + 12] += 0x20;
+            let ip = ETH_LEN;
+            let total = be16(out, ip + 2) + 8;
+            out[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
+            out[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+            let correct = checksum(&out[ip..ip + seg.ihl]);
+            out[ip + 10..ip + 12].copy_from_slice(&field_for(correct, ip_residual).to_be_bytes());
+            grown.doff += 8;
+            grown.l3_len += 8;
+            done.added = true;
+        }
+        Some(_) if !placed => done.skipped = true,
+        Some(_) => done.added = true,
+        None => {}
+    }
+    let l4 = seg.l4_off();
+    out[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let correct = !tcp_residual(out, &grown);
+    out[l4 + 16..l4 + 18].copy_from_slice(&field_for(correct, residual).to_be_bytes());
+    done
+}
+
+/// Lowers the first MSS option of `out` (parsed as `seg`) by `by` (saturating), as the MSS
+/// clamp rewrites it (`mss::clamp`), the TCP checksum carrying its residual; whether it changed.
+pub fn lower_mss(out: &mut [u8], seg: &Seg, by: u16) -> bool {
+    let Some(mss) = mss_option(out, seg) else {
+        return false;
+    };
+    let new = mss.saturating_sub(by);
+    if mss <= new {
+        return false;
+    }
+    let residual = tcp_residual(out, seg);
+    let start = seg.l4_off() + TCP_MIN_LEN;
+    let end = seg.l4_off() + seg.doff;
+    let mut i = start;
+    while i < end {
+        match out[i] {
+            0 => break,
+            1 => i += 1,
+            k => {
+                let n = usize::from(out[i + 1]);
+                if k == 2 && n == 4 {
+                    out[i + 2..i + 4].copy_from_slice(&new.to_be_bytes());
+                    break;
+                }
+                i += n;
             }
         }
     }
@@ -311,7 +392,7 @@ pub fn strip_toa(out: &mut [u8], seg: &Seg) -> u64 {
     out[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
     let correct = !tcp_residual(out, seg);
     out[l4 + 16..l4 + 18].copy_from_slice(&field_for(correct, residual).to_be_bytes());
-    stripped
+    true
 }
 
 /// Spec §7's answer to a segment with ACK and without a flow: [`packet::rst_answer`] (a
@@ -339,6 +420,9 @@ pub struct Own {
     pub ack: u32,
     pub window: u16,
     pub mss: Option<u16>,
+    /// A TOA option (issue 17: the SYN proxy's ACK to the backend of an app with the client's
+    /// address), with no MSS option.
+    pub toa: Option<[u8; 8]>,
 }
 
 impl Own {
@@ -362,10 +446,14 @@ impl Own {
             frag: 0x4000,
             ip_id: 0,
             window: self.window,
-            tcp_options: self.mss.map_or(Vec::new(), |m| {
-                let [hi, lo] = m.to_be_bytes();
-                vec![2, 4, hi, lo]
-            }),
+            tcp_options: match (self.mss, self.toa) {
+                (Some(m), _) => {
+                    let [hi, lo] = m.to_be_bytes();
+                    vec![2, 4, hi, lo]
+                }
+                (None, Some(toa)) => toa.to_vec(),
+                (None, None) => Vec::new(),
+            },
             ..Frame::tcp(src, dst, self.flags)
         }
         .build()
