@@ -344,3 +344,57 @@ fn bad_input_is_one_clear_error_and_attaches_nothing() {
     let err = refused(&["run", "--cgroup", cg, "--trusted", ","], pins);
     assert!(err.contains("no trusted source"), "{err}");
 }
+
+/// A `--metrics` address the agent cannot bind (in use in its namespace) is a bad input like
+/// the others: one line of error, and nothing attached to the cgroup nor pinned (it used to
+/// attach and pin its three programs, then fail on the address, leaving them attached).
+#[test]
+fn a_metrics_address_in_use_is_refused_before_anything_is_attached() {
+    require_root();
+    sweep_stale();
+    let prefix = unique_prefix();
+    let cgroup = CgroupGuard::new("agent-metrics");
+    let pins = Bpffs::new(&format!("{prefix}-agent-metrics-pins"));
+    let ns = Netns::new(&format!("{prefix}-metrics"));
+    ns.ip("link set lo up");
+    let held = ns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("a listener in the namespace");
+    let addr = held.local_addr().expect("its address").to_string();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name()))
+        .arg(gateway_bin())
+        .arg("agent")
+        .arg("--cgroup")
+        .arg(cgroup.path())
+        .args(["--trusted", "192.0.2.2", "--metrics", &addr, "--pin-dir"])
+        .arg(pins.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gateway agent");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the agent ran: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("binding the metrics address {addr}")),
+        "{stderr}"
+    );
+    let pinned: Vec<String> = std::fs::read_dir(pins.path())
+        .expect("the pin directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("link_") || n.starts_with("gw_agt_"))
+        .collect();
+    assert!(pinned.is_empty(), "pinned: {pinned:?}");
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup.path())
+        .output()
+        .expect("bpftool cgroup show");
+    let attached = String::from_utf8_lossy(&attached.stdout);
+    assert!(
+        !attached.contains("gateway_agent"),
+        "attached to the cgroup:\n{attached}"
+    );
+    drop(held);
+}

@@ -208,6 +208,16 @@ pub fn run(args: RunArgs) -> Result<(), AgentError> {
         return Err(AgentError::NoCapacity);
     }
     let cgroup = Cgroup::open(cgroup_path)?;
+    // The metrics address is bound before anything is mounted, loaded or attached: one in use
+    // (or not of this host) is refused like any other bad input, leaving the state as it was.
+    let metrics = args
+        .metrics
+        .map(|addr| {
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| (addr, l)))
+                .map_err(|source| AgentError::MetricsBind { addr, source })
+        })
+        .transpose()?;
     let pin_dir = &args.pin_dir;
     crate::daemon::ensure_bpffs(pin_dir).map_err(|source| AgentError::Bpffs {
         path: pin_dir.clone(),
@@ -252,10 +262,9 @@ pub fn run(args: RunArgs) -> Result<(), AgentError> {
         .build()
         .map_err(AgentError::Runtime)?;
     runtime.block_on(async {
-        let server = match args.metrics {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
+        let server = match metrics {
+            Some((addr, listener)) => {
+                let listener = tokio::net::TcpListener::from_std(listener)
                     .map_err(|source| AgentError::MetricsBind { addr, source })?;
                 info!(%addr, "serving metrics on /metrics");
                 let source = metrics::Source { maps, programs };
