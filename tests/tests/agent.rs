@@ -343,6 +343,44 @@ fn bad_input_is_one_clear_error_and_attaches_nothing() {
     assert!(err.contains("no trusted source"), "{err}");
     let err = refused(&["run", "--cgroup", cg, "--trusted", ","], pins);
     assert!(err.contains("no trusted source"), "{err}");
+    let err = refused(
+        &[
+            "--cgroup",
+            cg,
+            "--trusted",
+            "192.0.2.2",
+            "--max-connections",
+            "100000000",
+        ],
+        pins,
+    );
+    assert!(err.contains("more than 4194304"), "{err}");
+    // A pin directory that is not on a bpffs and holds files is not mounted over (its files
+    // would be hidden).
+    let dir = RunDir::new(&format!("{}-agent-full", unique_prefix()));
+    let kept = dir.path().join("kept");
+    std::fs::write(&kept, "mine").expect("a file");
+    let out = Command::new(gateway_bin())
+        .args([
+            "agent",
+            "--cgroup",
+            cg,
+            "--trusted",
+            "192.0.2.2",
+            "--pin-dir",
+        ])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gateway agent");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the agent ran: {stderr}");
+    assert!(stderr.contains("is not empty"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&kept).ok().as_deref(),
+        Some("mine"),
+        "the file is still there"
+    );
 }
 
 /// A `--metrics` address the agent cannot bind (in use in its namespace) is a bad input like

@@ -53,6 +53,10 @@ pub enum AgentError {
     #[error("--max-connections must be at least 1")]
     NoCapacity,
     #[error(
+        "--max-connections {0} is more than {MAX_CONNECTIONS} (the socket map is allocated whole when it is created, ~100 bytes per connection)"
+    )]
+    TooManyConnections(u32),
+    #[error(
         "the links pinned in {} are attached to another cgroup (id {cgroup_id}) than {}: run `gateway agent down --pin-dir {}` first, or use another --pin-dir",
         pin.parent().unwrap_or(pin).display(), wanted.display(), pin.parent().unwrap_or(pin).display()
     )]
@@ -199,6 +203,10 @@ pub fn main(args: AgentArgs) -> Result<(), AgentError> {
 }
 
 /// `gateway agent [run]`: checks the input, attaches (or takes over an earlier run's pins),
+/// The most connections `--max-connections` may ask the agent to map (2^22: ~400 MB of kernel
+/// memory, allocated when the socket map is created).
+pub const MAX_CONNECTIONS: u32 = 1 << 22;
+
 /// serves metrics until SIGINT or SIGTERM, and leaves the programs attached.
 pub fn run(args: RunArgs) -> Result<(), AgentError> {
     // Every check before anything is loaded or attached.
@@ -206,6 +214,9 @@ pub fn run(args: RunArgs) -> Result<(), AgentError> {
     let trusted = parse_trusted(&args.trusted)?;
     if args.max_connections == 0 {
         return Err(AgentError::NoCapacity);
+    }
+    if args.max_connections > MAX_CONNECTIONS {
+        return Err(AgentError::TooManyConnections(args.max_connections));
     }
     let cgroup = Cgroup::open(cgroup_path)?;
     // The metrics address is bound before anything is mounted, loaded or attached: one in use

@@ -40,7 +40,8 @@ fn mount(at: &Path) -> Result<(), DaemonError> {
 
 /// Makes `dir` a directory on a bpffs: as it is when it already is one; under its parent when
 /// the parent is a bpffs (mounting one on /sys/fs/bpf first when that is where it goes and
-/// nothing is mounted there, as under `ip netns exec`); else a bpffs mounted on `dir` itself.
+/// nothing is mounted there, as under `ip netns exec`); else a bpffs mounted on `dir` itself,
+/// which must then be new or empty ([`DaemonError::NotEmpty`]: a mount would hide its files).
 pub fn ensure_bpffs(dir: &Path) -> Result<(), DaemonError> {
     if dir.is_dir() && on_bpffs(dir) {
         return Ok(());
@@ -50,6 +51,12 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DaemonError> {
         Some(p) if p.is_dir() && on_bpffs(p) => {}
         Some(p) if p == Path::new("/sys/fs/bpf") && p.is_dir() => mount(p)?,
         _ => {
+            let holds_files = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+            if holds_files {
+                return Err(DaemonError::NotEmpty {
+                    path: dir.to_owned(),
+                });
+            }
             create_dir(dir)?;
             return mount(dir);
         }

@@ -34,6 +34,11 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{} is not on a bpffs and is not empty: a bpffs mounted there would hide what it holds (give a new or empty directory)",
+        path.display()
+    )]
+    NotEmpty { path: PathBuf },
     #[error("mounting a bpffs on {path} failed")]
     Mount {
         path: PathBuf,
