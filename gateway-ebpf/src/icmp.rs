@@ -23,6 +23,8 @@
 //!   `csum::SEGMENT_MAX` bytes: a router quotes at most 576); the quoted IPv4 header's, the
 //!   quoted TCP checksum and the ICMP checksum are updated incrementally (RFC 1624).
 //! - The quoted packet's source must be the error's destination (where the error was sent).
+//! - A "fragmentation needed" to a client whose segments get the gateway's TOA option (`toa`)
+//!   says 8 bytes less than the next hop's MTU: the option's, which the client does not send.
 //! - At most `Config::icmp_rate` errors per second about one connection and direction are
 //!   translated, per CPU (a token bucket per slot of the quoted tuple's hash, `ICMP_BUCKETS`);
 //!   the excess is dropped (`icmp_rate_limited`) before its flow's next hop is resolved: one
@@ -30,8 +32,11 @@
 
 use gateway_common::{
     DropReason, GlobalStat, flow_hash4,
-    maps::{Config, DIR_FORWARD, Flow, FlowKey4, ICMP_BUCKET_SLOTS, IcmpBucket, TRACK_PROXIED},
-    net::{IPPROTO_TCP, icmp, tcp_flags::ACK},
+    maps::{
+        Config, DIR_FORWARD, Flow, FlowKey4, ICMP_BUCKET_SLOTS, IcmpBucket, TOA_ADD, TOA_PENDING,
+        TRACK_PROXIED,
+    },
+    net::{IPPROTO_TCP, icmp, tcp_flags::ACK, toa},
 };
 
 use aya_ebpf::cty::c_void;
@@ -350,6 +355,24 @@ pub unsafe fn write(b: &Bounds, err: &IcmpError, flow: &Flow) -> Result<(), Drop
         ip[8] = dst_ip as u16;
         ip[9] = (dst_ip >> 16) as u16;
         let head = &mut *head;
+        // A "fragmentation needed" to a client whose segments the gateway grows by a TOA option
+        // (`toa`: `TOA_ADD`, the backend's end not made yet): the next hop's MTU less the
+        // option's 8 bytes, so that the client's smaller segments fit with it. Not below 68
+        // (RFC 791's least MTU), nor a zero (an RFC 792 router that does not say).
+        let grown = TOA_ADD | TOA_PENDING;
+        if err.pkt.kind == icmp::DEST_UNREACH
+            && err.pkt.code == icmp::FRAG_NEEDED
+            && flow.direction != DIR_FORWARD
+            && flow.toa & grown == grown
+        {
+            let old = head[3];
+            let mtu = u16::from_be(old);
+            if mtu >= 68 + u16::from(toa::LEN) {
+                let new = (mtu - u16::from(toa::LEN)).to_be();
+                head[3] = new;
+                icmp_diff = diff16(icmp_diff, old, new);
+            }
+        }
         head[1] = csum::apply(head[1], icmp_diff);
         // The error itself goes to the flow's end, from the gateway's address facing it.
         let outer = &mut *outer;

@@ -28,6 +28,7 @@ scenario_tests! {
     a_clients_own_toa_options_never_reach_a_backend,
     an_app_without_the_setting_is_told_nothing,
     without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it,
+    a_frag_needed_about_a_grown_segment_tells_the_client_8_bytes_less,
     a_backend_still_in_syn_recv_acknowledging_only_the_syn_has_not_made_its_end,
 }
 
@@ -575,5 +576,85 @@ fn a_backend_still_in_syn_recv_acknowledging_only_the_syn_has_not_made_its_end()
                 a.to_client(),
             )
             .check("done with it", toa_bits(a, 0)),
+        )
+}
+
+/// A router on the backend's side that cannot forward a grown segment (a tunnel) says so with
+/// the next hop's MTU; the client, which sent 8 bytes less, is told 8 bytes less, so that its
+/// smaller segments fit with the option. Once the backend's end is made (no more option), the
+/// MTU goes on as it came.
+fn a_frag_needed_about_a_grown_segment_tells_the_client_8_bytes_less() -> Scenario {
+    use gateway_tests::icmp::{BACKEND_ROUTER, MTU, RFC792, Side, error_about_last, frag_needed};
+    let a = Conn::new(46_061);
+    // The error's MTU field and checksum, and that it goes to the client.
+    let says = move |mtu: u16| {
+        move |cx: &Ctx| {
+            let ip = &cx.output[ETH_LEN..];
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            assert_eq!(&ip[16..20], &a.client.ip().octets(), "to the client");
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            let message = &ip[ihl..total];
+            assert_eq!((message[0], message[1]), (3, 4), "fragmentation needed");
+            assert_eq!(u16::from_be_bytes([message[6], message[7]]), mtu, "the MTU");
+            assert_eq!(
+                gateway_tests::packet::checksum(message),
+                0,
+                "the ICMP checksum"
+            );
+        }
+    };
+    Scenario::new()
+        .set(
+            "app 1 tells its backends the client's address",
+            client_address(true),
+        )
+        .rows(opened(a, 1452))
+        .row(leaves_with(
+            Row::redirected(
+                "the handshake's ACK",
+                a.send(flags::ACK),
+                a.to_its_backend(),
+            ),
+            toa_of(a),
+        ))
+        .row(leaves_with(
+            Row::redirected(
+                "a request, grown",
+                send(a, flags::ACK | flags::PSH, Vec::new(), b"GET /"),
+                a.to_its_backend(),
+            ),
+            toa_of(a),
+        ))
+        .row(
+            Row::redirected(
+                "frag needed about it: to the client, 8 bytes less",
+                error_about_last(a, Side::Backend, BACKEND_ROUTER, frag_needed(), RFC792),
+                Out::Any,
+            )
+            .counter(GlobalStat::IcmpFragNeeded, 1..=1)
+            .check("MTU less 8", says(MTU - 8)),
+        )
+        .row(Row::redirected(
+            "the backend answers: its end is made",
+            a.reply(flags::ACK | flags::PSH)
+                .map(|f| f.payload(b"HTTP/1.0 200")),
+            a.to_client(),
+        ))
+        .row(leaves_with(
+            Row::redirected(
+                "the next request goes on as it came",
+                send(a, flags::ACK | flags::PSH, Vec::new(), b"GET /2"),
+                a.to_its_backend(),
+            ),
+            Vec::new(),
+        ))
+        .row(
+            Row::redirected(
+                "frag needed about it: the MTU as it came",
+                error_about_last(a, Side::Backend, BACKEND_ROUTER, frag_needed(), RFC792),
+                Out::Any,
+            )
+            .counter(GlobalStat::IcmpFragNeeded, 1..=1)
+            .check("the MTU", says(MTU)),
         )
 }
