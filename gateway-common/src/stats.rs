@@ -165,6 +165,9 @@ indexed_names! {
         /// An ICMP error about a flow whose quoted packet is malformed, or whose own length
         /// or checksum is wrong.
         BadIcmp = "bad_icmp",
+        /// A packet over its container's rate limit (issue 18: its app's limit, per backend
+        /// and direction; counted per backend in `RATE_DROPS` too). RSTs are never dropped so.
+        RateLimited = "rate_limited",
     }
 }
 

@@ -32,6 +32,7 @@ mod nat;
 mod nexthop;
 pub mod parse;
 mod pipeline;
+mod ratelimit;
 mod reset;
 pub mod stats;
 mod synproxy;

@@ -10,11 +10,12 @@ use aya_ebpf::{
 use gateway_common::maps::{
     AppConfig, Backend4, CONNTRACK_DEFAULT, ClockCache, Config, Flow, FlowKey4, GLOBAL_STATS_LEN,
     ICMP_BUCKET_SLOTS, IcmpBucket, MAX_APPS, MAX_BACKENDS, MAX_SERVICES, MaglevTable,
-    NEXTHOP_SLOTS, NextHopCache, PARTIAL_CSUM_IFACES, Service, ServiceKey4, TrafficStats,
+    NEXTHOP_SLOTS, NextHopCache, PARTIAL_CSUM_IFACES, RATE_SLOTS, RateLimit, Service, ServiceKey4,
+    TrafficStats,
 };
 
 /// `GLOBAL_STATS`: global counters, then drop reasons (per CPU).
-#[map(name = "gw_global_v7")]
+#[map(name = "gw_global_v8")]
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_LEN, 0);
 
 /// `CONFIG`: the configuration, at index 0.
@@ -65,6 +66,14 @@ pub static APP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(
 #[map(name = "gw_be_stats_v1")]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// `RATE_LIMITS`: the per-container rate limits, by `rate_slot` (shared by every CPU).
+#[map(name = "gw_rl_v1")]
+pub static RATE_LIMITS: Array<RateLimit> = Array::with_max_entries(RATE_SLOTS, 0);
+
+/// `RATE_DROPS`: packets dropped over each backend's limit, by `rate_slot` (per CPU).
+#[map(name = "gw_rl_drops_v1")]
+pub static RATE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RATE_SLOTS, 0);
 
 /// `NEXTHOPS`: FIB answers shared by new flows (per CPU).
 #[map(name = "gw_hops_v1")]

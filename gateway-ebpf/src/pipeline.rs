@@ -29,7 +29,7 @@ use crate::{
     nat,
     nexthop::{self, NextHop},
     parse::{self, Bounds, ETH_LEN, IPV4_MIN_LEN, LoadBytes, Parsed, TcpPacket, parse},
-    reset, stats, synproxy, toa,
+    ratelimit, reset, stats, synproxy, toa,
 };
 
 /// What the attach mode's context gives the pipeline: packet bytes through its helper, and
@@ -113,6 +113,8 @@ pub fn prepare<C: Context>(
             // again here (its first test, one bit of the flow, fails for every other flow)
             // rather than carried from `decide` in the action: a flag carried there doubled the
             // states of everything after and went past the verifier's million instructions.
+            // Within its container's rate limit (issue 18), if its app has one.
+            ratelimit::admit(flow, pkt.flags, now.ns)?;
             let pre = synproxy::resends_syn(flow, &pkt);
             if pre {
                 *answer = synproxy::backend_syn(&pkt, flow.seq_end.wrapping_sub(1), flow.proxy_mss);

@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod config;
 pub mod conntrack;
+pub mod ratelimit;
 pub mod service;
 
 pub use cache::{ClockCache, IcmpBucket, NextHopCache};
@@ -26,6 +27,7 @@ pub use conntrack::{
     TRACK_LIBERAL, TRACK_PROXIED, TRACK_WSCALE_OFFERED, is_closed, max_window, seq_after,
     seq_before,
 };
+pub use ratelimit::{RATE_FROM_BACKEND, RATE_TO_BACKEND, RateLimit, rate_slot};
 pub use service::{
     APP_CLIENT_ADDRESS_TOA, AppConfig, BACKEND_ACCEPTING, Backend4, MSS_CLAMP_MIN, MaglevTable,
     Service, ServiceKey4,
@@ -34,7 +36,7 @@ pub use service::{
 pub use crate::stats::TrafficStats;
 
 /// Per-CPU array of `u64`: [`crate::GlobalStat`] slots then [`crate::DropReason`] slots.
-pub const GLOBAL_STATS: &str = "gw_global_v7";
+pub const GLOBAL_STATS: &str = "gw_global_v8";
 /// Number of slots in [`GLOBAL_STATS`].
 pub const GLOBAL_STATS_LEN: u32 = crate::GlobalStat::COUNT + crate::DropReason::COUNT;
 
@@ -75,6 +77,15 @@ pub const HALF_OPEN: &str = "gw_half_open_v1";
 pub const COOKIES: &str = "gw_cookies_v1";
 /// Per-CPU array `u32` backend id → [`TrafficStats`].
 pub const BACKEND_STATS: &str = "gw_be_stats_v1";
+/// Array of [`RATE_SLOTS`] [`RateLimit`]s, by [`rate_slot`] (backend and direction): the
+/// per-container packet rate limits (issue 18), shared by every CPU (a compare-and-swap per
+/// packet of a limited backend). All zero: no limit.
+pub const RATE_LIMITS: &str = "gw_rl_v1";
+/// Per-CPU array of [`RATE_SLOTS`] `u64`: packets dropped over each backend's limit, by
+/// [`rate_slot`].
+pub const RATE_DROPS: &str = "gw_rl_drops_v1";
+/// Slots of [`RATE_LIMITS`] and [`RATE_DROPS`]: two per backend.
+pub const RATE_SLOTS: u32 = 2 * MAX_BACKENDS;
 /// Per-CPU array of [`NEXTHOP_SLOTS`] [`NextHopCache`] slots, indexed by a hash of the
 /// destination: FIB results shared by the new flows to one destination.
 pub const NEXTHOPS: &str = "gw_hops_v1";
@@ -111,6 +122,8 @@ pub const ALL: &[&str] = &[
     SCRATCH,
     PARTIAL_CSUM,
     ICMP_BUCKETS,
+    RATE_LIMITS,
+    RATE_DROPS,
 ];
 
 /// `gateway agent`'s maps (docs/client-address.md), pinned in its own directory: not the
@@ -143,6 +156,7 @@ pub const AGENT: &[&str] = &[AGENT_TRUSTED, AGENT_SOCKETS, AGENT_STATS];
 pub const RETIRED: &[&str] = &[
     CONNTRACK4_V2,
     CONNTRACK4_V1,
+    "gw_global_v7",
     "gw_global_v6",
     "gw_global_v5",
     "gw_global_v4",
@@ -191,6 +205,7 @@ mod user {
     unsafe impl aya::Pod for ServiceKey4 {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for AppConfig {}
+    unsafe impl aya::Pod for RateLimit {}
     unsafe impl aya::Pod for IcmpBucket {}
     unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for Backend4 {}

@@ -89,7 +89,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Every map's name with the key and value sizes this build gives it.
-const LAYOUTS: &[(&str, usize, usize); 16] = &[
+const LAYOUTS: &[(&str, usize, usize); 18] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
     (maps::CONFIG, 4, size_of::<Config>()),
     (
@@ -110,6 +110,8 @@ const LAYOUTS: &[(&str, usize, usize); 16] = &[
     (maps::SCRATCH, 4, size_of::<Flow>()),
     (maps::PARTIAL_CSUM, 4, size_of::<u64>()),
     (maps::ICMP_BUCKETS, 4, size_of::<maps::IcmpBucket>()),
+    (maps::RATE_LIMITS, 4, size_of::<maps::RateLimit>()),
+    (maps::RATE_DROPS, 4, 8),
 ];
 
 /// The typed maps.
@@ -125,6 +127,8 @@ struct Maps {
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     half_open: Array<MapData, i64>,
     partial_csum: PerCpuHashMap<MapData, u32, u64>,
+    rate_limits: Array<MapData, maps::RateLimit>,
+    rate_drops: PerCpuArray<MapData, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -217,6 +221,8 @@ impl Datapath {
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
             half_open: take(&mut ebpf, maps::HALF_OPEN)?,
             partial_csum: take(&mut ebpf, maps::PARTIAL_CSUM)?,
+            rate_limits: take(&mut ebpf, maps::RATE_LIMITS)?,
+            rate_drops: take(&mut ebpf, maps::RATE_DROPS)?,
         };
         // Programs after maps: a reused map of the wrong layout is reported by its name above,
         // rather than as a verifier error here.
@@ -384,6 +390,49 @@ impl Datapath {
             .app_config
             .set(app_id, config, 0)
             .map_err(map_err(maps::APP_CONFIG))
+    }
+
+    /// Backend `backend_id`'s packet rate limit in `direction` (`maps::RATE_TO_BACKEND`,
+    /// `RATE_FROM_BACKEND`): `pps` packets per second in bursts of `burst`, or none (issue 18).
+    /// A new limit starts with a whole burst.
+    pub fn set_rate_limit(
+        &mut self,
+        backend_id: u32,
+        direction: u32,
+        limit: Option<(u32, u32)>,
+    ) -> Result<(), DatapathError> {
+        check_id("backend", backend_id, maps::MAX_BACKENDS)?;
+        let value = limit.map_or(maps::RateLimit::default(), |(pps, burst)| {
+            maps::RateLimit::new(pps, burst)
+        });
+        self.maps
+            .rate_limits
+            .set(maps::rate_slot(backend_id, direction), value, 0)
+            .map_err(map_err(maps::RATE_LIMITS))
+    }
+
+    /// Backend `backend_id`'s limit in `direction` as the datapath holds it.
+    pub fn rate_limit(
+        &self,
+        backend_id: u32,
+        direction: u32,
+    ) -> Result<maps::RateLimit, DatapathError> {
+        check_id("backend", backend_id, maps::MAX_BACKENDS)?;
+        self.maps
+            .rate_limits
+            .get(&maps::rate_slot(backend_id, direction), 0)
+            .map_err(map_err(maps::RATE_LIMITS))
+    }
+
+    /// Packets of backend `backend_id` dropped over its limit in `direction` (all CPUs).
+    pub fn rate_drops(&self, backend_id: u32, direction: u32) -> Result<u64, DatapathError> {
+        check_id("backend", backend_id, maps::MAX_BACKENDS)?;
+        let values = self
+            .maps
+            .rate_drops
+            .get(&maps::rate_slot(backend_id, direction), 0)
+            .map_err(map_err(maps::RATE_DROPS))?;
+        Ok(values.iter().sum())
     }
 
     /// App `app_id`'s datapath settings.

@@ -1,0 +1,99 @@
+//! Per-container rate limits (issue 18, work in progress: the datapath's part), through
+//! BPF_PROG_TEST_RUN in both attach modes: a backend limited to `pps` in bursts of `burst`
+//! passes a burst of `burst` segments and drops the next (counted per backend and direction),
+//! an RST passes an empty bucket, the other direction is not limited, the bucket refills at the
+//! rate; a backend without a limit never has its bucket written.
+
+use std::time::Duration;
+
+use gateway_common::{
+    DropReason, GlobalStat,
+    maps::{RATE_FROM_BACKEND, RATE_TO_BACKEND},
+};
+use gateway_tests::{
+    packet::flags,
+    scenario::{Conn, Ctx, Row, Scenario},
+    scenario_tests,
+};
+
+scenario_tests! {
+    a_limited_backend_passes_its_burst_then_its_rate,
+    a_backend_without_a_limit_is_never_written,
+}
+
+/// `c`'s backend.
+fn backend(cx: &Ctx, c: Conn) -> u32 {
+    cx.flow(c.key()).backend_id
+}
+
+fn data(c: Conn, n: usize) -> Row {
+    Row::redirected(
+        format!("data {n}"),
+        c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"x")),
+        c.to_its_backend(),
+    )
+    .counter(GlobalStat::Forwarded, 1..=1)
+}
+
+fn a_limited_backend_passes_its_burst_then_its_rate() -> Scenario {
+    let c = Conn::new(47_001);
+    let mut s = Scenario::new().rows(c.handshake()).set(
+        "its backend limited to 1 packet/s toward it, bursts of 5 (slow enough for rows to be instants)",
+        move |cx| {
+            let b = backend(cx, c);
+            cx.fx
+                .dp
+                .set_rate_limit(b, RATE_TO_BACKEND, Some((1, 5)))
+                .expect("limit")
+        },
+    );
+    for n in 1..=5 {
+        s = s.row(data(c, n));
+    }
+    s.row(
+        Row::dropped(
+            "the sixth at once: over the limit",
+            c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"x")),
+            DropReason::RateLimited,
+        )
+        .check("counted for its backend, toward it", move |cx| {
+            let b = backend(cx, c);
+            assert_eq!(cx.fx.dp.rate_drops(b, RATE_TO_BACKEND).unwrap(), 1);
+            assert_eq!(cx.fx.dp.rate_drops(b, RATE_FROM_BACKEND).unwrap(), 0);
+        }),
+    )
+    .row(Row::redirected(
+        "the backend's answer: the other direction is not limited",
+        c.reply(flags::ACK | flags::PSH).map(|f| f.payload(b"y")),
+        c.to_client(),
+    ))
+    .wait(Duration::from_millis(1_100))
+    .row(data(c, 6))
+    .row(Row::dropped(
+        "one second later, one more passed: the next is over again",
+        c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"x")),
+        DropReason::RateLimited,
+    ))
+    .row(Row::redirected(
+        "an RST passes the empty bucket",
+        c.send(flags::RST | flags::ACK),
+        c.to_its_backend(),
+    ))
+}
+
+fn a_backend_without_a_limit_is_never_written() -> Scenario {
+    let c = Conn::new(47_011);
+    let untouched = move |cx: &Ctx| {
+        let b = backend(cx, c);
+        for dir in [RATE_TO_BACKEND, RATE_FROM_BACKEND] {
+            let limit = cx.fx.dp.rate_limit(b, dir).unwrap();
+            assert_eq!(limit, Default::default(), "direction {dir}");
+        }
+    };
+    let mut s = Scenario::new().rows(c.handshake());
+    for n in 1..=10 {
+        s = s.row(data(c, n));
+    }
+    s.check("no limit, no state", untouched)
+        .wait(Duration::from_millis(1))
+}
