@@ -288,6 +288,25 @@ fn datapath(sizes: &[u32]) {
                     size,
                     established(&fx, &mut bench, mode, &reverse, REPEAT),
                 ));
+                // Issue 18: the same packet, its backend under a packet rate limit it never
+                // reaches (10^9 packets/s in bursts of 10^9: each run takes the limit's
+                // compare-and-swap and passes).
+                fx.dp
+                    .set_rate_limit(
+                        ff.backend_id,
+                        maps::RATE_TO_BACKEND,
+                        Some((1_000_000_000, 1_000_000_000)),
+                    )
+                    .expect("limit");
+                rows.push((
+                    "established, client → backend, its backend rate-limited".into(),
+                    mode,
+                    size,
+                    established(&fx, &mut bench, mode, &forward, REPEAT),
+                ));
+                fx.dp
+                    .set_rate_limit(ff.backend_id, maps::RATE_TO_BACKEND, None)
+                    .expect("no limit");
                 // Issue 17: a client segment before its backend's first one (the handshake's
                 // ACK, the first request), one run per call (a repeated run would grow the
                 // packet it grew): with the client's address added, with only the check for a
