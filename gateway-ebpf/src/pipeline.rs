@@ -49,6 +49,10 @@ pub trait Context: LoadBytes {
     /// segment (a SYN's checksum) rather than its headers; `b` is refreshed if the packet moved.
     /// Only asked where it is needed: it may copy the packet.
     fn linearize(&self, b: &mut Bounds, len: usize);
+
+    /// The packets this one stands for on the wire (≥ 1): a GSO skb's segments (TC), 1 (XDP
+    /// sees each frame). What a rate limit counts.
+    fn segments(&self) -> u32;
 }
 
 /// A packet of a flow of ours, with where it goes next.
@@ -114,7 +118,7 @@ pub fn prepare<C: Context>(
             // rather than carried from `decide` in the action: a flag carried there doubled the
             // states of everything after and went past the verifier's million instructions.
             // Within its container's rate limit (issue 18), if its app has one.
-            ratelimit::admit(flow, pkt.flags, now.ns)?;
+            ratelimit::admit(flow, pkt.flags, now.ns, checks.segments())?;
             let pre = synproxy::resends_syn(flow, &pkt);
             if pre {
                 *answer = synproxy::backend_syn(&pkt, flow.seq_end.wrapping_sub(1), flow.proxy_mss);

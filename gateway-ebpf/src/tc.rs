@@ -112,6 +112,14 @@ impl Context for Skb<'_> {
             *b = bounds(self.0);
         }
     }
+
+    /// A GSO skb's segments (`gso_segs`: a GRO'd burst is one skb), at least 1.
+    #[inline(always)]
+    fn segments(&self) -> u32 {
+        // SAFETY: the context pointer the kernel gave this program.
+        let segs = unsafe { (*self.0.skb.skb).gso_segs };
+        if segs == 0 { 1 } else { segs }
+    }
 }
 
 /// What [`try_gateway_tc`] returns for an ICMP error to a gateway address (`Verdict::Icmp`):

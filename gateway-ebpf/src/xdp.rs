@@ -64,6 +64,12 @@ impl Context for Xdp<'_> {
     /// A frame is linear whole (the program is not loaded for multi-buffer frames).
     #[inline(always)]
     fn linearize(&self, _b: &mut Bounds, _len: usize) {}
+
+    /// One frame, one packet.
+    #[inline(always)]
+    fn segments(&self) -> u32 {
+        1
+    }
 }
 
 /// What [`try_gateway_xdp`] returns for an ICMP error to a gateway address (`Verdict::Icmp`):

@@ -45,15 +45,16 @@ impl RateLimit {
         }
     }
 
-    /// GCRA's decision for a packet at `now` (ns) with the theoretical arrival time `tat`: the
-    /// new theoretical arrival time if it passes, `None` if it is over the limit.
+    /// GCRA's decision for a packet at `now` (ns) standing for `segments` packets on the wire
+    /// (a GSO skb's; ≥ 1) with the theoretical arrival time `tat`: the new theoretical arrival
+    /// time if it passes (later by an interval per segment), `None` if it is over the limit.
     #[inline(always)]
-    pub const fn admit(&self, tat: u64, now: u64) -> Option<u64> {
+    pub const fn admit(&self, tat: u64, now: u64, segments: u32) -> Option<u64> {
         let base = if tat > now { tat } else { now };
         if base - now > self.tolerance_ns {
             None
         } else {
-            Some(base + self.interval_ns)
+            Some(base + self.interval_ns * segments as u64)
         }
     }
 }
@@ -67,7 +68,7 @@ mod tests {
         let mut tat = 0;
         times
             .into_iter()
-            .filter(|&now| match limit.admit(tat, now) {
+            .filter(|&now| match limit.admit(tat, now, 1) {
                 Some(next) => {
                     tat = next;
                     true
@@ -97,6 +98,21 @@ mod tests {
             passed(limit, [0, 1, 50_000_000, 100_000_000, 100_000_001]),
             2
         );
+    }
+
+    #[test]
+    fn a_gso_packet_takes_a_token_per_segment() {
+        let limit = RateLimit::new(1_000, 50);
+        // A 45-segment GSO packet passes on a full bucket, and leaves it 5 tokens.
+        let tat = limit.admit(0, 1_000_000_000, 45).unwrap();
+        assert_eq!(tat, 1_000_000_000 + 45 * 1_000_000);
+        let mut tat = tat;
+        let mut n = 0;
+        while let Some(next) = limit.admit(tat, 1_000_000_000, 1) {
+            tat = next;
+            n += 1;
+        }
+        assert_eq!(n, 5);
     }
 
     #[test]
