@@ -376,6 +376,8 @@ mod tests {
             },
             mss_clamp: None,
             client_address: None,
+            rate_limit: None,
+            plan: None,
         };
         let json = serde_json::to_value(&create).unwrap();
         assert_eq!(
@@ -499,6 +501,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: Some(Some(1360)),
                     client_address: Some(Some(ClientAddress::Toa)),
+                    ..Default::default()
                 },
                 serde_json::json!({"mss_clamp": 1360, "client_address": "toa"}),
             ),

@@ -22,6 +22,8 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
             check_fall,
             mss,
             client_address,
+            rate_limit,
+            plan,
         } => {
             let health = HealthOverrides {
                 interval_ms: check_interval.map(Dur::ms),
@@ -36,6 +38,8 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
                     health,
                     mss_clamp: mss,
                     client_address,
+                    rate_limit,
+                    plan,
                 })
                 .await?;
             println!("{}", app.url);
@@ -85,6 +89,12 @@ fn update(settings: &AppSettings) -> UpdateApp {
             settings.mss.map(Some)
         },
         client_address: settings.client_address.map(Some),
+        rate_limit: if settings.no_rate_limit {
+            Some(None)
+        } else {
+            settings.rate_limit.map(Some)
+        },
+        plan: settings.plan.clone(),
     }
 }
 
@@ -98,7 +108,13 @@ impl std::fmt::Display for Settings<'_> {
             Some(mss) => write!(f, "MSS clamp {mss}")?,
             None => write!(f, "no MSS clamp")?,
         }
-        write!(f, ", client address {}", self.0.client_address)
+        write!(f, ", client address {}", self.0.client_address)?;
+        match (&self.0.rate_limit, &self.0.plan) {
+            (Some(l), Some(plan)) => write!(f, ", rate limit {} (plan {plan})", print::Limit(l)),
+            (Some(l), None) => write!(f, ", rate limit {}", print::Limit(l)),
+            // No limit is the default: not said (the line stays as it was).
+            (None, _) => Ok(()),
+        }
     }
 }
 
@@ -182,6 +198,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: Some(Some(1400)),
                     client_address: None,
+                    ..Default::default()
                 }
             ))
         );
@@ -192,6 +209,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: Some(None),
                     client_address: None,
+                    ..Default::default()
                 }
             ))
         );
@@ -202,6 +220,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: None,
                     client_address: Some(Some(ClientAddress::Toa)),
+                    ..Default::default()
                 }
             ))
         );
@@ -220,6 +239,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: Some(Some(1400)),
                     client_address: Some(Some(ClientAddress::None)),
+                    ..Default::default()
                 }
             ))
         );
@@ -253,6 +273,8 @@ mod tests {
             url: "tcp://203.0.113.10:20000".to_owned(),
             mss_clamp: Some(1360),
             client_address: ClientAddress::None,
+            rate_limit: None,
+            plan: None,
             backends: vec![],
             connections: 0,
             half_open: 0,

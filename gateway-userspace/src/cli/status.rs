@@ -162,6 +162,8 @@ mod tests {
                 url: "tcp://203.0.113.10:20000".to_owned(),
                 mss_clamp: None,
                 client_address: ClientAddress::None,
+                rate_limit: None,
+                plan: None,
                 backends: vec![],
                 connections: 2,
                 half_open: 1,
