@@ -550,6 +550,53 @@ mod tests {
         ] {
             assert!(text.contains(&format!("{key} = ")), "{key} missing");
         }
+        assert!(text.contains("\n[plans]\n"), "[plans] missing");
+        assert_eq!(
+            s.plans.get("small"),
+            Some(&RateLimit {
+                pps: 1000,
+                burst: 100
+            })
+        );
+    }
+
+    #[test]
+    fn plans_are_read_and_checked() {
+        let file = parse("[plans]\nsmall = \"1000pps,burst=100\"\nlarge = \"50000\"\n").unwrap();
+        let s = Settings::merge(args(), file).unwrap();
+        assert_eq!(
+            s.plans.into_iter().collect::<Vec<_>>(),
+            [
+                (
+                    "large".to_owned(),
+                    RateLimit {
+                        pps: 50000,
+                        burst: 5000
+                    }
+                ),
+                (
+                    "small".to_owned(),
+                    RateLimit {
+                        pps: 1000,
+                        burst: 100
+                    }
+                ),
+            ]
+        );
+        assert!(
+            Settings::merge(args(), parse("").unwrap())
+                .unwrap()
+                .plans
+                .is_empty()
+        );
+        let file = parse("[plans]\nbad = \"fast\"\n").unwrap();
+        let err = Settings::merge(args(), file).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "plan \"bad\": rate limit must look like 1000pps or 1000pps,burst=200 (1 to 10000000 pps, a burst of 1 to 10 times the pps), not \"fast\""
+        );
+        // A number is not a limit's text.
+        assert!(parse("[plans]\nsmall = 1000\n").is_err());
     }
 
     #[test]

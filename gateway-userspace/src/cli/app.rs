@@ -125,7 +125,7 @@ mod tests {
     use super::*;
     use crate::{
         cli::{Args, CliCommand, Command},
-        state::ClientAddress,
+        state::{ClientAddress, RateLimit},
     };
 
     /// `gateway ARGS...`'s app command, or clap's refusal.
@@ -182,6 +182,87 @@ mod tests {
                 .contains("client address must be toa or none, not \"foo\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn create_and_set_take_a_rate_limit_or_a_plan() {
+        let create = |args: &[&str]| match parse(args) {
+            Ok(AppCommand::Create {
+                rate_limit, plan, ..
+            }) => Ok((rate_limit, plan)),
+            Ok(other) => panic!("not app create: {other:?}"),
+            Err(e) => Err(e),
+        };
+        let rl = |pps, burst| Some(RateLimit { pps, burst });
+        assert_eq!(create(&["app", "create", "web"]).unwrap(), (None, None));
+        assert_eq!(
+            create(&["app", "create", "web", "--rate-limit", "1000pps,burst=200"]).unwrap(),
+            (rl(1000, 200), None)
+        );
+        assert_eq!(
+            create(&["app", "create", "web", "--rate-limit", "1000"]).unwrap(),
+            (rl(1000, 100), None)
+        );
+        assert_eq!(
+            create(&["app", "create", "web", "--plan", "small"]).unwrap(),
+            (None, Some("small".to_owned()))
+        );
+        let err = create(&["app", "create", "web", "--rate-limit", "fast"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(
+            err.to_string()
+                .contains("rate limit must look like 1000pps or 1000pps,burst=200"),
+            "{err}"
+        );
+        let both = [
+            "app",
+            "create",
+            "web",
+            "--rate-limit",
+            "1000",
+            "--plan",
+            "small",
+        ];
+        assert_eq!(
+            create(&both).unwrap_err().kind(),
+            clap::error::ErrorKind::ArgumentConflict
+        );
+
+        let set = |args: &[&str]| match parse(args) {
+            Ok(AppCommand::Set { settings, .. }) => Ok(update(&settings)),
+            Ok(other) => panic!("not app set: {other:?}"),
+            Err(e) => Err(e.kind()),
+        };
+        let update = |rate_limit, plan: Option<&str>| {
+            Ok(UpdateApp {
+                rate_limit,
+                plan: plan.map(str::to_owned),
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            set(&["app", "set", "web", "--rate-limit", "5pps,burst=50"]),
+            update(Some(rl(5, 50)), None)
+        );
+        assert_eq!(
+            set(&["app", "set", "web", "--no-rate-limit"]),
+            update(Some(None), None)
+        );
+        assert_eq!(
+            set(&["app", "set", "web", "--plan", "small"]),
+            update(None, Some("small"))
+        );
+        for args in [
+            &["app", "set", "web", "--rate-limit", "5", "--no-rate-limit"][..],
+            &["app", "set", "web", "--plan", "small", "--no-rate-limit"],
+            &["app", "set", "web", "--plan", "small", "--rate-limit", "5"],
+        ] {
+            assert_eq!(
+                set(args),
+                Err(clap::error::ErrorKind::ArgumentConflict),
+                "{args:?}"
+            );
+        }
     }
 
     #[test]

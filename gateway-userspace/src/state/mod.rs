@@ -896,6 +896,103 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn rate_limits_parse_are_checked_set_and_removed() {
+        let rl = |pps, burst| RateLimit { pps, burst };
+        for (text, want) in [
+            ("1000pps", rl(1000, 100)),
+            ("1000pps,burst=200", rl(1000, 200)),
+            ("1000", rl(1000, 100)),
+            ("1000, burst=1", rl(1000, 1)),
+            ("1pps", rl(1, 1)),
+            ("9pps", rl(9, 1)),
+            ("10000000pps", rl(10_000_000, 1_000_000)),
+            ("10pps,burst=100", rl(10, 100)),
+        ] {
+            assert_eq!(text.parse::<RateLimit>(), Ok(want), "{text}");
+        }
+        for bad in [
+            "",
+            "pps",
+            "0pps",
+            "0",
+            "-5pps",
+            "10000001pps",
+            "1000pps,burst=0",
+            "10pps,burst=101",
+            "1000pps,burst=",
+            "1000pps,200",
+            "1000 pps",
+            "1000bps",
+            "1kpps",
+            "99999999999999pps",
+            "1000pps,burst=200,x",
+        ] {
+            assert_eq!(
+                bad.parse::<RateLimit>(),
+                Err(StateError::RateLimit(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            StateError::RateLimit("fast".into()).to_string(),
+            "rate limit must look like 1000pps or 1000pps,burst=200 (1 to 10000000 pps, a burst of 1 to 10 times the pps), not \"fast\""
+        );
+        assert_eq!(StateError::RateLimit("x".into()).kind(), ErrorKind::Invalid);
+        assert_eq!(
+            StateError::UnknownPlan("x".into()).kind(),
+            ErrorKind::Invalid
+        );
+        assert_eq!(rl(1000, 200).to_string(), "1000pps,burst=200");
+        assert_eq!(rl(1000, 200).datapath(), (1000, 200));
+        // The API's numbers are checked the same.
+        let json: RateLimit =
+            serde_json::from_value(serde_json::json!({"pps": 5, "burst": 2})).unwrap();
+        assert_eq!(json, rl(5, 2));
+        assert!(serde_json::from_value::<RateLimit>(serde_json::json!({"pps": 5})).is_err());
+        assert!(
+            serde_json::from_value::<RateLimit>(serde_json::json!({"pps": 5, "burst": 1, "x": 1}))
+                .is_err()
+        );
+
+        let mut s = State::default();
+        let a = s.create_app("a", None, RANGE).unwrap();
+        assert_eq!((a.rate_limit, a.plan.clone()), (None, None));
+        s.set_mss_clamp("a", Some(1360)).unwrap();
+        let a = s
+            .set_rate_limit("a", Some(rl(1000, 100)), Some("small".into()))
+            .unwrap();
+        assert_eq!(
+            (a.rate_limit, a.plan.as_deref(), a.mss_clamp),
+            (Some(rl(1000, 100)), Some("small"), Some(1360))
+        );
+        let before = s.clone();
+        for (limit, err) in [
+            (rl(0, 1), StateError::RateLimit("0pps,burst=1".into())),
+            (rl(10, 0), StateError::RateLimit("10pps,burst=0".into())),
+            (rl(10, 101), StateError::RateLimit("10pps,burst=101".into())),
+            (
+                rl(10_000_001, 1),
+                StateError::RateLimit("10000001pps,burst=1".into()),
+            ),
+        ] {
+            assert_eq!(s.set_rate_limit("a", Some(limit), None).unwrap_err(), err);
+            assert_eq!(s, before, "{limit:?}");
+        }
+        assert_eq!(
+            s.set_rate_limit("x", Some(rl(1, 1)), None).unwrap_err(),
+            StateError::UnknownApp("x".into())
+        );
+        // Numbers without a plan forget the plan; none forgets both.
+        let a = s.set_rate_limit("a", Some(rl(5, 5)), None).unwrap();
+        assert_eq!((a.rate_limit, a.plan.clone()), (Some(rl(5, 5)), None));
+        let a = s.set_rate_limit("a", None, Some("small".into())).unwrap();
+        assert_eq!(
+            (a.rate_limit, a.plan.clone(), a.mss_clamp),
+            (None, None, Some(1360))
+        );
+    }
+
+    #[test]
     fn mss_clamps_are_checked_set_and_removed() {
         for ok in [536, 1360, 1460, 65495] {
             assert_eq!(check_mss_clamp(ok), Ok(ok as u16), "{ok}");
