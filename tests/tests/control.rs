@@ -969,6 +969,12 @@ fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleare
             .any(|l| l.starts_with("web ") && l.contains("1000 pps (burst 200)")),
         "{list}"
     );
+    let status = daemon.ok(&["status"]);
+    assert!(
+        status.contains("rate limit 1000 pps (burst 200) per backend")
+            && status.matches("1000 pps (burst 200)  ").count() == 2,
+        "{status}"
+    );
 
     // Changed live: numbers (the burst's default a tenth), a plan, none.
     assert_eq!(
