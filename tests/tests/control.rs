@@ -1092,6 +1092,23 @@ fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleare
         assert_eq!(settled(&daemon), snapshot, "after {args:?}");
     }
 
+    // A change the state file cannot take is undone in the datapath too.
+    let tmp = daemon.dir.path().join("state/state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    let set = daemon.fails(&["app", "set", "web", "--rate-limit", "77pps"]);
+    let plan = daemon.fails(&["app", "set", "web", "--no-rate-limit"]);
+    std::fs::remove_dir(&tmp).unwrap();
+    assert!(
+        set.contains("state.json.tmp") && plan.contains("state.json.tmp"),
+        "{set}{plan}"
+    );
+    assert_eq!(settled(&daemon), snapshot);
+    assert_eq!(
+        rate_limits(&daemon),
+        programmed,
+        "the datapath was put back"
+    );
+
     // A backend added later gets the limit; one removed leaves none behind.
     daemon.ok(&["backend", "add", "web", &backend(&topo, 0, 8081)]);
     let added = daemon.backend_ids("web")[&backend(&topo, 0, 8081)];
