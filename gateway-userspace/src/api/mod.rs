@@ -143,7 +143,7 @@ pub struct AddBackend {
 }
 
 /// A backend as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendView {
     pub address: String,
     pub weight: u32,
@@ -171,6 +171,12 @@ pub struct BackendView {
     /// Packets from it dropped over the limit, since its id was last given.
     #[serde(default)]
     pub rate_dropped_from_backend: u64,
+    /// With a limit: packets per second to it and from it (that passed), between the last two
+    /// conntrack scans.
+    #[serde(default)]
+    pub pps_to_backend: f64,
+    #[serde(default)]
+    pub pps_from_backend: f64,
 }
 
 /// An app as the API shows it.

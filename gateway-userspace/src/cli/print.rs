@@ -122,7 +122,11 @@ impl Display for BackendsTable<'_> {
             "BACKEND", "WEIGHT", "STATE", "SINCE", "CONNECTIONS"
         )?;
         if limited {
-            write!(f, "  {:24}  {:>21}", "RATE LIMIT", "DROPPED TO/FROM")?;
+            write!(
+                f,
+                "  {:24}  {:>15}  {:>21}",
+                "RATE LIMIT", "PKT/S TO/FROM", "DROPPED TO/FROM"
+            )?;
         }
         writeln!(f)?;
         for b in backends {
@@ -148,7 +152,8 @@ impl Display for BackendsTable<'_> {
                     "{}/{}",
                     b.rate_dropped_to_backend, b.rate_dropped_from_backend
                 );
-                write!(f, "  {limit:24}  {drops:>21}")?;
+                let pps = format!("{:.0}/{:.0}", b.pps_to_backend, b.pps_from_backend);
+                write!(f, "  {limit:24}  {pps:>15}  {drops:>21}")?;
             }
             writeln!(f)?;
         }
@@ -225,6 +230,8 @@ mod tests {
             rate_limit: None,
             rate_dropped_to_backend: 0,
             rate_dropped_from_backend: 0,
+            pps_to_backend: 0.0,
+            pps_from_backend: 0.0,
         }
     }
 
@@ -290,6 +297,35 @@ mod tests {
             now_ms: 0,
         };
         assert_eq!(none.to_string(), "  no backends\n");
+    }
+
+    #[test]
+    fn backends_table_shows_rate_limits_when_there_are_some() {
+        let limited = BackendView {
+            rate_limit: Some(RateLimit {
+                pps: 1000,
+                burst: 100,
+            }),
+            pps_to_backend: 999.6,
+            pps_from_backend: 12.2,
+            rate_dropped_to_backend: 345,
+            rate_dropped_from_backend: 6,
+            ..backend("10.0.0.2:8080", BackendState::Active, false)
+        };
+        let table = BackendsTable {
+            backends: &[
+                limited,
+                backend("10.0.0.3:8080", BackendState::Active, false),
+            ],
+            indent: "",
+            now_ms: 66_000,
+        };
+        assert_eq!(
+            table.to_string(),
+            "BACKEND                WEIGHT  STATE         SINCE  CONNECTIONS  RATE LIMIT                  PKT/S TO/FROM        DROPPED TO/FROM\n\
+             10.0.0.2:8080               1  active        1m 5s            7  1000 pps (burst 100)              1000/12                  345/6\n\
+             10.0.0.3:8080               1  active        1m 5s            7  -                                     0/0                    0/0\n"
+        );
     }
 
     #[test]

@@ -178,6 +178,8 @@ impl Core {
                 .and_then(|a| a.rate_limit),
             rate_dropped_to_backend: self.rate_drops(b.id, maps::RATE_TO_BACKEND),
             rate_dropped_from_backend: self.rate_drops(b.id, maps::RATE_FROM_BACKEND),
+            pps_to_backend: self.scan.backend_pps.get(&b.id).map_or(0.0, |p| p.0),
+            pps_from_backend: self.scan.backend_pps.get(&b.id).map_or(0.0, |p| p.1),
         }
     }
 
