@@ -907,6 +907,28 @@ fn rate_limits(daemon: &Daemon) -> BTreeMap<u32, [(u64, u64); 2]> {
         .collect()
 }
 
+/// Sets backend `id`'s packets dropped over its rate limit, as the datapath would count them
+/// (on CPU 0): `to` the backend, `from` it.
+#[track_caller]
+fn set_rate_drops(daemon: &Daemon, id: u32, to: u64, from: u64) {
+    use gateway_common::maps::{RATE_DROPS, RATE_FROM_BACKEND, RATE_TO_BACKEND, rate_slot};
+    let map = aya::maps::MapData::from_pin(daemon.bpffs.join(RATE_DROPS)).unwrap();
+    let mut drops: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let per_cpu = |n: u64| {
+        let mut v = vec![0u64; cpus];
+        v[0] = n;
+        aya::maps::PerCpuValues::try_from(v).unwrap()
+    };
+    drops
+        .set(rate_slot(id, RATE_TO_BACKEND), per_cpu(to), 0)
+        .unwrap();
+    drops
+        .set(rate_slot(id, RATE_FROM_BACKEND), per_cpu(from), 0)
+        .unwrap();
+}
+
 /// What `pps` packets a second with bursts of `burst` are in the datapath, for each of `ids`,
 /// both directions.
 fn limited(ids: &[u32], pps: u64, burst: u64) -> BTreeMap<u32, [(u64, u64); 2]> {
@@ -975,6 +997,59 @@ fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleare
             && status.matches("1000 pps (burst 200)  ").count() == 2,
         "{status}"
     );
+
+    // Each backend's drops, as the datapath counts them (per CPU, summed), in the API, the
+    // table and the metrics, with the limit.
+    let (first, first_id) = daemon
+        .backend_ids("web")
+        .into_iter()
+        .next()
+        .expect("a backend");
+    set_rate_drops(&daemon, first_id, 345, 6);
+    let backends: Vec<gateway::api::BackendView> =
+        serde_json::from_str(&daemon.ok(&["backend", "list", "web", "--json"])).unwrap();
+    let dropped: BTreeMap<&str, (u64, u64)> = backends
+        .iter()
+        .map(|b| {
+            let d = (b.rate_dropped_to_backend, b.rate_dropped_from_backend);
+            (b.address.as_str(), d)
+        })
+        .collect();
+    let other = backends
+        .iter()
+        .find(|b| b.address != first)
+        .unwrap()
+        .address
+        .clone();
+    assert_eq!(
+        dropped,
+        BTreeMap::from([(first.as_str(), (345, 6)), (other.as_str(), (0, 0))])
+    );
+    let list = daemon.ok(&["backend", "list", "web"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(first.as_str()) && l.ends_with(" 345/6")),
+        "{list}"
+    );
+    let scrape = daemon.scrape();
+    let series = |name: &str, labels: &[(&str, &str)]| scrape.value(name, labels);
+    let web_first = [("app", "web"), ("backend", first.as_str())];
+    assert_eq!(
+        series(
+            "gateway_backend_ratelimit_dropped_packets_total",
+            &[web_first[0], web_first[1], ("direction", "to_backend")]
+        ),
+        345.0
+    );
+    assert_eq!(
+        series(
+            "gateway_backend_ratelimit_dropped_packets_total",
+            &[web_first[0], web_first[1], ("direction", "from_backend")]
+        ),
+        6.0
+    );
+    assert_eq!(series("gateway_backend_ratelimit_pps", &web_first), 1000.0);
+    assert_eq!(series("gateway_backend_ratelimit_burst", &web_first), 200.0);
 
     // Changed live: numbers (the burst's default a tenth), a plan, none.
     assert_eq!(
@@ -1110,8 +1185,28 @@ fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleare
     );
 
     // A backend added later gets the limit; one removed leaves none behind.
+    // (The id it gets holds drops of before: it starts at none.)
+    let path = daemon.dir.path().join("state/state.json");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let next = state["next_backend_id"].as_u64().unwrap() as u32;
+    set_rate_drops(&daemon, next, 77, 88);
     daemon.ok(&["backend", "add", "web", &backend(&topo, 0, 8081)]);
     let added = daemon.backend_ids("web")[&backend(&topo, 0, 8081)];
+    assert_eq!(added, next);
+    let fresh: Vec<gateway::api::BackendView> =
+        serde_json::from_str(&daemon.ok(&["backend", "list", "web", "--json"])).unwrap();
+    let fresh = fresh
+        .iter()
+        .find(|b| b.address == backend(&topo, 0, 8081))
+        .unwrap();
+    assert_eq!(
+        (
+            fresh.rate_dropped_to_backend,
+            fresh.rate_dropped_from_backend
+        ),
+        (0, 0)
+    );
     programmed.extend(limited(&[added], 1000, 100));
     assert_eq!(rate_limits(&daemon), programmed);
     daemon.ok(&[
