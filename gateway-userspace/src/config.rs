@@ -2,6 +2,7 @@
 //! by the flags themselves, then checked once into [`Settings`].
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
@@ -11,7 +12,7 @@ use serde::Deserialize;
 
 use crate::{
     datapath::AttachMode,
-    state::{HealthConfig, HealthOverrides, PortRange},
+    state::{HealthConfig, HealthOverrides, PortRange, RateLimit},
 };
 
 /// How long backends removed or replaced drain before their connections are ended.
@@ -170,6 +171,10 @@ pub struct FileConfig {
     pub drain_timeout: Option<Dur>,
     pub deploy_timeout: Option<Dur>,
     pub scan_interval: Option<Dur>,
+    /// Named rate limits (`[plans]`, `small = "1000pps,burst=100"`) that `gateway app create
+    /// --plan NAME` and `app set --plan NAME` refer to.
+    #[serde(default)]
+    pub plans: BTreeMap<String, String>,
 }
 
 /// A configuration that cannot run.
@@ -210,6 +215,11 @@ pub enum ConfigError {
     /// The daemon-wide health-check settings break the same rule as an app's.
     #[error(transparent)]
     Health(crate::state::StateError),
+    #[error("plan {name:?}: {error}")]
+    Plan {
+        name: String,
+        error: crate::state::StateError,
+    },
     #[error("scan-interval {} is too short: give at least 10ms", humantime::format_duration(*.0))]
     ScanIntervalTooShort(Duration),
 }
@@ -257,6 +267,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub deploy_timeout: Duration,
     pub scan_interval: Duration,
+    /// The rate limits of the config file's `[plans]`, by name.
+    pub plans: BTreeMap<String, RateLimit>,
 }
 
 fn unicast(ip: Ipv4Addr) -> bool {
@@ -354,7 +366,17 @@ impl Settings {
         if scan_interval < Duration::from_millis(10) {
             return Err(ConfigError::ScanIntervalTooShort(scan_interval));
         }
+        let mut plans = BTreeMap::new();
+        for (name, text) in file.plans {
+            match text.parse::<RateLimit>() {
+                Ok(limit) => {
+                    plans.insert(name, limit);
+                }
+                Err(error) => return Err(ConfigError::Plan { name, error }),
+            }
+        }
         Ok(Settings {
+            plans,
             health: HealthConfig::default().with(&overrides),
             drain_timeout: args
                 .drain_timeout
@@ -528,6 +550,53 @@ mod tests {
         ] {
             assert!(text.contains(&format!("{key} = ")), "{key} missing");
         }
+        assert!(text.contains("\n[plans]\n"), "[plans] missing");
+        assert_eq!(
+            s.plans.get("small"),
+            Some(&RateLimit {
+                pps: 1000,
+                burst: 100
+            })
+        );
+    }
+
+    #[test]
+    fn plans_are_read_and_checked() {
+        let file = parse("[plans]\nsmall = \"1000pps,burst=100\"\nlarge = \"50000\"\n").unwrap();
+        let s = Settings::merge(args(), file).unwrap();
+        assert_eq!(
+            s.plans.into_iter().collect::<Vec<_>>(),
+            [
+                (
+                    "large".to_owned(),
+                    RateLimit {
+                        pps: 50000,
+                        burst: 5000
+                    }
+                ),
+                (
+                    "small".to_owned(),
+                    RateLimit {
+                        pps: 1000,
+                        burst: 100
+                    }
+                ),
+            ]
+        );
+        assert!(
+            Settings::merge(args(), parse("").unwrap())
+                .unwrap()
+                .plans
+                .is_empty()
+        );
+        let file = parse("[plans]\nbad = \"fast\"\n").unwrap();
+        let err = Settings::merge(args(), file).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "plan \"bad\": rate limit must look like 1000pps or 1000pps,burst=200 (1 to 10000000 pps, a burst of 1 to 10 times the pps), not \"fast\""
+        );
+        // A number is not a limit's text.
+        assert!(parse("[plans]\nsmall = 1000\n").is_err());
     }
 
     #[test]

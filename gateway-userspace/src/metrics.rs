@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use gateway_common::maps::TrafficStats;
+use gateway_common::maps::{self, TrafficStats};
 use gateway_common::{DropReason, GlobalStat};
 use prometheus_client::{
     collector::Collector,
@@ -128,6 +128,11 @@ pub struct BackendRow {
     pub traffic: TrafficStats,
     pub active: u64,
     pub state_changes: u64,
+    /// Its app's rate limit (each direction): packets per second and burst, 0 for none.
+    pub rate_limit_pps: u64,
+    pub rate_limit_burst: u64,
+    /// Packets dropped over the limit: to the backend, from it.
+    pub rate_dropped: [u64; 2],
 }
 
 /// Everything a scrape reports but the health histogram, copied out of the daemon.
@@ -187,6 +192,12 @@ impl Snapshot {
                     traffic: datapath.backend_stats(b.id)?,
                     active: counts.backends.get(&b.id).copied().unwrap_or(0),
                     state_changes: daemon.state_changes.get(&b.id).copied().unwrap_or(0),
+                    rate_limit_pps: app.rate_limit.map_or(0, |l| u64::from(l.pps)),
+                    rate_limit_burst: app.rate_limit.map_or(0, |l| u64::from(l.burst)),
+                    rate_dropped: [
+                        datapath.rate_drops(b.id, maps::RATE_TO_BACKEND)?,
+                        datapath.rate_drops(b.id, maps::RATE_FROM_BACKEND)?,
+                    ],
                 });
             }
         }
@@ -374,6 +385,36 @@ impl Collector for Snapshot {
             "Health state changes of the backend since the daemon started",
             Counter,
             backend(|b| b.state_changes),
+        )?;
+        family(
+            e,
+            "gateway_backend_ratelimit_pps",
+            "The packets per second its app's rate limit allows the backend, each direction (0: no limit)",
+            Gauge,
+            backend(|b| b.rate_limit_pps),
+        )?;
+        family(
+            e,
+            "gateway_backend_ratelimit_burst",
+            "The burst (packets) its app's rate limit allows the backend, each direction (0: no limit)",
+            Gauge,
+            backend(|b| b.rate_limit_burst),
+        )?;
+        family(
+            e,
+            "gateway_backend_ratelimit_dropped_packets",
+            "Packets to (to_backend) or from (from_backend) the backend dropped over its app's rate limit",
+            Counter,
+            self.backends.iter().flat_map(|b| {
+                ["to_backend", "from_backend"]
+                    .into_iter()
+                    .zip(b.rate_dropped)
+                    .map(move |(direction, dropped)| {
+                        let mut l = backend_labels(b);
+                        l.push(("direction", direction));
+                        (l, dropped)
+                    })
+            }),
         )?;
         family(
             e,
@@ -710,6 +751,61 @@ mod tests {
             "gateway_drops_total{reason=\"conntrack_full\"} 7",
             "gateway_drops_total{reason=\"snat_exhausted\"} 2",
             "gateway_snat_port_allocation_failures_total 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn backend_rate_limit_series() {
+        let row = |address: &str, pps, burst, rate_dropped| BackendRow {
+            app: "web".to_owned(),
+            address: address.to_owned(),
+            state: BackendState::Active,
+            weight: 1,
+            traffic: TrafficStats::default(),
+            active: 0,
+            state_changes: 0,
+            rate_limit_pps: pps,
+            rate_limit_burst: burst,
+            rate_dropped,
+        };
+        let snapshot = Snapshot {
+            apps: Vec::new(),
+            backends: vec![
+                row("10.0.0.2:8080", 1000, 100, [17, 4]),
+                row("10.0.0.3:8080", 0, 0, [0, 0]),
+            ],
+            global: GlobalStats::with_drops(&[]),
+            conntrack_entries: 0,
+            conntrack_capacity: 0,
+            conntrack_connections: Phases::default(),
+            daemon: DaemonFigures::default(),
+        };
+        let text = to_prometheus_text(&render(snapshot, &HealthLatency::default()).unwrap());
+        let b = |addr: &str| format!("app=\"web\",backend=\"{addr}\"");
+        for line in [
+            format!(
+                "gateway_backend_ratelimit_pps{{{}}} 1000",
+                b("10.0.0.2:8080")
+            ),
+            format!(
+                "gateway_backend_ratelimit_burst{{{}}} 100",
+                b("10.0.0.2:8080")
+            ),
+            format!("gateway_backend_ratelimit_pps{{{}}} 0", b("10.0.0.3:8080")),
+            format!(
+                "gateway_backend_ratelimit_dropped_packets_total{{{},direction=\"to_backend\"}} 17",
+                b("10.0.0.2:8080")
+            ),
+            format!(
+                "gateway_backend_ratelimit_dropped_packets_total{{{},direction=\"from_backend\"}} 4",
+                b("10.0.0.2:8080")
+            ),
+            format!(
+                "gateway_backend_ratelimit_dropped_packets_total{{{},direction=\"to_backend\"}} 0",
+                b("10.0.0.3:8080")
+            ),
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }

@@ -406,6 +406,37 @@ impl Daemon {
         (status, body.to_owned())
     }
 
+    /// The pinned map of the backends' rate limits ([`gateway_common::maps::RATE_LIMITS`], slot
+    /// [`gateway_common::maps::rate_slot`]): to read, or to write as a stale map would hold.
+    #[track_caller]
+    pub fn rate_limits(
+        &self,
+    ) -> aya::maps::Array<aya::maps::MapData, gateway_common::maps::RateLimit> {
+        let map = aya::maps::MapData::from_pin(self.bpffs.join(gateway_common::maps::RATE_LIMITS))
+            .expect("the pinned rate limits");
+        aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("the rate limits' layout")
+    }
+
+    /// The backend ids of app `app` as the state file holds them, by address.
+    #[track_caller]
+    pub fn backend_ids(&self, app: &str) -> std::collections::BTreeMap<String, u32> {
+        let path = self.dir.path().join("state/state.json");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let state: serde_json::Value = serde_json::from_str(&text).expect("the state file");
+        state["apps"][app]["backends"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no app {app} in {text}"))
+            .iter()
+            .map(|b| {
+                (
+                    b["addr"].as_str().expect("an address").to_owned(),
+                    b["id"].as_u64().expect("an id") as u32,
+                )
+            })
+            .collect()
+    }
+
     /// App `app_id`'s MSS clamp as the datapath reads it (0: none).
     #[track_caller]
     pub fn mss_clamp(&self, app_id: u32) -> u16 {

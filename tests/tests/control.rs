@@ -886,3 +886,362 @@ fn an_apps_client_address_is_programmed_changed_restored_and_cleared() {
     daemon.ok(&["app", "delete", "ftp"]);
     assert_eq!(app_settings(&daemon), BTreeMap::new());
 }
+
+/// The rate limits the datapath reads, by backend id (those that are set): (interval, tolerance)
+/// to the backend and from it.
+#[track_caller]
+fn rate_limits(daemon: &Daemon) -> BTreeMap<u32, [(u64, u64); 2]> {
+    use gateway_common::maps::{RATE_FROM_BACKEND, RATE_TO_BACKEND, rate_slot};
+    let map = daemon.rate_limits();
+    let read = |id: u32, dir| {
+        let l = map
+            .get(&rate_slot(id, dir), 0)
+            .unwrap_or_else(|e| panic!("backend id {id}: {e}"));
+        (l.interval_ns, l.tolerance_ns)
+    };
+    (1..gateway_common::maps::MAX_BACKENDS)
+        .filter_map(|id| {
+            let both = [read(id, RATE_TO_BACKEND), read(id, RATE_FROM_BACKEND)];
+            (both != [(0, 0); 2]).then_some((id, both))
+        })
+        .collect()
+}
+
+/// Sets backend `id`'s packets dropped over its rate limit, as the datapath would count them
+/// (on CPU 0): `to` the backend, `from` it.
+#[track_caller]
+fn set_rate_drops(daemon: &Daemon, id: u32, to: u64, from: u64) {
+    use gateway_common::maps::{RATE_DROPS, RATE_FROM_BACKEND, RATE_TO_BACKEND, rate_slot};
+    let map = aya::maps::MapData::from_pin(daemon.bpffs.join(RATE_DROPS)).unwrap();
+    let mut drops: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let per_cpu = |n: u64| {
+        let mut v = vec![0u64; cpus];
+        v[0] = n;
+        aya::maps::PerCpuValues::try_from(v).unwrap()
+    };
+    drops
+        .set(rate_slot(id, RATE_TO_BACKEND), per_cpu(to), 0)
+        .unwrap();
+    drops
+        .set(rate_slot(id, RATE_FROM_BACKEND), per_cpu(from), 0)
+        .unwrap();
+}
+
+/// What `pps` packets a second with bursts of `burst` are in the datapath, for each of `ids`,
+/// both directions.
+fn limited(ids: &[u32], pps: u64, burst: u64) -> BTreeMap<u32, [(u64, u64); 2]> {
+    let interval = 1_000_000_000 / pps;
+    let both = [(interval, (burst - 1) * interval); 2];
+    ids.iter().map(|&id| (id, both)).collect()
+}
+
+/// An app's rate limit (`--rate-limit`, `--plan`) reaches every one of its backends, both
+/// directions: at create, changed and removed live by `app set`, given to a backend added
+/// later, taken from one removed (its id is reused), written again at start over what the map
+/// held, zeroed on delete. A bad value or an unknown plan leaves the state and the map as they
+/// were.
+#[test]
+fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleared() {
+    require_root();
+    let topo = Topology::new(2);
+    let config = std::env::temp_dir().join(format!("gateway-plans-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "[plans]\nsmall = \"1000pps,burst=100\"\nlarge = \"50000pps\"\n",
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(&topo, None, &["--config", config.to_str().unwrap()]);
+    daemon.ok(&["app", "create", "web", "--rate-limit", "1000pps,burst=200"]);
+    daemon.ok(&["app", "create", "db"]);
+    for i in 0..2 {
+        daemon.ok(&["backend", "add", "web", &backend(&topo, i, 8080)]);
+    }
+    daemon.ok(&["backend", "add", "db", &backend(&topo, 0, 5432)]);
+    let web: Vec<u32> = daemon.backend_ids("web").into_values().collect();
+    let db: Vec<u32> = daemon.backend_ids("db").into_values().collect();
+    assert_eq!((web.len(), db.len()), (2, 1));
+    assert_eq!(rate_limits(&daemon), limited(&web, 1000, 200));
+    let limit = gateway::state::RateLimit {
+        pps: 1000,
+        burst: 200,
+    };
+    assert_eq!(daemon.app("web").rate_limit, Some(limit));
+    assert_eq!(daemon.app("db").rate_limit, None);
+    assert!(
+        daemon
+            .app("web")
+            .backends
+            .iter()
+            .all(|b| b.rate_limit == Some(limit)),
+        "{:?}",
+        daemon.app("web")
+    );
+    let show = daemon.ok(&["app", "show", "web"]);
+    assert!(show.contains(", rate limit 1000 pps (burst 200)"), "{show}");
+    let list = daemon.ok(&["backend", "list", "web"]);
+    assert!(
+        list.contains("RATE LIMIT") && list.matches("1000 pps (burst 200)").count() == 2,
+        "{list}"
+    );
+    let list = daemon.ok(&["app", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("web ") && l.contains("1000 pps (burst 200)")),
+        "{list}"
+    );
+    let status = daemon.ok(&["status"]);
+    assert!(
+        status.contains("rate limit 1000 pps (burst 200) per backend")
+            && status.matches("1000 pps (burst 200)  ").count() == 2,
+        "{status}"
+    );
+
+    // Each backend's drops, as the datapath counts them (per CPU, summed), in the API, the
+    // table and the metrics, with the limit.
+    let (first, first_id) = daemon
+        .backend_ids("web")
+        .into_iter()
+        .next()
+        .expect("a backend");
+    set_rate_drops(&daemon, first_id, 345, 6);
+    let backends: Vec<gateway::api::BackendView> =
+        serde_json::from_str(&daemon.ok(&["backend", "list", "web", "--json"])).unwrap();
+    let dropped: BTreeMap<&str, (u64, u64)> = backends
+        .iter()
+        .map(|b| {
+            let d = (b.rate_dropped_to_backend, b.rate_dropped_from_backend);
+            (b.address.as_str(), d)
+        })
+        .collect();
+    let other = backends
+        .iter()
+        .find(|b| b.address != first)
+        .unwrap()
+        .address
+        .clone();
+    assert_eq!(
+        dropped,
+        BTreeMap::from([(first.as_str(), (345, 6)), (other.as_str(), (0, 0))])
+    );
+    let list = daemon.ok(&["backend", "list", "web"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(first.as_str()) && l.ends_with(" 345/6")),
+        "{list}"
+    );
+    let scrape = daemon.scrape();
+    let series = |name: &str, labels: &[(&str, &str)]| scrape.value(name, labels);
+    let web_first = [("app", "web"), ("backend", first.as_str())];
+    assert_eq!(
+        series(
+            "gateway_backend_ratelimit_dropped_packets_total",
+            &[web_first[0], web_first[1], ("direction", "to_backend")]
+        ),
+        345.0
+    );
+    assert_eq!(
+        series(
+            "gateway_backend_ratelimit_dropped_packets_total",
+            &[web_first[0], web_first[1], ("direction", "from_backend")]
+        ),
+        6.0
+    );
+    assert_eq!(series("gateway_backend_ratelimit_pps", &web_first), 1000.0);
+    assert_eq!(series("gateway_backend_ratelimit_burst", &web_first), 200.0);
+
+    // Changed live: numbers (the burst's default a tenth), a plan, none.
+    assert_eq!(
+        daemon.ok(&["app", "set", "db", "--rate-limit", "5000"]),
+        "app db: no MSS clamp, client address none, rate limit 5000 pps (burst 500)\n"
+    );
+    let mut programmed = limited(&web, 1000, 200);
+    programmed.extend(limited(&db, 5000, 500));
+    assert_eq!(rate_limits(&daemon), programmed);
+    assert_eq!(
+        daemon.ok(&["app", "set", "web", "--plan", "small"]),
+        "app web: no MSS clamp, client address none, rate limit 1000 pps (burst 100) (plan small)\n"
+    );
+    assert_eq!(daemon.app("web").plan.as_deref(), Some("small"));
+    programmed.extend(limited(&web, 1000, 100));
+    assert_eq!(rate_limits(&daemon), programmed);
+    daemon.ok(&["app", "set", "db", "--no-rate-limit"]);
+    assert_eq!(daemon.app("db").rate_limit, None);
+    programmed = limited(&web, 1000, 100);
+    assert_eq!(rate_limits(&daemon), programmed);
+    daemon.ok(&["app", "create", "api", "--plan", "large"]);
+    assert_eq!(
+        daemon.app("api").rate_limit,
+        Some(gateway::state::RateLimit {
+            pps: 50000,
+            burst: 5000
+        })
+    );
+
+    // Refused with one line; nothing changed, in the state or in the map.
+    let snapshot = settled(&daemon);
+    // A value the CLI cannot read is refused there, in the daemon's words.
+    for (args, wants) in [
+        (["app", "create", "x", "--rate-limit", "0pps"], "\"0pps\""),
+        (
+            ["app", "create", "x", "--rate-limit", "10000001pps"],
+            "\"10000001pps\"",
+        ),
+        (
+            ["app", "set", "web", "--rate-limit", "100pps,burst=1001"],
+            "\"100pps,burst=1001\"",
+        ),
+        (["app", "set", "web", "--rate-limit", "fast"], "\"fast\""),
+    ] {
+        let out = daemon.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("rate limit must look like 1000pps or 1000pps,burst=200")
+                && err.contains(wants),
+            "{args:?}: {err}"
+        );
+        assert_eq!(settled(&daemon), snapshot, "after {args:?}");
+    }
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["app", "set", "web", "--plan", "huge"],
+            "no plan named \"huge\"",
+        ),
+        (
+            &["app", "create", "x", "--plan", "huge"],
+            "no plan named \"huge\"",
+        ),
+        (
+            &["app", "set", "nope", "--rate-limit", "1000pps"],
+            "no app named \"nope\"",
+        ),
+    ];
+    for (args, wants) in cases {
+        let err = daemon.fails(args);
+        assert!(err.contains(wants), "gateway {}: {err}", args.join(" "));
+        assert_eq!(settled(&daemon), snapshot, "after {args:?}");
+        assert_eq!(rate_limits(&daemon), programmed, "after {args:?}");
+    }
+    // Through the API: a limit out of range, a limit and a plan together.
+    for body in [
+        r#"{"rate_limit": {"pps": 0, "burst": 1}}"#,
+        r#"{"rate_limit": {"pps": 10, "burst": 101}}"#,
+        r#"{"rate_limit": {"pps": 10, "burst": 1}, "plan": "small"}"#,
+    ] {
+        let (status, answer) = daemon.api("PATCH", "/v1/apps/db", body);
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(rate_limits(&daemon), programmed, "after {body}");
+    }
+    let usage: &[&[&str]] = &[
+        &[
+            "app",
+            "set",
+            "web",
+            "--rate-limit",
+            "1000",
+            "--no-rate-limit",
+        ],
+        &[
+            "app",
+            "set",
+            "web",
+            "--rate-limit",
+            "1000",
+            "--plan",
+            "small",
+        ],
+        &[
+            "app",
+            "create",
+            "x",
+            "--rate-limit",
+            "1000",
+            "--plan",
+            "small",
+        ],
+    ];
+    for args in usage {
+        assert!(!daemon.cli(args).status.success(), "{args:?}");
+        assert_eq!(settled(&daemon), snapshot, "after {args:?}");
+    }
+
+    // A change the state file cannot take is undone in the datapath too.
+    let tmp = daemon.dir.path().join("state/state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    let set = daemon.fails(&["app", "set", "web", "--rate-limit", "77pps"]);
+    let plan = daemon.fails(&["app", "set", "web", "--no-rate-limit"]);
+    std::fs::remove_dir(&tmp).unwrap();
+    assert!(
+        set.contains("state.json.tmp") && plan.contains("state.json.tmp"),
+        "{set}{plan}"
+    );
+    assert_eq!(settled(&daemon), snapshot);
+    assert_eq!(
+        rate_limits(&daemon),
+        programmed,
+        "the datapath was put back"
+    );
+
+    // A backend added later gets the limit; one removed leaves none behind.
+    // (The id it gets holds drops of before: it starts at none.)
+    let path = daemon.dir.path().join("state/state.json");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let next = state["next_backend_id"].as_u64().unwrap() as u32;
+    set_rate_drops(&daemon, next, 77, 88);
+    daemon.ok(&["backend", "add", "web", &backend(&topo, 0, 8081)]);
+    let added = daemon.backend_ids("web")[&backend(&topo, 0, 8081)];
+    assert_eq!(added, next);
+    let fresh: Vec<gateway::api::BackendView> =
+        serde_json::from_str(&daemon.ok(&["backend", "list", "web", "--json"])).unwrap();
+    let fresh = fresh
+        .iter()
+        .find(|b| b.address == backend(&topo, 0, 8081))
+        .unwrap();
+    assert_eq!(
+        (
+            fresh.rate_dropped_to_backend,
+            fresh.rate_dropped_from_backend
+        ),
+        (0, 0)
+    );
+    programmed.extend(limited(&[added], 1000, 100));
+    assert_eq!(rate_limits(&daemon), programmed);
+    daemon.ok(&[
+        "backend",
+        "remove",
+        "web",
+        &backend(&topo, 1, 8080),
+        "--now",
+    ]);
+    let removed = web
+        .iter()
+        .copied()
+        .find(|id| !daemon.backend_ids("web").values().any(|v| v == id))
+        .expect("a removed id");
+    programmed.remove(&removed);
+    assert_eq!(rate_limits(&daemon), programmed);
+
+    // A start programs the limits of the state file over whatever the pinned map holds: a
+    // wrong one, a missing one, one of a backend the state does not have.
+    daemon.kill9();
+    {
+        let mut map = daemon.rate_limits();
+        use gateway_common::maps::{RateLimit, rate_slot};
+        map.set(rate_slot(added, 0), RateLimit::new(7, 7), 0)
+            .unwrap();
+        map.set(rate_slot(added, 1), RateLimit::default(), 0)
+            .unwrap();
+        map.set(rate_slot(4000, 1), RateLimit::new(9, 9), 0)
+            .unwrap();
+    }
+    daemon.restart();
+    assert_eq!(rate_limits(&daemon), programmed, "{}", daemon.log());
+
+    // Deleting an app zeroes its backends' limits.
+    daemon.ok(&["app", "delete", "web"]);
+    assert_eq!(rate_limits(&daemon), BTreeMap::new());
+    let _ = std::fs::remove_file(&config);
+}

@@ -310,7 +310,7 @@ mod path {
 mod tests {
     use super::path;
     use crate::api::{AddBackend, CreateApp, Deploy, FlowQuery, RemoveBackend, UpdateApp};
-    use crate::state::{ClientAddress, HealthOverrides};
+    use crate::state::{ClientAddress, HealthOverrides, RateLimit};
 
     #[test]
     fn paths_percent_encode_names_and_keep_addresses() {
@@ -376,6 +376,8 @@ mod tests {
             },
             mss_clamp: None,
             client_address: None,
+            rate_limit: None,
+            plan: None,
         };
         let json = serde_json::to_value(&create).unwrap();
         assert_eq!(
@@ -391,6 +393,64 @@ mod tests {
             {"interval_ms": null, "timeout_ms": null, "rise": 3, "fall": null}});
         let back: CreateApp = serde_json::from_value(before).unwrap();
         assert_eq!(back.health, create.health);
+
+        let limited = CreateApp {
+            rate_limit: Some(RateLimit {
+                pps: 1000,
+                burst: 200,
+            }),
+            ..create.clone()
+        };
+        let json = serde_json::to_value(&limited).unwrap();
+        assert_eq!(
+            json["rate_limit"],
+            serde_json::json!({"pps": 1000, "burst": 200})
+        );
+        assert!(json.get("plan").is_none(), "{json}");
+        let back: CreateApp = serde_json::from_value(json).unwrap();
+        assert_eq!(back.rate_limit, limited.rate_limit);
+        let planned: CreateApp =
+            serde_json::from_value(serde_json::json!({"name": "web", "plan": "small"})).unwrap();
+        assert_eq!(
+            (planned.rate_limit, planned.plan.as_deref()),
+            (None, Some("small"))
+        );
+        assert!(
+            serde_json::from_value::<CreateApp>(
+                serde_json::json!({"name": "web", "rate_limit": "1000pps"})
+            )
+            .is_err()
+        );
+        let patch = |v| serde_json::from_value::<UpdateApp>(v).unwrap();
+        assert_eq!(
+            patch(serde_json::json!({"rate_limit": null})),
+            UpdateApp {
+                rate_limit: Some(None),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            patch(serde_json::json!({"rate_limit": {"pps": 7, "burst": 1}})),
+            UpdateApp {
+                rate_limit: Some(Some(RateLimit { pps: 7, burst: 1 })),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            patch(serde_json::json!({"plan": "small"})),
+            UpdateApp {
+                plan: Some("small".to_owned()),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(UpdateApp {
+                rate_limit: Some(None),
+                ..Default::default()
+            })
+            .unwrap(),
+            serde_json::json!({"rate_limit": null})
+        );
 
         let clamped = CreateApp {
             mss_clamp: Some(1360),
@@ -499,6 +559,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: Some(Some(1360)),
                     client_address: Some(Some(ClientAddress::Toa)),
+                    ..Default::default()
                 },
                 serde_json::json!({"mss_clamp": 1360, "client_address": "toa"}),
             ),

@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{
     datapath::{AttachMode, Phases},
-    state::ClientAddress,
+    state::{ClientAddress, RateLimit},
 };
 
 pub mod client;
@@ -50,6 +50,14 @@ pub struct CreateApp {
     /// `none` when absent (or `null`). Left out when `None`, as `mss_clamp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_address: Option<ClientAddress>,
+    /// A packet rate limit for each of its backends, each direction: `{"pps": 1000, "burst":
+    /// 100}`. None when absent (or `null`). Left out when `None`, as `mss_clamp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Instead of `rate_limit`: the name of a plan of the daemon's config file (`[plans]`),
+    /// whose limit the daemon sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 /// `PATCH /v1/apps/{name}`: changes settings of an existing app, live. Each field reads as in a
@@ -73,6 +81,17 @@ pub struct UpdateApp {
         skip_serializing_if = "Option::is_none"
     )]
     pub client_address: Option<Option<ClientAddress>>,
+    /// The packet rate limit (`{"pps": 1000, "burst": 100}`), or `null` for none.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rate_limit: Option<Option<RateLimit>>,
+    /// Instead of `rate_limit`: the name of a plan of the daemon's config file, whose limit
+    /// the daemon sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 /// A field that is present, as `Some` of its value (also of `null`: `Some(None)`); with
@@ -124,7 +143,7 @@ pub struct AddBackend {
 }
 
 /// A backend as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendView {
     pub address: String,
     pub weight: u32,
@@ -143,6 +162,21 @@ pub struct BackendView {
     /// State changes its health checks made since the daemon started.
     #[serde(default)]
     pub health_changes: u64,
+    /// Its app's packet rate limit (each direction), if it has one.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Packets to it dropped over the limit, since its id was last given.
+    #[serde(default)]
+    pub rate_dropped_to_backend: u64,
+    /// Packets from it dropped over the limit, since its id was last given.
+    #[serde(default)]
+    pub rate_dropped_from_backend: u64,
+    /// With a limit: packets per second to it and from it (that passed), between the last two
+    /// conntrack scans.
+    #[serde(default)]
+    pub pps_to_backend: f64,
+    #[serde(default)]
+    pub pps_from_backend: f64,
 }
 
 /// An app as the API shows it.
@@ -159,6 +193,12 @@ pub struct AppView {
     /// (`none`).
     #[serde(default)]
     pub client_address: ClientAddress,
+    /// Its packet rate limit (for each backend, each direction), if it has one.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// The plan of the daemon's config file the limit came from, if any.
+    #[serde(default)]
+    pub plan: Option<String>,
     pub backends: Vec<BackendView>,
     /// Open connections to the app (as of the last conntrack scan).
     pub connections: u64,

@@ -22,6 +22,8 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
             check_fall,
             mss,
             client_address,
+            rate_limit,
+            plan,
         } => {
             let health = HealthOverrides {
                 interval_ms: check_interval.map(Dur::ms),
@@ -36,6 +38,8 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
                     health,
                     mss_clamp: mss,
                     client_address,
+                    rate_limit,
+                    plan,
                 })
                 .await?;
             println!("{}", app.url);
@@ -85,6 +89,12 @@ fn update(settings: &AppSettings) -> UpdateApp {
             settings.mss.map(Some)
         },
         client_address: settings.client_address.map(Some),
+        rate_limit: if settings.no_rate_limit {
+            Some(None)
+        } else {
+            settings.rate_limit.map(Some)
+        },
+        plan: settings.plan.clone(),
     }
 }
 
@@ -98,7 +108,13 @@ impl std::fmt::Display for Settings<'_> {
             Some(mss) => write!(f, "MSS clamp {mss}")?,
             None => write!(f, "no MSS clamp")?,
         }
-        write!(f, ", client address {}", self.0.client_address)
+        write!(f, ", client address {}", self.0.client_address)?;
+        match (&self.0.rate_limit, &self.0.plan) {
+            (Some(l), Some(plan)) => write!(f, ", rate limit {} (plan {plan})", print::Limit(l)),
+            (Some(l), None) => write!(f, ", rate limit {}", print::Limit(l)),
+            // No limit is the default: not said (the line stays as it was).
+            (None, _) => Ok(()),
+        }
     }
 }
 
@@ -109,7 +125,7 @@ mod tests {
     use super::*;
     use crate::{
         cli::{Args, CliCommand, Command},
-        state::ClientAddress,
+        state::{ClientAddress, RateLimit},
     };
 
     /// `gateway ARGS...`'s app command, or clap's refusal.
@@ -169,6 +185,87 @@ mod tests {
     }
 
     #[test]
+    fn create_and_set_take_a_rate_limit_or_a_plan() {
+        let create = |args: &[&str]| match parse(args) {
+            Ok(AppCommand::Create {
+                rate_limit, plan, ..
+            }) => Ok((rate_limit, plan)),
+            Ok(other) => panic!("not app create: {other:?}"),
+            Err(e) => Err(e),
+        };
+        let rl = |pps, burst| Some(RateLimit { pps, burst });
+        assert_eq!(create(&["app", "create", "web"]).unwrap(), (None, None));
+        assert_eq!(
+            create(&["app", "create", "web", "--rate-limit", "1000pps,burst=200"]).unwrap(),
+            (rl(1000, 200), None)
+        );
+        assert_eq!(
+            create(&["app", "create", "web", "--rate-limit", "1000"]).unwrap(),
+            (rl(1000, 100), None)
+        );
+        assert_eq!(
+            create(&["app", "create", "web", "--plan", "small"]).unwrap(),
+            (None, Some("small".to_owned()))
+        );
+        let err = create(&["app", "create", "web", "--rate-limit", "fast"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(
+            err.to_string()
+                .contains("rate limit must look like 1000pps or 1000pps,burst=200"),
+            "{err}"
+        );
+        let both = [
+            "app",
+            "create",
+            "web",
+            "--rate-limit",
+            "1000",
+            "--plan",
+            "small",
+        ];
+        assert_eq!(
+            create(&both).unwrap_err().kind(),
+            clap::error::ErrorKind::ArgumentConflict
+        );
+
+        let set = |args: &[&str]| match parse(args) {
+            Ok(AppCommand::Set { settings, .. }) => Ok(update(&settings)),
+            Ok(other) => panic!("not app set: {other:?}"),
+            Err(e) => Err(e.kind()),
+        };
+        let update = |rate_limit, plan: Option<&str>| {
+            Ok(UpdateApp {
+                rate_limit,
+                plan: plan.map(str::to_owned),
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            set(&["app", "set", "web", "--rate-limit", "5pps,burst=50"]),
+            update(Some(rl(5, 50)), None)
+        );
+        assert_eq!(
+            set(&["app", "set", "web", "--no-rate-limit"]),
+            update(Some(None), None)
+        );
+        assert_eq!(
+            set(&["app", "set", "web", "--plan", "small"]),
+            update(None, Some("small"))
+        );
+        for args in [
+            &["app", "set", "web", "--rate-limit", "5", "--no-rate-limit"][..],
+            &["app", "set", "web", "--plan", "small", "--no-rate-limit"],
+            &["app", "set", "web", "--plan", "small", "--rate-limit", "5"],
+        ] {
+            assert_eq!(
+                set(args),
+                Err(clap::error::ErrorKind::ArgumentConflict),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
     fn set_sends_only_what_it_is_given_and_needs_something() {
         let set = |args: &[&str]| match parse(args) {
             Ok(AppCommand::Set { name, settings }) => Ok((name, update(&settings))),
@@ -182,6 +279,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: Some(Some(1400)),
                     client_address: None,
+                    ..Default::default()
                 }
             ))
         );
@@ -192,6 +290,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: Some(None),
                     client_address: None,
+                    ..Default::default()
                 }
             ))
         );
@@ -202,6 +301,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: None,
                     client_address: Some(Some(ClientAddress::Toa)),
+                    ..Default::default()
                 }
             ))
         );
@@ -220,6 +320,7 @@ mod tests {
                 UpdateApp {
                     mss_clamp: Some(Some(1400)),
                     client_address: Some(Some(ClientAddress::None)),
+                    ..Default::default()
                 }
             ))
         );
@@ -253,6 +354,8 @@ mod tests {
             url: "tcp://203.0.113.10:20000".to_owned(),
             mss_clamp: Some(1360),
             client_address: ClientAddress::None,
+            rate_limit: None,
+            plan: None,
             backends: vec![],
             connections: 0,
             half_open: 0,

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     config::{self, DaemonArgs, Dur},
-    state::{ClientAddress, StateError},
+    state::{ClientAddress, RateLimit, StateError},
 };
 
 /// An eBPF full-NAT TCP load balancer.
@@ -93,6 +93,14 @@ pub enum AppCommand {
         /// option (see docs/client-address.md), or `none` [default: none].
         #[arg(long, value_name = "toa|none", value_parser = client_address)]
         client_address: Option<ClientAddress>,
+        /// Limit the packets to and from each of the app's backends, each direction
+        /// separately: `1000pps` or `1000pps,burst=200` (1 to 10000000 pps; the burst, 1 to 10
+        /// times the pps, defaults to a tenth of it) [default: no limit].
+        #[arg(long, value_name = "RATE", value_parser = rate_limit)]
+        rate_limit: Option<RateLimit>,
+        /// The rate limit of plan NAME of the daemon's config file (`[plans]`).
+        #[arg(long, value_name = "NAME", conflicts_with = "rate_limit")]
+        plan: Option<String>,
     },
     /// Change an app's settings, live (its connections go on).
     Set {
@@ -130,6 +138,21 @@ pub struct AppSettings {
     /// `app create`; new connections get it.
     #[arg(long, value_name = "toa|none", value_parser = client_address)]
     pub client_address: Option<ClientAddress>,
+    /// Limit the packets to and from each of the app's backends (see `app create`):
+    /// `1000pps` or `1000pps,burst=200`.
+    #[arg(long, value_name = "RATE", value_parser = rate_limit)]
+    pub rate_limit: Option<RateLimit>,
+    /// Remove the app's rate limit.
+    #[arg(long, conflicts_with_all = ["rate_limit", "plan"])]
+    pub no_rate_limit: bool,
+    /// The rate limit of plan NAME of the daemon's config file (`[plans]`).
+    #[arg(long, value_name = "NAME", conflicts_with = "rate_limit")]
+    pub plan: Option<String>,
+}
+
+/// `--rate-limit`'s value.
+fn rate_limit(s: &str) -> Result<RateLimit, StateError> {
+    s.parse()
 }
 
 /// `--client-address`'s value: the daemon's own words for a bad one (clap's value enum would

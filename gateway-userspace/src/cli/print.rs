@@ -9,8 +9,17 @@ use serde::Serialize;
 use super::CliError;
 use crate::{
     api::{AppView, BackendView, FlowList},
-    state::ClientAddress,
+    state::{ClientAddress, RateLimit},
 };
+
+/// A rate limit as the tables and `app show` print it: `1000 pps (burst 100)`.
+pub(super) struct Limit<'a>(pub &'a RateLimit);
+
+impl Display for Limit<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(f, "{} pps (burst {})", self.0.pps, self.0.burst)
+    }
+}
 
 /// Prints `value` as pretty JSON on stdout (`--json`).
 pub(super) fn json<T: Serialize>(value: &T) -> Result<(), CliError> {
@@ -30,18 +39,23 @@ impl Display for AppsTable<'_> {
             return writeln!(f, "no apps");
         }
         let w = apps.iter().map(|a| a.name.len()).max().unwrap_or(0).max(4);
-        writeln!(
+        let limited = apps.iter().any(|a| a.rate_limit.is_some());
+        write!(
             f,
             "{:w$}  {:>5}  {:30}  {:>5}  {:6}  {:>8}  {:>11}",
             "NAME", "PORT", "URL", "MSS", "CLIENT", "BACKENDS", "CONNECTIONS"
         )?;
+        if limited {
+            write!(f, "  RATE LIMIT")?;
+        }
+        writeln!(f)?;
         for a in apps {
             let mss = a.mss_clamp.map_or("-".to_owned(), |m| m.to_string());
             let client = match a.client_address {
                 ClientAddress::None => "-".to_owned(),
                 other => other.to_string(),
             };
-            writeln!(
+            write!(
                 f,
                 "{:w$}  {:>5}  {:30}  {:>5}  {:6}  {:>8}  {:>11}",
                 a.name,
@@ -52,6 +66,14 @@ impl Display for AppsTable<'_> {
                 a.backends.len(),
                 a.connections
             )?;
+            if limited {
+                match (&a.rate_limit, &a.plan) {
+                    (Some(l), Some(plan)) => write!(f, "  {} (plan {plan})", Limit(l))?,
+                    (Some(l), None) => write!(f, "  {}", Limit(l))?,
+                    (None, _) => write!(f, "  -")?,
+                }
+            }
+            writeln!(f)?;
         }
         Ok(())
     }
@@ -87,17 +109,32 @@ impl Display for BackendsTable<'_> {
         if backends.is_empty() {
             return writeln!(f, "{indent}no backends");
         }
-        writeln!(
+        // The rate-limit columns only when a backend has a limit or drops (no limit is the
+        // default, and the table stays as it was).
+        let limited = backends.iter().any(|b| {
+            b.rate_limit.is_some()
+                || b.rate_dropped_to_backend > 0
+                || b.rate_dropped_from_backend > 0
+        });
+        write!(
             f,
             "{indent}{:21}  {:>6}  {:9}  {:>8}  {:>11}",
             "BACKEND", "WEIGHT", "STATE", "SINCE", "CONNECTIONS"
         )?;
+        if limited {
+            write!(
+                f,
+                "  {:24}  {:>15}  {:>21}",
+                "RATE LIMIT", "PKT/S TO/FROM", "DROPPED TO/FROM"
+            )?;
+        }
+        writeln!(f)?;
         for b in backends {
             let state = if b.held { "pending*" } else { b.state.as_str() };
             let age = humantime::format_duration(std::time::Duration::from_secs(
                 now_ms.saturating_sub(b.since_ms) / 1000,
             ));
-            writeln!(
+            write!(
                 f,
                 "{indent}{:21}  {:>6}  {:9}  {:>8}  {:>11}",
                 b.address,
@@ -106,6 +143,19 @@ impl Display for BackendsTable<'_> {
                 age.to_string(),
                 b.connections
             )?;
+            if limited {
+                let limit = b
+                    .rate_limit
+                    .as_ref()
+                    .map_or("-".to_owned(), |l| Limit(l).to_string());
+                let drops = format!(
+                    "{}/{}",
+                    b.rate_dropped_to_backend, b.rate_dropped_from_backend
+                );
+                let pps = format!("{:.0}/{:.0}", b.pps_to_backend, b.pps_from_backend);
+                write!(f, "  {limit:24}  {pps:>15}  {drops:>21}")?;
+            }
+            writeln!(f)?;
         }
         if backends.iter().any(|b| b.held) {
             writeln!(f, "{indent}(* added by a deploy that has not switched yet)")?;
@@ -177,6 +227,11 @@ mod tests {
             held,
             connections: 7,
             health_changes: 0,
+            rate_limit: None,
+            rate_dropped_to_backend: 0,
+            rate_dropped_from_backend: 0,
+            pps_to_backend: 0.0,
+            pps_from_backend: 0.0,
         }
     }
 
@@ -189,6 +244,8 @@ mod tests {
             url: "tcp://203.0.113.10:20000".to_owned(),
             mss_clamp: None,
             client_address: ClientAddress::None,
+            rate_limit: None,
+            plan: None,
             backends: vec![backend("10.0.0.2:8080", BackendState::Active, false)],
             connections: 12,
             half_open: 0,
@@ -240,6 +297,35 @@ mod tests {
             now_ms: 0,
         };
         assert_eq!(none.to_string(), "  no backends\n");
+    }
+
+    #[test]
+    fn backends_table_shows_rate_limits_when_there_are_some() {
+        let limited = BackendView {
+            rate_limit: Some(RateLimit {
+                pps: 1000,
+                burst: 100,
+            }),
+            pps_to_backend: 999.6,
+            pps_from_backend: 12.2,
+            rate_dropped_to_backend: 345,
+            rate_dropped_from_backend: 6,
+            ..backend("10.0.0.2:8080", BackendState::Active, false)
+        };
+        let table = BackendsTable {
+            backends: &[
+                limited,
+                backend("10.0.0.3:8080", BackendState::Active, false),
+            ],
+            indent: "",
+            now_ms: 66_000,
+        };
+        assert_eq!(
+            table.to_string(),
+            "BACKEND                WEIGHT  STATE         SINCE  CONNECTIONS  RATE LIMIT                  PKT/S TO/FROM        DROPPED TO/FROM\n\
+             10.0.0.2:8080               1  active        1m 5s            7  1000 pps (burst 100)              1000/12                  345/6\n\
+             10.0.0.3:8080               1  active        1m 5s            7  -                                     0/0                    0/0\n"
+        );
     }
 
     #[test]

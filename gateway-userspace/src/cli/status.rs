@@ -85,6 +85,10 @@ impl Display for StatusReport<'_> {
                 ClientAddress::None => String::new(),
                 other => format!("client address {other}  "),
             };
+            let client = match &a.rate_limit {
+                Some(l) => format!("{client}rate limit {} per backend  ", print::Limit(l)),
+                None => client,
+            };
             writeln!(
                 f,
                 "\napp {}  {}  {client}{} open connections ({} half-open)  {:.1} conn/s  {:.0} pkt/s  {}/s",
@@ -162,6 +166,8 @@ mod tests {
                 url: "tcp://203.0.113.10:20000".to_owned(),
                 mss_clamp: None,
                 client_address: ClientAddress::None,
+                rate_limit: None,
+                plan: None,
                 backends: vec![],
                 connections: 2,
                 half_open: 1,

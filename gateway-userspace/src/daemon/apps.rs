@@ -58,6 +58,10 @@ impl Daemon {
             if let Some(client_address) = req.client_address {
                 next.set_client_address(&req.name, client_address)?;
             }
+            if req.rate_limit.is_some() || req.plan.is_some() {
+                let (limit, plan) = c.rate_limit_of(req.rate_limit, req.plan)?;
+                next.set_rate_limit(&req.name, limit, plan)?;
+            }
             let app = next.app(&req.name)?.clone();
             c.commit(&req.name, next)?;
             info!(
@@ -65,6 +69,8 @@ impl Daemon {
                 port = app.port,
                 mss_clamp = app.mss_clamp,
                 %app.client_address,
+                rate_limit = app.rate_limit.map(|l| l.to_string()),
+                plan = app.plan,
                 "app created"
             );
             Ok(c.app_view(&req.name, &app, &ConnectionCounts::default()))
@@ -92,6 +98,8 @@ impl Daemon {
             let UpdateApp {
                 mss_clamp,
                 client_address,
+                rate_limit,
+                plan,
             } = req;
             if let Some(mss) = mss_clamp {
                 next.set_mss_clamp(&name, mss)?;
@@ -100,6 +108,19 @@ impl Daemon {
                 // `null` removes the setting: none.
                 next.set_client_address(&name, client_address.unwrap_or_default())?;
             }
+            match (rate_limit, plan) {
+                (None, None) => {}
+                (Some(Some(_)), Some(_)) => {
+                    return Err(state::StateError::RateLimitAndPlan.into());
+                }
+                (None | Some(None), Some(plan)) => {
+                    let (limit, plan) = c.rate_limit_of(None, Some(plan))?;
+                    next.set_rate_limit(&name, limit, plan)?;
+                }
+                (Some(limit), None) => {
+                    next.set_rate_limit(&name, limit, None)?;
+                }
+            }
             if next != c.state {
                 c.commit(&name, next)?;
                 let app = c.state.app(&name)?;
@@ -107,6 +128,8 @@ impl Daemon {
                     app = name,
                     mss_clamp = app.mss_clamp,
                     %app.client_address,
+                    rate_limit = app.rate_limit.map(|l| l.to_string()),
+                    plan = app.plan,
                     "app settings changed"
                 );
             }

@@ -4,6 +4,7 @@
 
 use std::{collections::HashMap, net::SocketAddrV4};
 
+use gateway_common::maps;
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -14,7 +15,7 @@ use crate::{
     datapath::{ConnectionCounts, Datapath},
     health::{Report, Track},
     metrics::HealthLatency,
-    state::{self, App, HealthConfig, State, StateFile},
+    state::{self, App, HealthConfig, RateLimit, State, StateError, StateFile},
 };
 
 /// The daemon's state: settings, desired state and its file, the datapath, health checks.
@@ -99,6 +100,23 @@ impl Core {
         Ok(())
     }
 
+    /// The rate limit a request asks for: `limit`, or the limit of plan `plan` of the config
+    /// file (refused when unknown, or given with a limit), with the plan's name.
+    pub fn rate_limit_of(
+        &self,
+        limit: Option<RateLimit>,
+        plan: Option<String>,
+    ) -> Result<(Option<RateLimit>, Option<String>), StateError> {
+        match (limit, plan) {
+            (Some(_), Some(_)) => Err(StateError::RateLimitAndPlan),
+            (limit, None) => Ok((limit, None)),
+            (None, Some(plan)) => match self.settings.plans.get(&plan) {
+                Some(limit) => Ok((Some(*limit), Some(plan))),
+                None => Err(StateError::UnknownPlan(plan)),
+            },
+        }
+    }
+
     /// The health-check settings of `app`.
     pub fn health_of(&self, app: &App) -> HealthConfig {
         self.settings.health.with(&app.health)
@@ -117,6 +135,8 @@ impl Core {
             url: self.settings.url(app.port),
             mss_clamp: app.mss_clamp,
             client_address: app.client_address,
+            rate_limit: app.rate_limit,
+            plan: app.plan.clone(),
             backends: app
                 .backends
                 .iter()
@@ -149,6 +169,23 @@ impl Core {
             held: b.held,
             connections: counts.backends.get(&b.id).copied().unwrap_or(0),
             health_changes: self.health_changes.get(&b.id).copied().unwrap_or(0),
+            // The limit of the app that has it now (none once removed).
+            rate_limit: self
+                .state
+                .apps
+                .values()
+                .find(|a| a.backends.iter().any(|x| x.id == b.id))
+                .and_then(|a| a.rate_limit),
+            rate_dropped_to_backend: self.rate_drops(b.id, maps::RATE_TO_BACKEND),
+            rate_dropped_from_backend: self.rate_drops(b.id, maps::RATE_FROM_BACKEND),
+            pps_to_backend: self.scan.backend_pps.get(&b.id).map_or(0.0, |p| p.0),
+            pps_from_backend: self.scan.backend_pps.get(&b.id).map_or(0.0, |p| p.1),
         }
+    }
+
+    /// Backend `id`'s packets dropped over its limit in `direction` (0 when unreadable: a view
+    /// does not fail for a counter).
+    pub fn rate_drops(&self, id: u32, direction: u32) -> u64 {
+        self.datapath.rate_drops(id, direction).unwrap_or(0)
     }
 }

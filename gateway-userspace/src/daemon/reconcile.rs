@@ -4,11 +4,25 @@
 
 use std::{collections::HashSet, net::SocketAddrV4};
 
-use gateway_common::maps::{AppConfig, MAX_APPS};
+use gateway_common::maps::{AppConfig, MAX_APPS, MAX_BACKENDS, RATE_FROM_BACKEND, RATE_TO_BACKEND};
 use tracing::{info, warn};
 
 use super::{Core, DaemonError, resets::Whose};
-use crate::{datapath::DatapathError, state::App};
+use crate::{
+    datapath::{Datapath, DatapathError},
+    state::{App, RateLimit},
+};
+
+/// Sets backend `id`'s rate limit, both directions (the same numbers), or removes it.
+fn set_rate_limit(
+    d: &mut Datapath,
+    id: u32,
+    limit: Option<RateLimit>,
+) -> Result<(), DatapathError> {
+    let limit = limit.map(RateLimit::datapath);
+    d.set_rate_limit(id, RATE_TO_BACKEND, limit)?;
+    d.set_rate_limit(id, RATE_FROM_BACKEND, limit)
+}
 
 /// `app`'s datapath settings ([`gateway_common::maps::APP_CONFIG`]): all of them, written
 /// together, so that a change of one keeps the others.
@@ -46,6 +60,14 @@ impl Core {
             if old.is_none_or(|o| app_config(o) != app_config(new)) {
                 d.set_app_config(new.id, app_config(new))?;
             }
+            // Each backend's rate limit before it takes packets: always for a backend new to
+            // the datapath (its id may hold a removed backend's), every one when it changed.
+            let limit_changed = old.is_none_or(|o| o.rate_limit != new.rate_limit);
+            for b in &new.backends {
+                if limit_changed || !known(b.id) {
+                    set_rate_limit(d, b.id, new.rate_limit)?;
+                }
+            }
             // Backends joining first, then the table in one update, then those leaving: a
             // SYN never meets a table whose backends all refuse it.
             for b in new.backends.iter().filter(|b| b.state.accepting()) {
@@ -73,6 +95,10 @@ impl Core {
             for b in old.backends.iter().filter(|b| !kept(b.id)) {
                 // Out of the table already; its established flows go on.
                 self.datapath.set_backend(b.id, b.addr, false)?;
+                // Its id may be given to another backend: no limit left behind.
+                if old.rate_limit.is_some() {
+                    set_rate_limit(&mut self.datapath, b.id, None)?;
+                }
             }
         }
         Ok(())
@@ -134,6 +160,28 @@ impl Core {
                     "cleared the settings of an app the state does not have"
                 );
             }
+        }
+        // The same for backends' rate limits (2 × MAX_BACKENDS lookups, at start only).
+        let backends: HashSet<u32> = apps
+            .iter()
+            .flat_map(|a| a.backends.iter().map(|b| b.id))
+            .collect();
+        let mut cleared = 0;
+        for id in 1..MAX_BACKENDS {
+            if backends.contains(&id) {
+                continue;
+            }
+            let set = |d: &Datapath, dir| d.rate_limit(id, dir).map(|l| l.interval_ns != 0);
+            if set(&self.datapath, RATE_TO_BACKEND)? || set(&self.datapath, RATE_FROM_BACKEND)? {
+                set_rate_limit(&mut self.datapath, id, None)?;
+                cleared += 1;
+            }
+        }
+        if cleared > 0 {
+            info!(
+                backends = cleared,
+                "cleared the rate limits of backends the state does not have"
+            );
         }
         Ok(())
     }

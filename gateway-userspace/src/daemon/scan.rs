@@ -35,6 +35,10 @@ pub(super) struct ScanState {
     traffic: HashMap<u32, TrafficStats>,
     traffic_at: Option<Instant>,
     pub rates: HashMap<u32, Rates>,
+    /// The same per backend, of the apps with a rate limit only (the others cost nothing
+    /// more): packets per second to the backend and from it, between the last two scans.
+    backend_traffic: HashMap<u32, TrafficStats>,
+    pub backend_pps: HashMap<u32, (f64, f64)>,
 }
 
 impl Core {
@@ -60,8 +64,14 @@ impl Core {
         self.datapath.set_half_open(0, all as i64)?;
         let now = Instant::now();
         let mut traffic = HashMap::new();
+        let mut backend_traffic = HashMap::new();
         for app in self.state.apps.values() {
             traffic.insert(app.id, self.datapath.app_stats(app.id)?);
+            if app.rate_limit.is_some() {
+                for b in &app.backends {
+                    backend_traffic.insert(b.id, self.datapath.backend_stats(b.id)?);
+                }
+            }
         }
         let s = &mut self.scan;
         if let Some(at) = s.traffic_at {
@@ -79,7 +89,22 @@ impl Core {
                     (*id, rates)
                 })
                 .collect();
+            s.backend_pps = backend_traffic
+                .iter()
+                .map(|(id, t)| {
+                    let p = s.backend_traffic.get(id).copied().unwrap_or_default();
+                    let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+                    (
+                        *id,
+                        (
+                            per(t.packets_in, p.packets_in),
+                            per(t.packets_out, p.packets_out),
+                        ),
+                    )
+                })
+                .collect();
         }
+        s.backend_traffic = backend_traffic;
         s.traffic = traffic;
         s.traffic_at = Some(now);
         Ok(())

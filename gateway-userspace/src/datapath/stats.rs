@@ -56,8 +56,19 @@ impl Datapath {
     }
 
     /// Zeroes backend `id`'s counters (an id handed to a new backend).
+    /// Zeroes backend `id`'s counters: its traffic, and its packets dropped over a rate limit
+    /// (both directions), so that a reused id does not start with a removed backend's.
     pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), DatapathError> {
-        reset_stats(&mut self.maps.backend_stats, id, maps::BACKEND_STATS)
+        reset_stats(&mut self.maps.backend_stats, id, maps::BACKEND_STATS)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        for direction in [maps::RATE_TO_BACKEND, maps::RATE_FROM_BACKEND] {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Cpus)?;
+            self.maps
+                .rate_drops
+                .set(maps::rate_slot(id, direction), zeros, 0)
+                .map_err(map_err(maps::RATE_DROPS))?;
+        }
+        Ok(())
     }
 }
 

@@ -65,6 +65,14 @@ pub enum StateError {
     MssClamp(u32),
     #[error("client address must be toa or none, not {0:?}")]
     ClientAddress(String),
+    #[error(
+        "rate limit must look like 1000pps or 1000pps,burst=200 (1 to 10000000 pps, a burst of 1 to 10 times the pps), not {0:?}"
+    )]
+    RateLimit(String),
+    #[error("no plan named {0:?} in the daemon's config file")]
+    UnknownPlan(String),
+    #[error("give a rate limit or a plan, not both")]
+    RateLimitAndPlan,
     #[error("a deploy of app {0:?} is in progress")]
     DeployInProgress(String),
     #[error("a deploy needs at least one backend")]
@@ -107,6 +115,9 @@ impl StateError {
             | Health
             | MssClamp(_)
             | ClientAddress(_)
+            | RateLimit(_)
+            | UnknownPlan(_)
+            | RateLimitAndPlan
             | EmptyDeploy
             | Quorum { .. } => ErrorKind::Invalid,
             DeployTimeout { .. } => ErrorKind::Timeout,

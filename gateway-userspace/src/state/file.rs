@@ -134,7 +134,7 @@ impl StateFile {
 mod tests {
     use super::*;
     use crate::state::{
-        ClientAddress,
+        ClientAddress, RateLimit,
         tests::{RANGE, addr},
     };
 
@@ -216,6 +216,56 @@ mod tests {
         );
         assert_eq!(web.health.rise, Some(3));
         assert_eq!(web.backends[0].addr, addr("198.51.100.2:80"));
+        drop(file);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An app's rate limit (and its plan) is saved and loaded back; none, no field; a file
+    /// without it loads (no limit).
+    #[test]
+    fn rate_limits_round_trip_and_files_without_them_load() {
+        let dir = std::env::temp_dir().join(format!("gateway-state-rl-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let file = StateFile::open(&dir).unwrap();
+        let mut s = State::default();
+        s.create_app("a", None, RANGE).unwrap();
+        s.create_app("b", None, RANGE).unwrap();
+        file.save(&s).unwrap();
+        let text = fs::read_to_string(file.path()).unwrap();
+        assert!(
+            !text.contains("rate_limit") && !text.contains("plan"),
+            "no limit, no field: {text}"
+        );
+        let small = RateLimit::new(1000, Some(100)).unwrap();
+        s.set_rate_limit("a", Some(small), Some("small".into()))
+            .unwrap();
+        s.set_rate_limit("b", Some(RateLimit::new(50, None).unwrap()), None)
+            .unwrap();
+        file.save(&s).unwrap();
+        let text = fs::read_to_string(file.path()).unwrap();
+        assert!(
+            text.contains(r#""pps": 1000"#) && text.contains(r#""plan": "small""#),
+            "{text}"
+        );
+        let loaded = file.load().unwrap();
+        assert_eq!(loaded, s);
+        assert_eq!(loaded.apps["a"].rate_limit, Some(small));
+        assert_eq!(loaded.apps["a"].plan.as_deref(), Some("small"));
+        assert_eq!(
+            loaded.apps["b"].rate_limit,
+            Some(RateLimit { pps: 50, burst: 5 })
+        );
+        assert_eq!(loaded.apps["b"].plan, None);
+        // Removed: no field again.
+        s.set_rate_limit("a", None, None).unwrap();
+        s.set_rate_limit("b", None, None).unwrap();
+        file.save(&s).unwrap();
+        let text = fs::read_to_string(file.path()).unwrap();
+        assert!(
+            !text.contains("rate_limit") && !text.contains("plan"),
+            "{text}"
+        );
+        assert_eq!(file.load().unwrap().apps["a"].rate_limit, None);
         drop(file);
         fs::remove_dir_all(&dir).unwrap();
     }

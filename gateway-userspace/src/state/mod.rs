@@ -193,6 +193,82 @@ impl TryFrom<String> for ClientAddress {
     }
 }
 
+/// The largest rate limit, packets per second.
+pub const RATE_PPS_MAX: u32 = 10_000_000;
+/// A burst is at most this many seconds of the rate.
+pub const RATE_BURST_FACTOR: u32 = 10;
+
+/// An app's packet rate limit, applied to each of its backends separately and to each
+/// direction separately (to the backend, from the backend), the same numbers for both:
+/// `pps` packets per second, `burst` packets at once above the rate. `--rate-limit
+/// 1000pps[,burst=200]` (also `1000`); `rate_limit: {"pps": 1000, "burst": 200}` in the API
+/// and the state file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub pps: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// A limit of `pps`, with `burst` or the default one (100 ms of the rate, at least 1),
+    /// checked by [`RateLimit::check`].
+    pub fn new(pps: u32, burst: Option<u32>) -> Result<Self, StateError> {
+        let burst = burst.unwrap_or((pps / 10).max(1));
+        RateLimit { pps, burst }.check()
+    }
+
+    /// Checks the ranges: pps 1 to [`RATE_PPS_MAX`], burst 1 to [`RATE_BURST_FACTOR`] times
+    /// pps.
+    pub fn check(self) -> Result<Self, StateError> {
+        let burst_max = u64::from(self.pps) * u64::from(RATE_BURST_FACTOR);
+        if (1..=RATE_PPS_MAX).contains(&self.pps)
+            && self.burst >= 1
+            && u64::from(self.burst) <= burst_max
+        {
+            Ok(self)
+        } else {
+            Err(StateError::RateLimit(self.to_string()))
+        }
+    }
+
+    /// The datapath's numbers ([`crate::datapath::Datapath::set_rate_limit`]).
+    pub const fn datapath(self) -> (u32, u32) {
+        (self.pps, self.burst)
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}pps,burst={}", self.pps, self.burst)
+    }
+}
+
+impl FromStr for RateLimit {
+    type Err = StateError;
+
+    /// `1000pps`, `1000pps,burst=200` or `1000`.
+    fn from_str(s: &str) -> Result<Self, StateError> {
+        let bad = || StateError::RateLimit(s.to_owned());
+        let number = |t: &str| -> Result<u32, StateError> {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            t.parse().map_err(|_| bad())
+        };
+        let (rate, burst) = match s.split_once(',') {
+            Some((rate, burst)) => {
+                let burst = burst.trim().strip_prefix("burst=").ok_or_else(bad)?;
+                (rate, Some(number(burst.trim())?))
+            }
+            None => (s, None),
+        };
+        let rate = rate.trim();
+        let pps = number(rate.strip_suffix("pps").unwrap_or(rate))?;
+        RateLimit::new(pps, burst).map_err(|_| bad())
+    }
+}
+
 /// Where a backend is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -332,6 +408,14 @@ pub struct App {
     /// from the files of releases before it, and left out when `none`, as `mss_clamp`.
     #[serde(default, skip_serializing_if = "is_default")]
     pub client_address: ClientAddress,
+    /// Its packet rate limit, for each of its backends and each direction. `None`: no limit.
+    /// Absent from the files of releases before it, and left out when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// The plan of the daemon's config file `rate_limit` came from (for display: the
+    /// numbers are what applies, whatever the config file says now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -456,6 +540,8 @@ impl State {
             health,
             mss_clamp: None,
             client_address: ClientAddress::None,
+            rate_limit: None,
+            plan: None,
         };
         Ok(self.apps.entry(name.to_owned()).or_insert(app))
     }
@@ -486,6 +572,22 @@ impl State {
     ) -> Result<&App, StateError> {
         let app = self.app_mut(name)?;
         app.client_address = client_address;
+        Ok(app)
+    }
+
+    /// Sets app `name`'s rate limit (checked by [`RateLimit::check`]), or removes it (`None`),
+    /// with the name of the plan it came from, if any. Its other settings are left as they are.
+    pub fn set_rate_limit(
+        &mut self,
+        name: &str,
+        limit: Option<RateLimit>,
+        plan: Option<String>,
+    ) -> Result<&App, StateError> {
+        self.app(name)?;
+        let limit = limit.map(RateLimit::check).transpose()?;
+        let app = self.app_mut(name)?;
+        app.plan = limit.and(plan);
+        app.rate_limit = limit;
         Ok(app)
     }
 
@@ -791,6 +893,103 @@ pub(crate) mod tests {
         );
         let next = s.add_backend("a", addr("198.51.100.4:80"), 1).unwrap().id;
         assert!(next != first && (1..MAX_BACKENDS).contains(&next), "{next}");
+    }
+
+    #[test]
+    fn rate_limits_parse_are_checked_set_and_removed() {
+        let rl = |pps, burst| RateLimit { pps, burst };
+        for (text, want) in [
+            ("1000pps", rl(1000, 100)),
+            ("1000pps,burst=200", rl(1000, 200)),
+            ("1000", rl(1000, 100)),
+            ("1000, burst=1", rl(1000, 1)),
+            ("1pps", rl(1, 1)),
+            ("9pps", rl(9, 1)),
+            ("10000000pps", rl(10_000_000, 1_000_000)),
+            ("10pps,burst=100", rl(10, 100)),
+        ] {
+            assert_eq!(text.parse::<RateLimit>(), Ok(want), "{text}");
+        }
+        for bad in [
+            "",
+            "pps",
+            "0pps",
+            "0",
+            "-5pps",
+            "10000001pps",
+            "1000pps,burst=0",
+            "10pps,burst=101",
+            "1000pps,burst=",
+            "1000pps,200",
+            "1000 pps",
+            "1000bps",
+            "1kpps",
+            "99999999999999pps",
+            "1000pps,burst=200,x",
+        ] {
+            assert_eq!(
+                bad.parse::<RateLimit>(),
+                Err(StateError::RateLimit(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            StateError::RateLimit("fast".into()).to_string(),
+            "rate limit must look like 1000pps or 1000pps,burst=200 (1 to 10000000 pps, a burst of 1 to 10 times the pps), not \"fast\""
+        );
+        assert_eq!(StateError::RateLimit("x".into()).kind(), ErrorKind::Invalid);
+        assert_eq!(
+            StateError::UnknownPlan("x".into()).kind(),
+            ErrorKind::Invalid
+        );
+        assert_eq!(rl(1000, 200).to_string(), "1000pps,burst=200");
+        assert_eq!(rl(1000, 200).datapath(), (1000, 200));
+        // The API's numbers are checked the same.
+        let json: RateLimit =
+            serde_json::from_value(serde_json::json!({"pps": 5, "burst": 2})).unwrap();
+        assert_eq!(json, rl(5, 2));
+        assert!(serde_json::from_value::<RateLimit>(serde_json::json!({"pps": 5})).is_err());
+        assert!(
+            serde_json::from_value::<RateLimit>(serde_json::json!({"pps": 5, "burst": 1, "x": 1}))
+                .is_err()
+        );
+
+        let mut s = State::default();
+        let a = s.create_app("a", None, RANGE).unwrap();
+        assert_eq!((a.rate_limit, a.plan.clone()), (None, None));
+        s.set_mss_clamp("a", Some(1360)).unwrap();
+        let a = s
+            .set_rate_limit("a", Some(rl(1000, 100)), Some("small".into()))
+            .unwrap();
+        assert_eq!(
+            (a.rate_limit, a.plan.as_deref(), a.mss_clamp),
+            (Some(rl(1000, 100)), Some("small"), Some(1360))
+        );
+        let before = s.clone();
+        for (limit, err) in [
+            (rl(0, 1), StateError::RateLimit("0pps,burst=1".into())),
+            (rl(10, 0), StateError::RateLimit("10pps,burst=0".into())),
+            (rl(10, 101), StateError::RateLimit("10pps,burst=101".into())),
+            (
+                rl(10_000_001, 1),
+                StateError::RateLimit("10000001pps,burst=1".into()),
+            ),
+        ] {
+            assert_eq!(s.set_rate_limit("a", Some(limit), None).unwrap_err(), err);
+            assert_eq!(s, before, "{limit:?}");
+        }
+        assert_eq!(
+            s.set_rate_limit("x", Some(rl(1, 1)), None).unwrap_err(),
+            StateError::UnknownApp("x".into())
+        );
+        // Numbers without a plan forget the plan; none forgets both.
+        let a = s.set_rate_limit("a", Some(rl(5, 5)), None).unwrap();
+        assert_eq!((a.rate_limit, a.plan.clone()), (Some(rl(5, 5)), None));
+        let a = s.set_rate_limit("a", None, Some("small".into())).unwrap();
+        assert_eq!(
+            (a.rate_limit, a.plan.clone(), a.mss_clamp),
+            (None, None, Some(1360))
+        );
     }
 
     #[test]
