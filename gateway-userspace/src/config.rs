@@ -571,7 +571,7 @@ mod tests {
                     "large".to_owned(),
                     RateLimit {
                         pps: 50000,
-                        burst: 5000
+                        burst: 15000
                     }
                 ),
                 (

@@ -1051,13 +1051,13 @@ fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleare
     assert_eq!(series("gateway_backend_ratelimit_pps", &web_first), 1000.0);
     assert_eq!(series("gateway_backend_ratelimit_burst", &web_first), 200.0);
 
-    // Changed live: numbers (the burst's default a tenth), a plan, none.
+    // Changed live: numbers (the burst's default 300 ms of the rate), a plan, none.
     assert_eq!(
         daemon.ok(&["app", "set", "db", "--rate-limit", "5000"]),
-        "app db: no MSS clamp, client address none, rate limit 5000 pps (burst 500)\n"
+        "app db: no MSS clamp, client address none, rate limit 5000 pps (burst 1500)\n"
     );
     let mut programmed = limited(&web, 1000, 200);
-    programmed.extend(limited(&db, 5000, 500));
+    programmed.extend(limited(&db, 5000, 1500));
     assert_eq!(rate_limits(&daemon), programmed);
     assert_eq!(
         daemon.ok(&["app", "set", "web", "--plan", "small"]),
@@ -1075,7 +1075,7 @@ fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleare
         daemon.app("api").rate_limit,
         Some(gateway::state::RateLimit {
             pps: 50000,
-            burst: 5000
+            burst: 15000
         })
     );
 

@@ -81,12 +81,7 @@ fn limits(mode: AttachMode) {
             Some("1000pps,burst=100"),
         ),
         ("free", FREE, format!("{}:{ECHO}", b1.ip), None),
-        (
-            "bulky",
-            BULKY,
-            format!("{}:{BULK}", b0.ip),
-            Some("1000pps,burst=100"),
-        ),
+        ("bulky", BULKY, format!("{}:{BULK}", b0.ip), Some("1000pps")),
     ] {
         let port = port.to_string();
         let mut args = vec!["app", "create", app, "--port", &port];

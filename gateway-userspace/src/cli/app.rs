@@ -201,7 +201,7 @@ mod tests {
         );
         assert_eq!(
             create(&["app", "create", "web", "--rate-limit", "1000"]).unwrap(),
-            (rl(1000, 100), None)
+            (rl(1000, 300), None)
         );
         assert_eq!(
             create(&["app", "create", "web", "--plan", "small"]).unwrap(),

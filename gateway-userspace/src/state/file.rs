@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(loaded.apps["a"].plan.as_deref(), Some("small"));
         assert_eq!(
             loaded.apps["b"].rate_limit,
-            Some(RateLimit { pps: 50, burst: 5 })
+            Some(RateLimit { pps: 50, burst: 15 })
         );
         assert_eq!(loaded.apps["b"].plan, None);
         // Removed: no field again.

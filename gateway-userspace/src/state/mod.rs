@@ -211,10 +211,12 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// A limit of `pps`, with `burst` or the default one (100 ms of the rate, at least 1),
+    /// A limit of `pps`, with `burst` or the default one (300 ms of the rate, at least 1: with
+    /// 100 ms, a bulk TCP transfer through a 1,000 pps limit got 0.70–0.81 MB/s of its 1.45, with
+    /// 300 ms above 1.05; policing makes TCP lose more than shaping, and a burst absorbs it),
     /// checked by [`RateLimit::check`].
     pub fn new(pps: u32, burst: Option<u32>) -> Result<Self, StateError> {
-        let burst = burst.unwrap_or((pps / 10).max(1));
+        let burst = burst.unwrap_or((pps.saturating_mul(3) / 10).max(1));
         RateLimit { pps, burst }.check()
     }
 
@@ -899,13 +901,14 @@ pub(crate) mod tests {
     fn rate_limits_parse_are_checked_set_and_removed() {
         let rl = |pps, burst| RateLimit { pps, burst };
         for (text, want) in [
-            ("1000pps", rl(1000, 100)),
+            ("1000pps", rl(1000, 300)),
             ("1000pps,burst=200", rl(1000, 200)),
-            ("1000", rl(1000, 100)),
+            ("1000", rl(1000, 300)),
             ("1000, burst=1", rl(1000, 1)),
             ("1pps", rl(1, 1)),
-            ("9pps", rl(9, 1)),
-            ("10000000pps", rl(10_000_000, 1_000_000)),
+            ("3pps", rl(3, 1)),
+            ("9pps", rl(9, 2)),
+            ("10000000pps", rl(10_000_000, 3_000_000)),
             ("10pps,burst=100", rl(10, 100)),
         ] {
             assert_eq!(text.parse::<RateLimit>(), Ok(want), "{text}");
