@@ -1047,7 +1047,7 @@ fn an_apps_mss_clamp_holds_for_the_proxys_syn_to_the_backend() -> Scenario {
 /// An app whose backends are told the client's address (issue 17), at its cap: the cookie's
 /// SYN-ACK announces the cookie's MSS less the option's 8 bytes, and the ACK that answers the
 /// backend's SYN-ACK (the segment that makes the backend's end) carries the client's address;
-/// the client's segments carry it too until the backend's first segment without SYN.
+/// the client's segments carry it too until a segment of the backend's shows its end made.
 fn the_proxys_ack_tells_the_backend_the_client_address() -> Scenario {
     let (first, c) = (Conn::new(48_400), Conn::new(48_401));
     let cookie = Arc::new(Mutex::new(0u32));

@@ -185,7 +185,7 @@ fn the_segments_that_may_make_the_backends_end_carry_the_client_address() -> Sce
         ))
         .row(
             Row::redirected(
-                "the backend's first segment without SYN",
+                "the backend acknowledges the request: its end is made",
                 a.reply(flags::ACK),
                 a.to_client(),
             )
