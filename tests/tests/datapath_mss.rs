@@ -6,9 +6,8 @@
 
 use gateway_common::{GlobalStat, maps::AppConfig};
 use gateway_tests::{
-    datapath::APP,
     packet::{Frame, flags, mss_of, mss_option, wscale_option},
-    scenario::{Conn, Ctx, Input, Row, Scenario},
+    scenario::{Conn, Ctx, Input, Row, Scenario, app_config},
     scenario_tests,
 };
 
@@ -32,18 +31,10 @@ const CLAMP: u16 = 1360;
 
 /// App 1 with the MSS clamp `mss` (0: none).
 fn clamp(mss: u16) -> impl FnOnce(&mut Ctx) + Send + 'static {
-    move |cx| {
-        cx.fx
-            .dp
-            .set_app_config(
-                APP,
-                AppConfig {
-                    mss_clamp: mss,
-                    ..AppConfig::default()
-                },
-            )
-            .expect("app config")
-    }
+    app_config(AppConfig {
+        mss_clamp: mss,
+        ..AppConfig::default()
+    })
 }
 
 /// `c`'s SYN with `options`.

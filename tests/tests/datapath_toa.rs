@@ -16,11 +16,10 @@ use gateway_common::{
     net::{ip_to_net, port_to_net, toa},
 };
 use gateway_tests::{
-    datapath::APP,
     packet::{
         ETH_LEN, Frame, flags, mss_of, mss_option, parse_checked, tcp_options, wscale_option,
     },
-    scenario::{Conn, Ctx, Input, Out, Row, Scenario},
+    scenario::{Conn, Ctx, Input, Out, Row, Scenario, app_config},
     scenario_tests,
 };
 
@@ -36,18 +35,10 @@ scenario_tests! {
 
 /// App 1 with `--client-address toa` (`on`) or without.
 fn client_address(on: bool) -> impl FnOnce(&mut Ctx) + Send + 'static {
-    move |cx| {
-        cx.fx
-            .dp
-            .set_app_config(
-                APP,
-                AppConfig {
-                    flags: if on { APP_CLIENT_ADDRESS_TOA } else { 0 },
-                    ..AppConfig::default()
-                },
-            )
-            .expect("app config")
-    }
+    app_config(AppConfig {
+        flags: if on { APP_CLIENT_ADDRESS_TOA } else { 0 },
+        ..AppConfig::default()
+    })
 }
 
 /// The TOA option telling `c`'s client address.
