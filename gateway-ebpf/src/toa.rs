@@ -112,10 +112,10 @@ pub trait Packet {
 
     /// The packet's bounds now.
     fn bounds(&self) -> Bounds;
-    /// Copies the packet's first `len` bytes (1..=`Headers` length) into `h`.
-    fn load(&self, h: &mut Headers, len: usize) -> bool;
-    /// Writes the first `len` bytes (1..=`Headers` length) of `h` over the packet's.
-    fn store(&self, h: &Headers, len: usize) -> bool;
+    /// Copies the packet's first `len` bytes into `h` (`len` from [`copy_len`]).
+    fn load(&self, h: &mut Headers, len: u32) -> bool;
+    /// Writes the first `len` bytes of `h` over the packet's (`len` from [`copy_len`]).
+    fn store(&self, h: &Headers, len: u32) -> bool;
     /// Whether the packet can grow by 8 bytes toward `ifindex`: it then fits the device's MTU
     /// (and for TC, it is not GSO).
     fn can_grow(&self, ifindex: u32) -> bool;
@@ -185,7 +185,7 @@ pub fn apply<P: Packet>(p: &P) -> Result<(), DropReason> {
         fill: 1,
         option: toa::option(reverse.nat_dst_ip, reverse.nat_dst_port),
     };
-    if !p.load(&mut walk.headers, hdr_end) {
+    if !p.load(&mut walk.headers, copy_len(hdr_end)?) {
         return Err(DropReason::Truncated);
     }
     if tcp_len > TCP_MIN_LEN {
@@ -264,7 +264,7 @@ pub fn apply<P: Packet>(p: &P) -> Result<(), DropReason> {
     } else {
         hdr_end
     };
-    if !p.store(h, len) {
+    if !p.store(h, copy_len(len)?) {
         return Err(DropReason::Truncated);
     }
     if !P::CHECKSUM_IN_HEADERS && !p.tcp_checksum(check, header, pseudo) {
@@ -277,6 +277,20 @@ pub fn apply<P: Packet>(p: &P) -> Result<(), DropReason> {
         stats::global(GlobalStat::ToaAdded);
     }
     Ok(())
+}
+
+/// `len` as the length of a copy to or from [`Headers`] (1..=its length), or `Truncated`.
+/// Verifier workaround: the helpers need a length the verifier knows is within the buffer; a
+/// volatile read keeps LLVM from dropping the check as implied by the parse's (see
+/// `parse::options_at`).
+#[inline(always)]
+fn copy_len(len: usize) -> Result<u32, DropReason> {
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&len) };
+    if len == 0 || len > core::mem::size_of::<Headers>() {
+        return Err(DropReason::Truncated);
+    }
+    Ok(len as u32)
 }
 
 /// TCP option kinds (RFC 9293 §3.1).

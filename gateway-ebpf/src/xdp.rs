@@ -272,26 +272,15 @@ impl toa::Packet for Xdp<'_> {
     }
 
     #[inline(always)]
-    fn load(&self, h: &mut Headers, len: usize) -> bool {
-        // Verifier workaround: a length it knows is 1..=the copy's (see `parse::options_at`).
-        // SAFETY: reading a local.
-        let len = unsafe { core::ptr::read_volatile(&len) };
-        if len == 0 || len > h.len() {
-            return false;
-        }
+    fn load(&self, h: &mut Headers, len: u32) -> bool {
         // SAFETY: a helper writing `len` bytes into `h`, which holds them.
-        unsafe { bpf_xdp_load_bytes(self.0.ctx, 0, h.as_mut_ptr().cast(), len as u32) == 0 }
+        unsafe { bpf_xdp_load_bytes(self.0.ctx, 0, h.as_mut_ptr().cast(), len) == 0 }
     }
 
     #[inline(always)]
-    fn store(&self, h: &Headers, len: usize) -> bool {
-        // SAFETY: reading a local.
-        let len = unsafe { core::ptr::read_volatile(&len) };
-        if len == 0 || len > h.len() {
-            return false;
-        }
+    fn store(&self, h: &Headers, len: u32) -> bool {
         // SAFETY: a helper reading `len` bytes of `h`.
-        unsafe { bpf_xdp_store_bytes(self.0.ctx, 0, h.as_ptr() as *mut c_void, len as u32) == 0 }
+        unsafe { bpf_xdp_store_bytes(self.0.ctx, 0, h.as_ptr() as *mut c_void, len) == 0 }
     }
 
     #[inline(always)]

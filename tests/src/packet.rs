@@ -154,6 +154,31 @@ pub fn wscale_option(shift: u8) -> Vec<u8> {
     ]
 }
 
+/// The TCP options of a frame's segment (IPv4 options allowed).
+pub fn tcp_options(frame: &[u8]) -> Vec<u8> {
+    let ip = &frame[ETH_LEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let tcp = &ip[ihl..];
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    tcp[TCP_LEN..doff].to_vec()
+}
+
+/// The value of the first MSS option in a frame's TCP options, options read up to an End of
+/// Option List; `None` without one.
+pub fn mss_of(frame: &[u8]) -> Option<u16> {
+    let options = tcp_options(frame);
+    let mut at = 0;
+    while at < options.len() {
+        match options[at] {
+            0 => return None,
+            1 => at += 1,
+            2 => return Some(u16::from_be_bytes([options[at + 2], options[at + 3]])),
+            _ => at += usize::from(options[at + 1].max(2)),
+        }
+    }
+    None
+}
+
 /// The MSS option announcing `mss` (kind 2, length 4; RFC 9293 §3.7.1).
 pub fn mss_option(mss: u16) -> Vec<u8> {
     let [hi, lo] = mss.to_be_bytes();

@@ -37,7 +37,7 @@ pub use gateway::datapath::AttachMode;
 use gateway::maglev;
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{Flow, FlowKey4},
+    maps::{AppConfig, Flow, FlowKey4},
 };
 
 use crate::{
@@ -421,5 +421,15 @@ impl Ctx {
     /// The backend userspace's Maglev table gives `conn`'s tuple (of app 1).
     pub fn maglev(&self, conn: Conn) -> maglev::Entry {
         self.fx.expected_backend(conn.client, conn.service)
+    }
+}
+
+/// A step that sets app 1's datapath settings (`gw_app_cfg_v1`) to `config`.
+pub fn app_config(config: AppConfig) -> impl FnOnce(&mut Ctx) + Send + 'static {
+    move |cx| {
+        cx.fx
+            .dp
+            .set_app_config(crate::datapath::APP, config)
+            .expect("app config")
     }
 }

@@ -185,7 +185,9 @@ impl BackendHost {
     }
 }
 
-fn the_app_sees_the_client(mode: AttachMode) {
+/// The topology (one backend) in `mode`, the backend host with its agent and servers, and the
+/// daemon with `apps`: (name, public port, backend port, `--client-address`), each active.
+fn gateway(mode: AttachMode, apps: &[(&str, u16, u16, &str)]) -> (Topology, BackendHost, Daemon) {
     require_root();
     let topo = Topology::new(1);
     if mode == AttachMode::Xdp {
@@ -194,26 +196,36 @@ fn the_app_sees_the_client(mode: AttachMode) {
     let host = BackendHost::new(&topo);
     let daemon = Daemon::start(&topo, Some(mode), &[]);
     let backend = topo.backends[0].ip;
-    for (app, port, server, setting) in [
-        ("py", APP_PY, PY, "toa"),
-        ("py6", APP_PY6, PY6, "toa"),
-        ("plain", APP_PLAIN, PY, "none"),
-        ("redis", APP_REDIS, REDIS, "toa"),
-    ] {
+    for (app, port, server, setting) in apps {
+        let port = port.to_string();
         daemon.ok(&[
             "app",
             "create",
             app,
             "--port",
-            &port.to_string(),
+            &port,
             "--client-address",
             setting,
         ]);
         daemon.ok(&["backend", "add", app, &format!("{backend}:{server}")]);
     }
-    for app in ["py", "py6", "plain", "redis"] {
+    for (app, ..) in apps {
         daemon.wait_active(app, 1);
     }
+    (topo, host, daemon)
+}
+
+fn the_app_sees_the_client(mode: AttachMode) {
+    let (topo, host, daemon) = gateway(
+        mode,
+        &[
+            ("py", APP_PY, PY, "toa"),
+            ("py6", APP_PY6, PY6, "toa"),
+            ("plain", APP_PLAIN, PY, "none"),
+            ("redis", APP_REDIS, REDIS, "toa"),
+        ],
+    );
+    let backend = topo.backends[0].ip;
     let snat = format!("{}:", Topology::SNAT_IP);
 
     // The client, as it is, in accept(), getpeername() and redis.
@@ -315,25 +327,7 @@ fn the_app_sees_the_client_through_tc() {
 /// sends its own TOA option on the ACK that makes the backend's end: the app must still see the
 /// client, not what it claims.
 fn a_backend_in_syn_recv_provoked_into_an_ack_still_hears_the_truth(mode: AttachMode) {
-    require_root();
-    let topo = Topology::new(1);
-    if mode == AttachMode::Xdp {
-        topo.xdp_offloads();
-    }
-    let host = BackendHost::new(&topo);
-    let daemon = Daemon::start(&topo, Some(mode), &[]);
-    let backend = topo.backends[0].ip;
-    daemon.ok(&[
-        "app",
-        "create",
-        "py",
-        "--port",
-        &APP_PY.to_string(),
-        "--client-address",
-        "toa",
-    ]);
-    daemon.ok(&["backend", "add", "py", &format!("{backend}:{PY}")]);
-    daemon.wait_active("py", 1);
+    let (topo, host, _daemon) = gateway(mode, &[("py", APP_PY, PY, "toa")]);
 
     let public = SocketAddrV4::new(Topology::PUBLIC_IP, APP_PY);
     let mut liar = RawTcpClient::handshake(&topo.client, client(41_101), public)

@@ -6,9 +6,8 @@
 
 use gateway_common::{GlobalStat, maps::AppConfig};
 use gateway_tests::{
-    datapath::APP,
-    packet::{ETH_LEN, Frame, flags, mss_option, wscale_option},
-    scenario::{Conn, Ctx, Input, Row, Scenario},
+    packet::{Frame, flags, mss_of, mss_option, wscale_option},
+    scenario::{Conn, Ctx, Input, Row, Scenario, app_config},
     scenario_tests,
 };
 
@@ -32,35 +31,10 @@ const CLAMP: u16 = 1360;
 
 /// App 1 with the MSS clamp `mss` (0: none).
 fn clamp(mss: u16) -> impl FnOnce(&mut Ctx) + Send + 'static {
-    move |cx| {
-        cx.fx
-            .dp
-            .set_app_config(
-                APP,
-                AppConfig {
-                    mss_clamp: mss,
-                    ..AppConfig::default()
-                },
-            )
-            .expect("app config")
-    }
-}
-
-/// The MSS option's value in a frame's TCP options (IPv4 without options), if it has one.
-fn mss_of(frame: &[u8]) -> Option<u16> {
-    let tcp = &frame[ETH_LEN + 20..];
-    let doff = usize::from(tcp[12] >> 4) * 4;
-    let options = &tcp[20..doff];
-    let mut at = 0;
-    while at < options.len() {
-        match options[at] {
-            0 => return None,
-            1 => at += 1,
-            2 => return Some(u16::from_be_bytes([options[at + 2], options[at + 3]])),
-            _ => at += usize::from(options[at + 1].max(2)),
-        }
-    }
-    None
+    app_config(AppConfig {
+        mss_clamp: mss,
+        ..AppConfig::default()
+    })
 }
 
 /// `c`'s SYN with `options`.

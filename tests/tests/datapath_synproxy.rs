@@ -26,8 +26,8 @@ use gateway_tests::{
     netns::Topology,
     packet::{Frame, flags, mss_option, parse_checked},
     scenario::{
-        AttachMode, BACKEND_ISN, CLIENT_ISN, Conn, Ctx, Input, Out, Row, Scenario, from_backend,
-        from_client,
+        AttachMode, BACKEND_ISN, CLIENT_ISN, Conn, Ctx, Input, Out, Row, Scenario, app_config,
+        from_backend, from_client,
     },
     scenario_tests,
 };
@@ -1007,13 +1007,13 @@ fn an_apps_mss_clamp_holds_for_the_proxys_syn_to_the_backend() -> Scenario {
     Scenario::new()
         .backends(1)
         .set("at most 1 half-open flow per app", cap(1))
-        .set("app 1 clamps the MSS to 1360", |cx| {
-            let config = AppConfig {
+        .set(
+            "app 1 clamps the MSS to 1360",
+            app_config(AppConfig {
                 mss_clamp: CLAMP,
                 ..AppConfig::default()
-            };
-            cx.fx.dp.set_app_config(APP, config).expect("app config")
-        })
+            }),
+        )
         .row(Row::redirected("a first SYN", first.syn(), first.to_maglev_backend()).entries(2))
         .row(
             Row::sent_back("a SYN offering 1460 gets a cookie", syn_1460, Out::Any)
@@ -1047,7 +1047,7 @@ fn an_apps_mss_clamp_holds_for_the_proxys_syn_to_the_backend() -> Scenario {
 /// An app whose backends are told the client's address (issue 17), at its cap: the cookie's
 /// SYN-ACK announces the cookie's MSS less the option's 8 bytes, and the ACK that answers the
 /// backend's SYN-ACK (the segment that makes the backend's end) carries the client's address;
-/// the client's segments carry it too until the backend's first segment without SYN.
+/// the client's segments carry it too until a segment of the backend's shows its end made.
 fn the_proxys_ack_tells_the_backend_the_client_address() -> Scenario {
     let (first, c) = (Conn::new(48_400), Conn::new(48_401));
     let cookie = Arc::new(Mutex::new(0u32));
@@ -1057,18 +1057,13 @@ fn the_proxys_ack_tells_the_backend_the_client_address() -> Scenario {
     let again = client.clone();
     Scenario::new()
         .backends(1)
-        .set("app 1 tells its backends the client's address", |cx| {
-            cx.fx
-                .dp
-                .set_app_config(
-                    APP,
-                    AppConfig {
-                        flags: APP_CLIENT_ADDRESS_TOA,
-                        ..AppConfig::default()
-                    },
-                )
-                .expect("app config")
-        })
+        .set(
+            "app 1 tells its backends the client's address",
+            app_config(AppConfig {
+                flags: APP_CLIENT_ADDRESS_TOA,
+                ..AppConfig::default()
+            }),
+        )
         .set("at most 1 half-open flow per app", cap(1))
         .row(Row::redirected("a first SYN", first.syn(), first.to_maglev_backend()).entries(2))
         .row(Row::sent_back("a cookie", syn_with_mss(c), Out::Any).check(

@@ -16,9 +16,10 @@ use gateway_common::{
     net::{ip_to_net, port_to_net, toa},
 };
 use gateway_tests::{
-    datapath::APP,
-    packet::{ETH_LEN, Frame, flags, mss_option, parse_checked, wscale_option},
-    scenario::{Conn, Ctx, Input, Out, Row, Scenario},
+    packet::{
+        ETH_LEN, Frame, flags, mss_of, mss_option, parse_checked, tcp_options, wscale_option,
+    },
+    scenario::{Conn, Ctx, Input, Out, Row, Scenario, app_config},
     scenario_tests,
 };
 
@@ -34,18 +35,10 @@ scenario_tests! {
 
 /// App 1 with `--client-address toa` (`on`) or without.
 fn client_address(on: bool) -> impl FnOnce(&mut Ctx) + Send + 'static {
-    move |cx| {
-        cx.fx
-            .dp
-            .set_app_config(
-                APP,
-                AppConfig {
-                    flags: if on { APP_CLIENT_ADDRESS_TOA } else { 0 },
-                    ..AppConfig::default()
-                },
-            )
-            .expect("app config")
-    }
+    app_config(AppConfig {
+        flags: if on { APP_CLIENT_ADDRESS_TOA } else { 0 },
+        ..AppConfig::default()
+    })
 }
 
 /// The TOA option telling `c`'s client address.
@@ -68,34 +61,10 @@ fn nops(n: usize) -> Vec<u8> {
     vec![1; n]
 }
 
-/// The TCP options of a frame (IPv4 options allowed).
-fn options_of(frame: &[u8]) -> Vec<u8> {
-    let ip = &frame[ETH_LEN..];
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let tcp = &ip[ihl..];
-    let doff = usize::from(tcp[12] >> 4) * 4;
-    tcp[20..doff].to_vec()
-}
-
-/// The MSS option's value in a frame's TCP options, if any.
-fn mss_of(frame: &[u8]) -> Option<u16> {
-    let options = options_of(frame);
-    let mut at = 0;
-    while at < options.len() {
-        match options[at] {
-            0 => return None,
-            1 => at += 1,
-            2 => return Some(u16::from_be_bytes([options[at + 2], options[at + 3]])),
-            _ => at += usize::from(options[at + 1].max(2)),
-        }
-    }
-    None
-}
-
 /// The row's output has exactly these TCP options.
 fn leaves_with(row: Row, options: Vec<u8>) -> Row {
     row.check("the options out", move |cx| {
-        assert_eq!(options_of(&cx.output), options, "TCP options out")
+        assert_eq!(tcp_options(&cx.output), options, "TCP options out")
     })
 }
 
@@ -138,6 +107,22 @@ fn opened(c: Conn, syn_ack_mss: u16) -> Vec<Row> {
     ]
 }
 
+/// App 1 with `--client-address toa`.
+fn with_address() -> Scenario {
+    Scenario::new().set(
+        "app 1 tells its backends the client's address",
+        client_address(true),
+    )
+}
+
+/// `c`'s handshake's ACK (row `name`), to its backend with the client's address.
+fn acked(c: Conn, name: &str) -> Row {
+    leaves_with(
+        Row::redirected(name, c.send(flags::ACK), c.to_its_backend()),
+        toa_of(c),
+    )
+}
+
 /// Both entries of `c`'s flow have these `toa` bits.
 fn toa_bits(c: Conn, bits: u8) -> impl FnOnce(&Ctx) + Send + 'static {
     move |cx| {
@@ -152,23 +137,14 @@ fn toa_bits(c: Conn, bits: u8) -> impl FnOnce(&Ctx) + Send + 'static {
 
 fn the_segments_that_may_make_the_backends_end_carry_the_client_address() -> Scenario {
     let a = Conn::new(46_001);
-    Scenario::new()
-        .set(
-            "app 1 tells its backends the client's address",
-            client_address(true),
-        )
+    with_address()
         .rows(opened(a, 1452))
         .check("pending, adding", toa_bits(a, TOA_PENDING | TOA_ADD))
-        .row(leaves_with(
-            Row::redirected(
-                "the handshake's ACK",
-                a.send(flags::ACK),
-                a.to_its_backend(),
-            )
-            .counter(GlobalStat::ToaAdded, 1..=1)
-            .counter(GlobalStat::ToaStripped, 0..=0),
-            toa_of(a),
-        ))
+        .row(
+            acked(a, "the handshake's ACK")
+                .counter(GlobalStat::ToaAdded, 1..=1)
+                .counter(GlobalStat::ToaStripped, 0..=0),
+        )
         .row(leaves_with(
             Row::redirected(
                 "a request with timestamps, before the backend said anything",
@@ -185,7 +161,7 @@ fn the_segments_that_may_make_the_backends_end_carry_the_client_address() -> Sce
         ))
         .row(
             Row::redirected(
-                "the backend's first segment without SYN",
+                "the backend acknowledges the request: its end is made",
                 a.reply(flags::ACK),
                 a.to_client(),
             )
@@ -204,20 +180,9 @@ fn the_segments_that_may_make_the_backends_end_carry_the_client_address() -> Sce
 
 fn a_lost_handshake_ack_is_made_up_for_by_the_next_segment() -> Scenario {
     let a = Conn::new(46_011);
-    Scenario::new()
-        .set(
-            "app 1 tells its backends the client's address",
-            client_address(true),
-        )
+    with_address()
         .rows(opened(a, 1452))
-        .row(leaves_with(
-            Row::redirected(
-                "the handshake's ACK (lost after the gateway)",
-                a.send(flags::ACK),
-                a.to_its_backend(),
-            ),
-            toa_of(a),
-        ))
+        .row(acked(a, "the handshake's ACK (lost after the gateway)"))
         .row(
             Row::redirected(
                 "the backend, in SYN-RECV, sends its SYN-ACK again",
@@ -226,15 +191,7 @@ fn a_lost_handshake_ack_is_made_up_for_by_the_next_segment() -> Scenario {
             )
             .check("still pending", toa_bits(a, TOA_PENDING | TOA_ADD)),
         )
-        .row(leaves_with(
-            Row::redirected(
-                "the client's ACK of it",
-                a.send(flags::ACK),
-                a.to_its_backend(),
-            )
-            .counter(GlobalStat::ToaAdded, 1..=1),
-            toa_of(a),
-        ))
+        .row(acked(a, "the client's ACK of it").counter(GlobalStat::ToaAdded, 1..=1))
         .row(leaves_with(
             Row::redirected(
                 "its request, with data",
@@ -264,11 +221,7 @@ fn a_clients_own_toa_options_never_reach_a_backend() -> Scenario {
         Conn::new(46_026),
     );
     let liar: SocketAddrV4 = "203.0.113.66:4242".parse().unwrap();
-    Scenario::new()
-        .set(
-            "app 1 tells its backends the client's address",
-            client_address(true),
-        )
+    with_address()
         .rows(opened(a, 1452))
         .row(leaves_with(
             Row::redirected(
@@ -372,19 +325,11 @@ fn a_clients_own_toa_options_never_reach_a_backend() -> Scenario {
 
 fn an_app_without_the_setting_is_told_nothing() -> Scenario {
     let (a, z) = (Conn::new(46_031), Conn::new(46_032));
-    Scenario::new()
-        .set(
-            "app 1 tells its backends the client's address",
-            client_address(true),
-        )
+    with_address()
         .rows(opened(z, 1452))
-        .row(leaves_with(
-            Row::redirected(
-                "the control: with the setting, the ACK carries it",
-                z.send(flags::ACK),
-                z.to_its_backend(),
-            ),
-            toa_of(z),
+        .row(acked(
+            z,
+            "the control: with the setting, the ACK carries it",
         ))
         .set(
             "app 1 without the setting (on a live app)",
@@ -433,11 +378,7 @@ fn without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it() ->
     // A full-sized segment for the links' 1500-byte MTU: the option would make it 1508.
     static FULL: [u8; 1460] = [0x5a; 1460];
     static FITS: [u8; 1452] = [0x5a; 1452];
-    Scenario::new()
-        .set(
-            "app 1 tells its backends the client's address",
-            client_address(true),
-        )
+    with_address()
         .rows(opened(a, 1452))
         .row(leaves_with(
             Row::redirected(
@@ -495,7 +436,7 @@ fn without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it() ->
                 let p = parse_checked(packet);
                 assert_eq!(p.tcp_flags, flags::ACK);
                 assert!(p.payload.is_empty(), "no payload");
-                assert_eq!(options_of(packet), toa_of(e));
+                assert_eq!(tcp_options(packet), toa_of(e));
             }),
         )
         .rows(opened(d, 1452))
@@ -524,11 +465,7 @@ fn without_room_in_the_header_or_on_the_link_the_segment_goes_on_without_it() ->
 fn a_backend_still_in_syn_recv_acknowledging_only_the_syn_has_not_made_its_end() -> Scenario {
     let a = Conn::new(46_051);
     let liar: SocketAddrV4 = "203.0.113.66:4242".parse().unwrap();
-    Scenario::new()
-        .set(
-            "app 1 tells its backends the client's address",
-            client_address(true),
-        )
+    with_address()
         .rows(opened(a, 1452))
         .row(Row::redirected(
             "an ACK at the ISN (outside the backend's window: it answers with an ACK)",
@@ -603,20 +540,9 @@ fn a_frag_needed_about_a_grown_segment_tells_the_client_8_bytes_less() -> Scenar
             );
         }
     };
-    Scenario::new()
-        .set(
-            "app 1 tells its backends the client's address",
-            client_address(true),
-        )
+    with_address()
         .rows(opened(a, 1452))
-        .row(leaves_with(
-            Row::redirected(
-                "the handshake's ACK",
-                a.send(flags::ACK),
-                a.to_its_backend(),
-            ),
-            toa_of(a),
-        ))
+        .row(acked(a, "the handshake's ACK"))
         .row(leaves_with(
             Row::redirected(
                 "a request, grown",

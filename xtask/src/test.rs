@@ -15,7 +15,49 @@ struct Counts {
     passed: u64,
     failed: u64,
     ignored: u64,
+    /// The captured output of each failed test (cargo test's `---- NAME stdout ----` blocks),
+    /// repeated after the summary so that the end of a long log says why.
+    failures: Vec<Vec<String>>,
+    /// Inside such a block.
+    in_failure: bool,
 }
+
+impl Counts {
+    /// Takes in one line of cargo test's output: a `test result:` line's counts, and the
+    /// lines of each failed test's captured output.
+    fn read(&mut self, line: &str) {
+        if line.starts_with("---- ") && line.ends_with(" ----") {
+            self.in_failure = true;
+            self.failures.push(vec![line.to_owned()]);
+        } else if line == "failures:" {
+            self.in_failure = false;
+        } else if let Some(rest) = line.strip_prefix("test result: ") {
+            self.in_failure = false;
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Ok(n) = n.parse::<u64>() else { continue };
+                match what {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    "ignored" => self.ignored += n,
+                    _ => {}
+                }
+            }
+        } else if self.in_failure
+            && let Some(block) = self.failures.last_mut()
+            && block.len() <= FAILURE_LINES
+        {
+            block.push(line.to_owned());
+        }
+    }
+}
+
+/// Lines of a failed test's captured output repeated after the summary (its first ones: the
+/// panic message comes first).
+const FAILURE_LINES: usize = 40;
 
 enum Outcome {
     Ok,
@@ -44,21 +86,7 @@ fn run(cmd: &mut Command, count_tests: bool) -> (bool, Option<Counts>) {
     for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
         let Ok(line) = line else { break };
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(['.', ';']) {
-                let mut words = part.split_whitespace();
-                let (Some(n), Some(what)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let Ok(n) = n.parse::<u64>() else { continue };
-                match what {
-                    "passed" => counts.passed += n,
-                    "failed" => counts.failed += n,
-                    "ignored" => counts.ignored += n,
-                    _ => {}
-                }
-            }
-        }
+        counts.read(&line);
     }
     let ok = child.wait().is_ok_and(|s| s.success());
     (ok, count_tests.then_some(counts))
@@ -264,6 +292,42 @@ pub fn test() -> anyhow::Result<()> {
         "tests: {} passed, {} failed, {} skipped",
         total.passed, total.failed, total.ignored
     );
+    for block in steps
+        .iter()
+        .filter_map(|s| s.counts.as_ref())
+        .flat_map(|c| &c.failures)
+    {
+        println!();
+        for line in block.iter().take(FAILURE_LINES) {
+            println!("  {line}");
+        }
+        if block.len() > FAILURE_LINES {
+            println!("  ... (the rest above)");
+        }
+    }
     anyhow::ensure!(failed_steps == 0, "{failed_steps} step(s) failed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    #[test]
+    fn counts_and_failure_blocks_are_read_from_cargo_tests_output() {
+        let mut c = Counts::default();
+        for line in "running 3 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n---- b stdout ----\nthread 'b' panicked at x.rs:1:1:\nrow 1 \"SYN\": verdict: Drop\n\nfailures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.1s\ntest c ... ok".lines() {
+            c.read(line);
+        }
+        assert_eq!((c.passed, c.failed, c.ignored), (1, 1, 1));
+        assert_eq!(
+            c.failures,
+            vec![vec![
+                "---- b stdout ----".to_owned(),
+                "thread 'b' panicked at x.rs:1:1:".to_owned(),
+                "row 1 \"SYN\": verdict: Drop".to_owned(),
+                String::new(),
+            ]]
+        );
+    }
 }

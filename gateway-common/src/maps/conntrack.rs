@@ -195,12 +195,14 @@ pub const TRACK_LIBERAL: u8 = 4;
 /// of both entries is kept in the client's view.
 pub const TRACK_PROXIED: u8 = 8;
 
-/// [`Flow::toa`] bit: the backend has not yet sent a segment other than its SYN-ACK, so its end
-/// of the connection may still be made by any segment of the client's (the handshake's ACK, or
-/// a later one if that was lost): every one of them loses the TOA options it carries
-/// (`crate::net::toa`: a client never chooses the address an app is told), and gets the
-/// gateway's with [`TOA_ADD`]. Set on both entries of a new flow; cleared on both by the
-/// backend's first segment without SYN (it answers only from an established connection).
+/// [`Flow::toa`] bit: the backend has not yet sent a segment that shows its end of the
+/// connection made (data, a FIN, or an acknowledgement of more than the SYN), so that end may
+/// still be made by any segment of the client's (the handshake's ACK, or a later one if that
+/// was lost): every one of them loses the TOA options it carries (`crate::net::toa`: a client
+/// never chooses the address an app is told), and gets the gateway's with [`TOA_ADD`]. Set on
+/// both entries of a new flow; cleared on both by the first such segment of the backend's (a
+/// socket in SYN-RECV sends none: only SYN-ACKs, and bare ACKs of the SYN; `toa` in the
+/// datapath).
 pub const TOA_PENDING: u8 = 1;
 /// [`Flow::toa`] bit: the flow's app had [`super::APP_CLIENT_ADDRESS_TOA`] at its SYN: the
 /// client's segments get a TOA option with its address while [`TOA_PENDING`].
