@@ -118,7 +118,7 @@ pub fn prepare<C: Context>(
             // rather than carried from `decide` in the action: a flag carried there doubled the
             // states of everything after and went past the verifier's million instructions.
             // Within its container's rate limit (issue 18), if its app has one.
-            ratelimit::admit(flow, pkt.flags, now.ns, checks.segments())?;
+            ratelimit::admit(flow, pkt.flags, now.ns, || checks.segments())?;
             let pre = synproxy::resends_syn(flow, &pkt);
             if pre {
                 *answer = synproxy::backend_syn(&pkt, flow.seq_end.wrapping_sub(1), flow.proxy_mss);

@@ -18,11 +18,17 @@ use crate::maps::{RATE_DROPS, RATE_LIMITS};
 /// as over the limit (each loss means another packet of the same backend passed meanwhile).
 const ATTEMPTS: usize = 4;
 
-/// Whether the packet of `flow` with TCP flags `flags`, standing for `segments` packets on the
-/// wire (a TC GSO skb's), passes its backend's limit in its direction at `now` (the coarse
-/// clock, ns); `Err(RateLimited)`, counted per backend and direction, when it does not.
+/// Whether the packet of `flow` with TCP flags `flags`, standing for `segments()` packets on the
+/// wire (a TC GSO skb's; asked only of a limited backend's packet), passes its backend's limit
+/// in its direction at `now` (the coarse clock, ns); `Err(RateLimited)`, counted per backend and
+/// direction, when it does not.
 #[inline(always)]
-pub fn admit(flow: &Flow, flags: u8, now: u64, segments: u32) -> Result<(), DropReason> {
+pub fn admit(
+    flow: &Flow,
+    flags: u8,
+    now: u64,
+    segments: impl FnOnce() -> u32,
+) -> Result<(), DropReason> {
     let slot = rate_slot(flow.backend_id, u32::from(flow.direction));
     let Some(limit) = RATE_LIMITS.get_ptr_mut(slot) else {
         return Ok(());
@@ -32,6 +38,7 @@ pub fn admit(flow: &Flow, flags: u8, now: u64, segments: u32) -> Result<(), Drop
     if limit.interval_ns == 0 || flags & RST != 0 {
         return Ok(());
     }
+    let segments = segments();
     let tat = &raw mut limit.tat_ns;
     for _ in 0..ATTEMPTS {
         // SAFETY: an aligned u64 of a map value; other CPUs change it only atomically.

@@ -1,10 +1,11 @@
-//! Per-container rate limits end to end (issue 18, work in progress), in both attach modes:
-//! the real daemon, an app limited to 1,000 packets/s per container (`--rate-limit
-//! 1000pps,burst=100`), another without a limit. A sender of the test's own (a raw TCP client's
-//! bare ACKs, which every conntrack rule lets through as duplicates) pushes 5,000 packets/s for
-//! 10 s through the limited container and 1,000 packets/s through the other: an nft counter in
-//! each backend's namespace says what arrived. Then the limit is changed live, and a bulk
-//! transfer goes through a limited container byte-exact.
+//! Per-container rate limits end to end (issue 18), in both attach modes: the real daemon, an
+//! app of two containers limited to 1,000 packets/s each (`--rate-limit 1000pps,burst=100`),
+//! another app without a limit. A sender of the test's own (a raw TCP client's bare ACKs, which
+//! every conntrack rule lets through as duplicates) pushes, together for 10 s, 5,000 packets/s
+//! through one limited container, 800/s through the other, and 1,000/s through the other app's:
+//! an nft counter in each backend's namespace says what arrived, each second for the first.
+//! Then the limit is changed live, and a bulk transfer goes through a limited container
+//! byte-exact.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -61,27 +62,100 @@ fn within(got: u64, want: u64, pct: u64) -> bool {
     got * 100 >= want * (100 - pct) && got * 100 <= want * (100 + pct)
 }
 
+/// Per-second samples of `ns`'s counter while `busy` runs: the counts of each second after the
+/// first (which holds the burst), as packets per second of the time between reads.
+fn per_second(ns: &Netns, secs: u32, busy: impl FnOnce() + Send) -> Vec<f64> {
+    thread::scope(|s| {
+        s.spawn(busy);
+        let mut samples = Vec::new();
+        let start = Instant::now();
+        for i in 0..=secs {
+            if let Some(wait) =
+                (start + Duration::from_secs(u64::from(i))).checked_duration_since(Instant::now())
+            {
+                thread::sleep(wait);
+            }
+            samples.push((ns.nft_counter("rl", "got").0, Instant::now()));
+        }
+        samples
+            .windows(2)
+            .skip(1)
+            .map(|w| (w[1].0 - w[0].0) as f64 / (w[1].1 - w[0].1).as_secs_f64())
+            .collect()
+    })
+}
+
+/// A raw connection from the client to `public` that app's Maglev puts on the backend whose
+/// namespace counts it (each backend's counter of [`count_acks`]): one for each of
+/// `backends`, in their order, found by trying client ports from `first_port`.
+fn one_on_each(
+    topo: &Topology,
+    backends: &[&Netns],
+    public: SocketAddrV4,
+    first_port: u16,
+) -> Vec<RawTcpClient> {
+    let mut found: Vec<Option<RawTcpClient>> = backends.iter().map(|_| None).collect();
+    for port in first_port..first_port + 64 {
+        let src = SocketAddrV4::new(Topology::CLIENT_IP, port);
+        let counts = || -> Vec<u64> {
+            backends
+                .iter()
+                .map(|b| b.nft_counter("rl", "got").0)
+                .collect()
+        };
+        let before = counts();
+        let c = RawTcpClient::handshake(&topo.client, src, public).expect("connect");
+        c.ack(&[]).expect("the handshake's ACK");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let on = loop {
+            let after = counts();
+            if let Some(i) = (0..backends.len()).find(|&i| after[i] > before[i]) {
+                break i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the ACK from {src} reached no backend"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        if found[on].is_none() {
+            found[on] = Some(c);
+        }
+        if found.iter().all(Option::is_some) {
+            return found.into_iter().flatten().collect();
+        }
+    }
+    panic!("64 client ports did not reach every backend of {public}");
+}
+
 fn limits(mode: AttachMode) {
     require_root();
-    let topo = Topology::new(2);
+    let topo = Topology::new(3);
     if mode == AttachMode::Xdp {
         topo.xdp_offloads();
     }
     let daemon = Daemon::start(&topo, Some(mode), &[]);
-    let (b0, b1) = (&topo.backends[0], &topo.backends[1]);
+    let (b0, b1, b2) = (&topo.backends[0], &topo.backends[1], &topo.backends[2]);
     let lifetime = Duration::from_secs(120);
-    let _e0 = EchoServer::start(b0, SocketAddrV4::new(b0.ip, ECHO), "b0", lifetime);
-    let _e1 = EchoServer::start(b1, SocketAddrV4::new(b1.ip, ECHO), "b1", lifetime);
+    let _echo: Vec<EchoServer> = [(b0, "b0"), (b1, "b1"), (b2, "b2")]
+        .into_iter()
+        .map(|(b, name)| EchoServer::start(b, SocketAddrV4::new(b.ip, ECHO), name, lifetime))
+        .collect();
     let _bulk = BulkServer::start(b0, SocketAddrV4::new(b0.ip, BULK), lifetime);
-    for (app, port, backend, limit) in [
+    for (app, port, backends, limit) in [
         (
             "limited",
             LIMITED,
-            format!("{}:{ECHO}", b0.ip),
+            vec![format!("{}:{ECHO}", b0.ip), format!("{}:{ECHO}", b1.ip)],
             Some("1000pps,burst=100"),
         ),
-        ("free", FREE, format!("{}:{ECHO}", b1.ip), None),
-        ("bulky", BULKY, format!("{}:{BULK}", b0.ip), Some("1000pps")),
+        ("free", FREE, vec![format!("{}:{ECHO}", b2.ip)], None),
+        (
+            "bulky",
+            BULKY,
+            vec![format!("{}:{BULK}", b0.ip)],
+            Some("1000pps"),
+        ),
     ] {
         let port = port.to_string();
         let mut args = vec!["app", "create", app, "--port", &port];
@@ -89,48 +163,100 @@ fn limits(mode: AttachMode) {
             args.extend(["--rate-limit", limit]);
         }
         daemon.ok(&args);
-        daemon.ok(&["backend", "add", app, &backend]);
+        for backend in &backends {
+            daemon.ok(&["backend", "add", app, backend]);
+        }
+        daemon.wait_active(app, backends.len());
     }
-    for app in ["limited", "free", "bulky"] {
-        daemon.wait_active(app, 1);
+    for b in [b0, b1, b2] {
+        count_acks(b, ECHO);
     }
-    count_acks(b0, ECHO);
-    count_acks(b1, ECHO);
     let public = |port| SocketAddrV4::new(Topology::PUBLIC_IP, port);
-    let client = |port| SocketAddrV4::new(Topology::CLIENT_IP, port);
-    let limited = RawTcpClient::handshake(&topo.client, client(42_001), public(LIMITED))
-        .expect("connect to the limited app");
-    let free = RawTcpClient::handshake(&topo.client, client(42_002), public(FREE))
-        .expect("connect to the free app");
+    let [limited, second]: [RawTcpClient; 2] =
+        one_on_each(&topo, &[b0, b1], public(LIMITED), 42_001)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
+    let [free]: [RawTcpClient; 1] = one_on_each(&topo, &[b2], public(FREE), 42_101)
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    let got = |b: &Netns| b.nft_counter("rl", "got").0;
+    let dropped = || {
+        daemon.scrape().sum(
+            "gateway_backend_ratelimit_dropped_packets_total",
+            &[("app", "limited"), ("direction", "to_backend")],
+        ) as u64
+    };
+    let health = || {
+        let m = daemon.scrape();
+        (
+            m.value("gateway_health_checks_total", &[]) as u64,
+            m.value("gateway_health_check_failures_total", &[]) as u64,
+        )
+    };
+    let before = [got(b0), got(b1), got(b2), dropped()];
+    let health_before = health();
 
-    // 5,000 packets/s for 10 s to the limited container, 1,000/s to the other, together.
-    thread::scope(|s| {
-        s.spawn(|| flood(&limited, 5_000, 10));
-        s.spawn(|| flood(&free, 1_000, 10));
+    // Together for 10 s: 5,000 packets/s to one container of the limited app, 800/s (within
+    // its plan) to its other container, 1,000/s to the other app's container.
+    let rates = per_second(b0, 10, || {
+        thread::scope(|s| {
+            s.spawn(|| flood(&limited, 5_000, 10));
+            s.spawn(|| flood(&second, 800, 10));
+            s.spawn(|| flood(&free, 1_000, 10));
+        })
     });
-    let got = b0.nft_counter("rl", "got").0;
-    // 1,000 a second, the burst of 100, the handshake's ACK.
-    assert!(within(got, 10_101, 5), "the limited container got {got}");
-    let other = b1.nft_counter("rl", "got").0;
-    assert!(
-        other >= 10_000,
-        "the other app's container got {other} of 10,001"
+    let delta = [
+        got(b0) - before[0],
+        got(b1) - before[1],
+        got(b2) - before[2],
+        dropped() - before[3],
+    ];
+    let health_after = health();
+    eprintln!(
+        "{mode}: the limited container, packets/s in seconds 2-10: {rates:.0?}; \
+         got (limited, its sibling, the other app's), drops: {delta:?}"
     );
-    let drops = daemon.scrape().value(
-        "gateway_backend_ratelimit_dropped_packets_total",
-        &[("app", "limited"), ("direction", "to_backend")],
+    // 1,000 a second and the burst of 100.
+    assert!(
+        within(delta[0], 10_100, 5),
+        "the limited container got {}",
+        delta[0]
+    );
+    for (i, rate) in rates.iter().enumerate() {
+        assert!(
+            within(*rate as u64, 1_000, 5),
+            "the limited container got {rate:.0} packets/s in second {} ({rates:.0?})",
+            i + 2
+        );
+    }
+    assert_eq!(
+        delta[1], 8_000,
+        "the app's other container, within its own plan, got {} of 8,000",
+        delta[1]
+    );
+    assert_eq!(
+        delta[2], 10_000,
+        "the other app's container got {} of 10,000",
+        delta[2]
     );
     assert!(
-        within(drops as u64, 50_000 - got + 1, 5),
-        "drops {drops}, got {got}"
+        within(delta[3], 50_000 - delta[0], 5),
+        "drops {}, got {}",
+        delta[3],
+        delta[0]
+    );
+    // Health checks are not limited: the flooded container passed every one meanwhile.
+    assert!(
+        health_after.0 >= health_before.0 + 40 && health_after.1 == health_before.1,
+        "health checks (done, failed): {health_before:?} before the flood, {health_after:?} after"
     );
 
     // A new limit applies within a second.
     daemon.ok(&["app", "set", "limited", "--rate-limit", "2000pps,burst=200"]);
     thread::sleep(Duration::from_secs(1));
-    let before = b0.nft_counter("rl", "got").0;
+    let before = got(b0);
     flood(&limited, 5_000, 3);
-    let got = b0.nft_counter("rl", "got").0 - before;
+    let got = got(b0) - before;
     assert!(within(got, 6_200, 6), "after the change, 3 s gave {got}");
 
     // A bulk download through a limited container: byte-exact, at least 70% of 1.5 MB/s.
