@@ -930,10 +930,11 @@ fn set_rate_drops(daemon: &Daemon, id: u32, to: u64, from: u64) {
 }
 
 /// What `pps` packets a second with bursts of `burst` are in the datapath, for each of `ids`,
-/// both directions.
+/// both directions (a tolerance of at least a tick of the datapath's clock).
 fn limited(ids: &[u32], pps: u64, burst: u64) -> BTreeMap<u32, [(u64, u64); 2]> {
     let interval = 1_000_000_000 / pps;
-    let both = [(interval, (burst - 1) * interval); 2];
+    let tolerance = ((burst - 1) * interval).max(gateway::datapath::clock_tick_ns());
+    let both = [(interval, tolerance); 2];
     ids.iter().map(|&id| (id, both)).collect()
 }
 

@@ -19,6 +19,7 @@ use gateway_tests::{
 scenario_tests! {
     a_limited_backend_passes_its_burst_then_its_rate,
     a_backend_without_a_limit_is_never_written,
+    packets_within_the_rate_pass_whatever_the_clock_tick,
 }
 
 /// `c`'s backend.
@@ -96,4 +97,28 @@ fn a_backend_without_a_limit_is_never_written() -> Scenario {
     }
     s.check("no limit, no state", untouched)
         .wait(Duration::from_millis(1))
+}
+
+/// The datapath's clock is the coarse one (a tick: 4 ms at HZ=250): packets 2 ms apart,
+/// within a limit of 1,000 packets/s (one every 1 ms) in bursts of 1, all pass; a limit that
+/// allowed only its burst within one tick of the clock would pass one packet a tick (250/s).
+fn packets_within_the_rate_pass_whatever_the_clock_tick() -> Scenario {
+    let c = Conn::new(47_021);
+    let mut s = Scenario::new().rows(c.handshake()).set(
+        "its backend limited to 1,000 packets/s toward it, bursts of 1",
+        move |cx| {
+            let b = backend(cx, c);
+            cx.fx
+                .dp
+                .set_rate_limit(b, RATE_TO_BACKEND, Some((1_000, 1)))
+                .expect("limit")
+        },
+    );
+    for n in 1..=30 {
+        s = s.row(data(c, n)).wait(Duration::from_millis(2));
+    }
+    s.check("none dropped", move |cx| {
+        let b = backend(cx, c);
+        assert_eq!(cx.fx.dp.rate_drops(b, RATE_TO_BACKEND).unwrap(), 0);
+    })
 }
