@@ -303,8 +303,8 @@ fn decide<C: Context>(
                     cfg,
                     now.ns,
                     TRACK_PROXIED,
-                    toa::flow_bits(app_id),
                     forward,
+                    || checks.segments(),
                 )?;
                 conntrack::proxied(forward, &pkt, isn, mss);
                 *answer = synproxy::backend_syn(&pkt, isn, mss);
@@ -361,15 +361,9 @@ fn decide<C: Context>(
             let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
             let forward = unsafe { &mut *slot };
-            let claim = nat::create(
-                &pkt.key,
-                app_id,
-                cfg,
-                now.ns,
-                0,
-                toa::flow_bits(app_id),
-                forward,
-            )?;
+            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, 0, forward, || {
+                checks.segments()
+            })?;
             conntrack::syn(forward, &pkt, wscale);
             return Ok(Action::New {
                 pkt,

@@ -1,14 +1,15 @@
 //! Per-container rate limits (issue 18, `gateway_common::maps::ratelimit`): after its flow is
 //! found, a packet of a backend whose app has a limit passes only within it (GCRA: one
 //! compare-and-swap of the theoretical arrival time, shared by every CPU, so that one flow on
-//! one CPU gets its whole plan); an RST always passes (a limit must never strand state). A
+//! one CPU gets its whole plan), and so does a new flow's SYN, before its SNAT port is
+//! claimed (`nat::create`); an RST always passes (a limit must never strand state). A
 //! backend without a limit costs one array lookup and one load; its limit is never written.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use gateway_common::{
     DropReason,
-    maps::{Flow, rate_slot},
+    maps::{Flow, RATE_TO_BACKEND, rate_slot},
     net::tcp_flags::RST,
 };
 
@@ -29,7 +30,33 @@ pub fn admit(
     now: u64,
     segments: impl FnOnce() -> u32,
 ) -> Result<(), DropReason> {
-    let slot = rate_slot(flow.backend_id, u32::from(flow.direction));
+    admit_slot(
+        rate_slot(flow.backend_id, u32::from(flow.direction)),
+        flags,
+        now,
+        segments,
+    )
+}
+
+/// The same for the SYN (or the SYN a cookie's ACK becomes) of a new flow to backend
+/// `backend_id`, before its SNAT port is claimed: a packet to the container like any other (a
+/// client opening connection after connection would go past the limit otherwise).
+#[inline(always)]
+pub fn admit_new(
+    backend_id: u32,
+    now: u64,
+    segments: impl FnOnce() -> u32,
+) -> Result<(), DropReason> {
+    admit_slot(rate_slot(backend_id, RATE_TO_BACKEND), 0, now, segments)
+}
+
+#[inline(always)]
+fn admit_slot(
+    slot: u32,
+    flags: u8,
+    now: u64,
+    segments: impl FnOnce() -> u32,
+) -> Result<(), DropReason> {
     let Some(limit) = RATE_LIMITS.get_ptr_mut(slot) else {
         return Ok(());
     };

@@ -11,6 +11,7 @@ use gateway_common::{
     maps::{RATE_FROM_BACKEND, RATE_TO_BACKEND},
 };
 use gateway_tests::{
+    datapath::Verdict,
     packet::flags,
     scenario::{Conn, Ctx, Row, Scenario},
     scenario_tests,
@@ -20,6 +21,7 @@ scenario_tests! {
     a_limited_backend_passes_its_burst_then_its_rate,
     a_backend_without_a_limit_is_never_written,
     packets_within_the_rate_pass_whatever_the_clock_tick,
+    syns_of_new_connections_are_within_the_limit,
 }
 
 /// `c`'s backend.
@@ -121,4 +123,35 @@ fn packets_within_the_rate_pass_whatever_the_clock_tick() -> Scenario {
         let b = backend(cx, c);
         assert_eq!(cx.fx.dp.rate_drops(b, RATE_TO_BACKEND).unwrap(), 0);
     })
+}
+
+/// A SYN that opens a connection is a packet to its container too: a client opening
+/// connection after connection (a SYN flood from its own addresses, each from another port)
+/// gets no more of them through than the limit allows: with every backend limited to 1
+/// packet/s in bursts of 1, at most one SYN a backend of 20 sent at once.
+fn syns_of_new_connections_are_within_the_limit() -> Scenario {
+    Scenario::new().rows(Conn::new(47_099).handshake()).set(
+        "every backend limited to 1 packet/s toward it, bursts of 1; 20 SYNs from 20 ports",
+        |cx| {
+            for id in 1..=3 {
+                cx.fx
+                    .dp
+                    .set_rate_limit(id, RATE_TO_BACKEND, Some((1, 1)))
+                    .expect("limit");
+            }
+            let passed = (0..20)
+                .filter(|i| {
+                    let (verdict, _) = cx.fx.run(&Conn::new(47_100 + i).syn().build());
+                    verdict == Verdict::Redirect
+                })
+                .count();
+            let dropped: u64 = (1..=3)
+                .map(|id| cx.fx.dp.rate_drops(id, RATE_TO_BACKEND).unwrap())
+                .sum();
+            assert!(
+                passed <= 3 && dropped as usize == 20 - passed,
+                "{passed} of 20 SYNs reached their backend, {dropped} counted dropped"
+            );
+        },
+    )
 }
