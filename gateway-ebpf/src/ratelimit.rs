@@ -2,7 +2,8 @@
 //! found, a packet of a backend whose app has a limit passes only within it (GCRA: one
 //! compare-and-swap of the theoretical arrival time, shared by every CPU, so that one flow on
 //! one CPU gets its whole plan), and so does a new flow's SYN, before its SNAT port is
-//! claimed (`nat::create`); an RST always passes (a limit must never strand state). A
+//! claimed (`nat::create`); the RST that ends a connection always passes (a limit must never
+//! strand state), one that ends nothing is limited (`conntrack::track`). A
 //! backend without a limit costs one array lookup and one load; its limit is never written.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
@@ -48,6 +49,19 @@ pub fn admit_new(
     segments: impl FnOnce() -> u32,
 ) -> Result<(), DropReason> {
     admit_slot(rate_slot(backend_id, RATE_TO_BACKEND), 0, now, segments)
+}
+
+/// The same for an RST of `flow` that ends nothing (`conntrack::track`: one in the window but
+/// not at the exact number, or one again on a flow already reset); [`admit`] lets every RST
+/// pass, for the RST that ends a connection must.
+#[inline(always)]
+pub fn admit_rst(flow: &Flow, now: u64) -> Result<(), DropReason> {
+    admit_slot(
+        rate_slot(flow.backend_id, u32::from(flow.direction)),
+        0,
+        now,
+        || 1,
+    )
 }
 
 #[inline(always)]

@@ -2,7 +2,9 @@
 //! BPF_PROG_TEST_RUN in both attach modes: a backend limited to `pps` in bursts of `burst`
 //! passes a burst of `burst` segments and drops the next (counted per backend and direction),
 //! an RST passes an empty bucket, the other direction is not limited, the bucket refills at the
-//! rate; a backend without a limit never has its bucket written.
+//! rate; a backend without a limit never has its bucket written. And what a review found: a
+//! coarse clock's tick does not cut the rate of a small burst, new connections' SYNs count, only
+//! the RST that ends a flow passes an empty bucket.
 
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use gateway_common::{
 };
 use gateway_tests::{
     datapath::Verdict,
-    packet::flags,
+    packet::{Frame, flags},
     scenario::{Conn, Ctx, Row, Scenario},
     scenario_tests,
 };
@@ -22,6 +24,7 @@ scenario_tests! {
     a_backend_without_a_limit_is_never_written,
     packets_within_the_rate_pass_whatever_the_clock_tick,
     syns_of_new_connections_are_within_the_limit,
+    only_the_rst_that_closes_a_flow_passes_an_empty_bucket,
 }
 
 /// `c`'s backend.
@@ -154,4 +157,59 @@ fn syns_of_new_connections_are_within_the_limit() -> Scenario {
             );
         },
     )
+}
+
+/// An RST passes an empty bucket when it ends its flow (a limit must never strand state), not
+/// otherwise: an RST in the window but not at the exact number (which the backend answers with
+/// a challenge ACK) and an RST again on a flow already reset are packets like any other, or a
+/// client could send RSTs (with data, at any rate) past its container's limit.
+fn only_the_rst_that_closes_a_flow_passes_an_empty_bucket() -> Scenario {
+    let c = Conn::new(47_031);
+    let in_window = move || {
+        c.send(flags::RST | flags::ACK).map(|f| {
+            Frame {
+                seq: f.seq.wrapping_add(100),
+                ..f
+            }
+            .payload(&[0u8; 1000])
+        })
+    };
+    let mut s = Scenario::new()
+        .rows(c.handshake())
+        .set(
+            "its backend limited to 1 packet/s toward it, bursts of 1",
+            move |cx| {
+                let b = backend(cx, c);
+                cx.fx
+                    .dp
+                    .set_rate_limit(b, RATE_TO_BACKEND, Some((1, 1)))
+                    .expect("limit")
+            },
+        )
+        .row(data(c, 1))
+        .row(Row::dropped(
+            "the bucket is empty",
+            c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"x")),
+            DropReason::RateLimited,
+        ));
+    for n in 1..=5 {
+        s = s.row(Row::dropped(
+            format!("an RST in the window, not exact, with 1,000 bytes ({n})"),
+            in_window(),
+            DropReason::RateLimited,
+        ));
+    }
+    s = s.row(Row::redirected(
+        "the RST at the exact number: it ends the flow, and passes",
+        c.send(flags::RST | flags::ACK),
+        c.to_its_backend(),
+    ));
+    for n in 1..=5 {
+        s = s.row(Row::dropped(
+            format!("the same RST again on the reset flow ({n})"),
+            c.send(flags::RST | flags::ACK),
+            DropReason::RateLimited,
+        ));
+    }
+    s
 }
