@@ -1246,3 +1246,44 @@ fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleare
     assert_eq!(rate_limits(&daemon), BTreeMap::new());
     let _ = std::fs::remove_file(&config);
 }
+
+/// A backend's packets per second (`backend list`) are measured between two scans of its
+/// limited app: an app that gets a limit shows no rate made of everything its backends carried
+/// before (their counters since they were added, over one scan interval).
+#[test]
+fn a_new_limit_shows_no_rate_made_of_the_backends_past_traffic() {
+    use gateway_common::maps::{BACKEND_STATS, TrafficStats};
+    require_root();
+    let topo = Topology::new(1);
+    let daemon = Daemon::start(&topo, None, &[]);
+    daemon.ok(&["app", "create", "web"]);
+    daemon.ok(&["backend", "add", "web", &backend(&topo, 0, 8080)]);
+    let id = daemon.backend_ids("web")[&backend(&topo, 0, 8080)];
+    // What the backend carried before, as the datapath counts it (on CPU 0).
+    {
+        let map = aya::maps::MapData::from_pin(daemon.bpffs.join(BACKEND_STATS)).unwrap();
+        let mut stats: aya::maps::PerCpuArray<_, TrafficStats> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).unwrap();
+        let mut v = vec![TrafficStats::default(); aya::util::nr_cpus().unwrap()];
+        v[0].packets_in = 1_000_000_000;
+        v[0].packets_out = 2_000_000_000;
+        stats
+            .set(id, aya::maps::PerCpuValues::try_from(v).unwrap(), 0)
+            .unwrap();
+    }
+    daemon.ok(&["app", "set", "web", "--rate-limit", "1000pps"]);
+    // Scans every 100 ms: a dozen of them.
+    let deadline = Instant::now() + Duration::from_millis(1_200);
+    while Instant::now() < deadline {
+        let backends: Vec<gateway::api::BackendView> =
+            serde_json::from_str(&daemon.ok(&["backend", "list", "web", "--json"])).unwrap();
+        let b = &backends[0];
+        assert!(
+            b.pps_to_backend < 1.0 && b.pps_from_backend < 1.0,
+            "no traffic since the limit, yet {} / {} packets/s",
+            b.pps_to_backend,
+            b.pps_from_backend
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
