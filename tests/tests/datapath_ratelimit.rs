@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use gateway_common::{
     DropReason, GlobalStat,
-    maps::{RATE_FROM_BACKEND, RATE_TO_BACKEND},
+    maps::{CT_FIN_FORWARD, RATE_FROM_BACKEND, RATE_TO_BACKEND, is_closed},
 };
 use gateway_tests::{
     datapath::Verdict,
@@ -25,6 +25,7 @@ scenario_tests! {
     packets_within_the_rate_pass_whatever_the_clock_tick,
     syns_of_new_connections_are_within_the_limit,
     only_the_rst_that_closes_a_flow_passes_an_empty_bucket,
+    a_segment_over_the_limit_leaves_its_flow_as_it_was,
 }
 
 /// `c`'s backend.
@@ -212,4 +213,43 @@ fn only_the_rst_that_closes_a_flow_passes_an_empty_bucket() -> Scenario {
         ));
     }
     s
+}
+
+/// A segment dropped over the limit never reached the container: the flow's tracking does not
+/// take it either. A FIN dropped so, then the backend's: the flow is not closed (the client
+/// sends its FIN again), or its SNAT port could be taken over 1 s later while the container
+/// still waits for that FIN.
+fn a_segment_over_the_limit_leaves_its_flow_as_it_was() -> Scenario {
+    let c = Conn::new(47_041);
+    Scenario::new()
+        .rows(c.handshake())
+        .set(
+            "its backend limited to 1 packet/s toward it, bursts of 1",
+            move |cx| {
+                let b = backend(cx, c);
+                cx.fx
+                    .dp
+                    .set_rate_limit(b, RATE_TO_BACKEND, Some((1, 1)))
+                    .expect("limit")
+            },
+        )
+        .row(data(c, 1))
+        .row(
+            Row::dropped(
+                "the client's FIN, over the limit",
+                c.send(flags::FIN | flags::ACK),
+                DropReason::RateLimited,
+            )
+            .check("not taken by the flow", move |cx| {
+                assert_eq!(cx.state(c.key()) & CT_FIN_FORWARD, 0);
+            }),
+        )
+        .row(Row::redirected(
+            "the backend's FIN",
+            c.reply(flags::FIN | flags::ACK),
+            c.to_client(),
+        ))
+        .check("the flow is not closed", move |cx| {
+            assert!(!is_closed(cx.state(c.key())));
+        })
 }
