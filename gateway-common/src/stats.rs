@@ -166,7 +166,8 @@ indexed_names! {
         /// or checksum is wrong.
         BadIcmp = "bad_icmp",
         /// A packet over its container's rate limit (issue 18: its app's limit, per backend
-        /// and direction; counted per backend in `RATE_DROPS` too). RSTs are never dropped so.
+        /// and direction; counted per backend in `RATE_DROPS` too). The RST that ends a
+        /// connection is never dropped so.
         RateLimited = "rate_limited",
     }
 }

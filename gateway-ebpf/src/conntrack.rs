@@ -14,7 +14,7 @@ use gateway_common::{
     net::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
-use crate::{csum, maps::CONNTRACK, parse::TcpPacket, stats, synproxy};
+use crate::{csum, maps::CONNTRACK, parse::TcpPacket, ratelimit, stats, synproxy};
 
 /// The most data a SYN that creates a flow carries: its checksum is verified over at most
 /// [`csum::SEGMENT_MAX`] bytes of TCP segment, a header included (so in fact a little less).
@@ -122,8 +122,20 @@ pub fn track(
         peer = p;
         // SAFETY: a conntrack value pointer, read here.
         match rst_verdict(flow, p.map(|p| unsafe { &*p }), pkt) {
-            Rst::Exact => set = CT_RST,
-            Rst::InWindow => stats::global(GlobalStat::RstInWindow),
+            Rst::Exact => {
+                // The RST that ends the connection passes an empty bucket (a rate limit must
+                // never strand state); the same again, as any packet (issue 18).
+                if flow.state & CT_RST != 0 {
+                    ratelimit::admit_rst(flow, now)?;
+                }
+                set = CT_RST;
+            }
+            Rst::InWindow => {
+                // Not the end of anything (the receiver answers it with a challenge ACK): within
+                // the rate limit, or RSTs would carry a client past it.
+                ratelimit::admit_rst(flow, now)?;
+                stats::global(GlobalStat::RstInWindow);
+            }
             Rst::Outside => return Err(DropReason::OutOfWindow),
         }
     } else if f & SYN != 0 {

@@ -17,7 +17,7 @@ use crate::{
     lb,
     mac::mac_words,
     parse::{Bounds, IPV4_MIN_LEN, TcpPacket},
-    stats,
+    ratelimit, stats, toa,
 };
 
 /// SNAT port probes before giving up (each a random port of the range).
@@ -34,9 +34,10 @@ const SNAT_REUSE_IDLE_NS: u64 = LAST_SEEN_GRANULARITY_NS;
 
 /// Starts the flow of a SYN (or of a SYN cookie's ACK) to the service of `app_id`: chooses the
 /// backend, allocates a SNAT port by inserting the reverse entry (with `track` bits: a proxied
-/// flow's; and its `toa` bits, `toa::flow_bits`), and leaves the forward entry in `entry` (its translation, state, times and `track`;
+/// flow's; and its app's `toa` bits, `toa::flow_bits`), and leaves the forward entry in `entry` (its translation, state, times and `track`;
 /// its tracking is the caller's: `conntrack::syn` or `conntrack::proxied`), not inserted yet
-/// (see [`commit`]); returns the claim of the pair.
+/// (see [`commit`]); returns the claim of the pair. The SYN (standing for `segments()`
+/// packets) is within the backend's rate limit first, if it has one (`ratelimit::admit_new`).
 #[inline(always)]
 pub fn create(
     key: &FlowKey4,
@@ -44,13 +45,15 @@ pub fn create(
     cfg: &Config,
     now: u64,
     track: u8,
-    toa: u8,
     entry: &mut Flow,
+    segments: impl FnOnce() -> u32,
 ) -> Result<Claim, DropReason> {
     if cfg.snat_ip == 0 || cfg.snat_port_max < cfg.snat_port_min {
         return Err(DropReason::NotConfigured);
     }
     let (backend_id, backend) = lb::choose(app_id, key)?;
+    // Within its backend's rate limit (issue 18), before a port is claimed.
+    ratelimit::admit_new(backend_id, now, segments)?;
     // Built in the caller's slot (a `Flow` is too large to be copied around the BPF stack).
     *entry = Flow {
         // Reverse entry first: backend → SNAT becomes public → client.
@@ -65,7 +68,7 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
         track,
-        toa,
+        toa: toa::flow_bits(app_id),
         ..Flow::default()
     };
     let mut reverse_key = FlowKey4::new(backend.ip, cfg.snat_ip, backend.port, 0);

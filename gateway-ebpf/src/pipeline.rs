@@ -117,8 +117,6 @@ pub fn prepare<C: Context>(
             // again here (its first test, one bit of the flow, fails for every other flow)
             // rather than carried from `decide` in the action: a flag carried there doubled the
             // states of everything after and went past the verifier's million instructions.
-            // Within its container's rate limit (issue 18), if its app has one.
-            ratelimit::admit(flow, pkt.flags, now.ns, || checks.segments())?;
             let pre = synproxy::resends_syn(flow, &pkt);
             if pre {
                 *answer = synproxy::backend_syn(&pkt, flow.seq_end.wrapping_sub(1), flow.proxy_mss);
@@ -217,6 +215,7 @@ fn decide<C: Context>(
             // `prepare`), as a client's own SYN retransmission would. Not tracked: nothing of
             // the flow moves.
             check_ttl(&pkt)?;
+            ratelimit::admit(f, pkt.flags, now.ns, || checks.segments())?;
             return Ok(Action::Existing { pkt, flow, now });
         }
         if f.track & TRACK_PROXIED != 0 && f.direction != DIR_FORWARD {
@@ -247,6 +246,11 @@ fn decide<C: Context>(
         }
         if !(syn && f.direction == DIR_FORWARD && starts_over(f, &pkt)) {
             check_ttl(&pkt)?;
+            // Within its container's rate limit (issue 18), if its app has one, before the
+            // flow's tracking takes it: a segment dropped here never reached the container (a
+            // FIN taken, then dropped, closed the flow for the gateway alone). An RST is judged
+            // by the tracking (`ratelimit::admit_rst`).
+            ratelimit::admit(f, pkt.flags, now.ns, || checks.segments())?;
             // A SYN-ACK's window scale (only the first SYN-ACK of a flow uses it).
             let wscale = if pkt.flags & (SYN | ACK) == SYN | ACK && f.state & CT_SYN_ACK_SEEN == 0 {
                 parse::window_scale(checks, &pkt)
@@ -303,8 +307,8 @@ fn decide<C: Context>(
                     cfg,
                     now.ns,
                     TRACK_PROXIED,
-                    toa::flow_bits(app_id),
                     forward,
+                    || checks.segments(),
                 )?;
                 conntrack::proxied(forward, &pkt, isn, mss);
                 *answer = synproxy::backend_syn(&pkt, isn, mss);
@@ -361,15 +365,9 @@ fn decide<C: Context>(
             let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::ConntrackInsert)?;
             // SAFETY: this CPU's own slot of a per-CPU array; nothing else uses it meanwhile.
             let forward = unsafe { &mut *slot };
-            let claim = nat::create(
-                &pkt.key,
-                app_id,
-                cfg,
-                now.ns,
-                0,
-                toa::flow_bits(app_id),
-                forward,
-            )?;
+            let claim = nat::create(&pkt.key, app_id, cfg, now.ns, 0, forward, || {
+                checks.segments()
+            })?;
             conntrack::syn(forward, &pkt, wscale);
             return Ok(Action::New {
                 pkt,

@@ -1,14 +1,16 @@
 //! Per-container rate limits (issue 18, `gateway_common::maps::ratelimit`): after its flow is
 //! found, a packet of a backend whose app has a limit passes only within it (GCRA: one
 //! compare-and-swap of the theoretical arrival time, shared by every CPU, so that one flow on
-//! one CPU gets its whole plan); an RST always passes (a limit must never strand state). A
+//! one CPU gets its whole plan), and so does a new flow's SYN, before its SNAT port is
+//! claimed (`nat::create`); the RST that ends a connection always passes (a limit must never
+//! strand state), one that ends nothing is limited (`conntrack::track`). A
 //! backend without a limit costs one array lookup and one load; its limit is never written.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use gateway_common::{
     DropReason,
-    maps::{Flow, rate_slot},
+    maps::{Flow, RATE_TO_BACKEND, rate_slot},
     net::tcp_flags::RST,
 };
 
@@ -29,7 +31,46 @@ pub fn admit(
     now: u64,
     segments: impl FnOnce() -> u32,
 ) -> Result<(), DropReason> {
-    let slot = rate_slot(flow.backend_id, u32::from(flow.direction));
+    admit_slot(
+        rate_slot(flow.backend_id, u32::from(flow.direction)),
+        flags,
+        now,
+        segments,
+    )
+}
+
+/// The same for the SYN (or the SYN a cookie's ACK becomes) of a new flow to backend
+/// `backend_id`, before its SNAT port is claimed: a packet to the container like any other (a
+/// client opening connection after connection would go past the limit otherwise).
+#[inline(always)]
+pub fn admit_new(
+    backend_id: u32,
+    now: u64,
+    segments: impl FnOnce() -> u32,
+) -> Result<(), DropReason> {
+    admit_slot(rate_slot(backend_id, RATE_TO_BACKEND), 0, now, segments)
+}
+
+/// The same for an RST of `flow` that ends nothing (`conntrack::track`: one in the window but
+/// not at the exact number, or one again on a flow already reset); [`admit`] lets every RST
+/// pass, for the RST that ends a connection must.
+#[inline(always)]
+pub fn admit_rst(flow: &Flow, now: u64) -> Result<(), DropReason> {
+    admit_slot(
+        rate_slot(flow.backend_id, u32::from(flow.direction)),
+        0,
+        now,
+        || 1,
+    )
+}
+
+#[inline(always)]
+fn admit_slot(
+    slot: u32,
+    flags: u8,
+    now: u64,
+    segments: impl FnOnce() -> u32,
+) -> Result<(), DropReason> {
     let Some(limit) = RATE_LIMITS.get_ptr_mut(slot) else {
         return Ok(());
     };
@@ -58,7 +99,7 @@ pub fn admit(
     }
     if let Some(drops) = RATE_DROPS.get_ptr_mut(slot) {
         // SAFETY: this CPU's own slot of a per-CPU array.
-        unsafe { *drops += 1 };
+        unsafe { *drops += u64::from(segments) };
     }
     Err(DropReason::RateLimited)
 }

@@ -930,10 +930,11 @@ fn set_rate_drops(daemon: &Daemon, id: u32, to: u64, from: u64) {
 }
 
 /// What `pps` packets a second with bursts of `burst` are in the datapath, for each of `ids`,
-/// both directions.
+/// both directions (a tolerance of at least a tick of the datapath's clock).
 fn limited(ids: &[u32], pps: u64, burst: u64) -> BTreeMap<u32, [(u64, u64); 2]> {
     let interval = 1_000_000_000 / pps;
-    let both = [(interval, (burst - 1) * interval); 2];
+    let tolerance = ((burst - 1) * interval).max(gateway::datapath::clock_tick_ns());
+    let both = [(interval, tolerance); 2];
     ids.iter().map(|&id| (id, both)).collect()
 }
 
@@ -1244,4 +1245,45 @@ fn an_apps_rate_limit_is_programmed_for_each_backend_changed_restored_and_cleare
     daemon.ok(&["app", "delete", "web"]);
     assert_eq!(rate_limits(&daemon), BTreeMap::new());
     let _ = std::fs::remove_file(&config);
+}
+
+/// A backend's packets per second (`backend list`) are measured between two scans of its
+/// limited app: an app that gets a limit shows no rate made of everything its backends carried
+/// before (their counters since they were added, over one scan interval).
+#[test]
+fn a_new_limit_shows_no_rate_made_of_the_backends_past_traffic() {
+    use gateway_common::maps::{BACKEND_STATS, TrafficStats};
+    require_root();
+    let topo = Topology::new(1);
+    let daemon = Daemon::start(&topo, None, &[]);
+    daemon.ok(&["app", "create", "web"]);
+    daemon.ok(&["backend", "add", "web", &backend(&topo, 0, 8080)]);
+    let id = daemon.backend_ids("web")[&backend(&topo, 0, 8080)];
+    // What the backend carried before, as the datapath counts it (on CPU 0).
+    {
+        let map = aya::maps::MapData::from_pin(daemon.bpffs.join(BACKEND_STATS)).unwrap();
+        let mut stats: aya::maps::PerCpuArray<_, TrafficStats> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).unwrap();
+        let mut v = vec![TrafficStats::default(); aya::util::nr_cpus().unwrap()];
+        v[0].packets_in = 1_000_000_000;
+        v[0].packets_out = 2_000_000_000;
+        stats
+            .set(id, aya::maps::PerCpuValues::try_from(v).unwrap(), 0)
+            .unwrap();
+    }
+    daemon.ok(&["app", "set", "web", "--rate-limit", "1000pps"]);
+    // Scans every 100 ms: a dozen of them.
+    let deadline = Instant::now() + Duration::from_millis(1_200);
+    while Instant::now() < deadline {
+        let backends: Vec<gateway::api::BackendView> =
+            serde_json::from_str(&daemon.ok(&["backend", "list", "web", "--json"])).unwrap();
+        let b = &backends[0];
+        assert!(
+            b.pps_to_backend < 1.0 && b.pps_from_backend < 1.0,
+            "no traffic since the limit, yet {} / {} packets/s",
+            b.pps_to_backend,
+            b.pps_from_backend
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }

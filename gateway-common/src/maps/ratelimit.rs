@@ -45,6 +45,22 @@ impl RateLimit {
         }
     }
 
+    /// The same limit read against a clock that moves by `tick_ns` at once (the datapath's
+    /// coarse clock: a tick, 4 ms at HZ=250): its tolerance is at least a tick. Packets within
+    /// one tick all arrive at the same time for the datapath; with less, a limit would pass only
+    /// its burst per tick (1,000 packets/s in bursts of 1 would pass 250/s at HZ=250), whatever
+    /// its rate. So the burst is in effect at least the rate's packets of a tick.
+    pub const fn with_tick(self, tick_ns: u64) -> Self {
+        RateLimit {
+            tolerance_ns: if self.tolerance_ns < tick_ns {
+                tick_ns
+            } else {
+                self.tolerance_ns
+            },
+            ..self
+        }
+    }
+
     /// GCRA's decision for a packet at `now` (ns) standing for `segments` packets on the wire
     /// (a GSO skb's; ≥ 1) with the theoretical arrival time `tat`: the new theoretical arrival
     /// time if it passes (later by an interval per segment), `None` if it is over the limit.
@@ -98,6 +114,22 @@ mod tests {
             passed(limit, [0, 1, 50_000_000, 100_000_000, 100_000_001]),
             2
         );
+    }
+
+    #[test]
+    fn a_coarse_clock_does_not_cut_the_rate() {
+        // 1,000 packets/s in bursts of 1, one packet every 2 ms, read on a clock of 4 ms ticks.
+        let times = (0..1_000u64).map(|i| 1_000_000_000 + (i * 2_000_000) / 4_000_000 * 4_000_000);
+        let limit = RateLimit::new(1_000, 1);
+        assert_eq!(
+            passed(limit, times.clone()),
+            500,
+            "only one a tick without it"
+        );
+        assert_eq!(passed(limit.with_tick(4_000_000), times), 1_000);
+        // A tolerance above the tick is kept.
+        let big = RateLimit::new(1_000, 100);
+        assert_eq!(big.with_tick(4_000_000), big);
     }
 
     #[test]

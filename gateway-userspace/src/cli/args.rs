@@ -95,7 +95,7 @@ pub enum AppCommand {
         client_address: Option<ClientAddress>,
         /// Limit the packets to and from each of the app's backends, each direction
         /// separately: `1000pps` or `1000pps,burst=200` (1 to 10000000 pps; the burst, 1 to 10
-        /// times the pps, defaults to a tenth of it) [default: no limit].
+        /// times the pps, defaults to three tenths of it: 300 ms) [default: no limit].
         #[arg(long, value_name = "RATE", value_parser = rate_limit)]
         rate_limit: Option<RateLimit>,
         /// The rate limit of plan NAME of the daemon's config file (`[plans]`).

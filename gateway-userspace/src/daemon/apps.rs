@@ -172,7 +172,7 @@ impl Daemon {
             Ok(app
                 .backends
                 .iter()
-                .map(|b| c.backend_view(b, &counts))
+                .map(|b| c.backend_view_of(b, app.rate_limit, &counts))
                 .collect())
         })
         .await

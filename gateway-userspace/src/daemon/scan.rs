@@ -89,18 +89,20 @@ impl Core {
                     (*id, rates)
                 })
                 .collect();
+            // Only backends sampled at the last scan too: one of an app that has just got a
+            // limit has counters since it was added, not since then (0 until the next scan).
             s.backend_pps = backend_traffic
                 .iter()
-                .map(|(id, t)| {
-                    let p = s.backend_traffic.get(id).copied().unwrap_or_default();
+                .filter_map(|(id, t)| {
+                    let p = s.backend_traffic.get(id)?;
                     let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
-                    (
+                    Some((
                         *id,
                         (
                             per(t.packets_in, p.packets_in),
                             per(t.packets_out, p.packets_out),
                         ),
-                    )
+                    ))
                 })
                 .collect();
         }

@@ -88,6 +88,20 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// How far the datapath's clock (CLOCK_MONOTONIC_COARSE) moves at once: a tick (ns).
+pub fn clock_tick_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes the timespec it is given.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } != 0 {
+        // The longest tick Linux has (HZ=100).
+        return 10_000_000;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Every map's name with the key and value sizes this build gives it.
 const LAYOUTS: &[(&str, usize, usize); 18] = &[
     (maps::GLOBAL_STATS, 4, size_of::<u64>()),
@@ -394,7 +408,8 @@ impl Datapath {
 
     /// Backend `backend_id`'s packet rate limit in `direction` (`maps::RATE_TO_BACKEND`,
     /// `RATE_FROM_BACKEND`): `pps` packets per second in bursts of `burst`, or none (issue 18).
-    /// A new limit starts with a whole burst.
+    /// A new limit starts with a whole burst. Its tolerance is at least a tick of the
+    /// datapath's clock (`RateLimit::with_tick`).
     pub fn set_rate_limit(
         &mut self,
         backend_id: u32,
@@ -403,7 +418,7 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         check_id("backend", backend_id, maps::MAX_BACKENDS)?;
         let value = limit.map_or(maps::RateLimit::default(), |(pps, burst)| {
-            maps::RateLimit::new(pps, burst)
+            maps::RateLimit::new(pps, burst).with_tick(clock_tick_ns())
         });
         self.maps
             .rate_limits

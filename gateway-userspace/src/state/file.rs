@@ -266,6 +266,21 @@ mod tests {
             "{text}"
         );
         assert_eq!(file.load().unwrap().apps["a"].rate_limit, None);
+
+        // A limit this build refuses (hand-edited: 0 pps) is refused, the file kept.
+        s.set_rate_limit("b", Some(RateLimit::new(50, None).unwrap()), None)
+            .unwrap();
+        file.save(&s).unwrap();
+        let bad = fs::read_to_string(file.path())
+            .unwrap()
+            .replace(r#""pps": 50"#, r#""pps": 0"#);
+        fs::write(file.path(), &bad).unwrap();
+        let err = file.load().unwrap_err().to_string();
+        assert!(
+            err.contains("corrupt") && err.contains("rate limit must look like"),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(file.path()).unwrap(), bad);
         drop(file);
         fs::remove_dir_all(&dir).unwrap();
     }

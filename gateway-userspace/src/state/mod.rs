@@ -203,11 +203,33 @@ pub const RATE_BURST_FACTOR: u32 = 10;
 /// `pps` packets per second, `burst` packets at once above the rate. `--rate-limit
 /// 1000pps[,burst=200]` (also `1000`); `rate_limit: {"pps": 1000, "burst": 200}` in the API
 /// and the state file.
+/// Checked when read (the API's bodies, the state file), as `--rate-limit` is: a file with a
+/// limit this build refuses does not load (the datapath would have made 0 pps one a second).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RateLimitFields")]
 pub struct RateLimit {
     pub pps: u32,
     pub burst: u32,
+}
+
+/// [`RateLimit`]'s fields as they are read, before [`RateLimit::check`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitFields {
+    pps: u32,
+    burst: u32,
+}
+
+impl TryFrom<RateLimitFields> for RateLimit {
+    type Error = StateError;
+
+    fn try_from(f: RateLimitFields) -> Result<Self, StateError> {
+        RateLimit {
+            pps: f.pps,
+            burst: f.burst,
+        }
+        .check()
+    }
 }
 
 impl RateLimit {
@@ -956,6 +978,18 @@ pub(crate) mod tests {
             serde_json::from_value::<RateLimit>(serde_json::json!({"pps": 5, "burst": 1, "x": 1}))
                 .is_err()
         );
+        for bad in [
+            serde_json::json!({"pps": 0, "burst": 1}),
+            serde_json::json!({"pps": 10, "burst": 0}),
+            serde_json::json!({"pps": 10, "burst": 101}),
+            serde_json::json!({"pps": 10_000_001, "burst": 1}),
+        ] {
+            let err = serde_json::from_value::<RateLimit>(bad.clone()).unwrap_err();
+            assert!(
+                err.to_string().contains("rate limit must look like"),
+                "{bad}: {err}"
+            );
+        }
 
         let mut s = State::default();
         let a = s.create_app("a", None, RANGE).unwrap();
