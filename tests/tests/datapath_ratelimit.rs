@@ -33,6 +33,18 @@ fn backend(cx: &Ctx, c: Conn) -> u32 {
     cx.flow(c.key()).backend_id
 }
 
+/// `c`'s handshake, then its backend limited toward it to `pps` packets/s in bursts of
+/// `burst` (`why`: what the scenario needs of those numbers).
+fn limited(c: Conn, pps: u32, burst: u32, why: &'static str) -> Scenario {
+    Scenario::new().rows(c.handshake()).set(why, move |cx| {
+        let b = backend(cx, c);
+        cx.fx
+            .dp
+            .set_rate_limit(b, RATE_TO_BACKEND, Some((pps, burst)))
+            .expect("limit")
+    })
+}
+
 fn data(c: Conn, n: usize) -> Row {
     Row::redirected(
         format!("data {n}"),
@@ -44,15 +56,11 @@ fn data(c: Conn, n: usize) -> Row {
 
 fn a_limited_backend_passes_its_burst_then_its_rate() -> Scenario {
     let c = Conn::new(47_001);
-    let mut s = Scenario::new().rows(c.handshake()).set(
+    let mut s = limited(
+        c,
+        1,
+        5,
         "its backend limited to 1 packet/s toward it, bursts of 5 (slow enough for rows to be instants)",
-        move |cx| {
-            let b = backend(cx, c);
-            cx.fx
-                .dp
-                .set_rate_limit(b, RATE_TO_BACKEND, Some((1, 5)))
-                .expect("limit")
-        },
     );
     for n in 1..=5 {
         s = s.row(data(c, n));
@@ -110,15 +118,11 @@ fn a_backend_without_a_limit_is_never_written() -> Scenario {
 /// allowed only its burst within one tick of the clock would pass one packet a tick (250/s).
 fn packets_within_the_rate_pass_whatever_the_clock_tick() -> Scenario {
     let c = Conn::new(47_021);
-    let mut s = Scenario::new().rows(c.handshake()).set(
+    let mut s = limited(
+        c,
+        1_000,
+        1,
         "its backend limited to 1,000 packets/s toward it, bursts of 1",
-        move |cx| {
-            let b = backend(cx, c);
-            cx.fx
-                .dp
-                .set_rate_limit(b, RATE_TO_BACKEND, Some((1_000, 1)))
-                .expect("limit")
-        },
     );
     for n in 1..=30 {
         s = s.row(data(c, n)).wait(Duration::from_millis(2));
@@ -175,24 +179,18 @@ fn only_the_rst_that_closes_a_flow_passes_an_empty_bucket() -> Scenario {
             .payload(&[0u8; 1000])
         })
     };
-    let mut s = Scenario::new()
-        .rows(c.handshake())
-        .set(
-            "its backend limited to 1 packet/s toward it, bursts of 1",
-            move |cx| {
-                let b = backend(cx, c);
-                cx.fx
-                    .dp
-                    .set_rate_limit(b, RATE_TO_BACKEND, Some((1, 1)))
-                    .expect("limit")
-            },
-        )
-        .row(data(c, 1))
-        .row(Row::dropped(
-            "the bucket is empty",
-            c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"x")),
-            DropReason::RateLimited,
-        ));
+    let mut s = limited(
+        c,
+        1,
+        1,
+        "its backend limited to 1 packet/s toward it, bursts of 1",
+    )
+    .row(data(c, 1))
+    .row(Row::dropped(
+        "the bucket is empty",
+        c.send(flags::ACK | flags::PSH).map(|f| f.payload(b"x")),
+        DropReason::RateLimited,
+    ));
     for n in 1..=5 {
         s = s.row(Row::dropped(
             format!("an RST in the window, not exact, with 1,000 bytes ({n})"),
@@ -221,35 +219,29 @@ fn only_the_rst_that_closes_a_flow_passes_an_empty_bucket() -> Scenario {
 /// still waits for that FIN.
 fn a_segment_over_the_limit_leaves_its_flow_as_it_was() -> Scenario {
     let c = Conn::new(47_041);
-    Scenario::new()
-        .rows(c.handshake())
-        .set(
-            "its backend limited to 1 packet/s toward it, bursts of 1",
-            move |cx| {
-                let b = backend(cx, c);
-                cx.fx
-                    .dp
-                    .set_rate_limit(b, RATE_TO_BACKEND, Some((1, 1)))
-                    .expect("limit")
-            },
+    limited(
+        c,
+        1,
+        1,
+        "its backend limited to 1 packet/s toward it, bursts of 1",
+    )
+    .row(data(c, 1))
+    .row(
+        Row::dropped(
+            "the client's FIN, over the limit",
+            c.send(flags::FIN | flags::ACK),
+            DropReason::RateLimited,
         )
-        .row(data(c, 1))
-        .row(
-            Row::dropped(
-                "the client's FIN, over the limit",
-                c.send(flags::FIN | flags::ACK),
-                DropReason::RateLimited,
-            )
-            .check("not taken by the flow", move |cx| {
-                assert_eq!(cx.state(c.key()) & CT_FIN_FORWARD, 0);
-            }),
-        )
-        .row(Row::redirected(
-            "the backend's FIN",
-            c.reply(flags::FIN | flags::ACK),
-            c.to_client(),
-        ))
-        .check("the flow is not closed", move |cx| {
-            assert!(!is_closed(cx.state(c.key())));
-        })
+        .check("not taken by the flow", move |cx| {
+            assert_eq!(cx.state(c.key()) & CT_FIN_FORWARD, 0);
+        }),
+    )
+    .row(Row::redirected(
+        "the backend's FIN",
+        c.reply(flags::FIN | flags::ACK),
+        c.to_client(),
+    ))
+    .check("the flow is not closed", move |cx| {
+        assert!(!is_closed(cx.state(c.key())));
+    })
 }
