@@ -146,6 +146,33 @@ impl Etcd {
         self.child.take();
     }
 
+    /// Freezes etcd (SIGSTOP): its connections stay open and nothing answers, as with a
+    /// partition — what only a timeout can bound. [`Etcd::resume`] thaws it.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Thaws etcd after [`Etcd::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("etcd is running").id();
+        // SAFETY: kill(2) with our child's pid (`ip netns exec` execs etcd: the pid is etcd's).
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
+    /// etcd's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::id)
+    }
+
+    /// The data directory's parent (the run directory, with the logs).
+    pub fn run_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Whether `GET /health` on the client port answers `"health":"true"`.
     pub fn healthy(&self) -> bool {
         self.ns.run(|| {
@@ -205,7 +232,8 @@ impl Default for Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        // The child guard kills etcd; the namespace and directory guards follow.
+        // The child guard kills etcd (SIGKILL ends a paused one too); the namespace and
+        // directory guards follow.
         self.child.take();
     }
 }

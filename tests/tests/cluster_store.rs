@@ -17,7 +17,11 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 const PORTS: std::ops::RangeInclusive<u16> = 20_000..=29_999;
 
 async fn store() -> Store {
-    Store::connect(&[Etcd::ENDPOINT], "/gateway/", TIMEOUT)
+    store_with(TIMEOUT).await
+}
+
+async fn store_with(timeout: Duration) -> Store {
+    Store::connect(&[Etcd::ENDPOINT], "/gateway/", timeout)
         .await
         .expect("connect")
 }
@@ -35,7 +39,14 @@ fn concurrent_creates_take_distinct_ports() {
     let etcd = Etcd::new();
     let rt = etcd.runtime();
     let (elapsed, snapshot, owners) = Etcd::block_on(&rt, async {
-        let stores = [store().await, store().await, store().await];
+        // 300 transactions in flight on a shared 2-core machine: more time than the outage
+        // tests' 1 s for one call to wait its turn.
+        let timeout = Duration::from_secs(10);
+        let stores = [
+            store_with(timeout).await,
+            store_with(timeout).await,
+            store_with(timeout).await,
+        ];
         let start = Instant::now();
         let mut tasks = Vec::new();
         for (s, store) in stores.iter().enumerate() {
@@ -43,20 +54,24 @@ fn concurrent_creates_take_distinct_ports() {
                 let store = store.clone();
                 tasks.push(tokio::spawn(async move {
                     let name = format!("app-{s}-{i}");
+                    let t = Instant::now();
                     let port = store
                         .create_app(&name, json!({ "backends": [] }), PORTS)
                         .await
                         .unwrap_or_else(|e| panic!("{name}: {e}"));
-                    (name, port)
+                    (name, port, t.elapsed())
                 }));
             }
         }
         let mut created = BTreeMap::new();
+        let mut slowest = Duration::ZERO;
         for t in tasks {
-            let (name, port) = t.await.unwrap();
+            let (name, port, took) = t.await.unwrap();
             created.insert(name, port);
+            slowest = slowest.max(took);
         }
         let elapsed = start.elapsed();
+        eprintln!("the slowest create took {} ms", slowest.as_millis());
         let snapshot = stores[0].load().await.unwrap();
         let owners = stores[1].port_owners().await.unwrap();
         // What each create returned is what the store holds.
@@ -367,6 +382,72 @@ fn etcd_down_refuses_writes_within_the_timeout() {
         assert_eq!(port, 20_001);
         assert_eq!(s.load().await.unwrap().apps.len(), 2);
     });
+}
+
+#[test]
+fn a_frozen_etcd_refuses_writes_within_the_timeout() {
+    require_root();
+    let etcd = Etcd::new();
+    let rt = etcd.runtime();
+    let s = Etcd::block_on(&rt, async {
+        let s = store().await;
+        s.create_app("web", json!({}), PORTS).await.unwrap();
+        s
+    });
+    // Frozen, etcd keeps its connections and answers nothing: the first call ends with the
+    // timeout; later ones may fail sooner (the HTTP/2 keep-alive has given the connection up).
+    etcd.pause();
+    let s = Etcd::block_on(&rt, async move {
+        for what in ["create", "update", "load"] {
+            let t = Instant::now();
+            let r = match what {
+                "create" => s.create_app("api", json!({}), PORTS).await.map(drop),
+                "update" => s.update_app("web", |_| Ok(())).await.map(drop),
+                _ => s.load().await.map(drop),
+            };
+            let took = t.elapsed();
+            let e = r.expect_err(what);
+            assert!(e.is_unavailable(), "{what}: {e}");
+            assert!(
+                took < TIMEOUT + Duration::from_millis(500),
+                "{what} took {took:?}"
+            );
+            eprintln!("{what} (etcd frozen): {} ms: {e}", took.as_millis());
+        }
+        s
+    });
+    etcd.resume();
+    Etcd::block_on(&rt, async move {
+        assert_eq!(s.create_app("api", json!({}), PORTS).await.unwrap(), 20_001);
+    });
+}
+
+#[test]
+fn etcd_is_torn_down_on_panic() {
+    require_root();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let result = std::panic::catch_unwind(move || {
+        let etcd = Etcd::new();
+        tx.send((
+            etcd.netns().name().to_owned(),
+            etcd.run_dir().to_owned(),
+            etcd.pid().unwrap(),
+        ))
+        .unwrap();
+        etcd.pause(); // even a stopped etcd goes
+        panic!("on purpose, with etcd running");
+    });
+    assert!(result.is_err());
+    let (ns, dir, pid) = rx.recv().unwrap();
+    assert!(
+        !std::path::Path::new("/run/netns").join(&ns).exists(),
+        "namespace {ns} survived the panic"
+    );
+    assert!(!dir.exists(), "{} survived the panic", dir.display());
+    let gone = gateway_tests::wait_for(Duration::from_secs(5), || {
+        !std::path::Path::new("/proc").join(pid.to_string()).exists()
+    });
+    assert!(gone.is_some(), "etcd ({pid}) survived the panic");
 }
 
 #[test]

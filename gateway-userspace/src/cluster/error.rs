@@ -58,10 +58,23 @@ impl StoreError {
             }
             _ => false,
         };
-        let cause = match &e {
+        let mut cause = match &e {
             E::GRpcStatus(s) if !s.message().is_empty() => s.message().to_owned(),
             _ => e.to_string(),
         };
+        // The transport's own words are in the sources ("http2 error" alone says little).
+        let mut source = match &e {
+            E::GRpcStatus(s) => std::error::Error::source(s),
+            E::TransportError(t) => std::error::Error::source(t),
+            _ => None,
+        };
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !cause.contains(&text) {
+                cause = format!("{cause}: {text}");
+            }
+            source = s.source();
+        }
         if unavailable {
             StoreError::Unavailable {
                 endpoints: endpoints.to_owned(),

@@ -84,8 +84,9 @@ impl Store {
         }
         let joined = list.join(",");
         let options = ConnectOptions::new()
+            // No per-request timeout of the client's own: `call` bounds every request, with
+            // one message whatever part of it hangs.
             .with_connect_timeout(timeout)
-            .with_timeout(timeout)
             // HTTP/2 pings find a dead connection (a watch's, a lease keep-alive's) that no
             // request is using.
             .with_keep_alive(timeout.max(Duration::from_secs(1)), timeout)
