@@ -196,6 +196,16 @@ impl Store {
         settings: serde_json::Value,
         ports: impl IntoIterator<Item = u16>,
     ) -> Result<u16, StoreError> {
+        Ok(self.create_app_at(name, settings, ports).await?.0)
+    }
+
+    /// [`Store::create_app`], with the revision of its write (what a watcher sees it at).
+    pub async fn create_app_at(
+        &self,
+        name: &str,
+        settings: serde_json::Value,
+        ports: impl IntoIterator<Item = u16>,
+    ) -> Result<(u16, i64), StoreError> {
         if !valid_name(name) {
             return Err(StoreError::Invalid(format!(
                 "{name:?} is not a valid app name (printable, no '/' or space)"
@@ -262,7 +272,7 @@ impl Store {
                 ]);
             let resp = self.call(kv.txn(txn)).await?;
             if resp.succeeded() {
-                return Ok(spec.port);
+                return Ok((spec.port, revision_of(&resp)));
             }
             let gets = gets(resp.op_responses());
             if gets.first().is_some_and(|kvs| !kvs.is_empty()) {
@@ -284,7 +294,19 @@ impl Store {
     /// transaction (refused if another app owns the new port). `change` refusing (its `Err`) is
     /// [`StoreError::Rejected`]; a change that changes nothing writes nothing. Returns the app as
     /// written.
-    pub async fn update_app<F>(&self, name: &str, mut change: F) -> Result<AppSpec, StoreError>
+    pub async fn update_app<F>(&self, name: &str, change: F) -> Result<AppSpec, StoreError>
+    where
+        F: FnMut(&mut AppSpec) -> Result<(), String>,
+    {
+        Ok(self.update_app_at(name, change).await?.0)
+    }
+
+    /// [`Store::update_app`], with the revision of its write (0 when nothing was written).
+    pub async fn update_app_at<F>(
+        &self,
+        name: &str,
+        mut change: F,
+    ) -> Result<(AppSpec, i64), StoreError>
     where
         F: FnMut(&mut AppSpec) -> Result<(), String>,
     {
@@ -302,7 +324,7 @@ impl Store {
                 )));
             }
             if new == old {
-                return Ok(new);
+                return Ok((new, 0));
             }
             let app_key = self.keys.app(name);
             let value = serde_json::to_vec(&new).expect("an AppSpec serializes");
@@ -327,7 +349,7 @@ impl Store {
             let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
             let resp = self.call(kv.txn(txn)).await?;
             if resp.succeeded() {
-                return Ok(new);
+                return Ok((new, revision_of(&resp)));
             }
             if new.port != old.port
                 && let Some(owner) = gets(resp.op_responses())
@@ -353,6 +375,11 @@ impl Store {
     /// change since it was read: a concurrent change is not deleted unseen). Returns the app as
     /// it was.
     pub async fn delete_app(&self, name: &str) -> Result<AppSpec, StoreError> {
+        Ok(self.delete_app_at(name).await?.0)
+    }
+
+    /// [`Store::delete_app`], with the revision of its write.
+    pub async fn delete_app_at(&self, name: &str) -> Result<(AppSpec, i64), StoreError> {
         let mut kv = self.client.kv_client();
         for attempt in 0..UPDATE_ATTEMPTS {
             let Some((old, revision)) = self.app_versioned(name).await? else {
@@ -369,8 +396,9 @@ impl Store {
                     TxnOp::delete(app_key, None),
                     TxnOp::delete(self.keys.port(old.port), None),
                 ]);
-            if self.call(kv.txn(txn)).await?.succeeded() {
-                return Ok(old);
+            let resp = self.call(kv.txn(txn)).await?;
+            if resp.succeeded() {
+                return Ok((old, revision_of(&resp)));
             }
             backoff(attempt).await;
         }
@@ -379,6 +407,11 @@ impl Store {
             attempts: UPDATE_ATTEMPTS,
         })
     }
+}
+
+/// The revision a transaction committed at.
+fn revision_of(resp: &etcd_client::TxnResponse) -> i64 {
+    resp.header().map_or(0, |h| h.revision())
 }
 
 /// The key-values of each `get` among a transaction's responses, in order.
