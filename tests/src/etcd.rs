@@ -60,6 +60,28 @@ impl Etcd {
         etcd
     }
 
+    /// Links etcd's namespace to namespace `ns` by a veth pair (`e<i>` on etcd's side,
+    /// `etcd0` in `ns`) with the /30 number `i` of 203.0.113.128/25: etcd's side
+    /// 203.0.113.(129+4i), `ns`'s 203.0.113.(130+4i). Returns the endpoint `ns` reaches etcd
+    /// at. The pair goes with either namespace.
+    #[track_caller]
+    pub fn link(&self, ns: &Netns, i: usize) -> String {
+        assert!(i < 32, "at most 32 links");
+        let (etcd_ip, peer_ip) = (129 + 4 * i, 130 + 4 * i);
+        crate::netns::ip(&format!(
+            "-n {} link add e{i} type veth peer name etcd0 netns {}",
+            self.ns.name(),
+            ns.name()
+        ));
+        self.ns
+            .ip(&format!("addr add 203.0.113.{etcd_ip}/30 dev e{i}"));
+        self.ns.ip(&format!("link set e{i} up"));
+        self.ns.ip("link set lo up");
+        ns.ip(&format!("addr add 203.0.113.{peer_ip}/30 dev etcd0"));
+        ns.ip("link set etcd0 up");
+        format!("http://203.0.113.{etcd_ip}:2379")
+    }
+
     /// The namespace etcd runs in.
     pub fn netns(&self) -> &Netns {
         &self.ns
@@ -94,7 +116,9 @@ impl Etcd {
         cmd.args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--listen-client-urls", Self::ENDPOINT])
+            // Every address of its own namespace: its loopback, and the links to gateway
+            // namespaces ([`Etcd::link`]) added at any time.
+            .args(["--listen-client-urls", "http://0.0.0.0:2379"])
             .args(["--advertise-client-urls", Self::ENDPOINT])
             .args(["--listen-peer-urls", Self::PEER])
             .args(["--initial-advertise-peer-urls", Self::PEER])

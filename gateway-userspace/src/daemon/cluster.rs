@@ -41,7 +41,7 @@ use crate::{
 /// How long a write request waits for this node to apply what it wrote.
 pub const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// Every etcd request's bound.
-pub const STORE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the whole cached spec is reconciled again (drains that ended, deploys that
 /// finished, an aborted deploy's backends).
 const RESYNC_TICK: Duration = Duration::from_secs(1);

@@ -1,0 +1,358 @@
+//! Cluster mode end to end (issue 19): a real etcd in a namespace of its own, linked by a veth
+//! pair to each of three gateway namespaces (203.0.113.128/25, one /30 per node, not on the
+//! interfaces the daemons attach to), three daemons in TC mode (`--cluster`, nodes `tcp-1`..3),
+//! each with its own client and backends at the same addresses (the "same" containers as far as
+//! the control plane is concerned).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    thread,
+    time::{Duration, Instant},
+};
+
+use gateway::{api::AppView, datapath::AttachMode, state::BackendState};
+use gateway_tests::{
+    daemon::Daemon,
+    etcd::Etcd,
+    netns::Topology,
+    require_root,
+    traffic::{EchoClient, EchoServer, payload, sock},
+    wait_for,
+};
+
+const LIFETIME: Duration = Duration::from_secs(120);
+
+/// One node: its daemon, its echo servers, its topology (dropped in that order).
+struct Node {
+    daemon: Daemon,
+    _servers: Vec<EchoServer>,
+    topo: Topology,
+}
+
+/// Three nodes and their etcd (the daemons go first).
+struct Cluster {
+    nodes: Vec<Node>,
+    etcd: Etcd,
+}
+
+impl Cluster {
+    #[track_caller]
+    fn new(nodes: usize, backends: usize) -> Self {
+        let etcd = Etcd::new();
+        let nodes = (0..nodes)
+            .map(|i| {
+                let topo = Topology::new(backends);
+                let endpoint = etcd.link(&topo.gateway, i);
+                let servers = topo.echo_servers(8080, LIFETIME);
+                let cluster = format!("etcd={endpoint}");
+                let node = format!("tcp-{}", i + 1);
+                let daemon = Daemon::start(
+                    &topo,
+                    Some(AttachMode::Tc),
+                    &[
+                        "--cluster",
+                        &cluster,
+                        "--node",
+                        &node,
+                        "--cluster-lease",
+                        "2s",
+                    ],
+                );
+                Node {
+                    daemon,
+                    _servers: servers,
+                    topo,
+                }
+            })
+            .collect();
+        Cluster { nodes, etcd }
+    }
+
+    fn daemon(&self, i: usize) -> &Daemon {
+        &self.nodes[i].daemon
+    }
+}
+
+fn backend(i: usize) -> String {
+    SocketAddrV4::new(Topology::backend_ip(i), 8080).to_string()
+}
+
+/// App `app` on `daemon`, if it has it.
+fn app_on(daemon: &Daemon, app: &str) -> Option<AppView> {
+    let out = daemon.cli(&["app", "show", app, "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("app JSON"))
+}
+
+/// The public port of the URL `gateway app create` printed.
+fn port_of(url: &str) -> u16 {
+    url.trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not a TCP_URL: {url:?}"))
+}
+
+/// A connection through `node`'s gateway to `port`, and the backend that answered.
+fn connect(node: &Node, port: u16) -> std::io::Result<EchoClient> {
+    EchoClient::connect_within(
+        &node.topo.client,
+        sock(Topology::PUBLIC_IP, port),
+        Duration::from_millis(300),
+    )
+}
+
+/// Every app of `daemon`, name → port.
+fn apps_of(daemon: &Daemon) -> BTreeMap<String, u16> {
+    let apps: Vec<AppView> =
+        serde_json::from_str(&daemon.ok(&["app", "list", "--json"])).expect("apps JSON");
+    apps.into_iter().map(|a| (a.name, a.port)).collect()
+}
+
+#[test]
+fn an_app_created_on_node_1_is_served_by_nodes_2_and_3_within_a_second() {
+    require_root();
+    let c = Cluster::new(3, 1);
+    let asked = Instant::now();
+    let url = c.daemon(0).ok(&["app", "create", "web"]);
+    let port = port_of(&url);
+    assert_eq!(port, 20000, "{url}");
+    for i in 1..3 {
+        let took = wait_for(Duration::from_secs(1), || {
+            app_on(c.daemon(i), "web").is_some()
+        })
+        .unwrap_or_else(|| panic!("node {} has no app web after 1 s", i + 1));
+        eprintln!(
+            "node {}: app programmed {took:?} after the create was asked",
+            i + 1
+        );
+    }
+    let added = Instant::now();
+    c.daemon(0).ok(&["backend", "add", "web", &backend(0)]);
+    // A real connection through each node's gateway to its own container, once this node's
+    // health checks passed (rise 2 at 200 ms).
+    for (i, node) in c.nodes.iter().enumerate() {
+        wait_for(Duration::from_secs(2), || {
+            connect(node, port).is_ok_and(|e| e.server == "b0")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "node {}: no connection through its gateway:\n{}",
+                i + 1,
+                node.daemon.log()
+            )
+        });
+        eprintln!(
+            "node {}: a connection through its gateway {:?} after the backend was added ({:?} after the app was)",
+            i + 1,
+            added.elapsed(),
+            asked.elapsed()
+        );
+    }
+    // Each node's state of the backend, a column per node, once published.
+    let all_active = || {
+        let b = c.daemon(1).backends("web");
+        b.len() == 1
+            && ["tcp-1", "tcp-2", "tcp-3"]
+                .iter()
+                .all(|n| b[0].nodes.get(*n).map(String::as_str) == Some("active"))
+    };
+    assert!(
+        wait_for(Duration::from_secs(3), all_active).is_some(),
+        "{:?}",
+        c.daemon(1).backends("web")
+    );
+    let table = c.daemon(1).ok(&["backend", "list", "web"]);
+    assert!(
+        table.contains("tcp-1") && table.contains("tcp-3"),
+        "{table}"
+    );
+    let status = c.daemon(2).ok(&["cluster", "status"]);
+    for n in ["tcp-1", "tcp-2", "tcp-3"] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(n) && l.ends_with("web")),
+            "{status}"
+        );
+    }
+    // A change on node 3 reaches the others; a node set leaves a node out.
+    c.daemon(2)
+        .ok(&["app", "set", "web", "--nodes", "tcp-1,tcp-3"]);
+    assert!(
+        wait_for(Duration::from_secs(1), || app_on(c.daemon(1), "web")
+            .is_none())
+        .is_some(),
+        "node 2 still serves web"
+    );
+    assert!(app_on(c.daemon(0), "web").is_some());
+    assert!(connect(&c.nodes[1], port).is_err());
+    assert!(connect(&c.nodes[0], port).is_ok());
+    // A delete on node 1 goes everywhere.
+    c.daemon(0).ok(&["app", "delete", "web"]);
+    for i in 0..3 {
+        assert!(
+            wait_for(Duration::from_secs(1), || app_on(c.daemon(i), "web")
+                .is_none())
+            .is_some(),
+            "node {} still has web",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn concurrent_creates_on_three_nodes_give_distinct_ports() {
+    require_root();
+    const PER_NODE: usize = 100;
+    let c = Cluster::new(3, 1);
+    let started = Instant::now();
+    let urls: Vec<(String, String)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .flat_map(|n| (0..PER_NODE).map(move |k| (n, k)))
+            .map(|(n, k)| {
+                let daemon = c.daemon(n);
+                s.spawn(move || {
+                    let name = format!("a{n}x{k}");
+                    let url = daemon.ok(&["app", "create", &name]);
+                    (name, url)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!(
+        "{} concurrent creates on 3 nodes: {:?}",
+        urls.len(),
+        started.elapsed()
+    );
+    let ports: BTreeSet<u16> = urls.iter().map(|(_, u)| port_of(u)).collect();
+    assert_eq!(ports.len(), 3 * PER_NODE, "{urls:?}");
+    let want: BTreeMap<String, u16> = urls.iter().map(|(n, u)| (n.clone(), port_of(u))).collect();
+    for i in 0..3 {
+        let same = wait_for(Duration::from_secs(3), || apps_of(c.daemon(i)) == want);
+        assert!(same.is_some(), "node {}: {:?}", i + 1, apps_of(c.daemon(i)));
+    }
+}
+
+#[test]
+fn etcd_down_forwarding_goes_on_writes_are_refused_then_applied_after_it_returns() {
+    require_root();
+    let mut c = Cluster::new(3, 1);
+    let port = port_of(&c.daemon(0).ok(&["app", "create", "web"]));
+    c.daemon(0).ok(&["backend", "add", "web", &backend(0)]);
+    for node in &c.nodes {
+        assert!(
+            wait_for(Duration::from_secs(3), || connect(node, port).is_ok()).is_some(),
+            "{}",
+            node.daemon.log()
+        );
+    }
+    let mut open: Vec<EchoClient> = c.nodes.iter().map(|n| connect(n, port).unwrap()).collect();
+
+    c.etcd.stop();
+    let down = Instant::now();
+    let mut round = 0;
+    let mut refused = String::new();
+    while down.elapsed() < Duration::from_secs(4) {
+        for (i, e) in open.iter_mut().enumerate() {
+            e.echo(&payload(512, round))
+                .unwrap_or_else(|err| panic!("node {}: open connection broke: {err}", i + 1));
+            connect(&c.nodes[i], port)
+                .unwrap_or_else(|err| panic!("node {}: new connection failed: {err}", i + 1));
+        }
+        round += 1;
+        refused = c.daemon(1).fails(&["app", "create", "api"]);
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        refused.contains("unreachable") && refused.contains("changes are refused"),
+        "{refused}"
+    );
+    let add = c.daemon(2).fails(&["backend", "add", "web", &backend(1)]);
+    assert!(add.contains("unreachable"), "{add}");
+    // The API says 503.
+    let (status, _) = c.daemon(0).api("POST", "/v1/apps", r#"{"name": "x"}"#);
+    assert_eq!(status, 503);
+
+    let took = c.etcd.start();
+    eprintln!("etcd back after {:?} (started in {took:?})", down.elapsed());
+    let written = wait_for(Duration::from_secs(10), || {
+        c.daemon(1).cli(&["app", "create", "api"]).status.success()
+    })
+    .expect("a write succeeds once etcd is back");
+    eprintln!("first write accepted {written:?} after etcd started");
+    for i in 0..3 {
+        assert!(
+            wait_for(Duration::from_secs(5), || app_on(c.daemon(i), "api")
+                .is_some())
+            .is_some(),
+            "node {} lacks api:\n{}",
+            i + 1,
+            c.daemon(i).log()
+        );
+    }
+    for (i, e) in open.iter_mut().enumerate() {
+        e.echo(&payload(512, 999))
+            .unwrap_or_else(|err| panic!("node {}: open connection broke: {err}", i + 1));
+    }
+}
+
+#[test]
+fn a_node_killed_and_restarted_keeps_its_connections_and_matches_etcd_and_is_shown_gone_meanwhile()
+{
+    require_root();
+    let mut c = Cluster::new(3, 2);
+    let port = port_of(&c.daemon(0).ok(&["app", "create", "web"]));
+    c.daemon(0).ok(&["backend", "add", "web", &backend(0)]);
+    let node3 = &c.nodes[2];
+    assert!(
+        wait_for(Duration::from_secs(3), || connect(node3, port).is_ok()).is_some(),
+        "{}",
+        node3.daemon.log()
+    );
+    let mut long = connect(node3, port).unwrap();
+    long.echo(&payload(1024, 0)).unwrap();
+    let live = |d: &Daemon| {
+        let v: gateway::api::ClusterView =
+            serde_json::from_str(&d.ok(&["cluster", "status", "--json"])).unwrap();
+        v.nodes.into_iter().map(|n| n.node).collect::<Vec<_>>()
+    };
+    assert_eq!(live(c.daemon(0)), ["tcp-1", "tcp-2", "tcp-3"]);
+
+    c.nodes[2].daemon.kill9();
+    let killed = Instant::now();
+    // Changes while it is down.
+    c.daemon(0).ok(&["backend", "add", "web", &backend(1)]);
+    let api = port_of(&c.daemon(1).ok(&["app", "create", "api"]));
+    let gone = wait_for(Duration::from_secs(6), || {
+        live(c.daemon(0)) == ["tcp-1", "tcp-2"]
+    })
+    .expect("tcp-3 still listed 6 s after it was killed (lease 2 s)");
+    eprintln!(
+        "tcp-3 shown gone {:?} after SIGKILL (polled for {gone:?})",
+        killed.elapsed()
+    );
+
+    c.nodes[2].daemon.restart();
+    let node3 = &c.nodes[2];
+    long.echo(&payload(1024, 1))
+        .expect("the established connection survived the restart");
+    assert_eq!(apps_of(&node3.daemon), apps_of(c.daemon(0)));
+    assert_eq!(apps_of(&node3.daemon)["api"], api);
+    let addrs: BTreeSet<String> = node3
+        .daemon
+        .backends("web")
+        .into_iter()
+        .filter(|b| b.state != BackendState::Draining)
+        .map(|b| b.address)
+        .collect();
+    assert_eq!(addrs, BTreeSet::from([backend(0), backend(1)]));
+    assert!(
+        wait_for(Duration::from_secs(4), || live(c.daemon(0)).len() == 3).is_some(),
+        "tcp-3 not back in cluster status"
+    );
+    long.echo(&payload(1024, 2)).unwrap();
+}
