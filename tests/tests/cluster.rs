@@ -356,3 +356,88 @@ fn a_node_killed_and_restarted_keeps_its_connections_and_matches_etcd_and_is_sho
     );
     long.echo(&payload(1024, 2)).unwrap();
 }
+
+/// Short connections through one node, one after another, until stopped: (answered by, failed).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<(Vec<String>, Vec<String>)>,
+}
+
+impl Load {
+    fn start(node: &Node, port: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let to = sock(Topology::PUBLIC_IP, port);
+        let thread = gateway_tests::netns::thread_in(node.topo.client.name(), move || {
+            let (mut ok, mut failed) = (Vec::new(), Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(40);
+            let mut n = 0;
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                    .and_then(EchoClient::from_stream)
+                    .and_then(|mut e| e.echo(&payload(64, n)).map(|()| e.server))
+                {
+                    Ok(server) => ok.push(server),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                n += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failed)
+        });
+        Load { stop, thread }
+    }
+
+    fn finish(self) -> (Vec<String>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("load thread")
+    }
+}
+
+#[test]
+fn a_deploy_issued_on_node_2_rotates_all_three_with_no_failed_connection() {
+    require_root();
+    let c = Cluster::new(3, 2);
+    let port = port_of(&c.daemon(0).ok(&["app", "create", "web"]));
+    c.daemon(0).ok(&["backend", "add", "web", &backend(0)]);
+    for node in &c.nodes {
+        node.daemon.wait_active("web", 1);
+    }
+    let loads: Vec<Load> = c.nodes.iter().map(|n| Load::start(n, port)).collect();
+    thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let out = c.daemon(1).ok(&["deploy", "web", &backend(1)]);
+    eprintln!(
+        "deploy answered on node 2 after {:?}: {out}",
+        asked.elapsed()
+    );
+    // Every node switches by its own checks: new connections reach b1 everywhere.
+    for (i, node) in c.nodes.iter().enumerate() {
+        let switched = wait_for(Duration::from_secs(5), || {
+            connect(node, port).is_ok_and(|e| e.server == "b1")
+        })
+        .unwrap_or_else(|| panic!("node {} did not switch:\n{}", i + 1, node.daemon.log()));
+        eprintln!(
+            "node {}: switched (seen {switched:?} after node 2 answered)",
+            i + 1
+        );
+    }
+    thread::sleep(Duration::from_millis(300));
+    for (i, load) in loads.into_iter().enumerate() {
+        let (ok, failed) = load.finish();
+        assert!(failed.is_empty(), "node {}: {failed:?}", i + 1);
+        assert!(ok.iter().any(|s| s == "b0") && ok.last().map(String::as_str) == Some("b1"));
+        eprintln!("node {}: {} connections, none failed", i + 1, ok.len());
+    }
+    for node in &c.nodes {
+        let active: Vec<String> = node
+            .daemon
+            .backends("web")
+            .into_iter()
+            .filter(|b| b.state == BackendState::Active)
+            .map(|b| b.address)
+            .collect();
+        assert_eq!(active, [backend(1)]);
+    }
+}
