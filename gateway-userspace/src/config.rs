@@ -537,6 +537,63 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings() {
+        let merged = |a: DaemonArgs, f: &str| Settings::merge(a, parse(f).unwrap());
+        assert_eq!(merged(args(), "").unwrap().cluster, None);
+        let s = merged(
+            DaemonArgs {
+                cluster: Some("etcd=http://203.0.113.129:2379,http://203.0.113.133:2379".into()),
+                node: Some("tcp-1".into()),
+                cluster_lease: Some("2s".parse().unwrap()),
+                ..args()
+            },
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            s.cluster,
+            Some(ClusterSettings {
+                endpoints: vec![
+                    "http://203.0.113.129:2379".into(),
+                    "http://203.0.113.133:2379".into()
+                ],
+                node: "tcp-1".into(),
+                prefix: "/gateway/".into(),
+                lease: Duration::from_secs(2),
+            })
+        );
+        // The same keys in the file.
+        let s = merged(
+            args(),
+            "cluster = \"etcd=http://198.51.100.9:2379\"\nnode = \"tcp-2\"\ncluster-prefix = \"/gw2/\"\n",
+        )
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!((s.node.as_str(), s.prefix.as_str()), ("tcp-2", "/gw2/"));
+        assert_eq!(s.lease, DEFAULT_CLUSTER_LEASE);
+        for (cluster, node, want) in [
+            (Some("http://x:2379"), Some("tcp-1"), "bad --cluster"),
+            (Some("etcd=x:2379"), Some("tcp-1"), "bad --cluster"),
+            (Some("etcd=http://x:2379"), None, "needs --node"),
+            (Some("etcd=http://x:2379"), Some("a/b"), "bad node name"),
+            (None, Some("tcp-1"), "only mean something with --cluster"),
+        ] {
+            let e = merged(
+                DaemonArgs {
+                    cluster: cluster.map(Into::into),
+                    node: node.map(Into::into),
+                    ..args()
+                },
+                "",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{cluster:?} {node:?}: {e}");
+        }
+    }
+
+    #[test]
     fn a_full_file_parses() {
         let file = parse(
             r#"

@@ -441,3 +441,71 @@ fn a_deploy_issued_on_node_2_rotates_all_three_with_no_failed_connection() {
         assert_eq!(active, [backend(1)]);
     }
 }
+
+#[test]
+fn cluster_import_moves_a_single_nodes_apps_into_etcd_and_refuses_taken_names() {
+    require_root();
+    let etcd = Etcd::new();
+    let topo = Topology::new(2);
+    let endpoint = etcd.link(&topo.gateway, 0);
+    let single = Daemon::start(&topo, Some(AttachMode::Tc), &[]);
+    single.ok(&["app", "create", "web", "--mss", "1360"]);
+    single.ok(&["backend", "add", "web", &backend(0)]);
+    single.ok(&["backend", "add", "web", &backend(1), "--weight", "3"]);
+    single.ok(&["app", "create", "db", "--port", "20007"]);
+    let state = single.dir.path().join("state/state.json");
+    let import = || {
+        gateway_tests::netns::netns_command(
+            topo.gateway.name(),
+            gateway_tests::daemon::gateway_bin(),
+        )
+        .args([
+            "cluster",
+            "import",
+            "--cluster",
+            &format!("etcd={endpoint}"),
+            "--state",
+        ])
+        .arg(&state)
+        .output()
+        .expect("run gateway cluster import")
+    };
+    let out = import();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("imported app web on port 20000 (2 backends)"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("imported app db on port 20007"),
+        "{printed}"
+    );
+    let rt = etcd.runtime();
+    let snapshot = Etcd::block_on(&rt, async {
+        gateway::cluster::Store::connect(&[Etcd::ENDPOINT], "/gateway/", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .load()
+            .await
+            .unwrap()
+    });
+    let web = &snapshot.apps["web"];
+    assert_eq!(web.port, 20000);
+    assert_eq!(web.settings["mss_clamp"], 1360);
+    assert_eq!(web.settings["backends"][1]["weight"], 3);
+    assert_eq!(snapshot.apps["db"].port, 20007);
+    // Again: both names are taken; one line, nothing changed.
+    let again = import();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("2 of 2 apps not imported") && err.contains("already exists"),
+        "{err}"
+    );
+}
