@@ -1,7 +1,7 @@
 //! The cluster store (issue 19's foundation): several front nodes share the operator's intent —
 //! apps, their public ports and settings — through etcd (v3 API), and each node keeps its own
-//! observed state (health, drains) and reconciles toward it. The daemon does not use this module
-//! yet; `docs/cluster.md` says what is stored where and how the store fails.
+//! observed state (health, drains) and reconciles toward it (`daemon::cluster`, with
+//! `gateway daemon --cluster`); `docs/cluster.md` says what is stored where and how it fails.
 //!
 //! Keys, under a prefix (default [`DEFAULT_PREFIX`]):
 //!
