@@ -509,3 +509,62 @@ fn cluster_import_moves_a_single_nodes_apps_into_etcd_and_refuses_taken_names() 
         "{err}"
     );
 }
+
+/// Issue 19's performance target: a change made on one node is programmed in every node's
+/// datapath within 100 ms at the median. `GATEWAY_CLUSTER_CHANGES` changes (default 200; 1,000
+/// for docs/benchmarks.md), alternately a backend added and removed on node 1, each timed from
+/// the write until nodes 2 and 3 both show it (their state is committed after the datapath).
+#[test]
+fn a_change_reaches_every_node_within_100_ms_at_the_median() {
+    require_root();
+    let changes: usize = std::env::var("GATEWAY_CLUSTER_CHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let c = Cluster::new(3, 1);
+    c.daemon(0).ok(&["app", "create", "web"]);
+    let state_on = |i: usize, address: &str| -> Option<String> {
+        let (status, body) = c.daemon(i).api("GET", "/v1/apps/web/backends", "");
+        assert_eq!(status, 200, "{body}");
+        let list: Vec<gateway::api::BackendView> = serde_json::from_str(&body).unwrap();
+        list.into_iter()
+            .find(|b| b.address == address)
+            .map(|b| b.state.as_str().to_owned())
+    };
+    let mut took = Vec::with_capacity(changes);
+    for k in 0..changes {
+        let address = format!("198.51.100.200:{}", 10000 + k / 2);
+        let start = Instant::now();
+        let done: fn(Option<String>) -> bool = if k % 2 == 0 {
+            let (status, body) = c.daemon(0).api(
+                "POST",
+                "/v1/apps/web/backends",
+                &format!(r#"{{"address": "{address}"}}"#),
+            );
+            assert_eq!(status, 201, "{body}");
+            |s| s.is_some()
+        } else {
+            let (status, body) =
+                c.daemon(0)
+                    .api("DELETE", &format!("/v1/apps/web/backends/{address}"), "");
+            assert_eq!(status, 200, "{body}");
+            |s| s.is_none_or(|s| s == "draining")
+        };
+        let seen = wait_for(Duration::from_secs(5), || {
+            (1..3).all(|i| done(state_on(i, &address)))
+        })
+        .unwrap_or_else(|| panic!("change {k} ({address}) not on every node after 5 s"));
+        let _ = seen;
+        took.push(start.elapsed());
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "{changes} backend changes on node 1 seen on nodes 2 and 3: median {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        took.last().unwrap()
+    );
+    assert!(at(0.5) < Duration::from_millis(100), "median {:?}", at(0.5));
+}
