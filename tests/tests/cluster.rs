@@ -324,8 +324,9 @@ fn a_node_killed_and_restarted_keeps_its_connections_and_matches_etcd_and_is_sho
 
     c.nodes[2].daemon.kill9();
     let killed = Instant::now();
-    // Changes while it is down.
-    c.daemon(0).ok(&["backend", "add", "web", &backend(1)]);
+    // Changes while it is down: a deploy from b0 to b1, a new app.
+    let out = c.daemon(0).ok(&["deploy", "web", &backend(1)]);
+    assert!(out.contains("switched"), "{out}");
     let api = port_of(&c.daemon(1).ok(&["app", "create", "api"]));
     let gone = wait_for(Duration::from_secs(6), || {
         live(c.daemon(0)) == ["tcp-1", "tcp-2"]
@@ -342,14 +343,31 @@ fn a_node_killed_and_restarted_keeps_its_connections_and_matches_etcd_and_is_sho
         .expect("the established connection survived the restart");
     assert_eq!(apps_of(&node3.daemon), apps_of(c.daemon(0)));
     assert_eq!(apps_of(&node3.daemon)["api"], api);
-    let addrs: BTreeSet<String> = node3
-        .daemon
-        .backends("web")
-        .into_iter()
-        .filter(|b| b.state != BackendState::Draining)
-        .map(|b| b.address)
-        .collect();
-    assert_eq!(addrs, BTreeSet::from([backend(0), backend(1)]));
+    // The deploy it missed runs here: b1 held until healthy on this node, then b0 drains (its
+    // established connection goes on).
+    let states = || {
+        node3
+            .daemon
+            .backends("web")
+            .into_iter()
+            .map(|b| (b.address, b.state))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let want = BTreeMap::from([
+        (backend(0), BackendState::Draining),
+        (backend(1), BackendState::Active),
+    ]);
+    assert!(
+        wait_for(Duration::from_secs(3), || states() == want).is_some(),
+        "{:?}\n{}",
+        states(),
+        node3.daemon.log()
+    );
+    assert!(
+        node3.daemon.log().contains("deploy started"),
+        "the missed deploy ran as a deploy"
+    );
+    assert!(connect(node3, port).is_ok_and(|e| e.server == "b1"));
     assert!(
         wait_for(Duration::from_secs(4), || live(c.daemon(0)).len() == 3).is_some(),
         "tcp-3 not back in cluster status"

@@ -230,10 +230,21 @@ impl Core {
         let generation = intent.deploy.as_ref().map_or(0, |d| d.generation);
         let known = self.deploy_generations.get(name).copied();
         let mut rollout = None;
+        // A node that (re)starts after a deploy it missed: the new backends are held until
+        // healthy here before the old ones drain (its own deploy), not added and drained at once.
+        let adds = intent
+            .backends
+            .iter()
+            .any(|b| !app.backends.iter().any(|x| x.addr == b.address));
+        let drains = app.backends.iter().any(|b| {
+            b.state != BackendState::Draining
+                && !intent.backends.iter().any(|x| x.address == b.addr)
+        });
+        let missed = known.is_none() && generation > 0 && adds && drains;
         if app.deploying() {
             // A local deploy is under way: it finishes first (the resync looks again).
         } else if local.is_some()
-            && known.is_some_and(|k| generation > k)
+            && (known.is_some_and(|k| generation > k) || missed)
             && !intent.backends.is_empty()
         {
             rollout = intent.deploy.clone();
