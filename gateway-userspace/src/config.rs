@@ -516,8 +516,13 @@ impl Settings {
 
     /// The TCP_URL of an app on `port`.
     pub fn url(&self, port: u16) -> String {
-        format!("tcp://{}:{port}", self.public_host)
+        url_of(&self.public_host, port)
     }
+}
+
+/// The TCP_URL of an app on `port` of the node whose `--public-host` is `host`.
+pub fn url_of(host: &str, port: u16) -> String {
+    format!("tcp://{host}:{port}")
 }
 
 #[cfg(test)]

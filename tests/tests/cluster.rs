@@ -47,6 +47,7 @@ impl Cluster {
                 let servers = topo.echo_servers(8080, LIFETIME);
                 let cluster = format!("etcd={endpoint}");
                 let node = format!("tcp-{}", i + 1);
+                let host = format!("{node}.example.com");
                 let daemon = Daemon::start(
                     &topo,
                     Some(AttachMode::Tc),
@@ -57,6 +58,8 @@ impl Cluster {
                         &node,
                         "--cluster-lease",
                         "2s",
+                        "--public-host",
+                        &host,
                     ],
                 );
                 Node {
@@ -190,6 +193,17 @@ fn an_app_created_on_node_1_is_served_by_nodes_2_and_3_within_a_second() {
     assert!(app_on(c.daemon(0), "web").is_some());
     assert!(connect(&c.nodes[1], port).is_err());
     assert!(connect(&c.nodes[0], port).is_ok());
+    // The TCP_URL names a node that serves the app: the writer when it does, else the first
+    // of the app's set.
+    let url = c
+        .daemon(1)
+        .ok(&["app", "create", "pinned", "--nodes", "tcp-3"]);
+    assert!(url.trim().starts_with("tcp://tcp-3.example.com:"), "{url}");
+    let url = c.daemon(1).ok(&["app", "create", "everywhere"]);
+    assert!(url.trim().starts_with("tcp://tcp-2.example.com:"), "{url}");
+    for app in ["pinned", "everywhere"] {
+        c.daemon(0).ok(&["app", "delete", app]);
+    }
     // A delete on node 1 goes everywhere.
     c.daemon(0).ok(&["app", "delete", "web"]);
     for i in 0..3 {

@@ -461,6 +461,7 @@ fn a_node_whose_keepalive_stops_disappears() {
             started_ms: 1_700_000_000_000,
             version: "0.1.0".into(),
             api: Some(api.into()),
+            public_host: None,
         };
         let ttl = Duration::from_secs(2);
         let one = s

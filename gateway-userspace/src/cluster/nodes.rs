@@ -28,6 +28,10 @@ pub struct NodeInfo {
     /// Where the node's API answers, if it is reachable from other nodes.
     #[serde(default)]
     pub api: Option<String>,
+    /// The host its apps' `TCP_URL`s name (`--public-host`): what another node prints for an
+    /// app only this one serves. Absent from nodes of the release before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_host: Option<String>,
 }
 
 /// A live node: its name, what it said, its lease.

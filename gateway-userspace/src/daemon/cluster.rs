@@ -447,7 +447,8 @@ impl Daemon {
         let info = NodeInfo {
             started_ms: link.started_ms,
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            api: Some(format!("v1; public {}", settings.public_host)),
+            api: Some("v1".to_owned()),
+            public_host: Some(settings.public_host.clone()),
         };
         match link
             .store
@@ -588,11 +589,28 @@ impl Daemon {
             return Ok(view);
         }
         let intent = AppIntent::of(&spec).unwrap_or_default();
+        // Not served here: its TCP_URL names the first live node of its set (by name), or
+        // this node's host when none is known.
+        let host = match &intent.nodes {
+            Some(set) => self.link().store.nodes().await.ok().and_then(|live| {
+                let mut serving: Vec<_> = live
+                    .into_iter()
+                    .filter(|n| set.contains(&n.node))
+                    .filter_map(|n| Some((n.node, n.info.public_host?)))
+                    .collect();
+                serving.sort();
+                serving.into_iter().next().map(|(_, host)| host)
+            }),
+            None => None,
+        };
         self.with(move |c| {
             Ok(AppView {
                 name: spec.name.clone(),
                 port: spec.port,
-                url: c.settings.url(spec.port),
+                url: host.map_or_else(
+                    || c.settings.url(spec.port),
+                    |h| crate::config::url_of(&h, spec.port),
+                ),
                 mss_clamp: intent.mss_clamp,
                 client_address: intent.client_address,
                 rate_limit: intent.rate_limit,
