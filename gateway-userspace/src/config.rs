@@ -143,6 +143,21 @@ pub struct DaemonArgs {
     /// for status and metrics; stretched to 10× a scan's duration on huge tables [default: 2s].
     #[arg(long, value_name = "DURATION")]
     pub scan_interval: Option<Dur>,
+    /// Join a cluster of nodes sharing apps, ports and backends through etcd:
+    /// `etcd=http://HOST:2379[,http://HOST2:2379...]` (see docs/cluster.md). Without it the
+    /// node keeps its own state file only.
+    #[arg(long, value_name = "etcd=URL[,URL...]")]
+    pub cluster: Option<String>,
+    /// This node's name in the cluster (e.g. `tcp-1`); required with --cluster.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// The key prefix of the cluster in etcd [default: /gateway/].
+    #[arg(long, value_name = "PREFIX")]
+    pub cluster_prefix: Option<String>,
+    /// The TTL of the node's lease in etcd: a node that stops renewing it is shown gone after
+    /// this long [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub cluster_lease: Option<Dur>,
 }
 
 /// The config file: the same keys as the flags.
@@ -171,6 +186,10 @@ pub struct FileConfig {
     pub drain_timeout: Option<Dur>,
     pub deploy_timeout: Option<Dur>,
     pub scan_interval: Option<Dur>,
+    pub cluster: Option<String>,
+    pub node: Option<String>,
+    pub cluster_prefix: Option<String>,
+    pub cluster_lease: Option<Dur>,
     /// Named rate limits (`[plans]`, `small = "1000pps,burst=100"`) that `gateway app create
     /// --plan NAME` and `app set --plan NAME` refer to.
     #[serde(default)]
@@ -222,6 +241,14 @@ pub enum ConfigError {
     },
     #[error("scan-interval {} is too short: give at least 10ms", humantime::format_duration(*.0))]
     ScanIntervalTooShort(Duration),
+    #[error("bad --cluster {0:?}: give etcd=http://HOST:PORT[,http://HOST:PORT...]")]
+    BadCluster(String),
+    #[error("--cluster needs --node NAME (this node's name in the cluster, e.g. tcp-1)")]
+    NoNode,
+    #[error("bad node name {0:?} (letters, digits, '-', '_' and '.')")]
+    BadNode(String),
+    #[error("--node and --cluster-prefix only mean something with --cluster")]
+    NodeWithoutCluster,
 }
 
 impl FileConfig {
@@ -269,6 +296,66 @@ pub struct Settings {
     pub scan_interval: Duration,
     /// The rate limits of the config file's `[plans]`, by name.
     pub plans: BTreeMap<String, RateLimit>,
+    /// The cluster this node belongs to (`--cluster`), if any.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `--cluster`, `--node`, `--cluster-prefix`, `--cluster-lease`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterSettings {
+    pub endpoints: Vec<String>,
+    pub node: String,
+    pub prefix: String,
+    pub lease: Duration,
+}
+
+/// How long a node's lease lives without renewal by default.
+pub const DEFAULT_CLUSTER_LEASE: Duration = Duration::from_secs(10);
+
+/// Parses `etcd=URL[,URL...]`.
+pub fn parse_cluster(text: &str) -> Result<Vec<String>, ConfigError> {
+    let bad = || ConfigError::BadCluster(text.to_owned());
+    let list = text.strip_prefix("etcd=").ok_or_else(bad)?;
+    let endpoints: Vec<String> = list.split(',').map(|e| e.trim().to_owned()).collect();
+    if endpoints
+        .iter()
+        .any(|e| !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < 9)
+    {
+        return Err(bad());
+    }
+    Ok(endpoints)
+}
+
+impl ClusterSettings {
+    fn resolve(
+        cluster: Option<String>,
+        node: Option<String>,
+        prefix: Option<String>,
+        lease: Option<Dur>,
+    ) -> Result<Option<Self>, ConfigError> {
+        let Some(cluster) = cluster else {
+            if node.is_some() || prefix.is_some() {
+                return Err(ConfigError::NodeWithoutCluster);
+            }
+            return Ok(None);
+        };
+        let endpoints = parse_cluster(&cluster)?;
+        let node = node.ok_or(ConfigError::NoNode)?;
+        if node.is_empty()
+            || node.len() > 63
+            || !node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(ConfigError::BadNode(node));
+        }
+        Ok(Some(ClusterSettings {
+            endpoints,
+            node,
+            prefix: prefix.unwrap_or_else(|| crate::cluster::DEFAULT_PREFIX.to_owned()),
+            lease: lease.map_or(DEFAULT_CLUSTER_LEASE, |d| d.0),
+        }))
+    }
 }
 
 fn unicast(ip: Ipv4Addr) -> bool {
@@ -375,7 +462,14 @@ impl Settings {
                 Err(error) => return Err(ConfigError::Plan { name, error }),
             }
         }
+        let cluster = ClusterSettings::resolve(
+            args.cluster.or(file.cluster),
+            args.node.or(file.node),
+            args.cluster_prefix.or(file.cluster_prefix),
+            args.cluster_lease.or(file.cluster_lease),
+        )?;
         Ok(Settings {
+            cluster,
             plans,
             health: HealthConfig::default().with(&overrides),
             drain_timeout: args
@@ -422,8 +516,13 @@ impl Settings {
 
     /// The TCP_URL of an app on `port`.
     pub fn url(&self, port: u16) -> String {
-        format!("tcp://{}:{port}", self.public_host)
+        url_of(&self.public_host, port)
     }
+}
+
+/// The TCP_URL of an app on `port` of the node whose `--public-host` is `host`.
+pub fn url_of(host: &str, port: u16) -> String {
+    format!("tcp://{host}:{port}")
 }
 
 #[cfg(test)]
@@ -439,6 +538,63 @@ mod tests {
             iface: vec!["eth0".into()],
             public_ip: Some("203.0.113.10".parse().unwrap()),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cluster_settings() {
+        let merged = |a: DaemonArgs, f: &str| Settings::merge(a, parse(f).unwrap());
+        assert_eq!(merged(args(), "").unwrap().cluster, None);
+        let s = merged(
+            DaemonArgs {
+                cluster: Some("etcd=http://203.0.113.129:2379,http://203.0.113.133:2379".into()),
+                node: Some("tcp-1".into()),
+                cluster_lease: Some("2s".parse().unwrap()),
+                ..args()
+            },
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            s.cluster,
+            Some(ClusterSettings {
+                endpoints: vec![
+                    "http://203.0.113.129:2379".into(),
+                    "http://203.0.113.133:2379".into()
+                ],
+                node: "tcp-1".into(),
+                prefix: "/gateway/".into(),
+                lease: Duration::from_secs(2),
+            })
+        );
+        // The same keys in the file.
+        let s = merged(
+            args(),
+            "cluster = \"etcd=http://198.51.100.9:2379\"\nnode = \"tcp-2\"\ncluster-prefix = \"/gw2/\"\n",
+        )
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!((s.node.as_str(), s.prefix.as_str()), ("tcp-2", "/gw2/"));
+        assert_eq!(s.lease, DEFAULT_CLUSTER_LEASE);
+        for (cluster, node, want) in [
+            (Some("http://x:2379"), Some("tcp-1"), "bad --cluster"),
+            (Some("etcd=x:2379"), Some("tcp-1"), "bad --cluster"),
+            (Some("etcd=http://x:2379"), None, "needs --node"),
+            (Some("etcd=http://x:2379"), Some("a/b"), "bad node name"),
+            (None, Some("tcp-1"), "only mean something with --cluster"),
+        ] {
+            let e = merged(
+                DaemonArgs {
+                    cluster: cluster.map(Into::into),
+                    node: node.map(Into::into),
+                    ..args()
+                },
+                "",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{cluster:?} {node:?}: {e}");
         }
     }
 

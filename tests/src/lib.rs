@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod compare;
 pub mod daemon;
 pub mod datapath;
+pub mod etcd;
 pub mod fuzz;
 pub mod hostile;
 pub mod icmp;

@@ -26,6 +26,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "fonts-dejavu-core", // the benchmark chart's labels
     "redis-server",      // the client-address tests: an unmodified app behind the agent
     "python3",           // the client-address tests: a plain accept() server
+    "etcd-server",       // the cluster store's tests run a real single-member etcd (v3 API)
+    "protobuf-compiler", // protoc: the etcd client crate compiles etcd's .proto files at build time
+    "libprotobuf-dev",   // google/protobuf/*.proto, which etcd's .proto files import
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -99,6 +99,11 @@ impl Client {
         self.call_with(Method::POST, "/v1/apps", app).await
     }
 
+    /// `GET /v1/cluster`: the cluster's live nodes (cluster mode only).
+    pub async fn cluster(&self) -> Result<crate::api::ClusterView, ClientError> {
+        self.call(Method::GET, "/v1/cluster").await
+    }
+
     /// `GET /v1/apps/{name}`.
     pub async fn app(&self, name: &str) -> Result<AppView, ClientError> {
         self.call(Method::GET, &path::app(name)).await
@@ -378,6 +383,7 @@ mod tests {
             client_address: None,
             rate_limit: None,
             plan: None,
+            nodes: None,
         };
         let json = serde_json::to_value(&create).unwrap();
         assert_eq!(

@@ -58,6 +58,9 @@ pub struct CreateApp {
     /// whose limit the daemon sets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
+    /// Cluster mode: the nodes that serve the app (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<String>>,
 }
 
 /// `PATCH /v1/apps/{name}`: changes settings of an existing app, live. Each field reads as in a
@@ -92,6 +95,9 @@ pub struct UpdateApp {
     /// the daemon sets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
+    /// Cluster mode: the nodes that serve the app (`all`: every node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<String>>,
 }
 
 /// A field that is present, as `Some` of its value (also of `null`: `Some(None)`); with
@@ -177,6 +183,10 @@ pub struct BackendView {
     pub pps_to_backend: f64,
     #[serde(default)]
     pub pps_from_backend: f64,
+    /// Cluster mode: each live node's state of this backend (as the node published it), by
+    /// node name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nodes: std::collections::BTreeMap<String, String>,
 }
 
 /// An app as the API shows it.
@@ -319,6 +329,29 @@ pub struct Refusals {
 }
 
 /// An error body.
+/// `GET /v1/cluster`: the cluster as this node sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// This node's name.
+    pub node: String,
+    pub endpoints: String,
+    /// The etcd revision this node has applied.
+    pub applied_revision: i64,
+    /// The live nodes (their lease not expired), by name.
+    pub nodes: Vec<ClusterNodeView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterNodeView {
+    pub node: String,
+    pub version: String,
+    pub started_ms: u64,
+    #[serde(default)]
+    pub api: Option<String>,
+    /// The apps the node published a status of (those it serves).
+    pub apps: Vec<String>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,

@@ -33,6 +33,7 @@ fn status_of(kind: Option<ErrorKind>) -> StatusCode {
         Some(ErrorKind::NotFound) => StatusCode::NOT_FOUND,
         Some(ErrorKind::Conflict | ErrorKind::Exhausted) => StatusCode::CONFLICT,
         Some(ErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+        Some(ErrorKind::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
         None => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -142,6 +143,10 @@ async fn deploy(
     Ok(Json(d.deploy(name, req).await?))
 }
 
+async fn get_cluster(State(d): State<Daemon>) -> Answer<super::ClusterView> {
+    Ok(Json(d.cluster_view().await?))
+}
+
 async fn list_flows(State(d): State<Daemon>, Query(q): Query<FlowQuery>) -> Answer<FlowList> {
     Ok(Json(d.flows(q).await?))
 }
@@ -173,6 +178,7 @@ fn router(daemon: Daemon) -> Router {
         .route("/v1/apps/{name}/backends/{addr}", delete(remove_backend))
         .route("/v1/apps/{name}/deploy", post(deploy))
         .route("/v1/flows", get(list_flows))
+        .route("/v1/cluster", get(get_cluster))
         .route("/v1/down", post(down))
         .fallback(not_found)
         .with_state(daemon)

@@ -24,6 +24,7 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
             client_address,
             rate_limit,
             plan,
+            nodes,
         } => {
             let health = HealthOverrides {
                 interval_ms: check_interval.map(Dur::ms),
@@ -40,6 +41,7 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
                     client_address,
                     rate_limit,
                     plan,
+                    nodes,
                 })
                 .await?;
             println!("{}", app.url);
@@ -95,6 +97,7 @@ fn update(settings: &AppSettings) -> UpdateApp {
             settings.rate_limit.map(Some)
         },
         plan: settings.plan.clone(),
+        nodes: settings.nodes.clone(),
     }
 }
 

@@ -61,6 +61,31 @@ pub enum CliCommand {
     Down(DownArgs),
     /// Load the datapath into the kernel and report what it holds, without attaching it.
     Check,
+    /// The cluster of nodes sharing apps through etcd (`gateway daemon --cluster`).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `gateway cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The live nodes and the apps each serves (asks this node's daemon).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a single node's state file's apps (ports, backends, settings) into etcd; an app
+    /// whose name or port is taken there is refused, the others are imported.
+    Import {
+        /// The cluster: `etcd=http://HOST:2379[,...]`.
+        #[arg(long, value_name = "etcd=URL[,URL...]")]
+        cluster: String,
+        #[arg(long, value_name = "PREFIX", default_value = crate::cluster::DEFAULT_PREFIX)]
+        cluster_prefix: String,
+        /// The state file [default: /var/lib/gateway/state.json].
+        #[arg(long, value_name = "FILE")]
+        state: Option<PathBuf>,
+    },
 }
 
 /// `gateway app ...`.
@@ -101,6 +126,9 @@ pub enum AppCommand {
         /// The rate limit of plan NAME of the daemon's config file (`[plans]`).
         #[arg(long, value_name = "NAME", conflicts_with = "rate_limit")]
         plan: Option<String>,
+        /// Cluster mode: the nodes that serve the app, comma-separated [default: all].
+        #[arg(long, value_name = "NODE,...", value_delimiter = ',')]
+        nodes: Option<Vec<String>>,
     },
     /// Change an app's settings, live (its connections go on).
     Set {
@@ -148,6 +176,9 @@ pub struct AppSettings {
     /// The rate limit of plan NAME of the daemon's config file (`[plans]`).
     #[arg(long, value_name = "NAME", conflicts_with = "rate_limit")]
     pub plan: Option<String>,
+    /// Cluster mode: the nodes that serve the app, comma-separated (`all`: every node).
+    #[arg(long, value_name = "NODE,...", value_delimiter = ',')]
+    pub nodes: Option<Vec<String>>,
 }
 
 /// `--rate-limit`'s value.

@@ -25,6 +25,7 @@ mod app;
 pub mod args;
 mod backend;
 mod check;
+mod cluster;
 mod deploy;
 mod down;
 mod flows;
@@ -68,6 +69,25 @@ pub enum CliError {
         #[source]
         source: DatapathError,
     },
+    /// `cluster import`: reading the state file.
+    #[error("reading the state file {path}: {cause}")]
+    StateFile {
+        path: std::path::PathBuf,
+        cause: String,
+    },
+    /// `cluster import`: etcd refused or could not take an app (or was unreachable).
+    #[error(transparent)]
+    Store(#[from] crate::cluster::StoreError),
+    /// `cluster import`: some apps were not imported (each named with why).
+    #[error("{refused} of {total} apps not imported: {reasons}")]
+    Import {
+        refused: usize,
+        total: usize,
+        reasons: String,
+    },
+    /// `cluster import`: a bad `--cluster`.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The async runtime the API calls run on could not start.
     #[error("starting the CLI's async runtime")]
     Runtime {
@@ -94,6 +114,7 @@ pub fn run(api_socket: &Path, command: CliCommand) -> Result<(), CliError> {
         CliCommand::Flows(args) => block_on(flows::run(&client, args)),
         CliCommand::Down(args) => block_on(down::run(&client, args)),
         CliCommand::Check => check::run(),
+        CliCommand::Cluster(command) => block_on(cluster::run(&client, command)),
     }
 }
 

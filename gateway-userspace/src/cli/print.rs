@@ -128,6 +128,12 @@ impl Display for BackendsTable<'_> {
                 "RATE LIMIT", "PKT/S TO/FROM", "DROPPED TO/FROM"
             )?;
         }
+        // Cluster mode: a column per node, its own state of each backend.
+        let nodes: std::collections::BTreeSet<&String> =
+            backends.iter().flat_map(|b| b.nodes.keys()).collect();
+        for node in &nodes {
+            write!(f, "  {node:12}")?;
+        }
         writeln!(f)?;
         for b in backends {
             let state = if b.held { "pending*" } else { b.state.as_str() };
@@ -154,6 +160,10 @@ impl Display for BackendsTable<'_> {
                 );
                 let pps = format!("{:.0}/{:.0}", b.pps_to_backend, b.pps_from_backend);
                 write!(f, "  {limit:24}  {pps:>15}  {drops:>21}")?;
+            }
+            for node in &nodes {
+                let state = b.nodes.get(*node).map_or("-", String::as_str);
+                write!(f, "  {state:12}")?;
             }
             writeln!(f)?;
         }
@@ -232,6 +242,7 @@ mod tests {
             rate_dropped_from_backend: 0,
             pps_to_backend: 0.0,
             pps_from_backend: 0.0,
+            nodes: Default::default(),
         }
     }
 

@@ -49,6 +49,12 @@ impl Daemon {
 
     /// Creates an app on its port (or the lowest free one).
     pub async fn create_app(&self, req: CreateApp) -> Result<AppView, DaemonError> {
+        if self.cluster.is_some() {
+            return self.cluster_create_app(req).await;
+        }
+        if req.nodes.is_some() {
+            return Err(DaemonError::NotClustered);
+        }
         self.with(move |c| {
             let mut next = c.state.clone();
             next.create_app_with(&req.name, req.port, c.settings.port_range, req.health)?;
@@ -91,6 +97,9 @@ impl Daemon {
     /// Changes app `name`'s settings live (each present field of `req`; see [`UpdateApp`]).
     /// Answers the app as changed.
     pub async fn update_app(&self, name: String, req: UpdateApp) -> Result<AppView, DaemonError> {
+        if self.cluster.is_some() {
+            return self.cluster_update_app(name, req).await;
+        }
         self.with(move |c| {
             let mut next = c.state.clone();
             // The app first, so that an unknown app is named as such whatever the settings.
@@ -100,7 +109,11 @@ impl Daemon {
                 client_address,
                 rate_limit,
                 plan,
+                nodes,
             } = req;
+            if nodes.is_some() {
+                return Err(DaemonError::NotClustered);
+            }
             if let Some(mss) = mss_clamp {
                 next.set_mss_clamp(&name, mss)?;
             }
@@ -142,6 +155,9 @@ impl Daemon {
 
     /// Deletes app `name`: its port is free, its connections end. Answers the app as it was.
     pub async fn delete_app(&self, name: String) -> Result<AppView, DaemonError> {
+        if self.cluster.is_some() {
+            return self.cluster_delete_app(name).await;
+        }
         self.with(move |c| {
             let mut next = c.state.clone();
             let app = next.delete_app(&name)?;
@@ -166,6 +182,15 @@ impl Daemon {
 
     /// App `name`'s backends.
     pub async fn backends(&self, name: String) -> Result<Vec<BackendView>, DaemonError> {
+        let n = name.clone();
+        let mut views = self.local_backends(n).await?;
+        if self.cluster.is_some() {
+            self.add_node_states(&name, &mut views).await;
+        }
+        Ok(views)
+    }
+
+    async fn local_backends(&self, name: String) -> Result<Vec<BackendView>, DaemonError> {
         self.with(move |c| {
             let app = c.state.app(&name)?.clone();
             let counts = c.counts();
@@ -184,6 +209,9 @@ impl Daemon {
         name: String,
         req: AddBackend,
     ) -> Result<BackendView, DaemonError> {
+        if self.cluster.is_some() {
+            return self.cluster_add_backend(name, req).await;
+        }
         self.with(move |c| {
             // The app first, so that an unknown app is named as such whatever the address.
             c.state.app(&name)?;

@@ -41,6 +41,10 @@ pub(super) struct Core {
     pub scan: ScanState,
     /// The RSTs sent to the ends of the connections the daemon ends.
     pub resets: Resets,
+    /// Cluster mode: the deploy generation of each app this node has acted on.
+    pub deploy_generations: HashMap<String, u64>,
+    /// Cluster mode: the deploy generation of each app whose local deploy aborted.
+    pub aborted_deploys: HashMap<String, u64>,
 }
 
 impl Core {
@@ -69,6 +73,8 @@ impl Core {
             latency: HealthLatency::default(),
             scan: ScanState::default(),
             resets: Resets::open(),
+            deploy_generations: HashMap::new(),
+            aborted_deploys: HashMap::new(),
         }
     }
 
@@ -193,6 +199,7 @@ impl Core {
             rate_dropped_from_backend: self.rate_drops(b.id, maps::RATE_FROM_BACKEND),
             pps_to_backend: self.scan.backend_pps.get(&b.id).map_or(0.0, |p| p.0),
             pps_from_backend: self.scan.backend_pps.get(&b.id).map_or(0.0, |p| p.1),
+            nodes: Default::default(),
         }
     }
 

@@ -68,6 +68,24 @@ pub enum DaemonError {
     Task(#[from] tokio::task::JoinError),
     #[error("rendering the metrics failed")]
     Metrics(#[source] std::fmt::Error),
+    /// The cluster store (etcd) refused or could not take a change: nothing changed.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::StoreError),
+    /// A change written to etcd that this node did not apply in time.
+    #[error(
+        "the change was written to the cluster (revision {revision}) but this node has not applied it within {} s; it will when it catches up",
+        waited.as_secs()
+    )]
+    NotApplied {
+        revision: i64,
+        waited: std::time::Duration,
+    },
+    #[error(
+        "the deploy of app {app} (generation {generation}) aborted on this node: its new backends did not become healthy here in time; the old ones keep serving"
+    )]
+    DeployAborted { app: String, generation: u64 },
+    #[error("this daemon is not in a cluster (start it with --cluster etcd=URL --node NAME)")]
+    NotClustered,
 }
 
 impl DaemonError {
@@ -81,6 +99,23 @@ impl DaemonError {
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
             DaemonError::Refused(e) => Some(e.kind()),
+            DaemonError::Cluster(e) => {
+                use crate::cluster::StoreError as S;
+                match e {
+                    S::Unavailable { .. } => Some(ErrorKind::Unavailable),
+                    S::NameTaken(_) | S::PortTaken { .. } | S::Conflict { .. } => {
+                        Some(ErrorKind::Conflict)
+                    }
+                    S::NotFound(_) => Some(ErrorKind::NotFound),
+                    S::PortsExhausted { .. } => Some(ErrorKind::Exhausted),
+                    S::Rejected(_) | S::Invalid(_) => Some(ErrorKind::Invalid),
+                    _ => None,
+                }
+            }
+            DaemonError::NotApplied { .. } | DaemonError::DeployAborted { .. } => {
+                Some(ErrorKind::Timeout)
+            }
+            DaemonError::NotClustered => Some(ErrorKind::NotFound),
             _ => None,
         }
     }

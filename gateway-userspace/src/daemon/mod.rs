@@ -12,6 +12,7 @@
 
 mod apps;
 mod bpffs;
+mod cluster;
 mod core;
 mod error;
 mod health;
@@ -31,6 +32,7 @@ use gateway_common::maps::{self, ADDR_PUBLIC, ADDR_SNAT};
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
+pub use self::cluster::STORE_TIMEOUT as CLUSTER_STORE_TIMEOUT;
 use self::core::Core;
 pub use self::{
     bpffs::{ensure_bpffs, remove_datapath},
@@ -43,6 +45,12 @@ use crate::{
     health::Report,
     state::{State, StateFile},
 };
+
+/// A single node's app as a cluster's intent (JSON of `AppSpec.settings`), for
+/// `gateway cluster import`.
+pub fn cluster_intent_of(app: &crate::state::App) -> serde_json::Value {
+    cluster::AppIntent::of_app(app).to_value()
+}
 
 /// The wall clock, in ms since the Unix epoch (what the state records).
 pub fn now_ms() -> u64 {
@@ -85,15 +93,18 @@ pub struct Daemon {
     /// holding the core's lock.
     conntrack: Arc<Mutex<Conntrack>>,
     exit: watch::Sender<Exit>,
+    /// Cluster mode (`--cluster`): etcd and what this node applied of it.
+    cluster: Option<Arc<cluster::ClusterLink>>,
 }
 
 impl Daemon {
-    fn new(core: Core) -> Result<Self, DaemonError> {
+    fn new(core: Core, cluster: Option<cluster::ClusterLink>) -> Result<Self, DaemonError> {
         let conntrack = core.datapath.conntrack().try_clone()?;
         Ok(Daemon {
             core: Arc::new(Mutex::new(core)),
             conntrack: Arc::new(Mutex::new(conntrack)),
             exit: watch::channel(Exit::Running).0,
+            cluster: cluster.map(Arc::new),
         })
     }
 
@@ -174,14 +185,20 @@ impl Tasks {
         reports: mpsc::UnboundedReceiver<Report>,
     ) -> Self {
         info!(addr = %settings.metrics_addr, "serving metrics on /metrics");
-        Tasks(vec![
+        let mut tasks = Vec::new();
+        if daemon.cluster.is_some() {
+            tasks.push(tokio::spawn(daemon.clone().cluster_loop()));
+            tasks.push(tokio::spawn(daemon.clone().status_loop()));
+        }
+        tasks.extend([
             tokio::spawn(api::server::serve_metrics(metrics, daemon.clone())),
             tokio::spawn(daemon.clone().scan_loop(settings.scan_interval)),
             tokio::spawn(daemon.clone().offloads_loop(settings.scan_interval)),
             tokio::spawn(daemon.clone().health_loop(reports)),
             tokio::spawn(daemon.clone().drain_loop()),
             tokio::spawn(daemon.clone().signal_loop()),
-        ])
+        ]);
+        Tasks(tasks)
     }
 }
 
@@ -218,7 +235,23 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     core.restore()?;
     attach(&mut core, &settings)?;
     finish_upgrade(&mut core.datapath)?;
-    let daemon = Daemon::new(core)?;
+    let cluster = match &settings.cluster {
+        Some(c) => Some(cluster::ClusterLink::connect(c.clone()).await?),
+        None => None,
+    };
+    let daemon = Daemon::new(core, cluster)?;
+    if let Some(c) = &settings.cluster {
+        // A restarted node serves what etcd says from its first answer; with etcd unreachable
+        // it starts from its state file and catches up when etcd answers.
+        match daemon.cluster_sync().await {
+            Ok(revision) => {
+                info!(node = c.node, endpoints = ?c.endpoints, revision, "cluster: apps loaded from etcd and reconciled")
+            }
+            Err(e) => {
+                tracing::warn!(node = c.node, error = %e, "cluster: etcd unreachable at start; serving the state file's apps until it answers")
+            }
+        }
+    }
     // A first scan before serving: connection counts are right from the first call.
     daemon.scan_once().await?;
     // Bound last: a client that can connect finds everything ready.

@@ -84,6 +84,9 @@ impl Daemon {
         address: String,
         q: RemoveBackend,
     ) -> Result<BackendView, DaemonError> {
+        if self.cluster.is_some() {
+            return self.cluster_remove_backend(name, address, q).await;
+        }
         self.with(move |c| {
             c.state.app(&name)?;
             let addr = state::parse_backend(&address)?;
@@ -124,6 +127,9 @@ impl Daemon {
     /// back. The wait runs as a task of its own: a client that goes away (a CLI killed
     /// mid-deploy) does not leave the deploy half done; it still switches or aborts.
     pub async fn deploy(&self, name: String, req: Deploy) -> Result<AppView, DaemonError> {
+        if self.cluster.is_some() {
+            return self.cluster_deploy(name, req).await;
+        }
         let addrs = req
             .backends
             .iter()
@@ -131,46 +137,24 @@ impl Daemon {
             .collect::<Result<Vec<_>, _>>()?;
         let weight = req.weight.unwrap_or(WEIGHT_DEFAULT);
         state::check_weight(weight)?;
-        let n = name.clone();
         let rollout = self
             .with(move |c| {
-                c.state.app(&n)?;
-                let mut next = c.state.clone();
-                let held: Vec<u32> = next
-                    .begin_deploy(&n, &addrs, weight, now_ms())?
-                    .iter()
-                    .map(|b| b.id)
-                    .collect();
-                let quorum = req.quorum.unwrap_or(held.len());
-                if quorum > held.len() || (quorum == 0 && !held.is_empty()) {
-                    return Err(StateError::Quorum {
-                        quorum,
-                        new: held.len(),
-                    }
-                    .into());
-                }
-                c.commit(&n, next)?;
-                let rollout = Rollout {
-                    timeout: req
-                        .timeout_ms
-                        .map_or(c.settings.deploy_timeout, Duration::from_millis),
-                    drain_ms: req
-                        .drain_timeout_ms
-                        .unwrap_or(c.settings.drain_timeout.as_millis() as u64),
-                    name: n,
+                c.start_rollout(
+                    &name,
                     addrs,
-                    held,
-                    quorum,
-                };
-                info!(
-                    app = rollout.name,
-                    new = rollout.held.len(),
-                    quorum,
-                    "deploy started: new backends pending"
-                );
-                Ok(rollout)
+                    weight,
+                    req.quorum,
+                    req.timeout_ms,
+                    req.drain_timeout_ms,
+                )
             })
             .await?;
+        self.run_rollout(rollout).await
+    }
+
+    /// Waits for `rollout` (started by [`Core::start_rollout`]) to switch or abort, in a task
+    /// of its own (a caller that goes away does not leave it half done).
+    pub(super) async fn run_rollout(&self, rollout: Rollout) -> Result<AppView, DaemonError> {
         let start = tokio::time::Instant::now();
         let daemon = self.clone();
         let rollout = std::sync::Arc::new(rollout);
@@ -190,8 +174,53 @@ impl Daemon {
     }
 }
 
+impl Core {
+    /// Starts a deploy of app `n` to `addrs`: the new ones are added pending and held.
+    pub(super) fn start_rollout(
+        &mut self,
+        n: &str,
+        addrs: Vec<SocketAddrV4>,
+        weight: u32,
+        quorum: Option<usize>,
+        timeout_ms: Option<u64>,
+        drain_timeout_ms: Option<u64>,
+    ) -> Result<Rollout, DaemonError> {
+        self.state.app(n)?;
+        let mut next = self.state.clone();
+        let held: Vec<u32> = next
+            .begin_deploy(n, &addrs, weight, now_ms())?
+            .iter()
+            .map(|b| b.id)
+            .collect();
+        let quorum = quorum.unwrap_or(held.len());
+        if quorum > held.len() || (quorum == 0 && !held.is_empty()) {
+            return Err(StateError::Quorum {
+                quorum,
+                new: held.len(),
+            }
+            .into());
+        }
+        self.commit(n, next)?;
+        let rollout = Rollout {
+            timeout: timeout_ms.map_or(self.settings.deploy_timeout, Duration::from_millis),
+            drain_ms: drain_timeout_ms.unwrap_or(self.settings.drain_timeout.as_millis() as u64),
+            name: n.to_owned(),
+            addrs,
+            held,
+            quorum,
+        };
+        info!(
+            app = rollout.name,
+            new = rollout.held.len(),
+            quorum,
+            "deploy started: new backends pending"
+        );
+        Ok(rollout)
+    }
+}
+
 /// A deploy between its start and its switch or abort.
-struct Rollout {
+pub(super) struct Rollout {
     /// The app.
     name: String,
     /// Its backends once switched.

@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Exhausted,
     /// Waited too long (a deploy whose backends did not become healthy).
     Timeout,
+    /// A service the change needs is unreachable (the cluster's etcd): try again later.
+    Unavailable,
 }
 
 /// A rejected change. The state is left exactly as it was.
