@@ -48,15 +48,39 @@ pub fn run(args: &[&str]) {
         ["compare", "--quick"] => compare(crate::compare::Plan::QUICK),
         ["datapath"] => datapath(&[1_000, 100_000, 1_000_000]),
         ["datapath", "--quick"] => datapath(&[1_000]),
+        ["cluster"] => cluster(1_000),
+        ["cluster", "--quick"] => cluster(200),
         ["observability"] => observability(&[100_000, 1_000_000], &[100, 1_000, 3_000]),
         ["observability", "--quick"] => observability(&[10_000], &[100]),
         other => {
             eprintln!(
-                "unknown benchmark {other:?}: expected `[--quick]` (all), `compare [--quick]`, `datapath [--quick]` or `observability [--quick]`"
+                "unknown benchmark {other:?}: expected `[--quick]` (all), `compare [--quick]`, `datapath [--quick]`, `cluster [--quick]` or `observability [--quick]`"
             );
             std::process::exit(2);
         }
     }
+}
+
+/// Issue 19's target: a change made on one node is programmed in every node's datapath within
+/// 100 ms at the median. Three nodes and one etcd (`crate::cluster`), `changes` backend changes
+/// on node 1 (`Cluster::propagation`); prints the quantiles and whether the median is within
+/// the target.
+fn cluster(changes: usize) {
+    let c = crate::cluster::Cluster::new(3, 1);
+    let took = c.propagation(changes);
+    let mut sorted = took.clone();
+    sorted.sort();
+    let median = sorted[(sorted.len() - 1) / 2];
+    println!("\ncluster propagation (3 nodes, TC, one etcd over veth)");
+    println!("{}", crate::cluster::quantiles(&took));
+    println!(
+        "target: median ≤ 100 ms: {}",
+        if median <= std::time::Duration::from_millis(100) {
+            "met"
+        } else {
+            "missed"
+        }
+    );
 }
 
 /// A flow whose rewrite reproduces the packet that hit it (but for its TTL), so with `repeat`

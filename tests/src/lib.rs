@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod bulk;
 pub mod cgroup;
+pub mod cluster;
 pub mod compare;
 pub mod daemon;
 pub mod datapath;

@@ -1,8 +1,6 @@
-//! Cluster mode end to end (issue 19): a real etcd in a namespace of its own, linked by a veth
-//! pair to each of three gateway namespaces (203.0.113.128/25, one /30 per node, not on the
-//! interfaces the daemons attach to), three daemons in TC mode (`--cluster`, nodes `tcp-1`..3),
-//! each with its own client and backends at the same addresses (the "same" containers as far as
-//! the control plane is concerned).
+//! Cluster mode end to end (issue 19): three nodes sharing one real etcd
+//! (`gateway_tests::cluster`: each its own daemon in TC mode, client and backends at the same
+//! addresses, the "same" containers as far as the control plane is concerned).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,69 +11,14 @@ use std::{
 
 use gateway::{api::AppView, datapath::AttachMode, state::BackendState};
 use gateway_tests::{
+    cluster::{Cluster, Node},
     daemon::Daemon,
     etcd::Etcd,
     netns::Topology,
     require_root,
-    traffic::{EchoClient, EchoServer, payload, sock},
+    traffic::{EchoClient, payload, sock},
     wait_for,
 };
-
-const LIFETIME: Duration = Duration::from_secs(120);
-
-/// One node: its daemon, its echo servers, its topology (dropped in that order).
-struct Node {
-    daemon: Daemon,
-    _servers: Vec<EchoServer>,
-    topo: Topology,
-}
-
-/// Three nodes and their etcd (the daemons go first).
-struct Cluster {
-    nodes: Vec<Node>,
-    etcd: Etcd,
-}
-
-impl Cluster {
-    #[track_caller]
-    fn new(nodes: usize, backends: usize) -> Self {
-        let etcd = Etcd::new();
-        let nodes = (0..nodes)
-            .map(|i| {
-                let topo = Topology::new(backends);
-                let endpoint = etcd.link(&topo.gateway, i);
-                let servers = topo.echo_servers(8080, LIFETIME);
-                let cluster = format!("etcd={endpoint}");
-                let node = format!("tcp-{}", i + 1);
-                let host = format!("{node}.example.com");
-                let daemon = Daemon::start(
-                    &topo,
-                    Some(AttachMode::Tc),
-                    &[
-                        "--cluster",
-                        &cluster,
-                        "--node",
-                        &node,
-                        "--cluster-lease",
-                        "2s",
-                        "--public-host",
-                        &host,
-                    ],
-                );
-                Node {
-                    daemon,
-                    _servers: servers,
-                    topo,
-                }
-            })
-            .collect();
-        Cluster { nodes, etcd }
-    }
-
-    fn daemon(&self, i: usize) -> &Daemon {
-        &self.nodes[i].daemon
-    }
-}
 
 fn backend(i: usize) -> String {
     SocketAddrV4::new(Topology::backend_ip(i), 8080).to_string()
@@ -542,61 +485,13 @@ fn cluster_import_moves_a_single_nodes_apps_into_etcd_and_refuses_taken_names() 
     );
 }
 
-/// Issue 19's performance target: a change made on one node is programmed in every node's
-/// datapath within 100 ms at the median. `GATEWAY_CLUSTER_CHANGES` changes (default 200; 1,000
-/// for docs/benchmarks.md), alternately a backend added and removed on node 1, each timed from
-/// the write until nodes 2 and 3 both show it (their state is committed after the datapath).
+/// A change made on one node reaches the others: `changes` backend changes on node 1, each
+/// seen by nodes 2 and 3 (within 5 s each). How fast is the benchmark's business (`cargo xtask
+/// bench cluster`: issue 19's target, the median within 100 ms); the times are printed here.
 #[test]
-fn a_change_reaches_every_node_within_100_ms_at_the_median() {
+fn every_change_on_one_node_reaches_the_others() {
     require_root();
-    let changes: usize = std::env::var("GATEWAY_CLUSTER_CHANGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
     let c = Cluster::new(3, 1);
-    c.daemon(0).ok(&["app", "create", "web"]);
-    let state_on = |i: usize, address: &str| -> Option<String> {
-        let (status, body) = c.daemon(i).api("GET", "/v1/apps/web/backends", "");
-        assert_eq!(status, 200, "{body}");
-        let list: Vec<gateway::api::BackendView> = serde_json::from_str(&body).unwrap();
-        list.into_iter()
-            .find(|b| b.address == address)
-            .map(|b| b.state.as_str().to_owned())
-    };
-    let mut took = Vec::with_capacity(changes);
-    for k in 0..changes {
-        let address = format!("198.51.100.200:{}", 10000 + k / 2);
-        let start = Instant::now();
-        let done: fn(Option<String>) -> bool = if k % 2 == 0 {
-            let (status, body) = c.daemon(0).api(
-                "POST",
-                "/v1/apps/web/backends",
-                &format!(r#"{{"address": "{address}"}}"#),
-            );
-            assert_eq!(status, 201, "{body}");
-            |s| s.is_some()
-        } else {
-            let (status, body) =
-                c.daemon(0)
-                    .api("DELETE", &format!("/v1/apps/web/backends/{address}"), "");
-            assert_eq!(status, 200, "{body}");
-            |s| s.is_none_or(|s| s == "draining")
-        };
-        let seen = wait_for(Duration::from_secs(5), || {
-            (1..3).all(|i| done(state_on(i, &address)))
-        })
-        .unwrap_or_else(|| panic!("change {k} ({address}) not on every node after 5 s"));
-        let _ = seen;
-        took.push(start.elapsed());
-    }
-    took.sort();
-    let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize];
-    eprintln!(
-        "{changes} backend changes on node 1 seen on nodes 2 and 3: median {:?}, p90 {:?}, p99 {:?}, max {:?}",
-        at(0.5),
-        at(0.9),
-        at(0.99),
-        took.last().unwrap()
-    );
-    assert!(at(0.5) < Duration::from_millis(100), "median {:?}", at(0.5));
+    let took = c.propagation(50);
+    eprintln!("{}", gateway_tests::cluster::quantiles(&took));
 }
