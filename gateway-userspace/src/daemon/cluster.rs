@@ -13,7 +13,7 @@
 //! keeps forwarding with the last known state; the watch catches up when etcd is back.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddrV4,
     sync::{Arc, Mutex},
     time::Duration,
@@ -161,6 +161,8 @@ pub struct ClusterLink {
     applied: watch::Sender<i64>,
     /// The specs as of `applied`.
     specs: Mutex<BTreeMap<String, AppSpec>>,
+    /// The apps whose value in etcd this node cannot read: left as they are here.
+    unreadable: Mutex<BTreeSet<String>>,
     registration: tokio::sync::Mutex<Option<NodeRegistration>>,
     started_ms: u64,
 }
@@ -174,6 +176,7 @@ impl ClusterLink {
             store,
             applied: watch::channel(0).0,
             specs: Mutex::new(BTreeMap::new()),
+            unreadable: Mutex::new(BTreeSet::new()),
             registration: tokio::sync::Mutex::new(None),
             started_ms: now_ms(),
         })
@@ -181,6 +184,10 @@ impl ClusterLink {
 
     fn specs(&self) -> BTreeMap<String, AppSpec> {
         self.specs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn unreadable(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.unreadable.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -315,16 +322,18 @@ impl Core {
     }
 
     /// Reconciles every app toward `specs`: those gone first (their ports free), then the rest.
+    /// The apps of `unreadable` (their value in etcd unreadable) are left as they are.
     fn reconcile_all(
         &mut self,
         specs: &BTreeMap<String, AppSpec>,
+        unreadable: &BTreeSet<String>,
         node: &str,
     ) -> Vec<(String, Rollout, u64)> {
         let gone: Vec<String> = self
             .state
             .apps
             .keys()
-            .filter(|n| !specs.contains_key(*n))
+            .filter(|n| !specs.contains_key(*n) && !unreadable.contains(*n))
             .cloned()
             .collect();
         let mut rollouts = Vec::new();
@@ -402,9 +411,17 @@ impl Daemon {
         let link = self.link().clone();
         let snapshot = link.store.load().await?;
         let node = link.settings.node.clone();
+        for (app, cause) in &snapshot.unreadable {
+            warn!(
+                app,
+                cause, "cluster: app unreadable in etcd; left as it is on this node"
+            );
+        }
+        let unreadable: BTreeSet<String> = snapshot.unreadable.keys().cloned().collect();
+        *link.unreadable() = unreadable.clone();
         *link.specs.lock().unwrap_or_else(|p| p.into_inner()) = snapshot.apps.clone();
         let rollouts = self
-            .with(move |c| Ok(c.reconcile_all(&snapshot.apps, &node)))
+            .with(move |c| Ok(c.reconcile_all(&snapshot.apps, &unreadable, &node)))
             .await
             .unwrap_or_default();
         self.spawn_rollouts(rollouts);
@@ -416,10 +433,11 @@ impl Daemon {
         let link = self.link().clone();
         let node = link.settings.node.clone();
         let specs = link.specs();
+        let unreadable = link.unreadable().clone();
         let rollouts = self
             .with(move |c| {
                 Ok(match name {
-                    None => c.reconcile_all(&specs, &node),
+                    None => c.reconcile_all(&specs, &unreadable, &node),
                     Some(name) => match c.reconcile_app(&name, specs.get(&name), &node) {
                         Ok(Some((r, g))) => vec![(name, r, g)],
                         Ok(None) => vec![],
@@ -499,11 +517,13 @@ impl Daemon {
                     event = watch.next() => match event {
                         Ok(WatchEvent::AppPut { spec, revision }) => {
                             let name = spec.name.clone();
+                            link.unreadable().remove(&name);
                             link.specs.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), spec);
                             self.reconcile_cached(Some(name)).await;
                             link.applied.send_replace(revision);
                         }
                         Ok(WatchEvent::AppDeleted { name, revision }) => {
+                            link.unreadable().remove(&name);
                             link.specs.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
                             self.reconcile_cached(Some(name)).await;
                             link.applied.send_replace(revision);
