@@ -39,6 +39,16 @@ struct Cluster {
 impl Cluster {
     #[track_caller]
     fn new(nodes: usize, backends: usize) -> Self {
+        Self::new_with(nodes, backends, |_, args| args)
+    }
+
+    /// [`Cluster::new`], node `i`'s daemon arguments changed by `args(i, them)`.
+    #[track_caller]
+    fn new_with(
+        nodes: usize,
+        backends: usize,
+        args: impl Fn(usize, Vec<String>) -> Vec<String>,
+    ) -> Self {
         let etcd = Etcd::new();
         let nodes = (0..nodes)
             .map(|i| {
@@ -48,19 +58,25 @@ impl Cluster {
                 let cluster = format!("etcd={endpoint}");
                 let node = format!("tcp-{}", i + 1);
                 let host = format!("{node}.example.com");
-                let daemon = Daemon::start(
+                let daemon = Daemon::start_with_args(
                     &topo,
-                    Some(AttachMode::Tc),
-                    &[
-                        "--cluster",
-                        &cluster,
-                        "--node",
-                        &node,
-                        "--cluster-lease",
-                        "2s",
-                        "--public-host",
-                        &host,
-                    ],
+                    args(
+                        i,
+                        Daemon::args(
+                            &topo,
+                            Some(AttachMode::Tc),
+                            &[
+                                "--cluster",
+                                &cluster,
+                                "--node",
+                                &node,
+                                "--cluster-lease",
+                                "2s",
+                                "--public-host",
+                                &host,
+                            ],
+                        ),
+                    ),
                 );
                 Node {
                     daemon,
@@ -662,4 +678,49 @@ fn an_unreadable_app_in_etcd_does_not_stop_the_nodes_following_the_others() {
         "{}",
         c.daemon(1).log()
     );
+}
+
+/// Review: a node programmed the cluster's port whatever its own ranges, also one of its SNAT
+/// ports on its public address (a node whose --snat-ports are 20000-29999 and --port-range
+/// 30000-30999, the writer's range the default 20000-29999): the invariant that a single node's
+/// configuration enforces (the two disjoint on one address) did not hold.
+#[test]
+fn a_port_among_a_nodes_snat_ports_is_not_served_there() {
+    require_root();
+    let c = Cluster::new_with(2, 1, |i, args| {
+        if i == 0 {
+            return args;
+        }
+        let mut args = Daemon::without(args, &["--snat-ip"]);
+        args.extend(
+            [
+                "--snat-ip",
+                &Topology::PUBLIC_IP.to_string(),
+                "--snat-ports",
+                "20000-29999",
+                "--port-range",
+                "30000-30999",
+            ]
+            .map(String::from),
+        );
+        args
+    });
+    let web = port_of(&c.daemon(0).ok(&["app", "create", "web"]));
+    assert_eq!(web, 20000);
+    let api = port_of(&c.daemon(1).ok(&["app", "create", "api"]));
+    assert_eq!(api, 30000);
+    assert!(
+        wait_for(Duration::from_secs(1), || app_on(c.daemon(0), "api")
+            .is_some())
+        .is_some(),
+        "node 1 serves the other node's port (outside its own range)"
+    );
+    thread::sleep(Duration::from_millis(1500));
+    assert!(app_on(c.daemon(0), "web").is_some());
+    assert!(
+        app_on(c.daemon(1), "web").is_none(),
+        "node 2 serves port 20000, one of its SNAT ports"
+    );
+    let log = c.daemon(1).log();
+    assert_eq!(log.matches("SNAT ports").count(), 1, "warned once:\n{log}");
 }

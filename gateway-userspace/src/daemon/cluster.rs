@@ -219,6 +219,29 @@ impl Core {
         let Some((spec, intent)) = wanted else {
             return Ok(None);
         };
+        // The cluster's port, whatever this node's range (the range is for allocation), but
+        // never one of this node's SNAT ports on its public address: its backends' answers to
+        // the gateway's own connections would be taken for clients of the app.
+        let (public_ip, snat_ip, snat_ports) = (
+            self.settings.public_ip,
+            self.settings.snat_ip,
+            self.settings.snat_ports,
+        );
+        if snat_ip == public_ip && snat_ports.contains(spec.port) {
+            if let Some(app) = &local {
+                self.remove_local(name, app.id)?;
+            }
+            if self.snat_port_apps.insert(name.to_owned()) {
+                warn!(
+                    app = name,
+                    port = spec.port,
+                    snat_ports = %snat_ports,
+                    "cluster: the app's port is one of this node's SNAT ports on its public address; not served here (give the nodes disjoint --snat-ports and --port-range)"
+                );
+            }
+            return Ok(None);
+        }
+        self.snat_port_apps.remove(name);
         let mut next = self.state.clone();
         if local.is_none() {
             // The cluster's port, whatever this node's range (the range is for allocation).
