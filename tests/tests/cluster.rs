@@ -617,6 +617,96 @@ fn a_change_reaches_every_node_within_100_ms_at_the_median() {
     assert!(at(0.5) < Duration::from_millis(100), "median {:?}", at(0.5));
 }
 
+/// The states of app `app`'s backends on `daemon`, by address.
+fn states(daemon: &Daemon, app: &str) -> BTreeMap<String, BackendState> {
+    daemon
+        .backends(app)
+        .into_iter()
+        .map(|b| (b.address, b.state))
+        .collect()
+}
+
+/// Review: writes in cluster mode are refused as a single node refuses them, with its status.
+/// A deploy whose quorum exceeded its new backends (or that named one twice) was written: every
+/// node failed to start it, and the next reconciliation added the new backend pending and
+/// drained the old one at once (no backend taking connections until the new one's checks
+/// passed, or ever if it never did), while the CLI said the deploy was done. A second deploy
+/// during one in progress was written and answered once the first one ended, before it ran. A
+/// duplicate backend answered 400 (409 on a single node), an unknown one 400 (404).
+#[test]
+fn cluster_writes_are_refused_as_a_single_node_refuses_them() {
+    require_root();
+    let c = Cluster::new(2, 2);
+    let port = port_of(&c.daemon(0).ok(&["app", "create", "web"]));
+    c.daemon(0).ok(&["backend", "add", "web", &backend(0)]);
+    for node in &c.nodes {
+        node.daemon.wait_active("web", 1);
+    }
+    let before = BTreeMap::from([(backend(0), BackendState::Active)]);
+    let quorum = c
+        .daemon(0)
+        .fails(&["deploy", "web", &backend(1), "--quorum", "2"]);
+    assert!(quorum.contains("quorum"), "{quorum}");
+    let twice = c
+        .daemon(1)
+        .fails(&["deploy", "web", &backend(1), &backend(1)]);
+    assert!(twice.contains("already"), "{twice}");
+    // Two resync ticks later, nothing moved on either node.
+    thread::sleep(Duration::from_millis(2500));
+    for (i, node) in c.nodes.iter().enumerate() {
+        assert_eq!(states(&node.daemon, "web"), before, "node {}", i + 1);
+        assert!(
+            connect(node, port).is_ok_and(|e| e.server == "b0"),
+            "node {}",
+            i + 1
+        );
+    }
+    // A deploy while this node's deploy is in progress: 409, as on a single node.
+    let dead = SocketAddrV4::new(Topology::backend_ip(5), 8080).to_string();
+    let first = thread::scope(|s| {
+        let first = s.spawn(|| {
+            c.daemon(0)
+                .cli(&["deploy", "web", &dead, "--timeout", "3s"])
+        });
+        let held = wait_for(Duration::from_secs(2), || {
+            c.daemon(0).backends("web").iter().any(|b| b.held)
+        });
+        assert!(held.is_some(), "the first deploy did not start");
+        let (status, body) = c.daemon(0).api(
+            "POST",
+            "/v1/apps/web/deploy",
+            &format!(r#"{{"backends": ["{}"]}}"#, backend(1)),
+        );
+        assert_eq!(status, 409, "{body}");
+        assert!(body.contains("in progress"), "{body}");
+        first.join().unwrap()
+    });
+    assert!(!first.status.success(), "a deploy to a dead backend aborts");
+    // The API's statuses of refused backend changes (the intent is the aborted deploy's).
+    let (status, body) = c.daemon(1).api(
+        "POST",
+        "/v1/apps/web/backends",
+        &format!(r#"{{"address": "{dead}"}}"#),
+    );
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = c.daemon(1).api(
+        "DELETE",
+        &format!("/v1/apps/web/backends/{}", backend(1)),
+        "",
+    );
+    assert_eq!(status, 404, "{body}");
+    for (i, node) in c.nodes.iter().enumerate() {
+        assert!(
+            wait_for(Duration::from_secs(3), || states(&node.daemon, "web")
+                == before)
+            .is_some(),
+            "node {}: {:?}",
+            i + 1,
+            states(&node.daemon, "web")
+        );
+    }
+}
+
 /// Review: one app whose value in etcd this version cannot read (hand-written, or from a newer
 /// release) made every load fail: no node followed any change any more (writes answered 504
 /// after 5 s), and a node starting served its state file only.

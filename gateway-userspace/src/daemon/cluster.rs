@@ -314,15 +314,28 @@ impl Core {
         }
         if let Some(d) = rollout {
             let addrs = intent.backends.iter().map(|b| b.address).collect();
-            let r = self.start_rollout(
+            match self.start_rollout(
                 name,
                 addrs,
                 d.weight,
                 d.quorum,
                 d.timeout_ms,
                 d.drain_timeout_ms,
-            )?;
-            return Ok(Some((r, generation)));
+            ) {
+                Ok(r) => return Ok(Some((r, generation))),
+                // A deploy this node cannot start (its quorum above the backends new here, one
+                // draining here): aborted here, so that the old backends keep serving rather
+                // than the next reconciliation adding the new ones and draining the old at once.
+                Err(e) => {
+                    warn!(
+                        app = name,
+                        generation,
+                        error = e.chain(),
+                        "cluster: deploy refused on this node; the old backends keep serving"
+                    );
+                    self.aborted_deploys.insert(name.to_owned(), generation);
+                }
+            }
         }
         Ok(None)
     }
@@ -717,23 +730,32 @@ impl Daemon {
         .await
     }
 
-    /// Changes app `name`'s intent with `change` (refusals are the request's); waits until
-    /// applied here.
+    /// Changes app `name`'s intent with `change` (its refusals are the request's, with the
+    /// status a single node answers them with); waits until applied here.
     async fn change(
         &self,
         name: &str,
-        mut change: impl FnMut(&mut AppIntent) -> Result<(), String> + Send,
+        mut change: impl FnMut(&mut AppIntent) -> Result<(), DaemonError> + Send,
     ) -> Result<AppSpec, DaemonError> {
-        let (spec, revision) = self
+        let mut refusal = None;
+        let written = self
             .link()
             .store
             .update_app_at(name, |spec| {
                 let mut intent = AppIntent::of(spec)?;
-                change(&mut intent)?;
+                if let Err(e) = change(&mut intent) {
+                    let text = e.to_string();
+                    refusal = Some(e);
+                    return Err(text);
+                }
                 spec.settings = intent.to_value();
                 Ok(())
             })
-            .await?;
+            .await;
+        let (spec, revision) = match (written, refusal) {
+            (Err(StoreError::Rejected(_)), Some(e)) => return Err(e),
+            (written, _) => written?,
+        };
         self.applied(revision).await?;
         Ok(spec)
     }
@@ -853,7 +875,7 @@ impl Daemon {
                     app: name.clone(),
                     addr,
                 }
-                .to_string());
+                .into());
             }
             i.backends.push(BackendIntent {
                 address: addr,
@@ -887,7 +909,7 @@ impl Daemon {
                     app: name.clone(),
                     addr,
                 }
-                .to_string());
+                .into());
             };
             weight = i.backends.remove(at).weight;
             Ok(())
@@ -915,9 +937,42 @@ impl Daemon {
         }
         let weight = req.weight.unwrap_or(WEIGHT_DEFAULT);
         state::check_weight(weight)?;
+        // The refusals of a single node's deploy, by this node's state when it serves the app
+        // (a deploy in progress here, a backend twice or draining here, a quorum above the
+        // backends new here): a deploy that no node could start must not be written.
+        let (n, a, quorum) = (name.clone(), addrs.clone(), req.quorum);
+        self.with(move |c| {
+            for (k, addr) in a.iter().enumerate() {
+                if a[..k].contains(addr) {
+                    return Err(StateError::DuplicateBackend {
+                        app: n,
+                        addr: *addr,
+                    }
+                    .into());
+                }
+            }
+            if c.state.apps.contains_key(&n) {
+                let new = c.state.clone().begin_deploy(&n, &a, weight, 0)?.len();
+                let q = quorum.unwrap_or(new);
+                if q > new || (q == 0 && new > 0) {
+                    return Err(StateError::Quorum { quorum: q, new }.into());
+                }
+            }
+            Ok(())
+        })
+        .await?;
         let mut generation = 0;
         let spec = self
             .change(&name, |i| {
+                // The same rule against the intent (this node may not serve the app).
+                let new = addrs
+                    .iter()
+                    .filter(|a| !i.backends.iter().any(|b| b.address == **a))
+                    .count();
+                let q = req.quorum.unwrap_or(new);
+                if q > new || (q == 0 && new > 0) {
+                    return Err(StateError::Quorum { quorum: q, new }.into());
+                }
                 generation = i.deploy.as_ref().map_or(0, |d| d.generation) + 1;
                 i.backends = addrs
                     .iter()
@@ -942,12 +997,15 @@ impl Daemon {
         let started = tokio::time::Instant::now();
         loop {
             let n = name.clone();
-            let (deploying, aborted, served) = self
+            let (deploying, aborted, served, taken) = self
                 .with(move |c| {
                     Ok((
                         c.state.apps.get(&n).is_some_and(|a| a.deploying()),
                         c.aborted_deploys.get(&n).copied(),
                         c.state.apps.contains_key(&n),
+                        c.deploy_generations
+                            .get(&n)
+                            .is_some_and(|g| *g >= generation),
                     ))
                 })
                 .await?;
@@ -957,7 +1015,8 @@ impl Daemon {
                     generation,
                 });
             }
-            if !deploying || !served {
+            // Done once this node took this generation (not an earlier deploy still running).
+            if !served || (taken && !deploying) {
                 break;
             }
             if started.elapsed() > limit {
