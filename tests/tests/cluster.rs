@@ -814,3 +814,51 @@ fn a_port_among_a_nodes_snat_ports_is_not_served_there() {
     let log = c.daemon(1).log();
     assert_eq!(log.matches("SNAT ports").count(), 1, "warned once:\n{log}");
 }
+
+/// Review (held): a node restarted while etcd is down serves its state file's apps with its
+/// established connection on; when etcd is back with a change made meanwhile, it applies the
+/// change to the app as it is (same datapath id: not deleted and created again, the connection
+/// goes on).
+#[test]
+fn a_node_restarted_while_etcd_is_down_catches_up_without_recreating_its_apps() {
+    require_root();
+    let mut c = Cluster::new(2, 2);
+    let port = port_of(&c.daemon(0).ok(&["app", "create", "web"]));
+    c.daemon(0).ok(&["backend", "add", "web", &backend(0)]);
+    c.daemon(1).wait_active("web", 1);
+    let mut long = connect(&c.nodes[1], port).unwrap();
+    long.echo(&payload(256, 0)).unwrap();
+    let id = c.daemon(1).app_id(port);
+    assert!(id.is_some());
+
+    c.etcd.stop();
+    c.nodes[1].daemon.kill9();
+    c.nodes[1].daemon.restart();
+    long.echo(&payload(256, 1))
+        .expect("the connection survived a restart with etcd down");
+    assert_eq!(apps_of(c.daemon(1)).get("web"), Some(&port));
+    assert!(connect(&c.nodes[1], port).is_ok_and(|e| e.server == "b0"));
+
+    c.etcd.start();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            c.daemon(0)
+                .cli(&["backend", "add", "web", &backend(1)])
+                .status
+                .success()
+        })
+        .is_some()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            app_on(c.daemon(1), "web").is_some_and(|a| a.backends.len() == 2)
+        })
+        .is_some(),
+        "{}",
+        c.daemon(1).log()
+    );
+    assert_eq!(c.daemon(1).app_id(port), id, "the app was created again");
+    long.echo(&payload(256, 2)).unwrap();
+    c.daemon(1).wait_active("web", 2);
+    long.echo(&payload(256, 3)).unwrap();
+}
