@@ -862,3 +862,53 @@ fn a_node_restarted_while_etcd_is_down_catches_up_without_recreating_its_apps() 
     c.daemon(1).wait_active("web", 2);
     long.echo(&payload(256, 3)).unwrap();
 }
+
+/// Review (held): concurrent backend adds to one app from two nodes lose nothing: each add
+/// either succeeds and is on both nodes, or is refused (a lost race, 409) and is nowhere.
+#[test]
+fn concurrent_backend_adds_to_one_app_from_two_nodes_lose_nothing() {
+    require_root();
+    const PER_NODE: usize = 30;
+    let c = Cluster::new(2, 1);
+    c.daemon(0).ok(&["app", "create", "web"]);
+    assert!(
+        wait_for(Duration::from_secs(1), || app_on(c.daemon(1), "web")
+            .is_some())
+        .is_some()
+    );
+    let added: Vec<(String, bool)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .flat_map(|n| (0..PER_NODE).map(move |k| (n, k)))
+            .map(|(n, k)| {
+                let daemon = c.daemon(n);
+                s.spawn(move || {
+                    let address = format!("198.51.100.200:{}", 10000 + n * 1000 + k);
+                    let out = daemon.cli(&["backend", "add", "web", &address]);
+                    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                    // A refusal is a lost race, nothing written (not a write left unapplied).
+                    assert!(out.status.success() || err.contains("races"), "{err}");
+                    (address, out.status.success())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let want: BTreeSet<String> = added
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(a, _)| a.clone())
+        .collect();
+    eprintln!("{} of {} adds succeeded", want.len(), added.len());
+    for i in 0..2 {
+        let same = wait_for(Duration::from_secs(3), || {
+            let have: BTreeSet<String> = c
+                .daemon(i)
+                .backends("web")
+                .into_iter()
+                .map(|b| b.address)
+                .collect();
+            have == want
+        });
+        assert!(same.is_some(), "node {}", i + 1);
+    }
+}
