@@ -245,10 +245,16 @@ pub enum ConfigError {
     BadCluster(String),
     #[error("--cluster needs --node NAME (this node's name in the cluster, e.g. tcp-1)")]
     NoNode,
-    #[error("bad node name {0:?} (letters, digits, '-', '_' and '.')")]
+    #[error(
+        "bad node name {0:?} (letters, digits, '-', '_' and '.'; not 'all', which --nodes takes for every node)"
+    )]
     BadNode(String),
-    #[error("--node and --cluster-prefix only mean something with --cluster")]
+    #[error("--node, --cluster-prefix and --cluster-lease only mean something with --cluster")]
     NodeWithoutCluster,
+    #[error("--cluster {0:?}: this build talks to etcd over plain http:// only (no TLS)")]
+    ClusterTls(String),
+    #[error("--cluster-lease {} is too short: give at least 1s (etcd's leases are whole seconds)", humantime::format_duration(*.0))]
+    ClusterLeaseTooShort(Duration),
 }
 
 impl FileConfig {
@@ -317,9 +323,12 @@ pub fn parse_cluster(text: &str) -> Result<Vec<String>, ConfigError> {
     let bad = || ConfigError::BadCluster(text.to_owned());
     let list = text.strip_prefix("etcd=").ok_or_else(bad)?;
     let endpoints: Vec<String> = list.split(',').map(|e| e.trim().to_owned()).collect();
+    if endpoints.iter().any(|e| e.starts_with("https://")) {
+        return Err(ConfigError::ClusterTls(text.to_owned()));
+    }
     if endpoints
         .iter()
-        .any(|e| !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < 9)
+        .any(|e| !e.starts_with("http://") || e.len() < 9)
     {
         return Err(bad());
     }
@@ -334,7 +343,7 @@ impl ClusterSettings {
         lease: Option<Dur>,
     ) -> Result<Option<Self>, ConfigError> {
         let Some(cluster) = cluster else {
-            if node.is_some() || prefix.is_some() {
+            if node.is_some() || prefix.is_some() || lease.is_some() {
                 return Err(ConfigError::NodeWithoutCluster);
             }
             return Ok(None);
@@ -342,12 +351,18 @@ impl ClusterSettings {
         let endpoints = parse_cluster(&cluster)?;
         let node = node.ok_or(ConfigError::NoNode)?;
         if node.is_empty()
+            || node == "all"
             || node.len() > 63
             || !node
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(ConfigError::BadNode(node));
+        }
+        if let Some(Dur(d)) = lease
+            && d < Duration::from_secs(1)
+        {
+            return Err(ConfigError::ClusterLeaseTooShort(d));
         }
         Ok(Some(ClusterSettings {
             endpoints,
@@ -583,6 +598,12 @@ mod tests {
             (Some("etcd=http://x:2379"), None, "needs --node"),
             (Some("etcd=http://x:2379"), Some("a/b"), "bad node name"),
             (None, Some("tcp-1"), "only mean something with --cluster"),
+            (
+                Some("etcd=https://x:2379"),
+                Some("tcp-1"),
+                "plain http:// only",
+            ),
+            (Some("etcd=http://x:2379"), Some("all"), "bad node name"),
         ] {
             let e = merged(
                 DaemonArgs {
@@ -595,6 +616,26 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(e.contains(want), "{cluster:?} {node:?}: {e}");
+        }
+        // A lease under a second (etcd's TTLs are whole seconds: 0 became 1 s silently), and
+        // one without --cluster (ignored silently).
+        for (cluster, lease, want) in [
+            (Some("etcd=http://x:2379"), "0s", "too short"),
+            (Some("etcd=http://x:2379"), "500ms", "too short"),
+            (None, "2s", "only mean something with --cluster"),
+        ] {
+            let e = merged(
+                DaemonArgs {
+                    cluster: cluster.map(Into::into),
+                    node: cluster.map(|_| "tcp-1".into()),
+                    cluster_lease: Some(lease.parse().unwrap()),
+                    ..args()
+                },
+                "",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{lease}: {e}");
         }
     }
 

@@ -31,6 +31,16 @@ impl Cluster {
     /// `nodes` nodes of `backends` backends each, their daemons started.
     #[track_caller]
     pub fn new(nodes: usize, backends: usize) -> Self {
+        Self::new_with(nodes, backends, |_, args| args)
+    }
+
+    /// [`Cluster::new`], node `i`'s daemon arguments changed by `args(i, them)`.
+    #[track_caller]
+    pub fn new_with(
+        nodes: usize,
+        backends: usize,
+        args: impl Fn(usize, Vec<String>) -> Vec<String>,
+    ) -> Self {
         let etcd = Etcd::new();
         let nodes = (0..nodes)
             .map(|i| {
@@ -40,19 +50,25 @@ impl Cluster {
                 let cluster = format!("etcd={endpoint}");
                 let node = format!("tcp-{}", i + 1);
                 let host = format!("{node}.example.com");
-                let daemon = Daemon::start(
+                let daemon = Daemon::start_with_args(
                     &topo,
-                    Some(AttachMode::Tc),
-                    &[
-                        "--cluster",
-                        &cluster,
-                        "--node",
-                        &node,
-                        "--cluster-lease",
-                        "2s",
-                        "--public-host",
-                        &host,
-                    ],
+                    args(
+                        i,
+                        Daemon::args(
+                            &topo,
+                            Some(AttachMode::Tc),
+                            &[
+                                "--cluster",
+                                &cluster,
+                                "--node",
+                                &node,
+                                "--cluster-lease",
+                                "2s",
+                                "--public-host",
+                                &host,
+                            ],
+                        ),
+                    ),
                 );
                 Node {
                     daemon,

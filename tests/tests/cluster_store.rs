@@ -562,3 +562,43 @@ fn watching_a_compacted_revision_reports_compacted() {
         ));
     });
 }
+
+/// Review: one value under `apps/` that this version cannot read made `load` fail as a whole,
+/// so a node could not load any app (the daemon resyncs with `load`); it is now listed apart.
+#[test]
+fn load_lists_unreadable_apps_apart() {
+    require_root();
+    let etcd = Etcd::new();
+    let rt = etcd.runtime();
+    Etcd::block_on(&rt, async {
+        let s = store().await;
+        s.create_app("web", json!({}), PORTS).await.unwrap();
+        let mut raw = etcd_client::Client::connect([Etcd::ENDPOINT], None)
+            .await
+            .unwrap();
+        raw.put("/gateway/apps/broken", "not JSON", None)
+            .await
+            .unwrap();
+        raw.put(
+            "/gateway/apps/copy",
+            r#"{"name": "web", "port": 20001}"#,
+            None,
+        )
+        .await
+        .unwrap();
+        let snapshot = s.load().await.unwrap();
+        assert_eq!(
+            snapshot.apps.keys().collect::<Vec<_>>(),
+            ["web"],
+            "{snapshot:?}"
+        );
+        assert_eq!(
+            snapshot.unreadable.keys().collect::<Vec<_>>(),
+            ["broken", "copy"]
+        );
+        assert!(
+            snapshot.unreadable["broken"].contains("/gateway/apps/broken"),
+            "{snapshot:?}"
+        );
+    });
+}

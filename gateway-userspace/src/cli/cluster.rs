@@ -67,14 +67,13 @@ pub(super) async fn run(client: &Client, command: ClusterCommand) -> Result<(), 
             let total = state.apps.len();
             let mut reasons = Vec::new();
             for (name, app) in &state.apps {
-                match store
-                    .create_app(name, cluster_intent_of(app), [app.port])
-                    .await
-                {
-                    Ok(port) => println!(
-                        "imported app {name} on port {port} ({} backends)",
-                        app.backends.len()
-                    ),
+                let intent = cluster_intent_of(app);
+                // Those imported: not the draining ones, nor those a deploy holds.
+                let backends = intent["backends"].as_array().map_or(0, Vec::len);
+                match store.create_app(name, intent, [app.port]).await {
+                    Ok(port) => {
+                        println!("imported app {name} on port {port} ({backends} backends)")
+                    }
                     Err(e) if e.is_unavailable() => return Err(e.into()),
                     Err(e) => reasons.push(format!("{name}: {e}")),
                 }

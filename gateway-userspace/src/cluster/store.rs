@@ -38,6 +38,10 @@ pub struct Snapshot {
     /// The revision the snapshot was read at: watch from `revision + 1` to miss nothing.
     pub revision: i64,
     pub apps: BTreeMap<String, AppSpec>,
+    /// The apps whose value this version cannot read (by name, with why): not in `apps`, and
+    /// not to be taken as deleted either (one unreadable value must not stop a node from
+    /// following every other app).
+    pub unreadable: BTreeMap<String, String>,
 }
 
 /// A client of the cluster store: cheap to clone (clones share one connection).
@@ -136,19 +140,37 @@ impl Store {
         })
     }
 
-    /// Every app, read at one revision.
+    /// Every app, read at one revision; those whose value cannot be read are listed apart
+    /// ([`Snapshot::unreadable`]).
     pub async fn load(&self) -> Result<Snapshot, StoreError> {
         let mut kv = self.client.kv_client();
+        let under = self.keys.apps();
         let resp = self
-            .call(kv.get(self.keys.apps(), Some(GetOptions::new().with_prefix())))
+            .call(kv.get(under.clone(), Some(GetOptions::new().with_prefix())))
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
         let mut apps = BTreeMap::new();
+        let mut unreadable = BTreeMap::new();
         for kv in resp.kvs() {
-            let spec = self.parse_app(kv)?;
-            apps.insert(spec.name.clone(), spec);
+            let name = Keys::strip(kv.key(), &under).unwrap_or_default().to_owned();
+            match self.parse_app(kv) {
+                Ok(spec) if spec.name == name => {
+                    apps.insert(name, spec);
+                }
+                Ok(spec) => {
+                    let cause = format!("it names app {:?}", spec.name);
+                    unreadable.insert(name, cause);
+                }
+                Err(e) => {
+                    unreadable.insert(name, e.to_string());
+                }
+            }
         }
-        Ok(Snapshot { revision, apps })
+        Ok(Snapshot {
+            revision,
+            apps,
+            unreadable,
+        })
     }
 
     /// One app, if it exists.

@@ -13,7 +13,7 @@
 //! keeps forwarding with the last known state; the watch catches up when etcd is back.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddrV4,
     sync::{Arc, Mutex},
     time::Duration,
@@ -161,6 +161,8 @@ pub struct ClusterLink {
     applied: watch::Sender<i64>,
     /// The specs as of `applied`.
     specs: Mutex<BTreeMap<String, AppSpec>>,
+    /// The apps whose value in etcd this node cannot read: left as they are here.
+    unreadable: Mutex<BTreeSet<String>>,
     registration: tokio::sync::Mutex<Option<NodeRegistration>>,
     started_ms: u64,
 }
@@ -174,6 +176,7 @@ impl ClusterLink {
             store,
             applied: watch::channel(0).0,
             specs: Mutex::new(BTreeMap::new()),
+            unreadable: Mutex::new(BTreeSet::new()),
             registration: tokio::sync::Mutex::new(None),
             started_ms: now_ms(),
         })
@@ -181,6 +184,10 @@ impl ClusterLink {
 
     fn specs(&self) -> BTreeMap<String, AppSpec> {
         self.specs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn unreadable(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.unreadable.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -212,6 +219,29 @@ impl Core {
         let Some((spec, intent)) = wanted else {
             return Ok(None);
         };
+        // The cluster's port, whatever this node's range (the range is for allocation), but
+        // never one of this node's SNAT ports on its public address: its backends' answers to
+        // the gateway's own connections would be taken for clients of the app.
+        let (public_ip, snat_ip, snat_ports) = (
+            self.settings.public_ip,
+            self.settings.snat_ip,
+            self.settings.snat_ports,
+        );
+        if snat_ip == public_ip && snat_ports.contains(spec.port) {
+            if let Some(app) = &local {
+                self.remove_local(name, app.id)?;
+            }
+            if self.snat_port_apps.insert(name.to_owned()) {
+                warn!(
+                    app = name,
+                    port = spec.port,
+                    snat_ports = %snat_ports,
+                    "cluster: the app's port is one of this node's SNAT ports on its public address; not served here (give the nodes disjoint --snat-ports and --port-range)"
+                );
+            }
+            return Ok(None);
+        }
+        self.snat_port_apps.remove(name);
         let mut next = self.state.clone();
         if local.is_none() {
             // The cluster's port, whatever this node's range (the range is for allocation).
@@ -284,15 +314,28 @@ impl Core {
         }
         if let Some(d) = rollout {
             let addrs = intent.backends.iter().map(|b| b.address).collect();
-            let r = self.start_rollout(
+            match self.start_rollout(
                 name,
                 addrs,
                 d.weight,
                 d.quorum,
                 d.timeout_ms,
                 d.drain_timeout_ms,
-            )?;
-            return Ok(Some((r, generation)));
+            ) {
+                Ok(r) => return Ok(Some((r, generation))),
+                // A deploy this node cannot start (its quorum above the backends new here, one
+                // draining here): aborted here, so that the old backends keep serving rather
+                // than the next reconciliation adding the new ones and draining the old at once.
+                Err(e) => {
+                    warn!(
+                        app = name,
+                        generation,
+                        error = e.chain(),
+                        "cluster: deploy refused on this node; the old backends keep serving"
+                    );
+                    self.aborted_deploys.insert(name.to_owned(), generation);
+                }
+            }
         }
         Ok(None)
     }
@@ -315,16 +358,18 @@ impl Core {
     }
 
     /// Reconciles every app toward `specs`: those gone first (their ports free), then the rest.
+    /// The apps of `unreadable` (their value in etcd unreadable) are left as they are.
     fn reconcile_all(
         &mut self,
         specs: &BTreeMap<String, AppSpec>,
+        unreadable: &BTreeSet<String>,
         node: &str,
     ) -> Vec<(String, Rollout, u64)> {
         let gone: Vec<String> = self
             .state
             .apps
             .keys()
-            .filter(|n| !specs.contains_key(*n))
+            .filter(|n| !specs.contains_key(*n) && !unreadable.contains(*n))
             .cloned()
             .collect();
         let mut rollouts = Vec::new();
@@ -402,9 +447,17 @@ impl Daemon {
         let link = self.link().clone();
         let snapshot = link.store.load().await?;
         let node = link.settings.node.clone();
+        for (app, cause) in &snapshot.unreadable {
+            warn!(
+                app,
+                cause, "cluster: app unreadable in etcd; left as it is on this node"
+            );
+        }
+        let unreadable: BTreeSet<String> = snapshot.unreadable.keys().cloned().collect();
+        *link.unreadable() = unreadable.clone();
         *link.specs.lock().unwrap_or_else(|p| p.into_inner()) = snapshot.apps.clone();
         let rollouts = self
-            .with(move |c| Ok(c.reconcile_all(&snapshot.apps, &node)))
+            .with(move |c| Ok(c.reconcile_all(&snapshot.apps, &unreadable, &node)))
             .await
             .unwrap_or_default();
         self.spawn_rollouts(rollouts);
@@ -416,10 +469,11 @@ impl Daemon {
         let link = self.link().clone();
         let node = link.settings.node.clone();
         let specs = link.specs();
+        let unreadable = link.unreadable().clone();
         let rollouts = self
             .with(move |c| {
                 Ok(match name {
-                    None => c.reconcile_all(&specs, &node),
+                    None => c.reconcile_all(&specs, &unreadable, &node),
                     Some(name) => match c.reconcile_app(&name, specs.get(&name), &node) {
                         Ok(Some((r, g))) => vec![(name, r, g)],
                         Ok(None) => vec![],
@@ -499,11 +553,13 @@ impl Daemon {
                     event = watch.next() => match event {
                         Ok(WatchEvent::AppPut { spec, revision }) => {
                             let name = spec.name.clone();
+                            link.unreadable().remove(&name);
                             link.specs.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), spec);
                             self.reconcile_cached(Some(name)).await;
                             link.applied.send_replace(revision);
                         }
                         Ok(WatchEvent::AppDeleted { name, revision }) => {
+                            link.unreadable().remove(&name);
                             link.specs.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
                             self.reconcile_cached(Some(name)).await;
                             link.applied.send_replace(revision);
@@ -674,23 +730,32 @@ impl Daemon {
         .await
     }
 
-    /// Changes app `name`'s intent with `change` (refusals are the request's); waits until
-    /// applied here.
+    /// Changes app `name`'s intent with `change` (its refusals are the request's, with the
+    /// status a single node answers them with); waits until applied here.
     async fn change(
         &self,
         name: &str,
-        mut change: impl FnMut(&mut AppIntent) -> Result<(), String> + Send,
+        mut change: impl FnMut(&mut AppIntent) -> Result<(), DaemonError> + Send,
     ) -> Result<AppSpec, DaemonError> {
-        let (spec, revision) = self
+        let mut refusal = None;
+        let written = self
             .link()
             .store
             .update_app_at(name, |spec| {
                 let mut intent = AppIntent::of(spec)?;
-                change(&mut intent)?;
+                if let Err(e) = change(&mut intent) {
+                    let text = e.to_string();
+                    refusal = Some(e);
+                    return Err(text);
+                }
                 spec.settings = intent.to_value();
                 Ok(())
             })
-            .await?;
+            .await;
+        let (spec, revision) = match (written, refusal) {
+            (Err(StoreError::Rejected(_)), Some(e)) => return Err(e),
+            (written, _) => written?,
+        };
         self.applied(revision).await?;
         Ok(spec)
     }
@@ -810,7 +875,7 @@ impl Daemon {
                     app: name.clone(),
                     addr,
                 }
-                .to_string());
+                .into());
             }
             i.backends.push(BackendIntent {
                 address: addr,
@@ -844,7 +909,7 @@ impl Daemon {
                     app: name.clone(),
                     addr,
                 }
-                .to_string());
+                .into());
             };
             weight = i.backends.remove(at).weight;
             Ok(())
@@ -872,9 +937,42 @@ impl Daemon {
         }
         let weight = req.weight.unwrap_or(WEIGHT_DEFAULT);
         state::check_weight(weight)?;
+        // The refusals of a single node's deploy, by this node's state when it serves the app
+        // (a deploy in progress here, a backend twice or draining here, a quorum above the
+        // backends new here): a deploy that no node could start must not be written.
+        let (n, a, quorum) = (name.clone(), addrs.clone(), req.quorum);
+        self.with(move |c| {
+            for (k, addr) in a.iter().enumerate() {
+                if a[..k].contains(addr) {
+                    return Err(StateError::DuplicateBackend {
+                        app: n,
+                        addr: *addr,
+                    }
+                    .into());
+                }
+            }
+            if c.state.apps.contains_key(&n) {
+                let new = c.state.clone().begin_deploy(&n, &a, weight, 0)?.len();
+                let q = quorum.unwrap_or(new);
+                if q > new || (q == 0 && new > 0) {
+                    return Err(StateError::Quorum { quorum: q, new }.into());
+                }
+            }
+            Ok(())
+        })
+        .await?;
         let mut generation = 0;
         let spec = self
             .change(&name, |i| {
+                // The same rule against the intent (this node may not serve the app).
+                let new = addrs
+                    .iter()
+                    .filter(|a| !i.backends.iter().any(|b| b.address == **a))
+                    .count();
+                let q = req.quorum.unwrap_or(new);
+                if q > new || (q == 0 && new > 0) {
+                    return Err(StateError::Quorum { quorum: q, new }.into());
+                }
                 generation = i.deploy.as_ref().map_or(0, |d| d.generation) + 1;
                 i.backends = addrs
                     .iter()
@@ -899,12 +997,15 @@ impl Daemon {
         let started = tokio::time::Instant::now();
         loop {
             let n = name.clone();
-            let (deploying, aborted, served) = self
+            let (deploying, aborted, served, taken) = self
                 .with(move |c| {
                     Ok((
                         c.state.apps.get(&n).is_some_and(|a| a.deploying()),
                         c.aborted_deploys.get(&n).copied(),
                         c.state.apps.contains_key(&n),
+                        c.deploy_generations
+                            .get(&n)
+                            .is_some_and(|g| *g >= generation),
                     ))
                 })
                 .await?;
@@ -914,7 +1015,8 @@ impl Daemon {
                     generation,
                 });
             }
-            if !deploying || !served {
+            // Done once this node took this generation (not an earlier deploy still running).
+            if !served || (taken && !deploying) {
                 break;
             }
             if started.elapsed() > limit {

@@ -45,6 +45,9 @@ pub(super) struct Core {
     pub deploy_generations: HashMap<String, u64>,
     /// Cluster mode: the deploy generation of each app whose local deploy aborted.
     pub aborted_deploys: HashMap<String, u64>,
+    /// Cluster mode: the apps not served here because their port is one of this node's SNAT
+    /// ports on its public address (warned once).
+    pub snat_port_apps: std::collections::HashSet<String>,
 }
 
 impl Core {
@@ -75,6 +78,7 @@ impl Core {
             resets: Resets::open(),
             deploy_generations: HashMap::new(),
             aborted_deploys: HashMap::new(),
+            snat_port_apps: Default::default(),
         }
     }
 

@@ -271,6 +271,11 @@ impl Core {
             let mut next = self.state.clone();
             next.abort_deploy(n)?;
             self.commit(n, next)?;
+            // Cluster mode: the generation this node ran is aborted, in the same step as the
+            // abort itself (a writer waiting for it never sees the one without the other).
+            if let Some(g) = self.deploy_generations.get(n).copied() {
+                self.aborted_deploys.insert(n.to_owned(), g);
+            }
             let err = StateError::DeployTimeout {
                 app: n.to_owned(),
                 healthy: healthy.len(),
