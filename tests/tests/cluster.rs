@@ -147,6 +147,25 @@ fn an_app_created_on_node_1_is_served_by_nodes_2_and_3_within_a_second() {
     for app in ["pinned", "everywhere"] {
         c.daemon(0).ok(&["app", "delete", app]);
     }
+    // A node set naming no live node is refused (a typo would leave the app served nowhere),
+    // and nothing is written.
+    for args in [
+        &["app", "create", "ghost", "--nodes", "tcp-9"][..],
+        &["app", "set", "web", "--nodes", "tcp-1,tcp-9"],
+    ] {
+        let out = c.daemon(0).cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("no live node named \"tcp-9\""),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(app_on(c.daemon(0), "ghost").is_none());
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        app_on(c.daemon(2), "web").is_some(),
+        "web's set is still tcp-1,tcp-3: node 3 serves it"
+    );
     // A delete on node 1 goes everywhere.
     c.daemon(0).ok(&["app", "delete", "web"]);
     for i in 0..3 {

@@ -153,6 +153,25 @@ fn nodes_of(nodes: Option<Vec<String>>) -> Result<Option<Vec<String>>, StoreErro
     Ok(Some(nodes))
 }
 
+/// Refuses a node set naming a node that is not live (a typo would leave the app served by no
+/// node): "no live node named ...", with the live ones.
+async fn live_nodes(
+    store: &Store,
+    nodes: Option<Vec<String>>,
+) -> Result<Option<Vec<String>>, StoreError> {
+    let Some(set) = nodes_of(nodes)? else {
+        return Ok(None);
+    };
+    let live: Vec<String> = store.nodes().await?.into_iter().map(|n| n.node).collect();
+    if let Some(unknown) = set.iter().find(|n| !live.contains(n)) {
+        return Err(StoreError::Invalid(format!(
+            "no live node named {unknown:?} in --nodes (live: {})",
+            live.join(", ")
+        )));
+    }
+    Ok(Some(set))
+}
+
 /// This node's link to the cluster.
 pub struct ClusterLink {
     pub settings: ClusterSettings,
@@ -709,7 +728,7 @@ impl Daemon {
             client_address: req.client_address.unwrap_or_default(),
             rate_limit: limit,
             plan,
-            nodes: nodes_of(req.nodes)?,
+            nodes: live_nodes(&self.link().store, req.nodes).await?,
             ..AppIntent::default()
         };
         let link = self.link();
@@ -792,7 +811,7 @@ impl Daemon {
             }
         };
         let nodes = match nodes {
-            Some(n) => Some(nodes_of(Some(n))?),
+            Some(n) => Some(live_nodes(&self.link().store, Some(n)).await?),
             None => None,
         };
         let spec = self
