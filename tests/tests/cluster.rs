@@ -24,12 +24,14 @@ fn backend(i: usize) -> String {
     SocketAddrV4::new(Topology::backend_ip(i), 8080).to_string()
 }
 
-/// App `app` on `daemon`, if it has it.
+/// App `app` on `daemon`, if it serves it (a node outside an app's set shows it from etcd,
+/// `not_served_here`).
 fn app_on(daemon: &Daemon, app: &str) -> Option<AppView> {
     let out = daemon.cli(&["app", "show", app, "--json"]);
     out.status
         .success()
-        .then(|| serde_json::from_slice(&out.stdout).expect("app JSON"))
+        .then(|| serde_json::from_slice::<AppView>(&out.stdout).expect("app JSON"))
+        .filter(|a| !a.not_served_here)
 }
 
 /// The public port of the URL `gateway app create` printed.
@@ -136,6 +138,32 @@ fn an_app_created_on_node_1_is_served_by_nodes_2_and_3_within_a_second() {
     assert!(app_on(c.daemon(0), "web").is_some());
     assert!(connect(&c.nodes[1], port).is_err());
     assert!(connect(&c.nodes[0], port).is_ok());
+    // Node 2 still reads it, from etcd: the app (its URL a serving node's), in its list, and
+    // its backends with the serving nodes' columns.
+    let shown: AppView =
+        serde_json::from_str(&c.daemon(1).ok(&["app", "show", "web", "--json"])).unwrap();
+    assert!(shown.not_served_here && shown.port == port, "{shown:?}");
+    assert!(
+        shown.url.starts_with("tcp://tcp-1.example.com:"),
+        "{shown:?}"
+    );
+    assert!(apps_of(c.daemon(1)).contains_key("web"));
+    // (Each node publishes its states within ~0.2 s: node 2's column goes with its next.)
+    let listed = || -> Vec<gateway::api::BackendView> {
+        serde_json::from_str(&c.daemon(1).ok(&["backend", "list", "web", "--json"])).unwrap()
+    };
+    let shows = |l: &[gateway::api::BackendView]| {
+        l.len() == 1
+            && l[0].address == backend(0)
+            && l[0].state == BackendState::Active
+            && l[0].nodes.contains_key("tcp-1")
+            && !l[0].nodes.contains_key("tcp-2")
+    };
+    assert!(
+        wait_for(Duration::from_secs(1), || shows(&listed())).is_some(),
+        "{:?}",
+        listed()
+    );
     // The TCP_URL names a node that serves the app: the writer when it does, else the first
     // of the app's set.
     let url = c

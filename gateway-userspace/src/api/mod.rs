@@ -218,6 +218,10 @@ pub struct AppView {
     /// Its traffic between the last two conntrack scans.
     #[serde(default)]
     pub rates: Rates,
+    /// In cluster mode, an app of the cluster this node does not serve (outside its
+    /// `--nodes` set): shown from its spec in etcd, without backends or traffic.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_served_here: bool,
 }
 
 /// Per-second rates between two samples.

@@ -71,6 +71,12 @@ pub(super) async fn run(client: &Client, command: AppCommand) -> Result<(), CliE
                     Settings(&app),
                     app.connections
                 );
+                if app.not_served_here {
+                    println!(
+                        "  not served by this node (outside its --nodes set): `gateway backend list {}` shows its backends on the nodes that serve it",
+                        app.name
+                    );
+                }
                 print!("{}", BackendsTable::now(&app.backends, "  "));
             }
         }
@@ -363,6 +369,7 @@ mod tests {
             connections: 0,
             half_open: 0,
             rates: Default::default(),
+            not_served_here: false,
         };
         assert_eq!(
             Settings(&app).to_string(),

@@ -261,6 +261,7 @@ mod tests {
             connections: 12,
             half_open: 0,
             rates: Rates::default(),
+            not_served_here: false,
         };
         let clamped = AppView {
             name: "db".to_owned(),

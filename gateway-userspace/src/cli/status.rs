@@ -176,6 +176,7 @@ mod tests {
                     packets: 10.4,
                     bytes: 2048.0,
                 },
+                not_served_here: false,
             }],
             conntrack_entries: 6,
             conntrack_capacity: 1024,

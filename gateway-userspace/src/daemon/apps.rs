@@ -42,9 +42,13 @@ impl Daemon {
         .await
     }
 
-    /// Every app.
+    /// Every app (in cluster mode, those this node does not serve too: `Daemon::cluster_apps`).
     pub async fn apps(&self) -> Result<Vec<AppView>, DaemonError> {
-        self.with(|c| Ok(c.app_views())).await
+        let local = self.with(|c| Ok(c.app_views())).await?;
+        if self.cluster.is_some() {
+            return self.cluster_apps(local).await;
+        }
+        Ok(local)
     }
 
     /// Creates an app on its port (or the lowest free one).
@@ -84,14 +88,24 @@ impl Daemon {
         .await
     }
 
-    /// App `name`.
+    /// App `name` (in cluster mode, one this node does not serve too, from its spec).
     pub async fn app(&self, name: String) -> Result<AppView, DaemonError> {
-        self.with(move |c| {
-            let app = c.state.app(&name)?.clone();
-            let counts = c.counts();
-            Ok(c.app_view(&name, &app, &counts))
-        })
-        .await
+        let n = name.clone();
+        let local = self
+            .with(move |c| {
+                let app = c.state.app(&n)?.clone();
+                let counts = c.counts();
+                Ok(c.app_view(&n, &app, &counts))
+            })
+            .await;
+        match local {
+            Err(DaemonError::Refused(state::StateError::UnknownApp(_)))
+                if self.cluster.is_some() =>
+            {
+                self.cluster_app(name).await
+            }
+            other => other,
+        }
     }
 
     /// Changes app `name`'s settings live (each present field of `req`; see [`UpdateApp`]).
@@ -183,7 +197,14 @@ impl Daemon {
     /// App `name`'s backends.
     pub async fn backends(&self, name: String) -> Result<Vec<BackendView>, DaemonError> {
         let n = name.clone();
-        let mut views = self.local_backends(n).await?;
+        let mut views = match self.local_backends(n).await {
+            Err(DaemonError::Refused(state::StateError::UnknownApp(_)))
+                if self.cluster.is_some() =>
+            {
+                return self.cluster_backends(name).await;
+            }
+            other => other?,
+        };
         if self.cluster.is_some() {
             self.add_node_states(&name, &mut views).await;
         }

@@ -663,6 +663,79 @@ impl Daemon {
         if let Ok(view) = self.app(name.clone()).await {
             return Ok(view);
         }
+        self.spec_view(spec).await
+    }
+
+    /// App `name` from etcd, for a node that does not serve it (`app show` there).
+    pub(super) async fn cluster_app(&self, name: String) -> Result<AppView, DaemonError> {
+        match self.link().store.app(&name).await? {
+            Some(spec) => self.spec_view(spec).await,
+            None => Err(StateError::UnknownApp(name).into()),
+        }
+    }
+
+    /// `local` (the apps this node serves) and, from etcd, the others (`app list`); only
+    /// `local` while etcd is unreachable.
+    pub(super) async fn cluster_apps(
+        &self,
+        mut local: Vec<AppView>,
+    ) -> Result<Vec<AppView>, DaemonError> {
+        let Ok(snapshot) = self.link().store.load().await else {
+            return Ok(local);
+        };
+        for (name, spec) in snapshot.apps {
+            if !local.iter().any(|a| a.name == name) {
+                local.push(self.spec_view(spec).await?);
+            }
+        }
+        local.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(local)
+    }
+
+    /// App `name`'s backends from etcd, for a node that does not serve it (`backend list`
+    /// there): the nodes' columns as they published them, and as the state the first of
+    /// them (none yet: pending).
+    pub(super) async fn cluster_backends(
+        &self,
+        name: String,
+    ) -> Result<Vec<BackendView>, DaemonError> {
+        let Some(spec) = self.link().store.app(&name).await? else {
+            return Err(StateError::UnknownApp(name).into());
+        };
+        let intent = AppIntent::of(&spec).unwrap_or_default();
+        let mut views: Vec<BackendView> = intent
+            .backends
+            .iter()
+            .map(|b| BackendView {
+                address: b.address.to_string(),
+                weight: b.weight,
+                state: BackendState::Pending,
+                since_ms: 0,
+                drain_until_ms: None,
+                held: false,
+                connections: 0,
+                health_changes: 0,
+                rate_limit: intent.rate_limit,
+                rate_dropped_to_backend: 0,
+                rate_dropped_from_backend: 0,
+                pps_to_backend: 0.0,
+                pps_from_backend: 0.0,
+                nodes: BTreeMap::new(),
+            })
+            .collect();
+        self.published_states(&name, &mut views).await;
+        for v in &mut views {
+            let first = v.nodes.values().next().map(|s| s.trim_end_matches('*'));
+            if let Some(state) = first.and_then(|s| serde_json::from_value(s.into()).ok()) {
+                v.state = state;
+            }
+        }
+        Ok(views)
+    }
+
+    /// App `spec` as its spec says, for a node that does not serve it: no backends, its
+    /// TCP_URL a serving node's.
+    async fn spec_view(&self, spec: AppSpec) -> Result<AppView, DaemonError> {
         let intent = AppIntent::of(&spec).unwrap_or_default();
         // Not served here: its TCP_URL names the first live node of its set (by name), or
         // this node's host when none is known.
@@ -694,6 +767,7 @@ impl Daemon {
                 connections: 0,
                 half_open: 0,
                 rates: Default::default(),
+                not_served_here: true,
             })
         })
         .await
@@ -1048,6 +1122,17 @@ impl Daemon {
 
     /// Each live node's state of app `name`'s backends, into `views`.
     pub(super) async fn add_node_states(&self, name: &str, views: &mut [BackendView]) {
+        self.published_states(name, views).await;
+        // This node's own column is always its present state.
+        let node = &self.link().settings.node;
+        for v in views.iter_mut() {
+            let state = if v.held { "pending*" } else { v.state.as_str() };
+            v.nodes.insert(node.clone(), state.to_owned());
+        }
+    }
+
+    /// Each node's published state of the backends of app `name`, into `views`' columns.
+    async fn published_states(&self, name: &str, views: &mut [BackendView]) {
         let link = self.link();
         let Ok(statuses) = link.store.statuses().await else {
             return;
@@ -1065,12 +1150,6 @@ impl Daemon {
                     v.nodes.insert(s.node.clone(), state.to_owned());
                 }
             }
-        }
-        // This node's own column is always its present state.
-        let node = &link.settings.node;
-        for v in views.iter_mut() {
-            let state = if v.held { "pending*" } else { v.state.as_str() };
-            v.nodes.insert(node.clone(), state.to_owned());
         }
     }
 

@@ -155,6 +155,7 @@ impl Core {
             connections: counts.apps.get(&app.id).copied().unwrap_or(0),
             half_open: counts.half_open.get(&app.id).copied().unwrap_or(0),
             rates: self.scan.rates.get(&app.id).copied().unwrap_or_default(),
+            not_served_here: false,
         }
     }
 
