@@ -838,3 +838,75 @@ fn concurrent_backend_adds_to_one_app_from_two_nodes_lose_nothing() {
         assert!(same.is_some(), "node {}", i + 1);
     }
 }
+
+/// `backend remove --now` on one node: the backend goes at once on every node and each node
+/// ends its connections to it (an RST to the client: ECONNRESET), as on a single node;
+/// `--drain-timeout` is each node's deadline for it.
+#[test]
+fn a_backend_removed_now_on_one_node_ends_its_connections_on_every_node() {
+    require_root();
+    let c = Cluster::new(3, 2);
+    let port = port_of(&c.daemon(0).ok(&["app", "create", "web"]));
+    for b in [backend(0), backend(1)] {
+        c.daemon(0).ok(&["backend", "add", "web", &b]);
+    }
+    for i in 0..3 {
+        c.daemon(i).wait_active("web", 2);
+    }
+    // A connection through each node to backend 0 (the client's port decides it).
+    let mut on_b0: Vec<EchoClient> = Vec::new();
+    for node in &c.nodes {
+        let found = (0..64).find_map(|_| {
+            let mut e = connect(node, port).ok()?;
+            e.echo(&payload(64, 0)).ok()?;
+            let peers = node.daemon.ok(&["flows", "--backend", &backend(0)]);
+            let local = e.local_addr().to_string();
+            peers.contains(&local).then_some(e)
+        });
+        on_b0.push(found.expect("a connection on backend 0 through this node"));
+    }
+    c.daemon(0)
+        .ok(&["backend", "remove", "web", &backend(0), "--now"]);
+    for (i, e) in on_b0.iter_mut().enumerate() {
+        e.set_timeout(Duration::from_secs(2)).unwrap();
+        let ended = wait_for(Duration::from_secs(2), || e.echo(&payload(64, 1)).is_err());
+        assert!(
+            ended.is_some(),
+            "node {}: the connection still works",
+            i + 1
+        );
+        let listed: Vec<gateway::api::BackendView> =
+            serde_json::from_str(&c.daemon(i).ok(&["backend", "list", "web", "--json"])).unwrap();
+        assert!(
+            listed.iter().all(|b| b.address != backend(0)),
+            "node {}: {listed:?}",
+            i + 1
+        );
+    }
+    // Backend 1, removed with a drain deadline of its own: draining on every node.
+    c.daemon(1).ok(&[
+        "backend",
+        "remove",
+        "web",
+        &backend(1),
+        "--drain-timeout",
+        "30s",
+    ]);
+    for i in 0..3 {
+        let draining = wait_for(Duration::from_secs(1), || {
+            let listed: Vec<gateway::api::BackendView> =
+                serde_json::from_str(&c.daemon(i).ok(&["backend", "list", "web", "--json"]))
+                    .unwrap();
+            listed.iter().any(|b| {
+                b.address == backend(1)
+                    && b.state == BackendState::Draining
+                    && b.drain_until_ms.is_some_and(|u| u >= b.since_ms + 29_000)
+            })
+        });
+        assert!(
+            draining.is_some(),
+            "node {}: backend 1 not draining for 30 s",
+            i + 1
+        );
+    }
+}

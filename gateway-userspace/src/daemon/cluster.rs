@@ -88,6 +88,27 @@ pub struct AppIntent {
     pub nodes: Option<Vec<String>>,
     #[serde(default)]
     pub deploy: Option<DeployIntent>,
+    /// How backends removed from `backends` go, where it is not each node's default drain
+    /// (`backend remove --now` or `--drain-timeout`); an entry leaves when its address is
+    /// added again. At most [`REMOVED_KEPT`], the newest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<RemovedBackend>,
+}
+
+/// How many [`AppIntent::removed`] entries an app keeps.
+const REMOVED_KEPT: usize = 64;
+
+/// A backend removed with `--now` or `--drain-timeout` (see [`AppIntent::removed`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedBackend {
+    pub address: SocketAddrV4,
+    /// Gone at once on every node, its connections ended (reset), as `backend remove --now`.
+    #[serde(default)]
+    pub now: bool,
+    /// Its drain deadline from when each node applies the removal (ms); `None`: the node's
+    /// `--drain-timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 impl AppIntent {
@@ -127,6 +148,7 @@ impl AppIntent {
             plan: app.plan.clone(),
             nodes: None,
             deploy: None,
+            removed: Vec::new(),
         }
     }
 }
@@ -290,6 +312,7 @@ impl Core {
                 && !intent.backends.iter().any(|x| x.address == b.addr)
         });
         let missed = known.is_none() && generation > 0 && adds && drains;
+        let mut ended_now: Vec<u32> = Vec::new();
         if app.deploying() {
             // A local deploy is under way: it finishes first (the resync looks again).
         } else if local.is_some()
@@ -313,16 +336,31 @@ impl Core {
             for b in app
                 .backends
                 .iter()
-                .filter(|b| b.state != BackendState::Draining)
+                .filter(|b| !intent.backends.iter().any(|x| x.address == b.addr))
             {
-                if !intent.backends.iter().any(|x| x.address == b.addr) {
-                    next.drain_backend(name, b.addr, now, now + drain_ms)?;
-                    info!(app = name, backend = %b.addr, "cluster: backend removed, draining");
+                let how = intent.removed.iter().find(|r| r.address == b.addr);
+                if how.is_some_and(|r| r.now) {
+                    next.remove_backend(name, b.addr)?;
+                    ended_now.push(b.id);
+                    info!(app = name, backend = %b.addr, "cluster: backend removed now, its connections ended");
+                } else if b.state != BackendState::Draining {
+                    let ms = how.and_then(|r| r.drain_timeout_ms).unwrap_or(drain_ms);
+                    next.drain_backend(name, b.addr, now, now + ms)?;
+                    info!(app = name, backend = %b.addr, drain_timeout_ms = ms, "cluster: backend removed, draining");
                 }
             }
         }
         if next != self.state {
             self.commit(name, next)?;
+            for id in ended_now {
+                // Committed: its connections end now (RSTs to both ends), as on a single node.
+                if self.end_committed(Whose::Backend(id)).is_none() {
+                    warn!(
+                        app = name,
+                        "cluster: a backend removed now; its connections expire on their own"
+                    );
+                }
+            }
             if local.is_none() {
                 info!(
                     app = name,
@@ -974,6 +1012,7 @@ impl Daemon {
                 address: addr,
                 weight,
             });
+            i.removed.retain(|r| r.address != addr);
             Ok(())
         })
         .await?;
@@ -989,12 +1028,6 @@ impl Daemon {
         q: RemoveBackend,
     ) -> Result<BackendView, DaemonError> {
         let addr = state::parse_backend(&address)?;
-        if q.now || q.drain_timeout_ms.is_some() {
-            return Err(StoreError::Invalid(
-                "in cluster mode a removed backend drains on every node with that node's --drain-timeout (--now and --drain-timeout are not supported yet)".into(),
-            )
-            .into());
-        }
         let mut weight = WEIGHT_DEFAULT;
         self.change(&name, |i| {
             let Some(at) = i.backends.iter().position(|b| b.address == addr) else {
@@ -1005,10 +1038,20 @@ impl Daemon {
                 .into());
             };
             weight = i.backends.remove(at).weight;
+            i.removed.retain(|r| r.address != addr);
+            if q.now || q.drain_timeout_ms.is_some() {
+                i.removed.push(RemovedBackend {
+                    address: addr,
+                    now: q.now,
+                    drain_timeout_ms: q.drain_timeout_ms,
+                });
+                let excess = i.removed.len().saturating_sub(REMOVED_KEPT);
+                i.removed.drain(..excess);
+            }
             Ok(())
         })
         .await?;
-        info!(app = name, backend = %addr, "cluster: backend removed in etcd");
+        info!(app = name, backend = %addr, now = q.now, "cluster: backend removed in etcd");
         self.backend_view_of(name, addr, weight, BackendState::Draining)
             .await
     }
@@ -1074,6 +1117,7 @@ impl Daemon {
                         weight,
                     })
                     .collect();
+                i.removed.retain(|r| !addrs.contains(&r.address));
                 i.deploy = Some(DeployIntent {
                     generation,
                     weight,
