@@ -326,10 +326,17 @@ pub fn parse_cluster(text: &str) -> Result<Vec<String>, ConfigError> {
     if endpoints.iter().any(|e| e.starts_with("https://")) {
         return Err(ConfigError::ClusterTls(text.to_owned()));
     }
-    if endpoints
-        .iter()
-        .any(|e| !e.starts_with("http://") || e.len() < 9)
-    {
+    // `http://HOST[:PORT][/]`, as the etcd client takes it (a malformed one would be
+    // refused only after the datapath is attached).
+    let valid = |e: &str| {
+        e.parse::<axum::http::Uri>().is_ok_and(|u| {
+            u.scheme_str() == Some("http")
+                && u.host().is_some_and(|h| !h.is_empty())
+                && matches!(u.path(), "" | "/")
+                && u.query().is_none()
+        })
+    };
+    if !endpoints.iter().all(|e| valid(e)) {
         return Err(bad());
     }
     Ok(endpoints)
@@ -595,6 +602,14 @@ mod tests {
         for (cluster, node, want) in [
             (Some("http://x:2379"), Some("tcp-1"), "bad --cluster"),
             (Some("etcd=x:2379"), Some("tcp-1"), "bad --cluster"),
+            (Some("etcd=http://x y:2379"), Some("tcp-1"), "bad --cluster"),
+            (Some("etcd=http://:2379"), Some("tcp-1"), "bad --cluster"),
+            (
+                Some("etcd=http://x:2379/v3?a=b"),
+                Some("tcp-1"),
+                "bad --cluster",
+            ),
+            (Some("etcd=http://x:2379,"), Some("tcp-1"), "bad --cluster"),
             (Some("etcd=http://x:2379"), None, "needs --node"),
             (Some("etcd=http://x:2379"), Some("a/b"), "bad node name"),
             (None, Some("tcp-1"), "only mean something with --cluster"),
