@@ -90,15 +90,7 @@ impl Daemon {
 
     /// App `name` (in cluster mode, one this node does not serve too, from its spec).
     pub async fn app(&self, name: String) -> Result<AppView, DaemonError> {
-        let n = name.clone();
-        let local = self
-            .with(move |c| {
-                let app = c.state.app(&n)?.clone();
-                let counts = c.counts();
-                Ok(c.app_view(&n, &app, &counts))
-            })
-            .await;
-        match local {
+        match self.local_app(name.clone()).await {
             Err(DaemonError::Refused(state::StateError::UnknownApp(_)))
                 if self.cluster.is_some() =>
             {
@@ -106,6 +98,16 @@ impl Daemon {
             }
             other => other,
         }
+    }
+
+    /// App `name` as this node serves it.
+    pub(super) async fn local_app(&self, name: String) -> Result<AppView, DaemonError> {
+        self.with(move |c| {
+            let app = c.state.app(&name)?.clone();
+            let counts = c.counts();
+            Ok(c.app_view(&name, &app, &counts))
+        })
+        .await
     }
 
     /// Changes app `name`'s settings live (each present field of `req`; see [`UpdateApp`]).
@@ -135,18 +137,8 @@ impl Daemon {
                 // `null` removes the setting: none.
                 next.set_client_address(&name, client_address.unwrap_or_default())?;
             }
-            match (rate_limit, plan) {
-                (None, None) => {}
-                (Some(Some(_)), Some(_)) => {
-                    return Err(state::StateError::RateLimitAndPlan.into());
-                }
-                (None | Some(None), Some(plan)) => {
-                    let (limit, plan) = c.rate_limit_of(None, Some(plan))?;
-                    next.set_rate_limit(&name, limit, plan)?;
-                }
-                (Some(limit), None) => {
-                    next.set_rate_limit(&name, limit, None)?;
-                }
+            if let Some((limit, plan)) = c.rate_limit_change(rate_limit, plan)? {
+                next.set_rate_limit(&name, limit, plan)?;
             }
             if next != c.state {
                 c.commit(&name, next)?;

@@ -697,11 +697,10 @@ impl Daemon {
 
     /// App `name` as this node shows it, or from its spec when this node does not serve it.
     async fn view_of(&self, spec: AppSpec) -> Result<AppView, DaemonError> {
-        let name = spec.name.clone();
-        if let Ok(view) = self.app(name.clone()).await {
-            return Ok(view);
+        match self.local_app(spec.name.clone()).await {
+            Ok(view) => Ok(view),
+            Err(_) => self.spec_view(spec).await,
         }
-        self.spec_view(spec).await
     }
 
     /// App `name` from etcd, for a node that does not serve it (`app show` there).
@@ -908,20 +907,9 @@ impl Daemon {
             Some(None) => Some(None),
             None => None,
         };
-        let limit = match (rate_limit, plan) {
-            (None, None) => None,
-            (Some(Some(_)), Some(_)) => return Err(StateError::RateLimitAndPlan.into()),
-            (None | Some(None), Some(plan)) => Some(
-                self.with(move |c| Ok(c.rate_limit_of(None, Some(plan))?))
-                    .await?,
-            ),
-            (Some(limit), None) => {
-                if let Some(l) = limit {
-                    l.check()?;
-                }
-                Some((limit, None))
-            }
-        };
+        let limit = self
+            .with(move |c| Ok(c.rate_limit_change(rate_limit, plan)?))
+            .await?;
         let nodes = match nodes {
             Some(n) => Some(live_nodes(&self.link().store, Some(n)).await?),
             None => None,
@@ -948,7 +936,7 @@ impl Daemon {
     }
 
     pub(super) async fn cluster_delete_app(&self, name: String) -> Result<AppView, DaemonError> {
-        let view = self.app(name.clone()).await.ok();
+        let view = self.local_app(name.clone()).await.ok();
         let (spec, revision) = self.link().store.delete_app_at(&name).await?;
         info!(app = name, revision, "cluster: app deleted in etcd");
         self.applied(revision).await?;

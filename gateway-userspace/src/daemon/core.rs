@@ -18,6 +18,9 @@ use crate::{
     state::{self, App, HealthConfig, RateLimit, State, StateError, StateFile},
 };
 
+/// An app's rate limit (`None`: none) and the plan of the config file it came from.
+pub(super) type LimitAndPlan = (Option<RateLimit>, Option<String>);
+
 /// The daemon's state: settings, desired state and its file, the datapath, health checks.
 pub(super) struct Core {
     pub settings: Settings,
@@ -116,7 +119,7 @@ impl Core {
         &self,
         limit: Option<RateLimit>,
         plan: Option<String>,
-    ) -> Result<(Option<RateLimit>, Option<String>), StateError> {
+    ) -> Result<LimitAndPlan, StateError> {
         match (limit, plan) {
             (Some(_), Some(_)) => Err(StateError::RateLimitAndPlan),
             (limit, None) => Ok((limit, None)),
@@ -124,6 +127,25 @@ impl Core {
                 Some(limit) => Ok((Some(*limit), Some(plan))),
                 None => Err(StateError::UnknownPlan(plan)),
             },
+        }
+    }
+
+    /// What an app update's `rate_limit` and `plan` fields ask for (`PATCH /v1/apps/{name}`):
+    /// `None` to leave the limit as it is, else the limit and the plan it came from (see
+    /// [`Core::rate_limit_of`]; `rate_limit: null` removes it).
+    pub fn rate_limit_change(
+        &self,
+        rate_limit: Option<Option<RateLimit>>,
+        plan: Option<String>,
+    ) -> Result<Option<LimitAndPlan>, StateError> {
+        match (rate_limit, plan) {
+            (None, None) => Ok(None),
+            (Some(Some(_)), Some(_)) => Err(StateError::RateLimitAndPlan),
+            (None | Some(None), Some(plan)) => self.rate_limit_of(None, Some(plan)).map(Some),
+            (Some(limit), None) => {
+                limit.map(RateLimit::check).transpose()?;
+                Ok(Some((limit, None)))
+            }
         }
     }
 
