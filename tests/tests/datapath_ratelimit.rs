@@ -110,7 +110,19 @@ fn a_backend_without_a_limit_is_never_written() -> Scenario {
         s = s.row(data(c, n));
     }
     s.check("no limit, no state", untouched)
-        .wait(Duration::from_millis(1))
+        // The control: with a limit it never reaches, the same packets move its state.
+        .set("a limit of 1,000,000 packets/s toward it", move |cx| {
+            let b = backend(cx, c);
+            cx.fx
+                .dp
+                .set_rate_limit(b, RATE_TO_BACKEND, Some((1_000_000, 1_000)))
+                .expect("limit")
+        })
+        .row(data(c, 11))
+        .check("a limit, its state moved", move |cx| {
+            let b = backend(cx, c);
+            assert_ne!(cx.fx.dp.rate_limit(b, RATE_TO_BACKEND).unwrap().tat_ns, 0);
+        })
 }
 
 /// The datapath's clock is the coarse one (a tick: 4 ms at HZ=250): packets 2 ms apart,
