@@ -277,19 +277,16 @@ impl Daemon {
             ""
         };
         let request = format!("GET /metrics HTTP/1.0\r\nHost: gateway\r\n{accept}\r\n");
-        let answer = crate::netns::thread_in(&self.gateway_ns, move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect("127.0.0.1:9717")?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(request.as_bytes())?;
-            let mut answer = String::new();
-            s.read_to_string(&mut answer)?;
-            std::io::Result::Ok(answer)
+        let (head, body) = crate::netns::thread_in(&self.gateway_ns, move || {
+            crate::traffic::http_exchange(
+                "127.0.0.1:9717".parse().unwrap(),
+                &request,
+                Duration::from_secs(10),
+            )
         })
         .join()
         .expect("scrape thread")
         .expect("scrape the metrics endpoint");
-        let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
         let head = head.to_ascii_lowercase();
         assert!(
             head.starts_with("http/1.0 200") || head.starts_with("http/1.1 200"),

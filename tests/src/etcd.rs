@@ -9,8 +9,6 @@
 
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -76,7 +74,6 @@ impl Etcd {
         self.ns
             .ip(&format!("addr add 203.0.113.{etcd_ip}/30 dev e{i}"));
         self.ns.ip(&format!("link set e{i} up"));
-        self.ns.ip("link set lo up");
         ns.ip(&format!("addr add 203.0.113.{peer_ip}/30 dev etcd0"));
         ns.ip("link set etcd0 up");
         format!("http://203.0.113.{etcd_ip}:2379")
@@ -200,19 +197,12 @@ impl Etcd {
     /// Whether `GET /health` on the client port answers `"health":"true"`.
     pub fn healthy(&self) -> bool {
         self.ns.run(|| {
-            let addr: SocketAddr = "127.0.0.1:2379".parse().unwrap();
-            let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-                return false;
-            };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-            if s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                .is_err()
-            {
-                return false;
-            }
-            let mut answer = String::new();
-            let _ = s.read_to_string(&mut answer);
-            answer.contains("\"health\":\"true\"")
+            crate::traffic::http_exchange(
+                "127.0.0.1:2379".parse().unwrap(),
+                "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
+                Duration::from_millis(500),
+            )
+            .is_ok_and(|(_, body)| body.contains("\"health\":\"true\""))
         })
     }
 

@@ -479,3 +479,25 @@ pub fn payload(len: usize, seed: u32) -> Vec<u8> {
 pub fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(ip, port))
 }
+
+/// One HTTP/1.0 exchange with `addr`, from the calling thread's namespace: `request` (its head,
+/// ending with the blank line) sent, the whole answer read until the server closes, each step
+/// within `timeout`. The answer's head and body, split at the blank line.
+pub fn http_exchange(
+    addr: SocketAddr,
+    request: &str,
+    timeout: Duration,
+) -> std::io::Result<(String, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(request.as_bytes())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not HTTP: {answer:?}"),
+        )
+    })?;
+    Ok((head.to_owned(), body.to_owned()))
+}

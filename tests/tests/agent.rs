@@ -144,19 +144,18 @@ impl Sandbox {
 
     /// GET /metrics from the agent, in the Prometheus text format.
     fn scrape(&self) -> gateway_tests::metrics::Scrape {
-        let body = self.host.run(|| {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(METRICS)?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")?;
-            let mut answer = String::new();
-            s.read_to_string(&mut answer)?;
-            std::io::Result::Ok(answer)
-        });
-        let body = body.expect("scrape the agent");
-        let (head, body) = body.split_once("\r\n\r\n").expect("an HTTP answer");
+        let (head, body) = self
+            .host
+            .run(|| {
+                gateway_tests::traffic::http_exchange(
+                    METRICS.parse().unwrap(),
+                    "GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n",
+                    Duration::from_secs(10),
+                )
+            })
+            .expect("scrape the agent");
         assert!(head.contains(" 200 "), "{head}");
-        gateway_tests::metrics::Scrape::parse(body)
+        gateway_tests::metrics::Scrape::parse(&body)
     }
 }
 
