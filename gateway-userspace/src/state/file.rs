@@ -138,6 +138,36 @@ mod tests {
         tests::{RANGE, addr},
     };
 
+    /// A state file in a fresh directory of its own (`tag`: the test's), removed on drop, a
+    /// failed test's too.
+    struct TempFile {
+        dir: PathBuf,
+        file: StateFile,
+    }
+
+    impl TempFile {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("gateway-state-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            let file = StateFile::open(&dir).unwrap();
+            TempFile { dir, file }
+        }
+    }
+
+    impl std::ops::Deref for TempFile {
+        type Target = StateFile;
+        fn deref(&self) -> &StateFile {
+            &self.file
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
     #[test]
     fn the_state_file_round_trips_and_a_corrupt_one_is_refused_and_kept() {
         let dir = std::env::temp_dir().join(format!("gateway-state-test-{}", std::process::id()));
@@ -175,9 +205,7 @@ mod tests {
     /// release before them wrote it, and that release's files load (no clamp).
     #[test]
     fn mss_clamps_round_trip_and_files_without_them_load() {
-        let dir = std::env::temp_dir().join(format!("gateway-state-mss-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let file = StateFile::open(&dir).unwrap();
+        let file = TempFile::new("mss");
         let mut s = State::default();
         s.create_app("a", None, RANGE).unwrap();
         s.create_app("b", None, RANGE).unwrap();
@@ -216,17 +244,13 @@ mod tests {
         );
         assert_eq!(web.health.rise, Some(3));
         assert_eq!(web.backends[0].addr, addr("198.51.100.2:80"));
-        drop(file);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     /// An app's rate limit (and its plan) is saved and loaded back; none, no field; a file
     /// without it loads (no limit).
     #[test]
     fn rate_limits_round_trip_and_files_without_them_load() {
-        let dir = std::env::temp_dir().join(format!("gateway-state-rl-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let file = StateFile::open(&dir).unwrap();
+        let file = TempFile::new("rl");
         let mut s = State::default();
         s.create_app("a", None, RANGE).unwrap();
         s.create_app("b", None, RANGE).unwrap();
@@ -281,8 +305,6 @@ mod tests {
             "{err}"
         );
         assert_eq!(fs::read_to_string(file.path()).unwrap(), bad);
-        drop(file);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     /// An app's client address is saved when it is `toa` and loaded back; files without it
@@ -290,9 +312,7 @@ mod tests {
     /// this build does not know is refused, the file kept.
     #[test]
     fn client_addresses_round_trip_and_files_without_them_load() {
-        let dir = std::env::temp_dir().join(format!("gateway-state-toa-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let file = StateFile::open(&dir).unwrap();
+        let file = TempFile::new("toa");
         let mut s = State::default();
         s.create_app("a", None, RANGE).unwrap();
         s.create_app("b", None, RANGE).unwrap();
@@ -324,7 +344,5 @@ mod tests {
             "{err}"
         );
         assert_eq!(fs::read_to_string(file.path()).unwrap(), bad);
-        drop(file);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
